@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install sensitivity and what its tests need, on a fresh machine.
+# torch goes first: on a CPU-only machine this picks the CPU build; on a GPU machine PyPI's default
+# (CUDA) build. Set TORCH_SPEC to choose another, e.g. TORCH_SPEC="torch==2.5.1".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip"
+if ! python -c "import torch" >/dev/null 2>&1; then
+  $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+$PIP install -q -e ".[dev]"
+# clean-fid imports torchvision at module level; without a working torchvision we install it
+# without dependencies and use only its feature statistics and distances (see README, "FID").
+if ! python -c "import cleanfid" >/dev/null 2>&1; then
+  $PIP install -q --no-deps "clean-fid==0.1.35"
+fi
+# graphviz's `dot` renders the DAG plots.
+if ! command -v dot >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) || echo "warning: could not install graphviz (dot); DAG plots will be skipped" >&2
+  else
+    echo "warning: graphviz's 'dot' not found; install it for DAG plots" >&2
+  fi
+fi
