@@ -170,14 +170,17 @@ def architecture_hash(layers: Sequence[LayerSpec]) -> str:
 
 
 def weights_hash(root: nn.Module, layers: Sequence[LayerSpec]) -> str:
-    """Hash of the full-precision weights of ``layers`` (fp32 bytes on CPU, so device-independent)."""
+    """Hash of the weights of ``layers``, rounded to fp16 first.
+
+    Rounding makes the hash the same whether the model is loaded in fp32 or fp16, on any device.
+    """
     h = hashlib.blake2b(digest_size=16)
     for s in layers:
         w = layer_weight(root, s).detach()
         if w.is_meta:
             raise SensitivityError(f"layer {s.name!r} is on the meta device: load real weights first")
         h.update(s.name.encode())
-        h.update(w.to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(w.to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,67 @@
+"""``sensitivity multiquantize MODEL``: build the multiquantizer file of a model's denoiser."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..options import OPTION_NAMES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "multiquantize",
+        help="quantize every layer with every option and save the multiquantizer",
+        description="Quantize every quantizable layer of MODEL's denoiser with every option "
+        "(uaq / kmeans_c / kmeans_a at 4 and 3 bits) and save codes + codebooks in one safetensors file. "
+        "A killed build resumes when rerun.",
+    )
+    p.add_argument("model", help="model family (see `sensitivity models`)")
+    p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the official hub id), "
+                   "or 'random', 'tiny', 'shipped' (digits)")
+    p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
+    p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute")
+    p.add_argument("--device", default=None, help="device for loading and quantizer math (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def default_out(model: str, weights: str | None) -> Path:
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", (weights or "hub").strip("/").split("/")[-1])
+    return Path("multiquantizers") / f"{model}-{tag}.safetensors"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..multiquantizer import build_multiquantizer
+    from ..zoo import get_family
+
+    fam = get_family(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
+    denoiser = fam.load_denoiser(weights, device=device, dtype=torch.float32, seed=args.seed)
+    layers = fam.find_layers(denoiser)
+    out = Path(args.out) if args.out else default_out(fam.name, weights)
+    mq = build_multiquantizer(
+        denoiser,
+        out,
+        layers,
+        model_id=fam.model_id(weights),
+        options=args.options,
+        device=device,
+        resume=not args.restart,
+        progress=not args.no_progress,
+        extra={"family": fam.name, "weights": str(weights), "seed": args.seed},
+    )
+    size = out.stat().st_size
+    fp16 = mq.fp16_bytes()
+    print(
+        f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
+        f"({size / fp16:.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
+        f"({mq.manifest['resumed_layers']} layers resumed)"
+    )
+    return 0
