@@ -1,0 +1,67 @@
+"""Registry of model families (one module each, as diffusers does with its pipelines).
+
+``get_family("sd15")`` imports the family's module on first use, so importing the zoo stays cheap.
+A module registers its families at import time with :func:`register_family` (an instance, or a
+``ModelFamily`` subclass used as a decorator, which is instantiated without arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Union
+
+from ..errors import SensitivityError
+from .base import ModelFamily
+
+# family name -> module under sensitivity.zoo that registers it (imported lazily)
+BUILTIN_FAMILIES: Dict[str, str] = {
+    "sd15": "sd15",
+    "sdxl": "sdxl",
+    "pixart-alpha": "pixart",
+    "pixart-sigma": "pixart",
+    "dit-xl-2": "dit",
+    "hunyuan-dit": "hunyuan",
+    "digits-dit": "digits",
+    "digits-unet": "digits",
+}
+
+_FAMILIES: Dict[str, ModelFamily] = {}
+
+
+def register_family(family: Union[ModelFamily, type]) -> Union[ModelFamily, type]:
+    """Register ``family`` under ``family.name`` (a later registration of a name replaces the first)."""
+    obj = family() if isinstance(family, type) else family
+    if not isinstance(obj, ModelFamily) or not obj.name:
+        raise TypeError(f"register_family needs a named ModelFamily, got {family!r}")
+    _FAMILIES[obj.name] = obj
+    return family
+
+
+def _import_builtin(name: str) -> None:
+    module = BUILTIN_FAMILIES.get(name)
+    if module is not None and name not in _FAMILIES:
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+
+
+def list_families() -> List[str]:
+    """Names of all families: the built-in ones (in their fixed order) and any registered later."""
+    for name in BUILTIN_FAMILIES:
+        _import_builtin(name)
+    names = [n for n in BUILTIN_FAMILIES if n in _FAMILIES]
+    return names + sorted(n for n in _FAMILIES if n not in BUILTIN_FAMILIES)
+
+
+def get_family(name: Union[str, ModelFamily]) -> ModelFamily:
+    """The registered family called ``name``; :class:`SensitivityError` (listing the known ones) if none."""
+    if isinstance(name, ModelFamily):
+        return name
+    key = str(name).strip().lower()
+    _import_builtin(key)
+    if key not in _FAMILIES:
+        known = ", ".join(list_families())
+        raise SensitivityError(f"unknown model {name!r}; known models: {known}")
+    return _FAMILIES[key]
