@@ -232,26 +232,34 @@ class ConfigCache:
         if existed and self.path.is_dir():
             raise SensitivityError(f"cache {str(self.path)!r} is a directory, not a cache file")
         if existed:
-            self._check_header()
+            self._check_header(create)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         try:
             with self._errors():
                 self._con.execute("PRAGMA busy_timeout=60000")
-                if existed:
+                if not create:
                     self._check_format(check)
                 mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise SensitivityError(f"{self.path}: cannot switch the cache to WAL mode (got {mode})")
                 self._con.execute("PRAGMA synchronous=FULL")
                 self._con.execute("PRAGMA foreign_keys=ON")
-                if not existed or not self._has_table("meta"):
+                if create:
+                    # another process may be creating the same file right now: create-if-missing under the lock
                     with self._write() as cur:
-                        for stmt in filter(str.strip, _SCHEMA.split(";")):
-                            cur.execute(stmt)
-                        cur.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
-                        cur.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
+                        tables = {r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                        if "meta" not in tables:
+                            if tables:
+                                raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache "
+                                                       f"(it has tables {', '.join(sorted(tables)[:3])})")
+                            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                                cur.execute(stmt)
+                            cur.execute("INSERT INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
+                            cur.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
+                    if existed:
+                        self._check_format(check)
             if signature is not None:
                 self.ensure_signature(signature, evaluation)
         except BaseException:
@@ -259,7 +267,7 @@ class ConfigCache:
             raise
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _check_header(self) -> None:
+    def _check_header(self, create: bool) -> None:
         try:
             with open(self.path, "rb") as fh:
                 head = fh.read(16)
@@ -267,7 +275,7 @@ class ConfigCache:
             raise SensitivityError(f"cannot read cache {self.path}: {exc.strerror}") from None
         if head and head != b"SQLite format 3\x00":
             raise CorruptFileError(f"{self.path}: not a sensitivity cache (not an SQLite database)")
-        if not head:
+        if not head and not create:
             raise CorruptFileError(f"{self.path}: empty file, not a sensitivity cache (delete it to start a new one)")
 
     def _check_format(self, check: bool) -> None:
