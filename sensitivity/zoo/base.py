@@ -252,9 +252,13 @@ class ModelFamily:
                 raise SensitivityError(f"model {self.name!r} takes text prompts, got {c!r}")
         return conds
 
-    def settings(self, **overrides: Any) -> GenerationSettings:
-        """The family's defaults with ``overrides`` (``None`` values keep the default)."""
-        return self.defaults.replace(**overrides)
+    def settings(self, pipe=None, **overrides: Any) -> GenerationSettings:
+        """The defaults for ``pipe`` (see :meth:`defaults_for`) with ``overrides`` (``None`` keeps the default)."""
+        return self.defaults_for(pipe).replace(**overrides)
+
+    def defaults_for(self, pipe) -> GenerationSettings:
+        """Default settings for ``pipe`` (families may adapt them, e.g. small images for tiny models)."""
+        return self.defaults
 
     def generate(self, pipe, conditions: Sequence, seeds: Sequence[int], batch_size: Optional[int] = None,
                  progress: bool = False, **overrides: Any) -> np.ndarray:
@@ -267,7 +271,7 @@ class ModelFamily:
         seeds = [int(s) for s in seeds]
         if len(conds) != len(seeds):
             raise SensitivityError(f"{len(conds)} conditions but {len(seeds)} seeds")
-        settings = self.settings(**overrides)
+        settings = self.settings(pipe, **overrides)
         bs = max(1, int(batch_size or settings.batch_size))
         starts = range(0, len(seeds), bs)
         if progress:
