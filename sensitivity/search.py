@@ -806,13 +806,56 @@ def search_scores(
     module_scores: Optional[pd.DataFrame] = None,
     max_combinations: int = MAX_COMBINATIONS,
     method: str = "auto",
+    what: str = "this multiquantizer",
 ) -> SearchResult:
-    """Exact best-scored config at ``target_bits`` from score tables (no predictor needed)."""
+    """Exact best-scored config at ``target_bits`` from score tables (no predictor needed).
+
+    ``what`` names the size source in the infeasible-target error (e.g. the multiquantizer file).
+    """
     groups = build_groups(layer_scores, sizes, module_scores, max_combinations)
     level = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
-    res = solve_groups(groups, sizes, target_bits, method=method, label=f"search-{level}")
+    res = solve_groups(groups, sizes, target_bits, method=method, label=f"search-{level}", what=what)
     res.details["level"] = level
     return res
+
+
+class AdditiveScorer:
+    """The search protocol from a fixed ``(layer, option, score)`` table (e.g. a CSV of any origin).
+
+    A whole config scores the sum of its layers' scores; a layer missing from the config (full
+    precision) counts with its ``fp16`` score if the table has one, else with its best score.
+    """
+
+    def __init__(self, layer_scores: pd.DataFrame, name: str = "scores"):
+        _check_scores(layer_scores, ("layer", "option", "score"), f"scores {name}")
+        self.name = name
+        self.table = layer_scores[["layer", "option", "score"]].assign(
+            option=[canonical(o) for o in layer_scores["option"]], score=layer_scores["score"].astype(float))
+        self._lut = {(l, o): s for l, o, s in zip(self.table["layer"], self.table["option"], self.table["score"])}
+        self._full = self.table.groupby("layer", sort=False)["score"].max().to_dict()
+        self._full.update({l: s for (l, o), s in self._lut.items() if o == "fp16"})
+
+    def layer_scores(self, mq: Any = None) -> pd.DataFrame:
+        return self.table
+
+    def predict(self, configs: Sequence[Mapping[str, str]]) -> np.ndarray:
+        out = np.empty(len(configs))
+        for i, cfg in enumerate(configs):
+            opts = canonical_options(cfg)
+            total = 0.0
+            for layer, full in self._full.items():
+                o = opts.get(layer, "fp16")
+                if (layer, o) in self._lut:
+                    total += self._lut[(layer, o)]
+                elif o == "fp16":
+                    total += full
+                else:
+                    raise SensitivityError(f"scores {self.name}: no score for layer {layer!r} option {o!r}")
+            unknown = set(opts) - set(self._full)
+            if unknown:
+                raise SensitivityError(f"scores {self.name}: no scores for layer {sorted(unknown)[0]!r}")
+            out[i] = total
+        return out
 
 
 def _predict_one(predictor: Any, options: Mapping[str, str]) -> float:
@@ -842,6 +885,7 @@ def search(
     max_combinations: int = MAX_COMBINATIONS,
     method: str = "auto",
     sizes: Optional[pd.DataFrame] = None,
+    what: str = "this multiquantizer",
 ) -> SearchResult:
     """The best config the predictor finds with average bits ≤ ``target_bits``.
 
@@ -858,7 +902,7 @@ def search(
         if not hasattr(predictor, "module_scores"):
             raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
         module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
-    res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method)
+    res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what)
     res.predicted = _predict_one(predictor, res.options)
     return res
 
@@ -956,7 +1000,8 @@ def _lowest_cached(records: Iterable[Mapping[str, Any]], sizes: pd.DataFrame) ->
 
 
 def error_ilp(
-    sizes: pd.DataFrame, target_bits: float, error: str = "error", method: str = "auto"
+    sizes: pd.DataFrame, target_bits: float, error: str = "error", method: str = "auto",
+    what: str = "this multiquantizer",
 ) -> SearchResult:
     """MixDQ / HAWQ-style baseline: minimise Σ per-layer quantization error under the byte budget.
 
@@ -967,7 +1012,7 @@ def error_ilp(
         raise SensitivityError(f"error-ILP baseline needs a '{error}' column (multiquantizer stats); have {list(sizes.columns)}")
     scores = sizes[["layer", "option"]].assign(score=-np.asarray(sizes[error], dtype=np.float64))
     groups = layer_groups(scores, sizes)
-    res = solve_groups(groups, sizes, target_bits, method=method, label=f"error-ilp-{error}")
+    res = solve_groups(groups, sizes, target_bits, method=method, label=f"error-ilp-{error}", what=what)
     res.objective = -float(res.objective)
     res.details["error"] = error
     return res

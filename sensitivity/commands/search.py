@@ -1,0 +1,287 @@
+"""``sensitivity search``: the best predicted config at an exact average-bit target, and baselines.
+
+    sensitivity search --predictor predictors/NAME --target-bits 3.9 [--multiquantizer FILE] --out quant_configs/NAME.json
+    sensitivity search --predictor predictors/NAME --sweep 3.2:4.0:0.1 --out quant_configs/NAME/   # + Pareto plot
+    sensitivity search --scores scores.csv --multiquantizer FILE --target-bits 3.9 --out X.json    # any (layer, option, score) table
+    sensitivity search --baseline uniform --option uaq-4 --multiquantizer FILE --out X.json
+    sensitivity search --baseline error-ilp --target-bits 3.9 --multiquantizer FILE --out X.json   # MixDQ / HAWQ style
+    sensitivity search --baseline cache --cache evals/x.sqlite --target-bits 3.9 --multiquantizer FILE --out X.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find the best predicted config at an average-bit target (exact knapsack), or a baseline config",
+        description="Exact multiple-choice knapsack over layers (or modules): average bits <= target, best "
+        "predicted quality. Baselines (--baseline) write uniform, best-cached or error-ILP configs in the same format.",
+    )
+    src = p.add_argument_group("scores")
+    src.add_argument("--predictor", help="trained predictor folder (predictors/NAME)")
+    src.add_argument("--scores", help="CSV with columns layer, option, score (higher = better) instead of a predictor")
+    p.add_argument("--multiquantizer", help="multiquantizer .safetensors (default: the predictor's)")
+    tgt = p.add_mutually_exclusive_group()
+    tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
+    tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
+    p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
+    p.add_argument("--level", choices=("layer", "module"), default="layer",
+                   help="knapsack groups: single layers (op level) or the predictor's modules (option combinations)")
+    p.add_argument("--options", help="comma list of allowed options (default: all of the multiquantizer)")
+    p.add_argument("--max-combinations", type=int, default=1296,
+                   help="modules with more scored combinations fall back to per-layer groups (default 1296 = 6^4)")
+    p.add_argument("--solver", choices=("auto", "milp", "dp"), default="auto",
+                   help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
+                   "dp: plain frontier DP (small instances)")
+    b = p.add_argument_group("baselines")
+    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp"),
+                   help="write a baseline config instead of the predictor's search")
+    b.add_argument("--option", help="--baseline uniform: the option of every layer (e.g. uaq-4)")
+    b.add_argument("--cache", help="evaluation cache (.sqlite, or an export .parquet/.csv) for --baseline cache "
+                   "and for the Pareto plot of --sweep")
+    b.add_argument("--metric", default="fid", help="cache metric for --baseline cache and the Pareto plot (default fid)")
+    b.add_argument("--error", default="error", choices=("error", "sse"),
+                   help="--baseline error-ilp: relative error ||W-Q(W)||^2/||W||^2 (default) or absolute sse")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared loaders (also used by `sensitivity insights`)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_predictor(path: str) -> Any:
+    """A trained predictor from ``sensitivity.predictors`` (the search protocol of sensitivity.search)."""
+    from ..errors import SensitivityError
+
+    if not Path(path).exists():
+        raise SensitivityError(f"predictor {path!r} does not exist")
+    try:
+        from .. import predictors
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise SensitivityError(f"predictors are not available in this build ({exc})") from None
+    loader = getattr(predictors, "load_predictor", None)
+    if loader is None:  # pragma: no cover - depends on the build
+        raise SensitivityError("sensitivity.predictors has no load_predictor(); cannot read " + path)
+    pred = loader(path)
+    for attr in ("layer_scores", "predict"):
+        if not callable(getattr(pred, attr, None)):
+            raise SensitivityError(f"predictor {path!r} ({type(pred).__name__}) has no {attr}(); it cannot drive the search")
+    return pred
+
+
+def load_scores_csv(path: str):
+    import pandas as pd
+
+    from ..errors import SensitivityError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SensitivityError(f"scores file {path!r} does not exist")
+    try:
+        df = pd.read_csv(p)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise SensitivityError(f"{path}: cannot read CSV ({type(exc).__name__})") from None
+    missing = {"layer", "option", "score"} - set(df.columns)
+    if missing:
+        raise SensitivityError(f"{path}: missing columns {sorted(missing)} (needs layer, option, score)")
+    return df
+
+
+def resolve_multiquantizer(path: Optional[str], predictor: Any = None):
+    """Load ``path``, else the multiquantizer the predictor was trained with (``multiquantizer_path``)."""
+    from ..errors import SensitivityError
+    from ..multiquantizer import load_multiquantizer
+
+    if path is None and predictor is not None:
+        path = getattr(predictor, "multiquantizer_path", None)
+        if path is not None and not Path(path).is_file():
+            raise SensitivityError(f"the predictor's multiquantizer {str(path)!r} is missing; pass --multiquantizer")
+    if path is None:
+        raise SensitivityError("no multiquantizer: pass --multiquantizer FILE")
+    mq = load_multiquantizer(path)
+    want = getattr(predictor, "multiquantizer_hash", None)
+    if want and want != mq.hash:
+        raise SensitivityError(f"{path}: multiquantizer hash {mq.hash[:12]} differs from the predictor's {str(want)[:12]} "
+                               "(scores would refer to other quantized weights)")
+    return mq, str(path)
+
+
+def load_records(path: str) -> List[dict]:
+    """Cache records from a cache file (.sqlite/.db) or an export (.parquet/.csv)."""
+    from ..evaluation.cache import ConfigCache, read_records_file
+
+    if Path(path).suffix.lower() in (".parquet", ".pq", ".csv", ".pkl", ".pickle"):
+        return read_records_file(path)[2]
+    with ConfigCache(path) as cache:
+        return cache.records()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _sizes(mq, options: Optional[str]):
+    from ..search import size_table
+
+    opts = [o.strip() for o in options.split(",") if o.strip()] if options else None
+    return size_table(mq, opts)
+
+
+def _search_one(args, target, predictor, mq, mq_path, sizes, records):
+    from ..search import cache_best, error_ilp, search, uniform_config
+
+    what = f"multiquantizer {mq_path}"
+    if args.baseline == "uniform":
+        return uniform_config(sizes, args.option)
+    if args.baseline == "error-ilp":
+        return error_ilp(sizes, target, error=args.error, method=args.solver, what=what)
+    if args.baseline == "cache":
+        return cache_best(records, sizes, target, metric=args.metric)
+    return search(predictor, mq, target, level=args.level, max_combinations=args.max_combinations,
+                  method=args.solver, sizes=sizes, what=what)
+
+
+def _report(res, args, path: Path) -> dict:
+    d = {"method": res.method, "target_bits": res.target_bits, "avg_bits": round(res.avg_bits, 6),
+         "quantized_bytes": res.quantized_bytes, "budget_bytes": res.budget_bytes, "objective": res.objective,
+         "predicted": res.predicted, "option_mix": res.option_mix, "solve_seconds": round(res.seconds, 4),
+         "config": str(path)}
+    d.update({k: v for k, v in res.details.items() if k in ("metric", "metric_value", "candidates", "error", "level")})
+    return d
+
+
+def _print(res, path: Path) -> None:
+    head = f"{res.method}: avg bits {res.avg_bits:.4f}"
+    if res.target_bits is not None:
+        head += f" (target {res.target_bits:g}, {res.quantized_bytes} of {res.budget_bytes} bytes)"
+    print(head)
+    scores = []
+    if res.predicted is not None:
+        scores.append(f"predicted score {res.predicted:.4f}")
+    if res.objective is not None:
+        what = "summed error" if res.method.startswith("error-ilp") else "summed layer score"
+        scores.append(f"{what} {res.objective:.6g}")
+    if res.details.get("metric"):
+        scores.append(f"{res.details['metric']} {res.details['metric_value']:.4f} (best of {res.details['candidates']} cached)")
+    if scores:
+        print("  " + ", ".join(scores) + (f"; solved in {res.seconds * 1e3:.0f} ms" if res.seconds else ""))
+    print(f"  option mix: {res.mix_text()}")
+    print(f"  wrote {path}")
+
+
+def _write_csv(df, path: Path) -> Path:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
+    import os
+
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import SensitivityError
+    from ..search import AdditiveScorer, parse_sweep, predict_results, uniform_baselines
+
+    if args.baseline is None and not (args.predictor or args.scores):
+        raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
+    if args.predictor and args.scores:
+        raise SensitivityError("pass either --predictor or --scores, not both")
+    if args.baseline == "uniform":
+        if not args.option:
+            raise SensitivityError("--baseline uniform needs --option (e.g. --option uaq-4)")
+        if args.sweep:
+            raise SensitivityError("--baseline uniform has no target; drop --sweep")
+    elif args.target_bits is None and not args.sweep:
+        raise SensitivityError("pass --target-bits B or --sweep START:STOP:STEP")
+    if args.baseline == "cache" and not args.cache:
+        raise SensitivityError("--baseline cache needs --cache FILE")
+    if args.level == "module" and args.predictor is None and args.baseline is None:
+        raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
+
+    predictor = load_predictor(args.predictor) if args.predictor else None
+    mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
+    if args.scores:
+        predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
+    sizes = _sizes(mq, args.options)
+    records = load_records(args.cache) if args.cache else None
+
+    targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
+    out = Path(args.out)
+    if args.sweep:
+        if out.suffix == ".json":
+            raise SensitivityError(f"--sweep writes one config per target: --out must be a folder, not {out}")
+        out.mkdir(parents=True, exist_ok=True)
+    elif out.suffix != ".json":
+        raise SensitivityError(f"--out must be a .json config file, got {out}")
+
+    provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
+                  "baseline": args.baseline, "level": args.level, "solver": args.solver,
+                  "options": args.options, "cache": args.cache, "metric": args.metric if args.cache else None}
+    results, reports = [], []
+    for t in targets:
+        try:
+            res = _search_one(args, t, predictor, mq, mq_path, sizes, records)
+        except SensitivityError as exc:
+            if not args.sweep:
+                raise
+            print(f"target {t:g}: skipped ({exc})", file=sys.stderr)
+            continue
+        if predictor is not None and res.predicted is None:
+            predict_results(predictor, [res])
+        mq.validate(res.options)
+        cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
+                            **{k: v for k, v in provenance.items() if v is not None})
+        path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
+        cfg.save(path)
+        results.append(res)
+        reports.append(_report(res, args, path))
+        if not args.json:
+            _print(res, path)
+    if not results:
+        raise SensitivityError(f"no target of --sweep {args.sweep} is feasible")
+
+    if args.sweep:
+        import pandas as pd
+
+        from .. import insights
+
+        _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), out / "sweep.csv")
+        extra = uniform_baselines(sizes)
+        if predictor is not None:
+            predict_results(predictor, extra)
+        if records and predictor is not None:
+            preds = predictor.predict([r["config"] for r in records])
+            records = [dict(r, predicted=float(p)) for r, p in zip(records, preds)]
+        pt = insights.pareto_table(records, results + extra, metric=args.metric, sizes=sizes)
+        _write_csv(pt, out / "pareto.csv")
+        written = []
+        for y in ("predicted", args.metric):
+            if y in pt and pt[y].notna().any():
+                fig = insights.pareto_plot(pt, y=y)
+                written.append(str(_write_fig(fig, out / f"pareto_{y}.png")))
+        if not args.json:
+            print(f"sweep: {len(results)} configs, table {out / 'sweep.csv'}" + (f", plots {', '.join(written)}" if written else ""))
+    if args.json:
+        json.dump(reports if args.sweep else reports[0], sys.stdout, indent=1, default=float)
+        sys.stdout.write("\n")
+    return 0
