@@ -125,6 +125,7 @@ class Event:
     host: Optional[str] = None
     message: str = ""
     user_error: bool = False
+    exc: Optional[BaseException] = None  # the worker's SensitivityError, re-raised as is
 
 
 def _call(evaluate: EvaluateFn, index: int, options: Dict[str, str]) -> Tuple[Dict[str, Any], Dict[str, float]]:
@@ -171,7 +172,22 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
+def _user_exc(exc: BaseException) -> Optional[SensitivityError]:
+    """``exc`` if it is a (picklable) SensitivityError, else None."""
+    if not isinstance(exc, SensitivityError):
+        return None
+    try:
+        import pickle
+
+        pickle.loads(pickle.dumps(exc))
+        return exc.with_traceback(None)
+    except Exception:  # noqa: BLE001
+        return SensitivityError(str(exc))
+
+
 def _raise_fatal(ev: Event) -> None:
+    if isinstance(ev.exc, SensitivityError):
+        raise ev.exc
     if ev.user_error:
         raise SensitivityError(ev.message)
     raise RuntimeError(f"evaluation worker failed: {ev.message}")
@@ -185,7 +201,7 @@ def _process_worker(conn, factory: Factory, threads: Optional[int]) -> None:
     try:
         evaluate = factory()
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
-        conn.send(("fatal", None, _error_message(exc), isinstance(exc, SensitivityError)))
+        conn.send(("fatal", None, _error_message(exc), _user_exc(exc)))
         return
     conn.send(("ready", None, None, None))
     while True:
@@ -200,7 +216,7 @@ def _process_worker(conn, factory: Factory, threads: Optional[int]) -> None:
             metrics, timings = _call(evaluate, index, options)
             conn.send(("done", index, (metrics, timings, host), None))
         except BaseException as exc:  # noqa: BLE001 - reported to the driver
-            conn.send(("error", index, _error_message(exc), isinstance(exc, SensitivityError)))
+            conn.send(("error", index, _error_message(exc), _user_exc(exc)))
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -223,9 +239,12 @@ class LocalRunner(Runner):
 
     ``threads``: torch threads per worker process (default: CPU cores // workers; the in-process
     worker keeps torch's setting unless given). ``max_restarts``: restarts of lost worker processes.
+    ``start_method``: ``spawn`` (default) or ``forkserver`` (faster restarts; both are CUDA-safe).
     """
 
-    def __init__(self, factory: Factory, workers: int = 1, threads: Optional[int] = None, max_restarts: int = 3):
+    def __init__(self, factory: Factory, workers: int = 1, threads: Optional[int] = None, max_restarts: int = 3,
+                 start_method: str = "spawn"):
+        self.start_method = start_method
         if workers < 1:
             raise SensitivityError(f"--workers must be at least 1, got {workers}")
         self.factory, self.workers, self.max_restarts = factory, int(workers), int(max_restarts)
@@ -242,7 +261,8 @@ class LocalRunner(Runner):
         try:
             evaluate = self.factory()
         except BaseException as exc:  # noqa: BLE001
-            self._results.put(Event("fatal", message=_error_message(exc), user_error=isinstance(exc, SensitivityError)))
+            self._results.put(Event("fatal", message=_error_message(exc), user_error=isinstance(exc, SensitivityError),
+                                    exc=_user_exc(exc)))
             return
         self._results.put(Event("ready"))
         host = socket.gethostname()
@@ -270,7 +290,7 @@ class LocalRunner(Runner):
                 _raise_fatal(ev)
             self._ready[0] = True
             return
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context(self.start_method)
         self._procs: Dict[int, Any] = {}
         self._conns: Dict[int, Any] = {}
         for w in range(self.workers):
@@ -341,14 +361,14 @@ class LocalRunner(Runner):
                     if tag == "ready":
                         self._ready[w] = True
                     elif tag == "fatal":
-                        events.append(Event("fatal", message=payload, user_error=bool(user)))
+                        events.append(Event("fatal", message=payload, user_error=user is not None, exc=user))
                     elif tag == "done":
                         metrics, timings, host = payload
                         self._inflight[w].remove(index)
                         events.append(Event("done", index, metrics, timings, host))
                     else:
                         self._inflight[w].remove(index)
-                        events.append(Event("error", index, message=payload, user_error=bool(user)))
+                        events.append(Event("error", index, message=payload, user_error=user is not None, exc=user))
             except (EOFError, OSError):
                 dead.add(w)
         for w in dead:
@@ -489,7 +509,7 @@ class RayRunner(Runner):
             self.close()
             cause = _ray_cause(exc)
             if isinstance(cause, SensitivityError):
-                raise SensitivityError(str(cause)) from None
+                raise (_user_exc(cause) or SensitivityError(str(cause))) from None
             raise RuntimeError(f"a Ray worker failed to start: {str(exc).strip().splitlines()[-1]}") from None
 
     def capacity(self) -> int:
@@ -523,7 +543,10 @@ class RayRunner(Runner):
                 events.append(Event("done", index, metrics, timings, host))
                 self._losses[w] = 0
             except RayActorError as exc:
-                self._losses[w] += 1
+                # ActorUnavailableError: the actor is restarting; ActorDiedError: it is gone (or restarting
+                # after a crash). Only deaths count against max_restarts.
+                if type(exc).__name__ != "ActorUnavailableError":
+                    self._losses[w] += 1
                 events.append(Event("lost", index, message=f"Ray actor {w} died ({type(exc).__name__})"))
             except RayTaskError as exc:
                 cause = _ray_cause(exc)
@@ -708,9 +731,7 @@ def _drive(cache, plan, runner, summary, todo, run_id, owner, progress, lease_s,
                 break
             for ev in runner.poll(poll_s):
                 if ev.kind == "fatal":
-                    if ev.user_error:
-                        raise SensitivityError(ev.message)
-                    raise RuntimeError(f"evaluation worker failed: {ev.message}")
+                    _raise_fatal(ev)
                 if ev.kind == "ready" or ev.index is None:
                     continue
                 i = ev.index
