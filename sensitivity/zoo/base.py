@@ -58,17 +58,17 @@ class GenerationSettings:
     def replace(self, **overrides: Any) -> "GenerationSettings":
         """A copy with ``overrides`` applied; keys of ``extra`` may be overridden by name too.
 
-        ``None`` values are ignored (so CLI defaults of ``None`` keep the family's default).
+        ``None`` for a field (``steps``, ``height``...) keeps the default; ``None`` for an ``extra``
+        key sets it to ``None`` (e.g. ``refiner=None`` turns SDXL's refiner off).
         Raises :class:`SensitivityError` naming an unknown setting.
         """
         names = {f.name for f in dataclasses.fields(self)}
         direct: Dict[str, Any] = {}
         extra = dict(self.extra)
         for key, value in overrides.items():
-            if value is None:
-                continue
             if key in names:
-                direct[key] = value
+                if value is not None:
+                    direct[key] = value
             elif key in extra:
                 extra[key] = value
             else:

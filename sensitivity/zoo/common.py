@@ -345,6 +345,13 @@ class DiffusersFamily(ModelFamily):
         den.__dict__[WEIGHTS_ATTR] = source
         return den
 
+    def info(self) -> Dict[str, Any]:
+        row = super().info()
+        if not row["defaults"].get("scheduler"):  # name the checkpoint's own scheduler
+            sched = read_config(f"{self.config_root}/scheduler").get("_class_name")
+            row["defaults"]["scheduler"] = f"{sched} (checkpoint's)"
+        return row
+
     # ------------------------------------------------------------------ generation
     def defaults_for(self, pipe) -> GenerationSettings:
         """The defaults, with ``tiny_defaults`` applied when ``pipe`` was built with ``weights="tiny"``."""

@@ -1,0 +1,192 @@
+"""Online activation fake-quantization (A8 / A6), as in the reference but actually switched on.
+
+The reference (``method.md`` §1.4) quantizes activations online and dynamically, with no
+calibration: asymmetric uniform min/max quantization per row, ``Δ = (max - min) / (2^b - 1)``,
+``z = round(-min / Δ)``, ``x̂ = (clamp(round(x / Δ) + z, 0, 2^b - 1) - z) · Δ``. Its released
+scripts never enable it (``act_quant=False``); here :func:`enable_activation_quant` does.
+
+Rows (what one ``(Δ, z)`` pair covers):
+
+* inputs of quantized ``Linear`` layers, ``[..., C]``: one row per token (all leading dims), over
+  the ``C`` input features (**token-wise**); for a split layer each half is quantized on its own
+  (the reference gives each half its own activation quantizer);
+* inputs of quantized ``Conv1d``/``Conv2d`` layers, ``[B, C, *spatial]``: one row per
+  (sample, channel), over the spatial positions;
+* attention Q / K / V: the outputs of ``to_q`` / ``to_k`` / ``to_v`` of every attention module
+  (anything with ``to_q``, ``to_k``, ``to_v`` and ``heads``), one row per (token, head) over the
+  head dimension, i.e. the reference's quantizer on ``head_to_batch_dim`` tensors. It runs
+  before ``norm_q``/``norm_k`` and rotary embeddings, as in the reference's Hunyuan processor.
+  The softmax output (the reference's fixed 8-bit ``act_quantizer_w``) is not quantized here:
+  diffusers computes attention with fused ``scaled_dot_product_attention``, which never
+  materialises the probabilities.
+
+Everything is computed in float32 and cast back to the input dtype. Nothing is quantized unless
+:func:`enable_activation_quant` was called; :func:`disable_activation_quant` removes every hook.
+Works on any device. Pure torch: layers are given as objects with ``module_path``, ``in_slice``
+and ``tied`` (:class:`sensitivity.layers.LayerSpec`) or as module paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import SensitivityError
+
+ACT_BITS = (8, 6)
+_STATE_ATTR = "_sensitivity_act_quant"
+
+
+def fake_quantize_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric min/max fake-quantization of each row of ``rows`` (float ``[R, K]``) to ``bits``.
+
+    A constant row is returned unchanged (it is exactly representable).
+    """
+    levels = 2 ** int(bits) - 1
+    x = rows.float()
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    rng = hi - lo
+    flat = rng <= 0
+    delta = torch.where(flat, torch.ones_like(rng), rng / levels)
+    zero = torch.round(-lo / delta)
+    q = torch.clamp(torch.round(x / delta) + zero, 0, levels)
+    out = (q - zero) * delta
+    return torch.where(flat, x, out).to(rows.dtype)
+
+
+def quantize_tokens(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Token-wise: one row per position of the leading dims, over the last dim. Same shape."""
+    if x.numel() == 0:
+        return x
+    return fake_quantize_rows(x.reshape(-1, x.shape[-1]), bits).reshape(x.shape)
+
+
+def quantize_channels(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per (sample, channel) of a conv input ``[B, C, *spatial]``, over the spatial positions."""
+    if x.numel() == 0:
+        return x
+    b, c = x.shape[:2]
+    return fake_quantize_rows(x.reshape(b * c, -1), bits).reshape(x.shape)
+
+
+def quantize_heads(x: torch.Tensor, heads: int, bits: int) -> torch.Tensor:
+    """Per (token, head) of a projection output ``[..., heads * d]``, over ``d``."""
+    if x.numel() == 0:
+        return x
+    d = x.shape[-1] // heads
+    if d * heads != x.shape[-1]:
+        return quantize_tokens(x, bits)
+    return fake_quantize_rows(x.reshape(-1, d), bits).reshape(x.shape)
+
+
+def _check_bits(bits: int) -> int:
+    bits = int(bits)
+    if not 2 <= bits <= 16:
+        raise SensitivityError(f"activation bits must be between 2 and 16 (8 or 6 as in the reference), got {bits}")
+    return bits
+
+
+def _layer_slices(layers: Iterable) -> Dict[str, List[Optional[Tuple[int, int]]]]:
+    """``{module_path: [input slices or None]}`` from LayerSpecs (tied copies included) or paths."""
+    out: Dict[str, List[Optional[Tuple[int, int]]]] = defaultdict(list)
+    for item in layers:
+        if isinstance(item, str):
+            out[item].append(None)
+            continue
+        sl = tuple(item.in_slice) if getattr(item, "in_slice", None) is not None else None
+        for path in (item.module_path,) + tuple(getattr(item, "tied", ()) or ()):
+            if sl not in out[path]:
+                out[path].append(sl)
+    return out
+
+
+def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], bits: int):
+    conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    halves = [s for s in slices if s is not None]
+
+    def hook(mod, args):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return None
+        x = args[0]
+        if conv:
+            y = quantize_channels(x, bits)  # per channel: halves need no separate treatment
+        elif halves:
+            parts = [quantize_tokens(x[..., a:b], bits) for a, b in sorted(halves)]
+            y = torch.cat(parts, dim=-1)
+        else:
+            y = quantize_tokens(x, bits)
+        return (y,) + tuple(args[1:])
+
+    return hook
+
+
+def _qkv_hook(heads: int, bits: int):
+    def hook(mod, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return quantize_heads(output, heads, bits)
+        return None
+
+    return hook
+
+
+def enable_activation_quant(model: nn.Module, layers: Iterable, bits: int, attention: bool = True) -> Dict[str, int]:
+    """Quantize, online, the inputs of ``layers`` and (``attention``) every attention's Q/K/V to ``bits``.
+
+    ``layers``: the quantized layers (``LayerSpec`` objects, split halves and tied copies handled,
+    or module paths). Replaces any earlier activation quantization of ``model``. Returns counts
+    ``{"bits", "layer_inputs", "attention_modules"}``.
+    """
+    bits = _check_bits(bits)
+    disable_activation_quant(model)
+    modules = dict(model.named_modules())
+    handles = []
+    slices = _layer_slices(layers)
+    for path, sl in slices.items():
+        if path not in modules:
+            raise SensitivityError(f"activation quantization: the model has no layer {path!r}")
+        handles.append(modules[path].register_forward_pre_hook(_input_hook(modules[path], sl, bits)))
+    n_attn = 0
+    if attention:
+        for path, mod in modules.items():
+            heads = getattr(mod, "heads", None)
+            projs = [getattr(mod, n, None) for n in ("to_q", "to_k", "to_v")]
+            if isinstance(heads, int) and heads > 0 and all(isinstance(p, nn.Module) for p in projs):
+                for proj in projs:
+                    handles.append(proj.register_forward_hook(_qkv_hook(heads, bits)))
+                n_attn += 1
+    info = {"bits": bits, "layer_inputs": len(slices), "attention_modules": n_attn}
+    model.__dict__[_STATE_ATTR] = {"handles": handles, **info}
+    return dict(info)
+
+
+def disable_activation_quant(model: nn.Module) -> None:
+    """Remove the activation quantization of ``model`` (no-op if none)."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state:
+        for h in state["handles"]:
+            h.remove()
+
+
+def activation_bits(model: nn.Module) -> Optional[int]:
+    """The activation bits currently enabled on ``model``, or ``None`` (full precision)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    return state["bits"] if state else None
+
+
+@contextlib.contextmanager
+def activation_quant(model: nn.Module, layers: Iterable, bits: Optional[int],
+                     attention: bool = True) -> Iterator[Optional[Dict[str, int]]]:
+    """Context manager: activation quantization on inside the block (``bits=None``: off)."""
+    if bits is None:
+        yield None
+        return
+    info = enable_activation_quant(model, layers, bits, attention=attention)
+    try:
+        yield info
+    finally:
+        disable_activation_quant(model)

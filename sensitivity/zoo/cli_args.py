@@ -1,0 +1,80 @@
+"""Command-line arguments shared by every subcommand that takes a model (``MODEL --weights ...``).
+
+```python
+add_model_arguments(parser)            # MODEL, --weights, --device, --dtype, --seed
+add_generation_arguments(parser)       # --steps, --guidance, --height, --width, --scheduler, --batch-size, --set
+fam, weights, device, dtype = model_from_args(args)
+overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Dict, Tuple
+
+from ..errors import SensitivityError
+
+WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official weights), 'random' (official "
+                "architecture, seeded random init), 'meta' (structure only, no memory), 'tiny' (official layer "
+                "names, tiny widths), or 'shipped' / 'random' for the digits models")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
+    p.add_argument("model", help="model family (see `sensitivity models`)")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    if device:
+        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                       help="weights dtype (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation settings (default: the model's reference settings)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels")
+    g.add_argument("--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="other pipeline setting (value parsed as JSON if possible), e.g. --set denoising_end=0.8")
+
+
+def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
+    """``(family, weights, device, dtype)`` from the parsed arguments (device resolved)."""
+    import torch
+
+    from . import get_family
+    from .base import resolve_dtype
+
+    fam = get_family(args.model)
+    weights = fam.resolve_weights(args.weights)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SensitivityError(f"--device {device!r} is not a torch device") from None
+    dtype = resolve_dtype(getattr(args, "dtype", None))
+    return fam, weights, device, dtype
+
+
+def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Settings given on the command line (unset ones are left out)."""
+    out: Dict[str, Any] = {}
+    for key in ("steps", "guidance", "height", "width", "scheduler", "batch_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise SensitivityError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
