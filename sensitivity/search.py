@@ -98,31 +98,47 @@ def _check_instance(costs: Sequence[Any], values: Sequence[Any]) -> Tuple[List[n
         raise SensitivityError(f"knapsack: {len(costs)} cost arrays but {len(values)} value arrays")
     if len(costs) == 0:
         raise SensitivityError("knapsack: no groups to choose from")
-    cs, vs = [], []
-    for g, (c, v) in enumerate(zip(costs, values)):
-        c = np.asarray(c)
-        v = np.asarray(v, dtype=np.float64)
+    cs = [np.asarray(c) for c in costs]
+    vs = [np.asarray(v, dtype=np.float64) for v in values]
+    for g, (c, v) in enumerate(zip(cs, vs)):
         if c.ndim != 1 or v.ndim != 1 or c.size != v.size or c.size == 0:
             raise SensitivityError(f"knapsack group {g}: costs and values must be non-empty 1-D arrays of one length")
-        ci = np.asarray(np.rint(c), dtype=np.int64)
-        if not np.array_equal(ci, c) or (ci < 0).any():
-            raise SensitivityError(f"knapsack group {g}: costs must be non-negative integers (bytes)")
-        if not np.isfinite(v).all():
-            raise SensitivityError(f"knapsack group {g}: values must be finite")
-        cs.append(ci)
-        vs.append(v)
-    return cs, vs
+    sizes = np.array([c.size for c in cs])
+    call = np.concatenate(cs)
+    ci = np.asarray(np.rint(call), dtype=np.int64)
+    bad_c = (ci != call) | (ci < 0)
+    bad_v = ~np.isfinite(np.concatenate(vs))
+    for bad, what in ((bad_c, "costs must be non-negative integers (bytes)"), (bad_v, "values must be finite")):
+        if bad.any():
+            g = int(np.searchsorted(np.cumsum(sizes), int(np.flatnonzero(bad)[0]), side="right"))
+            raise SensitivityError(f"knapsack group {g}: {what}")
+    return np.split(ci, np.cumsum(sizes)[:-1]), vs
 
 
-def _pareto_indices(c: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Indices of the non-dominated choices of one group, by increasing cost (and value)."""
-    order = np.lexsort((np.arange(c.size), -v, c))  # cost asc, value desc, index asc
-    keep, best = [], -np.inf
-    for i in order:
-        if v[i] > best:
-            keep.append(i)
-            best = v[i]
-    return np.asarray(keep, dtype=np.int64)
+def _pad(arrays: Sequence[np.ndarray], fill: Any, dtype: Any) -> np.ndarray:
+    """[G, Kmax] matrix of ragged rows, padded with ``fill``."""
+    sizes = np.array([a.size for a in arrays])
+    out = np.full((len(arrays), int(sizes.max())), fill, dtype=dtype)
+    out[np.repeat(np.arange(len(arrays)), sizes), np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = \
+        np.concatenate(arrays)
+    return out
+
+
+_BIG = np.iinfo(np.int64).max // 4
+
+
+def _kept_choices(cs: Sequence[np.ndarray], vs: Sequence[np.ndarray], slack: int) -> List[np.ndarray]:
+    """Per group, the non-dominated choices that fit with every other group at its cheapest, by
+    increasing cost (and value). Dominated: another choice costs no more and is worth at least as much."""
+    C = _pad(cs, _BIG, np.int64)
+    V = _pad(vs, -np.inf, np.float64)
+    idx = np.broadcast_to(np.arange(C.shape[1]), C.shape)
+    order = np.lexsort((idx, -V, C), axis=-1)  # per row: cost asc, value desc, index asc
+    Cs = np.take_along_axis(C, order, axis=1)
+    Vs = np.take_along_axis(V, order, axis=1)
+    prev = np.concatenate([np.full((C.shape[0], 1), -np.inf), np.maximum.accumulate(Vs, axis=1)[:, :-1]], axis=1)
+    keep = (Vs > prev) & (Cs - C.min(axis=1, keepdims=True) <= slack)
+    return [order[g][keep[g]] for g in range(C.shape[0])]
 
 
 def min_total_cost(costs: Sequence[Any]) -> int:
@@ -154,10 +170,7 @@ def solve_mckp(costs: Sequence[Any], values: Sequence[Any], budget: int, method:
         )
     slack = budget - total_min
     # exact reductions: drop dominated choices and those that cannot fit even with all others cheapest
-    kept = []
-    for c, v, m in zip(cs, vs, mins):
-        idx = _pareto_indices(c, v)
-        kept.append(idx[(c[idx] - m) <= slack])
+    kept = _kept_choices(cs, vs, slack)
     # the unconstrained optimum (most valuable, i.e. last kept choice per group) may already fit
     best = np.array([k[-1] for k in kept], dtype=np.int64)
     if sum(int(c[b]) for c, b in zip(cs, best)) <= budget:
@@ -245,12 +258,8 @@ def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> np.ndarr
         left -= int(dr)
         pos[g] = to
     # ... improved by repeatedly taking the single-group move with the largest gain that fits
-    K = max(r.size for r in R)
-    Rm = np.full((G, K), np.iinfo(np.int64).max // 4, dtype=np.int64)
-    Vm = np.full((G, K), -np.inf)
-    for g in range(G):
-        Rm[g, : R[g].size] = R[g]
-        Vm[g, : V[g].size] = V[g]
+    Rm = _pad(R, _BIG, np.int64)
+    Vm = _pad(V, -np.inf, np.float64)
     rows = np.arange(G)
     for _ in range(4 * G):
         cur_r, cur_v = Rm[rows, pos], Vm[rows, pos]
@@ -265,22 +274,11 @@ def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> np.ndarr
     # per-choice bound: LP of the other groups with the budget left by the choice, plus its value
     base = float(sum(v[0] for v in V))
     tol = 1e-10 * (float(np.abs(Vm[np.isfinite(Vm)]).max()) * G + 1e-300)
-    cum_r = np.concatenate([[0.0], np.cumsum(inc_dr)])
-    cum_v = np.concatenate([[0.0], np.cumsum(inc_dv)])
-    kept2 = []
-    for g in range(G):
-        own = np.flatnonzero(inc_g == g)
-        if own.size:  # drop group g's increments from the cumulative LP curve
-            m = np.ones(inc_dr.size, dtype=bool)
-            m[own] = False
-            gain = _lp_gain(inc_dr[m], inc_dv[m], slack - R[g])
-        else:
-            gain = _lp_gain_cum(cum_r, cum_v, inc_dr, inc_dv, slack - R[g])
-        bound = base - V[g][0] + gain + V[g]
-        alive = np.flatnonzero(bound >= inc_value - tol)
-        if alive.size == 0:  # nothing in this group can beat the incumbent
-            return incumbent
-        kept2.append(kept[g][alive])
+    bound = base - Vm[:, :1] + _lp_gain_without_own(inc_g, inc_dr, inc_dv, slack - Rm, G) + Vm
+    alive = (bound >= inc_value - tol) & np.isfinite(Vm)
+    if not alive.any(axis=1).all():  # nothing in some group can beat the incumbent
+        return incumbent
+    kept2 = [kept[g][np.flatnonzero(alive[g, : kept[g].size])] for g in range(G)]
     choice = None
     if core == "dp":
         choice = _solve_bounded_dp(cs, vs, kept2, mins, slack, inc_value - tol, tol)
@@ -312,8 +310,7 @@ def _solve_bounded_dp(cs, vs, kept, mins, slack: int, floor_value: float, tol: f
         return None
     free.sort(key=lambda g: (-int(R[g][-1]), g))
     Rf, Vf = [R[g] for g in free], [V[g] for g in free]
-    inc_g, _, inc_dr, inc_dv = _hull_increments(Rf, Vf)
-    open_inc = np.ones(inc_g.size, dtype=bool)
+    open_g, _, open_dr, open_dv = _hull_increments(Rf, Vf)  # LP increments of the groups still open
     rest_base = float(sum(v[0] for v in Vf))
     st_cost = np.zeros(1, dtype=np.int64)
     st_val = np.zeros(1, dtype=np.float64)
@@ -321,29 +318,49 @@ def _solve_bounded_dp(cs, vs, kept, mins, slack: int, floor_value: float, tol: f
     picks: List[np.ndarray] = []
     for j in range(len(free)):
         r, v = Rf[j], Vf[j]
-        open_inc &= inc_g != j
+        keep = open_g != j
+        open_g, open_dr, open_dv = open_g[keep], open_dr[keep], open_dv[keep]
         rest_base -= float(v[0])
+        n_st = st_cost.size
         cand_cost = (st_cost[None, :] + r[:, None]).ravel()
         cand_val = (st_val[None, :] + v[:, None]).ravel()
-        cand_par = np.tile(np.arange(st_cost.size), r.size)
-        cand_pick = np.repeat(np.arange(r.size), st_cost.size)
         ok = cand_cost <= budget
-        if ok.any():
-            upper, lower = _lp_gain(inc_dr[open_inc], inc_dv[open_inc], np.maximum(budget - cand_cost, 0), integral=True)
-            base = fixed_value + rest_base + cand_val
-            # a state's LP-integral completion is feasible: it raises the floor for everybody
-            floor_value = max(floor_value, float(np.max(np.where(ok, base + lower, -np.inf))) - tol)
-            ok &= base + upper >= floor_value
-        cand_cost, cand_val, cand_par, cand_pick = cand_cost[ok], cand_val[ok], cand_par[ok], cand_pick[ok]
-        if cand_cost.size == 0:
+        idx = np.flatnonzero(ok)
+        if idx.size == 0:
             return None
-        order = np.lexsort((cand_pick, -cand_val, cand_cost))
-        cv = cand_val[order]
-        prev = np.concatenate([[-np.inf], np.maximum.accumulate(cv)[:-1]])
+        cost_ok, val_ok = cand_cost[idx], cand_val[idx]
+        if open_dr.size:
+            # LP of the open groups at each state's remaining budget: upper bound; its integral part
+            # is a feasible completion, whose best value raises the floor for everybody
+            cum_r = np.empty(open_dr.size + 1)
+            cum_r[0] = 0.0
+            np.cumsum(open_dr, out=cum_r[1:])
+            cum_v = np.empty(open_dv.size + 1)
+            cum_v[0] = 0.0
+            np.cumsum(open_dv, out=cum_v[1:])
+            left = (budget - cost_ok).astype(np.float64)
+            i = np.searchsorted(cum_r, left, side="right") - 1
+            nxt = np.minimum(i, open_dr.size - 1)
+            lower = val_ok + cum_v[i]
+            upper = lower + np.where(i < open_dr.size, (left - cum_r[i]) * (open_dv[nxt] / open_dr[nxt]), 0.0)
+            floor_value = max(floor_value, fixed_value + rest_base + float(lower.max()) - tol)
+            good = fixed_value + rest_base + upper >= floor_value
+        else:
+            floor_value = max(floor_value, fixed_value + rest_base + float(val_ok.max()) - tol)
+            good = fixed_value + rest_base + val_ok >= floor_value
+        idx, cost_ok, val_ok = idx[good], cost_ok[good], val_ok[good]
+        if idx.size == 0:
+            return None
+        order = np.lexsort((-val_ok, cost_ok))  # cost asc, value desc (stable: candidate order)
+        cv = val_ok[order]
+        prev = np.empty_like(cv)
+        prev[0] = -np.inf
+        np.maximum.accumulate(cv[:-1], out=prev[1:])
         sel = order[cv > prev]
-        st_cost, st_val = cand_cost[sel], cand_val[sel]
-        parents.append(cand_par[sel])
-        picks.append(cand_pick[sel])
+        st_cost, st_val = cost_ok[sel], val_ok[sel]
+        chosen = idx[sel]
+        parents.append(chosen % n_st)
+        picks.append(chosen // n_st)
         if st_cost.size > MAX_DP_STATES:
             return None
     s = int(np.argmax(st_val))
@@ -354,13 +371,46 @@ def _solve_bounded_dp(cs, vs, kept, mins, slack: int, floor_value: float, tol: f
     return choice
 
 
-def _lp_gain_cum(cum_r, cum_v, dr, dv, budget) -> np.ndarray:
-    budget = np.asarray(budget, dtype=np.float64)
-    if dr.size == 0:
-        return np.zeros_like(budget)
-    i = np.clip(np.searchsorted(cum_r, budget, side="right") - 1, 0, dr.size)
-    nxt = np.minimum(i, dr.size - 1)
-    return cum_v[i] + np.where(i < dr.size, (budget - cum_r[i]) / dr[nxt] * dv[nxt], 0.0)
+def _lp_gain_without_own(inc_g: np.ndarray, dr: np.ndarray, dv: np.ndarray, budgets: np.ndarray, G: int) -> np.ndarray:
+    """For every group g and budget ``budgets[g, k]``: the LP gain of all *other* groups (float [G, K]).
+
+    Vectorised over all groups: the greedy over the slope-sorted increments with group g's own
+    increments skipped passes full-sequence position i while ``cum_r[i] - D_g(i) <= b``, where
+    ``D_g(i)`` sums g's own increments before i; between two own increments ``D_g`` is constant, so
+    each segment is one ``searchsorted``. Budgets < 0 (unaffordable choices) give -inf.
+    """
+    budgets = np.asarray(budgets, dtype=np.float64)
+    n = dr.size
+    K = budgets.shape[1]
+    if n == 0:
+        return np.where(budgets >= 0, 0.0, -np.inf)
+    cum_r = np.concatenate([[0.0], np.cumsum(dr)])
+    cum_v = np.concatenate([[0.0], np.cumsum(dv)])
+    # own increment positions per group, padded with n: P [G, M]
+    counts = np.bincount(inc_g, minlength=G)
+    M = max(int(counts.max()), 1)
+    order = np.argsort(inc_g, kind="stable")  # positions grouped by group, increasing within a group
+    slot = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    P = np.full((G, M), n, dtype=np.int64)
+    P[inc_g[order], slot] = order
+    own_r = np.where(P < n, dr[np.minimum(P, n - 1)], 0.0)
+    own_v = np.where(P < n, dv[np.minimum(P, n - 1)], 0.0)
+    # segments s = 0..M: positions i in [lo_s, hi_s], D = sum of own dr before lo_s
+    lo = np.concatenate([np.zeros((G, 1), dtype=np.int64), P + 1], axis=1)  # [G, M+1]
+    hi = np.concatenate([P, np.full((G, 1), n, dtype=np.int64)], axis=1)
+    D = np.concatenate([np.zeros((G, 1)), np.cumsum(own_r, axis=1)], axis=1)
+    valid = lo <= hi  # padded own positions (n) make empty segments
+    b = np.maximum(budgets, 0.0)[:, :, None]  # [G, K, 1]
+    cnt = np.searchsorted(cum_r, b + D[:, None, :], side="right")  # [G, K, M+1]
+    cnt = np.clip(cnt, lo[:, None, :], hi[:, None, :] + 1) - lo[:, None, :]
+    I = (np.where(valid[:, None, :], cnt, 0)).sum(axis=2) - 1  # last position passed, [G, K]
+    before = P[:, None, :] < I[:, :, None]  # own increments before I, [G, K, M]
+    D_I = (own_r[:, None, :] * before).sum(axis=2)
+    E_I = (own_v[:, None, :] * before).sum(axis=2)
+    nxt = np.minimum(I, n - 1)
+    frac = np.where(I < n, (budgets - (cum_r[I] - D_I)) / dr[nxt] * dv[nxt], 0.0)
+    gain = cum_v[I] - E_I + frac
+    return np.where(budgets >= 0, gain, -np.inf)
 
 
 @contextlib.contextmanager
@@ -605,7 +655,7 @@ class Group:
 
     name: str
     layers: Tuple[str, ...]
-    choices: List[Tuple[str, ...]]
+    choices: Sequence[Sequence[str]]  # [K][len(layers)] option names (list of tuples or 2-D object array)
     costs: np.ndarray  # int64 [K], bytes
     values: np.ndarray  # float64 [K], higher = better
 
@@ -648,15 +698,29 @@ def module_groups(
     module_scores: pd.DataFrame, sizes: pd.DataFrame, max_combinations: int = MAX_COMBINATIONS
 ) -> List[Group]:
     """One group per module of ``module_scores`` (rows = scored combinations); modules with more
-    than ``max_combinations`` rows, or with an option not in ``sizes``, are skipped (their layers
-    fall back to layer groups)."""
+    than ``max_combinations`` rows are skipped (their layers fall back to layer groups), and
+    combinations using an option outside ``sizes`` are dropped."""
     _check_scores(module_scores, ("module", "layers", "options", "score"), "module scores")
     nbytes = {(l, o): int(b) for l, o, b in zip(sizes["layer"], sizes["option"], sizes["nbytes"])}
     known = set(sizes["layer"])
+    canon: Dict[str, str] = {}
+
+    def _canon(o: str) -> str:
+        if o not in canon:
+            canon[o] = canonical(o)
+        return canon[o]
+
     groups, owner = [], {}
-    for module, df in module_scores.groupby("module", sort=False):
-        layers = tuple(df["layers"].iloc[0])
-        if any(tuple(ls) != layers for ls in df["layers"]):
+    modules = module_scores["module"].to_numpy()
+    order = pd.unique(modules)
+    rows_of = pd.Series(np.arange(len(modules))).groupby(modules, sort=False).apply(np.asarray).to_dict()
+    all_layers = module_scores["layers"].to_numpy()
+    all_opts = module_scores["options"].to_numpy()
+    all_scores = module_scores["score"].to_numpy(dtype=np.float64)
+    for module in order:
+        rows = rows_of[module]
+        layers = tuple(all_layers[rows[0]])
+        if any(tuple(all_layers[r]) != layers for r in rows):
             raise SensitivityError(f"module {module!r}: rows list different layers")
         for layer in layers:
             if layer not in known:
@@ -664,20 +728,24 @@ def module_groups(
             if layer in owner:
                 raise SensitivityError(f"layer {layer!r} is in two modules ({owner[layer]!r}, {module!r})")
             owner[layer] = module
-        if len(df) > max_combinations:
+        if rows.size > max_combinations:
             continue
-        choices, costs, values = [], [], []
-        for opts, score in zip(df["options"], df["score"]):
-            opts = tuple(canonical(o) for o in opts)
-            if len(opts) != len(layers):
-                raise SensitivityError(f"module {module!r}: a combination has {len(opts)} options for {len(layers)} layers")
-            if any((l, o) not in nbytes for l, o in zip(layers, opts)):
-                continue  # an option outside the allowed set
-            choices.append(opts)
-            costs.append(sum(nbytes[(l, o)] for l, o in zip(layers, opts)))
-            values.append(float(score))
-        if choices:
-            groups.append(Group(str(module), layers, choices, np.array(costs, dtype=np.int64), np.array(values)))
+        combos = [tuple(all_opts[r]) for r in rows]
+        bad = next((c for c in combos if len(c) != len(layers)), None)
+        if bad is not None:
+            raise SensitivityError(f"module {module!r}: a combination has {len(bad)} options for {len(layers)} layers")
+        uniq, inv = np.unique(np.array(combos, dtype=str).reshape(len(combos), len(layers)), return_inverse=True)
+        inv = inv.reshape(len(combos), len(layers))
+        canon_uniq = np.array([_canon(u) for u in uniq], dtype=object)
+        cost = np.zeros(len(combos), dtype=np.int64)
+        ok = np.ones(len(combos), dtype=bool)
+        for j, layer in enumerate(layers):
+            col = np.array([nbytes.get((layer, o), -1) for o in canon_uniq], dtype=np.int64)[inv[:, j]]
+            ok &= col >= 0  # an option outside the allowed set drops the combination
+            cost += np.maximum(col, 0)
+        if ok.any():
+            choices = canon_uniq[inv[ok]]  # object array [K, len(layers)]: row k = options of choice k
+            groups.append(Group(str(module), layers, choices, cost[ok], all_scores[rows][ok]))
     return groups
 
 
@@ -791,7 +859,7 @@ def solve_groups(
     seconds = time.perf_counter() - t0
     options: Dict[str, str] = {}
     for g, k in zip(groups, sol.choice):
-        options.update(zip(g.layers, g.choices[int(k)]))
+        options.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
     res = _result(options, sizes, label, target_bits=float(target_bits), budget_bytes=budget,
                   objective=sol.value, seconds=seconds)
     res.details.update(groups=len(groups), solver="dp" if method == "dp" else "milp-highs")
