@@ -626,7 +626,10 @@ def config_bytes(options: Mapping[str, str], sizes: pd.DataFrame) -> Tuple[int, 
         elif (layer, canonical(opt)) in lut:
             q += int(lut[(layer, canonical(opt))])
         else:
-            q += QuantOption.parse(opt).nbytes((int(f) // 2,))  # option outside the table: flat estimate
+            raise SensitivityError(f"layer {layer!r}: option {canonical(opt)!r} is not in the size table")
+    unknown = set(options) - set(fp.index)
+    if unknown:
+        raise SensitivityError(f"config layer {sorted(unknown)[0]!r} is not in the size table (multiquantizer)")
     return q, int(fp.sum())
 
 

@@ -136,15 +136,15 @@ def _sizes(mq, options: Optional[str]):
 
 
 def _search_one(args, target, predictor, mq, mq_path, sizes, records):
-    from ..search import cache_best, error_ilp, search, uniform_config
+    from ..search import cache_best, error_ilp, search, size_table, uniform_config
 
     what = f"multiquantizer {mq_path}"
     if args.baseline == "uniform":
-        return uniform_config(sizes, args.option)
+        return uniform_config(size_table(mq), args.option)
     if args.baseline == "error-ilp":
         return error_ilp(sizes, target, error=args.error, method=args.solver, what=what)
-    if args.baseline == "cache":
-        return cache_best(records, sizes, target, metric=args.metric)
+    if args.baseline == "cache":  # cached configs may use any option of the multiquantizer
+        return cache_best(records, size_table(mq), target, metric=args.metric)
     return search(predictor, mq, target, level=args.level, max_combinations=args.max_combinations,
                   method=args.solver, sizes=sizes, what=what)
 
@@ -200,7 +200,7 @@ def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, parse_sweep, predict_results, uniform_baselines
+    from ..search import AdditiveScorer, parse_sweep, predict_results, size_table, uniform_baselines
 
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
@@ -266,13 +266,14 @@ def run(args: argparse.Namespace) -> int:
         from .. import insights
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), out / "sweep.csv")
-        extra = uniform_baselines(sizes)
+        full = size_table(mq)
+        extra = uniform_baselines(full)
         if predictor is not None:
             predict_results(predictor, extra)
         if records and predictor is not None:
             preds = predictor.predict([r["config"] for r in records])
             records = [dict(r, predicted=float(p)) for r, p in zip(records, preds)]
-        pt = insights.pareto_table(records, results + extra, metric=args.metric, sizes=sizes)
+        pt = insights.pareto_table(records, results + extra, metric=args.metric, sizes=full)
         _write_csv(pt, out / "pareto.csv")
         written = []
         for y in ("predicted", args.metric):
