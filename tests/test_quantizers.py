@@ -315,6 +315,13 @@ def test_assign_backends_agree_and_ties_go_low():
         assert per_row.tolist() == [[0, 1, 2, 0, 3, 1]] * 3
 
 
+def test_device_argument():
+    w = student_t(4, 32, seed=18)
+    for option in ("uaq-3", "kmeans_c-4"):
+        a, b = quantize(w, option), quantize(w, option, device="cpu")
+        assert torch.equal(a.codes, b.codes) and b.codes.device.type == "cpu"
+
+
 def test_registry():
     for method in ("uaq", "kmeans_c", "kmeans_a"):
         assert get_quantizer(method).method == method

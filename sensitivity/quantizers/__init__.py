@@ -94,14 +94,20 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(self.dtype)
 
 
-def quantize(weight: torch.Tensor, option: str) -> QuantizedWeight:
-    """Quantize ``weight`` (any shape, dim 0 = output channels) with ``option`` (e.g. ``"uaq-4"``)."""
+def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:
+    """Quantize ``weight`` (any shape, dim 0 = output channels) with ``option`` (e.g. ``"uaq-4"``).
+
+    ``device``: where the math runs (default: the weight's device; CPU uses numba kernels, CUDA the
+    batched torch paths). Codes and params are returned on that device.
+    """
     opt = QuantOption.parse(option)
     if opt.is_fp:
         raise UnknownOptionError("'fp16' is not a quantization method; leave the layer out of the config")
     if weight.dim() < 2 or weight.numel() == 0:
         raise SensitivityError(f"cannot quantize a weight of shape {tuple(weight.shape)}: need >= 2 dims")
     w = weight.detach()
+    if device is not None:
+        w = w.to(device)
     rows = w.reshape(w.shape[0], -1).to(torch.float32)
     if not torch.isfinite(rows).all():
         raise SensitivityError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values")
