@@ -73,7 +73,7 @@ class TinyEval:
 def mq_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("mq") / "tiny.safetensors"
     model = tiny_mlp()
-    build_multiquantizer(model, path, find_layers(model), model_id="tiny-mlp", progress=False, options=("uaq-4", "uaq-3"))
+    build_multiquantizer(model, path, find_layers(model), model_id="tiny-mlp", progress=False)
     return path
 
 

@@ -1,0 +1,92 @@
+"""``sensitivity evaluate MODEL --multiquantizer FILE --config FILE``: score one config.
+
+Same protocol options and metrics as ``sensitivity sample`` (so its record is comparable with a
+cache's), for checking a searched config. With ``--cache``, the record is looked up there first
+(same signature) and stored there after evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import SensitivityError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .sample import add_protocol_arguments
+
+    p = sub.add_parser("evaluate", help="evaluate one config with the sample protocol and print its record",
+                       description="Apply one quantization config, generate the protocol's images, and print the "
+                                   "record a `sensitivity sample` job would store (avg bits, bytes, summed error, "
+                                   "FID/KID/accuracy/PSNR, timings).")
+    add_protocol_arguments(p)
+    p.add_argument("--config", required=True, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config")
+    p.add_argument("--cache", default=None, help="look the config up in this cache first, and store the result there")
+    p.add_argument("--force", action="store_true", help="with --cache: evaluate even if the config is cached")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import QuantConfig
+    from ..evaluation.cache import ConfigCache, config_hash, normalize_config, now_iso
+    from ..evaluation.runners import config_stats, layer_stats_from_multiquantizer
+    from .sample import protocol_from_args
+
+    fam, weights, factory, protocol, mq = protocol_from_args(args)
+    cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle)
+    try:
+        mq.validate(cfg.options)
+    except SensitivityError as exc:
+        raise SensitivityError(f"{args.config}: {exc}") from None
+    options = normalize_config(cfg.options)
+    stats = layer_stats_from_multiquantizer(mq)
+    avg_bits, qbytes, err = config_stats(options, stats)
+    signature, evaluation = protocol.signature(), protocol.to_dict()
+    chash = config_hash(options)
+    record = None
+    cache = None
+    if args.cache:
+        if Path(args.cache).exists():
+            cache = ConfigCache(args.cache)
+            cache.check_signature(signature, evaluation)
+            rid = cache.lookup(chash) if cache.signature else None
+            if rid is not None and not args.force:
+                record = next(r for r in cache.records() if r["id"] == rid)
+                record["from_cache"] = True
+    if record is None:
+        ev = factory.build()  # loads the model; checks the multiquantizer against it
+        metrics = dict(ev.evaluate(options))
+        timings = dict(metrics.pop("timings", None) or {})
+        if "seconds" in metrics:
+            timings["evaluate"] = metrics.pop("seconds")
+        record = {"run_id": None, "index": None, "config_hash": chash, "config": options, "avg_bits": avg_bits,
+                  "quantized_bytes": qbytes, "summed_error": err, "metrics": metrics, "signature": signature,
+                  "timings": timings, "host": socket.gethostname(), "created_at": now_iso()}
+        if args.cache:
+            cache = cache or ConfigCache(args.cache, create=True)
+            cache.ensure_signature(signature, evaluation)
+            cache.set_layer_stats(stats)
+            cache.add(record)
+    if cache is not None:
+        cache.close()
+    if args.json:
+        json.dump(record, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+        return 0
+    src = " (from cache)" if record.get("from_cache") else ""
+    print(f"{args.config}: {fam.name} ({protocol.model_id}), {len(record['config'])} quantized layers of {len(mq)}{src}")
+    print(f"  avg bits {record['avg_bits']:.4f}, quantized bytes {record['quantized_bytes']}, "
+          f"summed error {record['summed_error']:.4g}")
+    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items()))
+    if record.get("timings"):
+        print("  timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in record["timings"].items()
+                                             if isinstance(v, (int, float))))
+    print(f"  signature {signature[:12]} ({protocol.num_images} images, {protocol.steps} steps, "
+          f"guidance {protocol.guidance}), config hash {chash}")
+    return 0
