@@ -185,7 +185,8 @@ def _ctx():
         import multiprocessing as mp
 
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "sensitivity.multiquantizer", "sensitivity.evaluation.runners"])
+        _CTX.set_forkserver_preload(["torch", "diffusers", "sensitivity.multiquantizer", "sensitivity.evaluation.runners",
+                                     "sensitivity.evaluation.evaluator", "sensitivity.commands.sample", "sensitivity.cli"])
     return _CTX
 
 
@@ -284,3 +285,130 @@ def test_ray_matches_local_and_survives_a_dead_actor(mq_path, tmp_path):
             ray.shutdown()
     assert marker.exists() and s.lost >= 1 and s.complete and "ray x2" in s.runner
     assert _key(_check_complete(tmp_path / "ray.sqlite", plan)) == _key(_check_complete(tmp_path / "local.sqlite", plan))
+
+
+# ---------------------------------------------------------------------------- the real command
+DIGITS_ARGS = ["--weights", "random", "--images-per-class", "1", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def digits_mq(tmp_path_factory):
+    """A multiquantizer of the first 6 layers of digits-dit (random weights): seconds to build."""
+    from sensitivity.zoo import get_family
+
+    fam = get_family("digits-dit")
+    den = fam.load_denoiser("random", device="cpu", dtype=torch.float32)
+    path = tmp_path_factory.mktemp("dmq") / "digits-dit-random6.safetensors"
+    build_multiquantizer(den, path, fam.find_layers(den)[:6], model_id=fam.model_id("random"),
+                         options=("uaq-4", "uaq-3"), progress=False)
+    return path
+
+
+def _sample_argv(mq, cache, n, *extra):
+    return ["sample", "digits-dit", "--multiquantizer", str(mq), "--cache", str(cache), "--num-configs", str(n),
+            "--seed", "3", "--no-progress", *DIGITS_ARGS, *extra]
+
+
+def _cli_in_process(argv, out):
+    """Run `sensitivity ARGV` (cli.main) in this process, stdout to ``out``; exits with its status."""
+    import contextlib
+
+    from sensitivity.cli import main as cli_main
+
+    with open(out, "w") as fh, contextlib.redirect_stdout(fh):
+        rc = cli_main(argv)
+    os._exit(rc)
+
+
+@pytest.mark.slow
+def test_sample_command_killed_and_resumed(digits_mq, tmp_path):
+    """`sensitivity sample digits-dit`: SIGKILL mid-job, rerun: every planned config exactly once.
+
+    The command runs through ``cli.main`` in a process forked from a server that has torch and diffusers
+    imported (a fresh interpreter would spend most of the test importing them).
+    """
+    cache = tmp_path / "c.sqlite"
+    n = 12
+    p = _ctx().Process(target=_cli_in_process, args=(_sample_argv(digits_mq, cache, n), str(tmp_path / "o1")))
+    p.start()
+    deadline = time.time() + 180
+    while _count(cache) < 2 and p.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(7).uniform(0.0, 0.1))
+    p.kill()
+    p.join()
+    assert 0 < _count(cache) < n
+    p = _ctx().Process(target=_cli_in_process, args=(_sample_argv(digits_mq, cache, n, "--json"), str(tmp_path / "o2")))
+    p.start()
+    p.join(300)
+    stdout = (tmp_path / "o2").read_text()
+    assert p.exitcode == 0, stdout
+    summary = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["complete"] and summary["done"] == n and summary["done_before"] >= 1
+    assert "configs/hour" in stdout
+    with ConfigCache(cache) as c:
+        (run,) = c.runs()
+        recs = c.records(run["run_id"])
+        assert [r["index"] for r in recs] == list(range(n)) and c.verify() == []
+        assert run["sampler"]["seed"] == 3 and c.evaluation["steps"] == 2 and len(c.evaluation["seeds"]) == 10
+        m = recs[0]["metrics"]
+        assert set(m) >= {"fid", "kid", "accuracy", "psnr"} and "seconds" not in m
+        assert recs[0]["timings"]["generate"] > 0
+    # `sensitivity evaluate` on config 0 gives the job's record
+    from sensitivity.cli import main as cli_main
+    from sensitivity.config import QuantConfig
+
+    cfg = tmp_path / "cfg0.json"
+    QuantConfig(recs[0]["config"]).save(cfg)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(["evaluate", "digits-dit", "--multiquantizer", str(digits_mq), "--config", str(cfg), "--json",
+                       *DIGITS_ARGS])
+    assert rc == 0
+    rec = json.loads(buf.getvalue())
+    assert rec["config_hash"] == recs[0]["config_hash"] and rec["signature"] == recs[0]["signature"]
+    assert rec["avg_bits"] == pytest.approx(recs[0]["avg_bits"], rel=1e-12)
+    for k, v in recs[0]["metrics"].items():
+        assert rec["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
+def test_sample_command_bad_inputs(digits_mq, mq_path, tmp_path, capsys):
+    """Missing prompt file, empty reference folder, multiquantizer of another model, corrupted or
+    foreign cache: one clear line each (exit 2), and the cache is not touched."""
+    from sensitivity.cli import main as cli_main
+
+    cache = tmp_path / "c.sqlite"
+    with ConfigCache(cache, signature="s", evaluation={"model": "x"}, create=True) as c:
+        c.add({"config": {"a": "uaq-4"}, "metrics": {"fid": 1.0}})
+    before = cache.read_bytes()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"\x00garbage" * 100)
+    cases = [
+        (["sample", "sd15", "--weights", "tiny", "--multiquantizer", str(digits_mq), "--cache", str(cache),
+          "--num-configs", "2", "--prompts", str(tmp_path / "captions_val2017.json")], "does not exist"),
+        (["sample", "sd15", "--weights", "tiny", "--multiquantizer", str(digits_mq), "--cache", str(cache),
+          "--num-configs", "2", "--prompts", str(prompts), "--num-images", "2", "--reference-dir", str(empty)],
+         "holds 0 images"),
+        (["sample", "digits-dit", "--multiquantizer", str(mq_path), "--cache", str(cache), "--num-configs", "2"]
+         + DIGITS_ARGS, "built for tiny-mlp"),
+        (["sample", "digits-dit", "--multiquantizer", str(digits_mq), "--cache", str(cache), "--num-configs", "2"]
+         + DIGITS_ARGS, "another evaluation"),
+        (["sample", "digits-dit", "--multiquantizer", str(digits_mq), "--cache", str(junk), "--num-configs", "2"]
+         + DIGITS_ARGS, "not a sensitivity cache"),
+        (["evaluate", "digits-dit", "--multiquantizer", str(mq_path), "--config", str(prompts)] + DIGITS_ARGS,
+         "built for tiny-mlp"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (argv, err)
+    assert cache.read_bytes() == before
+    assert junk.read_bytes() == b"\x00garbage" * 100
