@@ -22,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def layer_report(fam, denoiser, weights: str) -> dict:
     """Everything ``sensitivity layers --json`` prints (see the keys)."""
-    from torch import nn
 
     from ..layers import LAYER_TYPES, architecture_hash, layer_table
 

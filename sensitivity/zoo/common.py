@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import SensitivityError
-from .base import GenerationSettings, ModelFamily, SPECIAL_WEIGHTS, is_local_folder
+from .base import GenerationSettings, ModelFamily, SPECIAL_WEIGHTS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CLIP_TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
@@ -235,6 +235,17 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
 
 
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """The dtype keyword of ``from_pretrained``: ``dtype`` on recent diffusers, ``torch_dtype`` before."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        new_api = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        new_api = False
+    return {"dtype" if new_api else "torch_dtype": dtype}
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -328,9 +339,10 @@ class DiffusersFamily(ModelFamily):
         src, _ = self._check_source(source)
         cls = diffusers_class(self.pipeline_class)
         try:
-            pipe = cls.from_pretrained(src, torch_dtype=dtype, **dict(self.from_pretrained_kwargs))
+            pipe = cls.from_pretrained(src, **dtype_kwargs(dtype), **dict(self.from_pretrained_kwargs))
         except Exception as exc:  # noqa: BLE001 - any load failure is reported as one line
             raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc
+        check_tokenizers(pipe, source)
         pipe.__dict__[WEIGHTS_ATTR] = source
         return pipe
 
@@ -339,7 +351,7 @@ class DiffusersFamily(ModelFamily):
         cls = diffusers_class(self.denoiser_class)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
-            den = cls.from_pretrained(src, torch_dtype=dtype, **kwargs)
+            den = cls.from_pretrained(src, **dtype_kwargs(dtype), **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc
         den.__dict__[WEIGHTS_ATTR] = source
@@ -385,7 +397,8 @@ class DiffusersFamily(ModelFamily):
         den = self.denoiser(pipe)
         device = next(den.parameters()).device
         if device.type == "meta":
-            raise SensitivityError(f"model {self.name!r}: meta weights hold no values; use tiny, random or real weights")
+            raise SensitivityError(
+                f"model {self.name!r}: meta weights hold no values; use tiny, random or real weights")
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         self.set_scheduler(pipe, settings)
         kwargs = self.call_kwargs(pipe, conditions, settings)
@@ -393,6 +406,19 @@ class DiffusersFamily(ModelFamily):
             out = pipe(**kwargs, generator=gens, output_type="np")
         images = out.images if hasattr(out, "images") else out[0]
         return to_uint8(images)
+
+
+def check_tokenizers(pipe, source: str, minimum: int = 10) -> None:
+    """Refuse tokenizers with almost no vocabulary.
+
+    Offline, ``CLIPTokenizer.from_pretrained`` on a folder or cache without its vocabulary files can
+    silently build a tokenizer of 2-3 special tokens instead of failing; every prompt then encodes
+    to the same ids and the images stop depending on the text.
+    """
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) < minimum:
+            raise SensitivityError(f"{source!r}: {name} has only {len(tok)} tokens (vocabulary files missing?)")
 
 
 def weights_of(obj) -> Optional[str]:

@@ -27,7 +27,7 @@ transformer's native size; DiT cannot change it), batch size 25, one image per c
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 from torch import nn

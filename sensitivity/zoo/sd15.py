@@ -25,7 +25,8 @@ from typing import Any, Dict
 import torch
 
 from .base import GenerationSettings, LayerRules
-from .common import DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, scheduler_from, text_settings_kwargs
+from .common import (DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, scheduler_from,
+                     text_settings_kwargs)
 from .registry import register_family
 from .unet_rules import up_block_splits
 

@@ -37,8 +37,8 @@ import torch
 
 from ..errors import SensitivityError
 from .base import SPECIAL_WEIGHTS, GenerationSettings, LayerRules
-from .common import (WEIGHTS_ATTR, DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, first_line,
-                     scheduler_from, text_settings_kwargs, to_uint8, weights_of)
+from .common import (WEIGHTS_ATTR, DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, dtype_kwargs,
+                     first_line, scheduler_from, text_settings_kwargs, to_uint8, weights_of)
 from .registry import register_family
 from .unet_rules import up_block_splits
 
@@ -91,7 +91,7 @@ class StableDiffusionXL(DiffusersFamily):
             den = self.denoiser(pipe)
             try:
                 ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                    refiner, text_encoder_2=pipe.text_encoder_2, vae=pipe.vae, torch_dtype=den.dtype)
+                    refiner, text_encoder_2=pipe.text_encoder_2, vae=pipe.vae, **dtype_kwargs(den.dtype))
             except Exception as exc:  # noqa: BLE001
                 raise SensitivityError(f"model sdxl: cannot load refiner {refiner!r}: {first_line(exc)}") from exc
             ref = ref.to(den.device)
