@@ -412,3 +412,24 @@ def test_sample_command_bad_inputs(digits_mq, mq_path, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (argv, err)
     assert cache.read_bytes() == before
     assert junk.read_bytes() == b"\x00garbage" * 100
+
+
+def test_pipelined_worker_gives_the_same_records(digits_mq, tmp_path):
+    """Scoring config i while config i+1 generates (two configs in flight) changes no number."""
+    from sensitivity.commands.sample import add_protocol_arguments, protocol_from_args
+    from sensitivity.evaluation.runners import PipelinedFactory
+
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_protocol_arguments(ap)
+    args = ap.parse_args(["digits-dit", "--multiquantizer", str(digits_mq), *DIGITS_ARGS])
+    _, _, base, protocol, mq = protocol_from_args(args)
+    plan = JobPlan.from_multiquantizer(mq, SamplerSpec(seed=5, options=mq.options), 5)
+    out = {}
+    for mode in ("off", "on"):
+        s = run_job(tmp_path / f"{mode}.sqlite", plan, LocalRunner(PipelinedFactory(base, pipeline=mode)),
+                    signature=protocol.signature(), evaluation=protocol.to_dict(), progress=False)
+        assert s.complete
+        out[mode] = _check_complete(tmp_path / f"{mode}.sqlite", plan)
+    assert _key(out["on"]) == _key(out["off"])

@@ -221,6 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run one worker per GPU (or CPU) of a Ray cluster: 'auto', 'host:6379', 'ray://…', or "
                         "'local' (start one here); needs pip install 'sensitivity[ray]'")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
+                   help="score one config while the next one generates (auto: on CUDA devices only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -228,7 +230,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.cache import ConfigCache
-    from ..evaluation.runners import JobPlan, LocalRunner, RayRunner, run_job
+    from ..evaluation.runners import JobPlan, LocalRunner, PipelinedFactory, RayRunner, run_job
     from ..evaluation.sampler import SamplerSpec
 
     if args.num_configs < 1:
@@ -238,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ray:
         device, started_ray = _connect_ray(args.ray, args.device)
     try:
-        fam, weights, factory, protocol, mq = protocol_from_args(args, device)
+        fam, weights, base_factory, protocol, mq = protocol_from_args(args, device)
+        factory = PipelinedFactory(base_factory, pipeline=args.pipeline)
         spec = SamplerSpec(seed=args.seed, options=mq.options, bits=args.bits, methods=args.methods,
                            fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
         plan = JobPlan.from_multiquantizer(mq, spec, args.num_configs)

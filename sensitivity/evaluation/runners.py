@@ -187,6 +187,11 @@ def _user_exc(exc: BaseException) -> Optional[SensitivityError]:
         return SensitivityError(str(exc))
 
 
+def _concurrency(evaluate: EvaluateFn) -> int:
+    """How many configs a worker may evaluate at once (``evaluate.concurrency``, default 1)."""
+    return max(1, min(SLOTS_PER_WORKER, int(getattr(evaluate, "concurrency", 1) or 1)))
+
+
 def _raise_fatal(ev: Event) -> None:
     if isinstance(ev.exc, SensitivityError):
         raise ev.exc
@@ -206,19 +211,41 @@ def _process_worker(conn, factory: Factory, threads: Optional[int]) -> None:
         conn.send(("fatal", None, _error_message(exc), _user_exc(exc)))
         return
     conn.send(("ready", None, None, None))
+    tasks: "Queue[Optional[Tuple[int, Dict[str, str]]]]" = Queue()
+    send_lock = threading.Lock()
+
+    def send(msg) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    def consume() -> None:
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            index, options = task
+            try:
+                metrics, timings = _call(evaluate, index, options)
+                send(("done", index, (metrics, timings, host), None))
+            except BaseException as exc:  # noqa: BLE001 - reported to the driver
+                send(("error", index, _error_message(exc), _user_exc(exc)))
+
+    n = _concurrency(evaluate)
+    consumers = [threading.Thread(target=consume, daemon=True, name=f"eval-{k}") for k in range(n)]
+    for t in consumers:
+        t.start()
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
-            return
+            break
         if msg is None:
-            return
-        index, options = msg
-        try:
-            metrics, timings = _call(evaluate, index, options)
-            conn.send(("done", index, (metrics, timings, host), None))
-        except BaseException as exc:  # noqa: BLE001 - reported to the driver
-            conn.send(("error", index, _error_message(exc), _user_exc(exc)))
+            break
+        tasks.put(msg)
+    for _ in consumers:
+        tasks.put(None)
+    for t in consumers:
+        t.join()
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -268,17 +295,24 @@ class LocalRunner(Runner):
             return
         self._results.put(Event("ready"))
         host = socket.gethostname()
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            index, options = task
-            try:
-                metrics, timings = _call(evaluate, index, options)
-                self._results.put(Event("done", index, metrics, timings, host))
-            except BaseException as exc:  # noqa: BLE001
-                self._results.put(Event("error", index, message=_error_message(exc),
-                                        user_error=isinstance(exc, SensitivityError)))
+
+        def consume() -> None:
+            while True:
+                task = self._tasks.get()
+                if task is None:
+                    self._tasks.put(None)  # let the other consumers see it too
+                    return
+                index, options = task
+                try:
+                    metrics, timings = _call(evaluate, index, options)
+                    self._results.put(Event("done", index, metrics, timings, host))
+                except BaseException as exc:  # noqa: BLE001
+                    self._results.put(Event("error", index, message=_error_message(exc),
+                                            user_error=isinstance(exc, SensitivityError), exc=_user_exc(exc)))
+
+        for k in range(1, _concurrency(evaluate)):
+            threading.Thread(target=consume, daemon=True, name=f"sensitivity-eval-{k}").start()
+        consume()
 
     def start(self) -> None:
         if self.workers == 1:
@@ -418,12 +452,15 @@ class _RayActorBody:
         _set_threads(threads)
         self.host = socket.gethostname()
         self.evaluate_fn = factory()
+        # the actor runs with max_concurrency=SLOTS_PER_WORKER; a plain evaluate function runs one at a time
+        self._slots = threading.Semaphore(_concurrency(self.evaluate_fn))
 
     def ready(self) -> str:
         return self.host
 
     def evaluate(self, index: int, options: Dict[str, str]):
-        metrics, timings = _call(self.evaluate_fn, index, options)
+        with self._slots:
+            metrics, timings = _call(self.evaluate_fn, index, options)
         return metrics, timings, self.host
 
 
@@ -498,7 +535,7 @@ class RayRunner(Runner):
             n = min(n, int(self.num_workers)) if n else int(self.num_workers)
         n = max(1, n)
         actor_cls = ray.remote(num_gpus=gpw, num_cpus=self.cpus_per_worker, max_restarts=self.max_restarts,
-                               max_task_retries=0)(_RayActorBody)
+                               max_task_retries=0, max_concurrency=SLOTS_PER_WORKER)(_RayActorBody)
         self._actors = [actor_cls.remote(self.factory, self.threads) for _ in range(n)]
         for w in range(n):
             self._inflight[w] = []
@@ -569,6 +606,60 @@ class RayRunner(Runner):
                 pass
         if self._started_ray:
             ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------ pipelining
+class StagedEvaluate:
+    """``evaluate(index, options)`` of an :class:`~sensitivity.evaluation.evaluator.Evaluator`, in two
+    stages: the *device stage* (apply the config, generate, restore; one config at a time) and the
+    *scoring stage* (feature network + metric math). With ``concurrency=2`` a worker runs two configs
+    at once, so the scoring of one (on the CPU: Fréchet distance, KID) overlaps the generation of the
+    next. Results are those of ``Evaluator.evaluate`` (same calls, same order per config).
+    """
+
+    def __init__(self, evaluator, concurrency: int = 2):
+        self.ev = evaluator
+        self.concurrency = int(concurrency)
+        self._device_stage = threading.Lock()
+
+    def __call__(self, index: int, options: Dict[str, str]) -> Dict[str, Any]:
+        from ..multiquantizer import apply, restore
+
+        ev = self.ev
+        with self._device_stage:
+            ev.reference_images()  # full-precision images (once), before any config is applied
+            t0 = time.perf_counter()
+            try:
+                if options:
+                    apply(ev.denoiser, ev.mq, options)
+                t1 = time.perf_counter()
+                images = ev.generate()
+            finally:
+                restore(ev.denoiser)
+            t2 = time.perf_counter()
+        out: Dict[str, Any] = dict(ev.score(images))
+        t3 = time.perf_counter()
+        out["timings"] = {"apply": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+        return out
+
+
+@dataclass
+class PipelinedFactory:
+    """Wraps an ``EvaluatorFactory``: the worker evaluates with :class:`StagedEvaluate`.
+
+    ``pipeline``: ``"auto"`` (two configs at once on CUDA, where scoring on the CPU overlaps
+    generation on the GPU; one at a time on CPU devices, where both would share the same cores),
+    ``"on"`` or ``"off"``.
+    """
+
+    base: Any
+    pipeline: str = "auto"
+
+    def __call__(self) -> EvaluateFn:
+        ev = self.base.build()
+        if self.pipeline == "on" or (self.pipeline == "auto" and getattr(ev.device, "type", "cpu") == "cuda"):
+            return StagedEvaluate(ev, concurrency=2)
+        return ev.worker()
 
 
 # ------------------------------------------------------------------------------------ driver
