@@ -387,3 +387,19 @@ def test_generation_settings_dataclass_roundtrip():
     d = s.to_dict()
     assert d["steps"] == 4 and d["extra"] == {"eta": 0.0}
     assert GenerationSettings(**d) == s
+
+
+def test_random_path_seeds_ties_and_leaves_the_global_rng(monkeypatch):
+    """``random`` = the official config, seeded; run here on the tiny config to stay fast."""
+    from sensitivity.zoo.common import DiffusersFamily
+
+    fam = get_family("dit-xl-2")
+    monkeypatch.setattr(fam, "denoiser_config", lambda kind="random": DiffusersFamily.denoiser_config(fam, "tiny"))
+    state = torch.random.get_rng_state()
+    a = fam.load_denoiser("random", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    layers = fam.find_layers(a)
+    check_ties(a, layers)  # the 28 embedder copies are identical, as in the hub checkpoint
+    assert weights_hash(fam.load_denoiser("random", seed=5), layers) == weights_hash(a, layers)
+    assert weights_hash(fam.load_denoiser("random", seed=6), layers) != weights_hash(a, layers)
+    assert weights_of(a) == "random" and fam.model_id("random") == "dit-xl-2:random"

@@ -23,12 +23,13 @@ def run(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    print(f"{'model':<13} {'cond':<5} {'denoiser':<11} {'steps':>5} {'cfg':>5} {'size':>9}  {'scheduler':<34} weights")
+    sw = max(len(r["defaults"].get("scheduler") or "-") for r in rows)
+    print(f"{'model':<13} {'cond':<5} {'denoiser':<11} {'steps':>5} {'cfg':>5} {'size':>9}  {'scheduler':<{sw}}  weights")
     for r in rows:
         d = r["defaults"]
         size = f"{d['height']}x{d['width']}" if d.get("height") else "-"
         sched = d.get("scheduler") or "-"
         print(f"{r['name']:<13} {r['conditioning']:<5} {r['denoiser']:<11} {d['steps']:>5} {d['guidance']:>5g} "
-              f"{size:>9}  {sched:<34} {r['default_weights']}")
+              f"{size:>9}  {sched:<{sw}}  {r['default_weights']}")
     print(f"{len(rows)} models; --weights also takes: " + ", ".join(sorted({w for r in rows for w in r["weights"]})))
     return 0

@@ -246,6 +246,14 @@ def dtype_kwargs(dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     return {"dtype" if new_api else "torch_dtype": dtype}
 
 
+def _offline_hint(source: str) -> str:
+    if os.path.isdir(source):
+        return ""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return " (HF_HUB_OFFLINE is set and it is not in the local hub cache)"
+    return ""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -341,7 +349,8 @@ class DiffusersFamily(ModelFamily):
         try:
             pipe = cls.from_pretrained(src, **dtype_kwargs(dtype), **dict(self.from_pretrained_kwargs))
         except Exception as exc:  # noqa: BLE001 - any load failure is reported as one line
-            raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc
+            raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}"
+                                   f"{_offline_hint(src)}") from exc
         check_tokenizers(pipe, source)
         pipe.__dict__[WEIGHTS_ATTR] = source
         return pipe
@@ -353,7 +362,8 @@ class DiffusersFamily(ModelFamily):
         try:
             den = cls.from_pretrained(src, **dtype_kwargs(dtype), **kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc
+            raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}"
+                                   f"{_offline_hint(src)}") from exc
         den.__dict__[WEIGHTS_ATTR] = source
         return den
 
