@@ -319,6 +319,8 @@ def test_scheduler_override_and_errors():
         fam.generate(pipe, [1, 2], [0])
     with pytest.raises(SensitivityError, match="takes text prompts"):
         get_family("sd15").generate(tiny("sd15"), [3], [0])
+    with pytest.raises(SensitivityError, match="needs at least 2 steps"):
+        get_family("pixart-alpha").generate(tiny("pixart-alpha"), ["a"], [0], steps=1)
 
 
 # ------------------------------------------------------------------------------------ real path

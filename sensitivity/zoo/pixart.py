@@ -21,6 +21,7 @@ from typing import Any, Dict
 
 import torch
 
+from ..errors import SensitivityError
 from .base import GenerationSettings
 from .common import (DiffusersFamily, autoencoder, char_tokenizer, scheduler_from, t5_text_encoder,
                      text_settings_kwargs)
@@ -68,6 +69,8 @@ class PixArtFamily(DiffusersFamily):
         }
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
+        if int(settings.steps) < 2:  # diffusers' PixArt one-step path expects a DMD scheduler's output
+            raise SensitivityError(f"model {self.name!r} needs at least 2 steps, got {settings.steps}")
         return {"prompt": list(conditions), **text_settings_kwargs(settings)}
 
 
