@@ -153,8 +153,8 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
-def _die_with_parent() -> None:
-    """Make this worker process exit when its parent dies (even by SIGKILL)."""
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process exit when its parent ``parent`` dies (even by SIGKILL, even before now)."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -163,7 +163,8 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:  # noqa: BLE001 - best effort; the watchdog below still works
             pass
-    parent = os.getppid()
+    if os.getppid() != parent:  # the driver died while this process was starting
+        os._exit(0)
 
     def watch() -> None:
         while True:
@@ -200,9 +201,9 @@ def _raise_fatal(ev: Event) -> None:
     raise RuntimeError(f"evaluation worker failed: {ev.message}")
 
 
-def _process_worker(conn, factory: Factory, threads: Optional[int]) -> None:
-    """Body of a :class:`LocalRunner` worker process."""
-    _die_with_parent()
+def _process_worker(conn, factory: Factory, threads: Optional[int], parent: int) -> None:
+    """Body of a :class:`LocalRunner` worker process (``parent``: the driver's pid)."""
+    _die_with_parent(parent)
     _set_threads(threads)
     host = socket.gethostname()
     try:
@@ -340,7 +341,7 @@ class LocalRunner(Runner):
 
     def _spawn(self, w: int) -> None:
         parent, child = self._ctx.Pipe()
-        p = self._ctx.Process(target=_process_worker, args=(child, self.factory, self.threads), daemon=True,
+        p = self._ctx.Process(target=_process_worker, args=(child, self.factory, self.threads, os.getpid()), daemon=True,
                               name=f"sensitivity-eval-{w}")
         p.start()
         child.close()
@@ -507,6 +508,7 @@ class RayRunner(Runner):
         self._futures: Dict[Any, Tuple[int, int]] = {}  # future -> (worker, index)
         self._inflight: Dict[int, List[int]] = {}
         self._losses: Dict[int, int] = {}
+        self._probes: Dict[Any, int] = {}  # ready() future -> worker, for actors that lost a task
         self._started_ray = False
 
     def start(self) -> None:
@@ -551,11 +553,15 @@ class RayRunner(Runner):
                 raise (_user_exc(cause) or SensitivityError(str(cause))) from None
             raise RuntimeError(f"a Ray worker failed to start: {str(exc).strip().splitlines()[-1]}") from None
 
+    def _usable(self, w: int) -> bool:
+        """Alive as far as we know, and not being probed after a loss (a restarting actor gets no work)."""
+        return self._losses.get(w, 0) <= self.max_restarts and w not in self._probes.values()
+
     def capacity(self) -> int:
-        return sum(SLOTS_PER_WORKER - len(v) for w, v in self._inflight.items() if self._losses.get(w, 0) <= self.max_restarts)
+        return sum(SLOTS_PER_WORKER - len(v) for w, v in self._inflight.items() if self._usable(w))
 
     def submit(self, index: int, options: Dict[str, str]) -> None:
-        live = [w for w in self._inflight if self._losses[w] <= self.max_restarts and len(self._inflight[w]) < SLOTS_PER_WORKER]
+        live = [w for w in self._inflight if self._usable(w) and len(self._inflight[w]) < SLOTS_PER_WORKER]
         w = min(live, key=lambda w: len(self._inflight[w]))
         fut = self._actors[w].evaluate.remote(index, options)
         self._futures[fut] = (w, index)
@@ -565,16 +571,26 @@ class RayRunner(Runner):
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        if not self._futures:
+        if not self._futures and not self._probes:
             time.sleep(min(timeout, 0.05))
             return []
-        futs = list(self._futures)
+        futs = list(self._futures) + list(self._probes)
         ready, rest = ray.wait(futs, num_returns=1, timeout=timeout)
         if ready and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
         events = []
         for fut in ready:
+            if fut in self._probes:  # a restarted actor answered (or died again)
+                w = self._probes.pop(fut)
+                try:
+                    ray.get(fut)
+                    self._losses[w] = 0
+                except RayActorError:
+                    self._losses[w] += 1
+                    if self._losses[w] <= self.max_restarts:
+                        self._probes[self._actors[w].ready.remote()] = w
+                continue
             w, index = self._futures.pop(fut)
             self._inflight[w].remove(index)
             try:
@@ -586,13 +602,15 @@ class RayRunner(Runner):
                 # after a crash). Only deaths count against max_restarts.
                 if type(exc).__name__ != "ActorUnavailableError":
                     self._losses[w] += 1
+                if w not in self._probes.values() and self._losses[w] <= self.max_restarts:
+                    self._probes[self._actors[w].ready.remote()] = w  # no new work until it answers
                 events.append(Event("lost", index, message=f"Ray actor {w} died ({type(exc).__name__})"))
             except RayTaskError as exc:
                 cause = _ray_cause(exc)
                 user = isinstance(cause, SensitivityError)
                 events.append(Event("error", index, message=str(cause) if user else _error_message(cause),
                                     user_error=user))
-        if self.capacity() == 0 and not self._futures:
+        if self.capacity() == 0 and not self._futures and not self._probes:
             events.append(Event("fatal", message="every Ray actor died more often than max_restarts allows"))
         return events
 
