@@ -300,6 +300,9 @@ class ConfigCache:
             msg = str(exc)
             if "locked" in msg or "busy" in msg:
                 raise SensitivityError(f"{self.path}: the cache stayed locked by another process for 60 s ({msg})") from None
+            if any(k in msg for k in ("disk is full", "disk I/O", "readonly", "unable to open", "out of memory")):
+                raise SensitivityError(f"{self.path}: cannot write the cache ({msg}); nothing was lost, rerun "
+                                       "when it is fixed") from None
             raise CorruptFileError(f"{self.path}: not a readable sensitivity cache ({msg})") from None
 
     @contextlib.contextmanager
