@@ -147,6 +147,9 @@ def cleanfid_fid(monkeypatch):
     try:
         import torchvision  # noqa: F401
     except Exception:
+        import diffusers  # noqa: F401  (probes for torchvision at import: do that before the stand-in)
+        from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: F401
+
         for name, module in _fake_torchvision().items():
             monkeypatch.setitem(sys.modules, name, module)
         for name in [n for n in sys.modules if n.startswith("cleanfid.")]:
@@ -245,3 +248,43 @@ def test_cleanfid_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(SensitivityError, match=r"sensitivity\[cleanfid\]"):
         M.CleanFIDInception(device="cpu")
     assert M.fid_backend() == "own"
+
+
+class _PooledPixels:
+    """A cheap stand-in feature network with clean-fid's extractor contract: [B,3,299,299] -> [B,12]."""
+
+    name = "pooled-pixels-2x2"
+
+    def __call__(self, batch):
+        return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1)
+
+
+def test_evaluator_real_model_path(cleanfid_fid, tmp_path):
+    """Evaluator on a real family (tiny DiT-XL/2): FID/KID against a reference folder, cached features."""
+    from PIL import Image
+
+    from sensitivity.errors import SensitivityError
+    from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
+    from sensitivity.zoo import get_family
+
+    fam = get_family("dit-xl-2")
+    pipe = fam.load_pipeline("tiny", seed=0)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    rng = np.random.default_rng(8)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(ref_dir / f"{i}.png")
+    protocol = EvalProtocol.for_family(fam, "tiny", conditions=[1, 2, 3, 4], steps=2, reference_dir=ref_dir,
+                                       feature_net=_PooledPixels.name)
+    assert protocol.metrics == ("fid", "kid", "psnr", "mse") and str(ref_dir.resolve()) in protocol.reference
+    ev = Evaluator(fam, pipe, None, protocol, reference_dir=ref_dir, cache_dir=tmp_path / "cache",
+                   extractor=M.CleanFIDInception(device="cpu", model=_PooledPixels()))
+    out = ev.evaluate(None, return_images=True)
+    assert out["psnr"] == M.PSNR_MAX_DB and out["fid"] > 0 and np.isfinite(out["kid"])
+    ref = M.reference_folder_features(ref_dir, tmp_path / "cache", ev._extractor)
+    assert out["fid"] == pytest.approx(M.fid_from_features(ev._extractor.image_features(out["images"]), ref))
+    with pytest.raises(SensitivityError, match="reference image folder"):
+        Evaluator(fam, pipe, None, protocol)
+    with pytest.raises(SensitivityError, match="feature network"):
+        Evaluator(fam, pipe, None, protocol, reference_dir=ref_dir, extractor=M.CleanFIDInception(
+            device="cpu", model=_FirstFeatures(_PooledPixels(), k=4)))

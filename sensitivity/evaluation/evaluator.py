@@ -194,9 +194,13 @@ class Evaluator:
             if protocol.feature_net and protocol.feature_net != self._features.name:
                 raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
                                        f"installed classifier {self._features.name}")
-        elif any(m in protocol.metrics for m in ("fid", "kid")) and reference_dir is None:
-            raise SensitivityError(f"model {self.family.name!r}: FID/KID need a reference image folder "
-                                   "(reference_dir)")
+        elif any(m in protocol.metrics for m in ("fid", "kid")):
+            if reference_dir is None:
+                raise SensitivityError(f"model {self.family.name!r}: FID/KID need a reference image folder "
+                                       "(reference_dir)")
+            if extractor is not None and protocol.feature_net and extractor.name != protocol.feature_net:
+                raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
+                                       f"extractor's {extractor.name}")
         self._fp_images: Optional[np.ndarray] = None
         self._labels = np.asarray(protocol.conditions) if self.digits else None
 
