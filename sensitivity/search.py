@@ -554,15 +554,24 @@ def brute_force_mckp(costs: Sequence[Any], values: Sequence[Any], budget: int) -
 def size_table(source: Any, options: Optional[Iterable[str]] = None) -> pd.DataFrame:
     """Bytes per (layer, option): DataFrame(layer, option, nbytes, fp16_bytes[, error, sse]).
 
-    ``source``: a multiquantizer (``stats_frame()``), such a DataFrame, or ``{layer: shape}``
-    (sizes from :mod:`sensitivity.options`; no errors). ``options`` restricts the option set.
-    Row order follows the layer order of the source.
+    ``source``: a multiquantizer (``stats_frame()``), such a DataFrame, a cache's layer stats
+    ``{layer: {"fp16_bytes": int, "options": {option: [nbytes, error]}}}``
+    (``ConfigCache.layer_stats()``), or ``{layer: shape}`` (sizes from :mod:`sensitivity.options`;
+    no errors). ``options`` restricts the option set. Row order follows the layer order of the source.
     """
     opts = tuple(canonical(o) for o in options) if options is not None else None
     if hasattr(source, "stats_frame"):
         df = source.stats_frame()
     elif isinstance(source, pd.DataFrame):
         df = source
+    elif isinstance(source, Mapping) and source and all(isinstance(v, Mapping) for v in source.values()):
+        rows = []
+        for layer, st in source.items():
+            for o, val in (st.get("options") or {}).items():
+                nb, err = (val[0], val[1]) if isinstance(val, (list, tuple)) else (val["nbytes"], val.get("error"))
+                rows.append({"layer": layer, "option": o, "nbytes": int(nb), "fp16_bytes": int(st["fp16_bytes"]),
+                             "error": np.nan if err is None else float(err)})
+        df = pd.DataFrame(rows)
     elif isinstance(source, Mapping):
         use = opts or OPTION_NAMES
         rows = []

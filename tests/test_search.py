@@ -288,3 +288,14 @@ def test_predict_results_batches(sizes):
     u3 = next(r for r in res if r.method == "uniform-uaq-3")
     u4 = next(r for r in res if r.method == "uniform-uaq-4")
     assert u4.predicted > u3.predicted
+
+
+def test_size_table_from_cache_layer_stats(sizes):
+    st = sizes.assign(error=np.linspace(0.1, 0.2, len(sizes)))
+    stats = {l: {"fp16_bytes": int(df["fp16_bytes"].iloc[0]),
+                 "options": {o: [int(b), float(e)] for o, b, e in zip(df["option"], df["nbytes"], df["error"])}}
+             for l, df in st.groupby("layer", sort=False)}
+    back = size_table(stats)
+    pd.testing.assert_frame_equal(back[["layer", "option", "nbytes", "fp16_bytes", "error"]],
+                                  st[["layer", "option", "nbytes", "fp16_bytes", "error"]].reset_index(drop=True))
+    assert list(size_table(stats, ["uaq-4"])["option"].unique()) == ["uaq-4"]

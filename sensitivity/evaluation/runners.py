@@ -153,9 +153,29 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere: signal 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _die_with_parent(parent: int) -> None:
-    """Make this worker process exit when its parent ``parent`` dies (even by SIGKILL, even before now)."""
-    if sys.platform.startswith("linux"):
+    """Make this worker process exit when the driver ``parent`` dies (even by SIGKILL, even before now).
+
+    With ``spawn`` the driver is this process's parent; with ``forkserver`` the parent is the fork
+    server, so the driver's pid is watched instead.
+    """
+    direct = os.getppid() == parent
+    if direct and sys.platform.startswith("linux"):
         try:
             import ctypes
             import signal
@@ -163,13 +183,17 @@ def _die_with_parent(parent: int) -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except Exception:  # noqa: BLE001 - best effort; the watchdog below still works
             pass
-    if os.getppid() != parent:  # the driver died while this process was starting
+
+    def gone() -> bool:
+        return os.getppid() != parent if direct else not _pid_alive(parent)
+
+    if gone():  # the driver died while this process was starting
         os._exit(0)
 
     def watch() -> None:
         while True:
             time.sleep(1.0)
-            if os.getppid() != parent:
+            if gone():
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
