@@ -2,8 +2,8 @@
 """Train the embedded digits models and their classifier from a seed; reproduces the shipped weights.
 
     python scripts/train_digits.py classifier          # ~1 min  -> sensitivity/evaluation/weights/digits_classifier.safetensors
-    python scripts/train_digits.py dit                 # ~20 min -> sensitivity/zoo/weights/digits-dit/
-    python scripts/train_digits.py unet                # ~20 min -> sensitivity/zoo/weights/digits-unet/
+    python scripts/train_digits.py dit                 # ~49 min -> sensitivity/zoo/weights/digits-dit/
+    python scripts/train_digits.py unet                # ~11 min -> sensitivity/zoo/weights/digits-unet/
     python scripts/train_digits.py eval dit            # re-measure shipped (or --out) weights
 
 Run times are on 2 CPU cores (``--threads 2``); each run writes ``training_report.json`` next to the
