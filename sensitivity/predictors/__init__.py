@@ -1,0 +1,27 @@
+"""``sensitivity.predictors``: predict a config's quality from its per-layer options.
+
+>>> data = load_cache("caches/digits-dit.sqlite")
+>>> ds = Dataset.from_records(data.records, table, Target("fid", lam=0.0))
+>>> res = cross_validate(ds, Context(table, target, graph), ["gnn", "bits", "error", "additive", "lightgbm"])
+>>> save_predictors("predictors/digits-dit", res, primary="gnn", meta={...}, background_codes=ds.codes)
+>>> p = load_predictor("predictors/digits-dit")
+>>> p.predict([{layer: option, ...}])          # higher = better (the target, e.g. -FID)
+>>> p.layer_scores()                           # DataFrame(layer, option, score)
+>>> p.module_scores()                          # DataFrame(module, module_type, layers, options, score)
+
+Kinds: ``gnn`` (:mod:`.gnn`) and the baselines ``bits``, ``error``, ``additive``, ``lightgbm``
+(:mod:`.baselines`). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
+"""
+
+from .base import KINDS, Context, FoldModel, get_kind
+from .data import CacheData, Dataset, LayerTable, Target, load_cache
+from .ensemble import (DEFAULT_BASELINES, CVResult, Predictor, cross_validate, load_predictor, read_manifest,
+                       report_markdown, save_predictors)
+from .metrics import ndcg_at_k, ranking_metrics, relevance
+from .pipeline import evaluate_on_cache, train
+
+__all__ = [
+    "CVResult", "CacheData", "Context", "DEFAULT_BASELINES", "Dataset", "FoldModel", "KINDS", "LayerTable",
+    "Predictor", "Target", "cross_validate", "evaluate_on_cache", "get_kind", "load_cache", "load_predictor",
+    "ndcg_at_k", "ranking_metrics", "read_manifest", "relevance", "report_markdown", "save_predictors", "train",
+]

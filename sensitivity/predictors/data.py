@@ -1,0 +1,322 @@
+"""Training data for predictors: cache records -> option codes, targets, sizes, errors.
+
+* :class:`Target` — what is predicted: ``y = s·metric − λ·avg_bits`` with ``s = −1`` for metrics where
+  lower is better (FID, KID, MSE) and ``+1`` otherwise, so **higher y is always better**. ``λ = 0``
+  predicts the metric alone (``−FID``); the reference trains ``−FID − 150·bits`` (``--lam 150``).
+  ``quality = y + λ·avg_bits`` recovers the metric part exactly (avg bits are known arithmetic).
+* :class:`LayerTable` — the layers (graph order), the option vocabulary (code 0 = ``fp16``, then the
+  quantized options), bytes and relative squared error per (layer, option) from the cache's (or
+  multiquantizer's) layer stats; errors are NaN where unknown.
+* :class:`Dataset` — codes ``int16 [n, L]``, targets ``y [n]``, avg bits, summed error, config hashes.
+* :func:`load_cache` — records + evaluation description + layer stats from a cache file (SQLite
+  cache, or a ``.parquet``/``.csv`` export).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..config import options_hash
+from ..errors import SensitivityError
+from ..options import FP16, QuantOption, canonical
+
+LOWER_IS_BETTER = ("fid", "kid", "mse", "lpips", "loss", "fid-gt-1k")
+
+
+# ------------------------------------------------------------------------------------------ target
+@dataclass(frozen=True)
+class Target:
+    """``y = sign·metric − lam·avg_bits`` (higher = better). ``sign`` is −1 for lower-is-better metrics."""
+
+    metric: str = "fid"
+    lam: float = 0.0
+    lower_is_better: Optional[bool] = None
+
+    @property
+    def sign(self) -> float:
+        lower = self.metric.lower() in LOWER_IS_BETTER if self.lower_is_better is None else self.lower_is_better
+        return -1.0 if lower else 1.0
+
+    def values(self, metric: np.ndarray, avg_bits: np.ndarray) -> np.ndarray:
+        return self.sign * np.asarray(metric, dtype=np.float64) - self.lam * np.asarray(avg_bits, dtype=np.float64)
+
+    def quality(self, y: np.ndarray, avg_bits: np.ndarray) -> np.ndarray:
+        """``sign·metric`` part of ``y`` (e.g. −FID): ``y + lam·avg_bits``."""
+        return np.asarray(y, dtype=np.float64) + self.lam * np.asarray(avg_bits, dtype=np.float64)
+
+    def describe(self) -> str:
+        s = ("-" if self.sign < 0 else "") + self.metric
+        return s if self.lam == 0 else f"{s} - {self.lam:g}*avg_bits"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"metric": self.metric, "lam": self.lam, "lower_is_better": self.lower_is_better, "formula": self.describe()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Target":
+        return cls(str(d["metric"]), float(d.get("lam", 0.0)), d.get("lower_is_better"))
+
+
+def record_metric(rec: Mapping[str, Any], metric: str) -> Optional[float]:
+    """``rec["metrics"][metric]`` (case-insensitive), or a top-level field; None if absent / not finite."""
+    m = rec.get("metrics") or {}
+    v = None
+    if isinstance(m, Mapping):
+        v = m.get(metric)
+        if v is None:
+            low = {str(k).lower(): val for k, val in m.items()}
+            v = low.get(metric.lower())
+    if v is None:
+        v = rec.get(metric)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ------------------------------------------------------------------------------------------ layers
+@dataclass
+class LayerTable:
+    """Layers, option vocabulary and per-(layer, option) bytes / error.
+
+    ``options``: quantized option names; code ``k`` (1-based) is ``options[k-1]``, code 0 is fp16.
+    ``nbytes``/``error``: ``[L, 1 + O]`` (column 0 = fp16: fp16 bytes, error 0).
+    """
+
+    layers: List[str]
+    options: List[str]
+    fp16_bytes: np.ndarray
+    nbytes: np.ndarray
+    error: np.ndarray
+    index: Dict[str, int] = field(init=False, repr=False)
+    opt_index: Dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.fp16_bytes = np.asarray(self.fp16_bytes, dtype=np.int64)
+        self.nbytes = np.asarray(self.nbytes, dtype=np.int64)
+        self.error = np.asarray(self.error, dtype=np.float64)
+        self.index = {l: i for i, l in enumerate(self.layers)}
+        self.opt_index = {FP16: 0, **{o: i + 1 for i, o in enumerate(self.options)}}
+
+    @property
+    def codes(self) -> List[str]:
+        """Option name of each code (``[fp16, *options]``)."""
+        return [FP16] + list(self.options)
+
+    @property
+    def has_errors(self) -> bool:
+        return bool(np.isfinite(self.error[:, 1:]).all())
+
+    @classmethod
+    def from_layer_stats(cls, layers: Sequence[str], stats: Mapping[str, Mapping[str, Any]],
+                         options: Optional[Sequence[str]] = None) -> "LayerTable":
+        """From a cache's ``layer_stats`` (``{layer: {"fp16_bytes", "options": {opt: [nbytes, error]}}}``)."""
+        missing = [l for l in layers if l not in stats]
+        if missing:
+            raise SensitivityError(f"layer {missing[0]!r} has no stats in the cache ({len(missing)} layers missing)")
+        if options is None:
+            first = stats[layers[0]]["options"]
+            options = [canonical(o) for o in first]
+        options = [canonical(o) for o in options]
+        L, O = len(layers), len(options)
+        fp = np.zeros(L, np.int64)
+        nb = np.zeros((L, O + 1), np.int64)
+        err = np.zeros((L, O + 1))
+        for i, l in enumerate(layers):
+            st = stats[l]
+            fp[i] = int(st["fp16_bytes"])
+            nb[i, 0] = fp[i]
+            opts = {canonical(k): v for k, v in st["options"].items()}
+            for j, o in enumerate(options):
+                if o not in opts:
+                    raise SensitivityError(f"layer {l!r}: option {o!r} missing from the layer stats")
+                n, e = opts[o]
+                nb[i, j + 1], err[i, j + 1] = int(n), (float("nan") if e is None else float(e))
+        return cls(list(layers), options, fp, nb, err)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[Any], options: Sequence[str]) -> "LayerTable":
+        """From :class:`~sensitivity.layers.LayerSpec` shapes (sizes by formula, errors unknown = NaN)."""
+        options = [canonical(o) for o in options]
+        L, O = len(specs), len(options)
+        fp = np.array([s.fp16_bytes for s in specs], np.int64)
+        nb = np.zeros((L, O + 1), np.int64)
+        nb[:, 0] = fp
+        err = np.full((L, O + 1), np.nan)
+        err[:, 0] = 0.0
+        for i, s in enumerate(specs):
+            for j, o in enumerate(options):
+                nb[i, j + 1] = QuantOption.parse(o).nbytes(s.shape)
+        return cls([s.name for s in specs], options, fp, nb, err)
+
+    @classmethod
+    def from_multiquantizer(cls, mq: Any, layers: Optional[Sequence[str]] = None) -> "LayerTable":
+        layers = list(layers) if layers is not None else list(mq.layer_names)
+        stats = {l: {"fp16_bytes": mq.fp16_bytes(l), "options": {o: [mq.stats(l, o)["nbytes"], mq.stats(l, o)["error"]]
+                                                                 for o in mq.options}} for l in layers}
+        return cls.from_layer_stats(layers, stats, list(mq.options))
+
+    # ---- configs <-> codes -----------------------------------------------------------------------
+    def encode(self, configs: Iterable[Mapping[str, str]], source: str = "config") -> np.ndarray:
+        """``int16 [n, L]`` option codes; absent layers are fp16. Raises on unknown layers / options."""
+        rows = []
+        for i, cfg in enumerate(configs):
+            row = np.zeros(len(self.layers), np.int16)
+            for layer, opt in cfg.items():
+                j = self.index.get(layer)
+                if j is None:
+                    raise SensitivityError(f"{source} {i}: layer {layer!r} is not a layer of this predictor's model")
+                try:
+                    k = self.opt_index.get(canonical(opt))
+                except SensitivityError:
+                    k = None
+                if k is None:
+                    raise SensitivityError(f"{source} {i}: layer {layer!r}: option {opt!r} is not one of "
+                                           f"{', '.join(self.codes)}")
+                row[j] = k
+            rows.append(row)
+        return np.stack(rows) if rows else np.zeros((0, len(self.layers)), np.int16)
+
+    def decode(self, codes: np.ndarray) -> List[Dict[str, str]]:
+        """Configs ``{layer: option}`` (fp16 layers omitted) from codes."""
+        names = self.codes
+        return [{l: names[int(c)] for l, c in zip(self.layers, row) if c != 0} for row in np.asarray(codes)]
+
+    def avg_bits(self, codes: np.ndarray) -> np.ndarray:
+        """``16 · Σ bytes / Σ fp16 bytes`` per config (all layers of the table)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        b = np.take_along_axis(np.broadcast_to(self.nbytes, (len(codes),) + self.nbytes.shape), codes[..., None], 2)[..., 0]
+        return 16.0 * b.sum(1) / float(self.fp16_bytes.sum())
+
+    def summed_error(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes, dtype=np.int64)
+        e = self.error[np.arange(len(self.layers))[None, :], codes]
+        return e.sum(1)
+
+    def onehot(self, codes: np.ndarray) -> np.ndarray:
+        """``float32 [n, L·(1+O)]`` one-hot option features (column ``l·(1+O) + code``)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        n, L = codes.shape
+        K = 1 + len(self.options)
+        out = np.zeros((n, L * K), np.float32)
+        out[np.arange(n)[:, None], np.arange(L)[None, :] * K + codes] = 1.0
+        return out
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {"layers": self.layers, "options": self.options, "fp16_bytes": self.fp16_bytes.tolist(),
+                "nbytes": self.nbytes.tolist(),
+                "error": [[None if not math.isfinite(v) else v for v in row] for row in self.error.tolist()]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerTable":
+        err = np.array([[np.nan if v is None else v for v in row] for row in d["error"]], dtype=np.float64)
+        return cls(list(d["layers"]), list(d["options"]), np.array(d["fp16_bytes"]), np.array(d["nbytes"]), err)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+@dataclass
+class Dataset:
+    """Labelled configs: ``codes [n, L]``, ``y [n]`` (target), ``metric [n]``, ``avg_bits [n]``, hashes."""
+
+    table: LayerTable
+    target: Target
+    codes: np.ndarray
+    y: np.ndarray
+    metric: np.ndarray
+    avg_bits: np.ndarray
+    hashes: List[str]
+    summed_error: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> "Dataset":
+        idx = np.asarray(idx)
+        return Dataset(self.table, self.target, self.codes[idx], self.y[idx], self.metric[idx], self.avg_bits[idx],
+                       [self.hashes[i] for i in idx], None if self.summed_error is None else self.summed_error[idx])
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]], table: LayerTable, target: Target,
+                     source: str = "cache", min_records: int = 1) -> "Dataset":
+        """Configs of ``records`` with a finite ``target.metric``; duplicate configs are averaged.
+
+        Avg bits are recomputed from ``table`` (not trusted from the record). The summed error comes from
+        the table's errors, else from the records' ``summed_error``.
+        """
+        by_hash: Dict[str, List[Tuple[Mapping[str, str], float, Optional[float]]]] = {}
+        order: List[str] = []
+        skipped = 0
+        for rec in records:
+            v = record_metric(rec, target.metric)
+            if v is None or not isinstance(rec.get("config"), Mapping):
+                skipped += 1
+                continue
+            cfg = {str(k): canonical(o) for k, o in rec["config"].items() if canonical(o) != FP16}
+            h = options_hash(cfg) if cfg else "fp16"
+            if h not in by_hash:
+                by_hash[h] = []
+                order.append(h)
+            err = rec.get("summed_error")
+            by_hash[h].append((cfg, v, None if err is None else float(err)))
+        if len(order) < min_records:
+            raise SensitivityError(f"{source}: {len(order)} configs with metric {target.metric!r} "
+                                   f"({skipped} records without it); need at least {min_records}")
+        configs = [by_hash[h][0][0] for h in order]
+        metric = np.array([np.mean([v for _, v, _ in by_hash[h]]) for h in order])
+        codes = table.encode(configs, source=f"{source} config")
+        bits = table.avg_bits(codes)
+        if table.has_errors:
+            err = table.summed_error(codes)
+        else:
+            errs = [by_hash[h][0][2] for h in order]
+            err = None if any(e is None for e in errs) else np.array(errs, dtype=np.float64)
+        return cls(table, target, codes, target.values(metric, bits), metric, bits, order, err)
+
+
+# ------------------------------------------------------------------------------------------ caches
+@dataclass
+class CacheData:
+    """What :func:`load_cache` returns: records, evaluation description, layer stats, source path."""
+
+    records: List[Dict[str, Any]]
+    evaluation: Dict[str, Any]
+    layer_stats: Dict[str, Dict[str, Any]]
+    path: str
+    signature: Optional[str] = None
+
+    @property
+    def model_id(self) -> Optional[str]:
+        return self.evaluation.get("model_id") or self.evaluation.get("model")
+
+    @property
+    def family(self) -> Optional[str]:
+        mid = self.model_id
+        return mid.split(":", 1)[0] if mid else None
+
+    @property
+    def multiquantizer_hash(self) -> Optional[str]:
+        return self.evaluation.get("multiquantizer_hash")
+
+
+def load_cache(path: str | Path) -> CacheData:
+    """Read a cache: the SQLite file of ``sensitivity evaluate`` or a ``.parquet``/``.csv`` export."""
+    p = Path(path)
+    if not p.exists():
+        raise SensitivityError(f"cache {str(p)!r} does not exist")
+    from ..evaluation.cache import ConfigCache, read_records_file
+
+    if p.suffix.lower() in (".parquet", ".pq", ".csv", ".pkl", ".pickle"):
+        sig, evaluation, recs, stats = read_records_file(p)
+        return CacheData(list(recs), dict(evaluation or {}), dict(stats or {}), str(p), sig)
+    cache = ConfigCache(p)
+    try:
+        return CacheData(cache.records(), dict(cache.evaluation or {}), dict(cache.layer_stats or {}), str(p),
+                         cache.signature)
+    finally:
+        cache.close()

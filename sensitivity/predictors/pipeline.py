@@ -1,0 +1,138 @@
+"""The ``sensitivity train`` / ``sensitivity predict`` pipelines as functions.
+
+:func:`train`: cache -> layer table (the cache's layer stats, in the traced graph's layer order) ->
+dataset -> k-fold cross-validation of the GNN and every baseline on the same folds -> predictor folder
+with the report and the primary predictor's layer / module scores.
+
+:func:`evaluate_on_cache`: a saved predictor's members scored on another cache's configs (same
+correlations as the report).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import SensitivityError
+from .base import Context
+from .data import CacheData, Dataset, LayerTable, Target, load_cache
+from .ensemble import DEFAULT_BASELINES, cross_validate, load_predictor, read_manifest, save_predictors
+from .metrics import ranking_metrics
+from .scores import MAX_MODULE_CONFIGS
+
+N_BACKGROUND = 64  # configs kept in the predictor folder as the background of the scores
+
+
+def model_graph(model: str, weights: str = "meta"):
+    """The traced graph of zoo family ``model`` (on meta weights by default)."""
+    from ..graph import family_graph
+
+    return family_graph(model, weights=weights)
+
+
+def layer_table(data: CacheData, layers: Sequence[str], specs: Optional[Sequence[Any]] = None,
+                multiquantizer: Optional[str] = None) -> LayerTable:
+    """The layer table of ``data`` in the order ``layers`` (layer stats of the cache, else of the
+    multiquantizer, else sizes from ``specs`` without errors). Raises if the layer sets differ."""
+    if data.layer_stats:
+        have = set(data.layer_stats)
+        missing = [l for l in layers if l not in have]
+        extra = [l for l in data.layer_stats if l not in set(layers)]
+        if missing or extra:
+            what = f"layer {missing[0]!r} of the model is not in" if missing else f"layer {extra[0]!r} of"
+            raise SensitivityError(f"{what} cache {data.path} (the cache is of another model or layer rules; "
+                                   f"{len(missing)} missing, {len(extra)} extra)")
+        return LayerTable.from_layer_stats(list(layers), data.layer_stats)
+    if multiquantizer:
+        from ..multiquantizer import load_multiquantizer
+
+        return LayerTable.from_multiquantizer(load_multiquantizer(multiquantizer), list(layers))
+    if specs is None:
+        raise SensitivityError(f"cache {data.path} has no layer stats: pass --multiquantizer")
+    opts: List[str] = []
+    for rec in data.records:
+        for o in (rec.get("config") or {}).values():
+            from ..options import canonical, FP16
+
+            c = canonical(o)
+            if c != FP16 and c not in opts:
+                opts.append(c)
+    from ..options import OPTION_NAMES
+
+    opts = [o for o in OPTION_NAMES if o in opts] + [o for o in opts if o not in OPTION_NAMES]
+    return LayerTable.from_specs(specs, opts)
+
+
+def train(
+    cache: str | Path,
+    out: str | Path,
+    model: Optional[str] = None,
+    predictor: str = "gnn",
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    folds: int = 5,
+    seed: int = 0,
+    metric: str = "fid",
+    lam: float = 0.0,
+    params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    device: Optional[str] = None,
+    multiquantizer: Optional[str] = None,
+    graph: Any = None,
+    scores: bool = True,
+    max_module_configs: int = MAX_MODULE_CONFIGS,
+    min_configs: int = 10,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train ``predictor`` and ``baselines`` on ``cache`` with k-fold CV; write folder ``out``.
+
+    ``model``: zoo family (default: the one in the cache's evaluation description); ``graph``: a
+    prebuilt :class:`~sensitivity.graph.DenoiserGraph` instead. Returns the report (also in
+    ``out/report.json``).
+    """
+    t0 = time.perf_counter()
+    data = load_cache(cache)
+    fam = model or data.family
+    if graph is None:
+        if not fam:
+            raise SensitivityError(f"cache {cache} does not name its model: pass --model")
+        graph = model_graph(fam)
+    table = layer_table(data, graph.weight_nodes, graph.layers, multiquantizer)
+    target = Target(metric, float(lam))
+    ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=max(min_configs, folds))
+    kinds = [predictor] + [b for b in baselines if b != predictor]
+    ctx = Context(table, target, graph, device)
+    res = cross_validate(ds, ctx, kinds, folds=folds, seed=seed, params=params, progress=progress)
+    rng = np.random.default_rng(seed)
+    bg = ds.codes[np.sort(rng.choice(len(ds), min(N_BACKGROUND, len(ds)), replace=False))]
+    meta = {"model_id": data.model_id or (graph.model_id if graph is not None else None), "family": fam,
+            "cache": str(cache), "cache_signature": data.signature, "n_configs": len(ds),
+            "multiquantizer_hash": data.multiquantizer_hash, "multiquantizer_path": multiquantizer}
+    res.report["model_id"] = meta["model_id"]
+    res.report["cache"] = str(cache)
+    save_predictors(out, res, predictor, meta, bg, compute_scores=scores, progress=progress,
+                    max_module_configs=max_module_configs)
+    res.report["seconds"] = round(time.perf_counter() - t0, 2)
+    return res.report
+
+
+def evaluate_on_cache(predictor_path: str | Path, cache: str | Path, kinds: Optional[Sequence[str]] = None,
+                      device: Optional[str] = None) -> Dict[str, Any]:
+    """Score ``cache``'s configs with the saved members ``kinds`` (default all) and report the
+    correlations against the predictor's own target. Returns ``{"n_configs", "target", "predictors":
+    {kind: {spearman, kendall, ndcg@10, n}}, "predictions": {kind: [..]}, "y": [..], "hashes": [..]}``."""
+    man = read_manifest(predictor_path)
+    kinds = list(kinds or man["kinds"])
+    data = load_cache(cache)
+    first = load_predictor(predictor_path, kind=kinds[0], device=device)
+    ds = Dataset.from_records(data.records, first.table, first.target, source=str(cache), min_records=2)
+    out: Dict[str, Any] = {"cache": str(cache), "predictor": str(predictor_path), "n_configs": len(ds),
+                           "target": first.target.to_dict(), "predictors": {}, "predictions": {},
+                           "y": ds.y.tolist(), "hashes": ds.hashes}
+    for kind in kinds:
+        p = first if kind == kinds[0] else load_predictor(predictor_path, kind=kind, device=device)
+        pred = p.predict_codes(ds.codes)
+        out["predictors"][kind] = ranking_metrics(ds.y, pred)
+        out["predictions"][kind] = pred.tolist()
+    return out
