@@ -6,8 +6,12 @@ Blocks (``down_blocks.1``, ``transformer_blocks.3``, ...) are nested clusters. A
 blocks (the time embedding, the text input) is drawn once; inside each block it feeds, a small grey
 "from <node>" note beside each node it feeds stands for it (dashed edge), so hundreds of long edges do not tangle the drawing.
 
+The crossing-minimisation and network-simplex limits (``mclimit``, ``nslimit``, ``nslimit1``) keep the
+layout of an SDXL-size graph (1,611 nodes) at about 20 s instead of many minutes.
+
 No truncation: the SVG is drawn at full size (zoom in a browser); the PNG's resolution is chosen so
-that its longer side stays within ``max_png_pixels`` (cairo's limit is 32,767), never cropped. The
+that its longer side stays within ``max_png_pixels`` (cairo's limit is 32,767), never cropped: a taller
+drawing becomes side-by-side columns at full resolution. The
 layout runs once (``dot -Tdot``); SVG and PNG are rendered from the laid-out file without re-layout.
 """
 
@@ -74,8 +78,8 @@ def to_dot(
                 children[cl[i - 1] if i else ""].append(c)
     lines = [
         "digraph G {",
-        f"  graph [rankdir={rankdir}, compound=true, newrank=true, nodesep=0.12, ranksep=0.22, mclimit=0.5, fontname=Helvetica, "
-        f"fontsize=11, label={_q(title or graph.model_id or graph.model_class)}, labelloc=t, outputorder=edgesfirst];",
+        f"  graph [rankdir={rankdir}, compound=true, newrank=true, nodesep=0.12, ranksep=0.22, mclimit=0.1, "
+        f"nslimit=2, nslimit1=2, fontname=Helvetica, fontsize=11, label={_q(title or graph.model_id or graph.model_class)}, labelloc=t, outputorder=edgesfirst];",
         "  node [fontname=Helvetica, fontsize=9, height=0.22, margin=\"0.04,0.02\", style=filled, penwidth=0.6];",
         "  edge [arrowsize=0.45, penwidth=0.6, color=\"#555555\"];",
     ]
@@ -98,7 +102,11 @@ def to_dot(
 
     def proxy_label(a: str) -> str:
         d = g.nodes[a]
-        return a[len("input:"):] if a.startswith("input:") else _short(d["role"])
+        if a.startswith("input:"):
+            return a[len("input:"):]
+        if d["kind"] == "combine" and not d["scope"]:  # a top-level op: name it by what it combines
+            return f"{d['op']}(" + ", ".join(sorted(g.predecessors(a))) + ")"
+        return _short(d["role"])
 
     # the longest path (the residual stream, mostly): heavy edges keep it straight, so blocks stack
     # vertically instead of drifting sideways
@@ -186,6 +194,35 @@ def _bbox_points(laid_out: str) -> tuple:
     return (x1 - x0, y1 - y0)
 
 
+def _has_pil() -> bool:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _png_columns(exe: str, laid: Path, out: Path, w_pt: float, h_pt: float, dpi: float, max_px: int,
+                 timeout: float, tmp: Path) -> None:
+    """A drawing too tall for one PNG at ``dpi``: cut it into horizontal bands, placed side by side."""
+    from PIL import Image
+
+    z = dpi / 72.0
+    w_px, h_px = int(w_pt * z) + 1, int(h_pt * z) + 1
+    n = -(-h_px // max_px)
+    band_pt = h_pt / n
+    band_px = int(band_pt * z) + 1
+    sheet = Image.new("RGB", (w_px * n, band_px), "white")
+    for i in range(n):
+        cy = h_pt - (i + 0.5) * band_pt  # graphviz y grows upwards: band 0 is the top of the drawing
+        part = tmp / f"band{i}.png"
+        _run([exe, "-n2", "-Tpng", "-Gdpi=72", f"-Gviewport={w_px},{band_px},{z:.4f},{w_pt / 2:.2f},{cy:.2f}",
+              str(laid), "-o", str(part)], timeout)
+        with Image.open(part) as im:
+            sheet.paste(im.convert("RGB"), (i * w_px, 0))
+    sheet.save(out, optimize=True)
+
+
 def draw(
     graph: DenoiserGraph,
     out: str | os.PathLike | Iterable[str | os.PathLike],
@@ -198,8 +235,9 @@ def draw(
 ) -> Dict[str, object]:
     """Draw ``graph`` to each path of ``out`` (``.svg``, ``.png``, ``.pdf`` or ``.dot``); returns sizes.
 
-    The PNG is rendered at ``png_dpi`` unless its longer side would exceed ``max_png_pixels``, in which
-    case the dpi is lowered to fit (the whole graph is always drawn). Returns ``{"width_in", "height_in",
+    The PNG is rendered at ``png_dpi``; a drawing taller than ``max_png_pixels`` at that resolution is cut
+    into bands placed side by side (columns, read left to right), so the text stays readable and the
+    whole graph is drawn (without Pillow the dpi is lowered to fit instead). Returns ``{"width_in", "height_in",
     "png_dpi", "png_pixels", "files"}``.
     """
     outs = [Path(out)] if isinstance(out, (str, os.PathLike)) else [Path(o) for o in out]
@@ -228,6 +266,11 @@ def draw(
             tmp_out = Path(tmp) / f"out.{fmt}"
             if fmt == "dot":
                 tmp_out.write_text(dot_src)
+            elif fmt == "png" and dpi < png_dpi and _has_pil():
+                _png_columns(neato, laid, tmp_out, w_pt, h_pt, png_dpi, max_png_pixels, timeout, Path(tmp))
+                n_cols = -(-int(h_pt / 72.0 * png_dpi + 1) // max_png_pixels)
+                result["png_dpi"] = png_dpi
+                result["png_pixels"] = [int(w_pt / 72.0 * png_dpi + 1) * n_cols, int(h_pt / 72.0 * png_dpi / n_cols + 1)]
             else:
                 args = [neato, "-n2", f"-T{fmt}", str(laid), "-o", str(tmp_out)]
                 if fmt == "png":
