@@ -249,7 +249,7 @@ def load_digits_pipeline(kind: str, path: Union[str, Path, None] = None, device=
     """
     cls = {"dit": DigitsDiTPipeline, "unet": DigitsUNetPipeline}[kind]
     folder = Path(path) if path is not None else (DIT_DIR if kind == "dit" else UNET_DIR)
-    pipe = cls.from_pretrained(str(folder), torch_dtype=dtype or torch.float32, local_files_only=True)
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs(dtype or torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -258,7 +258,7 @@ def load_digits_pipeline(kind: str, path: Union[str, Path, None] = None, device=
 
 from ..errors import SensitivityError  # noqa: E402
 from .base import GenerationSettings, LayerRules, ModelFamily  # noqa: E402
-from .common import WEIGHTS_ATTR, first_line  # noqa: E402
+from .common import WEIGHTS_ATTR, dtype_kwargs, first_line  # noqa: E402
 from .registry import register_family  # noqa: E402
 
 SHIPPED = "shipped"
@@ -328,7 +328,7 @@ class DigitsFamily(ModelFamily):
     def pipeline_from_pretrained(self, source: str, dtype: torch.dtype):
         path = self._check_folder(source)
         try:
-            pipe = self.pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+            pipe = self.pipeline_cls.from_pretrained(str(path), local_files_only=True, **dtype_kwargs(dtype))
         except Exception as exc:  # noqa: BLE001 - any load failure is one line
             raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc
         pipe.__dict__[WEIGHTS_ATTR] = source
@@ -338,7 +338,7 @@ class DigitsFamily(ModelFamily):
         path = self._check_folder(source)
         cls = DiTTransformer2DModel if self.kind == "dit" else UNet2DModel
         try:
-            den = cls.from_pretrained(str(path), subfolder=self.denoiser_attr, torch_dtype=dtype,
+            den = cls.from_pretrained(str(path), subfolder=self.denoiser_attr, **dtype_kwargs(dtype),
                                       local_files_only=True)
         except Exception as exc:  # noqa: BLE001
             raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}") from exc

@@ -1,0 +1,325 @@
+"""``sensitivity demo``: the whole pipeline on the embedded digits model, offline, on a laptop.
+
+Steps (each prints what it does and the command a user would run for it):
+
+1. multiquantizer of ``digits-dit`` (six options per layer);
+2. a few configs evaluated for real: full precision, all ``uaq-4``, all ``kmeans_a-3``, one random
+   mixed config (``results.json``, a PNG grid per config in ``images/``);
+3. the evaluation job: random configs into a crash-safe cache (resumable: rerun the same command);
+4. a predictor trained with k-fold cross-validation next to its baselines (``predictor/report.md``);
+5. search at each target (3.4 / 3.6 / 3.8 / 4.0 bits), each searched config evaluated for real next to
+   the best random cache config at the same or fewer bits, the best uniform config and the
+   per-layer-error ILP (MixDQ / HAWQ style) at the same target;
+6. insight tables and figures (``insights/``) and the summary table (``summary.md``, ``summary.json``).
+
+``--quick`` runs a smaller job (fewer configs and images) to see every step in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+DIGITS_MODELS = ("digits-dit", "digits-unet")
+FULL = dict(num_configs=200, images_per_class=10, folds=5)
+QUICK = dict(num_configs=40, images_per_class=5, folds=3)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline on the embedded digits model (offline)",
+        description=__doc__.split("\n\n")[0] + " Writes everything under --out; rerunning resumes.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--model", default="digits-dit", choices=DIGITS_MODELS, help="embedded model (default digits-dit)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"small run: {QUICK['num_configs']} configs x {10 * QUICK['images_per_class']} images "
+                        f"(default {FULL['num_configs']} x {10 * FULL['images_per_class']})")
+    p.add_argument("--num-configs", type=int, default=None, help="random configs of the evaluation job")
+    p.add_argument("--images-per-class", type=int, default=None, help="images per digit class in every evaluation")
+    p.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="average-bit targets of the search (comma list)")
+    p.add_argument("--predictor", default="gnn", help="predictor kind to train and search with (default gnn)")
+    p.add_argument("--metric", default="psnr",
+                   help="quality metric the predictor learns and the search optimises (default psnr: on the digits "
+                        "models FID differences between 3/4-bit configs are within its sampling noise; see README)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the predictor")
+    p.add_argument("--workers", type=int, default=None, help="evaluation worker processes (default: min(2, cores))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random configs and of training (default 0)")
+    p.set_defaults(func=run)
+
+
+def _step(i: int, n: int, text: str, command: Optional[str] = None) -> None:
+    print(f"\n[{i}/{n}] {text}", flush=True)
+    if command:
+        print(f"      $ {command}", flush=True)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def save_grid(images, path: Path, columns: int) -> Path:
+    """Write uint8 images ``[N, H, W, C]`` as one PNG grid (``columns`` per row, 4x upscaled)."""
+    import numpy as np
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    pad = 1
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    tmp = path.with_name(path.name + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    try:
+        return f"{float(v):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
+    """A Markdown table of ``rows`` (``cols`` in order)."""
+    head = "| " + " | ".join(cols) + " |"
+    sep = "|" + "|".join("---" if c in ("config", "method") else "---:" for c in cols) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c)) if not isinstance(r.get(c), str) else r[c] for c in cols) + " |"
+            for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import cli
+    from ..errors import SensitivityError
+
+    t_start = time.perf_counter()
+    preset = QUICK if args.quick else FULL
+    n_cfg = args.num_configs if args.num_configs is not None else preset["num_configs"]
+    per_class = args.images_per_class if args.images_per_class is not None else preset["images_per_class"]
+    folds = args.folds if args.folds is not None else preset["folds"]
+    workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    try:
+        targets = [float(t) for t in str(args.targets).split(",") if t.strip()]
+    except ValueError:
+        raise SensitivityError(f"--targets {args.targets!r}: expected a comma list of numbers, e.g. 3.4,3.8") from None
+    if not targets:
+        raise SensitivityError("--targets: give at least one target")
+    if n_cfg < max(10, folds):
+        raise SensitivityError(f"--num-configs {n_cfg}: the predictor needs at least {max(10, folds)} configs")
+    if per_class < 2:
+        raise SensitivityError(f"--images-per-class {per_class}: needs at least 2")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    mq_path = out / "multiquantizer.safetensors"
+    cache_path = out / "cache.sqlite"
+    pred_dir = out / "predictor"
+    N = 6
+    model, weights = args.model, "shipped"
+
+    # 1. multiquantizer ------------------------------------------------------------------------
+    cmd = ["multiquantize", model, "--weights", weights, "--out", str(mq_path)]
+    _step(1, N, f"multiquantizer of {model}: 6 options per layer", "sensitivity " + " ".join(cmd))
+    if cli.main(cmd) != 0:
+        raise SensitivityError("demo: the multiquantizer build failed (see above)")
+
+    from ..evaluation.evaluator import EvalProtocol, Evaluator
+    from ..evaluation.sampler import sample_config
+    from ..multiquantizer import load_multiquantizer
+    from ..zoo import get_family
+
+    fam = get_family(model)
+    mq = load_multiquantizer(mq_path)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    pipe = fam.load_pipeline(weights)
+    protocol = EvalProtocol.for_family(fam, weights, n_per_class=per_class, multiquantizer_hash=mq.hash,
+                                       dtype="float32")
+    ev = Evaluator(fam, pipe, mq, protocol)
+    layers = mq.layer_names
+
+    def measure(config: Optional[Dict[str, str]], name: str, grid: bool = False) -> Dict[str, Any]:
+        r = ev.evaluate(config, return_images=grid)
+        if grid:
+            save_grid(r.pop("images"), out / "images" / f"{name}.png", columns=per_class)
+        r.pop("timings", None)
+        r["avg_bits"] = mq.avg_bits(config or {})
+        return r
+
+    # 2. a few configs for real ------------------------------------------------------------------
+    _step(2, N, f"evaluate a few configs ({protocol.num_images} images each, {protocol.steps} steps, "
+                f"guidance {protocol.guidance:g})",
+          f"sensitivity evaluate {model} --multiquantizer {mq_path} --config CONFIG.json --images-per-class {per_class}")
+    few = {"fp16": None, "uaq-4": {n: "uaq-4" for n in layers}, "kmeans_a-3": {n: "kmeans_a-3" for n in layers},
+           f"random-{args.seed}-0": sample_config(layers, args.seed, 0)}
+    results = []
+    for name, cfg in few.items():
+        r = measure(cfg, name, grid=True)
+        results.append({"config": name, **{k: r.get(k) for k in ("avg_bits", "fid", "kid", "accuracy", "psnr")}})
+    _atomic_json(out / "results.json", results)
+    print(_table(results, ["config", "avg_bits", "fid", "kid", "accuracy", "psnr"]))
+    print(f"      wrote {out / 'results.json'} and {len(results)} grids in {out / 'images'}")
+
+    # 3. evaluation job ----------------------------------------------------------------------------
+    cmd = ["sample", model, "--weights", weights, "--multiquantizer", str(mq_path), "--cache", str(cache_path),
+           "--num-configs", str(n_cfg), "--seed", str(args.seed), "--images-per-class", str(per_class),
+           "--workers", str(workers)]
+    _step(3, N, f"evaluation job: {n_cfg} random configs into a resumable cache", "sensitivity " + " ".join(cmd))
+    if cli.main(cmd) != 0:
+        raise SensitivityError("demo: the evaluation job failed (see above); rerun to resume")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # the job's in-process worker may have changed it
+
+    # 4. predictor ---------------------------------------------------------------------------------
+    from ..evaluation.cache import ConfigCache
+    from ..predictors import load_predictor, train
+
+    with ConfigCache(cache_path) as c:
+        records = c.records()
+    _step(4, N, f"train the {args.predictor} predictor (target {args.metric}) and baselines, {folds}-fold CV",
+          f"sensitivity train {cache_path} --model {model} --predictor {args.predictor} --metric {args.metric} "
+          f"--folds {folds} --seed {args.seed} --out {pred_dir}")
+    stamp = {"configs": len(records), "predictor": args.predictor, "metric": args.metric, "folds": folds,
+             "seed": args.seed}
+    stamp_path = pred_dir / "demo_trained_on.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        print(f"      {pred_dir} is already trained on these {len(records)} configs; reusing it")
+        report = json.loads((pred_dir / "report.json").read_text())
+    else:
+        report = train(cache_path, pred_dir, model=model, predictor=args.predictor, folds=folds, seed=args.seed,
+                       metric=args.metric, multiquantizer=str(mq_path))
+        _atomic_json(stamp_path, stamp)
+    print(f"      report: {pred_dir / 'report.md'}")
+    _print_cv(report)
+    predictor = load_predictor(pred_dir)
+
+    # 5. search, baselines, real evaluation ----------------------------------------------------------
+    from ..search import (LOWER_IS_BETTER, InfeasibleTargetError, cache_best, error_ilp, min_avg_bits, search,
+                          size_table, uniform_baselines)
+
+    sizes = size_table(mq)
+    lower = args.metric.lower() in LOWER_IS_BETTER
+    sign = -1.0 if lower else 1.0
+    _step(5, N, f"search at {', '.join(f'{t:g}' for t in targets)} bits; every config evaluated for real",
+          f"sensitivity search --predictor {pred_dir} --target-bits B --out {out / 'search'}/search-B.json")
+    (out / "search").mkdir(exist_ok=True)
+    measured: Dict[str, Dict[str, Any]] = {}
+
+    def measured_of(options: Dict[str, str], label: str) -> Dict[str, Any]:
+        key = json.dumps(sorted(options.items()))
+        if key not in measured:
+            measured[key] = measure(options, label)
+        return measured[key]
+
+    uniforms = uniform_baselines(sizes)
+    for u in uniforms:
+        u.predicted = float(predictor.predict([u.options])[0])
+    rows: List[Dict[str, Any]] = []
+    pareto_points: List[Dict[str, Any]] = []
+    floor = min_avg_bits(sizes)
+    metric_keys = ("fid", "kid", "accuracy", "psnr")
+    for t in targets:
+        if t < floor:
+            print(f"      target {t:g}: below the smallest possible {floor:.4f} avg bits; skipped")
+            continue
+        res = search(predictor, mq, t, sizes=sizes)
+        cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, predictor=str(pred_dir))
+        cfg.save(out / "search" / f"search-{t:.2f}.json")
+        m = measured_of(res.options, f"search@{t:g}")
+        row = {"target": t, "method": "search", "avg_bits": res.avg_bits,
+               f"predicted_{args.metric}": sign * res.predicted, **{k: m.get(k) for k in metric_keys}}
+        rows.append(row)
+        pareto_points.append({"source": "search", "label": f"search@{t:g}", "avg_bits": res.avg_bits,
+                              "predicted": res.predicted, **{k: m.get(k) for k in metric_keys}})
+        try:  # the best random config of the cache at the same or fewer bits (its own measurement)
+            best = cache_best(records, sizes, t, metric=args.metric)
+            rec = next(r for r in records if r.get("config_hash") == best.details.get("config_hash"))
+            rows.append({"target": t, "method": f"best of {best.details['candidates']} random", "avg_bits": best.avg_bits,
+                         f"predicted_{args.metric}": sign * float(predictor.predict([best.options])[0]),
+                         **{k: (rec.get("metrics") or {}).get(k) for k in metric_keys}})
+        except InfeasibleTargetError:
+            rows.append({"target": t, "method": "best random (none at these bits)"})
+        ok = [u for u in uniforms if u.avg_bits <= t + 1e-9]
+        if ok:
+            ums = [(u, measured_of(u.options, u.method)) for u in ok]
+            u, um = max(ums, key=lambda x: sign * float(x[1][args.metric]))
+            rows.append({"target": t, "method": f"best uniform ({u.method.replace('uniform-', '')})",
+                         "avg_bits": u.avg_bits, f"predicted_{args.metric}": sign * u.predicted,
+                         **{k: um.get(k) for k in metric_keys}})
+        ilp = error_ilp(sizes, t)
+        im = measured_of(ilp.options, f"error-ilp@{t:g}")
+        rows.append({"target": t, "method": "error ILP", "avg_bits": ilp.avg_bits,
+                     f"predicted_{args.metric}": sign * float(predictor.predict([ilp.options])[0]),
+                     **{k: im.get(k) for k in metric_keys}})
+        pareto_points.append({"source": "error-ilp", "label": f"ilp@{t:g}", "avg_bits": ilp.avg_bits,
+                              **{k: im.get(k) for k in metric_keys}})
+        print(f"      target {t:g}: searched {res.avg_bits:.3f} bits, {args.metric} {_fmt(m.get(args.metric))} "
+              f"(predicted {_fmt(sign * res.predicted)}), FID {_fmt(m.get('fid'))}", flush=True)
+    for u in uniforms:
+        um = measured.get(json.dumps(sorted(u.options.items())))
+        if um is not None:
+            pareto_points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
+                                  "predicted": u.predicted, **{k: um.get(k) for k in metric_keys}})
+
+    # 6. insights and summary -------------------------------------------------------------------------
+    from .. import insights as I
+
+    _step(6, N, "insights: scores per block and op type, option mix of the searched configs, Pareto plots",
+          f"sensitivity insights --predictor {pred_dir} --config {out / 'search'}/search-B.json --cache {cache_path} "
+          f"--out {out / 'insights'}")
+    from ..config import QuantConfig
+
+    configs = {p.stem: QuantConfig.load(p) for p in sorted((out / "search").glob("search-*.json"))}
+    written = I.write_insights(out / "insights", layer_scores=predictor.layer_scores(mq), configs=configs,
+                               sizes=sizes, records=records, results=pareto_points, metric=args.metric)
+    for extra in ("fid",) if args.metric != "fid" else ():
+        pt = I.pareto_table(records, pareto_points, metric=extra, sizes=sizes)
+        fig = I.pareto_plot(pt, y=extra, title=f"{model}: measured {extra} vs average bits")
+        from .search import _write_fig
+
+        written.append(_write_fig(fig, out / "insights" / f"pareto_{extra}.png"))
+    cols = ["target", "method", "avg_bits", f"predicted_{args.metric}", args.metric] + \
+        [k for k in metric_keys if k != args.metric]
+    table = _table(rows, cols)
+    seconds = time.perf_counter() - t_start
+    summary = {"model": model, "weights": weights, "seed": args.seed, "quick": bool(args.quick),
+               "num_configs": n_cfg, "images_per_config": protocol.num_images, "steps": protocol.steps,
+               "guidance": protocol.guidance, "predictor": args.predictor, "metric": args.metric, "folds": folds,
+               "targets": targets, "few_configs": results, "rows": rows, "seconds": round(seconds, 1),
+               "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir)}
+    _atomic_json(out / "summary.json", summary)
+    md = (f"# sensitivity demo on {model}\n\n{n_cfg} random configs x {protocol.num_images} images, "
+          f"predictor {args.predictor} on {args.metric} ({folds}-fold CV), seed {args.seed}, "
+          f"{seconds / 60:.1f} min.\n\n## A few configs\n\n"
+          + _table(results, ["config", "avg_bits", "fid", "kid", "accuracy", "psnr"])
+          + "\n\n## Search vs baselines (measured)\n\n" + table + "\n")
+    (out / "summary.md").write_text(md)
+    print("\n" + table)
+    print(f"\ndemo finished in {seconds / 60:.1f} min: {out / 'summary.md'}, {out / 'results.json'}, "
+          f"{out / 'images'}/, {cache_path}, {pred_dir}/, {out / 'search'}/, {out / 'insights'}/ ({len(written)} files)")
+    return 0
+
+
+def _print_cv(report: Dict[str, Any]) -> None:
+    """One line per predictor: mean held-out Kendall tau / Spearman / NDCG@10 (as in report.md)."""
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None or v != v else format(float(v), fmt)
+
+    for name, r in (report.get("predictors") or {}).items():
+        mean = r.get("mean") if isinstance(r, dict) else None
+        if isinstance(mean, dict):
+            print(f"      {name:10s} kendall {num(mean.get('kendall'), '+.3f')}  spearman {num(mean.get('spearman'), '+.3f')}"
+                  f"  ndcg@10 {num(mean.get('ndcg@10'), '.3f')}")

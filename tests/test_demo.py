@@ -1,0 +1,55 @@
+"""`sensitivity demo`: the whole pipeline on digits-dit at a tiny size, its outputs, and its resume."""
+
+import json
+
+import pytest
+
+from sensitivity.cli import main
+
+TINY = ["--num-configs", "10", "--images-per-class", "2", "--targets", "3.5,4.0", "--predictor", "additive",
+        "--folds", "2", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--out", str(out)] + TINY) == 0
+    return out
+
+
+def test_demo_outputs(demo):
+    results = json.loads((demo / "results.json").read_text())
+    assert [r["config"] for r in results][:3] == ["fp16", "uaq-4", "kmeans_a-3"] and len(results) == 4
+    for r in results:
+        assert set(r) == {"config", "avg_bits", "fid", "kid", "accuracy", "psnr"}
+        assert (demo / "images" / f"{r['config']}.png").stat().st_size > 0
+    fp, u4, a3 = results[:3]
+    assert fp["avg_bits"] == 16.0 and fp["psnr"] > u4["psnr"] > a3["psnr"]
+    assert a3["avg_bits"] < u4["avg_bits"] < 16.0
+    s = json.loads((demo / "summary.json").read_text())
+    assert s["seed"] == 0 and s["num_configs"] == 10 and s["images_per_config"] == 20
+    searched = [r for r in s["rows"] if r["method"] == "search"]
+    assert [r["target"] for r in searched] == [3.5, 4.0]
+    for r in searched:
+        assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0
+    assert any(r["method"] == "error ILP" for r in s["rows"])
+    assert (demo / "summary.md").read_text().startswith("# sensitivity demo on digits-dit")
+    for name in ("search-3.50.json", "search-4.00.json"):
+        cfg = json.loads((demo / "search" / name).read_text())
+        assert len(cfg["options"]) == 46
+    assert (demo / "insights" / "pareto_psnr.png").is_file() and (demo / "insights" / "pareto_fid.png").is_file()
+    assert (demo / "predictor" / "report.json").is_file()
+
+
+def test_demo_rerun_resumes(demo, capsys):
+    before = (demo / "cache.sqlite").stat().st_size
+    assert main(["demo", "--out", str(demo)] + TINY) == 0
+    out = capsys.readouterr().out
+    assert "0 evaluated now" in out and "reusing it" in out
+    assert (demo / "cache.sqlite").stat().st_size == before
+
+
+def test_demo_bad_input(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "x"), "--targets", "3.5,abc"]) == 2
+    assert "--targets" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
