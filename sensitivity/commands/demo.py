@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 DIGITS_MODELS = ("digits-dit", "digits-unet")
-FULL = dict(num_configs=200, images_per_class=10, folds=5)
+FULL = dict(num_configs=120, images_per_class=10, folds=5)
 QUICK = dict(num_configs=40, images_per_class=5, folds=3)
 
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     with ConfigCache(cache_path) as c:
         records = c.records()
     _step(4, N, f"train the {args.predictor} predictor (target {args.metric}) and baselines, {folds}-fold CV",
-          f"sensitivity train {cache_path} --model {model} --predictor {args.predictor} --metric {args.metric} "
+          f"sensitivity train {cache_path} --model {model} --predictor {args.predictor} --target {args.metric} "
           f"--folds {folds} --seed {args.seed} --out {pred_dir}")
     stamp = {"configs": len(records), "predictor": args.predictor, "metric": args.metric, "folds": folds,
              "seed": args.seed}
