@@ -310,9 +310,12 @@ class Multiquantizer:
         return QuantizedWeight(opt, self._entry(layer).spec.shape, dtype, codes, params, s["error"], s["sse"])
 
     def dequantize(
-        self, layer: str, option: str, device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32
+        self, layer: str, option: str, device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """The dequantized weight of ``layer`` under ``option``, shaped like the layer's weight."""
+        """The dequantized weight of ``layer`` under ``option``, shaped like the layer's weight.
+
+        ``out``: a contiguous float32 CPU tensor of the layer's shape to write into (no temporaries)."""
         opt = self._check_option(layer, option)
         if opt == FP16:
             raise ConfigError(f"layer {layer!r}: 'fp16' has no quantized weight; use restore()")
@@ -321,8 +324,16 @@ class Multiquantizer:
         method, bits = QuantOption.parse(opt).method, QuantOption.parse(opt).bits
         dev = torch.device(device) if device is not None else codes.device
         table = get_quantizer(method).table({k: v.to(dev) for k, v in params.items()}, bits)
+        if (out is not None and dev.type == "cpu" and out.device.type == "cpu" and out.dtype == torch.float32
+                and out.is_contiguous() and tuple(out.shape) == tuple(spec.shape)):
+            lookup(table, codes, out=out.view(codes.shape))
+            return out
         values = lookup(table, codes.to(dev, non_blocking=True))
-        return values.reshape(spec.shape).to(dtype)
+        values = values.reshape(spec.shape).to(dtype)
+        if out is not None:
+            out.copy_(values)
+            return out
+        return values
 
     def preload(self, options: Optional[Iterable[str]] = None, progress: bool = False) -> None:
         """Read and unpack the codes of ``options`` (default all) for every layer now, not lazily."""
@@ -590,6 +601,11 @@ def apply(module: nn.Module, mq: Multiquantizer, config: QuantConfig | Mapping[s
         if want == FP16:
             for p, w in zip(paths, weights):
                 w.data[sl] = state["fp"][p][sl]
+        elif spec.in_slice is None and weights[0].is_contiguous():
+            first = mq.dequantize(spec.name, want, device=weights[0].device, dtype=weights[0].dtype,
+                                  out=weights[0].data)
+            for w in weights[1:]:
+                w.data.copy_(first)
         else:
             value = mq.dequantize(spec.name, want, device=weights[0].device, dtype=weights[0].dtype)
             for w in weights:

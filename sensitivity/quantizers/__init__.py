@@ -53,11 +53,27 @@ def get_quantizer(method: str) -> Quantizer:
         raise UnknownOptionError(f"no quantizer registered for method {method!r}; known: {sorted(QUANTIZERS)}")
 
 
-def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Dequantize: ``table`` float ``[R or 1, L]``, ``codes`` uint8 ``[R, K]`` -> ``[R, K]`` values."""
-    if table.shape[0] == 1:
-        return table[0][codes.long()]
-    return torch.gather(table, 1, codes.long())
+def lookup(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize: ``table`` float ``[R or 1, L]``, ``codes`` uint8 ``[R, K]`` -> ``[R, K]`` values.
+
+    ``out``: optional float32 ``[R, K]`` CPU tensor to write into (no temporaries). On CPU with uint8
+    codes a compiled per-row gather is used: for SD1.5's 859M weights it writes float32 values in
+    about one pass over memory, where ``torch.gather`` first widens the codes to int64 (8 bytes each)
+    and then casts and copies the result (see benchmarks/bench_multiquantizer.py).
+    """
+    if codes.device.type == "cpu" and codes.dtype == torch.uint8 and table.device.type == "cpu" and codes.dim() == 2:
+        from .packing import gather_rows
+
+        if out is None:
+            out = torch.empty(codes.shape, dtype=torch.float32)
+        if out.dtype == torch.float32 and out.is_contiguous() and tuple(out.shape) == tuple(codes.shape):
+            gather_rows(table.to(torch.float32).contiguous().numpy(), codes.contiguous().numpy(), out.numpy())
+            return out
+    values = table[0][codes.long()] if table.shape[0] == 1 else torch.gather(table, 1, codes.long())
+    if out is not None:
+        out.copy_(values)
+        return out
+    return values
 
 
 @dataclass

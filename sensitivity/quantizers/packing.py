@@ -124,3 +124,26 @@ def unpack_codes(packed, bits: int, n: int):
         _unpack_groups(tail, bits, last.view(_WORD))
         out[full:] = last[: n - full]
     return _back(out, device)
+
+
+@njit(parallel=True, cache=True)
+def _gather_rows(table, codes, out):  # pragma: no cover - compiled
+    shared = table.shape[0] == 1
+    for r in prange(codes.shape[0]):
+        t = table[0] if shared else table[r]
+        for k in range(codes.shape[1]):
+            out[r, k] = t[codes[r, k]]
+
+
+def gather_rows(table: np.ndarray, codes: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[r, k] = table[r or 0, codes[r, k]]``: float32 ``table [R or 1, L]``, uint8 ``codes [R, K]``,
+    float32 ``out [R, K]`` (written in place, rows in parallel; torch's thread count is kept)."""
+    if table.shape[0] not in (1, codes.shape[0]) or out.shape != codes.shape:
+        raise ValueError(f"gather_rows: table {table.shape}, codes {codes.shape}, out {out.shape} do not fit")
+    threads = torch.get_num_threads()
+    try:
+        _gather_rows(table, codes, out)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return out
