@@ -153,6 +153,12 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
+# Worker processes get this environment unless the user set it. OpenMP threads that spin-wait after each
+# parallel region (GNU OpenMP's default) make K worker processes on K cores fight for them: on 2 cores,
+# 2 digits-dit workers ran at 862 configs/hour spinning, 3,329 configs/hour passive (16 configs, 100 images).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere: signal 0)."""
     try:
@@ -367,7 +373,13 @@ class LocalRunner(Runner):
         parent, child = self._ctx.Pipe()
         p = self._ctx.Process(target=_process_worker, args=(child, self.factory, self.threads, os.getpid()), daemon=True,
                               name=f"sensitivity-eval-{w}")
-        p.start()
+        added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+        os.environ.update(added)  # inherited by the spawned process
+        try:
+            p.start()
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
         child.close()
         self._procs[w], self._conns[w] = p, parent
         self._inflight[w] = []
