@@ -40,6 +40,7 @@ import json
 import math
 import os
 import pickle
+import random
 import socket
 import sqlite3
 import time
@@ -55,6 +56,14 @@ REFERENCE_METRIC = "FID-GT-1k"
 _REF_METHOD = {v: k for k, v in METHOD_ALIASES.items()}  # uaq -> mse, kmeans_c -> kmeans, kmeans_a -> kmeans_all
 RECORD_FIELDS = ("run_id", "index", "config_hash", "config", "avg_bits", "quantized_bytes", "summed_error",
                  "metrics", "signature", "timings", "host", "created_at")
+
+_BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's lock
+
+
+def _is_busy(exc: BaseException) -> bool:
+    msg = str(exc)
+    return "locked" in msg or "busy" in msg
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -235,31 +244,24 @@ class ConfigCache:
             self._check_header(create)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+        # Two processes opening a new file at once can deadlock on the switch to WAL; SQLite then
+        # answers "database is locked" at once, without waiting. Opening is idempotent: retry it.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            self._con = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                self._open(create, existed, check)
+                break
+            except sqlite3.DatabaseError as exc:
+                self._con.close()
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    with self._errors():
+                        raise
+                time.sleep(random.uniform(0.005, 0.05))
+            except BaseException:
+                self._con.close()
+                raise
         try:
-            with self._errors():
-                self._con.execute("PRAGMA busy_timeout=60000")
-                if not create:
-                    self._check_format(check)
-                mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise SensitivityError(f"{self.path}: cannot switch the cache to WAL mode (got {mode})")
-                self._con.execute("PRAGMA synchronous=FULL")
-                self._con.execute("PRAGMA foreign_keys=ON")
-                if create:
-                    # another process may be creating the same file right now: create-if-missing under the lock
-                    with self._write() as cur:
-                        tables = {r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                        if "meta" not in tables:
-                            if tables:
-                                raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache "
-                                                       f"(it has tables {', '.join(sorted(tables)[:3])})")
-                            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                                cur.execute(stmt)
-                            cur.execute("INSERT INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
-                            cur.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
-                    if existed:
-                        self._check_format(check)
             if signature is not None:
                 self.ensure_signature(signature, evaluation)
         except BaseException:
@@ -267,6 +269,37 @@ class ConfigCache:
             raise
 
     # ---- plumbing --------------------------------------------------------------------------------
+    def _open(self, create: bool, existed: bool, check: bool) -> None:
+        """Set up the fresh connection ``self._con``; raises sqlite3 errors as they come (see __init__)."""
+        self._con.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+        if not create:
+            self._check_format(check)
+        mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SensitivityError(f"{self.path}: cannot switch the cache to WAL mode (got {mode})")
+        self._con.execute("PRAGMA synchronous=FULL")
+        self._con.execute("PRAGMA foreign_keys=ON")
+        if create:
+            # another process may be creating the same file right now: create-if-missing under the lock
+            cur = self._con.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                tables = {r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" not in tables:
+                    if tables:
+                        raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache "
+                                               f"(it has tables {', '.join(sorted(tables)[:3])})")
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        cur.execute(stmt)
+                    cur.execute("INSERT INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
+                    cur.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+            if existed:
+                self._check_format(check)
+
     def _check_header(self, create: bool) -> None:
         try:
             with open(self.path, "rb") as fh:
@@ -298,8 +331,9 @@ class ConfigCache:
             yield
         except sqlite3.DatabaseError as exc:
             msg = str(exc)
-            if "locked" in msg or "busy" in msg:
-                raise SensitivityError(f"{self.path}: the cache stayed locked by another process for 60 s ({msg})") from None
+            if _is_busy(exc):
+                raise SensitivityError(f"{self.path}: the cache stayed locked by another process for "
+                                       f"{_BUSY_TIMEOUT_S:.0f} s ({msg})") from None
             if any(k in msg for k in ("disk is full", "disk I/O", "readonly", "unable to open", "out of memory")):
                 raise SensitivityError(f"{self.path}: cannot write the cache ({msg}); nothing was lost, rerun "
                                        "when it is fixed") from None
