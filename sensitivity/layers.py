@@ -16,8 +16,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

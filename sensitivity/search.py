@@ -381,7 +381,6 @@ def _lp_gain_without_own(inc_g: np.ndarray, dr: np.ndarray, dv: np.ndarray, budg
     """
     budgets = np.asarray(budgets, dtype=np.float64)
     n = dr.size
-    K = budgets.shape[1]
     if n == 0:
         return np.where(budgets >= 0, 0.0, -np.inf)
     cum_r = np.concatenate([[0.0], np.cumsum(dr)])

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from multiprocessing.connection import wait as mp_wait
 from queue import Empty, Queue
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 from tqdm.auto import tqdm
 

@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import networkx as nx
-import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from ..errors import SensitivityError

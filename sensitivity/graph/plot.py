@@ -17,7 +17,6 @@ layout runs once (``dot -Tdot``); SVG and PNG are rendered from the laid-out fil
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil

@@ -17,8 +17,8 @@ stored fp16 params, so the error reported is the error of exactly what is stored
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Protocol, Tuple
+from dataclasses import dataclass
+from typing import Dict, Protocol, Tuple
 
 import torch
 
