@@ -174,3 +174,31 @@ def test_predict_rejects_another_models_cache(caches, tmp_path, capsys):
     assert main(["predict", "--predictor", str(out), "--cache", str(foreign)]) == 2
     err = capsys.readouterr().err
     assert "not a layer of this predictor's model" in err
+
+
+def test_training_does_not_depend_on_the_caches_row_order(caches, tmp_path):
+    # parallel workers write records in the order they finish: the same records must train the same way
+    from sensitivity.evaluation.cache import ConfigCache
+
+    train, _ = caches
+    with ConfigCache(train) as src:
+        recs, sig, ev, stats = src.records(), src.signature, src.evaluation, src.layer_stats
+    with ConfigCache(tmp_path / "reversed.sqlite", signature=sig, evaluation=ev, create=True) as rev:
+        rev.set_layer_stats(stats)
+        for r in reversed(recs):
+            rev.add({k: r[k] for k in ("config", "avg_bits", "summed_error", "quantized_bytes", "metrics")})
+    reports = []
+    for k, cache in enumerate((train, tmp_path / "reversed.sqlite")):
+        out = tmp_path / f"pred{k}"
+        assert main(["train", str(cache), "--model", "digits-dit", "--weights", "tiny", "--predictor", "additive",
+                     "--baselines", "bits", "--folds", "3", "--seed", "0", "--no-scores", "--out", str(out)]) == 0
+        reports.append(_without_timings(json.loads((out / "report.json").read_text())["predictors"]))
+    assert reports[0] == reports[1]
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if "seconds" not in k}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj

@@ -304,8 +304,21 @@ class CacheData:
         return self.evaluation.get("multiquantizer_hash")
 
 
+def canonical_order(records: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Records sorted by (run, sampler index, config hash): the order parallel workers finished in
+    (the cache's row order) must not change folds or training, or one cache would train two ways."""
+    def key(r: Mapping[str, Any]):
+        idx = r.get("index")
+        return (r.get("run_id") is None, str(r.get("run_id") or ""), idx is None, int(idx) if idx is not None else 0,
+                str(r.get("config_hash") or ""))
+
+    return sorted((dict(r) for r in records), key=key)
+
+
 def load_cache(path: str | Path) -> CacheData:
-    """Read a cache: the SQLite file of ``sensitivity evaluate`` or a ``.parquet``/``.csv`` export."""
+    """Read a cache: the SQLite file of ``sensitivity evaluate`` or a ``.parquet``/``.csv`` export.
+
+    Records come in :func:`canonical_order`, whatever order the evaluation job wrote them in."""
     p = Path(path)
     if not p.exists():
         raise SensitivityError(f"cache {str(p)!r} does not exist")
@@ -313,10 +326,10 @@ def load_cache(path: str | Path) -> CacheData:
 
     if p.suffix.lower() in (".parquet", ".pq", ".csv", ".pkl", ".pickle"):
         sig, evaluation, recs, stats = read_records_file(p)
-        return CacheData(list(recs), dict(evaluation or {}), dict(stats or {}), str(p), sig)
+        return CacheData(canonical_order(recs), dict(evaluation or {}), dict(stats or {}), str(p), sig)
     cache = ConfigCache(p)
     try:
-        return CacheData(cache.records(), dict(cache.evaluation or {}), dict(cache.layer_stats or {}), str(p),
+        return CacheData(canonical_order(cache.records()), dict(cache.evaluation or {}), dict(cache.layer_stats or {}), str(p),
                          cache.signature)
     finally:
         cache.close()
