@@ -94,7 +94,7 @@ def train_classifier(args) -> int:
                                       stratify=labels)
     x_tr, y_tr = to_input(images[idx_tr]), torch.as_tensor(labels[idx_tr])
     x_te, y_te = to_input(images[idx_te]), torch.as_tensor(labels[idx_te])
-    model = DigitsClassifier()
+    model = DigitsClassifier(width=args.width, feature_dim=args.feature_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 2e-3, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
     total = args.epochs * steps_per_epoch
@@ -107,9 +107,11 @@ def train_classifier(args) -> int:
         for s in range(0, len(x_tr), args.batch_size):
             b = perm[s:s + args.batch_size]
             x = random_shift(x_tr[b], gen, prob=0.5)
-            # robustness to generated images: intensity jitter and a little pixel noise
-            x = (x * (0.8 + 0.4 * torch.rand(len(b), 1, 1, 1, generator=gen))
-                 + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+            if args.intensity_jitter > 0:
+                x = x * (1 - args.intensity_jitter / 2 + args.intensity_jitter * torch.rand(len(b), 1, 1, 1, generator=gen))
+            if args.noise_std > 0:
+                x = x + args.noise_std * torch.randn(x.shape, generator=gen)
+            x = x.clamp(0, 1)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, args.lr or 2e-3, warmup=steps_per_epoch, floor=0.02)
             loss = F.cross_entropy(model(x), y_tr[b], label_smoothing=0.05)
@@ -124,7 +126,8 @@ def train_classifier(args) -> int:
         acc_tr = (model(x_tr).argmax(1) == y_tr).float().mean().item()
     seconds = time.time() - t0
     out = Path(args.out) if args.out else CLASSIFIER_PATH
-    meta = {"seed": args.seed, "epochs": args.epochs, "test_accuracy": round(acc_te, 4),
+    meta = {"seed": args.seed, "epochs": args.epochs, "noise_std": args.noise_std,
+            "intensity_jitter": args.intensity_jitter, "test_accuracy": round(acc_te, 4),
             "train_accuracy": round(acc_tr, 4), "train_seconds": round(seconds, 1), "env": env_info(),
             "split": "sklearn train_test_split(test_size=0.2, stratify, random_state=seed)"}
     save_classifier(model, out, meta)
@@ -254,7 +257,7 @@ def evaluate_saved(kind: str, out: Path, quantized: bool = True) -> int:
     """
     pipe = D.load_digits_pipeline(kind, out)
     metrics = {}
-    for g in (1.0, D.DEFAULT_GUIDANCE):
+    for g in sorted({1.0, 2.0, D.DEFAULT_GUIDANCE}):
         m = evaluate_pipeline(pipe, guidance=g)
         metrics[f"guidance_{g:g}"] = m
         print(f"digits-{kind} (saved, guidance {g:g}): accuracy {m['accuracy']:.4f}, FID {m['fid']:.3f}, "
@@ -310,6 +313,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="diffusion: optimizer steps")
     p.add_argument("--epochs", type=int, default=60, help="classifier: epochs")
+    p.add_argument("--noise-std", type=float, default=0.05, help="classifier: pixel noise augmentation (0..1 scale)")
+    p.add_argument("--intensity-jitter", type=float, default=0.4, help="classifier: brightness scale range")
+    p.add_argument("--width", type=int, default=32, help="classifier: conv width")
+    p.add_argument("--feature-dim", type=int, default=64, help="classifier: feature (penultimate) width")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--ema", type=float, default=0.998)

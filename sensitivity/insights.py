@@ -480,9 +480,10 @@ def option_mix_barplot(table: pd.DataFrame, by: str = "op_type", normalize: bool
 
 
 def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None,
-                lower_is_better: Optional[bool] = None):
+                lower_is_better: Optional[bool] = None, cache_label: str = "cache"):
     """Quality (``y``: a metric or ``predicted``) vs average bits: cache configs (grey, Pareto front
-    connected) and searched / baseline configs (one marker style per source). Returns a Figure."""
+    connected) and searched / baseline configs (one marker style per source). ``cache_label`` names
+    the grey points in the legend (say so when they were measured on other images). Returns a Figure."""
     from .search import LOWER_IS_BETTER
 
     plt = _plt()
@@ -492,7 +493,7 @@ def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cache = table[(table["source"] == "cache") & table[y].notna()]
     if len(cache):
-        ax.scatter(cache["avg_bits"], cache[y], s=12, color="#9e9e9e", alpha=0.7, label=f"cache ({len(cache)})")
+        ax.scatter(cache["avg_bits"], cache[y], s=12, color="#9e9e9e", alpha=0.7, label=f"{cache_label} ({len(cache)})")
         front = cache[pareto_mask(cache["avg_bits"], cache[y], lower)].sort_values("avg_bits")
         ax.plot(front["avg_bits"], front[y], "-", color="#616161", lw=1, label="cache Pareto front")
     markers = iter(["o", "s", "^", "D", "v", "P", "X", "*"])
@@ -528,13 +529,14 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
                    configs: Mapping[str, QuantConfig | Mapping[str, str]] | None = None,
                    sizes: Optional[pd.DataFrame] = None, module_scores: Optional[pd.DataFrame] = None,
                    records: Optional[Sequence[Mapping[str, Any]]] = None, results: Sequence[Any] = (),
-                   metric: str = "fid", dpi: int = 110) -> List[Path]:
+                   metric: str = "fid", dpi: int = 110, cache_label: str = "cache") -> List[Path]:
     """Write every table (CSV) and figure (PNG) that the inputs allow to ``out_dir``; returns the paths.
 
     ``configs``: ``{name: config}``; ``records``: cache records; ``results``: SearchResults for the
     Pareto plot. Files: ``scores.csv``, ``scores_by_{block,op_type}.csv``, ``box_{block,op_type}.png``,
     ``modules.csv``, ``box_modules_block.png``, ``config_<name>.csv``, ``mix_<name>.csv``,
     ``mix_<name>_{op_type,block}.png``, ``pareto.csv``, ``pareto_<metric|predicted>.png``.
+    ``cache_label``: legend name of the cache points in the Pareto plots.
     """
     plt = _plt()
     out = Path(out_dir)
@@ -580,5 +582,5 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
         save_csv(pt, "pareto.csv")
         for y in (metric, "predicted"):
             if pt[y].notna().any():
-                save_fig(pareto_plot(pt, y=y), f"pareto_{_slug(y)}.png")
+                save_fig(pareto_plot(pt, y=y, cache_label=cache_label), f"pareto_{_slug(y)}.png")
     return written

@@ -7,7 +7,7 @@ import pytest
 from sensitivity.cli import main
 
 TINY = ["--num-configs", "10", "--images-per-class", "2", "--targets", "3.5,4.0", "--predictor", "additive",
-        "--folds", "2", "--workers", "1"]
+        "--folds", "2", "--workers", "1", "--check-images-per-class", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,12 @@ def test_demo_outputs(demo):
     assert a3["avg_bits"] < u4["avg_bits"] < 16.0
     s = json.loads((demo / "summary.json").read_text())
     assert s["seed"] == 0 and s["num_configs"] == 10 and s["images_per_config"] == 20
+    assert s["metric"] == "fid" and s["check_images"] == 30 and s["check_seed"] >= 10_000  # held-out seeds
+    assert s["check_fp16"]["psnr"] == 100.0 and s["check_fp16"]["fid"] > 0
     searched = [r for r in s["rows"] if r["method"] == "search"]
     assert [r["target"] for r in searched] == [3.5, 4.0]
     for r in searched:
-        assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0
+        assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0 and r["fid"] > 0
     assert any(r["method"] == "error ILP" for r in s["rows"])
     assert (demo / "summary.md").read_text().startswith("# sensitivity demo on digits-dit")
     for name in ("search-3.50.json", "search-4.00.json"):

@@ -122,7 +122,7 @@ def test_protocol_signature():
     assert p.conditions[:4] == (0, 0, 0, 1) and p.seeds == tuple(range(30))
     assert p.steps == D.DEFAULT_STEPS and p.guidance == D.DEFAULT_GUIDANCE
     assert p.signature() == EvalProtocol.from_dict(json.loads(json.dumps(p.to_dict()))).signature()
-    for change in (dict(seed=1), dict(steps=5), dict(guidance=1.0), dict(n_per_class=4),
+    for change in (dict(seed=1), dict(steps=5), dict(guidance=2.0), dict(n_per_class=4),
                    dict(multiquantizer_hash="abc")):
         kw = dict(n_per_class=3)
         kw.update(change)

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 DIGITS_MODELS = ("digits-dit", "digits-unet")
-FULL = dict(num_configs=120, images_per_class=10, folds=5)
-QUICK = dict(num_configs=40, images_per_class=5, folds=3)
+FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_class=50)
+QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_class=20)
+# Seeds of the held-out check images: disjoint from the job's (seed + image index, a few thousand at most).
+CHECK_SEED = 1_000_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-class", type=int, default=None, help="images per digit class in every evaluation")
     p.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="average-bit targets of the search (comma list)")
     p.add_argument("--predictor", default="gnn", help="predictor kind to train and search with (default gnn)")
-    p.add_argument("--metric", default="psnr",
-                   help="quality metric the predictor learns and the search optimises (default psnr: on the digits "
-                        "models FID differences between 3/4-bit configs are within its sampling noise; see README)")
+    p.add_argument("--check-images-per-class", type=int, default=None,
+                   help="images per class of the held-out check that measures searched and baseline configs on "
+                        f"other seeds (default {FULL['check_images_per_class']}, --quick "
+                        f"{QUICK['check_images_per_class']})")
+    p.add_argument("--metric", default="fid",
+                   help="quality metric the predictor learns and the search optimises (default fid; psnr, kid, "
+                        "accuracy work too)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the predictor")
     p.add_argument("--workers", type=int, default=None, help="evaluation worker processes (default: min(2, cores))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random configs and of training (default 0)")
@@ -112,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     n_cfg = args.num_configs if args.num_configs is not None else preset["num_configs"]
     per_class = args.images_per_class if args.images_per_class is not None else preset["images_per_class"]
     folds = args.folds if args.folds is not None else preset["folds"]
+    check_per_class = (args.check_images_per_class if args.check_images_per_class is not None
+                       else preset["check_images_per_class"])
     workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
     try:
         targets = [float(t) for t in str(args.targets).split(",") if t.strip()]
@@ -123,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"--num-configs {n_cfg}: the predictor needs at least {max(10, folds)} configs")
     if per_class < 2:
         raise SensitivityError(f"--images-per-class {per_class}: needs at least 2")
+    if check_per_class < 2:
+        raise SensitivityError(f"--check-images-per-class {check_per_class}: needs at least 2")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -218,12 +228,25 @@ def run(args: argparse.Namespace) -> int:
     (out / "search").mkdir(exist_ok=True)
     measured: Dict[str, Dict[str, Any]] = {}
 
-    def measured_of(options: Dict[str, str], label: str) -> Dict[str, Any]:
+    # The best of N random configs was selected on the job's images: judged on those same images it
+    # would win by selection luck. Every compared config is therefore measured on held-out seeds.
+    check = EvalProtocol.for_family(fam, weights, n_per_class=check_per_class, seed=CHECK_SEED,
+                                    multiquantizer_hash=mq.hash, dtype="float32")
+    ev_check = Evaluator(fam, pipe, mq, check)
+    print(f"      every compared config is measured on {check.num_images} held-out images "
+          f"(seeds {CHECK_SEED}..{CHECK_SEED + check.num_images - 1})", flush=True)
+
+    def measured_of(options: Dict[str, str]) -> Dict[str, Any]:
         key = json.dumps(sorted(options.items()))
         if key not in measured:
-            measured[key] = measure(options, label)
+            r = ev_check.evaluate(options)
+            r.pop("timings", None)
+            measured[key] = r
         return measured[key]
 
+    fp_check = measured_of({})
+    print(f"      full precision on them: FID {_fmt(fp_check.get('fid'))}, accuracy {_fmt(fp_check.get('accuracy'))}",
+          flush=True)
     uniforms = uniform_baselines(sizes)
     for u in uniforms:
         u.predicted = float(predictor.predict([u.options])[0])
@@ -238,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         res = search(predictor, mq, t, sizes=sizes)
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, predictor=str(pred_dir))
         cfg.save(out / "search" / f"search-{t:.2f}.json")
-        m = measured_of(res.options, f"search@{t:g}")
+        m = measured_of(res.options)
         row = {"target": t, "method": "search", "avg_bits": res.avg_bits,
                f"predicted_{args.metric}": sign * res.predicted, **{k: m.get(k) for k in metric_keys}}
         rows.append(row)
@@ -247,20 +270,25 @@ def run(args: argparse.Namespace) -> int:
         try:  # the best random config of the cache at the same or fewer bits (its own measurement)
             best = cache_best(records, sizes, t, metric=args.metric)
             rec = next(r for r in records if r.get("config_hash") == best.details.get("config_hash"))
-            rows.append({"target": t, "method": f"best of {best.details['candidates']} random", "avg_bits": best.avg_bits,
+            job_value = (rec.get("metrics") or {}).get(args.metric)
+            bm = measured_of(best.options)
+            rows.append({"target": t, "method": f"best of {best.details['candidates']} random "
+                                                f"(job {args.metric} {_fmt(job_value)})", "avg_bits": best.avg_bits,
                          f"predicted_{args.metric}": sign * float(predictor.predict([best.options])[0]),
-                         **{k: (rec.get("metrics") or {}).get(k) for k in metric_keys}})
+                         **{k: bm.get(k) for k in metric_keys}})
+            pareto_points.append({"source": "best random", "label": f"random@{t:g}", "avg_bits": best.avg_bits,
+                                  **{k: bm.get(k) for k in metric_keys}})
         except InfeasibleTargetError:
             rows.append({"target": t, "method": "best random (none at these bits)"})
         ok = [u for u in uniforms if u.avg_bits <= t + 1e-9]
         if ok:
-            ums = [(u, measured_of(u.options, u.method)) for u in ok]
+            ums = [(u, measured_of(u.options)) for u in ok]
             u, um = max(ums, key=lambda x: sign * float(x[1][args.metric]))
             rows.append({"target": t, "method": f"best uniform ({u.method.replace('uniform-', '')})",
                          "avg_bits": u.avg_bits, f"predicted_{args.metric}": sign * u.predicted,
                          **{k: um.get(k) for k in metric_keys}})
         ilp = error_ilp(sizes, t)
-        im = measured_of(ilp.options, f"error-ilp@{t:g}")
+        im = measured_of(ilp.options)
         rows.append({"target": t, "method": "error ILP", "avg_bits": ilp.avg_bits,
                      f"predicted_{args.metric}": sign * float(predictor.predict([ilp.options])[0]),
                      **{k: im.get(k) for k in metric_keys}})
@@ -283,11 +311,13 @@ def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
 
     configs = {p.stem: QuantConfig.load(p) for p in sorted((out / "search").glob("search-*.json"))}
+    cache_label = f"job, {protocol.num_images} images"  # the marked configs: held-out images
     written = I.write_insights(out / "insights", layer_scores=predictor.layer_scores(mq), configs=configs,
-                               sizes=sizes, records=records, results=pareto_points, metric=args.metric)
-    for extra in ("fid",) if args.metric != "fid" else ():
+                               sizes=sizes, records=records, results=pareto_points, metric=args.metric,
+                               cache_label=cache_label)
+    for extra in [m for m in ("fid", "psnr") if m != args.metric]:
         pt = I.pareto_table(records, pareto_points, metric=extra, sizes=sizes)
-        fig = I.pareto_plot(pt, y=extra, title=f"{model}: measured {extra} vs average bits")
+        fig = I.pareto_plot(pt, y=extra, title=f"{model}: measured {extra} vs average bits", cache_label=cache_label)
         from .search import _write_fig
 
         written.append(_write_fig(fig, out / "insights" / f"pareto_{extra}.png"))
@@ -297,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t_start
     summary = {"model": model, "weights": weights, "seed": args.seed, "quick": bool(args.quick),
                "num_configs": n_cfg, "images_per_config": protocol.num_images, "steps": protocol.steps,
-               "guidance": protocol.guidance, "predictor": args.predictor, "metric": args.metric, "folds": folds,
+               "guidance": protocol.guidance, "check_images": check.num_images, "check_seed": CHECK_SEED,
+               "check_fp16": {k: fp_check.get(k) for k in metric_keys},
+               "predictor": args.predictor, "metric": args.metric, "folds": folds,
                "targets": targets, "few_configs": results, "rows": rows, "seconds": round(seconds, 1),
                "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir)}
     _atomic_json(out / "summary.json", summary)
@@ -305,7 +337,12 @@ def run(args: argparse.Namespace) -> int:
           f"predictor {args.predictor} on {args.metric} ({folds}-fold CV), seed {args.seed}, "
           f"{seconds / 60:.1f} min.\n\n## A few configs\n\n"
           + _table(results, ["config", "avg_bits", "fid", "kid", "accuracy", "psnr"])
-          + "\n\n## Search vs baselines (measured)\n\n" + table + "\n")
+          + f"\n\n## Search vs baselines, measured on {check.num_images} held-out images\n\n"
+          + f"Seeds {CHECK_SEED}.. (not the job's). The best random config is the cache's best by {args.metric} "
+          + "at the same or fewer bits; its value in the job is in brackets. In the Pareto plots the grey cloud "
+          + "is the job's measurement, the marked configs are the held-out one. Full precision on the held-out "
+          + f"images: FID {_fmt(fp_check.get('fid'))}, KID {_fmt(fp_check.get('kid'))}, accuracy "
+          + f"{_fmt(fp_check.get('accuracy'))}.\n\n" + table + "\n")
     (out / "summary.md").write_text(md)
     print("\n" + table)
     print(f"\ndemo finished in {seconds / 60:.1f} min: {out / 'summary.md'}, {out / 'results.json'}, "
