@@ -33,7 +33,7 @@ def test_demo_outputs(demo):
     searched = [r for r in s["rows"] if r["method"] == "search"]
     assert [r["target"] for r in searched] == [3.5, 4.0]
     for r in searched:
-        assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0 and r["fid"] > 0
+        assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0 and r["fid"] > 0 and r["job_fid"] > 0
     assert any(r["method"] == "error ILP" for r in s["rows"])
     assert (demo / "summary.md").read_text().startswith("# sensitivity demo on digits-dit")
     for name in ("search-3.50.json", "search-4.00.json"):
