@@ -23,8 +23,20 @@ def _lstsq_1d(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
+class _LinearOnOneFeature(FoldModel):
+    """``y ≈ coef[0] + coef[1]·x`` for one scalar feature ``x`` of a config (subclasses choose ``x``)."""
+
+    coef: np.ndarray
+
+    def get_state(self) -> State:
+        return {"coef": self.coef.tolist()}, {}, {}
+
+    def set_state(self, meta, tensors, texts) -> None:
+        self.coef = np.array(meta["coef"], dtype=np.float64)
+
+
 @register_kind
-class BitsModel(FoldModel):
+class BitsModel(_LinearOnOneFeature):
     kind = "bits"
     description = "average bits alone (linear)"
 
@@ -35,15 +47,9 @@ class BitsModel(FoldModel):
     def predict_codes(self, codes: np.ndarray) -> np.ndarray:
         return self.coef[0] + self.coef[1] * self.ctx.table.avg_bits(codes)
 
-    def get_state(self) -> State:
-        return {"coef": self.coef.tolist()}, {}, {}
-
-    def set_state(self, meta, tensors, texts) -> None:
-        self.coef = np.array(meta["coef"], dtype=np.float64)
-
 
 @register_kind
-class ErrorModel(FoldModel):
+class ErrorModel(_LinearOnOneFeature):
     kind = "error"
     description = "sum of per-layer quantization error (linear)"
 
@@ -66,12 +72,6 @@ class ErrorModel(FoldModel):
 
             raise SensitivityError("the error baseline needs per-layer errors (layer stats) to score new configs")
         return self.coef[0] + self.coef[1] * self.ctx.table.summed_error(codes)
-
-    def get_state(self) -> State:
-        return {"coef": self.coef.tolist()}, {}, {}
-
-    def set_state(self, meta, tensors, texts) -> None:
-        self.coef = np.array(meta["coef"], dtype=np.float64)
 
 
 @register_kind
