@@ -342,20 +342,11 @@ class _Tracer(TorchFunctionMode):
             self.suppress -= 1
             self._assign(out, data[0] if len(data) == 1 else None)
             if len(data) > 1:
-                self.scope.append(path)
-                node = self._node(self._combine_name("op:" + type(module).__name__), "op:" + type(module).__name__,
-                                  "combine", out)
-                self.scope.pop()
-                self._edges(data, node)
-                self._assign(out, node)
+                self._module_combine(path, "op:" + type(module).__name__, data, out)
             return
         if action == "norm":
             self.suppress -= 1
-            self.scope.append(path)
-            node = self._node(self._combine_name("norm"), "norm", "combine", out, norm_class=type(module).__name__)
-            self.scope.pop()
-            self._edges(data, node)
-            self._assign(out, node)
+            self._module_combine(path, "norm", data, out, norm_class=type(module).__name__)
             return
         if action == "replay":
             self.suppress -= 1
@@ -370,6 +361,14 @@ class _Tracer(TorchFunctionMode):
             self.memo[data] = [self.src.get(id(t)) for t in _tensors(out)]
             return
         self.scope.pop()
+
+    def _module_combine(self, path: str, op: str, srcs: List[str], out: Any, **attrs: Any) -> None:
+        """One combine node ``op`` for a whole module's call (named in its scope), fed by ``srcs``."""
+        self.scope.append(path)
+        node = self._node(self._combine_name(op), op, "combine", out, **attrs)
+        self.scope.pop()
+        self._edges(srcs, node)
+        self._assign(out, node)
 
     def _weight_call_srcs(self, path: str, srcs: List[str], out: Any) -> str:
         specs = self.by_module[path]
