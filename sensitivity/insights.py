@@ -53,6 +53,7 @@ import pandas as pd
 from .config import QuantConfig, as_options
 from .errors import SensitivityError
 from .options import OPTION_NAMES, QuantOption, canonical
+from .sizes import SizeTable
 
 LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group")
 SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group")
@@ -265,6 +266,11 @@ def module_score_table(module_scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MODULE_SCORE_COLUMNS))
 
 
+def _size_frame(sizes: Any) -> Optional[pd.DataFrame]:
+    """The DataFrame view of a size table (a :class:`~sensitivity.sizes.SizeTable` or its frame)."""
+    return sizes.frame() if isinstance(sizes, SizeTable) else sizes
+
+
 def config_table(config: QuantConfig | Mapping[str, str], sizes: Optional[pd.DataFrame] = None,
                  scores: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Per layer of a config; columns :data:`CONFIG_COLUMNS`.
@@ -274,6 +280,7 @@ def config_table(config: QuantConfig | Mapping[str, str], sizes: Optional[pd.Dat
     appear as ``fp16``. ``scores``: predictor layer scores (``layer, option, score``). Missing values are NaN.
     """
     options = as_options(config)
+    sizes = _size_frame(sizes)
     layers = list(dict.fromkeys(sizes["layer"])) if sizes is not None else list(options)
     extra = [l for l in options if sizes is not None and l not in set(layers)]
     if extra:
@@ -346,10 +353,10 @@ def pareto_mask(x: np.ndarray, y: np.ndarray, lower_is_better: bool) -> np.ndarr
 
 
 def _hash(options: Mapping[str, str]) -> str:
-    """The cache's config hash: canonical options without fp16 entries."""
-    from .config import options_hash
+    """The cache's config hash (:func:`sensitivity.config.config_hash`)."""
+    from .config import config_hash
 
-    return options_hash({l: o for l, o in as_options(dict(options)).items() if o != "fp16"})
+    return config_hash(dict(options))
 
 
 def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results: Sequence[Any] = (),
@@ -363,19 +370,20 @@ def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results:
     dicts with ``label``/``method``, ``avg_bits`` and optionally ``predicted`` and ``metric``).
     ``pareto`` marks the cache configs on the cache's own Pareto front (bits vs metric).
     """
-    from .search import LOWER_IS_BETTER, config_avg_bits, metric_value
+    from .evaluation.metric_specs import lower_is_better as _lower, record_metric
 
-    lower = metric.lower() in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
+    lower = _lower(metric, lower_is_better)
+    table = SizeTable.of(sizes) if sizes is not None else None
     records = list(records or ())
     evaluated = {}  # config hash -> metric, so a searched config that was evaluated shows its metric
     for rec in records:
-        v = metric_value(rec, metric)
+        v = record_metric(rec, metric)
         if v is not None and rec.get("config"):
             evaluated[_hash(rec["config"])] = v
     rows = []
     for rec in records:
-        v = metric_value(rec, metric)
-        bits = config_avg_bits(rec["config"], sizes) if sizes is not None else rec.get("avg_bits")
+        v = record_metric(rec, metric)
+        bits = table.avg_bits(as_options(rec["config"])) if table is not None else rec.get("avg_bits")
         rows.append({"source": "cache", "label": str(rec.get("config_hash") or rec.get("index") or ""),
                      "avg_bits": float(bits) if bits is not None else np.nan, metric: np.nan if v is None else v,
                      "predicted": rec.get("predicted", np.nan)})
@@ -484,12 +492,12 @@ def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None
     """Quality (``y``: a metric or ``predicted``) vs average bits: cache configs (grey, Pareto front
     connected) and searched / baseline configs (one marker style per source). ``cache_label`` names
     the grey points in the legend (say so when they were measured on other images). Returns a Figure."""
-    from .search import LOWER_IS_BETTER
+    from .evaluation.metric_specs import lower_is_better as _lower
 
     plt = _plt()
     if y not in table.columns:
         raise SensitivityError(f"pareto_plot: no column {y!r} (have {list(table.columns)})")
-    lower = y.lower() in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
+    lower = _lower(y, lower_is_better)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cache = table[(table["source"] == "cache") & table[y].notna()]
     if len(cache):
@@ -574,8 +582,8 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
         slug = _slug(name)
         save_csv(ct, f"config_{slug}.csv")
         save_csv(option_mix(ct, "op_type"), f"mix_{slug}.csv", index=True)
+        avg = f" ({SizeTable.of(sizes).avg_bits(as_options(cfg)):.3f} avg bits)" if sizes is not None else ""
         for by in ("op_type", "block"):
-            avg = f" ({16.0 * ct['nbytes'].sum() / ct['fp16_bytes'].sum():.3f} avg bits)" if sizes is not None else ""
             save_fig(option_mix_barplot(ct, by=by, title=f"{name}{avg}: option mix per {by}"), f"mix_{slug}_{by}.png")
     if records or results:
         pt = pareto_table(records, results, metric=metric, sizes=sizes)

@@ -61,14 +61,14 @@ import pandas as pd
 
 from .config import QuantConfig, canonical_options
 from .errors import SensitivityError
-from .options import OPTION_NAMES, QuantOption, canonical
+from .evaluation.metric_specs import lower_is_better as _lower_is_better, record_metric
+from .options import canonical
+from .sizes import SizeTable
 
 # default cap on the number of option combinations of one module group (6**4)
 MAX_COMBINATIONS = 1296
 # DP states kept at most before the dynamic program gives up (memory guard)
 MAX_DP_STATES = 2_000_000
-# metrics where lower is better (everything else: higher is better)
-LOWER_IS_BETTER = ("fid", "kid", "lpips", "mse", "loss")
 
 
 class InfeasibleTargetError(SensitivityError):
@@ -86,11 +86,15 @@ class InfeasibleTargetError(SensitivityError):
 
 
 class MCKPSolution(NamedTuple):
-    """``choice`` int64 [G] (option index per group), ``value`` (sum), ``cost`` (int, sum)."""
+    """``choice`` int64 [G] (option index per group), ``value`` (sum), ``cost`` (int, sum), ``solver``:
+    what proved it optimal — ``"unconstrained"`` (the best choices fit), ``"lp-bounds"`` (the LP bounds
+    alone), ``"bounded-dp"``, ``"milp-highs"`` (HiGHS ran on the core), ``"dp"`` (plain DP) or
+    ``"brute-force"``."""
 
     choice: np.ndarray
     value: float
     cost: int
+    solver: str = ""
 
 
 def _check_instance(costs: Sequence[Any], values: Sequence[Any]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
@@ -174,15 +178,15 @@ def solve_mckp(costs: Sequence[Any], values: Sequence[Any], budget: int, method:
     # the unconstrained optimum (most valuable, i.e. last kept choice per group) may already fit
     best = np.array([k[-1] for k in kept], dtype=np.int64)
     if sum(int(c[b]) for c, b in zip(cs, best)) <= budget:
-        choice = best
+        choice, solver = best, "unconstrained"
     elif method in ("auto", "milp"):
-        choice = _solve_reduced(cs, vs, kept, mins, slack, core="dp" if method == "auto" else "milp")
+        choice, solver = _solve_reduced(cs, vs, kept, mins, slack, core="dp" if method == "auto" else "milp")
     else:
-        choice = _solve_dp(cs, vs, kept, budget)
+        choice, solver = _solve_dp(cs, vs, kept, budget), "dp"
     cost = int(sum(int(c[k]) for c, k in zip(cs, choice)))
     value = float(sum(float(v[k]) for v, k in zip(vs, choice)))
     assert cost <= budget, (cost, budget)
-    return MCKPSolution(choice, value, cost)
+    return MCKPSolution(choice, value, cost, solver)
 
 
 def _upper_hull(r: np.ndarray, v: np.ndarray) -> List[int]:
@@ -240,11 +244,12 @@ def _lp_gain(dr: np.ndarray, dv: np.ndarray, budget: np.ndarray, integral: bool 
     return (frac, whole) if integral else frac
 
 
-def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> np.ndarray:
+def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> Tuple[np.ndarray, str]:
     """Exact: LP relaxation -> greedy incumbent -> per-choice LP bounds (the LP optimum with that
     choice forced) drop every choice that cannot beat the incumbent -> the remaining core is solved
     by a bounded DP (``core="dp"``, HiGHS when its states would exceed MAX_DP_STATES) or by HiGHS
-    (``core="milp"``). Returns the better of the core optimum and the incumbent."""
+    (``core="milp"``). Returns the better of the core optimum and the incumbent, and the name of
+    the last solver that ran (``lp-bounds`` when the bounds alone settled it)."""
     G = len(cs)
     R = [cs[g][kept[g]] - mins[g] for g in range(G)]  # relative costs, increasing
     V = [vs[g][kept[g]] for g in range(G)]  # values, increasing
@@ -277,17 +282,17 @@ def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> np.ndarr
     bound = base - Vm[:, :1] + _lp_gain_without_own(inc_g, inc_dr, inc_dv, slack - Rm, G) + Vm
     alive = (bound >= inc_value - tol) & np.isfinite(Vm)
     if not alive.any(axis=1).all():  # nothing in some group can beat the incumbent
-        return incumbent
+        return incumbent, "lp-bounds"
     kept2 = [kept[g][np.flatnonzero(alive[g, : kept[g].size])] for g in range(G)]
-    choice = None
+    choice, solver = None, "bounded-dp"
     if core == "dp":
         choice = _solve_bounded_dp(cs, vs, kept2, mins, slack, inc_value - tol, tol)
+    if choice is None:  # the DP found nothing above the incumbent's floor, or its frontier grew too large
+        choice, solver = _solve_milp(cs, vs, kept2, mins, slack), "milp-highs"
     if choice is None:
-        choice = _solve_milp(cs, vs, kept2, mins, slack)
-    if choice is None:
-        return incumbent
+        return incumbent, solver
     value = float(sum(float(vs[g][choice[g]]) for g in range(G)))
-    return choice if value >= inc_value else incumbent
+    return (choice if value >= inc_value else incumbent), solver
 
 
 def _solve_bounded_dp(cs, vs, kept, mins, slack: int, floor_value: float, tol: float = 0.0) -> Optional[np.ndarray]:
@@ -541,7 +546,7 @@ def brute_force_mckp(costs: Sequence[Any], values: Sequence[Any], budget: int) -
             continue
         value = sum(float(v[k]) for v, k in zip(vs, combo))
         if best is None or value > best.value:
-            best = MCKPSolution(np.asarray(combo, dtype=np.int64), value, cost)
+            best = MCKPSolution(np.asarray(combo, dtype=np.int64), value, cost, "brute-force")
     return best
 
 
@@ -551,60 +556,34 @@ def brute_force_mckp(costs: Sequence[Any], values: Sequence[Any], budget: int) -
 
 
 def size_table(source: Any, options: Optional[Iterable[str]] = None) -> pd.DataFrame:
-    """Bytes per (layer, option): DataFrame(layer, option, nbytes, fp16_bytes[, error, sse]).
+    """Bytes per (layer, option) as a DataFrame ``layer, option, nbytes, fp16_bytes[, error, sse, ...]``:
+    the DataFrame view of :class:`sensitivity.sizes.SizeTable` (which every size below is computed with).
 
-    ``source``: a multiquantizer (``stats_frame()``), such a DataFrame, a cache's layer stats
-    ``{layer: {"fp16_bytes": int, "options": {option: [nbytes, error]}}}``
-    (``ConfigCache.layer_stats()``), or ``{layer: shape}`` (sizes from :mod:`sensitivity.options`;
-    no errors). ``options`` restricts the option set. Row order follows the layer order of the source.
+    ``source``: a multiquantizer, a SizeTable, such a DataFrame (returned validated and canonical, its
+    extra columns kept), a cache's layer stats ``{layer: {"fp16_bytes": int, "options": {option:
+    [nbytes, error]}}}`` (``ConfigCache.layer_stats``), or ``{layer: shape}`` (sizes from
+    :mod:`sensitivity.options`; no errors). ``options`` restricts the option set. Rows follow the source's order.
     """
-    opts = tuple(canonical(o) for o in options) if options is not None else None
-    if hasattr(source, "stats_frame"):
-        df = source.stats_frame()
-    elif isinstance(source, pd.DataFrame):
-        df = source
-    elif isinstance(source, Mapping) and source and all(isinstance(v, Mapping) for v in source.values()):
-        rows = []
-        for layer, st in source.items():
-            for o, val in (st.get("options") or {}).items():
-                nb, err = (val[0], val[1]) if isinstance(val, (list, tuple)) else (val["nbytes"], val.get("error"))
-                rows.append({"layer": layer, "option": o, "nbytes": int(nb), "fp16_bytes": int(st["fp16_bytes"]),
-                             "error": np.nan if err is None else float(err)})
-        df = pd.DataFrame(rows)
-    elif isinstance(source, Mapping):
-        use = opts or OPTION_NAMES
-        rows = []
-        for layer, shape in source.items():
-            fp = 2 * math.prod(shape)
-            for o in use:
-                rows.append({"layer": layer, "option": o, "nbytes": QuantOption.parse(o).nbytes(shape), "fp16_bytes": fp})
-        df = pd.DataFrame(rows)
-    else:
-        raise SensitivityError(f"size_table: expected a multiquantizer, a DataFrame or {{layer: shape}}, got {type(source).__name__}")
-    missing = {"layer", "option", "nbytes", "fp16_bytes"} - set(df.columns)
-    if missing:
-        raise SensitivityError(f"size table lacks columns {sorted(missing)}")
-    df = df.copy()
-    df["option"] = [canonical(o) for o in df["option"]]
-    if opts is not None:
-        unknown = set(opts) - set(df["option"])
-        if unknown:
-            raise SensitivityError(f"option(s) {sorted(unknown)} are not in the multiquantizer (has {sorted(set(df['option']))})")
-        df = df[df["option"].isin(opts)]
-    if df.duplicated(["layer", "option"]).any():
-        dup = df[df.duplicated(["layer", "option"])].iloc[0]
-        raise SensitivityError(f"size table: duplicate row for layer {dup['layer']!r} option {dup['option']!r}")
-    df["nbytes"] = df["nbytes"].astype(np.int64)
-    df["fp16_bytes"] = df["fp16_bytes"].astype(np.int64)
+    table = SizeTable.of(source, options)
+    if not isinstance(source, pd.DataFrame):
+        return table.frame()
+    df = source.assign(option=[canonical(o) for o in source["option"]])
+    if options is not None:
+        df = df[df["option"].isin(table.options)]
+    df = df.assign(nbytes=df["nbytes"].astype(np.int64), fp16_bytes=df["fp16_bytes"].astype(np.int64))
     return df.reset_index(drop=True)
 
 
-def layer_order(sizes: pd.DataFrame) -> List[str]:
-    return list(dict.fromkeys(sizes["layer"]))
+def _table(sizes: Any) -> SizeTable:
+    return SizeTable.of(sizes)
 
 
-def fp16_total(sizes: pd.DataFrame) -> int:
-    return int(sizes.drop_duplicates("layer")["fp16_bytes"].sum())
+def layer_order(sizes: Any) -> List[str]:
+    return list(_table(sizes).layers)
+
+
+def fp16_total(sizes: Any) -> int:
+    return _table(sizes).fp16_total
 
 
 def budget_bytes(target_bits: float, fp16_bytes: int) -> int:
@@ -622,37 +601,23 @@ def _ceil4(x: float) -> float:
     return math.ceil(x * 1e4 - 1e-9) / 1e4
 
 
-def config_bytes(options: Mapping[str, str], sizes: pd.DataFrame) -> Tuple[int, int]:
-    """(Σ quantized bytes, Σ fp16 bytes) of a config over the layers of ``sizes``; missing layers count fp16."""
-    lut = {(l, o): b for l, o, b in zip(sizes["layer"], sizes["option"], sizes["nbytes"])}
-    fp = sizes.drop_duplicates("layer").set_index("layer")["fp16_bytes"]
-    q = 0
-    for layer, f in fp.items():
-        opt = options.get(layer)
-        if opt is None or canonical(opt) == "fp16":
-            q += int(f)
-        elif (layer, canonical(opt)) in lut:
-            q += int(lut[(layer, canonical(opt))])
-        else:
-            raise SensitivityError(f"layer {layer!r}: option {canonical(opt)!r} is not in the size table")
-    unknown = set(options) - set(fp.index)
-    if unknown:
-        raise SensitivityError(f"config layer {sorted(unknown)[0]!r} is not in the size table (multiquantizer)")
-    return q, int(fp.sum())
+def config_bytes(options: Mapping[str, str], sizes: Any) -> Tuple[int, int]:
+    """(Σ quantized bytes, Σ fp16 bytes): :meth:`SizeTable.config_bytes` of ``sizes``."""
+    return _table(sizes).config_bytes(options)
 
 
-def config_avg_bits(options: Mapping[str, str], sizes: pd.DataFrame) -> float:
-    q, fp = config_bytes(options, sizes)
-    return 16.0 * q / fp
+def config_avg_bits(options: Mapping[str, str], sizes: Any) -> float:
+    """:meth:`SizeTable.avg_bits` of ``sizes``."""
+    return _table(sizes).avg_bits(options)
 
 
-def min_avg_bits(sizes: pd.DataFrame) -> float:
+def min_avg_bits(sizes: Any) -> float:
     """Smallest reachable average bits (every layer at its smallest option)."""
-    return 16.0 * int(sizes.groupby("layer")["nbytes"].min().sum()) / fp16_total(sizes)
+    return _table(sizes).min_avg_bits()
 
 
-def max_avg_bits(sizes: pd.DataFrame) -> float:
-    return 16.0 * int(sizes.groupby("layer")["nbytes"].max().sum()) / fp16_total(sizes)
+def max_avg_bits(sizes: Any) -> float:
+    return _table(sizes).max_avg_bits()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,12 +649,13 @@ def _check_scores(df: pd.DataFrame, cols: Sequence[str], what: str) -> pd.DataFr
 def layer_groups(layer_scores: pd.DataFrame, sizes: pd.DataFrame, layers: Optional[Sequence[str]] = None) -> List[Group]:
     """One group per layer; the choices are the options present in both ``layer_scores`` and ``sizes``."""
     _check_scores(layer_scores, ("layer", "option", "score"), "layer scores")
+    table = _table(sizes)
     scores = {(l, canonical(o)): float(s) for l, o, s in zip(layer_scores["layer"], layer_scores["option"], layer_scores["score"])}
     by_layer: Dict[str, List[Tuple[str, int]]] = {}
-    for l, o, b in zip(sizes["layer"], sizes["option"], sizes["nbytes"]):
-        by_layer.setdefault(l, []).append((o, int(b)))
+    for l, o, b in table.entries():
+        by_layer.setdefault(l, []).append((o, b))
     groups = []
-    for layer in layers if layers is not None else layer_order(sizes):
+    for layer in layers if layers is not None else table.layers:
         opts = [(o, b) for o, b in by_layer.get(layer, []) if (layer, o) in scores]
         if not opts:
             raise SensitivityError(f"layer {layer!r}: no score for any of its options (predictor and multiquantizer disagree?)")
@@ -712,8 +678,9 @@ def module_groups(
     than ``max_combinations`` rows are skipped (their layers fall back to layer groups), and
     combinations using an option outside ``sizes`` are dropped."""
     _check_scores(module_scores, ("module", "layers", "options", "score"), "module scores")
-    nbytes = {(l, o): int(b) for l, o, b in zip(sizes["layer"], sizes["option"], sizes["nbytes"])}
-    known = set(sizes["layer"])
+    table = _table(sizes)
+    nbytes = {(l, o): b for l, o, b in table.entries()}
+    known = set(table.layers)
     canon: Dict[str, str] = {}
 
     def _canon(o: str) -> str:
@@ -767,6 +734,7 @@ def build_groups(
     max_combinations: int = MAX_COMBINATIONS,
 ) -> List[Group]:
     """Module groups where available, layer groups for every other layer (network order)."""
+    sizes = _table(sizes)
     groups = module_groups(module_scores, sizes, max_combinations) if module_scores is not None else []
     covered = {l for g in groups for l in g.layers}
     rest = [l for l in layer_order(sizes) if l not in covered]
@@ -839,15 +807,15 @@ class SearchResult:
                            avg_bits=round(self.avg_bits, 6), provenance=prov)
 
 
-def _result(options: Dict[str, str], sizes: pd.DataFrame, method: str, **kw: Any) -> SearchResult:
-    q, fp = config_bytes(options, sizes)
+def _result(options: Dict[str, str], sizes: SizeTable, method: str, **kw: Any) -> SearchResult:
+    q, fp = sizes.config_bytes(options)
     return SearchResult(options=options, method=method, avg_bits=16.0 * q / fp, quantized_bytes=q, fp16_bytes=fp, **kw)
 
 
-def _target_budget(sizes: pd.DataFrame, target_bits: float, what: str = "this multiquantizer") -> int:
-    fp = fp16_total(sizes)
+def _target_budget(sizes: SizeTable, target_bits: float, what: str = "this multiquantizer") -> int:
+    fp = sizes.fp16_total
     budget = budget_bytes(target_bits, fp)
-    lo = int(sizes.groupby("layer")["nbytes"].min().sum())
+    lo = sizes.min_bytes()
     if lo > budget:
         m = _ceil4(16.0 * lo / fp)
         raise InfeasibleTargetError(
@@ -864,6 +832,7 @@ def solve_groups(
     what: str = "this multiquantizer",
 ) -> SearchResult:
     """Solve the knapsack over ``groups`` at ``target_bits``; the result's ``objective`` is the summed value."""
+    sizes = _table(sizes)
     budget = _target_budget(sizes, target_bits, what)
     t0 = time.perf_counter()
     sol = solve_mckp([g.costs for g in groups], [g.values for g in groups], budget, method=method)
@@ -873,7 +842,7 @@ def solve_groups(
         options.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
     res = _result(options, sizes, label, target_bits=float(target_bits), budget_bytes=budget,
                   objective=sol.value, seconds=seconds)
-    res.details.update(groups=len(groups), solver="dp" if method == "dp" else "milp-highs")
+    res.details.update(groups=len(groups), solver=sol.solver)
     assert res.quantized_bytes == sol.cost and res.quantized_bytes <= budget
     return res
 
@@ -891,6 +860,7 @@ def search_scores(
 
     ``what`` names the size source in the infeasible-target error (e.g. the multiquantizer file).
     """
+    sizes = _table(sizes)
     groups = build_groups(layer_scores, sizes, module_scores, max_combinations)
     level = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
     res = solve_groups(groups, sizes, target_bits, method=method, label=f"search-{level}", what=what)
@@ -974,7 +944,7 @@ def search(
     """
     if level not in ("layer", "module"):
         raise SensitivityError(f"search level must be 'layer' or 'module', got {level!r}")
-    sizes = size_table(sizes if sizes is not None else mq, options)
+    sizes = SizeTable.of(sizes if sizes is not None else mq, options)
     layer_scores = predictor.layer_scores(mq)
     module_scores = None
     if level == "module":
@@ -1010,8 +980,9 @@ def parse_sweep(text: str) -> List[float]:
 def uniform_config(sizes: pd.DataFrame, option: str) -> SearchResult:
     """Every layer of ``sizes`` at ``option`` (e.g. all ``uaq-4``)."""
     opt = canonical(option)
-    have = set(sizes.loc[sizes["option"] == opt, "layer"])
-    layers = layer_order(sizes)
+    sizes = _table(sizes)
+    have = {l for l, o, _ in sizes.entries() if o == opt}
+    layers = sizes.layers
     missing = [l for l in layers if l not in have]
     if missing:
         raise SensitivityError(f"uniform {opt}: layer {missing[0]!r} has no {opt} in the multiquantizer")
@@ -1020,21 +991,14 @@ def uniform_config(sizes: pd.DataFrame, option: str) -> SearchResult:
 
 def uniform_baselines(sizes: pd.DataFrame, target_bits: Optional[float] = None) -> List[SearchResult]:
     """All uniform configs of the options in ``sizes`` (only those at or below ``target_bits`` if given)."""
-    out = [uniform_config(sizes, o) for o in dict.fromkeys(sizes["option"])]
+    sizes = _table(sizes)
+    out = [uniform_config(sizes, o) for o in dict.fromkeys(o for _, o, _ in sizes.entries())]
     if target_bits is not None:
         budget = budget_bytes(target_bits, fp16_total(sizes))
         out = [r for r in out if r.quantized_bytes <= budget]
     for r in out:
         r.target_bits = None if target_bits is None else float(target_bits)
     return out
-
-
-def metric_value(record: Mapping[str, Any], metric: str) -> Optional[float]:
-    m = record.get("metrics") or {}
-    v = m.get(metric) if isinstance(m, Mapping) else None
-    if v is None:
-        v = record.get(metric)
-    return None if v is None else float(v)
 
 
 def cache_best(
@@ -1046,16 +1010,17 @@ def cache_best(
     ``records``: cache records (dicts with ``config`` {layer: option} and ``metrics``). The average
     bits are recomputed from ``sizes`` (not trusted from the record).
     """
-    lower = metric.lower() in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
-    budget = budget_bytes(target_bits, fp16_total(sizes))
+    lower = _lower_is_better(metric, lower_is_better)
+    sizes = _table(sizes)
+    budget = budget_bytes(target_bits, sizes.fp16_total)
     best, best_v, n_ok, n_all = None, None, 0, 0
     for rec in records:
         n_all += 1
-        v = metric_value(rec, metric)
-        if v is None or not np.isfinite(v):
+        v = record_metric(rec, metric)
+        if v is None:
             continue
         opts = canonical_options(rec["config"])
-        q, _ = config_bytes(opts, sizes)
+        q, _ = sizes.config_bytes(opts)
         if q > budget:
             continue
         n_ok += 1
@@ -1073,8 +1038,8 @@ def cache_best(
     return res
 
 
-def _lowest_cached(records: Iterable[Mapping[str, Any]], sizes: pd.DataFrame) -> str:
-    vals = [config_avg_bits(canonical_options(r["config"]), sizes) for r in records if r.get("config")]
+def _lowest_cached(records: Iterable[Mapping[str, Any]], sizes: SizeTable) -> str:
+    vals = [sizes.avg_bits(canonical_options(r["config"])) for r in records if r.get("config")]
     return f"{min(vals):.4f}" if vals else "n/a (empty cache)"
 
 
@@ -1087,9 +1052,20 @@ def error_ilp(
     ``error`` is a column of ``sizes`` (the multiquantizer stats: ``error`` = ``||W-Ŵ||²/||W||²``,
     or ``sse``). ``objective`` is the minimised summed error (lower = better).
     """
-    if error not in sizes.columns:
+    if isinstance(sizes, pd.DataFrame) and error not in sizes.columns:
         raise SensitivityError(f"error-ILP baseline needs a '{error}' column (multiquantizer stats); have {list(sizes.columns)}")
-    scores = sizes[["layer", "option"]].assign(score=-np.asarray(sizes[error], dtype=np.float64))
+    table = _table(sizes)
+    values = {"error": table.error, "sse": table.sse}.get(error)
+    if values is None and isinstance(sizes, pd.DataFrame):  # another error column of a DataFrame
+        scores = sizes[["layer", "option"]].assign(score=-np.asarray(sizes[error], dtype=np.float64))
+    else:
+        cells = [(i, j) for i, j in table.rows]
+        if values is None or not np.isfinite([values[i, j] for i, j in cells]).all():
+            raise SensitivityError(f"error-ILP baseline needs the '{error}' of every (layer, option) "
+                                   f"(multiquantizer stats); the size table lacks them")
+        scores = pd.DataFrame({"layer": [table.layers[i] for i, _ in cells], "option": [table.options[j] for _, j in cells],
+                               "score": [-float(values[i, j]) for i, j in cells]})
+    sizes = table
     groups = layer_groups(scores, sizes)
     res = solve_groups(groups, sizes, target_bits, method=method, label=f"error-ilp-{error}", what=what)
     res.objective = -float(res.objective)

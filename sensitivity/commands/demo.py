@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluator import EvalProtocol, Evaluator
     from ..evaluation.sampler import sample_config
     from ..multiquantizer import load_multiquantizer
+    from ..sizes import SizeTable
     from ..zoo import get_family
 
     fam = get_family(model)
@@ -161,13 +162,14 @@ def run(args: argparse.Namespace) -> int:
                                        dtype="float32")
     ev = Evaluator(fam, pipe, mq, protocol)
     layers = mq.layer_names
+    sizes = SizeTable.from_multiquantizer(mq)
 
     def measure(config: Optional[Dict[str, str]], name: str, grid: bool = False) -> Dict[str, Any]:
         r = ev.evaluate(config, return_images=grid)
         if grid:
             save_grid(r.pop("images"), out / "images" / f"{name}.png", columns=per_class)
         r.pop("timings", None)
-        r["avg_bits"] = mq.avg_bits(config or {})
+        r["avg_bits"] = sizes.avg_bits(config or {})
         return r
 
     # 2. a few configs for real ------------------------------------------------------------------
@@ -217,12 +219,10 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(pred_dir)
 
     # 5. search, baselines, real evaluation ----------------------------------------------------------
-    from ..search import (LOWER_IS_BETTER, InfeasibleTargetError, cache_best, error_ilp, min_avg_bits, search,
-                          size_table, uniform_baselines)
+    from ..evaluation.metric_specs import metric_spec
+    from ..search import InfeasibleTargetError, cache_best, error_ilp, search, uniform_baselines
 
-    sizes = size_table(mq)
-    lower = args.metric.lower() in LOWER_IS_BETTER
-    sign = -1.0 if lower else 1.0
+    sign = metric_spec(args.metric).sign()
     _step(5, N, f"search at {', '.join(f'{t:g}' for t in targets)} bits; every config evaluated for real",
           f"sensitivity search --predictor {pred_dir} --target-bits B --out {out / 'search'}/search-B.json")
     (out / "search").mkdir(exist_ok=True)
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         u.predicted = float(predictor.predict([u.options])[0])
     rows: List[Dict[str, Any]] = []
     pareto_points: List[Dict[str, Any]] = []
-    floor = min_avg_bits(sizes)
+    floor = sizes.min_avg_bits()
     metric_keys = ("fid", "kid", "accuracy", "psnr")
     for t in targets:
         if t < floor:

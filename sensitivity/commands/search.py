@@ -129,22 +129,23 @@ def load_records(path: str) -> List[dict]:
 
 
 def _sizes(mq, options: Optional[str]):
-    from ..search import size_table
+    from ..sizes import SizeTable
 
     opts = [o.strip() for o in options.split(",") if o.strip()] if options else None
-    return size_table(mq, opts)
+    return SizeTable.of(mq, opts)
 
 
 def _search_one(args, target, predictor, mq, mq_path, sizes, records):
-    from ..search import cache_best, error_ilp, search, size_table, uniform_config
+    from ..search import cache_best, error_ilp, search, uniform_config
+    from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
     if args.baseline == "uniform":
-        return uniform_config(size_table(mq), args.option)
+        return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
     if args.baseline == "error-ilp":
         return error_ilp(sizes, target, error=args.error, method=args.solver, what=what)
     if args.baseline == "cache":  # cached configs may use any option of the multiquantizer
-        return cache_best(records, size_table(mq), target, metric=args.metric)
+        return cache_best(records, SizeTable.from_multiquantizer(mq), target, metric=args.metric)
     return search(predictor, mq, target, level=args.level, max_combinations=args.max_combinations,
                   method=args.solver, sizes=sizes, what=what)
 
@@ -200,7 +201,8 @@ def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, parse_sweep, predict_results, size_table, uniform_baselines
+    from ..search import AdditiveScorer, parse_sweep, predict_results, uniform_baselines
+    from ..sizes import SizeTable
 
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         from .. import insights
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), out / "sweep.csv")
-        full = size_table(mq)
+        full = SizeTable.from_multiquantizer(mq)
         extra = uniform_baselines(full)
         if predictor is not None:
             predict_results(predictor, extra)

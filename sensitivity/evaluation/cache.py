@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..config import config_hash, normalize_config  # noqa: F401 - re-exported (one config hash)
 from ..errors import ConfigError, CorruptFileError, SensitivityError
 from ..options import FP16, METHOD_ALIASES, QuantOption
 
@@ -111,24 +112,23 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def config_hash(options: Mapping[str, str]) -> str:
-    """Hash of a ``{layer: option}`` config, the same as :attr:`QuantConfig.config_hash`.
+def build_record(config: Mapping[str, str], sizes: Any, metrics: Mapping[str, Any],
+                 timings: Optional[Mapping[str, Any]] = None, host: Optional[str] = None,
+                 signature: Optional[str] = None, run_id: Optional[str] = None, index: Optional[int] = None,
+                 created_at: Optional[str] = None) -> Dict[str, Any]:
+    """A cache record (fields of :data:`RECORD_FIELDS`) of one evaluated config: the one place records are made.
 
-    fp16 entries are dropped first (absent = full precision), so spelling does not change it.
+    ``sizes``: a :class:`~sensitivity.sizes.SizeTable` (or what :meth:`SizeTable.of` takes, e.g. the
+    cache's layer stats) for ``avg_bits``, ``quantized_bytes`` and ``summed_error``.
     """
-    from ..config import options_hash
+    from ..sizes import SizeTable
 
-    return options_hash(normalize_config(options))
-
-
-def normalize_config(options: Mapping[str, str]) -> Dict[str, str]:
-    """Canonical option names, fp16 entries removed, keys sorted."""
-    out = {}
-    for layer, opt in options.items():
-        name = QuantOption.parse(opt).name
-        if name != FP16:
-            out[str(layer)] = name
-    return dict(sorted(out.items()))
+    options = normalize_config(config)
+    avg_bits, qbytes, err = SizeTable.of(sizes).config_stats(options)
+    return {"run_id": run_id, "index": index, "config_hash": config_hash(options), "config": options,
+            "avg_bits": avg_bits, "quantized_bytes": qbytes, "summed_error": err, "metrics": dict(metrics),
+            "signature": signature, "timings": dict(timings or {}), "host": host or socket.gethostname(),
+            "created_at": created_at or now_iso()}
 
 
 def evaluation_signature(evaluation: Mapping[str, Any]) -> str:

@@ -44,8 +44,8 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 from tqdm.auto import tqdm
 
 from ..errors import SensitivityError
-from ..options import FP16
-from .cache import ConfigCache, config_hash, normalize_config, process_owner, run_id_for
+from ..sizes import SizeTable
+from .cache import ConfigCache, build_record, config_hash, normalize_config, process_owner, run_id_for
 from .sampler import SamplerSpec
 
 EvaluateFn = Callable[[int, Dict[str, str]], Mapping[str, Any]]
@@ -64,33 +64,6 @@ def layer_stats_from_multiquantizer(mq) -> Dict[str, Dict[str, Any]]:
             opts[opt] = [int(s["nbytes"]), float(s["error"])]
         out[spec.name] = {"fp16_bytes": int(mq.fp16_bytes(spec.name)), "options": opts}
     return out
-
-
-def config_stats(options: Mapping[str, str], layer_stats: Mapping[str, Mapping[str, Any]]) -> Tuple[float, int, float]:
-    """``(avg_bits, quantized_bytes, summed_error)`` of a config, as ``Multiquantizer`` computes them.
-
-    avg bits = ``16 * Σ bytes / Σ fp16 bytes`` over all layers (absent layers at fp16); summed error =
-    Σ relative squared error over the quantized layers.
-    """
-    qbytes = fp = 0
-    err = 0.0
-    for layer, st in layer_stats.items():
-        fp16 = int(st["fp16_bytes"])
-        fp += fp16
-        opt = options.get(layer, FP16)
-        if opt == FP16:
-            qbytes += fp16
-        else:
-            try:
-                nbytes, e = st["options"][opt]
-            except KeyError:
-                raise SensitivityError(f"layer {layer!r}: option {opt!r} is not in the multiquantizer") from None
-            qbytes += int(nbytes)
-            err += float(e)
-    unknown = set(options) - set(layer_stats)
-    if unknown:
-        raise SensitivityError(f"layer {sorted(unknown)[0]!r} is not in the multiquantizer")
-    return 16.0 * qbytes / fp, qbytes, err
 
 
 @dataclass
@@ -845,6 +818,7 @@ def _run_job(cache, path, plan, runner, signature, evaluation, progress, lease_s
 def _drive(cache, plan, runner, summary, todo, run_id, owner, progress, lease_s, max_retries, poll_s, desc,
            max_configs, n_done0) -> JobSummary:
     N = plan.num_configs
+    sizes = SizeTable.from_layer_stats(plan.layer_stats)
     bar = tqdm(total=N, initial=n_done0, unit="cfg", desc=desc, disable=not progress, dynamic_ncols=True)
     inflight: Dict[int, Dict[str, str]] = {}
     attempts: Dict[int, int] = collections.defaultdict(int)
@@ -884,9 +858,7 @@ def _drive(cache, plan, runner, summary, todo, run_id, owner, progress, lease_s,
                 i = ev.index
                 if ev.kind == "done":
                     options = inflight.pop(i)
-                    avg_bits, qbytes, err = config_stats(options, plan.layer_stats)
-                    record = {"config": options, "avg_bits": avg_bits, "quantized_bytes": qbytes,
-                              "summed_error": err, "metrics": ev.metrics, "timings": ev.timings, "host": ev.host}
+                    record = build_record(options, sizes, ev.metrics, ev.timings, ev.host)
                     cache.add(record, run_id, i)
                     summary.evaluated += 1
                     summary.eval_seconds.append(float((ev.timings or {}).get("evaluate", float("nan"))))
