@@ -234,6 +234,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch, built):
             assert torch.equal(mq.dequantize(name, opt), ref.dequantize(name, opt))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     """A build killed with SIGKILL mid-way resumes and yields the same file content hash."""
     out = tmp_path / "k.safetensors"

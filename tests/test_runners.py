@@ -217,6 +217,7 @@ def _children(pid):
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(mq_path, tmp_path):
     """Kill the job (SIGKILL) at random points several times, rerun: exactly the planned configs, once each."""
     n = 24
@@ -271,6 +272,7 @@ def test_two_jobs_on_one_cache(mq_path, tmp_path):
     _check_complete(cache, make_plan(mq_path, n))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ray_available(), reason="ray is not installed (pip install 'sensitivity[ray]')")
 def test_ray_matches_local_and_survives_a_dead_actor(mq_path, tmp_path):
     import ray

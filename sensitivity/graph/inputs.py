@@ -4,7 +4,7 @@
 ``UNet2DModel``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``HunyuanDiT2DModel``) and two
 the reference never covered (``SD3Transformer2DModel``, ``FluxTransformer2DModel``). It reads sizes from
 the model's ``config`` (latent ``sample_size``, channels, text widths), so the traced shapes are the
-model's native ones. Any other module: pass ``inputs=`` to :func:`sensitivity.graph.trace_graph`.
+model's native ones. Any other module: pass ``inputs=`` to :func:`sensitivity.graph.build_graph`.
 
 Only the *named* conditioning inputs become ``input`` nodes of the graph (:data:`GRAPH_INPUTS`); masks,
 position ids and rotary tables are treated as constants.
@@ -49,7 +49,7 @@ _TEXT_LEN = {
 def _cfg(model: nn.Module) -> Dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None:
-        raise SensitivityError(f"{type(model).__name__} has no diffusers config: pass inputs= to trace_graph")
+        raise SensitivityError(f"{type(model).__name__} has no diffusers config: pass inputs= to build_graph")
     return dict(cfg)
 
 
@@ -161,7 +161,7 @@ def example_inputs(
             kw["guidance"] = t.clone()
         return kw
     raise SensitivityError(
-        f"no example inputs for denoiser class {name}: pass inputs= (forward keyword arguments) to trace_graph"
+        f"no example inputs for denoiser class {name}: pass inputs= (forward keyword arguments) to build_graph"
     )
 
 
