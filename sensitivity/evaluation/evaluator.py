@@ -27,6 +27,7 @@ Metrics per config:
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -202,6 +203,7 @@ class Evaluator:
                 raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
                                        f"extractor's {extractor.name}")
         self._fp_images: Optional[np.ndarray] = None
+        self._device_stage = threading.Lock()
         self._labels = np.asarray(protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
@@ -264,16 +266,17 @@ class Evaluator:
         options = as_options(config) if config is not None else {}
         if options and self.mq is None:
             raise SensitivityError("Evaluator: no multiquantizer given, only full precision can be evaluated")
-        self.reference_images()  # before applying: the full-precision images of the same seeds
-        t0 = time.perf_counter()
-        try:
-            if options:
-                apply(self.denoiser, self.mq, options)
-            t1 = time.perf_counter()
-            images = self.generate()
-        finally:
-            restore(self.denoiser)
-        t2 = time.perf_counter()
+        with self._device_stage:  # one config on the model at a time; scoring below may overlap the next
+            self.reference_images()  # before applying: the full-precision images of the same seeds
+            t0 = time.perf_counter()
+            try:
+                if options:
+                    apply(self.denoiser, self.mq, options)
+                t1 = time.perf_counter()
+                images = self.generate()
+            finally:
+                restore(self.denoiser)
+            t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images))
         t3 = time.perf_counter()
         out["seconds"] = t3 - t0
@@ -282,12 +285,18 @@ class Evaluator:
             out["images"] = images
         return out
 
-    def worker(self) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
-        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`."""
+    def worker(self, concurrency: int = 1) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
+        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`.
+
+        ``concurrency=2`` lets a worker run two configs at once: the device stage (apply, generate,
+        restore) stays one config at a time, so the scoring of one (feature network and metric math,
+        on the CPU) overlaps the generation of the next. Metrics are the same either way.
+        """
 
         def evaluate(index: int, options: Dict[str, str]) -> Dict[str, Any]:
             return self.evaluate(options)
 
+        evaluate.concurrency = int(concurrency)
         return evaluate
 
 
