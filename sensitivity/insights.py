@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -54,6 +53,7 @@ from .config import QuantConfig, as_options
 from .errors import SensitivityError
 from .options import OPTION_NAMES, QuantOption, canonical
 from .sizes import SizeTable
+from .zoo.naming import DIFFUSERS_NAMING, LayerInfo  # noqa: F401 - LayerInfo re-exported
 
 LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group")
 SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group")
@@ -76,102 +76,23 @@ OPTION_COLORS = {
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    block: str
-    block_rank: int
-    op_type: str
-    op_group: str
+def _family_of(source: Any) -> Any:
+    """The zoo family of a multiquantizer / graph (its ``model_id`` ``family:weights``), or None."""
+    from .zoo import list_families
+
+    mid = getattr(source, "model_id", None)
+    name = str(mid).split(":", 1)[0] if mid else None
+    return name if name in list_families() else None
 
 
-# (regex on the part of the name after the block prefix, op_type, op_group); first match wins
-_OP_RULES: Tuple[Tuple[str, str, str], ...] = (
-    (r"(?:^|\.)attn1\.to_q$", "SA-Q", "SA"),
-    (r"(?:^|\.)attn1\.to_k$", "SA-K", "SA"),
-    (r"(?:^|\.)attn1\.to_v$", "SA-V", "SA"),
-    (r"(?:^|\.)attn1\.to_out\.0$", "SA-Out", "SA"),
-    (r"(?:^|\.)attn2\.to_q$", "CA-Q", "CA"),
-    (r"(?:^|\.)attn2\.to_k$", "CA-K", "CA"),
-    (r"(?:^|\.)attn2\.to_v$", "CA-V", "CA"),
-    (r"(?:^|\.)attn2\.to_out\.0$", "CA-Out", "CA"),
-    (r"^attentions\.\d+\.to_q$", "SA-Q", "SA"),  # UNet2DModel attention (no attn1)
-    (r"^attentions\.\d+\.to_k$", "SA-K", "SA"),
-    (r"^attentions\.\d+\.to_v$", "SA-V", "SA"),
-    (r"^attentions\.\d+\.to_out\.0$", "SA-Out", "SA"),
-    (r"(?:^|\.)ff\.net\.0\.proj$", "FF1", "FF"),
-    (r"(?:^|\.)ff\.net\.2$", "FF2", "FF"),
-    (r"(?:^|\.)timestep_embedder\.linear_\d$", "t-Embed", "Embed"),
-    (r"^norm1\.linear$", "AdaLN", "AdaLN"),
-    (r"^skip_linear$", "Skip-Linear", "Skip"),
-    (r"^attentions\.\d+\.proj_in$", "Proj-In", "Attn-IO"),
-    (r"^attentions\.\d+\.proj_out$", "Proj-Out", "Attn-IO"),
-    (r"^resnets\.\d+\.conv1$", "Res-Conv1", "Res"),
-    (r"^resnets\.\d+\.conv2$", "Res-Conv2", "Res"),
-    (r"^resnets\.\d+\.time_emb_proj$", "Res-TEmb", "Res"),
-    (r"^resnets\.\d+\.conv_shortcut$", "Res-Shortcut", "Res"),
-    (r"^downsamplers\.\d+\.conv$", "Downsample", "Sample"),
-    (r"^upsamplers\.\d+\.conv$", "Upsample", "Sample"),
-)
+def describe_layer(name: str, family: Any = None) -> LayerInfo:
+    """Block and op type of a layer name by ``family``'s naming rules (a family name or object; default:
+    the diffusers rules every built-in family uses). ``#main`` / ``#skip`` halves keep their suffix."""
+    if family is None:
+        return DIFFUSERS_NAMING.describe(name)
+    from .zoo import get_family
 
-# layers outside blocks: (regex on the full name, block, op_type, op_group)
-_TOP_RULES: Tuple[Tuple[str, str, str, str], ...] = (
-    (r"^pos_embed\.proj$", "embed", "Patchify", "IO"),
-    (r"^conv_in$", "embed", "Conv-In", "IO"),
-    (r"^(?:adaln_single\.emb\.)?timestep_embedder\.linear_\d$", "embed", "t-Embed", "Embed"),
-    (r"^adaln_single\.", "embed", "t-Embed", "Embed"),
-    (r"^time_embedding\.", "embed", "t-Embed", "Embed"),
-    (r"^time_extra_emb\.timestep_embedder\.", "embed", "t-Embed", "Embed"),
-    (r"^time_extra_emb\.", "embed", "c-Embed", "Embed"),
-    (r"^(?:caption_projection|text_embedder|add_embedding|class_embedding|encoder_hid_proj)\.", "embed", "c-Embed", "Embed"),
-    (r"^(?:proj_out_1|norm_out\.linear)$", "out", "Out-AdaLN", "IO"),
-    (r"^(?:proj_out|proj_out_2|conv_out)$", "out", "Out", "IO"),
-)
-
-_BLOCK_RULES: Tuple[Tuple[str, str], ...] = (
-    # (regex capturing the block prefix and index, kind)
-    (r"^(transformer_blocks)\.(\d+)\.(.+)$", "flat"),  # DiT, PixArt
-    (r"^(blocks)\.(\d+)\.(.+)$", "flat"),  # Hunyuan-DiT
-    (r"^(down_blocks)\.(\d+)\.(.+)$", "down"),
-    (r"^(up_blocks)\.(\d+)\.(.+)$", "up"),
-    (r"^(mid_block)()\.(.+)$", "mid"),
-)
-
-_RANK_EMBED, _RANK_MID, _RANK_UP, _RANK_OUT = -1, 1000, 2000, 10_000
-
-
-def _op(rest: str) -> Tuple[str, str]:
-    for pattern, op_type, group in _OP_RULES:
-        if re.search(pattern, rest):
-            return op_type, group
-    # unknown layer kind: its path with indices removed, e.g. "foo.N.bar"
-    return re.sub(r"\.\d+(?=\.|$)", "", rest) or rest, "Other"
-
-
-def describe_layer(name: str) -> LayerInfo:
-    """Block and op type of a layer name (``#main`` / ``#skip`` halves keep their suffix in op_type)."""
-    base, _, half = name.partition("#")
-    suffix = f"#{half}" if half else ""
-    for pattern, kind in _BLOCK_RULES:
-        m = re.match(pattern, base)
-        if not m:
-            continue
-        rest = m.group(3)
-        op_type, group = _op(rest)
-        if kind == "flat":
-            if group == "Embed":  # DiT: every block holds a copy of the (tied) timestep embedder
-                return LayerInfo("embed", _RANK_EMBED, op_type + suffix, group)
-            i = int(m.group(2))
-            return LayerInfo(str(i), i, op_type + suffix, group)
-        if kind == "mid":
-            return LayerInfo("mid", _RANK_MID, op_type + suffix, group)
-        i = int(m.group(2))
-        rank = i if kind == "down" else _RANK_UP + i
-        return LayerInfo(f"{kind}.{i}", rank, op_type + suffix, group)
-    for pattern, block, op_type, group in _TOP_RULES:
-        if re.match(pattern, base):
-            return LayerInfo(block, _RANK_EMBED if block == "embed" else _RANK_OUT, op_type + suffix, group)
-    op_type, group = _op(base)
-    return LayerInfo("other", _RANK_OUT - 1, op_type + suffix, group)
+    return get_family(family).describe_layer(name)
 
 
 def _layer_names(source: Any) -> List[str]:
@@ -196,8 +117,9 @@ def layer_table(source: Any) -> pd.DataFrame:
     rows = []
     specs = getattr(source, "layers", None) if not isinstance(source, (pd.DataFrame, Mapping)) else None
     specs = specs if specs is not None else (source if isinstance(source, (list, tuple)) else None)
+    family = _family_of(source)
     for i, name in enumerate(_layer_names(source)):
-        info = describe_layer(name)
+        info = describe_layer(name, family)
         row = {"layer": name, "block": info.block, "block_rank": info.block_rank, "op_type": info.op_type,
                "op_group": info.op_group}
         spec = specs[i] if specs is not None and i < len(specs) and hasattr(specs[i], "numel") else None

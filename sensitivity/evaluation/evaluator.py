@@ -40,7 +40,7 @@ from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
 from ..zoo import get_family
-from ..zoo.base import ModelFamily
+from ..zoo.base import DIGITS_CLASSIFIER, ModelFamily
 from . import metrics as M
 
 DIGITS_REFERENCE = "sklearn-digits-1797"
@@ -97,7 +97,7 @@ class EvalProtocol:
         conditions = fam.check_conditions(conditions)
         seeds = [int(seed) + i for i in range(len(conditions))]
         d = fam.defaults
-        digits = is_digits_family(fam)
+        digits = fam.feature_network == DIGITS_CLASSIFIER
         if feature_net is None:
             if digits:
                 feature_net = M.DigitsFeatures().name
@@ -147,10 +147,6 @@ class EvalProtocol:
         return replace(self, multiquantizer_hash=mq_hash)
 
 
-def is_digits_family(family: ModelFamily) -> bool:
-    return family.name in ("digits-dit", "digits-unet")
-
-
 class Evaluator:
     """Scores quantization configs of one pipeline under one :class:`EvalProtocol`.
 
@@ -184,7 +180,7 @@ class Evaluator:
         elif dt != protocol.dtype:
             raise SensitivityError(f"protocol dtype {protocol.dtype} but the model runs in {dt}")
         self.protocol = protocol
-        self.digits = is_digits_family(self.family)
+        self.digits = self.family.feature_network == DIGITS_CLASSIFIER
         self.device = self.denoiser.device
         self._features = None
         self.reference_dir = reference_dir

@@ -32,6 +32,10 @@ class DiffusersFamily(ModelFamily):
     pipeline_class: str = ""
     denoiser_class: str = ""
     denoiser_aliases: Tuple[str, ...] = ()
+
+    @property
+    def denoiser_class_names(self) -> Tuple[str, ...]:  # type: ignore[override]
+        return (self.denoiser_class,) + tuple(self.denoiser_aliases)
     config_root: str = ""
     pipeline_aliases: Tuple[str, ...] = ()
     tiny_denoiser: Mapping[str, Any] = {}
