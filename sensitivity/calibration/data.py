@@ -88,16 +88,12 @@ class CalibrationSet:
             chunk = {k: v[a:a + batch_size] for k, v in self.tensors.items() if not k.startswith("_")}
             yield unflatten_inputs(chunk, self.constants, device=device, dtype=dtype)
 
-    def check_model(self, family_name: str, layers_hash: Optional[str] = None, where: str = "") -> None:
-        """Raise SensitivityError if this set was made for another model family / architecture."""
+    def check_model(self, model_id: str, where: str = "") -> None:
+        """Raise SensitivityError if this set was captured from another model (family + weights id)."""
         name = where or (str(self.path) if self.path else "calibration set")
-        fam = self.model_id.split(":", 1)[0]
-        if fam != family_name:
+        if self.model_id != model_id:
             raise SensitivityError(f"{name}: calibration set of {self.model_id or 'an unknown model'}, "
-                                   f"not of model {family_name!r}")
-        if layers_hash and self.meta.get("architecture_hash") and self.meta["architecture_hash"] != layers_hash:
-            raise SensitivityError(f"{name}: calibration set of another {family_name} architecture "
-                                   f"(its layers hash {self.meta['architecture_hash'][:12]}, the model's {layers_hash[:12]})")
+                                   f"not of {model_id}")
 
     # ------------------------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> Path:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
-from ..layers import LayerSpec, architecture_hash, layer_weight
+from ..layers import LayerSpec, layer_weight
 from ..options import QuantOption
 from ..quantizers import QuantizedWeight
 from ..quantizers.activation import _check_bits, disable_activation_quant, point_channel_dim, static_points
@@ -92,9 +92,15 @@ def _input_rows(module: nn.Module, x: torch.Tensor, in_slice: Optional[Tuple[int
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _device_dtype(den: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    p = next(den.parameters())
+    return p.device, p.dtype
+
+
 def _run(den: nn.Module, data: CalibrationSet, batch_size: int) -> None:
+    device, dtype = _device_dtype(den)
     with torch.no_grad():
-        for args, kwargs in data.batches(batch_size, device=den.device, dtype=den.dtype):
+        for args, kwargs in data.batches(batch_size, device=device, dtype=dtype):
             den(*args, **kwargs)
 
 
@@ -211,7 +217,7 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
 
     ``act_bits``: 2..16 or ``None`` (weights only); ``observer`` / ``granularity``: see
     :mod:`.observers`; ``held_out``: fraction of ``data`` kept out of the weight fit (seeded by
-    ``seed``) to report held-out errors. ``family``: the zoo family name (checked against ``data``).
+    ``seed``) to report held-out errors. ``data`` must come from ``mq.model_id`` (same family and weights).
     """
     from ..multiquantizer import apply, restore
 
@@ -232,8 +238,7 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
     mq.validate(options)
     if not options:
         raise SensitivityError("the config quantizes no layer")
-    fam_name = family or mq.model_id.split(":", 1)[0]
-    data.check_model(fam_name, architecture_hash(mq.layers))
+    data.check_model(mq.model_id)
     _check_inputs(den, data)
 
     specs = [s for s in mq.layers if s.name in options]
@@ -315,7 +320,8 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
 
 def _check_inputs(den: nn.Module, data: CalibrationSet) -> None:
     """Run one sample through ``den``: a set of another shape fails here with one line."""
-    args, kwargs = next(data.batches(1, device=den.device, dtype=den.dtype))
+    device, dtype = _device_dtype(den)
+    args, kwargs = next(data.batches(1, device=device, dtype=dtype))
     try:
         with torch.no_grad():
             den(*args, **kwargs)
