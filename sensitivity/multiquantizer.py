@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig, as_options
 from .errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
+from .threads import threads_for, using_threads
 from .layers import LayerSpec, architecture_hash, check_ties, find_layers, layer_weight, weights_hash
 from .options import FP16, OPTION_NAMES, QuantOption
 from .quantizers import get_method
@@ -428,8 +429,12 @@ def build_multiquantizer(
     resume: bool = True,
     progress: bool = True,
     extra: Optional[Mapping[str, Any]] = None,
+    threads: Optional[int] = None,
 ) -> Multiquantizer:
     """Quantize every layer of ``module`` with every option and write ``out`` (a .safetensors file).
+
+    ``threads``: CPU threads for large layers (default: the free cores, :func:`sensitivity.threads.free_cores`);
+    layers under :data:`sensitivity.threads.SMALL_WORK` weights run on one thread.
 
     ``layers`` defaults to :func:`sensitivity.layers.find_layers` (use the zoo family's rules for real
     models). ``device``: where the quantizer math runs (default: the weights' device). A killed build
@@ -506,7 +511,8 @@ def build_multiquantizer(
         if reader is not None:
             recomputed += len(todo)
         t_layer = time.perf_counter()
-        new_tensors, new_stats = _quantize_layer(module, spec, todo, dev)
+        with using_threads(threads_for(spec.numel, limit=threads)):
+            new_tensors, new_stats = _quantize_layer(module, spec, todo, dev)
         dt = time.perf_counter() - t_layer
         seconds += dt + prev_seconds
         resumed_seconds += prev_seconds
