@@ -108,9 +108,9 @@ def test_adaround_and_refit_lower_output_error():
         q = quantize(W, opt)
         params = refit_table(q.method, W, H, q.codes, q.params)
         assert {k: (v.shape, v.dtype) for k, v in params.items()} == {k: (v.shape, v.dtype) for k, v in q.params.items()}
-        from sensitivity.quantizers import get_quantizer
+        from sensitivity.quantizers import get_method
 
-        new = output_error(W, lookup_codes(get_quantizer(q.method).table(params, q.bits), q.codes), H)
+        new = output_error(W, lookup_codes(get_method(q.method).table(params, q.bits), q.codes), H)
         assert new <= output_error(W, lookup_codes(q.table(), q.codes), H) * (1 + 1e-6)
 
 

@@ -200,9 +200,9 @@ def _round_layer(rounding: str, method: str, W: torch.Tensor, H: torch.Tensor, q
             codes = adaround_codes(W, H, table, iters=adaround_iters, seed=seed)
         elif step == "refine":
             params = refit_table(method, W, H, codes, params)
-            from ..quantizers import get_quantizer
+            from ..quantizers import get_method
 
-            table = get_quantizer(method).table(params, q.bits)
+            table = get_method(method).table(params, q.bits)
         else:
             raise SensitivityError(f"unknown rounding step {step!r}")
     return codes, params
