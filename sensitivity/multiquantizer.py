@@ -92,6 +92,25 @@ def _write_safetensors(path: Path, tensors: Sequence[Tuple[str, Any]], metadata:
         os.fsync(fh.fileno())
 
 
+def _check_header(path: Path, header: Any) -> None:
+    """A safetensors header: ``{"__metadata__": {str: str}, name: {dtype, shape, data_offsets}}``."""
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: not a safetensors file (its JSON header is a {type(header).__name__}, not an object)")
+    meta = header.get("__metadata__", {})
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CorruptFileError(f"{path}: damaged safetensors header (__metadata__ is not a string map)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _DTYPES and isinstance(info.get("shape"), list)
+              and all(isinstance(x, int) and x >= 0 for x in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(x, int) and x >= 0 for x in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise CorruptFileError(f"{path}: damaged safetensors header (entry {name!r})")
+
+
 class _SafetensorsReader:
     """Minimal lazy reader: header on open, one tensor per ``get`` (memory-mapped file)."""
 
@@ -109,8 +128,13 @@ class _SafetensorsReader:
                 header = json.loads(fh.read(n))
         except FileNotFoundError:
             raise SensitivityError(f"multiquantizer file {str(self.path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise SensitivityError(f"multiquantizer {str(self.path)!r} is a folder, not a .safetensors file") from None
+        except OSError as exc:
+            raise SensitivityError(f"cannot read multiquantizer {str(self.path)!r}: {exc.strerror}") from None
         except (ValueError, UnicodeDecodeError, struct.error) as exc:
             raise CorruptFileError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        _check_header(self.path, header)
         self.metadata: Dict[str, str] = header.pop("__metadata__", {}) or {}
         self.header = header
         self.data_start = 8 + n
