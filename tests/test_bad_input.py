@@ -201,7 +201,7 @@ MULTIQUANTIZE = {
     "info-garbage": (lambda w: ["info", w.garbage], "garbage.safetensors"),
     "info-missing": (lambda w: ["info", w.d / "nosuch.safetensors"], "nosuch.safetensors"),
     "issue:info-list-header": (lambda w: ["info", w.listheader], ["listheader.safetensors", "header"]),
-    "info-directory": (lambda w: ["info", w.mqdir], ["mqdir.safetensors", "folder"]),
+    "info-directory": (lambda w: ["info", w.mqdir], ["mqdir.safetensors", "not a file"]),
 }
 
 
