@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..io import atomic_path
 from ..errors import ConfigError, CorruptFileError, SensitivityError
 from ..options import FP16, METHOD_ALIASES, QuantOption
 
@@ -637,36 +638,34 @@ class ConfigCache:
     def export(self, out: str | os.PathLike, fmt: Optional[str] = None, reference_names: bool = True) -> Tuple[Path, int]:
         """Write all records to ``out`` as ``parquet``, ``csv`` or the reference's ``pkl`` layout.
 
-        Written to a temporary file and renamed. Returns ``(path, number of records)``.
+        Written through :func:`sensitivity.io.atomic_path` (whole or not at all). Returns ``(path, number of records)``.
         """
         out = Path(out)
         fmt = (fmt or out.suffix.lstrip(".")).lower()
         fmt = {"pickle": "pkl", "pq": "parquet"}.get(fmt, fmt)
         if fmt not in ("parquet", "csv", "pkl"):
             raise SensitivityError(f"export format {fmt!r} not supported (parquet, csv, pkl)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         meta = {"format": FORMAT, "signature": self.signature, "evaluation": self.evaluation}
-        if fmt == "pkl":
-            data = self.reference_records(reference_names=reference_names)
-            with open(tmp, "wb") as fh:
-                pickle.dump(data, fh, protocol=4)
-            n = len(data)
-        else:
-            df = self.to_frame()
-            n = len(df)
-            if fmt == "csv":
-                df = df.assign(evaluation=_json(meta["evaluation"]))
-                df.to_csv(tmp, index=False)
+        with atomic_path(out, "export") as tmp:
+            if fmt == "pkl":
+                data = self.reference_records(reference_names=reference_names)
+                with open(tmp, "wb") as fh:
+                    pickle.dump(data, fh, protocol=4)
+                n = len(data)
             else:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+                df = self.to_frame()
+                n = len(df)
+                if fmt == "csv":
+                    df = df.assign(evaluation=_json(meta["evaluation"]))
+                    df.to_csv(tmp, index=False)
+                else:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
 
-                table = pa.Table.from_pandas(df, preserve_index=False)
-                md = dict(table.schema.metadata or {})
-                md[b"sensitivity.cache"] = _json(meta).encode()
-                pq.write_table(table.replace_schema_metadata(md), tmp)
-        os.replace(tmp, out)
+                    table = pa.Table.from_pandas(df, preserve_index=False)
+                    md = dict(table.schema.metadata or {})
+                    md[b"sensitivity.cache"] = _json(meta).encode()
+                    pq.write_table(table.replace_schema_metadata(md), tmp)
         return out, n
 
     def reference_records(self, reference_names: bool = True) -> List[Dict[str, Any]]:
