@@ -235,7 +235,7 @@ INFER = {
     "foreign-mq": (lambda w: _infer(w, "--multiquantizer", w.foreign, mq=False), ["foreign.safetensors", "digits-unet"]),
     "class-id-out-of-range": (lambda w: _infer(w, "--class-id", "10"), "class id 10"),
     "untrusted-pickle": (lambda w: _infer(w, "--config", w.cfg_pkl), ["cfg.pkl", "--trust-pickle"]),
-    "mq-directory": (lambda w: _infer(w, "--multiquantizer", w.mqdir, mq=False), "mqdir.safetensors"),
+    "mq-directory": (lambda w: _infer(w, "--multiquantizer", w.mqdir, mq=False), ["mqdir.safetensors", "not a file"]),
     "issue:device-cuda": (lambda w: _infer(w, "--config", w.cfg, "--device", "cuda"), ["--device cuda", "CUDA"]),
     "issue:nan-weights": (lambda w: _infer(w, "--weights", w.nanw, mq=False), ["nan-weights", "NaN"]),
     "steps-zero": (lambda w: _infer(w, "--steps", "0"), "--steps"),
@@ -378,6 +378,7 @@ SEARCH = {
                                           w.mq, "--out", w.out / "s.json"], "uaq-9"),
     "issue:target-inf": (lambda w: _search(w, "--target-bits", "inf"), ["--target-bits", "inf"]),
     "issue:target-above-16": (lambda w: _search(w, "--target-bits", "17"), ["17", "16"]),
+    "target-above-options": (lambda w: _search(w, "--target-bits", "5"), ["--target-bits 5", "above 4.2080"]),
     "target-nan": (lambda w: _search(w, "--target-bits", "nan"), ["--target-bits", "nan"]),
     "issue:sweep-all-infeasible": (lambda w: _search(w, "--sweep", "1:2:0.5", out=w.out / "sweep"), "1:2:0.5"),
     "issue:mq-directory": (lambda w: _search(w, "--target-bits", "3.5", "--multiquantizer", w.mqdir),
@@ -400,3 +401,37 @@ def test_case_count():
     names = [f"{i}:{k}" for i, t in enumerate(everything) for k in t]
     assert sum(":issue:" in n for n in names) >= 18
     assert len(names) >= 51
+
+
+def test_atomic_helpers(tmp_path):
+    """sensitivity.io: the target appears whole or not at all; temporaries never stay."""
+    from sensitivity.errors import SensitivityError
+    from sensitivity.io import atomic_dir, atomic_path, atomic_write_text
+
+    f = tmp_path / "a" / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert not f.exists() and not any(f.parent.iterdir())
+    atomic_write_text(f, "whole")
+    assert f.read_text() == "whole" and [p.name for p in f.parent.iterdir()] == ["x.json"]
+
+    folder = tmp_path / "imgs"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(folder) as tmp:
+            (tmp / "0.png").write_bytes(b"x")
+            raise RuntimeError("generation failed")
+    assert not folder.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with atomic_dir(folder) as tmp:
+        (tmp / "0.png").write_bytes(b"new")
+    folder.joinpath("keep.txt").write_text("mine")
+    with atomic_dir(folder) as tmp:  # into an existing folder: same names replaced, others kept
+        (tmp / "0.png").write_bytes(b"newer")
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "keep.txt"]
+    assert (folder / "0.png").read_bytes() == b"newer"
+    with pytest.raises(SensitivityError, match="is a folder"):
+        atomic_write_text(folder, "x")
+    with pytest.raises(SensitivityError, match="not a folder"):
+        with atomic_dir(f):
+            pass

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         from ..multiquantizer import load_multiquantizer
 
         if not Path(args.multiquantizer).is_file():
-            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+            what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
         mq = load_multiquantizer(args.multiquantizer)
         mq_family = str(mq.model_id).split(":", 1)[0]
         if mq_family != fam.name:

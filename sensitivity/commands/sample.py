@@ -155,7 +155,8 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     elif not is_digits_family(fam):
         print(f"note: no --reference-dir: FID/KID are not computed for {fam.name}, only PSNR/MSE against full precision")
     if not Path(args.multiquantizer).is_file():
-        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+        what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
     mq = load_multiquantizer(args.multiquantizer)
     mq_family = str(mq.model_id).split(":", 1)[0]
     if mq_family != fam.name:
