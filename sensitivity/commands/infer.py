@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -74,15 +73,15 @@ def _save_png(image, path: Path) -> None:
     from PIL import Image
 
     arr = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    Image.fromarray(arr).save(path, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__ as sensitivity_version
+    from ..checks import check_finite_weights
+    from ..io import atomic_dir, check_writable
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
     from ..zoo.cli_args import generation_overrides, model_from_args
@@ -106,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         from ..multiquantizer import load_multiquantizer
 
         if not Path(args.multiquantizer).is_file():
-            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+            what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
         mq = load_multiquantizer(args.multiquantizer)
         mq_family = str(mq.model_id).split(":", 1)[0]
         if mq_family != fam.name:
@@ -119,15 +119,18 @@ def run(args: argparse.Namespace) -> int:
         if calibrated is not None and args.act_bits:
             raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
                                    "drop --act-bits")
-        mq.validate(config.options)
+        try:
+            mq.validate(config.options)
+        except SensitivityError as exc:
+            raise SensitivityError(f"--config {args.config}: {exc}") from None
         if config.multiquantizer_hash and config.multiquantizer_hash != mq.hash:
             print(f"warning: {args.config} was made for multiquantizer {config.multiquantizer_hash[:12]}, "
                   f"using {mq.hash[:12]} (its layers and options fit)", file=sys.stderr)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out, "--out", directory=True)
     pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
+    check_finite_weights(den, None, f"--weights {weights}")
     settings = fam.settings(pipe, **overrides)  # validates the overrides before any work
     t_load = time.time() - t0
 
@@ -152,11 +155,8 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.time()
     images = fam.generate(pipe, conditions, seeds, progress=not args.no_progress, **overrides)
     t_gen = time.time() - t1
-    records = []
-    for i, (img, c, s) in enumerate(zip(images, conditions, seeds)):
-        name = f"{i:05d}.png"
-        _save_png(img, out / name)
-        records.append({"file": name, ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s})
+    records = [{"file": f"{i:05d}.png", ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s}
+               for i, (c, s) in enumerate(zip(conditions, seeds))]
 
     import diffusers
 
@@ -185,9 +185,10 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"sensitivity": sensitivity_version, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(run_record, indent=1, default=str) + "\n")
-    os.replace(tmp, out / "run.json")
+    with atomic_dir(out, "--out") as tmp:  # the PNGs and run.json appear together, or not at all
+        for img, rec in zip(images, records):
+            _save_png(img, tmp / rec["file"])
+        (tmp / "run.json").write_text(json.dumps(run_record, indent=1, default=str) + "\n")
     bits = f"{run_record['config']['avg_bits']:.3f}-bit weights" if config is not None else "full-precision weights"
     acts = f", A{run_record['act_bits']}" if run_record["act_bits"] else ""
     if calibrated is not None:

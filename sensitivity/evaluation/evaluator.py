@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
+from ..checks import check_finite_weights
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
@@ -328,6 +329,7 @@ class EvaluatorFactory:
         fam = get_family(self.family)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = fam.load_pipeline(self.weights, device=device, dtype=self.dtype)
+        check_finite_weights(fam.denoiser(pipe), None, f"--weights {self.weights or fam.resolve_weights(None)}")
         mq = load_multiquantizer(self.multiquantizer) if self.multiquantizer else None
         return Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
                          reference_dir=self.reference_dir, cache_dir=self.cache_dir)
