@@ -259,9 +259,10 @@ def run(args: argparse.Namespace) -> int:
 
 def bits_range(sizes) -> Tuple[float, float]:
     """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
-    fp = int(sizes.drop_duplicates("layer")["fp16_bytes"].sum())
-    by_layer = sizes.groupby("layer")["nbytes"]
-    return 16.0 * int(by_layer.min().sum()) / fp, 16.0 * int(by_layer.max().sum()) / fp
+    from ..sizes import SizeTable
+
+    table = SizeTable.of(sizes)
+    return table.min_avg_bits(), table.max_avg_bits()
 
 
 def _ceil4(x: float) -> float:
