@@ -139,6 +139,9 @@ def atomic_dir(out: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise SensitivityError(f"--out {str(out)!r} already exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if out.exists():
