@@ -56,15 +56,20 @@ def unpack_codes_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(-1)[:n].to(torch.uint8)
 
 
+_SMALL = 1 << 18  # weights per part below which CPU dequantization uses torch ops
+
+
 def dequantize_part(packed: torch.Tensor, params: Dict[str, torch.Tensor], part: PartSpec) -> torch.Tensor:
     """float32 values of one packed part, shaped ``part.shape`` (bit-identical to the multiquantizer's)."""
     opt = QuantOption.parse(part.option)
     rows = int(part.shape[0])
-    if packed.device.type == "cpu":
-        codes = torch.from_numpy(unpack_codes(packed.numpy(), opt.bits, part.numel))
-    else:
-        codes = unpack_codes_torch(packed, opt.bits, part.numel)
     table = get_quantizer(opt.method).table(params, opt.bits)
+    if packed.device.type != "cpu" or part.numel <= _SMALL:
+        # torch ops: any device; on CPU also for small layers, where numba's parallel launch (~20 ms) dominates
+        codes = unpack_codes_torch(packed, opt.bits, part.numel).view(rows, -1).long()
+        values = table[0][codes] if table.shape[0] == 1 else torch.gather(table.expand(rows, -1), 1, codes)
+        return values.view(part.shape)
+    codes = torch.from_numpy(unpack_codes(packed.numpy(), opt.bits, part.numel))
     return lookup(table, codes.view(rows, -1)).view(part.shape)
 
 
