@@ -32,16 +32,27 @@ def _config(mq, seed=0, p_fp=0.1):
     return {n: rng.choice(mq.options) for n in mq.layer_names if rng.random() >= p_fp}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def _digits(tmp_path_factory, options):
     fam = get_family("digits-dit")
     pipe = fam.load_pipeline("shipped")
     den = fam.denoiser(pipe)
     path = tmp_path_factory.mktemp("mq") / "digits.safetensors"
     mq = build_multiquantizer(den, path, fam.find_layers(den), model_id=fam.model_id("shipped"),
-                              options=OPTIONS, progress=False)
+                              options=options, progress=False)
     source = {"family": "digits-dit", "weights": "shipped", "seed": 0, "model_id": fam.model_id("shipped")}
     return fam, pipe, den, mq, source
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """digits-dit with a multiquantizer of uaq, kmeans_c and kmeans_a options (slow tests)."""
+    return _digits(tmp_path_factory, OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def digits_uaq(tmp_path_factory):
+    """digits-dit with a uaq-3 / uaq-4 multiquantizer (cheap: seconds)."""
+    return _digits(tmp_path_factory, ("uaq-3", "uaq-4"))
 
 
 def _check_weights(q, den, mq, config):
@@ -97,14 +108,14 @@ def test_packed_digits_bit_exact_images(digits, tmp_path):
     assert np.array_equal(got, want) and np.array_equal(got_m, want)
 
 
-def test_bad_input_one_line_no_partial_output(digits, tmp_path):
-    fam, pipe, den, mq, source = digits
+def test_bad_input_one_line_no_partial_output(digits_uaq, tmp_path):
+    fam, pipe, den, mq, source = digits_uaq
     config = _config(mq, seed=1)
     unet = get_family("digits-unet").load_denoiser("shipped")
     with pytest.raises(SensitivityError, match="not built for|built for|has no layer"):
         export(unet, mq, config, tmp_path / "x", source={"model_id": "digits-unet:shipped"})
     with pytest.raises(SensitivityError, match="not in multiquantizer"):
-        export(den, mq, {"proj_out_2": "kmeans_a-3"}, tmp_path / "x", source=source)
+        export(den, mq, {"proj_out_2": "kmeans_c-3"}, tmp_path / "x", source=source)
     with pytest.raises(SensitivityError, match="unknown export format"):
         export(den, mq, config, tmp_path / "x", format="gguf", source=source)
     assert not any(tmp_path.iterdir())  # nothing written, no temp folder left
@@ -235,3 +246,22 @@ def test_packed_tiny_families(name, tmp_path):
         with pytest.raises(SensitivityError, match="split #main/#skip halves"):
             export(den, mq, config, tmp_path / "s", format="sdnq", source={"model_id": fam.model_id("tiny")})
         assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_new_methods_every_format(digits, tmp_path):
+    """int8, int8_c, fp8_e4m3, uaq_g128, uaq_ls: packed bit-exact, sdnq weights exact, onnx within float32 noise."""
+    fam, pipe, den, _, source = digits
+    opts = ("int8-8", "int8_c-8", "fp8_e4m3-8", "uaq_g128-4", "uaq_ls-3")
+    mq = build_multiquantizer(den, tmp_path / "new.safetensors", fam.find_layers(den), model_id=fam.model_id("shipped"),
+                              options=opts, progress=False)
+    config = _config(mq, seed=6, p_fp=0.0)
+    export(den, mq, config, tmp_path / "p", source=source)
+    assert _check_weights(load_quantized(tmp_path / "p"), den, mq, config) >= len(config)
+    if HAS_SDNQ:
+        rec = export(den, mq, config, tmp_path / "s", format="sdnq", source=source)
+        assert rec["sdnq_check"]["max_abs_weight_diff"] == 0.0
+    if HAS_ONNX:
+        rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+        assert rec["onnx_check"]["max_abs_diff"] <= 1e-5 * max(1.0, rec["onnx_check"]["torch_abs_max"])
+        assert rec["layers_dequantized"] >= sum(o.startswith("uaq_ls") for o in config.values())

@@ -10,8 +10,10 @@ params map onto that vocabulary (or, as a one-line reason, why they cannot):
 =============  =========================================  ===============================================
 method         onnx                                       sdnq (``SDNQDequantizer`` fields)
 =============  =========================================  ===============================================
-uaq, uaq_ls    QDQ: uint8 codes, per-row fp32 scale,      ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
+uaq            QDQ: uint8 codes, per-row fp32 scale,      ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
                uint8 zero point ``z`` (axis 0)            ``zero_point = -z·Δ`` (fp32, exact)
+uaq_ls         dequantized fp32 initializer (its refit    as uaq (``-z·Δ`` of fp16 z and Δ is exact in fp32)
+               zero points are not integers)
 uaq_g<N>       QDQ blocked (opset 21, ``block_size=N``)   ``uint<b>``, ``group_size=N`` (linear layers whose
                on the ``[C, K]`` codes                    row length N divides), scale/zero per group
 kmeans_c       dequantized fp32 initializer (ONNX has     ``uint<b>`` codebook, ``use_codebook``,
@@ -59,7 +61,7 @@ class MethodFormat:
 
 _TABLE: Mapping[str, MethodFormat] = {
     "uaq": MethodFormat("uaq", "qdq_affine", "uint_asymmetric"),
-    "uaq_ls": MethodFormat("uaq_ls", "qdq_affine", "uint_asymmetric"),
+    "uaq_ls": MethodFormat("uaq_ls", "dequantized", "uint_asymmetric"),
     "uaq_g": MethodFormat("uaq_g", "qdq_affine_blocked", "uint_asymmetric_grouped"),
     "kmeans_c": MethodFormat("kmeans_c", "dequantized", "codebook_row"),
     "kmeans_a": MethodFormat("kmeans_a", "dequantized", "codebook_tensor", per_row=False),

@@ -4,7 +4,7 @@
 ``nn.Linear`` ...) that holds, per part of its weight (one part, or the ``#main`` / ``#skip`` halves of
 a split layer), either the bit-packed uint8 codes and the method's params (buffers), or a plain float
 slice. Its ``weight`` is a property: each forward unpacks the codes and looks them up in the method's
-table (:func:`sensitivity.quantizers.get_quantizer`), the same functions :func:`~sensitivity.
+table (:func:`sensitivity.quantizers.get_method`), the same functions :func:`~sensitivity.
 multiquantizer.apply` uses, so the values are bit-identical to the fake-quantized weight. Memory held
 is the packed bytes; one layer's float weight exists only while that layer runs.
 :func:`materialize` dequantizes every packed module once into a plain module of its original class.
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..options import QuantOption
-from ..quantizers import get_quantizer, lookup
+from ..quantizers import TableMethod, get_method
 from ..quantizers.packing import unpack_codes
 
 
@@ -63,14 +63,19 @@ def dequantize_part(packed: torch.Tensor, params: Dict[str, torch.Tensor], part:
     """float32 values of one packed part, shaped ``part.shape`` (bit-identical to the multiquantizer's)."""
     opt = QuantOption.parse(part.option)
     rows = int(part.shape[0])
-    table = get_quantizer(opt.method).table(params, opt.bits)
-    if packed.device.type != "cpu" or part.numel <= _SMALL:
+    method = get_method(opt.method)
+    small = packed.device.type != "cpu" or part.numel <= _SMALL
+    if small:
         # torch ops: any device; on CPU also for small layers, where numba's parallel launch (~20 ms) dominates
-        codes = unpack_codes_torch(packed, opt.bits, part.numel).view(rows, -1).long()
-        values = table[0][codes] if table.shape[0] == 1 else torch.gather(table.expand(rows, -1), 1, codes)
-        return values.view(part.shape)
-    codes = torch.from_numpy(unpack_codes(packed.numpy(), opt.bits, part.numel))
-    return lookup(table, codes.view(rows, -1)).view(part.shape)
+        codes = unpack_codes_torch(packed, opt.bits, part.numel).view(rows, -1)
+        if isinstance(method, TableMethod):
+            table = method.table(params, opt.bits)
+            idx = codes.long()
+            values = table[0][idx] if table.shape[0] == 1 else torch.gather(table.expand(rows, -1), 1, idx)
+            return values.view(part.shape)
+    else:
+        codes = torch.from_numpy(unpack_codes(packed.numpy(), opt.bits, part.numel)).view(rows, -1)
+    return method.dequantize_rows(codes, params, opt.bits).view(part.shape)
 
 
 class PackedWeightMixin:

@@ -109,7 +109,7 @@ def _our_tensors(layer, qw, option: str, weight_shape) -> Dict[str, torch.Tensor
     elif fmt.sdnq == "fp8_symmetric":
         out["scale"] = _fill(layer.scale, qw.params["scale"].to(torch.float32).reshape(1, 1))
         out["weight"] = codes.to(torch.uint8).contiguous().view(torch.float8_e4m3fn)
-    return out
+    return {k: v.contiguous().clone() for k, v in out.items()}  # own memory: tied copies must not share it
 
 
 def _dequantize_sdnq(layer) -> torch.Tensor:
