@@ -34,6 +34,7 @@ COMMANDS = {
     "insights": "insights",
     "calibrate-data": "calibrate_data",
     "calibrate": "calibrate",
+    "export": "export",
 }
 
 
