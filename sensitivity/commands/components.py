@@ -60,7 +60,7 @@ def _pairs(items, flag: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..components import parse_component_configs, pipeline_components, run_components
+    from ..components import COMPONENT_NAMES, parse_component_configs, pipeline_components, run_components
     from ..errors import SensitivityError
     from ..options import QuantOption
     from ..zoo.cli_args import generation_overrides, model_from_args
@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     fam, weights, device, dtype = model_from_args(args)
     options = _pairs(args.component_option, "--component-option")
     configs = _pairs(args.config, "--config")
+    for name in list(options) + list(configs):
+        if name not in COMPONENT_NAMES:
+            raise SensitivityError(f"unknown component {name!r}; components are {', '.join(COMPONENT_NAMES)}")
     if args.option is None and not options and not configs:
         raise SensitivityError("give --option OPTION (or --component-option / --config per component)")
     for opt in ([args.option] if args.option else []) + list(options.values()):
