@@ -42,9 +42,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig, as_options
 from .errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
+from .threads import threads_for, using_threads
 from .layers import LayerSpec, architecture_hash, check_ties, find_layers, layer_weight, weights_hash
 from .options import FP16, OPTION_NAMES, QuantOption
-from .quantizers import QuantizedWeight, get_quantizer, lookup, quantize
+from .quantizers import get_method
+from .quantizers.tensor import QuantizedWeight, quantize
 from .quantizers.packing import pack_codes, unpack_codes
 
 FORMAT = "sensitivity.multiquantizer/1"
@@ -60,11 +62,11 @@ class _Lazy:
     """A tensor of a part file, read only when written out (keeps assembly memory small)."""
 
     def __init__(self, reader: "_SafetensorsReader", name: str):
-        info = reader.header[name]
+        dtype, shape = reader.info(name)
         self.reader, self.name = reader, name
-        self.dtype = np.dtype(_DTYPES[info["dtype"]])
-        self.shape = tuple(info["shape"])
-        self.nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        self.dtype = np.dtype(_DTYPES[dtype])
+        self.shape = tuple(shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def load(self) -> np.ndarray:
         return self.reader.get(self.name)
@@ -91,50 +93,52 @@ def _write_safetensors(path: Path, tensors: Sequence[Tuple[str, Any]], metadata:
 
 
 class _SafetensorsReader:
-    """Minimal lazy reader: header on open, one tensor per ``get`` (memory-mapped file)."""
+    """Lazy reader on ``safetensors.safe_open`` (memory-mapped): header on open, one tensor per ``get``.
+
+    Writing stays hand-written (:func:`_write_safetensors`): safetensors' writers need every tensor
+    in memory at once, and the final file is streamed from the per-layer parts.
+    """
 
     def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
         self.path = Path(path)
+        if not self.path.exists():
+            raise SensitivityError(f"multiquantizer file {str(self.path)!r} does not exist")
+        if not self.path.is_file():
+            raise SensitivityError(f"{self.path} is not a file (expected a multiquantizer .safetensors file)")
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                raw = fh.read(8)
-                if len(raw) < 8:
-                    raise ValueError("file shorter than its header")
-                (n,) = struct.unpack("<Q", raw)
-                if n > size - 8 or n > 1 << 30:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(fh.read(n))
-        except FileNotFoundError:
-            raise SensitivityError(f"multiquantizer file {str(self.path)!r} does not exist") from None
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
-            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        self.metadata: Dict[str, str] = header.pop("__metadata__", {}) or {}
-        self.header = header
-        self.data_start = 8 + n
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.data_start + end > size:
-            raise CorruptFileError(
-                f"{self.path}: truncated ({size} bytes, the header describes {self.data_start + end})"
-            )
-        self._mmap: Optional[np.memmap] = None
+            self._file = safe_open(str(self.path), framework="numpy")
+            self.metadata: Dict[str, str] = self._file.metadata() or {}
+            self._keys = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({msg})") from None
 
     def keys(self) -> List[str]:
-        return list(self.header)
+        return list(self._keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def info(self, name: str) -> Tuple[str, List[int]]:
+        """``(dtype name, shape)`` of a tensor, without reading it."""
+        sl = self._tensor(name, slice_=True)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def _tensor(self, name: str, slice_: bool = False):
+        if name not in self._keys:
+            raise CorruptFileError(f"{self.path}: tensor {name!r} is missing")
+        try:
+            return self._file.get_slice(name) if slice_ else self._file.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - a damaged tensor is a damaged file
+            raise CorruptFileError(f"{self.path}: tensor {name!r} cannot be read ({exc})") from None
 
     def get(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        try:
-            info = self.header[name]
-        except KeyError:
-            raise CorruptFileError(f"{self.path}: tensor {name!r} is missing") from None
-        a, b = info["data_offsets"]
-        raw = self._mmap[self.data_start + a : self.data_start + b]
-        return np.frombuffer(raw.tobytes(), dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return self._tensor(name)
 
     def close(self) -> None:
-        self._mmap = None
+        self._file = None
 
 
 def _digest(arrays: Sequence[np.ndarray]) -> str:
@@ -320,14 +324,15 @@ class Multiquantizer:
             raise ConfigError(f"layer {layer!r}: 'fp16' has no quantized weight; use restore()")
         codes, params = self._load(layer, opt)
         spec = self._entry(layer).spec
-        method, bits = QuantOption.parse(opt).method, QuantOption.parse(opt).bits
+        o = QuantOption.parse(opt)
+        method = get_method(o.method)
         dev = torch.device(device) if device is not None else codes.device
-        table = get_quantizer(method).table({k: v.to(dev) for k, v in params.items()}, bits)
+        params = {k: v.to(dev) for k, v in params.items()}
         if (out is not None and dev.type == "cpu" and out.device.type == "cpu" and out.dtype == torch.float32
                 and out.is_contiguous() and tuple(out.shape) == tuple(spec.shape)):
-            lookup(table, codes, out=out.view(codes.shape))
+            method.dequantize_rows(codes, params, o.bits, out=out.view(codes.shape))
             return out
-        values = lookup(table, codes.to(dev, non_blocking=True))
+        values = method.dequantize_rows(codes.to(dev, non_blocking=True), params, o.bits)
         values = values.reshape(spec.shape).to(dtype)
         if out is not None:
             out.copy_(values)
@@ -374,9 +379,16 @@ def _part_path(parts: Path, index: int) -> Path:
     return parts / f"layer-{index:05d}.safetensors"
 
 
+def option_settings(option: str) -> Dict[str, Any]:
+    """What decides an option's stored result: its method's settings (class, version, config)."""
+    return get_method(QuantOption.parse(option).method).settings()
+
+
 def _quantize_layer(
     module: nn.Module, spec: LayerSpec, options: Sequence[str], device: Optional[torch.device]
 ) -> Tuple[List[Tuple[str, np.ndarray]], Dict[str, Dict[str, Any]]]:
+    if not options:
+        return [], {}
     w = layer_weight(module, spec).detach()
     if w.is_meta:
         raise SensitivityError(f"layer {spec.name!r} is on the meta device: build needs real weights (--weights random?)")
@@ -390,7 +402,7 @@ def _quantize_layer(
         q = quantize(w, opt)
         packed = pack_codes(q.codes.reshape(-1).cpu().numpy(), q.bits)
         names = sorted(q.params)
-        params = [q.params[p].detach().cpu().to(torch.float16).numpy() for p in names]
+        params = [q.params[p].detach().cpu().numpy() for p in names]  # fp16 or fp32, as the method's param_layout
         tensors.append((f"{spec.name}/{opt}/codes", packed))
         tensors += [(f"{spec.name}/{opt}/{p}", a) for p, a in zip(names, params)]
         stats[opt] = {
@@ -419,8 +431,12 @@ def build_multiquantizer(
     resume: bool = True,
     progress: bool = True,
     extra: Optional[Mapping[str, Any]] = None,
+    threads: Optional[int] = None,
 ) -> Multiquantizer:
     """Quantize every layer of ``module`` with every option and write ``out`` (a .safetensors file).
+
+    ``threads``: CPU threads for large layers (default: the free cores, :func:`sensitivity.threads.free_cores`);
+    layers under :data:`sensitivity.threads.SMALL_WORK` weights run on one thread.
 
     ``layers`` defaults to :func:`sensitivity.layers.find_layers` (use the zoo family's rules for real
     models). ``device``: where the quantizer math runs (default: the weights' device). A killed build
@@ -438,20 +454,26 @@ def build_multiquantizer(
     t0 = time.perf_counter()
     arch = architecture_hash(layers)
     whash = weights_hash(module, layers)
-    from . import quantizers as _q
-
-    settings = {"options": list(options), "quantizers": dict(getattr(_q, "SETTINGS", {}))}
-    plan = {"format": FORMAT, "architecture_hash": arch, "weights_hash": whash, "settings": settings}
+    option_set = {o: option_settings(o) for o in options}
+    settings = {"options": list(options),
+                "methods": {QuantOption.parse(o).method: st for o, st in option_set.items()}}
+    plan = {"format": FORMAT, "architecture_hash": arch, "weights_hash": whash}
 
     parts = out.with_name(out.name + ".parts")
     plan_file = parts / "plan.json"
-    if parts.exists() and (not resume or not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
-        if resume and plan_file.exists():
+    if parts.exists():
+        try:
+            old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+        except (ValueError, OSError):
+            old = None
+        same_model = isinstance(old, dict) and all(old.get(k) == v for k, v in plan.items())
+        if resume and old is not None and not same_model:
             raise SensitivityError(
-                f"{parts} holds an unfinished build for another model or settings; "
+                f"{parts} holds an unfinished build for another model (architecture or weights differ); "
                 "delete it or rebuild with --restart"
             )
-        shutil.rmtree(parts)
+        if not resume or not same_model:
+            shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     if not plan_file.exists():
         tmp = plan_file.with_suffix(".tmp")
@@ -462,26 +484,53 @@ def build_multiquantizer(
     seconds = 0.0  # quantization seconds, summed over resumed runs
     resumed_seconds = 0.0
     done = 0
+    recomputed = 0  # options of resumed layers computed again (new option, or its method's settings changed)
     bar = tqdm(layers, desc=f"multiquantize {model_id or type(module).__name__}", unit="layer", disable=not progress)
     for i, spec in enumerate(bar):
         part = _part_path(parts, i)
+        kept: Dict[str, Dict[str, Any]] = {}
+        reader: Optional[_SafetensorsReader] = None
+        prev_seconds = 0.0
         if part.exists():
             try:
-                meta = _SafetensorsReader(part).metadata
-                if json.loads(meta["layer"])["name"] == spec.name:
-                    layer_stats.append(json.loads(meta["stats"]))
-                    seconds += float(meta.get("seconds", 0.0))
-                    resumed_seconds += float(meta.get("seconds", 0.0))
-                    done += 1
-                    continue
+                reader = _SafetensorsReader(part)
+                meta = reader.metadata
+                if json.loads(meta["layer"])["name"] != spec.name:
+                    raise ValueError("another layer")
+                old_stats = json.loads(meta["stats"])
+                old_settings = json.loads(meta.get("settings", "{}"))
+                kept = {o: old_stats[o] for o in options if o in old_stats and old_settings.get(o) == option_set[o]}
+                prev_seconds = float(meta.get("seconds", 0.0))
             except (SensitivityError, KeyError, ValueError):
-                pass  # an unreadable part is recomputed
+                reader, kept, prev_seconds = None, {}, 0.0  # an unreadable part is recomputed
+        todo = [o for o in options if o not in kept]
+        if not todo and reader is not None and set(json.loads(reader.metadata["stats"])) == set(options):
+            layer_stats.append({o: kept[o] for o in options})
+            seconds += prev_seconds
+            resumed_seconds += prev_seconds
+            done += 1
+            continue
+        if reader is not None:
+            recomputed += len(todo)
         t_layer = time.perf_counter()
-        tensors, stats = _quantize_layer(module, spec, options, dev)
+        with using_threads(threads_for(spec.numel, limit=threads)):
+            new_tensors, new_stats = _quantize_layer(module, spec, todo, dev)
         dt = time.perf_counter() - t_layer
-        seconds += dt
+        seconds += dt + prev_seconds
+        resumed_seconds += prev_seconds
+        by_opt: Dict[str, List[Tuple[str, np.ndarray]]] = {o: [] for o in options}
+        for name, arr in new_tensors:
+            by_opt[name.rsplit("/", 2)[1]].append((name, arr))
+        if reader is not None:
+            for name in reader.keys():
+                o = name.rsplit("/", 2)[1]
+                if o in kept:
+                    by_opt[o].append((name, reader.get(name)))
+        tensors = [t for o in options for t in by_opt[o]]
+        stats = {o: (kept[o] if o in kept else new_stats[o]) for o in options}
         tmp = part.with_suffix(".tmp")
-        meta = {"layer": json.dumps(spec.to_dict()), "stats": json.dumps(stats), "seconds": repr(dt)}
+        meta = {"layer": json.dumps(spec.to_dict()), "stats": json.dumps(stats), "seconds": repr(dt + prev_seconds),
+                "settings": json.dumps(option_set)}
         _write_safetensors(tmp, tensors, meta)
         os.replace(tmp, part)
         layer_stats.append(stats)
@@ -508,6 +557,7 @@ def build_multiquantizer(
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_layers": done,
+        "recomputed_options": recomputed,
     }
     if extra:
         manifest["extra"] = dict(extra)
@@ -546,7 +596,7 @@ def _open(path: Path) -> Tuple[_SafetensorsReader, Dict[str, Any]]:
     for d in manifest["layers"]:
         for opt, s in d["options"].items():
             for p in ["codes"] + list(s["params"]):
-                if f"{d['name']}/{opt}/{p}" not in reader.header:
+                if f"{d['name']}/{opt}/{p}" not in reader:
                     raise CorruptFileError(f"{path}: tensor {d['name']}/{opt}/{p} is missing")
     return reader, manifest
 

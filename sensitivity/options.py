@@ -1,53 +1,34 @@
-"""Quantization options: ``<method>-<bits>`` names, their registry, and their size accounting.
+"""Quantization options: ``<method>-<bits>`` names and their size accounting.
 
-An option is one way to store a weight layer: a method (``uaq``, ``kmeans_c``, ``kmeans_a``) at a bit
-width (4 or 3). ``fp16`` is the unquantized pseudo-option (16 bits, no overhead); configs may use it,
-random sampling and search do not by default.
+An option is one way to store a weight layer: a registered method (:mod:`sensitivity.quantizers`)
+at a bit width: ``uaq-4``, ``kmeans_c-3``, ``uaq_g128-3``; a one-width method is named by the method
+alone (``int8``, ``int8_c``, ``fp8_e4m3``). ``fp16`` is the unquantized pseudo-option (16 bits, no
+overhead); configs may use it, random sampling and search do not by default.
 
-Size (bytes) of a layer with ``numel`` weights and ``C`` output channels, overhead counted in fp16:
+Size (bytes) of a layer = ``ceil(bits * numel / 8)`` + the bytes of the parameters the method stores
+(its ``param_layout``), e.g. per output channel ``C``, in fp16: ``uaq`` 2 C values, ``kmeans_c``
+``2**bits`` C values, ``kmeans_a`` ``2**bits`` values, ``uaq_g<N>`` 2 C ceil(K/N) values; ``int8`` /
+``fp8_e4m3`` one float32 scale, ``int8_c`` C float32 scales.
 
-* payload: ``ceil(bits * numel / 8)``
-* ``uaq``: + ``2 * C * 2`` (one scale and one zero point per output channel)
-* ``kmeans_c``: + ``2**bits * C * 2`` (a codebook per output channel)
-* ``kmeans_a``: + ``2**bits * 2`` (one codebook per tensor)
-
-Average bits of a config = ``16 * sum(quantized bytes) / sum(fp16 bytes)`` over the quantized layers.
+Average bits of a config = ``16 * sum(quantized bytes) / sum(fp16 bytes)`` over the quantized layers
+(:class:`sensitivity.sizes.SizeTable`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Sequence, Tuple
 
+from . import quantizers as _quantizers  # registers the built-in methods (no torch import)
 from .errors import UnknownOptionError
+from .quantizers.base import METHOD_ALIASES, family_examples, get_method, method_names
 
 FP16 = "fp16"
 
+#: the reference's methods and widths: the default search space (:data:`OPTION_NAMES`)
 METHODS: Tuple[str, ...] = ("uaq", "kmeans_c", "kmeans_a")
 BITS: Tuple[int, ...] = (4, 3)
-
-# Method names of the reference implementation (Qua2SeDiMo / q-diffusion fork).
-METHOD_ALIASES: Dict[str, str] = {"mse": "uaq", "kmeans": "kmeans_c", "kmeans_all": "kmeans_a"}
-
-# overhead in fp16 values: f(bits, out_channels) -> number of fp16 values stored besides the codes
-_OVERHEAD_VALUES: Dict[str, Callable[[int, int], int]] = {
-    "uaq": lambda bits, c: 2 * c,
-    "kmeans_c": lambda bits, c: (2**bits) * c,
-    "kmeans_a": lambda bits, c: 2**bits,
-}
-
-
-def register_method(name: str, overhead_values: Callable[[int, int], int]) -> None:
-    """Register a new method's size accounting (e.g. an INT8 per-tensor method).
-
-    ``overhead_values(bits, out_channels)`` returns how many fp16 values the method stores besides
-    its ``bits``-wide codes. The quantizer itself is registered in :mod:`sensitivity.quantizers`.
-    """
-    global METHODS
-    _OVERHEAD_VALUES[name] = overhead_values
-    if name not in METHODS:
-        METHODS = METHODS + (name,)
 
 
 @dataclass(frozen=True, order=True)
@@ -59,47 +40,61 @@ class QuantOption:
 
     @property
     def name(self) -> str:
-        return FP16 if self.method == FP16 else f"{self.method}-{self.bits}"
+        return FP16 if self.method == FP16 else get_method(self.method).option_name(self.bits)
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.name
 
     @classmethod
     def parse(cls, name: str) -> "QuantOption":
-        """Parse ``"uaq-4"``, an alias such as ``"mse-4"`` / ``"kmeans_all-3"``, or ``"fp16"``."""
+        """Parse ``"uaq-4"``, ``"int8"``, ``"uaq_g64-3"``, an alias such as ``"mse-4"``, or ``"fp16"``."""
         if not isinstance(name, str):
             raise UnknownOptionError(f"option must be a string like 'uaq-4', got {name!r}")
         text = name.strip()
         if text.lower() in (FP16, "fp", "fp32", "16"):
             return cls(FP16, 16)
         method, sep, bits = text.rpartition("-")
-        method = METHOD_ALIASES.get(method, method)
-        if not sep or method not in _OVERHEAD_VALUES or not bits.isdigit():
+        if not sep:
+            method, bits = text, ""
+        try:
+            m = get_method(method)
+        except UnknownOptionError:
+            m = None
+        if m is None or (bits and not bits.isdigit()) or (not bits and m.fixed_bits is None):
+            hint = f"; {method!r} needs a bit width, e.g. '{method}-4'" if m is not None and not bits else ""
             raise UnknownOptionError(
-                f"unknown quantization option {name!r}; known: {', '.join(all_option_names())} "
-                f"(aliases: {', '.join(f'{a}-<bits>' for a in METHOD_ALIASES)})"
+                f"unknown quantization option {name!r}{hint}; known: {', '.join(known_option_names())} "
+                f"(also {', '.join(family_examples())}; aliases: {', '.join(f'{a} = {b}' for a, b in METHOD_ALIASES.items())})"
             )
-        b = int(bits)
-        if not 1 <= b <= 8:
-            raise UnknownOptionError(f"option {name!r}: bits must be between 1 and 8")
-        return cls(method, b)
+        b = int(bits) if bits else int(m.fixed_bits)
+        try:
+            m.check_bits(b)
+        except UnknownOptionError as exc:
+            raise UnknownOptionError(f"option {name!r}: {exc}") from None
+        return cls(m.name, b)
 
     @property
     def is_fp(self) -> bool:
         return self.method == FP16
 
     def nbytes(self, shape: Sequence[int]) -> int:
-        """Bytes to store a weight of ``shape`` with this option (payload + fp16 overhead)."""
-        numel = math.prod(shape)
+        """Bytes to store a weight of ``shape`` with this option (payload + parameters)."""
         if self.is_fp:
-            return 2 * numel
-        out_channels = int(shape[0])
-        payload = math.ceil(self.bits * numel / 8)
-        return payload + 2 * _OVERHEAD_VALUES[self.method](self.bits, out_channels)
+            return fp16_nbytes(shape)
+        return get_method(self.method).nbytes(self.bits, shape)
 
     def bits_per_weight(self, shape: Sequence[int]) -> float:
         """Effective bits per weight including overhead."""
         return 8.0 * self.nbytes(shape) / math.prod(shape)
+
+
+def known_option_names() -> Tuple[str, ...]:
+    """One example name per registered method: ``uaq-<bits>`` style or the fixed-width name."""
+    out = []
+    for n in method_names():
+        m = get_method(n)
+        out.append(m.name if m.fixed_bits is not None else f"{m.name}-<bits>")
+    return tuple(out)
 
 
 def all_option_names(methods: Iterable[str] | None = None, bits: Iterable[int] = BITS) -> Tuple[str, ...]:
@@ -114,6 +109,11 @@ OPTION_NAMES: Tuple[str, ...] = all_option_names()
 def canonical(name: str) -> str:
     """Canonical name of an option: ``canonical("mse-4") == "uaq-4"``."""
     return QuantOption.parse(name).name
+
+
+def canonical_method(name: str) -> str:
+    """Canonical method name: ``canonical_method("mse") == "uaq"``; raises UnknownOptionError."""
+    return get_method(str(name).strip()).name
 
 
 def fp16_nbytes(shape: Sequence[int]) -> int:

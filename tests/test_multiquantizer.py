@@ -136,6 +136,8 @@ def test_bad_configs(built):
     with pytest.raises(SensitivityError, match="uaq-9|unknown|bits"):
         apply(model, mq, {"conv": "uaq-9"})
     with pytest.raises(SensitivityError, match="unknown quantization option"):
+        apply(model, mq, {"conv": "int4"})
+    with pytest.raises(ConfigError, match="'int8' is not in multiquantizer"):
         apply(model, mq, {"conv": "int8"})
     assert applied_options(model) == {}
 

@@ -6,7 +6,8 @@ import torch
 
 from sensitivity.errors import SensitivityError
 from sensitivity.options import OPTION_NAMES
-from sensitivity.quantizers import QuantizedWeight, get_quantizer, lookup, quantize
+from sensitivity.quantizers import QuantizedWeight, get_method, lookup, quantize
+from sensitivity.quantizers.uaq import UAQConfig, UniformAffine
 from sensitivity.quantizers import kmeans1d as km
 from sensitivity.quantizers import uniform as un
 
@@ -194,7 +195,7 @@ def test_uaq_equals_brute_force_search(bits, backend):
     rows = torch.cat([student_t(6, 50, seed=7), torch.randn(4, 50, generator=torch.Generator().manual_seed(8)) * 0.1])
     rows[0, 3] = 0.9  # an outlier
     ref = brute_force_uaq(rows, bits)
-    quantizer = un.UniformAffineQuantizer(backend=backend)
+    quantizer = UniformAffine("uaq", backend=backend)
     codes, params = quantizer.quantize_rows(rows, bits)
     values = lookup(quantizer.table(params, bits), codes)
     got = ((values.double() - rows.double()) ** 2).sum(1)
@@ -223,7 +224,7 @@ def test_uaq_grid_is_finer_than_reference():
     assert ratios[0] == 1.0 and np.all(np.diff(ratios) < 0) and ratios.min() <= 0.15
     w = student_t(32, 512, seed=10)
     ours = quantize(w, "uaq-3").sse
-    ref_grid = un.UniformAffineQuantizer(ratios=tuple(np.linspace(1.0, 0.1, 10)))
+    ref_grid = UniformAffine("uaq", UAQConfig(clip_ratios=tuple(float(r) for r in np.linspace(1.0, 0.1, 10))))
     codes, params = ref_grid.quantize_rows(w, 3)
     ref = float(((lookup(ref_grid.table(params, 3), codes).double() - w.double()) ** 2).sum())
     assert ours <= ref
@@ -324,4 +325,4 @@ def test_device_argument():
 
 def test_registry():
     for method in ("uaq", "kmeans_c", "kmeans_a"):
-        assert get_quantizer(method).method == method
+        assert get_method(method).name == method

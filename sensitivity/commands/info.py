@@ -40,4 +40,16 @@ def run(args: argparse.Namespace) -> int:
     fp = m["fp16_bytes"]
     tot = {o: sum(d["options"][o]["nbytes"] for d in m["layers"]) for o in opts}
     print("all layers at one option: " + ", ".join(f"{o} {16 * tot[o] / fp:.3f} bits" for o in opts))
+    methods = (m.get("settings") or {}).get("methods") or {}
+    if methods:
+        print("method settings: " + "; ".join(f"{name} ({_describe(st)})" for name, st in methods.items()))
     return 0
+
+
+def _describe(settings: dict) -> str:
+    """``UniformAffine v1, clip_ratios=[70 values], least_squares_refit=False``."""
+    cls = str(settings.get("class", "?")).rsplit(".", 1)[-1]
+    parts = [f"{cls} v{settings.get('version', '?')}"]
+    for k, v in (settings.get("config") or {}).items():
+        parts.append(f"{k}=[{len(v)} values]" if isinstance(v, list) and len(v) > 4 else f"{k}={v}")
+    return ", ".join(parts)

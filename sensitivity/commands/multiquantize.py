@@ -14,14 +14,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "multiquantize",
         help="quantize every layer with every option and save the multiquantizer",
         description="Quantize every quantizable layer of MODEL's denoiser with every option "
-        "(uaq / kmeans_c / kmeans_a at 4 and 3 bits) and save codes + codebooks in one safetensors file. "
-        "A killed build resumes when rerun.",
+        "(default: the reference's uaq / kmeans_c / kmeans_a at 4 and 3 bits) and save codes + tables in one "
+        "safetensors file. Other options: uaq_ls-B (least-squares refit), uaq_g<N>-B (per group of N), "
+        "int8, int8_c, fp8_e4m3. A killed build resumes when rerun; options whose method settings changed "
+        "are recomputed.",
     )
     p.add_argument("model", help="model family (see `sensitivity models`)")
     p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the official hub id), "
                    "or 'random', 'tiny', 'shipped' (digits)")
     p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
-    p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute")
+    p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for large layers (default: the free cores)")
     p.add_argument("--device", default=None, help="device for loading and quantizer math (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
     p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
@@ -37,9 +40,14 @@ def default_out(model: str, weights: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import SensitivityError
     from ..multiquantizer import build_multiquantizer
+    from ..options import QuantOption
     from ..zoo import get_family
 
+    options = [QuantOption.parse(o).name for o in args.options]  # bad names fail before the model loads
+    if args.threads is not None and args.threads < 1:
+        raise SensitivityError(f"--threads must be >= 1, got {args.threads}")
     fam = get_family(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
@@ -51,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         out,
         layers,
         model_id=fam.model_id(weights),
-        options=args.options,
+        options=options,
         device=device,
+        threads=args.threads,
         resume=not args.restart,
         progress=not args.no_progress,
         extra={"family": fam.name, "weights": str(weights), "seed": args.seed},
@@ -62,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
         f"({size / fp16:.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
-        f"({mq.manifest['resumed_layers']} layers resumed)"
+        f"({mq.manifest['resumed_layers']} layers resumed, {mq.manifest['recomputed_options']} options recomputed)"
     )
     return 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, SensitivityError
-from ..options import FP16, OPTION_NAMES, QuantOption, canonical
+from ..options import FP16, OPTION_NAMES, QuantOption, canonical, canonical_method
 
 _SCALE = 1.0 / 2**64
 
@@ -100,7 +100,7 @@ class SamplerSpec:
             meths = []
             for m in self.methods:
                 try:
-                    meths.append(QuantOption.parse(f"{m}-4").method)
+                    meths.append(canonical_method(m))
                 except SensitivityError:
                     raise ConfigError(f"sampler: unknown method {m!r}") from None
             object.__setattr__(self, "methods", tuple(dict.fromkeys(meths)))

@@ -37,8 +37,9 @@ Back ends: numba on CPU (``prange`` over rows; rows are sorted with numpy's SIMD
 batched torch path used for CUDA tensors (sort, searchsorted, dense min-plus DP over the groups,
 batched Lloyd) that computes the same thing; ``backend="torch"`` forces it on any device.
 
-Public API: :data:`KMEANS_C`, :data:`KMEANS_A` (registered), :func:`kmeans1d_rows`,
-:func:`kmeans1d_tensor`, :func:`assign_nearest`, :func:`kmeans1d_optimal`, :func:`row_cuts`.
+Public API: :func:`kmeans1d_rows`,
+:func:`kmeans1d_tensor`, :func:`assign_nearest`, :func:`kmeans1d_optimal`, :func:`row_cuts`; the method
+classes (``kmeans_c``, ``kmeans_a``) are in :mod:`sensitivity.quantizers.kmeans`.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 from numba import njit, prange
-
-from . import register_quantizer
 
 _FP16_MAX = 65504.0
 _INF = np.inf
@@ -559,26 +558,3 @@ def kmeans1d_optimal(x, k: int) -> Tuple[float, np.ndarray]:
         raise ValueError("kmeans1d_optimal needs at least one value")
     sse, c = _optimal_sorted_nb(xs, int(k))
     return float(sse), c
-
-
-class KMeansQuantizer:
-    """``kmeans_c`` (codebook ``[R, 2**b]``) or ``kmeans_a`` (codebook ``[1, 2**b]``), stored fp16."""
-
-    def __init__(self, method: str, per_row: bool, backend: str = "auto"):
-        self.method = method
-        self.per_row = per_row
-        self.backend = backend
-
-    def quantize_rows(self, rows: torch.Tensor, bits: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``rows`` float32 ``[R, K]`` -> (uint8 codes ``[R, K]``, ``{"codebook": fp16 [R or 1, 2**bits]}``)."""
-        fit = kmeans1d_rows if self.per_row else kmeans1d_tensor
-        codes, cb = fit(rows, 2**bits, backend=self.backend)
-        return codes, {"codebook": cb}
-
-    def table(self, params: Dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-        """float32 ``[R or 1, 2**bits]``: the stored codebook."""
-        return params["codebook"].to(torch.float32).reshape(-1, 2**bits)
-
-
-KMEANS_C = register_quantizer(KMeansQuantizer("kmeans_c", per_row=True))
-KMEANS_A = register_quantizer(KMeansQuantizer("kmeans_a", per_row=False))

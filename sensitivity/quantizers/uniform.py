@@ -26,7 +26,8 @@ Two back ends compute the same errors (to float64 rounding):
   (``benchmarks/bench_kmeans.py``; the elementwise torch path takes 0.3-5 ms per row on a CPU).
 * CUDA / any device (torch): all candidates of a chunk of rows elementwise, chunked to bound memory.
 
-Public API: :data:`UAQ` (registered as ``"uaq"``), :func:`uaq_params`, :func:`uaq_grid_errors`.
+Public API: :func:`uaq_params`, :func:`uaq_grid_errors`, :func:`uaq_codes`; the method classes
+(``uaq``, ``uaq_ls``, ``uaq_g<N>``) are in :mod:`sensitivity.quantizers.uaq`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from . import register_quantizer
-
-#: clipping ratios searched per row, descending (1.0 = no clipping)
-CLIP_RATIOS: Tuple[float, ...] = tuple(
-    [round(1.0 - 0.01 * i, 2) for i in range(51)] + [round(0.48 - 0.02 * i, 2) for i in range(19)]
-)
+from .uaq import CLIP_RATIOS  # noqa: F401 - the grid lives with the method's config
 
 _FP16_MAX = 65504.0
 _TORCH_CHUNK_ELEMS = 1 << 24  # elements of one [rows, ratios, K] block on the torch path
@@ -183,31 +179,3 @@ def uaq_params(
     best = errs.argmin(1)  # first minimum: the largest ratio among ties
     pick = best[:, None]
     return scale.gather(1, pick)[:, 0].to(torch.float16), zero.gather(1, pick)[:, 0].to(torch.float16), best
-
-
-class UniformAffineQuantizer:
-    """UAQ (``"uaq"``): per-row asymmetric uniform grid; params ``{"scale": [R], "zero": [R]}`` fp16."""
-
-    method = "uaq"
-
-    def __init__(self, ratios: Tuple[float, ...] = CLIP_RATIOS, backend: str = "auto"):
-        self.ratios = tuple(float(r) for r in ratios)
-        self.backend = backend
-
-    def quantize_rows(self, rows: torch.Tensor, bits: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``rows`` float32 ``[R, K]`` -> (uint8 codes ``[R, K]``, ``{"scale", "zero"}`` fp16 ``[R]``)."""
-        rows = rows.to(torch.float32)
-        ratios = torch.tensor(self.ratios, dtype=torch.float32, device=rows.device)
-        scale, zero, _ = uaq_params(rows, bits, ratios, self.backend)
-        codes = uaq_codes(rows, scale, zero, bits)
-        return codes, {"scale": scale, "zero": zero}
-
-    def table(self, params: Dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-        """float32 ``[R, 2**bits]``: ``table[r, q] = (q - zero[r]) * scale[r]``."""
-        d = params["scale"].to(torch.float32).reshape(-1, 1)
-        z = params["zero"].to(torch.float32).reshape(-1, 1)
-        q = torch.arange(2**bits, dtype=torch.float32, device=d.device)[None, :]
-        return (q - z) * d
-
-
-UAQ = register_quantizer(UniformAffineQuantizer())
