@@ -265,6 +265,7 @@ def evaluate(out: Path, args) -> int:
     from sensitivity.options import OPTION_NAMES
     from sensitivity.zoo import get_family
 
+    options = tuple(OPTION_NAMES) + ("int8",)
     fam = get_family("digits-sd")
     pipe = fam.load_pipeline(str(out))
     den = fam.denoiser(pipe)
@@ -273,11 +274,11 @@ def evaluate(out: Path, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         mq = build_multiquantizer(den, Path(tmp) / "mq.safetensors", layers, model_id=fam.model_id(str(out)),
-                                  progress=False)
+                                  options=options, progress=False)
         build_s = time.time() - t0
         protocol = EvalProtocol.for_family(fam, str(out), n_per_class=args.eval_per_class, seed=args.eval_seed)
         ev = Evaluator(fam, pipe, mq, protocol)
-        for name in ("fp16",) + tuple(OPTION_NAMES):
+        for name in ("fp16",) + options:
             config = {} if name == "fp16" else {spec.name: name for spec in layers}
             m = ev.evaluate(config)
             m.pop("timings", None)
