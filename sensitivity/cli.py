@@ -33,6 +33,8 @@ COMMANDS = {
     "search": "search",
     "insights": "insights",
     "components": "components",
+    "calibrate-data": "calibrate_data",
+    "calibrate": "calibrate",
 }
 
 
