@@ -32,6 +32,7 @@ COMMANDS = {
     "predict": "predict",
     "search": "search",
     "insights": "insights",
+    "components": "components",
     "calibrate-data": "calibrate_data",
     "calibrate": "calibrate",
     "export": "export",

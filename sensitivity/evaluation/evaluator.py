@@ -90,6 +90,8 @@ class EvalProtocol:
         ``multiquantizer_hash`` are filled in by the :class:`Evaluator` from its model and multiquantizer.
         """
         fam = get_family(family)
+        if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
+            conditions = fam.default_conditions(int(n_per_class))
         if conditions is None:
             if fam.conditioning != "class" or not fam.num_classes:
                 raise SensitivityError(f"model {fam.name!r}: give the prompts (conditions) of the protocol")
@@ -148,7 +150,15 @@ class EvalProtocol:
 
 
 def is_digits_family(family: ModelFamily) -> bool:
-    return family.name in ("digits-dit", "digits-unet")
+    """Scored with the shipped digits classifier (digits-dit, digits-unet, and ``digits_features`` families)."""
+    return family.name in ("digits-dit", "digits-unet") or bool(getattr(family, "digits_features", False))
+
+
+def condition_labels(family: ModelFamily, conditions: Sequence) -> np.ndarray:
+    """Class labels of a protocol's conditions: the class ids, or the family's ``class_labels(prompts)``."""
+    if hasattr(family, "class_labels"):
+        return np.asarray(family.class_labels(list(conditions)), dtype=np.int64)
+    return np.asarray(conditions)
 
 
 class Evaluator:
@@ -203,7 +213,7 @@ class Evaluator:
                 raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
                                        f"extractor's {extractor.name}")
         self._fp_images: Optional[np.ndarray] = None
-        self._labels = np.asarray(protocol.conditions) if self.digits else None
+        self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
     def generate(self) -> np.ndarray:
