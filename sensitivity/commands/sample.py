@@ -148,9 +148,11 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     else:
         if args.class_ids:
             raise SensitivityError(f"model {fam.name!r} is text-conditional: use --prompts, not --class-ids")
-        if not args.prompts:
+        prompts = args.prompts or getattr(fam, "eval_prompts", None)  # digits-sd ships its own
+        if not prompts:
             raise SensitivityError(f"model {fam.name!r} needs --prompts (e.g. captions_val2017.json)")
-        conditions = read_prompts(args.prompts, args.num_images)
+        n = args.num_images if args.num_images is not None or args.prompts else 500
+        conditions = fam.check_conditions(read_prompts(str(prompts), n))
     if args.reference_dir:
         check_reference_dir(args.reference_dir)
     elif fam.feature_network != DIGITS_CLASSIFIER:

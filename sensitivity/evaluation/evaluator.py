@@ -91,6 +91,8 @@ class EvalProtocol:
         ``multiquantizer_hash`` are filled in by the :class:`Evaluator` from its model and multiquantizer.
         """
         fam = get_family(family)
+        if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
+            conditions = fam.default_conditions(int(n_per_class))
         if conditions is None:
             if fam.conditioning != "class" or not fam.num_classes:
                 raise SensitivityError(f"model {fam.name!r}: give the prompts (conditions) of the protocol")
@@ -148,6 +150,13 @@ class EvalProtocol:
         return replace(self, multiquantizer_hash=mq_hash)
 
 
+def condition_labels(family: ModelFamily, conditions: Sequence) -> np.ndarray:
+    """Class labels of a protocol's conditions: the class ids, or the family's ``class_labels(prompts)``."""
+    if hasattr(family, "class_labels"):
+        return np.asarray(family.class_labels(list(conditions)), dtype=np.int64)
+    return np.asarray(conditions)
+
+
 class Evaluator:
     """Scores quantization configs of one pipeline under one :class:`EvalProtocol`.
 
@@ -201,7 +210,7 @@ class Evaluator:
                                        f"extractor's {extractor.name}")
         self._fp_images: Optional[np.ndarray] = None
         self._device_stage = threading.Lock()
-        self._labels = np.asarray(protocol.conditions) if self.digits else None
+        self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
     def generate(self) -> np.ndarray:

@@ -22,8 +22,11 @@ WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official
                 "names, tiny widths), or 'shipped' / 'random' for the digits models")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
-    p.add_argument("model", help="model family (see `sensitivity models`)")
+def add_model_arguments(p: argparse.ArgumentParser, device: bool = True, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="model family (see `sensitivity models`)")
+    else:
+        p.add_argument("model", help="model family (see `sensitivity models`)")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     if device:
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
