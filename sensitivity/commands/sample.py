@@ -127,7 +127,8 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     import torch
 
     from ..checks import check_device
-    from ..evaluation.evaluator import EvalProtocol, EvaluatorFactory, is_digits_family
+    from ..evaluation.evaluator import EvalProtocol, EvaluatorFactory
+    from ..zoo.base import DIGITS_CLASSIFIER
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
@@ -139,7 +140,7 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     if fam.conditioning == "class":
         if args.prompts:
             raise SensitivityError(f"model {fam.name!r} is class-conditional: use --class-ids, not --prompts")
-        per_class = args.images_per_class if args.images_per_class is not None else (50 if is_digits_family(fam) else 1)
+        per_class = args.images_per_class if args.images_per_class is not None else (50 if fam.feature_network == DIGITS_CLASSIFIER else 1)
         if per_class < 1:
             raise SensitivityError(f"--images-per-class must be >= 1, got {per_class}")
         ids = parse_class_ids(args.class_ids) if args.class_ids else list(range(int(fam.num_classes or 0)))
@@ -154,7 +155,7 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
         conditions = fam.check_conditions(read_prompts(str(prompts), n))
     if args.reference_dir:
         check_reference_dir(args.reference_dir)
-    elif not is_digits_family(fam):
+    elif fam.feature_network != DIGITS_CLASSIFIER:
         print(f"note: no --reference-dir: FID/KID are not computed for {fam.name}, only PSNR/MSE against full precision")
     if not Path(args.multiquantizer).is_file():
         what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"

@@ -131,22 +131,23 @@ def load_records(path: str) -> List[dict]:
 
 
 def _sizes(mq, options: Optional[str]):
-    from ..search import size_table
+    from ..sizes import SizeTable
 
     opts = [o.strip() for o in options.split(",") if o.strip()] if options else None
-    return size_table(mq, opts)
+    return SizeTable.of(mq, opts)
 
 
 def _search_one(args, target, predictor, mq, mq_path, sizes, records):
-    from ..search import cache_best, error_ilp, search, size_table, uniform_config
+    from ..search import cache_best, error_ilp, search, uniform_config
+    from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
     if args.baseline == "uniform":
-        return uniform_config(size_table(mq), args.option)
+        return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
     if args.baseline == "error-ilp":
         return error_ilp(sizes, target, error=args.error, method=args.solver, what=what)
     if args.baseline == "cache":  # cached configs may use any option of the multiquantizer
-        return cache_best(records, size_table(mq), target, metric=args.metric)
+        return cache_best(records, SizeTable.from_multiquantizer(mq), target, metric=args.metric)
     return search(predictor, mq, target, level=args.level, max_combinations=args.max_combinations,
                   method=args.solver, sizes=sizes, what=what)
 
@@ -258,9 +259,10 @@ def run(args: argparse.Namespace) -> int:
 
 def bits_range(sizes) -> Tuple[float, float]:
     """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
-    fp = int(sizes.drop_duplicates("layer")["fp16_bytes"].sum())
-    by_layer = sizes.groupby("layer")["nbytes"]
-    return 16.0 * int(by_layer.min().sum()) / fp, 16.0 * int(by_layer.max().sum()) / fp
+    from ..sizes import SizeTable
+
+    table = SizeTable.of(sizes)
+    return table.min_avg_bits(), table.max_avg_bits()
 
 
 def _ceil4(x: float) -> float:
@@ -271,7 +273,8 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
                  hi: float) -> int:
     """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
     from ..errors import SensitivityError
-    from ..search import predict_results, size_table, uniform_baselines
+    from ..search import predict_results, uniform_baselines
+    from ..sizes import SizeTable
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
                   "baseline": args.baseline, "level": args.level, "solver": args.solver,
@@ -307,7 +310,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         from .. import insights
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
-        full = size_table(mq)
+        full = SizeTable.from_multiquantizer(mq)
         extra = uniform_baselines(full)
         if predictor is not None:
             predict_results(predictor, extra)

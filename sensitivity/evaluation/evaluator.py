@@ -27,6 +27,7 @@ Metrics per config:
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
 from ..zoo import get_family
-from ..zoo.base import ModelFamily
+from ..zoo.base import DIGITS_CLASSIFIER, ModelFamily
 from . import metrics as M
 
 DIGITS_REFERENCE = "sklearn-digits-1797"
@@ -99,7 +100,7 @@ class EvalProtocol:
         conditions = fam.check_conditions(conditions)
         seeds = [int(seed) + i for i in range(len(conditions))]
         d = fam.defaults
-        digits = is_digits_family(fam)
+        digits = fam.feature_network == DIGITS_CLASSIFIER
         if feature_net is None:
             if digits:
                 feature_net = M.DigitsFeatures().name
@@ -149,11 +150,6 @@ class EvalProtocol:
         return replace(self, multiquantizer_hash=mq_hash)
 
 
-def is_digits_family(family: ModelFamily) -> bool:
-    """Scored with the shipped digits classifier (digits-dit, digits-unet, and ``digits_features`` families)."""
-    return family.name in ("digits-dit", "digits-unet") or bool(getattr(family, "digits_features", False))
-
-
 def condition_labels(family: ModelFamily, conditions: Sequence) -> np.ndarray:
     """Class labels of a protocol's conditions: the class ids, or the family's ``class_labels(prompts)``."""
     if hasattr(family, "class_labels"):
@@ -194,7 +190,7 @@ class Evaluator:
         elif dt != protocol.dtype:
             raise SensitivityError(f"protocol dtype {protocol.dtype} but the model runs in {dt}")
         self.protocol = protocol
-        self.digits = is_digits_family(self.family)
+        self.digits = self.family.feature_network == DIGITS_CLASSIFIER
         self.device = self.denoiser.device
         self._features = None
         self.reference_dir = reference_dir
@@ -213,6 +209,7 @@ class Evaluator:
                 raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
                                        f"extractor's {extractor.name}")
         self._fp_images: Optional[np.ndarray] = None
+        self._device_stage = threading.Lock()
         self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
@@ -281,20 +278,21 @@ class Evaluator:
         options = as_options(config) if config is not None else {}
         if options and self.mq is None:
             raise SensitivityError("Evaluator: no multiquantizer given, only full precision can be evaluated")
-        self.reference_images()  # before applying: the full-precision images of the same seeds
-        t0 = time.perf_counter()
-        try:
-            if calibrated is not None:
-                apply_calibrated(self.denoiser, self.mq, calibrated)
-            elif options:
-                apply(self.denoiser, self.mq, options)
-            t1 = time.perf_counter()
-            images = self.generate()
-        finally:
-            if calibrated is not None:
-                remove_calibrated(self.denoiser)
-            restore(self.denoiser)
-        t2 = time.perf_counter()
+        with self._device_stage:  # one config on the model at a time; scoring below may overlap the next
+            self.reference_images()  # before applying: the full-precision images of the same seeds
+            t0 = time.perf_counter()
+            try:
+                if calibrated is not None:
+                    apply_calibrated(self.denoiser, self.mq, calibrated)
+                elif options:
+                    apply(self.denoiser, self.mq, options)
+                t1 = time.perf_counter()
+                images = self.generate()
+            finally:
+                if calibrated is not None:
+                    remove_calibrated(self.denoiser)
+                restore(self.denoiser)
+            t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images))
         t3 = time.perf_counter()
         out["seconds"] = t3 - t0
@@ -303,12 +301,18 @@ class Evaluator:
             out["images"] = images
         return out
 
-    def worker(self) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
-        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`."""
+    def worker(self, concurrency: int = 1) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
+        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`.
+
+        ``concurrency=2`` lets a worker run two configs at once: the device stage (apply, generate,
+        restore) stays one config at a time, so the scoring of one (feature network and metric math,
+        on the CPU) overlaps the generation of the next. Metrics are the same either way.
+        """
 
         def evaluate(index: int, options: Dict[str, str]) -> Dict[str, Any]:
             return self.evaluate(options)
 
+        evaluate.concurrency = int(concurrency)
         return evaluate
 
 

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from ..errors import SensitivityError
-from .base import GenerationSettings, LayerRules
+from .base import DIGITS_CLASSIFIER, GenerationSettings, LayerRules
 from .common import DiffusersFamily, WEIGHTS_ATTR, instantiate
 from .digits_data import NUM_CLASSES
+from .inputs import unet2d_condition_inputs
 from .registry import register_family
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -224,7 +225,7 @@ class DigitsSD(DiffusersFamily):
     from_pretrained_kwargs = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True}
     shipped_dir = SD_DIR
     # FID / accuracy with the shipped digits classifier (images pooled to 8x8; see evaluation/)
-    digits_features = True
+    feature_network = DIGITS_CLASSIFIER
     # ``sensitivity components`` defaults
     default_prompts = PROMPTS_DIR / "train.txt"
     default_test_prompts = PROMPTS_DIR / "test.txt"
@@ -252,6 +253,9 @@ class DigitsSD(DiffusersFamily):
             if re.search(pattern, path):
                 return category
         return "Other"
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        return unet2d_condition_inputs(denoiser, batch, device, dtype, text_len)
 
     def class_labels(self, conditions: Sequence[str]) -> List[int]:
         """The digit each prompt asks for (the accuracy metric's labels)."""

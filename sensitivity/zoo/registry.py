@@ -66,3 +66,13 @@ def get_family(name: Union[str, ModelFamily]) -> ModelFamily:
         known = ", ".join(list_families())
         raise SensitivityError(f"unknown model {name!r}; known models: {known}")
     return _FAMILIES[key]
+
+
+def family_for_denoiser(denoiser) -> "ModelFamily | None":
+    """The first registered family whose denoiser class is ``type(denoiser)`` (None: no zoo family)."""
+    name = type(denoiser).__name__
+    for fam_name in list_families():
+        fam = _FAMILIES[fam_name]
+        if name in tuple(fam.denoiser_class_names):
+            return fam
+    return None
