@@ -26,9 +26,12 @@ from ..errors import SensitivityError
 # ------------------------------------------------------------------------ shared with `evaluate`
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --weights, --device, --dtype, --multiquantizer, conditions, generation settings."""
-    p.add_argument("model", help="model family (see `sensitivity models`)")
+    from ..zoo.cli_args import add_pipeline_class_argument
+
+    p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the model's "
                    "official weights; digits models: the shipped ones), or 'random'/'tiny'")
+    add_pipeline_class_argument(p)
     p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--device", default=None, help="torch device of each worker (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
@@ -148,7 +151,9 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
-    fam = get_family(args.model)
+    from ..zoo.cli_args import family_name
+
+    fam = get_family(family_name(args))
     weights = fam.resolve_weights(args.weights)
     conditions: Optional[List[Any]] = None
     if fam.conditioning == "class":
