@@ -171,3 +171,26 @@ def test_committed_cache_keeps_its_signature():
     with ConfigCache(path) as c:
         evaluation, signature = c.evaluation, c.signature
     assert EvalProtocol.from_dict(evaluation).signature() == signature
+
+
+def test_bops_as_the_reference_defines_them():
+    """MACs counted on the real generation x weight bits x activation bits, all steps; one digits-dit image."""
+    from sensitivity.evaluation.bops import count_macs, tera_bops, weight_bits
+    from sensitivity.multiquantizer import build_multiquantizer  # noqa: F401
+    from sensitivity.zoo import get_family
+
+    assert (weight_bits("uaq-3"), weight_bits("kmeans_c-3"), weight_bits("fp8_e4m3"), weight_bits("int8"),
+            weight_bits(None)) == (3, 16, 8, 8, 16)
+    fam = get_family("digits-dit")
+    pipe = fam.load_pipeline()
+    den = fam.denoiser(pipe)
+    layers = fam.find_layers(den)
+    with count_macs(den, layers) as macs:
+        fam.generate(pipe, [3], [0], steps=2)
+    q = next(s for s in layers if s.name == "transformer_blocks.0.attn1.to_q")
+    tokens = (8 // den.config.patch_size) ** 2
+    assert macs[q.name] == 2 * tokens * q.shape[0] * q.shape[1]  # 2 steps, no guidance
+    fp = tera_bops({}, macs)
+    assert fp == pytest.approx(sum(macs.values()) * 16 * 16 / 1e12)
+    assert tera_bops({q.name: "uaq-4"}, macs, act_bits=6) == pytest.approx(
+        (sum(macs.values()) * 16 - macs[q.name] * 12) * 6 / 1e12)

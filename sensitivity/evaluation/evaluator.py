@@ -310,8 +310,17 @@ class Evaluator:
     def generate(self) -> np.ndarray:
         """The protocol's images with the model as it is now: uint8 ``[N, H, W, C]``."""
         p = self.protocol
-        return self.family.generate(self.pipe, list(p.conditions), list(p.seeds), batch_size=self.batch_size,
-                                    progress=self.progress, **p.generation_overrides())
+        run = lambda: self.family.generate(self.pipe, list(p.conditions), list(p.seeds),  # noqa: E731
+                                           batch_size=self.batch_size, progress=self.progress,
+                                           **p.generation_overrides())
+        if getattr(self, "_macs", None) is not None or self.mq is None:
+            return run()
+        from .bops import count_macs  # MACs per image of every layer, counted on the first generation
+
+        with count_macs(self.denoiser, self.mq.layers) as macs:
+            images = run()
+        self._macs = {k: v / max(1, len(images)) for k, v in macs.items()}
+        return images
 
     def reference_images(self) -> np.ndarray:
         """Full-precision images of the protocol (generated once; the model is restored first)."""
@@ -416,6 +425,10 @@ class Evaluator:
                 restore(self.denoiser)
             t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images))
+        if getattr(self, "_macs", None):
+            from .bops import tera_bops
+
+            out["bops"] = tera_bops(options, self._macs, self.protocol.act_bits)
         t3 = time.perf_counter()
         out["seconds"] = t3 - t0
         out["timings"] = {"apply": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
