@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-DIGITS_MODELS = ("digits-dit", "digits-unet")
+DIGITS_MODELS = ("digits-dit", "digits-unet", "digits-sd")
 FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_class=50)
 QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_class=20)
 # Seeds of the held-out check images: disjoint from the job's (seed + image index, a few thousand at most).
@@ -188,8 +188,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. evaluation job ----------------------------------------------------------------------------
     cmd = ["sample", model, "--weights", weights, "--multiquantizer", str(mq_path), "--cache", str(cache_path),
-           "--num-configs", str(n_cfg), "--seed", str(args.seed), "--images-per-class", str(per_class),
-           "--workers", str(workers)]
+           "--num-configs", str(n_cfg), "--seed", str(args.seed), "--workers", str(workers)]
+    # digits-sd takes prompts: the first 10 x per_class of its eval prompts, as EvalProtocol.for_family
+    cmd += (["--num-images", str(10 * per_class)] if fam.conditioning == "text"
+            else ["--images-per-class", str(per_class)])
     _step(3, N, f"evaluation job: {n_cfg} random configs into a resumable cache", "sensitivity " + " ".join(cmd))
     if cli.main(cmd) != 0:
         raise SensitivityError("demo: the evaluation job failed (see above); rerun to resume")

@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..sizes import SizeTable
     from .sample import protocol_from_args
 
+    if args.cache and not Path(args.cache).exists():
+        from ..io import check_writable
+
+        check_writable(args.cache, "--cache")
     from ..calibration.artifact import load_config_or_calibrated
 
     cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
@@ -63,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cache:
         if Path(args.cache).exists():
             cache = ConfigCache(args.cache)
-            cache.check_signature(signature, evaluation)
+            try:
+                cache.check_signature(signature, evaluation)
+            except BaseException:
+                cache.close()  # closed, SQLite leaves no -wal / -shm files beside it
+                raise
             rid = cache.lookup(chash) if cache.signature else None
             if rid is not None and not args.force:
                 record = next(r for r in cache.records() if r["id"] == rid)

@@ -8,13 +8,16 @@ Writes ``OUT/00000.png``... and ``OUT/run.json`` (model, weights, multiquantizer
 average bits, activation bits, generation settings, one entry per image with its prompt / class id
 and seed, timings, library versions). Without ``--config`` the model runs in full precision.
 Image ``i`` uses condition ``i mod len(conditions)`` and seed ``--seed-base + i``.
+
+``--quantized DIR`` runs a ``sensitivity export`` folder (packed or sdnq) instead of applying a config:
+MODEL and ``--weights`` default to the ones recorded in it (the other pipeline components come from
+them); ``--materialize`` dequantizes its weights once at load instead of on every forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load MODEL, apply a quantization config from a multiquantizer (weights), "
                        "optionally quantize activations online (--act-bits), generate images, write PNGs and "
                        "a JSON record of what was run.")
-    add_model_arguments(p)
+    add_model_arguments(p, model_optional=True)
+    p.add_argument("--quantized", default=None, metavar="DIR",
+                   help="a `sensitivity export` folder (packed or sdnq) to run instead of --multiquantizer/--config")
+    p.add_argument("--materialize", action="store_true",
+                   help="with --quantized: dequantize the weights once at load (default: on the fly, low memory)")
     p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
@@ -74,20 +81,43 @@ def _save_png(image, path: Path) -> None:
     from PIL import Image
 
     arr = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    Image.fromarray(arr).save(path, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__ as sensitivity_version
+    from ..checks import check_finite_weights
+    from ..io import atomic_dir, check_writable
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
     from ..zoo.cli_args import generation_overrides, model_from_args
 
     t0 = time.time()
+    record = None
+    if args.quantized:
+        from ..export.packed import read_record
+
+        if args.multiquantizer or args.config:
+            raise SensitivityError("--quantized runs an exported model: drop --multiquantizer and --config")
+        record = read_record(Path(args.quantized))
+        if record["export_format"] not in ("packed", "sdnq"):
+            raise SensitivityError(f"--quantized {args.quantized}: a {record['export_format']} export cannot run "
+                                   "in torch (packed and sdnq can)")
+        family = record.get("family")
+        if args.model is None:
+            args.model = family
+        elif family and args.model != family:
+            raise SensitivityError(f"--quantized {args.quantized} was exported from {record.get('model_id')}, "
+                                   f"not from model {args.model!r}")
+        if args.weights is None:
+            args.weights = record.get("weights")
+            args.seed = record.get("seed") if record.get("seed") is not None else args.seed
+    elif args.materialize:
+        raise SensitivityError("--materialize needs --quantized DIR")
+    if args.model is None:
+        raise SensitivityError("give MODEL (or --quantized DIR)")
     fam, weights, device, dtype = model_from_args(args)
     conds = _conditions(args, fam)
     fam.check_conditions(conds)
@@ -106,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         from ..multiquantizer import load_multiquantizer
 
         if not Path(args.multiquantizer).is_file():
-            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+            what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
         mq = load_multiquantizer(args.multiquantizer)
         mq_family = str(mq.model_id).split(":", 1)[0]
         if mq_family != fam.name:
@@ -119,19 +150,31 @@ def run(args: argparse.Namespace) -> int:
         if calibrated is not None and args.act_bits:
             raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
                                    "drop --act-bits")
-        mq.validate(config.options)
+        try:
+            mq.validate(config.options)
+        except SensitivityError as exc:
+            raise SensitivityError(f"--config {args.config}: {exc}") from None
         if config.multiquantizer_hash and config.multiquantizer_hash != mq.hash:
             print(f"warning: {args.config} was made for multiquantizer {config.multiquantizer_hash[:12]}, "
                   f"using {mq.hash[:12]} (its layers and options fit)", file=sys.stderr)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out, "--out", directory=True)
     pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
+    check_finite_weights(den, None, f"--weights {weights}")
     settings = fam.settings(pipe, **overrides)  # validates the overrides before any work
     t_load = time.time() - t0
 
     applied = {}
+    if record is not None:
+        from ..export import load_quantized
+
+        qden = load_quantized(args.quantized, device=device, dtype=den.dtype, materialize=args.materialize,
+                              expect_class=type(den).__name__)
+        setattr(pipe, fam.denoiser_attr, qden)
+        del den
+        den = qden
+        t_load = time.time() - t0
     if mq is not None:
         from ..multiquantizer import apply
 
@@ -152,11 +195,8 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.time()
     images = fam.generate(pipe, conditions, seeds, progress=not args.no_progress, **overrides)
     t_gen = time.time() - t1
-    records = []
-    for i, (img, c, s) in enumerate(zip(images, conditions, seeds)):
-        name = f"{i:05d}.png"
-        _save_png(img, out / name)
-        records.append({"file": name, ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s})
+    records = [{"file": f"{i:05d}.png", ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s}
+               for i, (c, s) in enumerate(zip(conditions, seeds))]
 
     import diffusers
 
@@ -173,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
         "config": None if config is None else {
             "path": str(args.config), "hash": config.config_hash, "quantized_layers": len(applied),
             "avg_bits": mq.avg_bits(config.options), "provenance": config.provenance},
+        "quantized": None if record is None else {
+            "path": str(args.quantized), "format": record["export_format"], "materialize": args.materialize,
+            "model_id": record.get("model_id"), "multiquantizer_hash": record["multiquantizer"]["hash"],
+            "config_hash": record["config"]["hash"], "avg_bits": record.get("avg_bits")},
         "act_bits": args.act_bits if calibrated is None else (calibrated.activations.bits if calibrated.activations else None),
         "calibration": None if calibrated is None else {"calibration_hash": calibrated.calibration_hash,
                                                         "weights_method": calibrated.manifest.get("weights_method"),
@@ -185,10 +229,13 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"sensitivity": sensitivity_version, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(run_record, indent=1, default=str) + "\n")
-    os.replace(tmp, out / "run.json")
+    with atomic_dir(out, "--out") as tmp:  # the PNGs and run.json appear together, or not at all
+        for img, rec in zip(images, records):
+            _save_png(img, tmp / rec["file"])
+        (tmp / "run.json").write_text(json.dumps(run_record, indent=1, default=str) + "\n")
     bits = f"{run_record['config']['avg_bits']:.3f}-bit weights" if config is not None else "full-precision weights"
+    if record is not None:
+        bits = f"{record['avg_bits']:.3f}-bit {record['export_format']} weights"
     acts = f", A{run_record['act_bits']}" if run_record["act_bits"] else ""
     if calibrated is not None:
         acts += ", calibrated"

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
+from ..checks import check_finite_weights
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
@@ -127,6 +128,8 @@ class EvalProtocol:
         ``clip_model`` / ``lpips_net``: identities from :mod:`.extra_metrics` add ``clip_score`` / ``lpips``.
         """
         fam = get_family(family)
+        if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
+            conditions = fam.default_conditions(int(n_per_class))
         if conditions is None:
             if fam.conditioning != "class" or not fam.num_classes:
                 raise SensitivityError(f"model {fam.name!r}: give the prompts (conditions) of the protocol")
@@ -213,6 +216,13 @@ class EvalProtocol:
 #: fields of EvalProtocol left out of its description while at these defaults
 _OPTIONAL_FIELDS: Dict[str, Any] = {"act_bits": None, "act_mode": None, "act_calibration": None, "height": None,
                                     "width": None, "extra": {}, "clip_model": "", "lpips_net": ""}
+
+
+def condition_labels(family: ModelFamily, conditions: Sequence) -> np.ndarray:
+    """Class labels of a protocol's conditions: the class ids, or the family's ``class_labels(prompts)``."""
+    if hasattr(family, "class_labels"):
+        return np.asarray(family.class_labels(list(conditions)), dtype=np.int64)
+    return np.asarray(conditions)
 
 
 class Evaluator:
@@ -304,7 +314,7 @@ class Evaluator:
             ref.setflags(write=False)
             self._fp_images = ref
         self._device_stage = threading.Lock()
-        self._labels = np.asarray(protocol.conditions) if self.digits else None
+        self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
     def generate(self) -> np.ndarray:
@@ -478,6 +488,7 @@ class EvaluatorFactory:
         fam = get_family(self.family)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = fam.load_pipeline(self.weights, device=device, dtype=self.dtype)
+        check_finite_weights(fam.denoiser(pipe), None, f"--weights {self.weights or fam.resolve_weights(None)}")
         mq = load_multiquantizer(self.multiquantizer) if self.multiquantizer else None
         if self.compile:
             compile_denoiser(fam, pipe)

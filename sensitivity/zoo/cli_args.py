@@ -4,7 +4,7 @@
 add_model_arguments(parser)            # MODEL, --weights, --device, --dtype, --seed
 add_generation_arguments(parser)       # --steps, --guidance, --height, --width, --scheduler, --batch-size, --set
 fam, weights, device, dtype = model_from_args(args)
-overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides)
+overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides); checks the numbers
 ```
 """
 
@@ -14,6 +14,7 @@ import argparse
 import json
 from typing import Any, Dict, Tuple
 
+from ..checks import at_least, check_device, finite
 from ..errors import SensitivityError
 
 WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official weights), 'random' (official "
@@ -21,8 +22,11 @@ WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official
                 "names, tiny widths), or 'shipped' / 'random' for the digits models")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
-    p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
+def add_model_arguments(p: argparse.ArgumentParser, device: bool = True, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="model family (see `sensitivity models`)")
+    else:
+        p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_pipeline_class_argument(p)
     if device:
@@ -52,6 +56,8 @@ def add_pipeline_class_argument(p: argparse.ArgumentParser) -> None:
 
 def family_name(args: argparse.Namespace) -> str:
     """MODEL, with ``diffusers`` resolved to ``diffusers-<pipelineclass>`` (--pipeline-class or model_index.json)."""
+    if args.model is None:
+        return args.model
     model = str(args.model)
     cls = getattr(args, "pipeline_class", None)
     if model.lower() != "diffusers":
@@ -74,19 +80,24 @@ def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
     from . import get_family
     from .base import resolve_dtype
 
+    check_device(getattr(args, "device", None))  # e.g. cuda without CUDA: one line, before any loading
     fam = get_family(family_name(args))
     weights = fam.resolve_weights(args.weights)
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SensitivityError(f"--device {device!r} is not a torch device") from None
     dtype = resolve_dtype(getattr(args, "dtype", None))
     return fam, weights, device, dtype
 
 
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """Numbers at the door: steps, height, width, batch size >= 1; guidance finite (unset ones pass)."""
+    for key in ("steps", "height", "width", "batch_size"):
+        at_least(f"--{key.replace('_', '-')}", getattr(args, key, None), 1)
+    finite("--guidance", getattr(args, "guidance", None))
+
+
 def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Settings given on the command line (unset ones are left out)."""
+    check_generation_arguments(args)
     out: Dict[str, Any] = {}
     for key in ("steps", "guidance", "height", "width", "scheduler", "batch_size"):
         value = getattr(args, key, None)

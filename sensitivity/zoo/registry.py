@@ -23,6 +23,7 @@ BUILTIN_FAMILIES: Dict[str, str] = {
     "hunyuan-dit": "hunyuan",
     "digits-dit": "digits",
     "digits-unet": "digits",
+    "digits-sd": "digits_sd",
     "sd3": "generic",
     "flux": "generic",
 }
