@@ -77,9 +77,15 @@ class QuantConfig:
     multiquantizer_hash: Optional[str] = None
     avg_bits: Optional[float] = None
     provenance: Dict[str, Any] = field(default_factory=dict)
+    act_bits: Optional[int] = None  # activation bits of the protocol the config was chosen under (None: fp)
 
     def __post_init__(self) -> None:
         self.options = canonical_options(self.options)
+        if self.act_bits is not None:
+            try:
+                self.act_bits = int(self.act_bits)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config: act_bits {self.act_bits!r} is not an integer") from None
 
     @property
     def config_hash(self) -> str:
@@ -93,6 +99,7 @@ class QuantConfig:
             "options": dict(self.options),
             "avg_bits": self.avg_bits,
             "provenance": self.provenance,
+            **({"act_bits": self.act_bits} if self.act_bits is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -109,7 +116,7 @@ class QuantConfig:
             options = d["options"]
             if not isinstance(options, Mapping):
                 raise ConfigError(f"{source}: 'options' must be an object {{layer: option}}")
-            meta = {k: d.get(k) for k in ("model", "multiquantizer_hash", "avg_bits")}
+            meta = {k: d.get(k) for k in ("model", "multiquantizer_hash", "avg_bits", "act_bits")}
             return cls(canonical_options(options, source), provenance=dict(d.get("provenance") or {}), **meta)
         # a bare {layer: option} mapping
         if all(isinstance(v, str) for v in d.values()):

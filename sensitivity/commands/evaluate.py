@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from ..sizes import SizeTable
     from .sample import protocol_from_args
 
-    fam, weights, factory, protocol, mq = protocol_from_args(args)
     if args.cache and not Path(args.cache).exists():
         from ..io import check_writable
 
@@ -46,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.artifact import load_config_or_calibrated
 
     cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+    if cfg.act_bits is not None and calibrated is None:  # a searched W·A config: its protocol's activations
+        if args.act_bits is not None and args.act_bits != cfg.act_bits:
+            raise SensitivityError(f"{args.config}: chosen for A{cfg.act_bits}, but --act-bits {args.act_bits}")
+        args.act_bits = cfg.act_bits
+    fam, weights, factory, protocol, mq = protocol_from_args(args)
     if calibrated is not None and args.cache:
         raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is the "
                                "uncalibrated one's); drop --cache")

@@ -26,9 +26,12 @@ from ..errors import SensitivityError
 # ------------------------------------------------------------------------ shared with `evaluate`
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --weights, --device, --dtype, --multiquantizer, conditions, generation settings."""
-    p.add_argument("model", help="model family (see `sensitivity models`)")
+    from ..zoo.cli_args import add_pipeline_class_argument
+
+    p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the model's "
                    "official weights; digits models: the shipped ones), or 'random'/'tiny'")
+    add_pipeline_class_argument(p)
     p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--device", default=None, help="torch device of each worker (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
@@ -53,6 +56,23 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     c.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the model's)")
     c.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100, as clean-fid)")
+    c.add_argument("--inception", default=None, metavar="PATH",
+                   help="real models: local FID Inception file in clean-fid's format (inception-2015-12-05.pt; "
+                        "default: clean-fid's copy in /tmp if present; never downloaded)")
+    c.add_argument("--clip-model", default=None, metavar="PATH",
+                   help="text models: add the CLIP score, with this local transformers CLIP folder")
+    c.add_argument("--lpips", nargs="?", const="alex", default=None, metavar="NET",
+                   help="add LPIPS to the full-precision images (alex|vgg|squeeze; needs sensitivity[lpips])")
+    c.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
+                   help="quantize activations to 8 or 6 bits: online token-wise min/max, or static with "
+                        "--act-calibration (default: full-precision activations)")
+    c.add_argument("--act-calibration", default=None, metavar="FILE",
+                   help="with --act-bits: static ranges observed (min/max) per config on this calibration set "
+                        "(`sensitivity calibrate-data`)")
+    c.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    c.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="other pipeline setting (JSON value if it parses), e.g. --set clean_caption=false")
     p.add_argument("--batch-size", type=int, default=None, help="images per generation batch (default: the model's; "
                    "does not change the images)")
 
@@ -134,7 +154,9 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
 
     check_protocol_numbers(args)
     check_device(device or args.device)
-    fam = get_family(args.model)
+    from ..zoo.cli_args import family_name
+
+    fam = get_family(family_name(args))
     weights = fam.resolve_weights(args.weights)
     conditions: Optional[List[Any]] = None
     if fam.conditioning == "class":
@@ -157,6 +179,8 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
         check_reference_dir(args.reference_dir)
     elif fam.feature_network != DIGITS_CLASSIFIER:
         print(f"note: no --reference-dir: FID/KID are not computed for {fam.name}, only PSNR/MSE against full precision")
+    metric_kwargs = check_metric_requirements(args, fam)  # every metric's dependencies, before any image
+    overrides = protocol_generation_overrides(args, fam)
     if not Path(args.multiquantizer).is_file():
         what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
         raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
@@ -173,17 +197,85 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype or "", None)
     if dtype is None:
         dtype = "float16" if dev_type == "cuda" else "float32"
+    ref_features = None
+    if args.reference_dir and fam.feature_network != DIGITS_CLASSIFIER:  # computed once per job, cached by content
+        from ..evaluation.metrics import CleanFIDInception, reference_folder_features
+
+        ext = CleanFIDInception(device=dev if dev_type == "cuda" else "cpu", model=metric_kwargs["inception"])
+        ref_features = reference_folder_features(args.reference_dir, args.reference_cache, ext)
     protocol = EvalProtocol.for_family(
         fam, weights, conditions=conditions, seed=args.image_seed, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, dtype=dtype, multiquantizer_hash=mq.hash,
-        reference_dir=args.reference_dir, kid_subsets=args.kid_subsets)
+        reference_dir=args.reference_dir, kid_subsets=args.kid_subsets, act_bits=args.act_bits,
+        act_calibration=metric_kwargs["act_calibration_id"], inception=metric_kwargs["inception"],
+        reference_features=ref_features, clip_model=metric_kwargs["clip_id"], lpips_net=metric_kwargs["lpips_id"],
+        **overrides)
     factory = EvaluatorFactory(
         family=fam.name, multiquantizer=str(Path(args.multiquantizer).resolve()), protocol=protocol.to_dict(),
         weights=str(Path(weights).resolve()) if Path(weights).expanduser().is_dir() else weights,
         device=dev, dtype=dtype, batch_size=args.batch_size,
         reference_dir=str(Path(args.reference_dir).resolve()) if args.reference_dir else None,
-        cache_dir=str(Path(args.reference_cache).resolve()))
+        cache_dir=str(Path(args.reference_cache).resolve()), inception=metric_kwargs["inception"],
+        clip_model=args.clip_model, lpips_net=args.lpips, act_calibration=metric_kwargs["act_calibration"],
+        compile=bool(getattr(args, "compile", False)))
     return fam, weights, factory, protocol, mq
+
+
+def check_metric_requirements(args: argparse.Namespace, fam) -> Dict[str, Any]:
+    """Check every metric's dependencies (packages, weight files) before any model is loaded or image made.
+
+    Returns resolved paths and identities: ``inception`` (path or None), ``clip_id``, ``lpips_id``,
+    ``act_calibration`` (path) and ``act_calibration_id``. Raises a one-line :class:`SensitivityError`.
+    """
+    from ..zoo.base import DIGITS_CLASSIFIER
+
+    out: Dict[str, Any] = {"inception": None, "clip_id": "", "lpips_id": "", "act_calibration": None,
+                           "act_calibration_id": None}
+    digits = fam.feature_network == DIGITS_CLASSIFIER
+    if args.inception and digits:
+        raise SensitivityError(f"--inception: model {fam.name!r} scores FID with its shipped digits classifier")
+    if args.reference_dir and not digits:
+        from ..evaluation import metrics as M
+
+        M.cleanfid_resizer()  # clean-fid itself (its "clean" resize)
+        path = M.resolve_inception(args.inception)
+        M.load_inception(path, "cpu")  # a loadable TorchScript file
+        out["inception"] = str(path.resolve())
+    elif args.inception:
+        raise SensitivityError("--inception needs --reference-dir (the real images FID compares against)")
+    if args.clip_model:
+        from ..evaluation.extra_metrics import check_clip
+
+        if fam.conditioning != "text":
+            raise SensitivityError(f"--clip-model: model {fam.name!r} is not text-conditional")
+        out["clip_id"] = check_clip(args.clip_model)
+    if args.lpips:
+        from ..evaluation.extra_metrics import check_lpips
+
+        out["lpips_id"] = check_lpips(args.lpips)
+    if args.act_calibration:
+        if args.act_bits is None:
+            raise SensitivityError("--act-calibration needs --act-bits")
+        if not Path(args.act_calibration).is_file():
+            raise SensitivityError(f"--act-calibration {args.act_calibration!r} does not exist")
+        from ..evaluation.evaluator import calibration_identity
+
+        out["act_calibration"] = str(Path(args.act_calibration).resolve())
+        out["act_calibration_id"] = calibration_identity(args.act_calibration)
+    return out
+
+
+def protocol_generation_overrides(args: argparse.Namespace, fam) -> Dict[str, Any]:
+    """``height`` / ``width`` / ``extra`` of the protocol from --height, --width, --set (checked against the family)."""
+    from ..zoo.cli_args import generation_overrides
+
+    over = generation_overrides(argparse.Namespace(height=args.height, width=args.width,
+                                                   set=getattr(args, "set", None)))
+    out: Dict[str, Any] = {"height": over.pop("height", None), "width": over.pop("width", None)}
+    fam.defaults.replace(**over)  # unknown settings: one-line error naming the known ones
+    if over:
+        out["extra"] = over
+    return out
 
 
 def check_protocol_numbers(args: argparse.Namespace) -> None:

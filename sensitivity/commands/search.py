@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
     tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
+    p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
+                   help="activation bits written into the configs (default: those of the predictor's evaluations)")
     p.add_argument("--level", choices=("layer", "module"), default="layer",
                    help="knapsack groups: single layers (op level) or the predictor's modules (option combinations)")
     p.add_argument("--options", help="comma list of allowed options (default: all of the multiquantizer)")
@@ -279,6 +281,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
                   "baseline": args.baseline, "level": args.level, "solver": args.solver,
                   "options": args.options, "cache": args.cache, "metric": args.metric if args.cache else None}
+    act_bits = _act_bits(args, predictor)
     results, reports = [], []
     for t in targets:
         try:
@@ -295,6 +298,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         mq.validate(res.options)
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
                             **{k: v for k, v in provenance.items() if v is not None})
+        cfg.act_bits = act_bits
         path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
         cfg.save(folder / path.name if args.sweep else path)
         results.append(res)
@@ -331,3 +335,15 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         json.dump(reports if args.sweep else reports[0], sys.stdout, indent=1, default=float)
         sys.stdout.write("\n")
     return 0
+
+
+def _act_bits(args, predictor) -> Optional[int]:
+    """Activation bits of the written configs: those of the evaluations the predictor learned from
+    (its cache's protocol), or --act-bits; a disagreement is refused."""
+    from ..errors import SensitivityError
+
+    learned = (getattr(predictor, "meta", None) or {}).get("act_bits") if predictor is not None else None
+    given = getattr(args, "act_bits", None)
+    if given is not None and learned is not None and int(given) != int(learned):
+        raise SensitivityError(f"--act-bits {given}: predictor {args.predictor} learned from W·A{learned} evaluations")
+    return given if given is not None else learned

@@ -46,6 +46,8 @@ for _name, _lower, _desc in (
     ("mse", True, "mean squared error of the images against the full-precision model's images"),
     ("lpips", True, "learned perceptual distance to the full-precision images"),
     ("loss", True, "a loss value"),
+    ("bops", True, "Tera bit-operations per image (MACs x weight bits x activation bits, all steps)"),
+    ("clip_score", False, "100 x cosine of CLIP image and prompt embeddings"),
     ("accuracy", False, "share of images the digits classifier labels as their class"),
     ("psnr", False, "peak signal-to-noise ratio against the full-precision images (dB)"),
 ):

@@ -24,6 +24,8 @@ BUILTIN_FAMILIES: Dict[str, str] = {
     "digits-dit": "digits",
     "digits-unet": "digits",
     "digits-sd": "digits_sd",
+    "sd3": "generic",
+    "flux": "generic",
 }
 
 _FAMILIES: Dict[str, ModelFamily] = {}
@@ -62,6 +64,10 @@ def get_family(name: Union[str, ModelFamily]) -> ModelFamily:
         return name
     key = str(name).strip().lower()
     _import_builtin(key)
+    if key not in _FAMILIES and key.startswith("diffusers-"):  # any diffusers pipeline class
+        from .generic import generic_family
+
+        return generic_family(key)
     if key not in _FAMILIES:
         known = ", ".join(list_families())
         raise SensitivityError(f"unknown model {name!r}; known models: {known}")

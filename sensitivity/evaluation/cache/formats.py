@@ -78,7 +78,7 @@ class FormatsMixin:
     def reference_records(self, reference_names: bool = True) -> List[Dict[str, Any]]:
         """The reference's ``quant_cache.pkl`` layout (method.md §3): a list of dicts with ``config``
         (``{layer: [method-bits, fp_bytes, q_bytes, error]}``), ``quantized_size``, ``avg_bits``,
-        ``quantized_error``, ``FID-GT-1k`` and ``bops`` (not computed: None), plus ``sensitivity``
+        ``quantized_error``, ``FID-GT-1k`` and ``bops`` (Tera-BOPs per image; None in records made before it), plus ``sensitivity``
         (our fields, so an import restores the record exactly). Layers at full precision are listed
         as ``["fp16", fp_bytes, fp_bytes, 0.0]``. With ``reference_names``, layer and method names are
         the reference's (``model.<path>.weight_quantizer[_0]``, ``mse``/``kmeans``/``kmeans_all``).
@@ -110,7 +110,7 @@ class FormatsMixin:
                 "avg_bits": r["avg_bits"],
                 "quantized_error": r["summed_error"],
                 REFERENCE_METRIC: r["metrics"].get("fid"),
-                "bops": None,
+                "bops": r["metrics"].get("bops"),  # Tera-BOPs per image (evaluation/bops.py)
                 "sensitivity": {k: r[k] for k in RECORD_FIELDS} | {"evaluation": self.evaluation},
             })
         return out
