@@ -43,7 +43,7 @@ def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
     for col in ("error", "sse"):
         if col in sizes.columns:
             fp[col] = 0.0
-    return pd.concat([sizes, fp[[c for c in sizes.columns]]], ignore_index=True)
+    return pd.concat([sizes, fp], ignore_index=True)
 
 
 def result_from_options(options: Mapping[str, str], sizes: pd.DataFrame, method: str, **kw):

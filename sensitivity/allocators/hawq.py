@@ -97,8 +97,6 @@ def hessian_traces(den: torch.nn.Module, specs, loss_fn: Callable[[], torch.Tens
 
     Returns DataFrame(layer, trace, trace_se, numel).
     """
-    from tqdm.auto import tqdm
-
     items = _layer_params(den, specs)
     params = list(dict.fromkeys(w for _, ws, _ in items for w in ws))
     req = [p.requires_grad for p in params]
@@ -106,31 +104,41 @@ def hessian_traces(den: torch.nn.Module, specs, loss_fn: Callable[[], torch.Tens
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(int(seed))
     est = np.zeros((n_samples, len(items)))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
         den.eval()
-        for s in tqdm(range(int(n_samples)), desc="hawq: Hessian-vector products", disable=not progress, unit="probe"):
-            loss = loss_fn()
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            gmap = dict(zip(map(id, params), grads))
-            vs = {}
-            dot = 0.0
-            for k, (spec, ws, sl) in enumerate(items):
-                shape = tuple(ws[0][sl].shape)
-                v = torch.randint(0, 2, shape, generator=gen).to(ws[0].dtype) * 2 - 1
-                vs[k] = v
-                for w in ws:
-                    dot = dot + (gmap[id(w)][sl] * v).sum()
-            hv = torch.autograd.grad(dot, params)
-            hmap = dict(zip(map(id, params), hv))
-            for k, (spec, ws, sl) in enumerate(items):
-                h = sum(hmap[id(w)][sl] for w in ws)
-                est[s, k] = float((vs[k] * h).sum())
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernels have no double backward
+            _probes(den, items, params, loss_fn, gen, est, n_samples, progress)
     finally:
         for p, r in zip(params, req):
             p.requires_grad_(r)
     se = est.std(axis=0, ddof=1) / np.sqrt(n_samples) if n_samples > 1 else np.full(len(items), np.nan)
     return pd.DataFrame({"layer": [s.name for s, _, _ in items], "trace": est.mean(axis=0), "trace_se": se,
                          "numel": [int(np.prod(ws[0][sl].shape)) for _, ws, sl in items]})
+
+
+def _probes(den, items, params, loss_fn, gen, est, n_samples, progress) -> None:
+    """Fill ``est[s, k]`` with probe ``s``'s estimate ``v_kᵀ (H v)_k`` of layer ``k``."""
+    from tqdm.auto import tqdm
+
+    for s in tqdm(range(int(n_samples)), desc="hawq: Hessian-vector products", disable=not progress, unit="probe"):
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        gmap = dict(zip(map(id, params), grads))
+        vs = {}
+        dot = 0.0
+        for k, (spec, ws, sl) in enumerate(items):
+            shape = tuple(ws[0][sl].shape)
+            v = torch.randint(0, 2, shape, generator=gen).to(ws[0].dtype) * 2 - 1
+            vs[k] = v
+            for w in ws:
+                dot = dot + (gmap[id(w)][sl] * v).sum()
+        hv = torch.autograd.grad(dot, params)
+        hmap = dict(zip(map(id, params), hv))
+        for k, (spec, ws, sl) in enumerate(items):
+            h = sum(hmap[id(w)][sl] for w in ws)
+            est[s, k] = float((vs[k] * h).sum())
 
 
 def fisher_diagonals(den: torch.nn.Module, specs, loss_fn: Callable[[Optional[Sequence[int]]], torch.Tensor],
