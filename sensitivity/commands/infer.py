@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "a JSON record of what was run.")
     add_model_arguments(p)
     p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
-    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
@@ -83,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__ as sensitivity_version
-    from ..config import QuantConfig
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
     from ..zoo.cli_args import generation_overrides, model_from_args
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = generation_overrides(args)
 
     # check files before loading the model (cheap, and the usual mistakes)
-    mq = config = None
+    mq = config = calibrated = None
     if args.config and not args.multiquantizer:
         raise SensitivityError("--config needs --multiquantizer (the quantized weights come from it)")
     if args.multiquantizer:
@@ -114,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
             raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                    f"not for model {fam.name!r}")
     if args.config:
-        config = QuantConfig.load(args.config, trust_pickle=args.trust_pickle)
+        from ..calibration.artifact import load_config_or_calibrated
+
+        config, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+        if calibrated is not None and args.act_bits:
+            raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
+                                   "drop --act-bits")
         mq.validate(config.options)
         if config.multiquantizer_hash and config.multiquantizer_hash != mq.hash:
             print(f"warning: {args.config} was made for multiquantizer {config.multiquantizer_hash[:12]}, "
@@ -132,9 +136,16 @@ def run(args: argparse.Namespace) -> int:
         from ..multiquantizer import apply
 
         mq.check_model(den)
-        if config is not None:
+        if calibrated is not None:
+            from ..calibration.artifact import apply_calibrated
+
+            info = apply_calibrated(den, mq, calibrated)
+            applied = dict(config.options)
+            act = info["activations"]
+        elif config is not None:
             applied = apply(den, mq, config)
-    act = None
+    if calibrated is None:
+        act = None
     if args.act_bits:
         act = enable_activation_quant(den, fam.find_layers(den), args.act_bits)
 
@@ -162,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
         "config": None if config is None else {
             "path": str(args.config), "hash": config.config_hash, "quantized_layers": len(applied),
             "avg_bits": mq.avg_bits(config.options), "provenance": config.provenance},
-        "act_bits": args.act_bits,
+        "act_bits": args.act_bits if calibrated is None else (calibrated.activations.bits if calibrated.activations else None),
+        "calibration": None if calibrated is None else {"calibration_hash": calibrated.calibration_hash,
+                                                        "weights_method": calibrated.manifest.get("weights_method"),
+                                                        "calibrated_layers": len(calibrated.weights)},
         "activation_quantization": act,
         "settings": settings.to_dict(),
         "images": records,
@@ -175,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(run_record, indent=1, default=str) + "\n")
     os.replace(tmp, out / "run.json")
     bits = f"{run_record['config']['avg_bits']:.3f}-bit weights" if config is not None else "full-precision weights"
-    acts = f", A{args.act_bits}" if args.act_bits else ""
+    acts = f", A{run_record['act_bits']}" if run_record["act_bits"] else ""
+    if calibrated is not None:
+        acts += ", calibrated"
     print(f"wrote {n} images ({bits}{acts}) and run.json to {out} in {t_gen:.1f} s")
     return 0
