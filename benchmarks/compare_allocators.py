@@ -54,6 +54,21 @@ def main(argv=None) -> int:
     mq = load_multiquantizer(args.multiquantizer)
     sizes = size_table(mq)
     predictor = load_predictor(args.predictor)
+    if predictor.multiquantizer_hash and predictor.multiquantizer_hash != mq.hash:
+        # a multiquantizer rebuilt after the method registry (issue 10) hashes differently; accept it
+        # only when every (layer, option) has the same bytes and error as the cache's layer stats
+        from sensitivity.evaluation.cache import ConfigCache
+
+        with ConfigCache(args.cache) as c:
+            stats = c.layer_stats
+        for layer, st in stats.items():
+            for o, (nb, err) in st["options"].items():
+                s = mq.stats(layer, o)
+                if s["nbytes"] != nb or abs(s["error"] - err) > 1e-9 * max(1.0, err):
+                    raise SystemExit(f"{args.multiquantizer}: layer {layer} option {o} differs from the cache's")
+        print(f"multiquantizer hash {mq.hash[:12]} != predictor's {predictor.multiquantizer_hash[:12]}, "
+              "but every layer's bytes and error match the cache: using it", flush=True)
+        predictor.meta["multiquantizer_hash"] = mq.hash
     records = load_records(args.cache)
     fam_name, _, weights = mq.model_id.partition(":")
     fam = get_family(fam_name)
