@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     for t in targets:
         cands = []
         res = search(predictor, mq, t, sizes=sizes)
-        cands.append(("search (GNN)", res, n_job, n_job * job_seconds))
+        cands.append((f"search ({predictor.kind})", res, n_job, n_job * job_seconds))
         best = cache_best(records, sizes, t, metric="fid")
         cands.append((f"best of {best.details['candidates']} random", best, n_job, n_job * job_seconds))
         ok = [u for u in uniforms if u.avg_bits <= t + 1e-9]
