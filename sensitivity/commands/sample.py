@@ -317,7 +317,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "command to resume. Several commands, --workers K or --ray share the work.")
     add_protocol_arguments(p)
     p.add_argument("--cache", required=True, help="SQLite cache file (created if missing)")
-    p.add_argument("--num-configs", type=int, required=True, help="configs 0..N-1 of the run")
+    p.add_argument("--num-configs", type=int, default=None,
+                   help="configs 0..N-1 of the run (random), or labelled configs in all (active); required "
+                        "except for --strategy single-layer (default: every layer x option)")
+    st = p.add_argument_group("strategy")
+    st.add_argument("--strategy", choices=("random", "active", "single-layer"), default="random",
+                    help="random: the reference's random configs; active: random start, then the configs the "
+                         "fold ensemble disagrees on most near --targets (sensitivity.active); single-layer: one "
+                         "layer quantized at a time with each option (MixDQ's measurements, --baseline mixdq)")
+    st.add_argument("--initial", type=int, default=40, help="active: random configs to start from (default 40)")
+    st.add_argument("--batch", type=int, default=40, help="active: configs labelled per round (default 40)")
+    st.add_argument("--pool", type=int, default=2000, help="active: random candidates scored per round (default 2000)")
+    st.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="active: bit targets to sample near (default 3.4,3.6,3.8,4.0)")
+    st.add_argument("--window", type=float, default=0.15, help="active: candidates within this many bits of a target")
+    st.add_argument("--metric", default="fid", help="active: metric the ensemble learns (default fid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run's configs (default 0)")
     s = p.add_argument_group("sampler options (part of the run's identity)")
     s.add_argument("--bits", default=None, help="allowed bit widths, e.g. '3-4' or '4' (default: all in the multiquantizer)")
@@ -347,8 +360,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checks import at_least
     from ..io import check_writable
 
-    if args.num_configs < 1:
+    if args.num_configs is None and args.strategy != "single-layer":
+        raise SensitivityError(f"--strategy {args.strategy} needs --num-configs")
+    if args.num_configs is not None and args.num_configs < 1:
         raise SensitivityError(f"--num-configs must be >= 1, got {args.num_configs}")
+    if args.strategy == "active" and args.ray:
+        raise SensitivityError("--strategy active runs local workers only; drop --ray")
     at_least("--workers", args.workers, 1)
     at_least("--threads", args.threads, 1)
     check_protocol_numbers(args)
@@ -364,7 +381,15 @@ def run(args: argparse.Namespace) -> int:
         factory = PipelinedFactory(base_factory, pipeline=args.pipeline)
         spec = SamplerSpec(seed=args.seed, options=mq.options, bits=args.bits, methods=args.methods,
                            fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
-        plan = JobPlan.from_multiquantizer(mq, spec, args.num_configs)
+        if args.strategy == "single-layer":
+            from ..allocators.mixdq import SingleLayerSampler
+
+            spec = SingleLayerSampler(tuple(mq.layer_names), tuple(mq.options))
+            n = spec.num_configs if args.num_configs is None else min(args.num_configs, spec.num_configs)
+            plan = JobPlan.from_multiquantizer(mq, spec, n)
+        else:
+            plan = JobPlan.from_multiquantizer(mq, spec, args.num_configs if args.strategy == "random" else
+                                               min(args.initial, args.num_configs))
         signature, evaluation = protocol.signature(), protocol.to_dict()
         created = not cache_path.exists()
         if not created:  # corrupt file / other signature: refuse before loading any model
@@ -374,12 +399,17 @@ def run(args: argparse.Namespace) -> int:
             runner = RayRunner(factory, address=args.ray, threads=args.threads)
         else:
             runner = LocalRunner(factory, workers=args.workers, threads=args.threads)
-        print(f"sample {fam.name} ({protocol.model_id}): configs 0..{args.num_configs - 1} of seed {args.seed}, "
+        what = {"random": f"configs 0..{plan.num_configs - 1} of seed {args.seed}",
+                "single-layer": f"{plan.num_configs} single-layer configs",
+                "active": f"{args.num_configs} configs, {plan.num_configs} random of seed {args.seed} then active rounds"}
+        print(f"sample {fam.name} ({protocol.model_id}): {what[args.strategy]}, "
               f"{protocol.num_images} images x {protocol.steps} steps each, signature {signature[:12]}, "
               f"cache {cache_path}")
         try:
             summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
                               progress=not args.no_progress, desc=f"sample {fam.name}")
+            if args.strategy == "active" and not summary.failed:
+                summary = _active_rounds(args, mq, spec, plan, cache_path, factory, signature, evaluation, summary)
         except BaseException:
             if created:
                 remove_if_empty(cache_path)  # a cache this command made holds nothing yet: leave no file
@@ -411,6 +441,71 @@ def remove_if_empty(cache_path: Path) -> None:
         pass
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(str(cache_path) + suffix).unlink(missing_ok=True)
+
+
+def _active_rounds(args, mq, spec, plan, cache_path, factory, signature, evaluation, first):
+    """Rounds of ``--strategy active`` after the random start (see :mod:`sensitivity.active`)."""
+    import numpy as np
+
+    from ..active import POOL_OFFSET, ListSampler, choose_batch
+    from ..evaluation.cache import ConfigCache, config_hash
+    from ..evaluation.metric_specs import lower_is_better
+    from ..evaluation.runners import JobPlan, LocalRunner, run_job
+    from ..sizes import SizeTable
+
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    layers = list(mq.layer_names)
+    selected = [plan.config(i) for i in range(plan.num_configs)]
+    pool = [plan.sampler.sample(layers, POOL_OFFSET + i) for i in range(args.pool)]
+    pool = [dict(c) for c in pool]
+    sizes = SizeTable.from_layer_stats(plan.layer_stats, layers)
+    pool_bits = np.array([sizes.avg_bits(c) for c in pool])
+    lower = lower_is_better(args.metric)
+    rounds, summary = 0, first
+    while len(selected) < args.num_configs:
+        with ConfigCache(cache_path) as c:
+            by_hash = {r["config_hash"]: r for r in c.records()}
+        ys = []
+        for cfg in selected:
+            rec = by_hash.get(config_hash(cfg))
+            v = None if rec is None else (rec.get("metrics") or {}).get(args.metric)
+            if v is None:
+                raise SensitivityError(f"active sampling: a labelled config has no '{args.metric}' in {cache_path}; "
+                                       "rerun to finish the failed configs")
+            ys.append(-float(v) if lower else float(v))
+        taken = {config_hash(c) for c in selected}
+        free = [i for i, c in enumerate(pool) if config_hash(c) not in taken]
+        n = min(args.batch, args.num_configs - len(selected))
+        picks = choose_batch(selected, np.asarray(ys), [pool[i] for i in free], pool_bits[free], layers,
+                             list(mq.options), targets, n, window=args.window, seed=args.seed + rounds)
+        new = [pool[free[i]] for i in picks]
+        rounds += 1
+        sampler = ListSampler.from_configs(new, seed=args.seed, round=rounds, metric=args.metric,
+                                           targets=",".join(f"{t:g}" for t in targets))
+        rplan = JobPlan(layers, sampler, len(new), plan.layer_stats)
+        runner = LocalRunner(factory, workers=args.workers, threads=args.threads)
+        summary = run_job(cache_path, rplan, runner, signature=signature, evaluation=evaluation,
+                          progress=not args.no_progress, desc=f"active round {rounds}")
+        if summary.failed:
+            break
+        selected.extend(new)
+    _write_active_order(cache_path, selected, args, targets)
+    print(f"active: {len(selected)} configs labelled ({plan.num_configs} random + {rounds} rounds), "
+          f"order in {cache_path}.active.json")
+    return summary
+
+
+def _write_active_order(cache_path, selected, args, targets) -> None:
+    import os
+
+    from ..evaluation.cache import config_hash
+
+    out = Path(str(cache_path) + ".active.json")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"seed": args.seed, "initial": args.initial, "batch": args.batch, "pool": args.pool,
+                               "targets": targets, "window": args.window, "metric": args.metric,
+                               "order": [config_hash(c) for c in selected]}, indent=1))
+    os.replace(tmp, out)
 
 
 def _connect_ray(address: str, device: Optional[str]) -> Tuple[Optional[str], bool]:
