@@ -141,6 +141,7 @@ class SizeTable:
         layer_col = [str(l) for l in df["layer"]]
         layers = list(dict.fromkeys(layer_col))
         opts = keep if keep is not None else list(dict.fromkeys(opt_col))
+        opts = [o for o in opts if o != FP16]  # fp16 rows (some baselines add them) are implied by fp16_bytes
         li = {l: i for i, l in enumerate(layers)}
         oi = {o: j for j, o in enumerate(opts)}
         L, O = len(layers), len(opts)

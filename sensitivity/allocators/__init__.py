@@ -33,8 +33,18 @@ from ..errors import SensitivityError
 ALLOCATORS = ("sdnq", "hawq", "mixdq", "reference")
 
 
+def as_frame(sizes) -> pd.DataFrame:
+    """The allocators' (layer, option) rows: a :class:`~sensitivity.sizes.SizeTable`'s ``frame()``, or a frame as is."""
+    if isinstance(sizes, pd.DataFrame):
+        return sizes
+    from ..sizes import SizeTable
+
+    return SizeTable.of(sizes).frame()
+
+
 def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
     """``sizes`` plus one ``fp16`` row per layer (nbytes = fp16_bytes, error = sse = 0) if missing."""
+    sizes = as_frame(sizes)
     if (sizes["option"] == "fp16").any():
         return sizes
     fp = sizes.drop_duplicates("layer")[["layer", "fp16_bytes"]].copy()
@@ -111,6 +121,7 @@ def sweep_to_target(
 
 def allocate(name: str, sizes: pd.DataFrame, target_bits: float, **kw):
     """Dispatch to the allocator ``name`` (one of :data:`ALLOCATORS`); ``kw`` as that function takes."""
+    sizes = as_frame(sizes)
     if name == "sdnq":
         from .sdnq_rule import sdnq_allocate
 
