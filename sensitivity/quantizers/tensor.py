@@ -91,9 +91,9 @@ def _sums(values: torch.Tensor, rows: torch.Tensor) -> Tuple[float, float]:
     """
     import numpy as np
 
-    d = (values.to(torch.float64) - rows.to(torch.float64)).cpu().numpy().reshape(-1)
-    r = rows.to(torch.float64).cpu().numpy().reshape(-1)
-    return float(np.sum(d * d)), float(np.sum(r * r))
+    sq = ((values - rows) ** 2).cpu().numpy().reshape(-1)  # elementwise in the weights' float32, as always
+    r2 = (rows**2).cpu().numpy().reshape(-1)
+    return float(np.sum(sq, dtype=np.float64)), float(np.sum(r2, dtype=np.float64))
 
 
 def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:
