@@ -32,6 +32,7 @@ COMMANDS = {
     "predict": "predict",
     "search": "search",
     "insights": "insights",
+    "finetune": "finetune",
 }
 
 
