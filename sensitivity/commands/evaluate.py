@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "record a `sensitivity sample` job would store (avg bits, bytes, summed error, "
                                    "FID/KID/accuracy/PSNR, timings).")
     add_protocol_arguments(p)
-    p.add_argument("--config", required=True, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--finetuned", default=None, metavar="DIR",
+                   help="evaluate a fine-tuned artifact (`sensitivity finetune --out DIR`, made from --multiquantizer): "
+                        "its weights, and its config unless --config is given")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config")
     p.add_argument("--cache", default=None, help="look the config up in this cache first, and store the result there")
     p.add_argument("--force", action="store_true", help="with --cache: evaluate even if the config is cached")
@@ -39,13 +42,25 @@ def run(args: argparse.Namespace) -> int:
     from .sample import protocol_from_args
 
     fam, weights, factory, protocol, mq = protocol_from_args(args)
-    cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle)
+    if not args.config and not args.finetuned:
+        raise SensitivityError("give --config X.json (or --finetuned DIR)")
+    ft = None
+    if args.finetuned:
+        from ..finetune import load_finetuned
+
+        ft = load_finetuned(args.finetuned)
+        if ft.base_multiquantizer_hash != mq.hash:
+            raise SensitivityError(f"--finetuned {args.finetuned} was made from multiquantizer "
+                                   f"{ft.base_multiquantizer_hash[:12]}, not {Path(args.multiquantizer).name}")
+        mq, protocol = ft, protocol.with_multiquantizer(ft.hash)  # its own signature: not mixed with the base's
+    source = args.config or args.finetuned
+    cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else ft.config
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:
-        raise SensitivityError(f"{args.config}: {exc}") from None
+        raise SensitivityError(f"{source}: {exc}") from None
     options = normalize_config(cfg.options)
-    stats = layer_stats_from_multiquantizer(mq)
+    stats = ft.layer_stats() if ft is not None else layer_stats_from_multiquantizer(mq)
     avg_bits, qbytes, err = config_stats(options, stats)
     signature, evaluation = protocol.signature(), protocol.to_dict()
     chash = config_hash(options)
@@ -60,7 +75,16 @@ def run(args: argparse.Namespace) -> int:
                 record = next(r for r in cache.records() if r["id"] == rid)
                 record["from_cache"] = True
     if record is None:
-        ev = factory.build()  # loads the model; checks the multiquantizer against it
+        if ft is None:
+            ev = factory.build()  # loads the model; checks the multiquantizer against it
+        else:
+            from ..evaluation.evaluator import Evaluator
+            from ..zoo import get_family
+
+            pipe = get_family(factory.family).load_pipeline(factory.weights, device=factory.device,
+                                                            dtype=factory.dtype)
+            ev = Evaluator(fam, pipe, ft, protocol, batch_size=factory.batch_size,
+                           reference_dir=factory.reference_dir, cache_dir=factory.cache_dir)
         metrics = dict(ev.evaluate(options))
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
@@ -80,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     src = " (from cache)" if record.get("from_cache") else ""
-    print(f"{args.config}: {fam.name} ({protocol.model_id}), {len(record['config'])} quantized layers of {len(mq)}{src}")
+    print(f"{source}: {fam.name} ({protocol.model_id}), {len(record['config'])} quantized layers of {len(mq)}{src}")
     print(f"  avg bits {record['avg_bits']:.4f}, quantized bytes {record['quantized_bytes']}, "
           f"summed error {record['summed_error']:.4g}")
     print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items()))

@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, amp=None if amp == "off" else amp)
 
     # every file is checked before the model is loaded or anything is written
+    if args.data:
+        read_imagefolder(args.data)
+    prompts = _read_prompts(args.prompts) if args.prompts else None
     if not Path(args.multiquantizer).is_file():
         raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
     mq = load_multiquantizer(args.multiquantizer)
@@ -134,9 +137,6 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"{source}: {exc}") from None
     if calibrated is not None and dict(calibrated.config.options) != dict(config.options):
         raise SensitivityError(f"--calibrated {args.calibrated}: its config differs from {args.config}")
-    if args.data:
-        read_imagefolder(args.data)
-    prompts = _read_prompts(args.prompts) if args.prompts else None
     digits = is_digits_family(fam)
     if not digits and not (args.data or prompts):
         raise SensitivityError(f"model {fam.name!r}: give --data DIR (imagefolder) or --prompts FILE")

@@ -234,6 +234,13 @@ class FinetunedQuantizer:
         options = self.manifest["config"] if options is None else options
         return float(sum(self.stats(n, o)["error"] for n, o in options.items()))
 
+    def layer_stats(self) -> Dict[str, Dict[str, Any]]:
+        """``{layer: {"fp16_bytes", "options": {option: [nbytes, error]}}}`` (only the fine-tuned option),
+        as :func:`sensitivity.evaluation.runners.layer_stats_from_multiquantizer`."""
+        return {n: {"fp16_bytes": s.fp16_bytes,
+                    "options": {o: [int(v["nbytes"]), float(v["error"])] for o, v in self._stats[n].items()}}
+                for n, s in self._specs.items()}
+
     def check_model(self, denoiser: torch.nn.Module, check_weights: bool = True) -> None:
         """Raise :class:`MultiquantizerMismatchError` unless ``denoiser`` is the model it was tuned from."""
         where = f"fine-tuned artifact {self.path.parent}"
