@@ -18,8 +18,9 @@ cosine decay to 10 %; gradient-norm clipping; an EMA of every trained tensor (de
 ``min(decay, (1 + step) / (10 + step))``), which is what is exported when ``ema_decay > 0``.
 Every ``checkpoint_every`` steps ``OUT/checkpoints/last.pt`` (tensors, optimizer, EMA, the data
 generator's state, the loss log) is replaced atomically; a rerun with the same settings resumes
-from it, so a run killed with ``kill -9`` loses at most ``checkpoint_every`` steps, and a resumed run
-ends bit-identical to an uninterrupted one on the same machine.
+from it, so a run killed with ``kill -9`` loses at most ``checkpoint_every`` steps; a resumed run
+draws the same batches and ends equal to an uninterrupted one up to float summation order (BLAS
+results can depend on buffer alignment).
 """
 
 from __future__ import annotations
