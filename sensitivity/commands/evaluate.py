@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "record a `sensitivity sample` job would store (avg bits, bytes, summed error, "
                                    "FID/KID/accuracy/PSNR, timings).")
     add_protocol_arguments(p)
-    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--finetuned", default=None, metavar="DIR",
                    help="evaluate a fine-tuned artifact (`sensitivity finetune --out DIR`, made from --multiquantizer): "
                         "its weights, and its config unless --config is given")
@@ -42,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from .sample import protocol_from_args
 
     fam, weights, factory, protocol, mq = protocol_from_args(args)
+    if args.cache and not Path(args.cache).exists():
+        from ..io import check_writable
+
+        check_writable(args.cache, "--cache")
     if not args.config and not args.finetuned:
         raise SensitivityError("give --config X.json (or --finetuned DIR)")
-    ft = None
+    ft = calibrated = None
     if args.finetuned:
         from ..finetune import load_finetuned
 
@@ -54,7 +58,15 @@ def run(args: argparse.Namespace) -> int:
                                    f"{ft.base_multiquantizer_hash[:12]}, not {Path(args.multiquantizer).name}")
         mq, protocol = ft, protocol.with_multiquantizer(ft.hash)  # its own signature: not mixed with the base's
     source = args.config or args.finetuned
-    cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else ft.config
+    if ft is not None:
+        cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else ft.config
+    else:
+        from ..calibration.artifact import load_config_or_calibrated
+
+        cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+        if calibrated is not None and args.cache:
+            raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is "
+                                   "the uncalibrated one's); drop --cache")
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:
@@ -69,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cache:
         if Path(args.cache).exists():
             cache = ConfigCache(args.cache)
-            cache.check_signature(signature, evaluation)
+            try:
+                cache.check_signature(signature, evaluation)
+            except BaseException:
+                cache.close()  # closed, SQLite leaves no -wal / -shm files beside it
+                raise
             rid = cache.lookup(chash) if cache.signature else None
             if rid is not None and not args.force:
                 record = next(r for r in cache.records() if r["id"] == rid)
@@ -85,13 +101,17 @@ def run(args: argparse.Namespace) -> int:
                                                             dtype=factory.dtype)
             ev = Evaluator(fam, pipe, ft, protocol, batch_size=factory.batch_size,
                            reference_dir=factory.reference_dir, cache_dir=factory.cache_dir)
-        metrics = dict(ev.evaluate(options))
+        metrics = dict(ev.evaluate(calibrated if calibrated is not None else options))
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
             timings["evaluate"] = metrics.pop("seconds")
         record = {"run_id": None, "index": None, "config_hash": chash, "config": options, "avg_bits": avg_bits,
                   "quantized_bytes": qbytes, "summed_error": err, "metrics": metrics, "signature": signature,
                   "timings": timings, "host": socket.gethostname(), "created_at": now_iso()}
+        if calibrated is not None:
+            record["calibration"] = {"path": str(args.config), "calibration_hash": calibrated.calibration_hash,
+                                     "weights_method": calibrated.manifest.get("weights_method"),
+                                     "activations": (calibrated.manifest.get("activations") or {}).get("bits")}
         if args.cache:
             cache = cache or ConfigCache(args.cache, create=True)
             cache.ensure_signature(signature, evaluation)

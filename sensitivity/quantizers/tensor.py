@@ -82,6 +82,20 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(self.dtype)
 
 
+def _sums(values: torch.Tensor, rows: torch.Tensor) -> Tuple[float, float]:
+    """``(Σ (values - rows)², Σ rows²)`` in float64, the same to the last bit whatever the thread count.
+
+    torch's parallel reductions split the sum by thread, so the last digits of an error (and the
+    manifest that records it) would depend on the machine; numpy's pairwise sum of one contiguous
+    array does not.
+    """
+    import numpy as np
+
+    d = (values.to(torch.float64) - rows.to(torch.float64)).cpu().numpy().reshape(-1)
+    r = rows.to(torch.float64).cpu().numpy().reshape(-1)
+    return float(np.sum(d * d)), float(np.sum(r * r))
+
+
 def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:
     """Quantize ``weight`` (any shape, dim 0 = output channels) with ``option`` (e.g. ``"uaq-4"``).
 
@@ -102,7 +116,6 @@ def quantize(weight: torch.Tensor, option: str, device: torch.device | str | Non
     m = get_method(opt.method)
     codes, params = m.quantize_rows(rows, opt.bits)
     values = m.dequantize_rows(codes, params, opt.bits)
-    sse = float(((values - rows) ** 2).sum(dtype=torch.float64))
-    norm = float((rows**2).sum(dtype=torch.float64))
+    sse, norm = _sums(values, rows)
     err = sse / norm if norm > 0 else (0.0 if sse == 0 else float("inf"))
     return QuantizedWeight(opt.name, tuple(w.shape), w.dtype, codes, params, err, sse)
