@@ -257,3 +257,56 @@ def test_imagefolder_and_prompts_on_tiny_sd15_with_autocast(tmp_path):
     assert "feature" in rec["loss_last"]
     assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
     assert load_finetuned(tmp_path / "b").avg_bits() == mq.avg_bits(config.options)
+
+
+# ------------------------------------------------------------------------- start from a calibrated artifact
+class _ToyData:
+    kind = "toy"
+
+    def describe(self):
+        return {"kind": self.kind}
+
+    def next_batch(self, gen):
+        from sensitivity.finetune import Batch
+
+        return Batch({"x": torch.randn(8, 8, 4, 4, generator=gen), "scale": torch.rand(8, generator=gen) + 0.5})
+
+
+def test_start_from_a_calibrated_artifact(tmp_path):
+    from torch import nn
+
+    from sensitivity.calibration import CalibrationSet, calibrate
+    from sensitivity.finetune import FakeQuantStudent
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, padding=1)
+            self.lin = nn.Linear(16 * 4 * 4, 32)
+            self.out = nn.Linear(32, 8)
+
+        def forward(self, x, scale=None):
+            h = torch.relu(self.lin(torch.relu(self.conv(x)).flatten(1)))
+            return self.out(h) * scale[:, None]
+
+    torch.manual_seed(0)
+    den = Toy().eval()
+    mq = build_multiquantizer(den, tmp_path / "toy.safetensors", model_id="toy:0", options=["uaq-4", "kmeans_a-3"],
+                              progress=False)
+    g = torch.Generator().manual_seed(1)
+    cs = CalibrationSet({"arg0": torch.randn(64, 8, 4, 4, generator=g), "kw.scale": torch.rand(64, generator=g) + 0.5},
+                        {}, {"model_id": "toy:0", "kind": "noise"})
+    cfg = {"conv": "uaq-4", "lin": "kmeans_a-3", "out": "uaq-4"}
+    art = calibrate(den, mq, cfg, cs, weights_method="auto", progress=False)
+    start = {n: art.quantized_weight(n, mq) for n in cfg}
+    assert any(not torch.equal(start[n].codes, mq.quantized_weight(n, o).codes) for n, o in cfg.items())
+    student = FakeQuantStudent(den, mq.layers, cfg, start, latent_from="start")
+    fake = student.fake_weights()
+    for n in cfg:
+        assert torch.allclose(fake[f"{n}.weight"], start[n].dequantize(), atol=1e-6)
+        codes, _ = student.export()[n]  # the calibrated rounding is kept, not re-derived from the fp weights
+        assert (codes == start[n].codes).float().mean() > 0.999
+    rec = finetune(den, mq, cfg, _ToyData(), tmp_path / "ft", FinetuneSettings(steps=3, batch_size=8, val_batches=1,
+                   warmup=1), model_id="toy:0", start=start, progress=False)
+    assert rec["start"] == "calibrated" and rec["val_loss_after"]["distill"] < rec["val_loss_before"]["distill"]
+    assert load_finetuned(tmp_path / "ft").avg_bits() == mq.avg_bits(cfg)

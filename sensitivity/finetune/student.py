@@ -27,10 +27,14 @@ class FakeQuantStudent:
 
     ``quantized``: ``{layer: QuantizedWeight}`` of the starting point (the multiquantizer's options,
     or a calibrated artifact's); ``assign``: codebook assignment mode (see :mod:`.rules`).
+    ``latent_from``: ``"weights"`` starts the latent weights at the teacher's full-precision weights
+    (codes re-derived from them are the multiquantizer's nearest-grid codes); ``"start"`` at the
+    dequantized ``quantized`` values, so that codes chosen otherwise (GPTQ / AdaRound rounding of a
+    calibrated artifact) are what the first step re-derives.
     """
 
     def __init__(self, teacher: nn.Module, layers: List[LayerSpec], options: Mapping[str, str],
-                 quantized: Mapping[str, Any], assign: str = "rederive", device=None):
+                 quantized: Mapping[str, Any], assign: str = "rederive", device=None, latent_from: str = "weights"):
         self.teacher = teacher
         self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
         self.specs = {s.name: s for s in layers if s.name in options}
@@ -44,7 +48,12 @@ class FakeQuantStudent:
         for name, spec in self.specs.items():
             rule = rule_for(self.options[name], assign=assign)
             qw = quantized[name]
-            w = layer_weight(teacher, spec).detach().to(self.device, torch.float32)
+            if latent_from == "start":
+                w = qw.dequantize().to(self.device, torch.float32)
+            elif latent_from == "weights":
+                w = layer_weight(teacher, spec).detach().to(self.device, torch.float32)
+            else:
+                raise SensitivityError(f"latent_from must be 'weights' or 'start', got {latent_from!r}")
             rows = w.reshape(w.shape[0], -1).clone()
             state = rule.init(qw.codes.to(self.device), {k: v.to(self.device) for k, v in qw.params.items()}, rows)
             for t in state.params.values():

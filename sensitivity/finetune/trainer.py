@@ -222,7 +222,8 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
         p.requires_grad_(False)
     teacher.eval()
     quantized = dict(start) if start is not None else {n: mq.quantized_weight(n, o) for n, o in options.items()}
-    student = FakeQuantStudent(teacher, mq.layers, options, quantized, assign=st.assign, device=dev)
+    student = FakeQuantStudent(teacher, mq.layers, options, quantized, assign=st.assign, device=dev,
+                               latent_from="weights" if start is None else "start")
     tensors = student.trainable()
     lr_q = st.lr if st.lr_quant is None else st.lr_quant
     groups = [{"params": list(student.weight_params()), "lr": st.lr, "base_lr": st.lr},
