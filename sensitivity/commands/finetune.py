@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="quantization config .json to fine-tune")
     p.add_argument("--calibrated", default=None, metavar="DIR",
                    help="start from a calibrated artifact (`sensitivity calibrate --out DIR`) instead of the "
-                        "multiquantizer's codes; its config is used when --config is not given")
+                        "multiquantizer's codes (its GPTQ / AdaRound codes and refit tables are the starting point; its "
+                        "activation ranges are not part of the result); its config is used when --config is not given")
     d = p.add_mutually_exclusive_group()
     d.add_argument("--data", default=None, metavar="DIR",
                    help="imagefolder with metadata.jsonl captions (default for the digits models: the digits data)")
