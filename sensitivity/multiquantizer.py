@@ -180,6 +180,7 @@ class Multiquantizer:
         for d in manifest["layers"]:
             spec = LayerSpec.from_dict(d)
             self._entries[spec.name] = _Entry(spec, d["options"])
+        self._sizes = None
         self._codes: Dict[Tuple[str, str], torch.Tensor] = {}
         self._params: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
 
@@ -242,18 +243,28 @@ class Multiquantizer:
             return self._entry(layer).spec.fp16_bytes
         return sum(e.spec.fp16_bytes for e in self._entries.values())
 
+    def size_table(self):
+        """The :class:`~sensitivity.sizes.SizeTable` of this file (built once): bytes and error per (layer, option)."""
+        if self._sizes is None:
+            from .sizes import SizeTable
+
+            self._sizes = SizeTable.from_multiquantizer(self)
+        return self._sizes
+
     def quantized_bytes(self, options: Mapping[str, str]) -> int:
-        """Σ bytes over all layers; layers absent from ``options`` count as fp16."""
+        """Σ bytes over all layers; layers absent from ``options`` count as fp16 (:class:`SizeTable`)."""
         self.validate(options)
-        return sum(self.stats(n, options.get(n, FP16))["nbytes"] for n in self._entries)
+        return self.size_table().quantized_bytes(options)
 
     def avg_bits(self, options: Mapping[str, str]) -> float:
-        """``16 * Σ quantized bytes / Σ fp16 bytes`` over all layers of the multiquantizer."""
-        return 16.0 * self.quantized_bytes(options) / self.fp16_bytes()
+        """``16 * Σ quantized bytes / Σ fp16 bytes`` over all layers of the multiquantizer (:class:`SizeTable`)."""
+        self.validate(options)
+        return self.size_table().avg_bits(options)
 
     def summed_error(self, options: Mapping[str, str]) -> float:
+        """Σ relative errors of the chosen options (fp16: 0) (:class:`SizeTable`)."""
         self.validate(options)
-        return float(sum(self.stats(n, o)["error"] for n, o in options.items()))
+        return self.size_table().summed_error(options)
 
     def validate(self, options: Mapping[str, str]) -> None:
         """Raise ConfigError naming the first layer or option that does not fit this multiquantizer."""
@@ -416,6 +427,27 @@ def _quantize_layer(
 
 
 def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """Identity of a multiquantizer: model hashes, options, layers and each stored tensor's digest and size.
+
+    The float statistics (error, sse) are left out: they follow from the stored tensors, and their last
+    bits would make the hash depend on how a machine sums (the shipped cache's records name this hash).
+    """
+    layers = []
+    for d in manifest["layers"]:
+        entry = {k: v for k, v in d.items() if k != "options"}
+        entry["options"] = {o: {k: st[k] for k in ("nbytes", "params", "digest")} for o, st in d["options"].items()}
+        layers.append(entry)
+    core = {k: manifest[k] for k in ("format", "architecture_hash", "weights_hash", "options")}
+    core["layers"] = layers
+    return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """Integrity of the whole manifest core, statistics included (a hand-edited error is refused).
+
+    Files written before the identity hash left the statistics out have no ``checksum``; their
+    ``hash`` is this value, and stays their identity (caches made with them name it).
+    """
     core = {k: manifest[k] for k in ("format", "architecture_hash", "weights_hash", "options", "layers")}
     return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=16).hexdigest()
 
@@ -449,6 +481,11 @@ def build_multiquantizer(
     layers = list(layers) if layers is not None else find_layers(module)
     if not layers:
         raise SensitivityError("the model has no layers to quantize")
+    seen_names = set()
+    for spec in layers:
+        if spec.name in seen_names:
+            raise SensitivityError(f"layer {spec.name!r} is listed twice; give each layer once")
+        seen_names.add(spec.name)
     check_ties(module, layers)
     dev = torch.device(device) if device is not None else None
     t0 = time.perf_counter()
@@ -562,6 +599,7 @@ def build_multiquantizer(
     if extra:
         manifest["extra"] = dict(extra)
     manifest["hash"] = _manifest_hash(manifest)
+    manifest["checksum"] = _manifest_checksum(manifest)
     readers = [_SafetensorsReader(_part_path(parts, i)) for i in range(len(layers))]
     tensors = [(name, _Lazy(r, name)) for r in readers for name in r.keys()]
     manifest["quantize_seconds"] = round(seconds, 3)
@@ -591,7 +629,14 @@ def _open(path: Path) -> Tuple[_SafetensorsReader, Dict[str, Any]]:
         raise CorruptFileError(f"{path}: its manifest is not valid JSON") from None
     if manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
-    if manifest.get("hash") != _manifest_hash(manifest):
+    try:
+        if "checksum" in manifest:
+            intact = manifest["checksum"] == _manifest_checksum(manifest) and manifest.get("hash") == _manifest_hash(manifest)
+        else:  # written before the identity hash (see _manifest_checksum)
+            intact = manifest.get("hash") == _manifest_checksum(manifest)
+    except (KeyError, TypeError, AttributeError):
+        intact = False
+    if not intact:
         raise CorruptFileError(f"{path}: its manifest was modified (hash mismatch)")
     for d in manifest["layers"]:
         for opt, s in d["options"].items():

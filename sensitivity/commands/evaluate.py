@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -37,11 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
-    from ..evaluation.cache import ConfigCache, config_hash, normalize_config, now_iso
-    from ..evaluation.runners import config_stats, layer_stats_from_multiquantizer
+    from ..evaluation.cache import ConfigCache, build_record, config_hash, normalize_config
+    from ..evaluation.runners import layer_stats_from_multiquantizer
+    from ..sizes import SizeTable
     from .sample import protocol_from_args
 
-    fam, weights, factory, protocol, mq = protocol_from_args(args)
     if args.cache and not Path(args.cache).exists():
         from ..io import check_writable
 
@@ -49,31 +48,36 @@ def run(args: argparse.Namespace) -> int:
     if not args.config and not args.finetuned:
         raise SensitivityError("give --config X.json (or --finetuned DIR)")
     ft = calibrated = None
+    source = args.config or args.finetuned
     if args.finetuned:
         from ..finetune import load_finetuned
 
         ft = load_finetuned(args.finetuned)
-        if ft.base_multiquantizer_hash != mq.hash:
-            raise SensitivityError(f"--finetuned {args.finetuned} was made from multiquantizer "
-                                   f"{ft.base_multiquantizer_hash[:12]}, not {Path(args.multiquantizer).name}")
-        mq, protocol = ft, protocol.with_multiquantizer(ft.hash)  # its own signature: not mixed with the base's
-    source = args.config or args.finetuned
-    if ft is not None:
         cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else ft.config
     else:
         from ..calibration.artifact import load_config_or_calibrated
 
         cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
-        if calibrated is not None and args.cache:
-            raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is "
-                                   "the uncalibrated one's); drop --cache")
+    if cfg.act_bits is not None and calibrated is None:  # a searched W·A config: its protocol's activations
+        if args.act_bits is not None and args.act_bits != cfg.act_bits:
+            raise SensitivityError(f"{args.config}: chosen for A{cfg.act_bits}, but --act-bits {args.act_bits}")
+        args.act_bits = cfg.act_bits
+    fam, weights, factory, protocol, mq = protocol_from_args(args)
+    if ft is not None:
+        if ft.base_multiquantizer_hash != mq.hash:
+            raise SensitivityError(f"--finetuned {args.finetuned} was made from multiquantizer "
+                                   f"{ft.base_multiquantizer_hash[:12]}, not {Path(args.multiquantizer).name}")
+        mq, protocol = ft, protocol.with_multiquantizer(ft.hash)  # its own signature: not mixed with the base's
+    if calibrated is not None and args.cache:
+        raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is the "
+                               "uncalibrated one's); drop --cache")
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:
         raise SensitivityError(f"{source}: {exc}") from None
     options = normalize_config(cfg.options)
     stats = ft.layer_stats() if ft is not None else layer_stats_from_multiquantizer(mq)
-    avg_bits, qbytes, err = config_stats(options, stats)
+    sizes = SizeTable.from_layer_stats(stats)
     signature, evaluation = protocol.signature(), protocol.to_dict()
     chash = config_hash(options)
     record = None
@@ -95,19 +99,15 @@ def run(args: argparse.Namespace) -> int:
             ev = factory.build()  # loads the model; checks the multiquantizer against it
         else:
             from ..evaluation.evaluator import Evaluator
-            from ..zoo import get_family
 
-            pipe = get_family(factory.family).load_pipeline(factory.weights, device=factory.device,
-                                                            dtype=factory.dtype)
+            pipe = fam.load_pipeline(factory.weights, device=factory.device, dtype=factory.dtype)
             ev = Evaluator(fam, pipe, ft, protocol, batch_size=factory.batch_size,
                            reference_dir=factory.reference_dir, cache_dir=factory.cache_dir)
         metrics = dict(ev.evaluate(calibrated if calibrated is not None else options))
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
             timings["evaluate"] = metrics.pop("seconds")
-        record = {"run_id": None, "index": None, "config_hash": chash, "config": options, "avg_bits": avg_bits,
-                  "quantized_bytes": qbytes, "summed_error": err, "metrics": metrics, "signature": signature,
-                  "timings": timings, "host": socket.gethostname(), "created_at": now_iso()}
+        record = build_record(options, sizes, metrics, timings, signature=signature)
         if calibrated is not None:
             record["calibration"] = {"path": str(args.config), "calibration_hash": calibrated.calibration_hash,
                                      "weights_method": calibrated.manifest.get("weights_method"),

@@ -12,7 +12,7 @@ and ``digits-dit`` ``digits-unet`` (the embedded default models). Modules are im
 """
 
 from .base import GenerationSettings, LayerRules, ModelFamily, SPECIAL_WEIGHTS
-from .registry import BUILTIN_FAMILIES, get_family, list_families, register_family
+from .registry import BUILTIN_FAMILIES, family_for_denoiser, get_family, list_families, register_family
 
 __all__ = ["GenerationSettings", "LayerRules", "ModelFamily", "SPECIAL_WEIGHTS", "BUILTIN_FAMILIES",
-           "get_family", "list_families", "register_family"]
+           "family_for_denoiser", "get_family", "list_families", "register_family"]
