@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import QuantConfig
-    from ..evaluation.evaluator import is_digits_family
     from ..finetune import DigitsData, FinetuneSettings, ImageFolderData, TeacherSamplesData, finetune
-    from ..finetune.data import read_imagefolder
+    from ..finetune.data import DIGITS_FAMILIES, read_imagefolder
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"{source}: {exc}") from None
     if calibrated is not None and dict(calibrated.config.options) != dict(config.options):
         raise SensitivityError(f"--calibrated {args.calibrated}: its config differs from {args.config}")
-    digits = is_digits_family(fam)
+    digits = fam.name in DIGITS_FAMILIES
     if not digits and not (args.data or prompts):
         raise SensitivityError(f"model {fam.name!r}: give --data DIR (imagefolder) or --prompts FILE")
     if digits and (args.data or prompts):

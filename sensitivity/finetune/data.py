@@ -32,6 +32,8 @@ import torch
 from ..errors import SensitivityError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: families trained on the digits data (:class:`DigitsData`)
+DIGITS_FAMILIES = ("digits-dit", "digits-unet")
 
 
 @dataclass
@@ -71,6 +73,8 @@ class DigitsData:
     def __init__(self, family_name: str, batch_size: int):
         from ..zoo import digits as D
 
+        if family_name not in DIGITS_FAMILIES:
+            raise SensitivityError(f"model {family_name!r} is not a digits model ({', '.join(DIGITS_FAMILIES)})")
         self.family_name = family_name
         self.batch_size = int(batch_size)
         images, labels = D.digits_dataset()
