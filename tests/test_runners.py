@@ -396,6 +396,8 @@ def test_sample_command_bad_inputs(digits_mq, mq_path, tmp_path, capsys):
     (empty / "notes.txt").write_text("no images here")
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"\x00garbage" * 100)
+    empty_cfg = tmp_path / "empty_config.json"
+    empty_cfg.write_text('{"options": {}}')
     cases = [
         (["sample", "sd15", "--weights", "tiny", "--multiquantizer", str(digits_mq), "--cache", str(cache),
           "--num-configs", "2", "--prompts", str(tmp_path / "captions_val2017.json")], "does not exist"),
@@ -408,7 +410,7 @@ def test_sample_command_bad_inputs(digits_mq, mq_path, tmp_path, capsys):
          + DIGITS_ARGS, "another evaluation"),
         (["sample", "digits-dit", "--multiquantizer", str(digits_mq), "--cache", str(junk), "--num-configs", "2"]
          + DIGITS_ARGS, "not a sensitivity cache"),
-        (["evaluate", "digits-dit", "--multiquantizer", str(mq_path), "--config", str(prompts)] + DIGITS_ARGS,
+        (["evaluate", "digits-dit", "--multiquantizer", str(mq_path), "--config", str(empty_cfg)] + DIGITS_ARGS,
          "built for tiny-mlp"),
     ]
     for argv, needle in cases:
