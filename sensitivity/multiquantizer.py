@@ -45,7 +45,7 @@ from .threads import threads_for, using_threads
 from .layers import LayerSpec, architecture_hash, check_ties, find_layers, layer_weight, weights_hash
 from .options import FP16, OPTION_NAMES, QuantOption
 from .quantizers import get_method
-from .quantizers.tensor import QuantizedWeight, quantize
+from .quantizers.tensor import QuantizedWeight, quantize_prepared, squared_norm
 from .quantizers.packing import pack_codes, unpack_codes
 # the file format lives in the torch-free mqfile (``sensitivity info`` reads manifests without torch)
 from .mqfile import (FORMAT, MANIFEST_KEY, _Lazy, _SafetensorsReader, _manifest_hash, _open,  # noqa: F401
@@ -305,12 +305,17 @@ def _quantize_layer(
         raise SensitivityError(f"layer {spec.name!r} is on the meta device: build needs real weights (--weights random?)")
     if device is not None:
         w = w.to(device)
-    if not torch.isfinite(w).all():
-        raise SensitivityError(f"layer {spec.name!r} contains NaN or Inf weights")
+    if w.dim() < 2 or w.numel() == 0:
+        raise SensitivityError(f"layer {spec.name!r}: cannot quantize a weight of shape {tuple(w.shape)}: need >= 2 dims")
+    rows = w.reshape(w.shape[0], -1).to(torch.float32)  # shared by the options, as their norm
+    try:
+        norm = squared_norm(rows)
+    except SensitivityError:
+        raise SensitivityError(f"layer {spec.name!r} contains NaN or Inf weights") from None
     tensors: List[Tuple[str, np.ndarray]] = []
     stats: Dict[str, Dict[str, Any]] = {}
     for opt in options:
-        q = quantize(w, opt)
+        q = quantize_prepared(rows, QuantOption.parse(opt), tuple(w.shape), w.dtype, norm)
         packed = pack_codes(q.codes.reshape(-1).cpu().numpy(), q.bits)
         names = sorted(q.params)
         params = [q.params[p].detach().cpu().numpy() for p in names]  # fp16 or fp32, as the method's param_layout

@@ -11,6 +11,7 @@ over the whole layer (``sse`` holds the unnormalised sum).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -97,12 +98,29 @@ def quantize(weight: torch.Tensor, option: str, device: torch.device | str | Non
     if device is not None:
         w = w.to(device)
     rows = w.reshape(w.shape[0], -1).to(torch.float32)
-    if not torch.isfinite(rows).all():
-        raise SensitivityError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values")
-    m = get_method(opt.method)
-    codes, params = m.quantize_rows(rows, opt.bits)
-    values = m.dequantize_rows(codes, params, opt.bits)
-    sse = float(((values - rows) ** 2).sum(dtype=torch.float64))
+    return quantize_prepared(rows, opt, tuple(w.shape), w.dtype, squared_norm(rows, tuple(w.shape)))
+
+
+def squared_norm(rows: torch.Tensor, shape: Tuple[int, ...] | None = None) -> float:
+    """``||rows||²``: float32 squares summed in float64; raises if ``rows`` holds NaN or Inf.
+
+    The finiteness check rides on the sum (one pass): only a non-finite sum is followed by
+    ``torch.isfinite`` (squares above float32's range give an infinite sum of finite weights).
+    ``shape``: the weight's shape, for the message (default: the rows').
+    """
     norm = float((rows**2).sum(dtype=torch.float64))
+    if not math.isfinite(norm) and not bool(torch.isfinite(rows).all()):
+        raise SensitivityError(f"weight of shape {tuple(rows.shape if shape is None else shape)} contains NaN or Inf values")
+    return norm
+
+
+def quantize_prepared(rows: torch.Tensor, option: QuantOption, shape: Tuple[int, ...], dtype: torch.dtype,
+                  norm: float) -> QuantizedWeight:
+    """:func:`quantize` on prepared rows: float32 ``[C, K]`` of a weight of ``shape``/``dtype``, with
+    ``norm = squared_norm(rows)``; several options of one layer share the rows and their norm."""
+    m = get_method(option.method)
+    codes, params = m.quantize_rows(rows, option.bits)
+    diff = m.dequantize_rows(codes, params, option.bits) - rows
+    sse = float(diff.square_().sum(dtype=torch.float64))
     err = sse / norm if norm > 0 else (0.0 if sse == 0 else float("inf"))
-    return QuantizedWeight(opt.name, tuple(w.shape), w.dtype, codes, params, err, sse)
+    return QuantizedWeight(option.name, shape, dtype, codes, params, err, sse)
