@@ -32,6 +32,8 @@ COMMANDS = {
     "predict": "predict",
     "search": "search",
     "insights": "insights",
+    "calibrate-data": "calibrate_data",
+    "calibrate": "calibrate",
 }
 
 

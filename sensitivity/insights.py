@@ -539,24 +539,24 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
     ``cache_label``: legend name of the cache points in the Pareto plots.
     """
     plt = _plt()
-    out = Path(out_dir)
+    from .io import atomic_path, check_writable
+
+    out = check_writable(out_dir, "insights folder", directory=True)
     out.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
 
     def save_csv(df: pd.DataFrame, name: str, index: bool = False) -> None:
-        p = out / name
-        tmp = p.with_name(p.name + ".tmp")
-        df.to_csv(tmp, index=index)
-        os.replace(tmp, p)
-        written.append(p)
+        with atomic_path(out / name) as tmp:
+            df.to_csv(tmp, index=index)
+        written.append(out / name)
 
     def save_fig(fig, name: str) -> None:
-        p = out / name
-        tmp = p.with_name(p.name + ".tmp.png")
-        fig.savefig(tmp, dpi=dpi)
-        plt.close(fig)
-        os.replace(tmp, p)
-        written.append(p)
+        try:
+            with atomic_path(out / name) as tmp:
+                fig.savefig(tmp, dpi=dpi)
+        finally:
+            plt.close(fig)
+        written.append(out / name)
 
     st = None
     if layer_scores is not None:

@@ -14,7 +14,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -33,11 +33,11 @@ class _Lazy:
     """A tensor of a part file, read only when written out (keeps assembly memory small)."""
 
     def __init__(self, reader: "_SafetensorsReader", name: str):
-        info = reader.header[name]
+        dtype, shape = reader.info(name)
         self.reader, self.name = reader, name
-        self.dtype = np.dtype(_DTYPES[info["dtype"]])
-        self.shape = tuple(info["shape"])
-        self.nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        self.dtype = np.dtype(_DTYPES[dtype])
+        self.shape = tuple(shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def load(self) -> np.ndarray:
         return self.reader.get(self.name)
@@ -64,50 +64,52 @@ def _write_safetensors(path: Path, tensors: Sequence[Tuple[str, Any]], metadata:
 
 
 class _SafetensorsReader:
-    """Minimal lazy reader: header on open, one tensor per ``get`` (memory-mapped file)."""
+    """Lazy reader on ``safetensors.safe_open`` (memory-mapped): header on open, one tensor per ``get``.
+
+    Writing stays hand-written (:func:`_write_safetensors`): safetensors' writers need every tensor
+    in memory at once, and the final file is streamed from the per-layer parts.
+    """
 
     def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
         self.path = Path(path)
+        if not self.path.exists():
+            raise SensitivityError(f"multiquantizer file {str(self.path)!r} does not exist")
+        if not self.path.is_file():
+            raise SensitivityError(f"{self.path} is not a file (expected a multiquantizer .safetensors file)")
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                raw = fh.read(8)
-                if len(raw) < 8:
-                    raise ValueError("file shorter than its header")
-                (n,) = struct.unpack("<Q", raw)
-                if n > size - 8 or n > 1 << 30:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(fh.read(n))
-        except FileNotFoundError:
-            raise SensitivityError(f"multiquantizer file {str(self.path)!r} does not exist") from None
-        except (ValueError, UnicodeDecodeError, struct.error) as exc:
-            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        self.metadata: Dict[str, str] = header.pop("__metadata__", {}) or {}
-        self.header = header
-        self.data_start = 8 + n
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.data_start + end > size:
-            raise CorruptFileError(
-                f"{self.path}: truncated ({size} bytes, the header describes {self.data_start + end})"
-            )
-        self._mmap: Optional[np.memmap] = None
+            self._file = safe_open(str(self.path), framework="numpy")
+            self.metadata: Dict[str, str] = self._file.metadata() or {}
+            self._keys = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptFileError(f"{self.path}: not a readable safetensors file ({msg})") from None
 
     def keys(self) -> List[str]:
-        return list(self.header)
+        return list(self._keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def info(self, name: str) -> Tuple[str, List[int]]:
+        """``(dtype name, shape)`` of a tensor, without reading it."""
+        sl = self._tensor(name, slice_=True)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def _tensor(self, name: str, slice_: bool = False):
+        if name not in self._keys:
+            raise CorruptFileError(f"{self.path}: tensor {name!r} is missing")
+        try:
+            return self._file.get_slice(name) if slice_ else self._file.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - a damaged tensor is a damaged file
+            raise CorruptFileError(f"{self.path}: tensor {name!r} cannot be read ({exc})") from None
 
     def get(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        try:
-            info = self.header[name]
-        except KeyError:
-            raise CorruptFileError(f"{self.path}: tensor {name!r} is missing") from None
-        a, b = info["data_offsets"]
-        raw = self._mmap[self.data_start + a : self.data_start + b]
-        return np.frombuffer(raw.tobytes(), dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return self._tensor(name)
 
     def close(self) -> None:
-        self._mmap = None
+        self._file = None
 
 
 def _manifest_hash(manifest: Mapping[str, Any]) -> str:
@@ -136,6 +138,6 @@ def _open(path: Path) -> Tuple[_SafetensorsReader, Dict[str, Any]]:
     for d in manifest["layers"]:
         for opt, s in d["options"].items():
             for p in ["codes"] + list(s["params"]):
-                if f"{d['name']}/{opt}/{p}" not in reader.header:
+                if f"{d['name']}/{opt}/{p}" not in reader:
                     raise CorruptFileError(f"{path}: tensor {d['name']}/{opt}/{p} is missing")
     return reader, manifest

@@ -44,7 +44,7 @@ def test_models(capsys):
     rc, out, _ = run(["models", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["dit-xl-2"]["defaults"]["steps"] == 250 and rows["dit-xl-2"]["conditioning"] == "class"
-    assert rows["sd15"]["default_weights"] == "runwayml/stable-diffusion-v1-5"
+    assert rows["sd15"]["default_weights"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_layers_meta_json_and_table(capsys):

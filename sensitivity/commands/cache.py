@@ -70,7 +70,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from ..evaluation.cache import ConfigCache
+    from ..io import check_writable
 
+    check_writable(args.out, "--out")  # a folder there, or a read-only folder: refuse before reading
     with ConfigCache(args.cache) as cache:
         out, n = cache.export(args.out, args.format, reference_names=not args.our_names)
     print(f"wrote {n} records to {out}")
@@ -81,12 +83,21 @@ def run_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluation.cache import ConfigCache, read_records_file
+    from ..io import atomic_path, check_writable
 
     # parse and check the file before the cache is opened (or created) for writing
     read_records_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
-    with ConfigCache(args.cache, create=not Path(args.cache).exists()) as cache:
-        read, inserted = cache.import_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
-        total = len(cache)
+    target = Path(args.cache)
+    if target.exists():
+        with ConfigCache(target) as cache:
+            read, inserted = cache.import_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
+            total = len(cache)
+    else:  # a new cache is built beside its path and renamed: a failed import leaves no file
+        check_writable(target, "cache")
+        with atomic_path(target, "cache") as tmp:
+            with ConfigCache(tmp, create=True) as cache:
+                read, inserted = cache.import_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
+                total = len(cache)
     print(f"imported {inserted} of {read} records from {args.file} into {args.cache} "
           f"({read - inserted} already there; {total} records now)")
     return 0

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "record a `sensitivity sample` job would store (avg bits, bytes, summed error, "
                                    "FID/KID/accuracy/PSNR, timings).")
     add_protocol_arguments(p)
-    p.add_argument("--config", required=True, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--config", required=True, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config")
     p.add_argument("--cache", default=None, help="look the config up in this cache first, and store the result there")
     p.add_argument("--force", action="store_true", help="with --cache: evaluate even if the config is cached")
@@ -33,13 +33,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import QuantConfig
     from ..evaluation.cache import ConfigCache, config_hash, normalize_config, now_iso
     from ..evaluation.runners import config_stats, layer_stats_from_multiquantizer
     from .sample import protocol_from_args
 
     fam, weights, factory, protocol, mq = protocol_from_args(args)
-    cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle)
+    if args.cache and not Path(args.cache).exists():
+        from ..io import check_writable
+
+        check_writable(args.cache, "--cache")
+    from ..calibration.artifact import load_config_or_calibrated
+
+    cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+    if calibrated is not None and args.cache:
+        raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is the "
+                               "uncalibrated one's); drop --cache")
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:
@@ -54,20 +62,28 @@ def run(args: argparse.Namespace) -> int:
     if args.cache:
         if Path(args.cache).exists():
             cache = ConfigCache(args.cache)
-            cache.check_signature(signature, evaluation)
+            try:
+                cache.check_signature(signature, evaluation)
+            except BaseException:
+                cache.close()  # closed, SQLite leaves no -wal / -shm files beside it
+                raise
             rid = cache.lookup(chash) if cache.signature else None
             if rid is not None and not args.force:
                 record = next(r for r in cache.records() if r["id"] == rid)
                 record["from_cache"] = True
     if record is None:
         ev = factory.build()  # loads the model; checks the multiquantizer against it
-        metrics = dict(ev.evaluate(options))
+        metrics = dict(ev.evaluate(calibrated if calibrated is not None else options))
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
             timings["evaluate"] = metrics.pop("seconds")
         record = {"run_id": None, "index": None, "config_hash": chash, "config": options, "avg_bits": avg_bits,
                   "quantized_bytes": qbytes, "summed_error": err, "metrics": metrics, "signature": signature,
                   "timings": timings, "host": socket.gethostname(), "created_at": now_iso()}
+        if calibrated is not None:
+            record["calibration"] = {"path": str(args.config), "calibration_hash": calibrated.calibration_hash,
+                                     "weights_method": calibrated.manifest.get("weights_method"),
+                                     "activations": (calibrated.manifest.get("activations") or {}).get("bits")}
         if args.cache:
             cache = cache or ConfigCache(args.cache, create=True)
             cache.ensure_signature(signature, evaluation)

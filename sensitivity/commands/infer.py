@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "a JSON record of what was run.")
     add_model_arguments(p)
     p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
-    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle)")
+    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
@@ -74,16 +73,15 @@ def _save_png(image, path: Path) -> None:
     from PIL import Image
 
     arr = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    Image.fromarray(arr).save(path, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__ as sensitivity_version
-    from ..config import QuantConfig
+    from ..checks import check_finite_weights
+    from ..io import atomic_dir, check_writable
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
     from ..zoo.cli_args import generation_overrides, model_from_args
@@ -100,30 +98,39 @@ def run(args: argparse.Namespace) -> int:
     overrides = generation_overrides(args)
 
     # check files before loading the model (cheap, and the usual mistakes)
-    mq = config = None
+    mq = config = calibrated = None
     if args.config and not args.multiquantizer:
         raise SensitivityError("--config needs --multiquantizer (the quantized weights come from it)")
     if args.multiquantizer:
         from ..multiquantizer import load_multiquantizer
 
         if not Path(args.multiquantizer).is_file():
-            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+            what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+            raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
         mq = load_multiquantizer(args.multiquantizer)
         mq_family = str(mq.model_id).split(":", 1)[0]
         if mq_family != fam.name:
             raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                    f"not for model {fam.name!r}")
     if args.config:
-        config = QuantConfig.load(args.config, trust_pickle=args.trust_pickle)
-        mq.validate(config.options)
+        from ..calibration.artifact import load_config_or_calibrated
+
+        config, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+        if calibrated is not None and args.act_bits:
+            raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
+                                   "drop --act-bits")
+        try:
+            mq.validate(config.options)
+        except SensitivityError as exc:
+            raise SensitivityError(f"--config {args.config}: {exc}") from None
         if config.multiquantizer_hash and config.multiquantizer_hash != mq.hash:
             print(f"warning: {args.config} was made for multiquantizer {config.multiquantizer_hash[:12]}, "
                   f"using {mq.hash[:12]} (its layers and options fit)", file=sys.stderr)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out, "--out", directory=True)
     pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
+    check_finite_weights(den, None, f"--weights {weights}")
     settings = fam.settings(pipe, **overrides)  # validates the overrides before any work
     t_load = time.time() - t0
 
@@ -132,20 +139,24 @@ def run(args: argparse.Namespace) -> int:
         from ..multiquantizer import apply
 
         mq.check_model(den)
-        if config is not None:
+        if calibrated is not None:
+            from ..calibration.artifact import apply_calibrated
+
+            info = apply_calibrated(den, mq, calibrated)
+            applied = dict(config.options)
+            act = info["activations"]
+        elif config is not None:
             applied = apply(den, mq, config)
-    act = None
+    if calibrated is None:
+        act = None
     if args.act_bits:
         act = enable_activation_quant(den, fam.find_layers(den), args.act_bits)
 
     t1 = time.time()
     images = fam.generate(pipe, conditions, seeds, progress=not args.no_progress, **overrides)
     t_gen = time.time() - t1
-    records = []
-    for i, (img, c, s) in enumerate(zip(images, conditions, seeds)):
-        name = f"{i:05d}.png"
-        _save_png(img, out / name)
-        records.append({"file": name, ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s})
+    records = [{"file": f"{i:05d}.png", ("class_id" if fam.conditioning == "class" else "prompt"): c, "seed": s}
+               for i, (c, s) in enumerate(zip(conditions, seeds))]
 
     import diffusers
 
@@ -162,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
         "config": None if config is None else {
             "path": str(args.config), "hash": config.config_hash, "quantized_layers": len(applied),
             "avg_bits": mq.avg_bits(config.options), "provenance": config.provenance},
-        "act_bits": args.act_bits,
+        "act_bits": args.act_bits if calibrated is None else (calibrated.activations.bits if calibrated.activations else None),
+        "calibration": None if calibrated is None else {"calibration_hash": calibrated.calibration_hash,
+                                                        "weights_method": calibrated.manifest.get("weights_method"),
+                                                        "calibrated_layers": len(calibrated.weights)},
         "activation_quantization": act,
         "settings": settings.to_dict(),
         "images": records,
@@ -171,10 +185,13 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"sensitivity": sensitivity_version, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(run_record, indent=1, default=str) + "\n")
-    os.replace(tmp, out / "run.json")
+    with atomic_dir(out, "--out") as tmp:  # the PNGs and run.json appear together, or not at all
+        for img, rec in zip(images, records):
+            _save_png(img, tmp / rec["file"])
+        (tmp / "run.json").write_text(json.dumps(run_record, indent=1, default=str) + "\n")
     bits = f"{run_record['config']['avg_bits']:.3f}-bit weights" if config is not None else "full-precision weights"
-    acts = f", A{args.act_bits}" if args.act_bits else ""
+    acts = f", A{run_record['act_bits']}" if run_record["act_bits"] else ""
+    if calibrated is not None:
+        acts += ", calibrated"
     print(f"wrote {n} images ({bits}{acts}) and run.json to {out} in {t_gen:.1f} s")
     return 0

@@ -40,7 +40,9 @@ def default_out(model: str, weights: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..checks import check_device, check_finite_weights
     from ..errors import SensitivityError
+    from ..io import check_writable
     from ..multiquantizer import build_multiquantizer
     from ..options import QuantOption
     from ..zoo import get_family
@@ -48,12 +50,15 @@ def run(args: argparse.Namespace) -> int:
     options = [QuantOption.parse(o).name for o in args.options]  # bad names fail before the model loads
     if args.threads is not None and args.threads < 1:
         raise SensitivityError(f"--threads must be >= 1, got {args.threads}")
+    check_device(args.device)
     fam = get_family(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
+    out = Path(args.out) if args.out else default_out(fam.name, weights)
+    check_writable(out, "--out")
     denoiser = fam.load_denoiser(weights, device=device, dtype=torch.float32, seed=args.seed)
     layers = fam.find_layers(denoiser)
-    out = Path(args.out) if args.out else default_out(fam.name, weights)
+    check_finite_weights(denoiser, layers, f"--weights {weights}")  # before the build makes its resume folder
     mq = build_multiquantizer(
         denoiser,
         out,

@@ -31,7 +31,13 @@ def _fmt(v) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..predictors import evaluate_on_cache, read_manifest
 
+    from ..checks import check_device
+    from ..io import atomic_path, check_writable
+
     read_manifest(args.predictor)  # a clear error for a wrong folder before reading the cache
+    check_device(args.device)
+    if args.out:
+        check_writable(args.out, "--out")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     res = evaluate_on_cache(args.predictor, args.cache, kinds=kinds, device=args.device)
     if args.out:
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
         df = pd.DataFrame({"config_hash": res["hashes"], "target": res["y"],
                            **{k: v for k, v in res["predictions"].items()}})
-        df.to_csv(args.out, index=False)
+        with atomic_path(args.out, "--out") as tmp:
+            df.to_csv(tmp, index=False)
     if args.json:
         from ..predictors.ensemble import _json_clean
 

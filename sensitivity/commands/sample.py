@@ -126,10 +126,13 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     """
     import torch
 
+    from ..checks import check_device
     from ..evaluation.evaluator import EvalProtocol, EvaluatorFactory, is_digits_family
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
+    check_protocol_numbers(args)
+    check_device(device or args.device)
     fam = get_family(args.model)
     weights = fam.resolve_weights(args.weights)
     conditions: Optional[List[Any]] = None
@@ -152,7 +155,8 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
     elif not is_digits_family(fam):
         print(f"note: no --reference-dir: FID/KID are not computed for {fam.name}, only PSNR/MSE against full precision")
     if not Path(args.multiquantizer).is_file():
-        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
+        what = "is not a file" if Path(args.multiquantizer).exists() else "does not exist"
+        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} {what}")
     mq = load_multiquantizer(args.multiquantizer)
     mq_family = str(mq.model_id).split(":", 1)[0]
     if mq_family != fam.name:
@@ -177,6 +181,18 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
         reference_dir=str(Path(args.reference_dir).resolve()) if args.reference_dir else None,
         cache_dir=str(Path(args.reference_cache).resolve()))
     return fam, weights, factory, protocol, mq
+
+
+def check_protocol_numbers(args: argparse.Namespace) -> None:
+    """The protocol's numbers at the door (before any file is read or model loaded)."""
+    from ..checks import at_least, finite
+
+    at_least("--steps", args.steps, 1)
+    finite("--guidance", args.guidance)
+    at_least("--kid-subsets", args.kid_subsets, 1)
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--num-images", args.num_images, 2)
+    at_least("--images-per-class", args.images_per_class, 1)
 
 
 def parse_fixed(items: List[str], fixed_file: Optional[str]) -> Dict[str, str]:
@@ -233,8 +249,17 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.runners import JobPlan, LocalRunner, PipelinedFactory, RayRunner, run_job
     from ..evaluation.sampler import SamplerSpec
 
+    from ..checks import at_least
+    from ..io import check_writable
+
     if args.num_configs < 1:
         raise SensitivityError(f"--num-configs must be >= 1, got {args.num_configs}")
+    at_least("--workers", args.workers, 1)
+    at_least("--threads", args.threads, 1)
+    check_protocol_numbers(args)
+    cache_path = Path(args.cache)
+    if not cache_path.exists():
+        check_writable(cache_path, "--cache")  # SQLite also writes its journal beside the file
     device = args.device
     started_ray = False
     if args.ray:
@@ -246,8 +271,8 @@ def run(args: argparse.Namespace) -> int:
                            fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
         plan = JobPlan.from_multiquantizer(mq, spec, args.num_configs)
         signature, evaluation = protocol.signature(), protocol.to_dict()
-        cache_path = Path(args.cache)
-        if cache_path.exists():  # corrupt file / other signature: refuse before loading any model
+        created = not cache_path.exists()
+        if not created:  # corrupt file / other signature: refuse before loading any model
             with ConfigCache(cache_path) as c:
                 c.check_signature(signature, evaluation)
         if args.ray:
@@ -257,8 +282,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"sample {fam.name} ({protocol.model_id}): configs 0..{args.num_configs - 1} of seed {args.seed}, "
               f"{protocol.num_images} images x {protocol.steps} steps each, signature {signature[:12]}, "
               f"cache {cache_path}")
-        summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
-                          progress=not args.no_progress, desc=f"sample {fam.name}")
+        try:
+            summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
+                              progress=not args.no_progress, desc=f"sample {fam.name}")
+        except BaseException:
+            if created:
+                remove_if_empty(cache_path)  # a cache this command made holds nothing yet: leave no file
+            raise
     finally:
         if started_ray:
             import ray
@@ -272,6 +302,20 @@ def run(args: argparse.Namespace) -> int:
                           "configs_per_hour": summary.configs_per_hour, "complete": summary.complete}))
     print(f"sample {fam.name}: {summary}")
     return 0 if not summary.failed else 1
+
+
+def remove_if_empty(cache_path: Path) -> None:
+    """Delete a cache file (and its SQLite journal files) that holds no record; keep any with records."""
+    from ..evaluation.cache import ConfigCache
+
+    try:
+        with ConfigCache(cache_path) as c:
+            if len(c):
+                return
+    except Exception:  # noqa: BLE001 - unreadable: this command made it, and it stored nothing
+        pass
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(cache_path) + suffix).unlink(missing_ok=True)
 
 
 def _connect_ray(address: str, device: Optional[str]) -> Tuple[Optional[str], bool]:

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -178,29 +180,31 @@ def _print(res, path: Path) -> None:
 
 
 def _write_csv(df, path: Path) -> Path:
-    import os
+    from ..io import atomic_path
 
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     return path
 
 
 def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
-    import os
-
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from ..io import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks import finite
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, parse_sweep, predict_results, size_table, uniform_baselines
+    from ..io import atomic_dir, check_writable
+    from ..search import AdditiveScorer, parse_sweep
 
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
@@ -226,13 +230,48 @@ def run(args: argparse.Namespace) -> int:
     records = load_records(args.cache) if args.cache else None
 
     targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
+    lo, hi = bits_range(sizes)
+    span = f"the options of {mq_path}{' (--options)' if args.options else ''} span {lo:.4f}..{hi:.4f} avg bits"
+    if args.baseline != "uniform":
+        name = f"--sweep {args.sweep}: target" if args.sweep else "--target-bits"
+        for t in targets:
+            finite(name, t)
+            if t > 16:
+                raise SensitivityError(f"{name} {t:g} is above 16 bits (full precision); {span}")
+        if not args.sweep and args.target_bits > _ceil4(hi):
+            raise SensitivityError(f"--target-bits {args.target_bits:g} is above {hi:.4f}, every layer at its "
+                                   f"largest option; {span}")
     out = Path(args.out)
     if args.sweep:
         if out.suffix == ".json":
             raise SensitivityError(f"--sweep writes one config per target: --out must be a folder, not {out}")
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out, "--out", directory=True)
     elif out.suffix != ".json":
         raise SensitivityError(f"--out must be a .json config file, got {out}")
+    else:
+        check_writable(out, "--out")
+    with contextlib.ExitStack() as stack:
+        # a sweep's folder appears with everything in it, or not at all
+        folder = stack.enter_context(atomic_dir(out, "--out")) if args.sweep else None
+        return _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out, folder, hi)
+
+
+def bits_range(sizes) -> Tuple[float, float]:
+    """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
+    fp = int(sizes.drop_duplicates("layer")["fp16_bytes"].sum())
+    by_layer = sizes.groupby("layer")["nbytes"]
+    return 16.0 * int(by_layer.min().sum()) / fp, 16.0 * int(by_layer.max().sum()) / fp
+
+
+def _ceil4(x: float) -> float:
+    return math.ceil(x * 1e4 - 1e-9) / 1e4
+
+
+def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Path, folder: Optional[Path],
+                 hi: float) -> int:
+    """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
+    from ..errors import SensitivityError
+    from ..search import predict_results, size_table, uniform_baselines
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
                   "baseline": args.baseline, "level": args.level, "solver": args.solver,
@@ -240,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
     results, reports = [], []
     for t in targets:
         try:
+            if args.sweep and t > _ceil4(hi):
+                raise SensitivityError(f"above {hi:.4f} bits, every layer at its largest option")
             res = _search_one(args, t, predictor, mq, mq_path, sizes, records)
         except SensitivityError as exc:
             if not args.sweep:
@@ -252,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
                             **{k: v for k, v in provenance.items() if v is not None})
         path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
-        cfg.save(path)
+        cfg.save(folder / path.name if args.sweep else path)
         results.append(res)
         reports.append(_report(res, args, path))
         if not args.json:
@@ -265,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
 
         from .. import insights
 
-        _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), out / "sweep.csv")
+        _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
         full = size_table(mq)
         extra = uniform_baselines(full)
         if predictor is not None:
@@ -274,12 +315,13 @@ def run(args: argparse.Namespace) -> int:
             preds = predictor.predict([r["config"] for r in records])
             records = [dict(r, predicted=float(p)) for r, p in zip(records, preds)]
         pt = insights.pareto_table(records, results + extra, metric=args.metric, sizes=full)
-        _write_csv(pt, out / "pareto.csv")
+        _write_csv(pt, folder / "pareto.csv")
         written = []
         for y in ("predicted", args.metric):
             if y in pt and pt[y].notna().any():
                 fig = insights.pareto_plot(pt, y=y)
-                written.append(str(_write_fig(fig, out / f"pareto_{y}.png")))
+                _write_fig(fig, folder / f"pareto_{y}.png")
+                written.append(str(out / f"pareto_{y}.png"))
         if not args.json:
             print(f"sweep: {len(results)} configs, table {out / 'sweep.csv'}" + (f", plots {', '.join(written)}" if written else ""))
     if args.json:

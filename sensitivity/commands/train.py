@@ -70,7 +70,9 @@ def parse_params(items, kinds) -> Dict[str, Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks import at_least, check_device, finite
     from ..errors import SensitivityError
+    from ..io import check_writable
     from ..predictors import get_kind, train
 
     if not Path(args.cache).exists():
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         get_kind(k)  # unknown names fail here, before any work
     if args.folds < 2:
         raise SensitivityError(f"--folds must be at least 2, got {args.folds}")
+    finite("--lam", args.lam)
+    at_least("--max-module-configs", args.max_module_configs, 1)
+    check_device(args.device)
+    check_writable(args.out, "--out", directory=True)
     params = parse_params(args.set, kinds)
     graph = None
     if args.model:

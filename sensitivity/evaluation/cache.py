@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -48,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..io import atomic_path
+from ..config import canonical_options
 from ..errors import ConfigError, CorruptFileError, SensitivityError
 from ..options import FP16, METHOD_ALIASES, QuantOption
 
@@ -637,36 +640,34 @@ class ConfigCache:
     def export(self, out: str | os.PathLike, fmt: Optional[str] = None, reference_names: bool = True) -> Tuple[Path, int]:
         """Write all records to ``out`` as ``parquet``, ``csv`` or the reference's ``pkl`` layout.
 
-        Written to a temporary file and renamed. Returns ``(path, number of records)``.
+        Written through :func:`sensitivity.io.atomic_path` (whole or not at all). Returns ``(path, number of records)``.
         """
         out = Path(out)
         fmt = (fmt or out.suffix.lstrip(".")).lower()
         fmt = {"pickle": "pkl", "pq": "parquet"}.get(fmt, fmt)
         if fmt not in ("parquet", "csv", "pkl"):
             raise SensitivityError(f"export format {fmt!r} not supported (parquet, csv, pkl)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         meta = {"format": FORMAT, "signature": self.signature, "evaluation": self.evaluation}
-        if fmt == "pkl":
-            data = self.reference_records(reference_names=reference_names)
-            with open(tmp, "wb") as fh:
-                pickle.dump(data, fh, protocol=4)
-            n = len(data)
-        else:
-            df = self.to_frame()
-            n = len(df)
-            if fmt == "csv":
-                df = df.assign(evaluation=_json(meta["evaluation"]))
-                df.to_csv(tmp, index=False)
+        with atomic_path(out, "export") as tmp:
+            if fmt == "pkl":
+                data = self.reference_records(reference_names=reference_names)
+                with open(tmp, "wb") as fh:
+                    pickle.dump(data, fh, protocol=4)
+                n = len(data)
             else:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+                df = self.to_frame()
+                n = len(df)
+                if fmt == "csv":
+                    df = df.assign(evaluation=_json(meta["evaluation"]))
+                    df.to_csv(tmp, index=False)
+                else:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
 
-                table = pa.Table.from_pandas(df, preserve_index=False)
-                md = dict(table.schema.metadata or {})
-                md[b"sensitivity.cache"] = _json(meta).encode()
-                pq.write_table(table.replace_schema_metadata(md), tmp)
-        os.replace(tmp, out)
+                    table = pa.Table.from_pandas(df, preserve_index=False)
+                    md = dict(table.schema.metadata or {})
+                    md[b"sensitivity.cache"] = _json(meta).encode()
+                    pq.write_table(table.replace_schema_metadata(md), tmp)
         return out, n
 
     def reference_records(self, reference_names: bool = True) -> List[Dict[str, Any]]:
@@ -867,6 +868,9 @@ def read_records_file(path: str | os.PathLike, trust_pickle: bool = False, model
             }
         except (TypeError, ValueError, json.JSONDecodeError):
             raise CorruptFileError(f"{path}: row {i} is damaged (config/metrics are not valid JSON)") from None
+        if not isinstance(rec["config"], dict) or not isinstance(rec["metrics"], dict):
+            raise CorruptFileError(f"{path}: row {i} is damaged (config and metrics must be JSON objects)")
+        rec["config"] = canonical_options(rec["config"], source=f"{path}: row {i}")  # unknown options fail here
         recs.append(rec)
     return signature, meta.get("evaluation") or {}, recs, {}
 
@@ -896,17 +900,27 @@ def _read_pickle(path: Path, trust_pickle: bool, model: Optional[str]):
         config: Dict[str, str] = {}
         for ref, v in cfg_raw.items():
             layer = names[str(ref)]
+            where = f"{path}: entry {i}, layer {layer!r}"
             entry = list(v) if isinstance(v, (list, tuple)) else [v]
+            if not entry or len(entry) not in (1, 4) or not isinstance(entry[0], str):
+                raise CorruptFileError(f"{where}: expected [option, fp16 bytes, quantized bytes, error] or an "
+                                       f"option name, got {_short(v)}")
             try:
-                opt = QuantOption.parse(str(entry[0])).name
+                opt = QuantOption.parse(entry[0]).name
             except SensitivityError as exc:
-                raise CorruptFileError(f"{path}: entry {i}, layer {layer!r}: {exc}") from None
+                raise CorruptFileError(f"{where}: {exc}") from None
             if opt != FP16:
                 config[layer] = opt
-            if len(entry) >= 4:
-                s = stats.setdefault(layer, {"fp16_bytes": _int(entry[1]), "options": {}})
+            if len(entry) == 4:
+                fp = _entry_number(where, "fp16 bytes", entry[1], integer=True)
+                nb = _entry_number(where, "quantized bytes", entry[2], integer=True)
+                err = _entry_number(where, "error", entry[3])
+                s = stats.setdefault(layer, {"fp16_bytes": fp, "options": {}})
                 if opt != FP16:
-                    s["options"].setdefault(opt, [_int(entry[2]), _finite(entry[3])])
+                    s["options"].setdefault(opt, [nb, err])
+        for field, integer in (("quantized_size", True), ("avg_bits", False), ("quantized_error", False),
+                               (REFERENCE_METRIC, False)):
+            _entry_number(f"{path}: entry {i}", field, d.get(field), integer=integer, optional=True)
         if ours is not None:
             sig_i = str(ours.get("signature"))
             evaluation = dict(ours.get("evaluation") or evaluation)
@@ -936,6 +950,24 @@ def _read_pickle(path: Path, trust_pickle: bool, model: Optional[str]):
     if signature is None:
         raise CorruptFileError(f"{path}: the pickle holds no records")
     return signature, evaluation, recs, stats
+
+
+def _short(v: Any, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _entry_number(where: str, field: str, value: Any, integer: bool = False, optional: bool = False) -> Any:
+    """A pickle entry's number: finite, and for byte counts a non-negative integer (``None`` if optional)."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy scalars too
+    if ok and integer:
+        ok = value >= 0 and float(value).is_integer()
+    if not ok:
+        kind = "a non-negative integer" if integer else "a finite number"
+        raise CorruptFileError(f"{where}: {field} is {_short(value)}, expected {kind}")
+    return int(value) if integer else float(value)
 
 
 def _int(x) -> Optional[int]:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
+from ..checks import check_finite_weights
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
@@ -256,22 +257,32 @@ class Evaluator:
 
     def evaluate(self, config: Union[None, QuantConfig, Mapping[str, str]] = None,
                  return_images: bool = False) -> Dict[str, Any]:
-        """Apply ``config`` (``None``/``{}`` = full precision), generate, score, restore.
+        """Apply ``config`` (``None``/``{}`` = full precision; a calibrated artifact of
+        :mod:`sensitivity.calibration` with its overlay and activation ranges), generate, score, restore.
 
         Returns ``{"fid", "kid", "accuracy", "psnr", "mse", "seconds"}`` (the protocol's metrics) and
         ``"timings"`` (seconds of apply / generate / score); with ``return_images`` also ``"images"``.
         """
+        from ..calibration.artifact import CalibratedArtifact, apply_calibrated, remove_calibrated
+
+        calibrated = config if isinstance(config, CalibratedArtifact) else None
+        if calibrated is not None:
+            config = calibrated.config
         options = as_options(config) if config is not None else {}
         if options and self.mq is None:
             raise SensitivityError("Evaluator: no multiquantizer given, only full precision can be evaluated")
         self.reference_images()  # before applying: the full-precision images of the same seeds
         t0 = time.perf_counter()
         try:
-            if options:
+            if calibrated is not None:
+                apply_calibrated(self.denoiser, self.mq, calibrated)
+            elif options:
                 apply(self.denoiser, self.mq, options)
             t1 = time.perf_counter()
             images = self.generate()
         finally:
+            if calibrated is not None:
+                remove_calibrated(self.denoiser)
             restore(self.denoiser)
         t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images))
@@ -313,6 +324,7 @@ class EvaluatorFactory:
         fam = get_family(self.family)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = fam.load_pipeline(self.weights, device=device, dtype=self.dtype)
+        check_finite_weights(fam.denoiser(pipe), None, f"--weights {self.weights or fam.resolve_weights(None)}")
         mq = load_multiquantizer(self.multiquantizer) if self.multiquantizer else None
         return Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
                          reference_dir=self.reference_dir, cache_dir=self.cache_dir)

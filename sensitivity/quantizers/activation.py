@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -190,3 +190,134 @@ def activation_quant(model: nn.Module, layers: Iterable, bits: Optional[int],
         yield info
     finally:
         disable_activation_quant(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static (calibrated) activation quantization
+# --------------------------------------------------------------------------------------------------
+# The same points as the online scheme above, but with ranges fixed in advance (observed on a
+# calibration set by :mod:`sensitivity.calibration.observers`), as an integer kernel needs them:
+#
+# * ``"<module_path>"`` (``"<module_path>#main"`` / ``"#skip"`` for the halves of a split layer): the
+#   input of a quantized Linear / Conv layer (tied copies: one point per copy, under the copy's path);
+# * ``"<attention_path>.to_q@out"`` (``to_k``, ``to_v``): the output of an attention projection.
+#
+# The channel axis of a point (used by per-channel ranges) is the last dim for Linear inputs and
+# projection outputs, dim 1 for Conv inputs. A half of a split layer covers ``in_slice`` of that axis.
+# Fake quantization with a range ``[lo, hi]`` (float32 scalars or ``[C]``)::
+#
+#     Δ = (hi - lo) / (2^b - 1),  z = round(-lo / Δ),  x̂ = (clamp(round(x / Δ) + z, 0, 2^b - 1) - z) · Δ
+#
+# (``Δ = 0``: the point is passed through unchanged).
+
+
+def static_points(model: nn.Module, layers: Iterable, attention: bool = True) -> Dict[str, Tuple[str, str, Optional[Tuple[int, int]]]]:
+    """``{point: (module_path, kind, slice)}`` of the static activation points of ``model``.
+
+    ``kind``: ``"linear"`` / ``"conv"`` (a layer input, ``slice`` = its ``in_slice`` or ``None``) or
+    ``"out"`` (an attention projection output). ``layers``: LayerSpecs (names give the ``#`` suffix).
+    """
+    modules = dict(model.named_modules())
+    points: Dict[str, Tuple[str, str, Optional[Tuple[int, int]]]] = {}
+    for item in layers:
+        if isinstance(item, str):
+            paths, suffix, sl = (item,), "", None
+        else:
+            sl = tuple(item.in_slice) if getattr(item, "in_slice", None) is not None else None
+            suffix = item.name[len(item.module_path):] if item.name.startswith(item.module_path) else ""
+            paths = (item.module_path,) + tuple(getattr(item, "tied", ()) or ())
+        for path in paths:
+            mod = modules.get(path)
+            if mod is None:
+                raise SensitivityError(f"activation quantization: the model has no layer {path!r}")
+            kind = "conv" if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else "linear"
+            points[path + suffix] = (path, kind, sl)
+    if attention:
+        for path, mod in modules.items():
+            heads = getattr(mod, "heads", None)
+            projs = [getattr(mod, n, None) for n in ("to_q", "to_k", "to_v")]
+            if isinstance(heads, int) and heads > 0 and all(isinstance(p, nn.Module) for p in projs):
+                for n in ("to_q", "to_k", "to_v"):
+                    sub = f"{path}.{n}" if path else n
+                    points[f"{sub}@out"] = (sub, "out", None)
+    return points
+
+
+def point_channel_dim(kind: str, ndim: int) -> int:
+    """The channel axis of a point's tensor: dim 1 for conv inputs, the last dim otherwise."""
+    return 1 if kind == "conv" and ndim >= 3 else ndim - 1
+
+
+def fake_quantize_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, channel_dim: int) -> torch.Tensor:
+    """Fake-quantize ``x`` to ``bits`` with a fixed range ``[lo, hi]`` (float32 scalars, or ``[C]``
+    along ``channel_dim``). Same shape and dtype as ``x``."""
+    levels = 2 ** int(bits) - 1
+    xf = x.float()
+    lo = lo.to(xf.device, torch.float32)
+    hi = hi.to(xf.device, torch.float32)
+    if lo.numel() > 1:
+        shape = [1] * xf.dim()
+        shape[channel_dim] = lo.numel()
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+    rng = hi - lo
+    flat = rng <= 0
+    delta = torch.where(flat, torch.ones_like(rng), rng / levels)
+    zero = torch.round(-lo / delta)
+    q = torch.clamp(torch.round(xf / delta) + zero, 0, levels)
+    out = (q - zero) * delta
+    return torch.where(flat, xf, out).to(x.dtype)
+
+
+def _static_quantize_point(x: torch.Tensor, kind: str, sl, lo, hi, bits: int) -> torch.Tensor:
+    cd = point_channel_dim(kind, x.dim())
+    if sl is None:
+        return fake_quantize_static(x, lo, hi, bits, cd)
+    idx = [slice(None)] * x.dim()
+    idx[cd] = slice(*sl)
+    y = x.clone()
+    y[tuple(idx)] = fake_quantize_static(x[tuple(idx)], lo, hi, bits, cd)
+    return y
+
+
+def enable_static_activation_quant(model: nn.Module, layers: Iterable, ranges: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+                                   bits: int, attention: bool = True) -> Dict[str, int]:
+    """Quantize the activation points of ``model`` (see :func:`static_points`) with fixed ``ranges``
+    ``{point: (lo, hi)}`` to ``bits``. Every point of the model needs a range. Replaces any earlier
+    activation quantization of ``model``; :func:`disable_activation_quant` removes it. Returns counts
+    ``{"bits", "layer_inputs", "attention_outputs", "static": 1}``."""
+    bits = _check_bits(bits)
+    disable_activation_quant(model)
+    points = static_points(model, layers, attention=attention)
+    missing = [p for p in points if p not in ranges]
+    if missing:
+        raise SensitivityError(f"static activation quantization: no range for point {missing[0]!r} "
+                               f"({len(missing)} of {len(points)} points missing)")
+    modules = dict(model.named_modules())
+    by_module: Dict[str, List[Tuple[str, Optional[Tuple[int, int]]]]] = defaultdict(list)
+    for point, (path, kind, sl) in points.items():
+        by_module[(path, kind)].append((point, sl))
+    handles = []
+    n_in = n_out = 0
+    for (path, kind), items in by_module.items():
+        rs = [(sl, ranges[p][0], ranges[p][1]) for p, sl in items]
+        if kind == "out":
+            def out_hook(mod, args, output, rs=rs):
+                if isinstance(output, torch.Tensor) and output.is_floating_point():
+                    sl, lo, hi = rs[0]
+                    return _static_quantize_point(output, "out", None, lo, hi, bits)
+                return None
+            handles.append(modules[path].register_forward_hook(out_hook))
+            n_out += 1
+        else:
+            def in_hook(mod, args, rs=rs, kind=kind):
+                if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+                    return None
+                x = args[0]
+                for sl, lo, hi in rs:
+                    x = _static_quantize_point(x, kind, sl, lo, hi, bits)
+                return (x,) + tuple(args[1:])
+            handles.append(modules[path].register_forward_pre_hook(in_hook))
+            n_in += 1
+    info = {"bits": bits, "layer_inputs": n_in, "attention_outputs": n_out, "static": 1}
+    model.__dict__[_STATE_ATTR] = {"handles": handles, **info}
+    return dict(info)

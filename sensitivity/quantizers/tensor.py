@@ -83,6 +83,37 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(self.dtype)
 
 
+def _float64_flat(t: torch.Tensor):
+    import numpy as np
+
+    return np.ascontiguousarray(t.to(torch.float64, copy=True).cpu().numpy().reshape(-1))  # ours to overwrite
+
+
+def squared_norm(rows: torch.Tensor, shape: Tuple[int, ...] | None = None) -> float:
+    """``Σ rows²`` in float64 (numpy's pairwise sum: the same last bits whatever the thread count).
+
+    Raises if ``rows`` holds NaN or Inf: in float64 the squares of finite float32 values cannot
+    overflow, so the sum is finite exactly when every value is (the check costs no extra pass).
+    ``shape``: the weight's shape, for the message (default: the rows').
+    """
+    import numpy as np
+
+    r = _float64_flat(rows)
+    norm = float(np.sum(np.square(r, out=r)))
+    if not math.isfinite(norm):
+        raise SensitivityError(f"weight of shape {tuple(rows.shape if shape is None else shape)} contains NaN or Inf values")
+    return norm
+
+
+def squared_error(values: torch.Tensor, rows: torch.Tensor) -> float:
+    """``Σ (values - rows)²`` in float64, numpy's pairwise sum (see :func:`squared_norm`)."""
+    import numpy as np
+
+    d = _float64_flat(values)
+    d -= _float64_flat(rows)
+    return float(np.sum(np.square(d, out=d)))
+
+
 def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:
     """Quantize ``weight`` (any shape, dim 0 = output channels) with ``option`` (e.g. ``"uaq-4"``).
 
@@ -101,26 +132,12 @@ def quantize(weight: torch.Tensor, option: str, device: torch.device | str | Non
     return quantize_prepared(rows, opt, tuple(w.shape), w.dtype, squared_norm(rows, tuple(w.shape)))
 
 
-def squared_norm(rows: torch.Tensor, shape: Tuple[int, ...] | None = None) -> float:
-    """``||rows||²``: float32 squares summed in float64; raises if ``rows`` holds NaN or Inf.
-
-    The finiteness check rides on the sum (one pass): only a non-finite sum is followed by
-    ``torch.isfinite`` (squares above float32's range give an infinite sum of finite weights).
-    ``shape``: the weight's shape, for the message (default: the rows').
-    """
-    norm = float((rows**2).sum(dtype=torch.float64))
-    if not math.isfinite(norm) and not bool(torch.isfinite(rows).all()):
-        raise SensitivityError(f"weight of shape {tuple(rows.shape if shape is None else shape)} contains NaN or Inf values")
-    return norm
-
-
 def quantize_prepared(rows: torch.Tensor, option: QuantOption, shape: Tuple[int, ...], dtype: torch.dtype,
-                  norm: float) -> QuantizedWeight:
-    """:func:`quantize` on prepared rows: float32 ``[C, K]`` of a weight of ``shape``/``dtype``, with
-    ``norm = squared_norm(rows)``; several options of one layer share the rows and their norm."""
+                      norm: float) -> QuantizedWeight:
+    """:func:`quantize` on prepared rows: float32 ``[C, K]`` of a weight of ``shape``/``dtype`` and
+    ``norm = squared_norm(rows)``, so that the options of one layer share the rows and their norm."""
     m = get_method(option.method)
     codes, params = m.quantize_rows(rows, option.bits)
-    diff = m.dequantize_rows(codes, params, option.bits) - rows
-    sse = float(diff.square_().sum(dtype=torch.float64))
+    sse = squared_error(m.dequantize_rows(codes, params, option.bits), rows)
     err = sse / norm if norm > 0 else (0.0 if sse == 0 else float("inf"))
     return QuantizedWeight(option.name, shape, dtype, codes, params, err, sse)

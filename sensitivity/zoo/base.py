@@ -147,7 +147,7 @@ class ModelFamily:
         return str(weights)
 
     def model_id(self, weights: Optional[str] = None) -> str:
-        """A stable id of family + weights, e.g. ``sd15:tiny`` or ``sd15:runwayml/stable-diffusion-v1-5``.
+        """A stable id of family + weights, e.g. ``sd15:tiny`` or ``sd15:stable-diffusion-v1-5/stable-diffusion-v1-5``.
 
         A local folder is named by its folder name (the weights hash identifies its content).
         """

@@ -4,7 +4,7 @@
 add_model_arguments(parser)            # MODEL, --weights, --device, --dtype, --seed
 add_generation_arguments(parser)       # --steps, --guidance, --height, --width, --scheduler, --batch-size, --set
 fam, weights, device, dtype = model_from_args(args)
-overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides)
+overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides); checks the numbers
 ```
 """
 
@@ -14,6 +14,7 @@ import argparse
 import json
 from typing import Any, Dict, Tuple
 
+from ..checks import at_least, check_device, finite
 from ..errors import SensitivityError
 
 WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official weights), 'random' (official "
@@ -50,19 +51,24 @@ def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
     from . import get_family
     from .base import resolve_dtype
 
+    check_device(getattr(args, "device", None))  # e.g. cuda without CUDA: one line, before any loading
     fam = get_family(args.model)
     weights = fam.resolve_weights(args.weights)
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SensitivityError(f"--device {device!r} is not a torch device") from None
     dtype = resolve_dtype(getattr(args, "dtype", None))
     return fam, weights, device, dtype
 
 
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """Numbers at the door: steps, height, width, batch size >= 1; guidance finite (unset ones pass)."""
+    for key in ("steps", "height", "width", "batch_size"):
+        at_least(f"--{key.replace('_', '-')}", getattr(args, key, None), 1)
+    finite("--guidance", getattr(args, "guidance", None))
+
+
 def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Settings given on the command line (unset ones are left out)."""
+    check_generation_arguments(args)
     out: Dict[str, Any] = {}
     for key in ("steps", "guidance", "height", "width", "scheduler", "batch_size"):
         value = getattr(args, key, None)

@@ -1,6 +1,7 @@
 """Stable Diffusion v1.5 (``sd15``): ``StableDiffusionPipeline`` with its ``UNet2DConditionModel``.
 
-Official checkpoint ``runwayml/stable-diffusion-v1-5`` (configs in ``configs/sd15``); UNet 859.5 M
+Official checkpoint ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (the hub's current home of SD1.5;
+the original ``runwayml/stable-diffusion-v1-5`` repository was taken down; configs in ``configs/sd15``, copied from it); UNet 859.5 M
 parameters.
 
 Layers: the 282 ``Conv2d``/``Linear`` weights of the UNet, plus skip splits = **294** quantized
@@ -33,7 +34,7 @@ from .unet_rules import up_block_splits
 
 class StableDiffusion15(DiffusersFamily):
     name = "sd15"
-    hub_id = "runwayml/stable-diffusion-v1-5"
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     conditioning = "text"
     denoiser_attr = "unet"
     pipeline_class = "StableDiffusionPipeline"
