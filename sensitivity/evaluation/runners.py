@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SensitivityError
 from ..options import FP16
+from ..threads import threads_per_worker
 from .cache import ConfigCache, config_hash, normalize_config, process_owner, run_id_for
 from .sampler import SamplerSpec
 
@@ -147,10 +148,13 @@ def _error_message(exc: BaseException) -> str:
 
 
 def _set_threads(threads: Optional[int]) -> None:
+    """torch's threads (process-wide) and numba's (for the calling thread: numba's count is per thread)."""
     if threads:
+        import numba
         import torch
 
         torch.set_num_threads(int(threads))
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
 
 
 # Worker processes get this environment unless the user set it. OpenMP threads that spin-wait after each
@@ -250,6 +254,7 @@ def _process_worker(conn, factory: Factory, threads: Optional[int], parent: int)
             conn.send(msg)
 
     def consume() -> None:
+        _set_threads(threads)
         while True:
             task = tasks.get()
             if task is None:
@@ -297,8 +302,8 @@ class Runner:
 class LocalRunner(Runner):
     """Workers on this machine: a thread (``workers=1``) or ``workers`` spawned processes.
 
-    ``threads``: torch threads per worker process (default: CPU cores // workers; the in-process
-    worker keeps torch's setting unless given). ``max_restarts``: restarts of lost worker processes.
+    ``threads``: torch and numba threads per worker (default: :func:`sensitivity.threads.threads_per_worker`,
+    the free cores shared out among the workers, at least 1 each). ``max_restarts``: restarts of lost worker processes.
     ``start_method``: ``spawn`` (default) or ``forkserver`` (faster restarts; both are CUDA-safe).
     """
 
@@ -308,7 +313,9 @@ class LocalRunner(Runner):
         if workers < 1:
             raise SensitivityError(f"--workers must be at least 1, got {workers}")
         self.factory, self.workers, self.max_restarts = factory, int(workers), int(max_restarts)
-        self.threads = threads if threads is not None or workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+        # the cores free now (affinity minus load) shared out: on a shared machine a busy core is not
+        # given a thread, so no OpenMP team waits on a descheduled member (benchmarks/bench_contention.py)
+        self.threads = int(threads) if threads is not None else threads_per_worker(self.workers)
         self.name = "local" if workers == 1 else f"local x{workers} processes"
         self._inflight: Dict[int, List[int]] = {}  # worker id -> indices in flight
         self._ready: Dict[int, bool] = {}
@@ -328,6 +335,7 @@ class LocalRunner(Runner):
         host = socket.gethostname()
 
         def consume() -> None:
+            _set_threads(self.threads)
             while True:
                 task = self._tasks.get()
                 if task is None:
