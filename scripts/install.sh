@@ -9,6 +9,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 $PIP install -q -e ".[dev]"
+# Export extras (tests of `sensitivity export --format sdnq|onnx`; skipped without them). sdnq needs only
+# torch/diffusers/transformers/accelerate, already installed, so pip keeps the torch build chosen above.
+$PIP install -q -e ".[sdnq,onnx]" || echo "warning: export extras (sdnq, onnx) not installed; their tests are skipped" >&2
 # clean-fid imports torchvision at module level; without a working torchvision we install it
 # without dependencies and use only its feature statistics and distances (see README, "FID").
 if ! python -c "import cleanfid" >/dev/null 2>&1; then

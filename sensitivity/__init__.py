@@ -7,3 +7,12 @@ Pipeline (each stage only imports earlier ones)::
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: `import sensitivity` stays torch-free (the CLI starts without torch).
+    if name == "load_quantized":
+        from .export import load_quantized
+
+        return load_quantized
+    raise AttributeError(f"module 'sensitivity' has no attribute {name!r}")

@@ -32,8 +32,10 @@ COMMANDS = {
     "predict": "predict",
     "search": "search",
     "insights": "insights",
+    "components": "components",
     "calibrate-data": "calibrate_data",
     "calibrate": "calibrate",
+    "export": "export",
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import ConfigError, SensitivityError, UnknownOptionError
-from .options import QuantOption
+from .options import FP16, QuantOption
 
 
 def canonical_options(options: Mapping[str, str], source: str = "config") -> Dict[str, str]:
@@ -36,10 +36,24 @@ def canonical_options(options: Mapping[str, str], source: str = "config") -> Dic
     return out
 
 
-def options_hash(options: Mapping[str, str]) -> str:
-    """Stable hash (hex, 16 bytes) of a ``{layer: option}`` mapping, independent of key order."""
-    canon = canonical_options(options)
-    blob = json.dumps(sorted(canon.items()), separators=(",", ":")).encode()
+def normalize_config(options: Mapping[str, str]) -> Dict[str, str]:
+    """Canonical option names, ``fp16`` entries removed (absent = full precision), keys sorted."""
+    out = {}
+    for layer, opt in canonical_options(options).items():
+        if opt != FP16:
+            out[layer] = opt
+    return dict(sorted(out.items()))
+
+
+def config_hash(options: Mapping[str, str]) -> str:
+    """The hash of a ``{layer: option}`` config (hex, 16 bytes): the one used by configs, caches,
+    predictors and insights.
+
+    BLAKE2b of the sorted canonical ``(layer, option)`` pairs with ``fp16`` entries dropped, so a layer
+    set to ``fp16`` and a layer left out (both full precision) hash alike, and so do aliases
+    (``mse-4`` = ``uaq-4``) and key order.
+    """
+    blob = json.dumps(sorted(normalize_config(options).items()), separators=(",", ":")).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
@@ -63,13 +77,20 @@ class QuantConfig:
     multiquantizer_hash: Optional[str] = None
     avg_bits: Optional[float] = None
     provenance: Dict[str, Any] = field(default_factory=dict)
+    act_bits: Optional[int] = None  # activation bits of the protocol the config was chosen under (None: fp)
 
     def __post_init__(self) -> None:
         self.options = canonical_options(self.options)
+        if self.act_bits is not None:
+            try:
+                self.act_bits = int(self.act_bits)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config: act_bits {self.act_bits!r} is not an integer") from None
 
     @property
     def config_hash(self) -> str:
-        return options_hash(self.options)
+        """:func:`config_hash` of the options (fp16 entries do not change it)."""
+        return config_hash(self.options)
 
     def to_dict(self) -> dict:
         return {
@@ -78,6 +99,7 @@ class QuantConfig:
             "options": dict(self.options),
             "avg_bits": self.avg_bits,
             "provenance": self.provenance,
+            **({"act_bits": self.act_bits} if self.act_bits is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -94,7 +116,7 @@ class QuantConfig:
             options = d["options"]
             if not isinstance(options, Mapping):
                 raise ConfigError(f"{source}: 'options' must be an object {{layer: option}}")
-            meta = {k: d.get(k) for k in ("model", "multiquantizer_hash", "avg_bits")}
+            meta = {k: d.get(k) for k in ("model", "multiquantizer_hash", "avg_bits", "act_bits")}
             return cls(canonical_options(options, source), provenance=dict(d.get("provenance") or {}), **meta)
         # a bare {layer: option} mapping
         if all(isinstance(v, str) for v in d.values()):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -53,6 +52,8 @@ import pandas as pd
 from .config import QuantConfig, as_options
 from .errors import SensitivityError
 from .options import OPTION_NAMES, QuantOption, canonical
+from .sizes import SizeTable
+from .zoo.naming import DIFFUSERS_NAMING, LayerInfo  # noqa: F401 - LayerInfo re-exported
 
 LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group")
 SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group")
@@ -75,102 +76,23 @@ OPTION_COLORS = {
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    block: str
-    block_rank: int
-    op_type: str
-    op_group: str
+def _family_of(source: Any) -> Any:
+    """The zoo family of a multiquantizer / graph (its ``model_id`` ``family:weights``), or None."""
+    from .zoo import list_families
+
+    mid = getattr(source, "model_id", None)
+    name = str(mid).split(":", 1)[0] if mid else None
+    return name if name in list_families() else None
 
 
-# (regex on the part of the name after the block prefix, op_type, op_group); first match wins
-_OP_RULES: Tuple[Tuple[str, str, str], ...] = (
-    (r"(?:^|\.)attn1\.to_q$", "SA-Q", "SA"),
-    (r"(?:^|\.)attn1\.to_k$", "SA-K", "SA"),
-    (r"(?:^|\.)attn1\.to_v$", "SA-V", "SA"),
-    (r"(?:^|\.)attn1\.to_out\.0$", "SA-Out", "SA"),
-    (r"(?:^|\.)attn2\.to_q$", "CA-Q", "CA"),
-    (r"(?:^|\.)attn2\.to_k$", "CA-K", "CA"),
-    (r"(?:^|\.)attn2\.to_v$", "CA-V", "CA"),
-    (r"(?:^|\.)attn2\.to_out\.0$", "CA-Out", "CA"),
-    (r"^attentions\.\d+\.to_q$", "SA-Q", "SA"),  # UNet2DModel attention (no attn1)
-    (r"^attentions\.\d+\.to_k$", "SA-K", "SA"),
-    (r"^attentions\.\d+\.to_v$", "SA-V", "SA"),
-    (r"^attentions\.\d+\.to_out\.0$", "SA-Out", "SA"),
-    (r"(?:^|\.)ff\.net\.0\.proj$", "FF1", "FF"),
-    (r"(?:^|\.)ff\.net\.2$", "FF2", "FF"),
-    (r"(?:^|\.)timestep_embedder\.linear_\d$", "t-Embed", "Embed"),
-    (r"^norm1\.linear$", "AdaLN", "AdaLN"),
-    (r"^skip_linear$", "Skip-Linear", "Skip"),
-    (r"^attentions\.\d+\.proj_in$", "Proj-In", "Attn-IO"),
-    (r"^attentions\.\d+\.proj_out$", "Proj-Out", "Attn-IO"),
-    (r"^resnets\.\d+\.conv1$", "Res-Conv1", "Res"),
-    (r"^resnets\.\d+\.conv2$", "Res-Conv2", "Res"),
-    (r"^resnets\.\d+\.time_emb_proj$", "Res-TEmb", "Res"),
-    (r"^resnets\.\d+\.conv_shortcut$", "Res-Shortcut", "Res"),
-    (r"^downsamplers\.\d+\.conv$", "Downsample", "Sample"),
-    (r"^upsamplers\.\d+\.conv$", "Upsample", "Sample"),
-)
+def describe_layer(name: str, family: Any = None) -> LayerInfo:
+    """Block and op type of a layer name by ``family``'s naming rules (a family name or object; default:
+    the diffusers rules every built-in family uses). ``#main`` / ``#skip`` halves keep their suffix."""
+    if family is None:
+        return DIFFUSERS_NAMING.describe(name)
+    from .zoo import get_family
 
-# layers outside blocks: (regex on the full name, block, op_type, op_group)
-_TOP_RULES: Tuple[Tuple[str, str, str, str], ...] = (
-    (r"^pos_embed\.proj$", "embed", "Patchify", "IO"),
-    (r"^conv_in$", "embed", "Conv-In", "IO"),
-    (r"^(?:adaln_single\.emb\.)?timestep_embedder\.linear_\d$", "embed", "t-Embed", "Embed"),
-    (r"^adaln_single\.", "embed", "t-Embed", "Embed"),
-    (r"^time_embedding\.", "embed", "t-Embed", "Embed"),
-    (r"^time_extra_emb\.timestep_embedder\.", "embed", "t-Embed", "Embed"),
-    (r"^time_extra_emb\.", "embed", "c-Embed", "Embed"),
-    (r"^(?:caption_projection|text_embedder|add_embedding|class_embedding|encoder_hid_proj)\.", "embed", "c-Embed", "Embed"),
-    (r"^(?:proj_out_1|norm_out\.linear)$", "out", "Out-AdaLN", "IO"),
-    (r"^(?:proj_out|proj_out_2|conv_out)$", "out", "Out", "IO"),
-)
-
-_BLOCK_RULES: Tuple[Tuple[str, str], ...] = (
-    # (regex capturing the block prefix and index, kind)
-    (r"^(transformer_blocks)\.(\d+)\.(.+)$", "flat"),  # DiT, PixArt
-    (r"^(blocks)\.(\d+)\.(.+)$", "flat"),  # Hunyuan-DiT
-    (r"^(down_blocks)\.(\d+)\.(.+)$", "down"),
-    (r"^(up_blocks)\.(\d+)\.(.+)$", "up"),
-    (r"^(mid_block)()\.(.+)$", "mid"),
-)
-
-_RANK_EMBED, _RANK_MID, _RANK_UP, _RANK_OUT = -1, 1000, 2000, 10_000
-
-
-def _op(rest: str) -> Tuple[str, str]:
-    for pattern, op_type, group in _OP_RULES:
-        if re.search(pattern, rest):
-            return op_type, group
-    # unknown layer kind: its path with indices removed, e.g. "foo.N.bar"
-    return re.sub(r"\.\d+(?=\.|$)", "", rest) or rest, "Other"
-
-
-def describe_layer(name: str) -> LayerInfo:
-    """Block and op type of a layer name (``#main`` / ``#skip`` halves keep their suffix in op_type)."""
-    base, _, half = name.partition("#")
-    suffix = f"#{half}" if half else ""
-    for pattern, kind in _BLOCK_RULES:
-        m = re.match(pattern, base)
-        if not m:
-            continue
-        rest = m.group(3)
-        op_type, group = _op(rest)
-        if kind == "flat":
-            if group == "Embed":  # DiT: every block holds a copy of the (tied) timestep embedder
-                return LayerInfo("embed", _RANK_EMBED, op_type + suffix, group)
-            i = int(m.group(2))
-            return LayerInfo(str(i), i, op_type + suffix, group)
-        if kind == "mid":
-            return LayerInfo("mid", _RANK_MID, op_type + suffix, group)
-        i = int(m.group(2))
-        rank = i if kind == "down" else _RANK_UP + i
-        return LayerInfo(f"{kind}.{i}", rank, op_type + suffix, group)
-    for pattern, block, op_type, group in _TOP_RULES:
-        if re.match(pattern, base):
-            return LayerInfo(block, _RANK_EMBED if block == "embed" else _RANK_OUT, op_type + suffix, group)
-    op_type, group = _op(base)
-    return LayerInfo("other", _RANK_OUT - 1, op_type + suffix, group)
+    return get_family(family).describe_layer(name)
 
 
 def _layer_names(source: Any) -> List[str]:
@@ -195,8 +117,9 @@ def layer_table(source: Any) -> pd.DataFrame:
     rows = []
     specs = getattr(source, "layers", None) if not isinstance(source, (pd.DataFrame, Mapping)) else None
     specs = specs if specs is not None else (source if isinstance(source, (list, tuple)) else None)
+    family = _family_of(source)
     for i, name in enumerate(_layer_names(source)):
-        info = describe_layer(name)
+        info = describe_layer(name, family)
         row = {"layer": name, "block": info.block, "block_rank": info.block_rank, "op_type": info.op_type,
                "op_group": info.op_group}
         spec = specs[i] if specs is not None and i < len(specs) and hasattr(specs[i], "numel") else None
@@ -265,6 +188,11 @@ def module_score_table(module_scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MODULE_SCORE_COLUMNS))
 
 
+def _size_frame(sizes: Any) -> Optional[pd.DataFrame]:
+    """The DataFrame view of a size table (a :class:`~sensitivity.sizes.SizeTable` or its frame)."""
+    return sizes.frame() if isinstance(sizes, SizeTable) else sizes
+
+
 def config_table(config: QuantConfig | Mapping[str, str], sizes: Optional[pd.DataFrame] = None,
                  scores: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Per layer of a config; columns :data:`CONFIG_COLUMNS`.
@@ -274,6 +202,7 @@ def config_table(config: QuantConfig | Mapping[str, str], sizes: Optional[pd.Dat
     appear as ``fp16``. ``scores``: predictor layer scores (``layer, option, score``). Missing values are NaN.
     """
     options = as_options(config)
+    sizes = _size_frame(sizes)
     layers = list(dict.fromkeys(sizes["layer"])) if sizes is not None else list(options)
     extra = [l for l in options if sizes is not None and l not in set(layers)]
     if extra:
@@ -346,10 +275,10 @@ def pareto_mask(x: np.ndarray, y: np.ndarray, lower_is_better: bool) -> np.ndarr
 
 
 def _hash(options: Mapping[str, str]) -> str:
-    """The cache's config hash: canonical options without fp16 entries."""
-    from .config import options_hash
+    """The cache's config hash (:func:`sensitivity.config.config_hash`)."""
+    from .config import config_hash
 
-    return options_hash({l: o for l, o in as_options(dict(options)).items() if o != "fp16"})
+    return config_hash(dict(options))
 
 
 def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results: Sequence[Any] = (),
@@ -363,19 +292,20 @@ def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results:
     dicts with ``label``/``method``, ``avg_bits`` and optionally ``predicted`` and ``metric``).
     ``pareto`` marks the cache configs on the cache's own Pareto front (bits vs metric).
     """
-    from .search import LOWER_IS_BETTER, config_avg_bits, metric_value
+    from .evaluation.metric_specs import lower_is_better as _lower, record_metric
 
-    lower = metric.lower() in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
+    lower = _lower(metric, lower_is_better)
+    table = SizeTable.of(sizes) if sizes is not None else None
     records = list(records or ())
     evaluated = {}  # config hash -> metric, so a searched config that was evaluated shows its metric
     for rec in records:
-        v = metric_value(rec, metric)
+        v = record_metric(rec, metric)
         if v is not None and rec.get("config"):
             evaluated[_hash(rec["config"])] = v
     rows = []
     for rec in records:
-        v = metric_value(rec, metric)
-        bits = config_avg_bits(rec["config"], sizes) if sizes is not None else rec.get("avg_bits")
+        v = record_metric(rec, metric)
+        bits = table.avg_bits(as_options(rec["config"])) if table is not None else rec.get("avg_bits")
         rows.append({"source": "cache", "label": str(rec.get("config_hash") or rec.get("index") or ""),
                      "avg_bits": float(bits) if bits is not None else np.nan, metric: np.nan if v is None else v,
                      "predicted": rec.get("predicted", np.nan)})
@@ -484,12 +414,12 @@ def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None
     """Quality (``y``: a metric or ``predicted``) vs average bits: cache configs (grey, Pareto front
     connected) and searched / baseline configs (one marker style per source). ``cache_label`` names
     the grey points in the legend (say so when they were measured on other images). Returns a Figure."""
-    from .search import LOWER_IS_BETTER
+    from .evaluation.metric_specs import lower_is_better as _lower
 
     plt = _plt()
     if y not in table.columns:
         raise SensitivityError(f"pareto_plot: no column {y!r} (have {list(table.columns)})")
-    lower = y.lower() in LOWER_IS_BETTER if lower_is_better is None else lower_is_better
+    lower = _lower(y, lower_is_better)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cache = table[(table["source"] == "cache") & table[y].notna()]
     if len(cache):
@@ -574,8 +504,8 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
         slug = _slug(name)
         save_csv(ct, f"config_{slug}.csv")
         save_csv(option_mix(ct, "op_type"), f"mix_{slug}.csv", index=True)
+        avg = f" ({SizeTable.of(sizes).avg_bits(as_options(cfg)):.3f} avg bits)" if sizes is not None else ""
         for by in ("op_type", "block"):
-            avg = f" ({16.0 * ct['nbytes'].sum() / ct['fp16_bytes'].sum():.3f} avg bits)" if sizes is not None else ""
             save_fig(option_mix_barplot(ct, by=by, title=f"{name}{avg}: option mix per {by}"), f"mix_{slug}_{by}.png")
     if records or results:
         pt = pareto_table(records, results, metric=metric, sizes=sizes)

@@ -113,6 +113,27 @@ class _SafetensorsReader:
 
 
 def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """Identity of a multiquantizer: model hashes, options, layers and each stored tensor's digest and size.
+
+    The float statistics (error, sse) are left out: they follow from the stored tensors, and their last
+    bits would make the hash depend on how a machine sums (the shipped cache's records name this hash).
+    """
+    layers = []
+    for d in manifest["layers"]:
+        entry = {k: v for k, v in d.items() if k != "options"}
+        entry["options"] = {o: {k: st[k] for k in ("nbytes", "params", "digest")} for o, st in d["options"].items()}
+        layers.append(entry)
+    core = {k: manifest[k] for k in ("format", "architecture_hash", "weights_hash", "options")}
+    core["layers"] = layers
+    return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """Integrity of the whole manifest core, statistics included (a hand-edited error is refused).
+
+    Files written before the identity hash left the statistics out have no ``checksum``; their
+    ``hash`` is this value, and stays their identity (caches made with them name it).
+    """
     core = {k: manifest[k] for k in ("format", "architecture_hash", "weights_hash", "options", "layers")}
     return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=16).hexdigest()
 
@@ -133,7 +154,14 @@ def _open(path: Path) -> Tuple[_SafetensorsReader, Dict[str, Any]]:
         raise CorruptFileError(f"{path}: its manifest is not valid JSON") from None
     if manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
-    if manifest.get("hash") != _manifest_hash(manifest):
+    try:
+        if "checksum" in manifest:
+            intact = manifest["checksum"] == _manifest_checksum(manifest) and manifest.get("hash") == _manifest_hash(manifest)
+        else:  # written before the identity hash (see _manifest_checksum)
+            intact = manifest.get("hash") == _manifest_checksum(manifest)
+    except (KeyError, TypeError, AttributeError):
+        intact = False
+    if not intact:
         raise CorruptFileError(f"{path}: its manifest was modified (hash mismatch)")
     for d in manifest["layers"]:
         for opt, s in d["options"].items():

@@ -48,8 +48,8 @@ from .quantizers import get_method
 from .quantizers.tensor import QuantizedWeight, quantize_prepared, squared_norm
 from .quantizers.packing import pack_codes, unpack_codes
 # the file format lives in the torch-free mqfile (``sensitivity info`` reads manifests without torch)
-from .mqfile import (FORMAT, MANIFEST_KEY, _Lazy, _SafetensorsReader, _manifest_hash, _open,  # noqa: F401
-                     _write_safetensors, read_manifest)
+from .mqfile import (FORMAT, MANIFEST_KEY, _Lazy, _SafetensorsReader, _manifest_checksum, _manifest_hash,  # noqa: F401
+                     _open, _write_safetensors, read_manifest)
 
 
 def _digest(arrays: Sequence[np.ndarray]) -> str:
@@ -91,6 +91,7 @@ class Multiquantizer:
         for d in manifest["layers"]:
             spec = LayerSpec.from_dict(d)
             self._entries[spec.name] = _Entry(spec, d["options"])
+        self._sizes = None
         self._codes: Dict[Tuple[str, str], torch.Tensor] = {}
         self._params: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
 
@@ -153,18 +154,28 @@ class Multiquantizer:
             return self._entry(layer).spec.fp16_bytes
         return sum(e.spec.fp16_bytes for e in self._entries.values())
 
+    def size_table(self):
+        """The :class:`~sensitivity.sizes.SizeTable` of this file (built once): bytes and error per (layer, option)."""
+        if self._sizes is None:
+            from .sizes import SizeTable
+
+            self._sizes = SizeTable.from_multiquantizer(self)
+        return self._sizes
+
     def quantized_bytes(self, options: Mapping[str, str]) -> int:
-        """Σ bytes over all layers; layers absent from ``options`` count as fp16."""
+        """Σ bytes over all layers; layers absent from ``options`` count as fp16 (:class:`SizeTable`)."""
         self.validate(options)
-        return sum(self.stats(n, options.get(n, FP16))["nbytes"] for n in self._entries)
+        return self.size_table().quantized_bytes(options)
 
     def avg_bits(self, options: Mapping[str, str]) -> float:
-        """``16 * Σ quantized bytes / Σ fp16 bytes`` over all layers of the multiquantizer."""
-        return 16.0 * self.quantized_bytes(options) / self.fp16_bytes()
+        """``16 * Σ quantized bytes / Σ fp16 bytes`` over all layers of the multiquantizer (:class:`SizeTable`)."""
+        self.validate(options)
+        return self.size_table().avg_bits(options)
 
     def summed_error(self, options: Mapping[str, str]) -> float:
+        """Σ relative errors of the chosen options (fp16: 0) (:class:`SizeTable`)."""
         self.validate(options)
-        return float(sum(self.stats(n, o)["error"] for n, o in options.items()))
+        return self.size_table().summed_error(options)
 
     def validate(self, options: Mapping[str, str]) -> None:
         """Raise ConfigError naming the first layer or option that does not fit this multiquantizer."""
@@ -360,6 +371,11 @@ def build_multiquantizer(
     layers = list(layers) if layers is not None else find_layers(module)
     if not layers:
         raise SensitivityError("the model has no layers to quantize")
+    seen_names = set()
+    for spec in layers:
+        if spec.name in seen_names:
+            raise SensitivityError(f"layer {spec.name!r} is listed twice; give each layer once")
+        seen_names.add(spec.name)
     check_ties(module, layers)
     dev = torch.device(device) if device is not None else None
     t0 = time.perf_counter()
@@ -473,6 +489,7 @@ def build_multiquantizer(
     if extra:
         manifest["extra"] = dict(extra)
     manifest["hash"] = _manifest_hash(manifest)
+    manifest["checksum"] = _manifest_checksum(manifest)
     readers = [_SafetensorsReader(_part_path(parts, i)) for i in range(len(layers))]
     tensors = [(name, _Lazy(r, name)) for r in readers for name in r.keys()]
     manifest["quantize_seconds"] = round(seconds, 3)

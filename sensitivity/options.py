@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Iterable, Sequence, Tuple
 
-from . import quantizers as _quantizers  # registers the built-in methods (no torch import)
+from . import quantizers as _quantizers  # noqa: F401  (registers the built-in methods; no torch import)
 from .errors import UnknownOptionError
 from .quantizers.base import METHOD_ALIASES, family_examples, get_method, method_names
 
@@ -118,12 +118,3 @@ def canonical_method(name: str) -> str:
 
 def fp16_nbytes(shape: Sequence[int]) -> int:
     return 2 * math.prod(shape)
-
-
-def average_bits(options: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> float:
-    """``16 * sum(q_bytes) / sum(fp16_bytes)`` over the layers of ``shapes`` (missing layers = fp16)."""
-    q = fp = 0
-    for layer, shape in shapes.items():
-        fp += fp16_nbytes(shape)
-        q += QuantOption.parse(options.get(layer, FP16)).nbytes(shape)
-    return 16.0 * q / fp if fp else float("nan")

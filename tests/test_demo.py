@@ -6,6 +6,8 @@ import pytest
 
 from sensitivity.cli import main
 
+pytestmark = pytest.mark.slow  # the whole pipeline end to end
+
 TINY = ["--num-configs", "10", "--images-per-class", "2", "--targets", "3.5,4.0", "--predictor", "additive",
         "--folds", "2", "--workers", "1", "--check-images-per-class", "3"]
 

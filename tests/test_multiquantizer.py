@@ -17,7 +17,8 @@ from sensitivity.config import QuantConfig
 from sensitivity.errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
 from sensitivity.layers import find_layers
 from sensitivity.multiquantizer import apply, applied_options, build_multiquantizer, load_multiquantizer, restore
-from sensitivity.options import OPTION_NAMES, average_bits
+from sensitivity.options import OPTION_NAMES
+from sensitivity.sizes import SizeTable
 from sensitivity.quantizers import quantize
 
 
@@ -110,7 +111,8 @@ def test_avg_bits_consistent(built):
     _, _, mq = built
     cfg = {n: ("uaq-3" if i % 2 else "kmeans_a-4") for i, n in enumerate(mq.layer_names)}
     shapes = {s.name: s.shape for s in mq.layers}
-    assert mq.avg_bits(cfg) == pytest.approx(average_bits(cfg, shapes))
+    assert mq.avg_bits(cfg) == pytest.approx(SizeTable.from_shapes(shapes).avg_bits(cfg))
+    assert SizeTable.from_multiquantizer(mq).avg_bits(cfg) == mq.avg_bits(cfg)
     assert mq.avg_bits({}) == pytest.approx(16.0)
     # the toy's rows are short, so the fp16 scale/zero overhead adds well over a bit per weight
     u3 = mq.avg_bits({n: "uaq-3" for n in mq.layer_names})
@@ -234,6 +236,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch, built):
             assert torch.equal(mq.dequantize(name, opt), ref.dequantize(name, opt))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     """A build killed with SIGKILL mid-way resumes and yields the same file content hash."""
     out = tmp_path / "k.safetensors"

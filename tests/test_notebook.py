@@ -20,6 +20,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+pytestmark = pytest.mark.slow  # executes the whole notebook
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "sensitivity_insights.ipynb"
 CELL_TIMEOUT_S = 180
@@ -80,14 +82,13 @@ def executed(tmp_path_factory):
 
 
 def test_notebook_runs_without_errors(executed):
-    nb, _, _, seconds = executed
+    nb, _, _, _ = executed
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
     errors = [(i, out.get("ename"), out.get("evalue")) for i, out in _outputs(nb) if out.output_type == "error"]
     assert not errors, errors
     stderr = [out.text for _, out in _outputs(nb) if out.output_type == "stream" and out.name == "stderr"]
     assert not any("Traceback" in s for s in stderr), stderr
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
-    assert seconds < 120, f"notebook took {seconds:.0f} s"
 
 
 def test_notebook_falls_back_to_quick_mode_naming_the_default_paths(executed):

@@ -9,7 +9,8 @@ from torch import nn
 from sensitivity.config import QuantConfig
 from sensitivity.errors import ConfigError, SensitivityError, UnknownOptionError
 from sensitivity.layers import architecture_hash, find_layers, layer_weight, weights_hash
-from sensitivity.options import OPTION_NAMES, QuantOption, average_bits, canonical
+from sensitivity.options import OPTION_NAMES, QuantOption, canonical
+from sensitivity.sizes import SizeTable
 
 
 def test_option_names_and_aliases():
@@ -34,8 +35,9 @@ def test_sizes_follow_design():
     # ceil for odd element counts at 3 bits
     assert QuantOption.parse("kmeans_a-3").nbytes((3, 3)) == 4 + 16
     shapes = {"a": (8, 16), "b": (4, 4)}
-    assert average_bits({}, shapes) == 16.0
-    assert average_bits({"a": "kmeans_a-4", "b": "kmeans_a-4"}, shapes) == pytest.approx(16 * (64 + 32 + 8 + 32) / 288)
+    table = SizeTable.from_shapes(shapes)
+    assert table.avg_bits({}) == 16.0
+    assert table.avg_bits({"a": "kmeans_a-4", "b": "kmeans_a-4"}) == pytest.approx(16 * (64 + 32 + 8 + 32) / 288)
 
 
 class Net(nn.Module):

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from sensitivity.cli import main
+from sensitivity.config import config_hash
 from sensitivity.errors import SensitivityError
 from sensitivity.graph import build_graph
+from sensitivity.options import canonical
 from sensitivity.predictors import (Context, Dataset, LayerTable, Target, cross_validate, load_cache,
                                     load_predictor, ranking_metrics, save_predictors)
 from sensitivity.predictors.gnn import lambdarank_loss, spearman_loss
@@ -64,7 +66,12 @@ def test_target_and_dataset(caches):
     ds, table = _dataset(caches[0], Target("fid", lam=2.0))
     assert len(ds) == 60 and ds.codes.shape == (60, 46)
     np.testing.assert_allclose(ds.y, -ds.metric - 2.0 * ds.avg_bits)
-    assert table.decode(ds.codes[:3]) == [{l: o for l, o in c.items()} for c in table.decode(ds.codes[:3])]
+    # decoding gives the records' configs (canonical, fp16 left out), and encoding them gives the codes back
+    recs = {config_hash(r["config"]): r["config"] for r in load_cache(caches[0]).records}
+    decoded = table.decode(ds.codes[:3])
+    assert decoded == [{l: canonical(o) for l, o in recs[h].items() if canonical(o) != "fp16"} for h in ds.hashes[:3]]
+    assert all(len(c) > 0 for c in decoded)
+    np.testing.assert_array_equal(table.encode(decoded), ds.codes[:3])
     with pytest.raises(SensitivityError, match="not a layer"):
         table.encode([{"nope": "uaq-4"}])
     with pytest.raises(SensitivityError, match="option"):

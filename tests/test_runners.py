@@ -18,11 +18,11 @@ from torch import nn
 
 from sensitivity.errors import MultiquantizerMismatchError, SensitivityError
 from sensitivity.evaluation.cache import ConfigCache, SignatureMismatchError
-from sensitivity.evaluation.runners import (JobPlan, LocalRunner, RayRunner, config_stats, layer_stats_from_multiquantizer,
-                                            ray_available, run_job)
+from sensitivity.evaluation.runners import JobPlan, LocalRunner, RayRunner, layer_stats_from_multiquantizer, ray_available, run_job
 from sensitivity.evaluation.sampler import SamplerSpec
 from sensitivity.layers import find_layers
 from sensitivity.multiquantizer import apply, build_multiquantizer, load_multiquantizer
+from sensitivity.sizes import SizeTable
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -100,16 +100,19 @@ def _check_complete(path, plan):
         return recs
 
 
-def test_config_stats_match_multiquantizer(mq_path):
+def test_record_sizes_match_multiquantizer(mq_path):
+    """A job's records count bytes / bits / error with the multiquantizer's stats (sums by hand)."""
     mq = load_multiquantizer(mq_path)
     plan = make_plan(mq_path, 5)
-    stats = layer_stats_from_multiquantizer(mq)
+    sizes = SizeTable.from_layer_stats(layer_stats_from_multiquantizer(mq))
+    total_fp = sum(s.fp16_bytes for s in mq.layers)
     for i in range(5):
         cfg = plan.config(i)
-        avg, qb, err = config_stats(cfg, stats)
-        assert avg == pytest.approx(mq.avg_bits(cfg), rel=1e-12)
-        assert qb == mq.quantized_bytes(cfg)
-        assert err == pytest.approx(mq.summed_error(cfg), rel=1e-12)
+        qb = sum(mq.stats(s.name, cfg.get(s.name, "fp16"))["nbytes"] for s in mq.layers)
+        err = sum(mq.stats(l, o)["error"] for l, o in cfg.items())
+        avg, qb2, err2 = sizes.config_stats(cfg)
+        assert qb2 == qb and avg == 16.0 * qb / total_fp
+        assert err2 == pytest.approx(err, rel=1e-12)
 
 
 def test_local_job_resume_and_extend(mq_path, tmp_path):
@@ -214,6 +217,7 @@ def _children(pid):
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(mq_path, tmp_path):
     """Kill the job (SIGKILL) at random points several times, rerun: exactly the planned configs, once each."""
     n = 24
@@ -268,6 +272,7 @@ def test_two_jobs_on_one_cache(mq_path, tmp_path):
     _check_complete(cache, make_plan(mq_path, n))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ray_available(), reason="ray is not installed (pip install 'sensitivity[ray]')")
 def test_ray_matches_local_and_survives_a_dead_actor(mq_path, tmp_path):
     import ray

@@ -299,3 +299,16 @@ def test_size_table_from_cache_layer_stats(sizes):
     pd.testing.assert_frame_equal(back[["layer", "option", "nbytes", "fp16_bytes", "error"]],
                                   st[["layer", "option", "nbytes", "fp16_bytes", "error"]].reset_index(drop=True))
     assert list(size_table(stats, ["uaq-4"])["option"].unique()) == ["uaq-4"]
+
+
+def test_result_records_the_solver_that_ran():
+    costs = [np.array([3, 5, 9]), np.array([2, 4]), np.array([1, 8])]
+    values = [np.array([0.0, 1.0, 3.0]), np.array([0.0, 0.5]), np.array([0.0, 2.0])]
+    assert solve_mckp(costs, values, 100).solver == "unconstrained"
+    assert solve_mckp(costs, values, 8, method="dp").solver == "dp"
+    assert solve_mckp(costs, values, 8, method="milp").solver in ("milp-highs", "lp-bounds")
+    assert solve_mckp(costs, values, 8).solver in ("bounded-dp", "milp-highs", "lp-bounds")
+    sizes = size_table(SHAPES, OPTION_NAMES)
+    res = search_scores(_additive_scores(sizes), sizes, 3.6)
+    assert res.details["solver"] in ("bounded-dp", "milp-highs", "lp-bounds")
+    assert res.to_config().provenance["solver"] == res.details["solver"]

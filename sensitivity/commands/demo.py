@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-DIGITS_MODELS = ("digits-dit", "digits-unet")
+DIGITS_MODELS = ("digits-dit", "digits-unet", "digits-sd")
 FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_class=50)
 QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_class=20)
 # Seeds of the held-out check images: disjoint from the job's (seed + image index, a few thousand at most).
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluator import EvalProtocol, Evaluator
     from ..evaluation.sampler import sample_config
     from ..multiquantizer import load_multiquantizer
+    from ..sizes import SizeTable
     from ..zoo import get_family
 
     fam = get_family(model)
@@ -161,13 +162,14 @@ def run(args: argparse.Namespace) -> int:
                                        dtype="float32")
     ev = Evaluator(fam, pipe, mq, protocol)
     layers = mq.layer_names
+    sizes = SizeTable.from_multiquantizer(mq)
 
     def measure(config: Optional[Dict[str, str]], name: str, grid: bool = False) -> Dict[str, Any]:
         r = ev.evaluate(config, return_images=grid)
         if grid:
             save_grid(r.pop("images"), out / "images" / f"{name}.png", columns=per_class)
         r.pop("timings", None)
-        r["avg_bits"] = mq.avg_bits(config or {})
+        r["avg_bits"] = sizes.avg_bits(config or {})
         return r
 
     # 2. a few configs for real ------------------------------------------------------------------
@@ -186,8 +188,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. evaluation job ----------------------------------------------------------------------------
     cmd = ["sample", model, "--weights", weights, "--multiquantizer", str(mq_path), "--cache", str(cache_path),
-           "--num-configs", str(n_cfg), "--seed", str(args.seed), "--images-per-class", str(per_class),
-           "--workers", str(workers)]
+           "--num-configs", str(n_cfg), "--seed", str(args.seed), "--workers", str(workers)]
+    # digits-sd takes prompts: the first 10 x per_class of its eval prompts, as EvalProtocol.for_family
+    cmd += (["--num-images", str(10 * per_class)] if fam.conditioning == "text"
+            else ["--images-per-class", str(per_class)])
     _step(3, N, f"evaluation job: {n_cfg} random configs into a resumable cache", "sensitivity " + " ".join(cmd))
     if cli.main(cmd) != 0:
         raise SensitivityError("demo: the evaluation job failed (see above); rerun to resume")
@@ -217,16 +221,11 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(pred_dir)
 
     # 5. search, baselines, real evaluation ----------------------------------------------------------
-    from ..search import (LOWER_IS_BETTER, InfeasibleTargetError, cache_best, error_ilp, min_avg_bits, search,
-                          size_table, uniform_baselines)
+    from ..comparison import METRIC_KEYS, compare_at_targets
 
-    sizes = size_table(mq)
-    lower = args.metric.lower() in LOWER_IS_BETTER
-    sign = -1.0 if lower else 1.0
     _step(5, N, f"search at {', '.join(f'{t:g}' for t in targets)} bits; every config evaluated for real",
           f"sensitivity search --predictor {pred_dir} --target-bits B --out {out / 'search'}/search-B.json")
     (out / "search").mkdir(exist_ok=True)
-    measured: Dict[str, Dict[str, Any]] = {}
 
     # The best of N random configs was selected on the job's images: judged on those same images it
     # would win by selection luck. Every compared config is therefore measured on held-out seeds.
@@ -235,83 +234,11 @@ def run(args: argparse.Namespace) -> int:
     ev_check = Evaluator(fam, pipe, mq, check)
     print(f"      every compared config is measured on {check.num_images} held-out images "
           f"(seeds {CHECK_SEED}..{CHECK_SEED + check.num_images - 1})", flush=True)
-
-    def measured_of(options: Dict[str, str]) -> Dict[str, Any]:
-        key = json.dumps(sorted(options.items()))
-        if key not in measured:
-            r = ev_check.evaluate(options)
-            r.pop("timings", None)
-            measured[key] = r
-        return measured[key]
-
-    job_measured: Dict[str, Optional[float]] = {}
-
-    def job_value_of(options: Dict[str, str]) -> Optional[float]:
-        """The metric on the job's own images (the protocol the cache and the predictor saw)."""
-        key = json.dumps(sorted(options.items()))
-        if key not in job_measured:
-            job_measured[key] = ev.evaluate(options).get(args.metric)
-        return job_measured[key]
-
-    job_col = f"job_{args.metric}"
-    fp_check = measured_of({})
-    print(f"      full precision on them: FID {_fmt(fp_check.get('fid'))}, accuracy {_fmt(fp_check.get('accuracy'))}",
-          flush=True)
-    uniforms = uniform_baselines(sizes)
-    for u in uniforms:
-        u.predicted = float(predictor.predict([u.options])[0])
-    rows: List[Dict[str, Any]] = []
-    pareto_points: List[Dict[str, Any]] = []
-    floor = min_avg_bits(sizes)
-    metric_keys = ("fid", "kid", "accuracy", "psnr")
-    for t in targets:
-        if t < floor:
-            print(f"      target {t:g}: below the smallest possible {floor:.4f} avg bits; skipped")
-            continue
-        res = search(predictor, mq, t, sizes=sizes)
-        cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, predictor=str(pred_dir))
-        cfg.save(out / "search" / f"search-{t:.2f}.json")
-        m = measured_of(res.options)
-        row = {"target": t, "method": "search", "avg_bits": res.avg_bits,
-               f"predicted_{args.metric}": sign * res.predicted, job_col: job_value_of(res.options),
-               **{k: m.get(k) for k in metric_keys}}
-        rows.append(row)
-        pareto_points.append({"source": "search", "label": f"search@{t:g}", "avg_bits": res.avg_bits,
-                              "predicted": res.predicted, **{k: m.get(k) for k in metric_keys}})
-        try:  # the best random config of the cache at the same or fewer bits (its own measurement)
-            best = cache_best(records, sizes, t, metric=args.metric)
-            rec = next(r for r in records if r.get("config_hash") == best.details.get("config_hash"))
-            job_value = (rec.get("metrics") or {}).get(args.metric)
-            bm = measured_of(best.options)
-            rows.append({"target": t, "method": f"best of {best.details['candidates']} random",
-                         "avg_bits": best.avg_bits,
-                         f"predicted_{args.metric}": sign * float(predictor.predict([best.options])[0]),
-                         job_col: job_value, **{k: bm.get(k) for k in metric_keys}})
-            pareto_points.append({"source": "best random", "label": f"random@{t:g}", "avg_bits": best.avg_bits,
-                                  **{k: bm.get(k) for k in metric_keys}})
-        except InfeasibleTargetError:
-            rows.append({"target": t, "method": "best random (none at these bits)"})
-        ok = [u for u in uniforms if u.avg_bits <= t + 1e-9]
-        if ok:
-            ums = [(u, measured_of(u.options)) for u in ok]
-            u, um = max(ums, key=lambda x: sign * float(x[1][args.metric]))
-            rows.append({"target": t, "method": f"best uniform ({u.method.replace('uniform-', '')})",
-                         "avg_bits": u.avg_bits, f"predicted_{args.metric}": sign * u.predicted,
-                         job_col: job_value_of(u.options), **{k: um.get(k) for k in metric_keys}})
-        ilp = error_ilp(sizes, t)
-        im = measured_of(ilp.options)
-        rows.append({"target": t, "method": "error ILP", "avg_bits": ilp.avg_bits,
-                     f"predicted_{args.metric}": sign * float(predictor.predict([ilp.options])[0]),
-                     job_col: job_value_of(ilp.options), **{k: im.get(k) for k in metric_keys}})
-        pareto_points.append({"source": "error-ilp", "label": f"ilp@{t:g}", "avg_bits": ilp.avg_bits,
-                              **{k: im.get(k) for k in metric_keys}})
-        print(f"      target {t:g}: searched {res.avg_bits:.3f} bits, {args.metric} {_fmt(m.get(args.metric))} "
-              f"(predicted {_fmt(sign * res.predicted)}), FID {_fmt(m.get('fid'))}", flush=True)
-    for u in uniforms:
-        um = measured.get(json.dumps(sorted(u.options.items())))
-        if um is not None:
-            pareto_points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
-                                  "predicted": u.predicted, **{k: um.get(k) for k in metric_keys}})
+    comp = compare_at_targets(predictor, mq, ev_check, targets, records, metric=args.metric, job_evaluator=ev,
+                              sizes=sizes, config_dir=out / "search", config_provenance={"predictor": str(pred_dir)},
+                              log=lambda text: print("      " + text, flush=True))
+    rows, pareto_points, fp_check = comp.rows, comp.points, comp.full_precision
+    metric_keys = METRIC_KEYS
 
     # 6. insights and summary -------------------------------------------------------------------------
     from .. import insights as I

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -33,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.cache import ConfigCache, config_hash, normalize_config, now_iso
-    from ..evaluation.runners import config_stats, layer_stats_from_multiquantizer
+    from ..config import QuantConfig
+    from ..evaluation.cache import ConfigCache, build_record, config_hash, normalize_config
+    from ..evaluation.runners import layer_stats_from_multiquantizer
+    from ..sizes import SizeTable
     from .sample import protocol_from_args
 
-    fam, weights, factory, protocol, mq = protocol_from_args(args)
     if args.cache and not Path(args.cache).exists():
         from ..io import check_writable
 
@@ -45,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.artifact import load_config_or_calibrated
 
     cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+    if cfg.act_bits is not None and calibrated is None:  # a searched W·A config: its protocol's activations
+        if args.act_bits is not None and args.act_bits != cfg.act_bits:
+            raise SensitivityError(f"{args.config}: chosen for A{cfg.act_bits}, but --act-bits {args.act_bits}")
+        args.act_bits = cfg.act_bits
+    fam, weights, factory, protocol, mq = protocol_from_args(args)
     if calibrated is not None and args.cache:
         raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is the "
                                "uncalibrated one's); drop --cache")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"{args.config}: {exc}") from None
     options = normalize_config(cfg.options)
     stats = layer_stats_from_multiquantizer(mq)
-    avg_bits, qbytes, err = config_stats(options, stats)
+    sizes = SizeTable.from_layer_stats(stats)
     signature, evaluation = protocol.signature(), protocol.to_dict()
     chash = config_hash(options)
     record = None
@@ -77,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
             timings["evaluate"] = metrics.pop("seconds")
-        record = {"run_id": None, "index": None, "config_hash": chash, "config": options, "avg_bits": avg_bits,
-                  "quantized_bytes": qbytes, "summed_error": err, "metrics": metrics, "signature": signature,
-                  "timings": timings, "host": socket.gethostname(), "created_at": now_iso()}
+        record = build_record(options, sizes, metrics, timings, signature=signature)
         if calibrated is not None:
             record["calibration"] = {"path": str(args.config), "calibration_hash": calibrated.calibration_hash,
                                      "weights_method": calibrated.manifest.get("weights_method"),

@@ -8,6 +8,10 @@ Writes ``OUT/00000.png``... and ``OUT/run.json`` (model, weights, multiquantizer
 average bits, activation bits, generation settings, one entry per image with its prompt / class id
 and seed, timings, library versions). Without ``--config`` the model runs in full precision.
 Image ``i`` uses condition ``i mod len(conditions)`` and seed ``--seed-base + i``.
+
+``--quantized DIR`` runs a ``sensitivity export`` folder (packed or sdnq) instead of applying a config:
+MODEL and ``--weights`` default to the ones recorded in it (the other pipeline components come from
+them); ``--materialize`` dequantizes its weights once at load instead of on every forward.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load MODEL, apply a quantization config from a multiquantizer (weights), "
                        "optionally quantize activations online (--act-bits), generate images, write PNGs and "
                        "a JSON record of what was run.")
-    add_model_arguments(p)
+    add_model_arguments(p, model_optional=True)
+    p.add_argument("--quantized", default=None, metavar="DIR",
+                   help="a `sensitivity export` folder (packed or sdnq) to run instead of --multiquantizer/--config")
+    p.add_argument("--materialize", action="store_true",
+                   help="with --quantized: dequantize the weights once at load (default: on the fly, low memory)")
     p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
@@ -87,6 +95,29 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo.cli_args import generation_overrides, model_from_args
 
     t0 = time.time()
+    record = None
+    if args.quantized:
+        from ..export.packed import read_record
+
+        if args.multiquantizer or args.config:
+            raise SensitivityError("--quantized runs an exported model: drop --multiquantizer and --config")
+        record = read_record(Path(args.quantized))
+        if record["export_format"] not in ("packed", "sdnq"):
+            raise SensitivityError(f"--quantized {args.quantized}: a {record['export_format']} export cannot run "
+                                   "in torch (packed and sdnq can)")
+        family = record.get("family")
+        if args.model is None:
+            args.model = family
+        elif family and args.model != family:
+            raise SensitivityError(f"--quantized {args.quantized} was exported from {record.get('model_id')}, "
+                                   f"not from model {args.model!r}")
+        if args.weights is None:
+            args.weights = record.get("weights")
+            args.seed = record.get("seed") if record.get("seed") is not None else args.seed
+    elif args.materialize:
+        raise SensitivityError("--materialize needs --quantized DIR")
+    if args.model is None:
+        raise SensitivityError("give MODEL (or --quantized DIR)")
     fam, weights, device, dtype = model_from_args(args)
     conds = _conditions(args, fam)
     fam.check_conditions(conds)
@@ -135,6 +166,15 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.time() - t0
 
     applied = {}
+    if record is not None:
+        from ..export import load_quantized
+
+        qden = load_quantized(args.quantized, device=device, dtype=den.dtype, materialize=args.materialize,
+                              expect_class=type(den).__name__)
+        setattr(pipe, fam.denoiser_attr, qden)
+        del den
+        den = qden
+        t_load = time.time() - t0
     if mq is not None:
         from ..multiquantizer import apply
 
@@ -173,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
         "config": None if config is None else {
             "path": str(args.config), "hash": config.config_hash, "quantized_layers": len(applied),
             "avg_bits": mq.avg_bits(config.options), "provenance": config.provenance},
+        "quantized": None if record is None else {
+            "path": str(args.quantized), "format": record["export_format"], "materialize": args.materialize,
+            "model_id": record.get("model_id"), "multiquantizer_hash": record["multiquantizer"]["hash"],
+            "config_hash": record["config"]["hash"], "avg_bits": record.get("avg_bits")},
         "act_bits": args.act_bits if calibrated is None else (calibrated.activations.bits if calibrated.activations else None),
         "calibration": None if calibrated is None else {"calibration_hash": calibrated.calibration_hash,
                                                         "weights_method": calibrated.manifest.get("weights_method"),
@@ -190,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
             _save_png(img, tmp / rec["file"])
         (tmp / "run.json").write_text(json.dumps(run_record, indent=1, default=str) + "\n")
     bits = f"{run_record['config']['avg_bits']:.3f}-bit weights" if config is not None else "full-precision weights"
+    if record is not None:
+        bits = f"{record['avg_bits']:.3f}-bit {record['export_format']} weights"
     acts = f", A{run_record['act_bits']}" if run_record["act_bits"] else ""
     if calibrated is not None:
         acts += ", calibrated"

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import insights
     from ..config import QuantConfig
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, config_bytes, predict_results, size_table, uniform_baselines
+    from ..search import AdditiveScorer, predict_results, uniform_baselines
+    from ..sizes import SizeTable
     from .search import load_predictor, load_records, load_scores_csv, resolve_multiquantizer
 
     if args.predictor and args.scores:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     mq = sizes = scores = None
     if args.multiquantizer or predictor is not None:
         mq, _ = resolve_multiquantizer(args.multiquantizer, predictor)
-        sizes = size_table(mq)
+        sizes = SizeTable.from_multiquantizer(mq)
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
     if predictor is not None:
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     results = []
     if configs and sizes is not None:
         for name, cfg in configs.items():
-            q, fp = config_bytes(cfg.options, sizes)
-            results.append({"label": name, "source": cfg.provenance.get("method", "config"), "avg_bits": 16.0 * q / fp})
+            results.append({"label": name, "source": cfg.provenance.get("method", "config"),
+                            "avg_bits": sizes.avg_bits(cfg.options)})
     if sizes is not None and (records or results):
         results += uniform_baselines(sizes)
     if predictor is not None:

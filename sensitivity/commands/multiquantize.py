@@ -19,9 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "int8, int8_c, fp8_e4m3. A killed build resumes when rerun; options whose method settings changed "
         "are recomputed.",
     )
-    p.add_argument("model", help="model family (see `sensitivity models`)")
+    from ..zoo.cli_args import add_pipeline_class_argument
+
+    p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the official hub id), "
                    "or 'random', 'tiny', 'shipped' (digits)")
+    add_pipeline_class_argument(p)
     p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
     p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for large layers (default: the free cores)")
@@ -51,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise SensitivityError(f"--threads must be >= 1, got {args.threads}")
     check_device(args.device)
-    fam = get_family(args.model)
+    from ..zoo.cli_args import family_name
+
+    fam = get_family(family_name(args))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
     out = Path(args.out) if args.out else default_out(fam.name, weights)

@@ -6,6 +6,10 @@
     sensitivity search --baseline uniform --option uaq-4 --multiquantizer FILE --out X.json
     sensitivity search --baseline error-ilp --target-bits 3.9 --multiquantizer FILE --out X.json   # MixDQ / HAWQ style
     sensitivity search --baseline cache --cache evals/x.sqlite --target-bits 3.9 --multiquantizer FILE --out X.json
+    sensitivity search --baseline sdnq --target-bits 3.9 --multiquantizer FILE --out X.json        # SDNQ's dynamic rule
+    sensitivity search --baseline hawq --target-bits 3.9 --multiquantizer FILE --out X.json        # Hessian trace ILP
+    sensitivity search --baseline mixdq --cache single.sqlite --target-bits 3.9 --multiquantizer FILE --out X.json
+    sensitivity search --baseline reference --predictor predictors/NAME --target-bits 3.9 --out X.json  # top-1 + lambda
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
     tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
+    p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
+                   help="activation bits written into the configs (default: those of the predictor's evaluations)")
     p.add_argument("--level", choices=("layer", "module"), default="layer",
                    help="knapsack groups: single layers (op level) or the predictor's modules (option combinations)")
     p.add_argument("--options", help="comma list of allowed options (default: all of the multiquantizer)")
@@ -43,8 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
                    "dp: plain frontier DP (small instances)")
     b = p.add_argument_group("baselines")
-    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp"),
-                   help="write a baseline config instead of the predictor's search")
+    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp", "sdnq", "hawq", "mixdq", "reference"),
+                   help="write a baseline config instead of the predictor's search (sdnq, hawq, mixdq, reference: "
+                        "the allocators of sensitivity.allocators)")
+    b.add_argument("--hawq-mode", choices=("trace", "fisher"), default="trace",
+                   help="--baseline hawq: Hutchinson Hessian trace x ||dW||^2 (default) or empirical Fisher-weighted dW^2")
+    b.add_argument("--calibration-samples", type=int, default=64,
+                   help="--baseline hawq: calibration items (and Hutchinson probes) of the denoising loss (default 64)")
+    b.add_argument("--weights", default=None, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
+    b.add_argument("--mixdq-metric", default="mse",
+                   help="--baseline mixdq: metric of the single-layer records in --cache (default mse vs full precision)")
+    b.add_argument("--seed", type=int, default=0, help="--baseline hawq: seed of the calibration items and probes")
     b.add_argument("--option", help="--baseline uniform: the option of every layer (e.g. uaq-4)")
     b.add_argument("--cache", help="evaluation cache (.sqlite, or an export .parquet/.csv) for --baseline cache "
                    "and for the Pareto plot of --sweep")
@@ -131,22 +146,62 @@ def load_records(path: str) -> List[dict]:
 
 
 def _sizes(mq, options: Optional[str]):
-    from ..search import size_table
+    from ..sizes import SizeTable
 
     opts = [o.strip() for o in options.split(",") if o.strip()] if options else None
-    return size_table(mq, opts)
+    return SizeTable.of(mq, opts)
 
 
-def _search_one(args, target, predictor, mq, mq_path, sizes, records):
-    from ..search import cache_best, error_ilp, search, size_table, uniform_config
+def _allocator_inputs(args, predictor, mq, records, memo: dict) -> dict:
+    """Keyword inputs of the allocator ``args.baseline``, computed once per command (memo)."""
+    from ..errors import SensitivityError
+
+    if "kw" in memo:
+        return memo["kw"]
+    kw: dict = {}
+    if args.baseline == "hawq":
+        from ..allocators.hawq import sensitivity_table
+        from ..zoo import get_family
+
+        fam_name, _, mq_weights = str(mq.model_id).partition(":")
+        fam = get_family(fam_name)
+        den = fam.load_denoiser(args.weights if args.weights is not None else (mq_weights or None))
+        kw["sensitivity"] = sensitivity_table(mq, den, mode=args.hawq_mode, family=fam_name,
+                                              num_samples=args.calibration_samples, seed=args.seed, progress=True)
+    elif args.baseline == "mixdq":
+        from ..allocators.mixdq import single_layer_table
+
+        if not records:
+            raise SensitivityError("--baseline mixdq needs --cache FILE with single-layer records "
+                                   "(sensitivity sample --strategy single-layer)")
+        kw["table"] = single_layer_table(records, args.mixdq_metric)
+    elif args.baseline == "reference":
+        if predictor is None:
+            raise SensitivityError("--baseline reference needs --predictor DIR (its subgraph scores)")
+        kw["layer_scores"] = predictor.layer_scores(mq)
+        if args.level == "module":
+            kw["module_scores"] = predictor.module_scores(mq, max_combinations=args.max_combinations)
+    memo["kw"] = kw
+    return kw
+
+
+def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None):
+    from ..search import cache_best, error_ilp, search, uniform_config
+    from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
+    if args.baseline in ("sdnq", "hawq", "mixdq", "reference"):
+        from ..allocators import allocate, with_fp16
+
+        kw = _allocator_inputs(args, predictor, mq, records, {} if memo is None else memo)
+        use = with_fp16(sizes) if args.baseline == "sdnq" else sizes
+        return allocate(args.baseline, use, target, what=what, method=args.solver, **kw)
     if args.baseline == "uniform":
-        return uniform_config(size_table(mq), args.option)
+        return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
     if args.baseline == "error-ilp":
         return error_ilp(sizes, target, error=args.error, method=args.solver, what=what)
     if args.baseline == "cache":  # cached configs may use any option of the multiquantizer
-        return cache_best(records, size_table(mq), target, metric=args.metric)
+        return cache_best(records, SizeTable.from_multiquantizer(mq), target, metric=args.metric)
     return search(predictor, mq, target, level=args.level, max_combinations=args.max_combinations,
                   method=args.solver, sizes=sizes, what=what)
 
@@ -156,7 +211,8 @@ def _report(res, args, path: Path) -> dict:
          "quantized_bytes": res.quantized_bytes, "budget_bytes": res.budget_bytes, "objective": res.objective,
          "predicted": res.predicted, "option_mix": res.option_mix, "solve_seconds": round(res.seconds, 4),
          "config": str(path)}
-    d.update({k: v for k, v in res.details.items() if k in ("metric", "metric_value", "candidates", "error", "level")})
+    d.update({k: v for k, v in res.details.items() if k in ("metric", "metric_value", "candidates", "error", "level",
+                                                          "threshold", "lam", "configs_evaluated", "cpu_seconds", "mode")})
     return d
 
 
@@ -217,8 +273,10 @@ def run(args: argparse.Namespace) -> int:
             raise SensitivityError("--baseline uniform has no target; drop --sweep")
     elif args.target_bits is None and not args.sweep:
         raise SensitivityError("pass --target-bits B or --sweep START:STOP:STEP")
-    if args.baseline == "cache" and not args.cache:
-        raise SensitivityError("--baseline cache needs --cache FILE")
+    if args.baseline in ("cache", "mixdq") and not args.cache:
+        raise SensitivityError(f"--baseline {args.baseline} needs --cache FILE")
+    if args.baseline == "reference" and not args.predictor:
+        raise SensitivityError("--baseline reference needs --predictor DIR (its subgraph scores)")
     if args.level == "module" and args.predictor is None and args.baseline is None:
         raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
 
@@ -258,9 +316,10 @@ def run(args: argparse.Namespace) -> int:
 
 def bits_range(sizes) -> Tuple[float, float]:
     """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
-    fp = int(sizes.drop_duplicates("layer")["fp16_bytes"].sum())
-    by_layer = sizes.groupby("layer")["nbytes"]
-    return 16.0 * int(by_layer.min().sum()) / fp, 16.0 * int(by_layer.max().sum()) / fp
+    from ..sizes import SizeTable
+
+    table = SizeTable.of(sizes)
+    return table.min_avg_bits(), table.max_avg_bits()
 
 
 def _ceil4(x: float) -> float:
@@ -271,17 +330,19 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
                  hi: float) -> int:
     """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
     from ..errors import SensitivityError
-    from ..search import predict_results, size_table, uniform_baselines
+    from ..search import predict_results, uniform_baselines
+    from ..sizes import SizeTable
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
                   "baseline": args.baseline, "level": args.level, "solver": args.solver,
                   "options": args.options, "cache": args.cache, "metric": args.metric if args.cache else None}
-    results, reports = [], []
+    act_bits = _act_bits(args, predictor)
+    results, reports, memo = [], [], {}
     for t in targets:
         try:
             if args.sweep and t > _ceil4(hi):
                 raise SensitivityError(f"above {hi:.4f} bits, every layer at its largest option")
-            res = _search_one(args, t, predictor, mq, mq_path, sizes, records)
+            res = _search_one(args, t, predictor, mq, mq_path, sizes, records, memo)
         except SensitivityError as exc:
             if not args.sweep:
                 raise
@@ -292,6 +353,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         mq.validate(res.options)
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
                             **{k: v for k, v in provenance.items() if v is not None})
+        cfg.act_bits = act_bits
         path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
         cfg.save(folder / path.name if args.sweep else path)
         results.append(res)
@@ -307,7 +369,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         from .. import insights
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
-        full = size_table(mq)
+        full = SizeTable.from_multiquantizer(mq)
         extra = uniform_baselines(full)
         if predictor is not None:
             predict_results(predictor, extra)
@@ -328,3 +390,15 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         json.dump(reports if args.sweep else reports[0], sys.stdout, indent=1, default=float)
         sys.stdout.write("\n")
     return 0
+
+
+def _act_bits(args, predictor) -> Optional[int]:
+    """Activation bits of the written configs: those of the evaluations the predictor learned from
+    (its cache's protocol), or --act-bits; a disagreement is refused."""
+    from ..errors import SensitivityError
+
+    learned = (getattr(predictor, "meta", None) or {}).get("act_bits") if predictor is not None else None
+    given = getattr(args, "act_bits", None)
+    if given is not None and learned is not None and int(given) != int(learned):
+        raise SensitivityError(f"--act-bits {given}: predictor {args.predictor} learned from W·A{learned} evaluations")
+    return given if given is not None else learned

@@ -49,14 +49,21 @@ class DigitsClassifier(nn.Module):
 def to_input(images: Union[np.ndarray, torch.Tensor], device=None) -> torch.Tensor:
     """uint8 images ``[N, 8, 8]`` / ``[N, 8, 8, 1]`` / ``[N, 8, 8, 3]`` (0..255) -> float ``[N, 1, 8, 8]`` in [0, 1].
 
-    RGB input is averaged to gray.
+    RGB input is averaged to gray; larger images (``H``, ``W`` multiples of 8, e.g. digits-sd's
+    32x32) are average-pooled to 8x8.
     """
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images, device=device).float()
     if x.ndim == 4:
         x = x.mean(dim=-1)
     if x.ndim != 3:
         raise ValueError(f"digits images must be [N, H, W] or [N, H, W, C], got shape {tuple(x.shape)}")
-    return (x / 255.0).unsqueeze(1)
+    x = (x / 255.0).unsqueeze(1)
+    if x.shape[-2:] != (8, 8):  # digits-sd's 32x32 images: average-pool back to the classifier's 8x8
+        h, w = x.shape[-2:]
+        if h % 8 or w % 8:
+            raise ValueError(f"digits images must be 8x8 or a multiple of it, got {h}x{w}")
+        x = torch.nn.functional.avg_pool2d(x, (h // 8, w // 8))
+    return x
 
 
 def save_classifier(model: DigitsClassifier, path: Union[str, Path], metadata: Optional[Dict] = None) -> None:

@@ -27,6 +27,7 @@ Metrics per config:
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
 from ..zoo import get_family
-from ..zoo.base import ModelFamily
+from ..zoo.base import DIGITS_CLASSIFIER, ModelFamily
 from . import metrics as M
 
 DIGITS_REFERENCE = "sklearn-digits-1797"
@@ -68,6 +69,16 @@ class EvalProtocol:
     metrics: Tuple[str, ...] = ("fid", "kid", "accuracy", "psnr", "mse")
     kid_subsets: int = 100
     metrics_version: str = M.METRICS_VERSION
+    # fields below are left out of to_dict() (and so of the signature) while at their default, so the
+    # signatures of evaluations made before they existed do not change
+    act_bits: Optional[int] = None          # activation bits (8 or 6) or None = full-precision activations
+    act_mode: Optional[str] = None          # "online" (token-wise min/max) | "static" (ranges from act_calibration)
+    act_calibration: Optional[str] = None   # static: content hash of the calibration set (+ observer)
+    height: Optional[int] = None            # image size (None: the model's default)
+    width: Optional[int] = None
+    extra: Tuple[Tuple[str, Any], ...] = ()  # further pipeline settings, sorted (key, value) pairs
+    clip_model: str = ""                    # identity of the CLIP model of "clip_score"
+    lpips_net: str = ""                     # identity of the LPIPS network of "lpips"
 
     def __post_init__(self):
         if len(self.conditions) != len(self.seeds):
@@ -76,6 +87,22 @@ class EvalProtocol:
             raise SensitivityError("protocol: needs at least 2 images (FID/KID need a covariance)")
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        extra = self.extra.items() if isinstance(self.extra, Mapping) else self.extra
+        object.__setattr__(self, "extra", tuple(sorted((str(k), v) for k, v in extra)))
+        if self.act_bits is not None:
+            from ..quantizers.activation import ACT_BITS
+
+            if int(self.act_bits) not in ACT_BITS:
+                raise SensitivityError(f"protocol: act_bits {self.act_bits} not one of {', '.join(map(str, ACT_BITS))}")
+            object.__setattr__(self, "act_bits", int(self.act_bits))
+            mode = self.act_mode or ("static" if self.act_calibration else "online")
+            if mode not in ("online", "static"):
+                raise SensitivityError(f"protocol: act_mode {mode!r}: use 'online' or 'static'")
+            if mode == "static" and not self.act_calibration:
+                raise SensitivityError("protocol: static activation quantization needs a calibration set")
+            object.__setattr__(self, "act_mode", mode)
+        elif self.act_mode or self.act_calibration:
+            raise SensitivityError("protocol: act_mode / act_calibration given without act_bits")
 
     @classmethod
     def for_family(cls, family: Union[str, ModelFamily], weights: Optional[str] = None, *,
@@ -83,13 +110,26 @@ class EvalProtocol:
                    steps: Optional[int] = None, guidance: Optional[float] = None,
                    scheduler: Optional[str] = None, dtype: Union[None, str, torch.dtype] = None,
                    multiquantizer_hash: Optional[str] = None, reference_dir: Union[str, Path, None] = None,
-                   feature_net: Optional[str] = None, kid_subsets: int = 100) -> "EvalProtocol":
+                   feature_net: Optional[str] = None, kid_subsets: int = 100,
+                   act_bits: Optional[int] = None, act_calibration: Optional[str] = None,
+                   height: Optional[int] = None, width: Optional[int] = None,
+                   extra: Optional[Mapping[str, Any]] = None, inception: Union[str, Path, None] = None,
+                   reference_features: Optional[np.ndarray] = None, clip_model: str = "",
+                   lpips_net: str = "") -> "EvalProtocol":
         """The default protocol of ``family``: for class families ``n_per_class`` images of every class
         (class-major: 0,0,..,1,1,..), seeds ``seed, seed+1, ...``; text families need ``conditions``
         (prompts). Unset steps/guidance/scheduler take the family's defaults; unset ``dtype`` and
         ``multiquantizer_hash`` are filled in by the :class:`Evaluator` from its model and multiquantizer.
+
+        Real models with ``reference_dir``: the reference is keyed by content (file list and sizes, and
+        with ``reference_features`` a hash of their FID statistics), the feature network by the
+        ``inception`` file's content. ``act_bits`` (8 | 6): activations quantized online token-wise, or
+        statically with the ranges of a calibration set (``act_calibration``: its identity).
+        ``clip_model`` / ``lpips_net``: identities from :mod:`.extra_metrics` add ``clip_score`` / ``lpips``.
         """
         fam = get_family(family)
+        if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
+            conditions = fam.default_conditions(int(n_per_class))
         if conditions is None:
             if fam.conditioning != "class" or not fam.num_classes:
                 raise SensitivityError(f"model {fam.name!r}: give the prompts (conditions) of the protocol")
@@ -97,26 +137,35 @@ class EvalProtocol:
         conditions = fam.check_conditions(conditions)
         seeds = [int(seed) + i for i in range(len(conditions))]
         d = fam.defaults
-        digits = is_digits_family(fam)
+        digits = fam.feature_network == DIGITS_CLASSIFIER
         if feature_net is None:
             if digits:
                 feature_net = M.DigitsFeatures().name
+            elif reference_dir is not None:
+                feature_net = M.inception_name(M.resolve_inception(inception))
             else:
-                feature_net = "clean-fid:inception-2015-12-05" if reference_dir is not None else ""
+                feature_net = ""
         if digits:
             reference, wanted = DIGITS_REFERENCE, ("fid", "kid", "accuracy", "psnr", "mse")
         elif reference_dir is not None:
-            fp, n = M._folder_fingerprint(Path(reference_dir).resolve())
-            reference, wanted = f"{Path(reference_dir).resolve()}|{n}|{fp[:16]}", ("fid", "kid", "psnr", "mse")
+            reference, wanted = M.reference_identity(reference_dir, reference_features), ("fid", "kid", "psnr", "mse")
         else:
             reference, wanted = "", ("psnr", "mse")
+        if clip_model:
+            if fam.conditioning != "text":
+                raise SensitivityError(f"model {fam.name!r}: CLIP score needs a text-conditional model")
+            wanted = wanted + ("clip_score",)
+        if lpips_net:
+            wanted = wanted + ("lpips",)
         dt = None if dtype is None else str(dtype).replace("torch.", "")
         return cls(model_id=fam.model_id(weights), conditions=tuple(conditions), seeds=tuple(seeds),
                    steps=int(steps if steps is not None else d.steps),
                    guidance=float(guidance if guidance is not None else d.guidance),
                    scheduler=scheduler if scheduler is not None else d.scheduler, dtype=dt,
                    multiquantizer_hash=multiquantizer_hash, feature_net=feature_net, reference=reference,
-                   metrics=wanted, kid_subsets=int(kid_subsets))
+                   metrics=wanted, kid_subsets=int(kid_subsets), act_bits=act_bits,
+                   act_calibration=act_calibration, height=height, width=width, extra=tuple((extra or {}).items()),
+                   clip_model=clip_model, lpips_net=lpips_net)
 
     @property
     def num_images(self) -> int:
@@ -128,6 +177,10 @@ class EvalProtocol:
         d["conditions"] = list(self.conditions)
         d["seeds"] = list(self.seeds)
         d["metrics"] = list(self.metrics)
+        d["extra"] = dict(self.extra)
+        for key, default in _OPTIONAL_FIELDS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -136,7 +189,20 @@ class EvalProtocol:
         for key in ("conditions", "seeds", "metrics"):
             if key in d:
                 d[key] = tuple(d[key])
+        if isinstance(d.get("extra"), Mapping):
+            d["extra"] = tuple(d["extra"].items())
         return cls(**d)
+
+    def generation_overrides(self) -> Dict[str, Any]:
+        """Settings for ``family.generate``: steps, guidance, scheduler, size and the extra settings."""
+        out: Dict[str, Any] = {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler}
+        if self.height is not None:
+            out["height"] = self.height
+        if self.width is not None:
+            out["width"] = self.width
+        if self.extra:
+            out["extra"] = dict(self.extra)
+        return out
 
     def signature(self) -> str:
         from .cache import evaluation_signature
@@ -147,8 +213,16 @@ class EvalProtocol:
         return replace(self, multiquantizer_hash=mq_hash)
 
 
-def is_digits_family(family: ModelFamily) -> bool:
-    return family.name in ("digits-dit", "digits-unet")
+#: fields of EvalProtocol left out of its description while at these defaults
+_OPTIONAL_FIELDS: Dict[str, Any] = {"act_bits": None, "act_mode": None, "act_calibration": None, "height": None,
+                                    "width": None, "extra": {}, "clip_model": "", "lpips_net": ""}
+
+
+def condition_labels(family: ModelFamily, conditions: Sequence) -> np.ndarray:
+    """Class labels of a protocol's conditions: the class ids, or the family's ``class_labels(prompts)``."""
+    if hasattr(family, "class_labels"):
+        return np.asarray(family.class_labels(list(conditions)), dtype=np.int64)
+    return np.asarray(conditions)
 
 
 class Evaluator:
@@ -163,7 +237,9 @@ class Evaluator:
     def __init__(self, family: Union[str, ModelFamily], pipe, mq, protocol: EvalProtocol, *,
                  batch_size: Optional[int] = None, reference_dir: Union[str, Path, None] = None,
                  cache_dir: Union[str, Path, None] = None, extractor=None, progress: bool = False,
-                 check_model: bool = True):
+                 check_model: bool = True, inception: Union[str, Path, None] = None,
+                 clip_model: Optional[str] = None, lpips_net: Optional[str] = None,
+                 act_calibration: Union[str, Path, None] = None, reference_images=None):
         self.family = get_family(family)
         self.pipe = pipe
         self.denoiser = self.family.denoiser(pipe)
@@ -184,7 +260,7 @@ class Evaluator:
         elif dt != protocol.dtype:
             raise SensitivityError(f"protocol dtype {protocol.dtype} but the model runs in {dt}")
         self.protocol = protocol
-        self.digits = is_digits_family(self.family)
+        self.digits = self.family.feature_network == DIGITS_CLASSIFIER
         self.device = self.denoiser.device
         self._features = None
         self.reference_dir = reference_dir
@@ -202,16 +278,59 @@ class Evaluator:
             if extractor is not None and protocol.feature_net and extractor.name != protocol.feature_net:
                 raise SensitivityError(f"protocol feature network {protocol.feature_net} differs from the "
                                        f"extractor's {extractor.name}")
+        self.inception = inception
+        self._ref_features: Optional[np.ndarray] = None
+        self._clip = self._lpips = None
+        if "clip_score" in protocol.metrics:
+            from .extra_metrics import ClipScore
+
+            if not clip_model:
+                raise SensitivityError("protocol has clip_score: give the CLIP model (clip_model)")
+            self._clip = ClipScore(clip_model, device=self.device)
+            if self._clip.name != protocol.clip_model:
+                raise SensitivityError(f"CLIP model {clip_model} is {self._clip.name}, the protocol's is "
+                                       f"{protocol.clip_model}")
+        if "lpips" in protocol.metrics:
+            from .extra_metrics import Lpips
+
+            self._lpips = Lpips(lpips_net or "alex", device=self.device)
+        self._act_data = None
+        if protocol.act_mode == "static":
+            from ..calibration.data import load_calibration_set
+
+            if act_calibration is None:
+                raise SensitivityError("protocol quantizes activations statically: give the calibration set "
+                                       "(act_calibration)")
+            if calibration_identity(act_calibration) != protocol.act_calibration:
+                raise SensitivityError(f"{act_calibration}: not the protocol's calibration set "
+                                       f"({protocol.act_calibration})")
+            self._act_data = load_calibration_set(act_calibration)
         self._fp_images: Optional[np.ndarray] = None
-        self._labels = np.asarray(protocol.conditions) if self.digits else None
+        if reference_images is not None:  # shared by the job (generated once): checked for shape only
+            ref = np.asarray(reference_images)
+            if len(ref) != protocol.num_images:
+                raise SensitivityError(f"{len(ref)} shared full-precision images, the protocol has "
+                                       f"{protocol.num_images}")
+            ref.setflags(write=False)
+            self._fp_images = ref
+        self._device_stage = threading.Lock()
+        self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
     def generate(self) -> np.ndarray:
         """The protocol's images with the model as it is now: uint8 ``[N, H, W, C]``."""
         p = self.protocol
-        return self.family.generate(self.pipe, list(p.conditions), list(p.seeds), batch_size=self.batch_size,
-                                    progress=self.progress, steps=p.steps, guidance=p.guidance,
-                                    scheduler=p.scheduler)
+        run = lambda: self.family.generate(self.pipe, list(p.conditions), list(p.seeds),  # noqa: E731
+                                           batch_size=self.batch_size, progress=self.progress,
+                                           **p.generation_overrides())
+        if getattr(self, "_macs", None) is not None or self.mq is None:
+            return run()
+        from .bops import count_macs  # MACs per image of every layer, counted on the first generation
+
+        with count_macs(self.denoiser, self.mq.layers) as macs:
+            images = run()
+        self._macs = {k: v / max(1, len(images)) for k, v in macs.items()}
+        return images
 
     def reference_images(self) -> np.ndarray:
         """Full-precision images of the protocol (generated once; the model is restored first)."""
@@ -238,22 +357,44 @@ class Evaluator:
                 out["accuracy"] = M.class_accuracy(pred, self._labels)
         elif want & {"fid", "kid"}:
             if self._extractor is None:
-                self._extractor = M.CleanFIDInception(device=self.device)
+                self._extractor = M.CleanFIDInception(device=self.device, model=self.inception)
             rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
             feats = self._extractor.image_features(rgb)
-            ref = M.reference_folder_features(self.reference_dir, self.cache_dir or Path(".sensitivity-cache"),
-                                              self._extractor)
+            if self._ref_features is None:
+                self._ref_features = M.reference_folder_features(
+                    self.reference_dir, self.cache_dir or Path(".sensitivity-cache"), self._extractor)
+            ref = self._ref_features
             if "fid" in want:
                 out["fid"] = M.fid_from_features(feats, ref)
             if "kid" in want:
                 out["kid"] = M.kid_from_features(feats, ref, num_subsets=p.kid_subsets, seed=0)
-        if want & {"psnr", "mse"}:
+        if want & {"psnr", "mse", "lpips"}:
             fp = self.reference_images()
             if "psnr" in want:
                 out["psnr"] = M.psnr(images, fp)
             if "mse" in want:
                 out["mse"] = M.mse(images, fp)
+            if "lpips" in want:
+                out["lpips"] = self._lpips(images, fp)
+        if "clip_score" in want:
+            out["clip_score"] = self._clip(images, list(p.conditions))
         return out
+
+    def _quantize_activations(self) -> None:
+        """Switch on the protocol's activation quantization on the model as it is now (weights applied)."""
+        p = self.protocol
+        if p.act_bits is None:
+            return
+        from ..quantizers.activation import enable_activation_quant, enable_static_activation_quant
+
+        layers = self.mq.layers if self.mq is not None else self.family.find_layers(self.denoiser)
+        if p.act_mode == "static":
+            from ..calibration.pipeline import observe_ranges
+
+            ranges = observe_ranges(self.denoiser, layers, self._act_data, p.act_bits, observer="minmax")
+            enable_static_activation_quant(self.denoiser, layers, ranges, p.act_bits)
+        else:
+            enable_activation_quant(self.denoiser, layers, p.act_bits)
 
     def evaluate(self, config: Union[None, QuantConfig, Mapping[str, str]] = None,
                  return_images: bool = False) -> Dict[str, Any]:
@@ -265,27 +406,39 @@ class Evaluator:
         """
         from ..calibration.artifact import CalibratedArtifact, apply_calibrated, remove_calibrated
 
+        from ..quantizers.activation import disable_activation_quant
+
         calibrated = config if isinstance(config, CalibratedArtifact) else None
         if calibrated is not None:
+            if self.protocol.act_bits is not None and calibrated.activations is not None:
+                raise SensitivityError("a calibrated config with activation ranges cannot be evaluated under a "
+                                       "protocol with act_bits (it brings its own)")
             config = calibrated.config
         options = as_options(config) if config is not None else {}
         if options and self.mq is None:
             raise SensitivityError("Evaluator: no multiquantizer given, only full precision can be evaluated")
-        self.reference_images()  # before applying: the full-precision images of the same seeds
-        t0 = time.perf_counter()
-        try:
-            if calibrated is not None:
-                apply_calibrated(self.denoiser, self.mq, calibrated)
-            elif options:
-                apply(self.denoiser, self.mq, options)
-            t1 = time.perf_counter()
-            images = self.generate()
-        finally:
-            if calibrated is not None:
-                remove_calibrated(self.denoiser)
-            restore(self.denoiser)
-        t2 = time.perf_counter()
+        with self._device_stage:  # one config on the model at a time; scoring below may overlap the next
+            self.reference_images()  # before applying: the full-precision images of the same seeds
+            t0 = time.perf_counter()
+            try:
+                if calibrated is not None:
+                    apply_calibrated(self.denoiser, self.mq, calibrated)
+                elif options:
+                    apply(self.denoiser, self.mq, options)
+                self._quantize_activations()
+                t1 = time.perf_counter()
+                images = self.generate()
+            finally:
+                if calibrated is not None:
+                    remove_calibrated(self.denoiser)
+                disable_activation_quant(self.denoiser)
+                restore(self.denoiser)
+            t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images))
+        if getattr(self, "_macs", None):
+            from .bops import tera_bops
+
+            out["bops"] = tera_bops(options, self._macs, self.protocol.act_bits)
         t3 = time.perf_counter()
         out["seconds"] = t3 - t0
         out["timings"] = {"apply": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
@@ -293,12 +446,18 @@ class Evaluator:
             out["images"] = images
         return out
 
-    def worker(self) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
-        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`."""
+    def worker(self, concurrency: int = 1) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
+        """``evaluate(index, options) -> metrics`` for :mod:`sensitivity.evaluation.runners`.
+
+        ``concurrency=2`` lets a worker run two configs at once: the device stage (apply, generate,
+        restore) stays one config at a time, so the scoring of one (feature network and metric math,
+        on the CPU) overlaps the generation of the next. Metrics are the same either way.
+        """
 
         def evaluate(index: int, options: Dict[str, str]) -> Dict[str, Any]:
             return self.evaluate(options)
 
+        evaluate.concurrency = int(concurrency)
         return evaluate
 
 
@@ -317,6 +476,11 @@ class EvaluatorFactory:
     reference_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     threads: Optional[int] = None
+    inception: Optional[str] = None
+    clip_model: Optional[str] = None
+    lpips_net: Optional[str] = None
+    act_calibration: Optional[str] = None
+    compile: bool = False
 
     def build(self) -> Evaluator:
         if self.threads:
@@ -326,8 +490,25 @@ class EvaluatorFactory:
         pipe = fam.load_pipeline(self.weights, device=device, dtype=self.dtype)
         check_finite_weights(fam.denoiser(pipe), None, f"--weights {self.weights or fam.resolve_weights(None)}")
         mq = load_multiquantizer(self.multiquantizer) if self.multiquantizer else None
+        if self.compile:
+            compile_denoiser(fam, pipe)
         return Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
-                         reference_dir=self.reference_dir, cache_dir=self.cache_dir)
+                         reference_dir=self.reference_dir, cache_dir=self.cache_dir, inception=self.inception,
+                         clip_model=self.clip_model, lpips_net=self.lpips_net,
+                         act_calibration=self.act_calibration)
 
     def __call__(self) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
         return self.build().worker()
+
+
+def calibration_identity(path: Union[str, Path]) -> str:
+    """Identity of a calibration set file for a protocol: ``sha256[:16]`` of its content + the observer."""
+    return f"{M._digest_cached(str(Path(path).resolve()))[:16]}:minmax"
+
+
+def compile_denoiser(family: Union[str, ModelFamily], pipe) -> None:
+    """``torch.compile`` the denoiser's forward in place (``module.compile()``: parameters stay the module's,
+    so applying configs rewrites the weights the compiled graph reads). Activation-quant hooks and a new
+    config's weights cause recompiles at most once per distinct hook set."""
+    den = get_family(family).denoiser(pipe)
+    den.compile(dynamic=False)

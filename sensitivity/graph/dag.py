@@ -74,25 +74,13 @@ def _role(path: str, innermost: Optional[str]) -> str:
     return f"{container}/{rest}"
 
 
-def _category(module: nn.Module) -> Optional[str]:
-    name = type(module).__name__
-    if "Attention" in name and "Pool" not in name and "Processor" not in name:
-        return "cross-attention" if getattr(module, "is_cross_attention", False) else "attention"
-    if "FeedForward" in name or name.endswith("Mlp") or name == "MLP":
-        return "ffn"
-    if "Resnet" in name or "ResBlock" in name:
-        return "resnet"
-    if name in ("Downsample2D", "Upsample2D", "Downsample1D", "Upsample1D"):
-        return "sampler"
-    if any(k in name for k in ("Embed", "TextProjection", "AdaLayerNormSingle", "AttentionPool")):
-        return "embedding"
-    if name.startswith("AdaLayerNorm") or name.startswith("AdaGroupNorm"):
-        return "adanorm"
-    return None
-
-
 def _groups(model: nn.Module, layers: Sequence[LayerSpec]) -> Dict[str, Tuple[str, Optional[str]]]:
     """``{layer: (group path, category or None)}`` from the deepest categorised ancestor module."""
+    from ..zoo import family_for_denoiser
+    from ..zoo.naming import module_category
+
+    fam = family_for_denoiser(model)
+    category = fam.module_category if fam is not None else module_category
     modules = dict(model.named_modules())
     out = {}
     for s in layers:
@@ -101,7 +89,7 @@ def _groups(model: nn.Module, layers: Sequence[LayerSpec]) -> Dict[str, Tuple[st
         for i in range(len(parts) - 1, 0, -1):
             p = ".".join(parts[:i])
             m = modules.get(p)
-            cat = _category(m) if m is not None else None
+            cat = category(m) if m is not None else None
             if cat is not None:
                 found = (p, cat)
                 break

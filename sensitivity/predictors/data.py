@@ -21,11 +21,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..config import options_hash
+from ..config import config_hash
 from ..errors import SensitivityError
-from ..options import FP16, QuantOption, canonical
-
-LOWER_IS_BETTER = ("fid", "kid", "mse", "lpips", "loss", "fid-gt-1k")
+from ..evaluation.metric_specs import lower_is_better, record_metric  # noqa: F401 - record_metric re-exported
+from ..options import FP16, canonical
+from ..sizes import SizeTable
 
 
 # ------------------------------------------------------------------------------------------ target
@@ -39,8 +39,7 @@ class Target:
 
     @property
     def sign(self) -> float:
-        lower = self.metric.lower() in LOWER_IS_BETTER if self.lower_is_better is None else self.lower_is_better
-        return -1.0 if lower else 1.0
+        return -1.0 if lower_is_better(self.metric, self.lower_is_better) else 1.0
 
     def values(self, metric: np.ndarray, avg_bits: np.ndarray) -> np.ndarray:
         return self.sign * np.asarray(metric, dtype=np.float64) - self.lam * np.asarray(avg_bits, dtype=np.float64)
@@ -61,24 +60,6 @@ class Target:
         return cls(str(d["metric"]), float(d.get("lam", 0.0)), d.get("lower_is_better"))
 
 
-def record_metric(rec: Mapping[str, Any], metric: str) -> Optional[float]:
-    """``rec["metrics"][metric]`` (case-insensitive), or a top-level field; None if absent / not finite."""
-    m = rec.get("metrics") or {}
-    v = None
-    if isinstance(m, Mapping):
-        v = m.get(metric)
-        if v is None:
-            low = {str(k).lower(): val for k, val in m.items()}
-            v = low.get(metric.lower())
-    if v is None:
-        v = rec.get(metric)
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 # ------------------------------------------------------------------------------------------ layers
 @dataclass
 class LayerTable:
@@ -95,6 +76,7 @@ class LayerTable:
     error: np.ndarray
     index: Dict[str, int] = field(init=False, repr=False)
     opt_index: Dict[str, int] = field(init=False, repr=False)
+    _sizes: Optional[SizeTable] = field(init=False, repr=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.fp16_bytes = np.asarray(self.fp16_bytes, dtype=np.int64)
@@ -112,47 +94,38 @@ class LayerTable:
     def has_errors(self) -> bool:
         return bool(np.isfinite(self.error[:, 1:]).all())
 
+    @property
+    def sizes(self) -> SizeTable:
+        """The table's bytes and errors as a :class:`~sensitivity.sizes.SizeTable` (codes = its option order)."""
+        if self._sizes is None:
+            self._sizes = SizeTable(self.layers, self.options, self.fp16_bytes, self.nbytes[:, 1:], self.error[:, 1:])
+        return self._sizes
+
+    @classmethod
+    def from_sizes(cls, sizes: SizeTable) -> "LayerTable":
+        """From a SizeTable holding every option for every layer."""
+        missing = np.argwhere(sizes.nbytes < 0)
+        if missing.size:
+            i, j = missing[0]
+            raise SensitivityError(f"layer {sizes.layers[i]!r}: option {sizes.options[j]!r} missing from the layer stats")
+        nb = np.concatenate([sizes.fp16_bytes[:, None], sizes.nbytes], axis=1)
+        err = np.concatenate([np.zeros((len(sizes.layers), 1)), sizes.error], axis=1)
+        return cls(list(sizes.layers), list(sizes.options), sizes.fp16_bytes, nb, err)
+
     @classmethod
     def from_layer_stats(cls, layers: Sequence[str], stats: Mapping[str, Mapping[str, Any]],
                          options: Optional[Sequence[str]] = None) -> "LayerTable":
-        """From a cache's ``layer_stats`` (``{layer: {"fp16_bytes", "options": {opt: [nbytes, error]}}}``)."""
-        missing = [l for l in layers if l not in stats]
-        if missing:
-            raise SensitivityError(f"layer {missing[0]!r} has no stats in the cache ({len(missing)} layers missing)")
-        if options is None:
-            first = stats[layers[0]]["options"]
-            options = [canonical(o) for o in first]
-        options = [canonical(o) for o in options]
-        L, O = len(layers), len(options)
-        fp = np.zeros(L, np.int64)
-        nb = np.zeros((L, O + 1), np.int64)
-        err = np.zeros((L, O + 1))
-        for i, l in enumerate(layers):
-            st = stats[l]
-            fp[i] = int(st["fp16_bytes"])
-            nb[i, 0] = fp[i]
-            opts = {canonical(k): v for k, v in st["options"].items()}
-            for j, o in enumerate(options):
-                if o not in opts:
-                    raise SensitivityError(f"layer {l!r}: option {o!r} missing from the layer stats")
-                n, e = opts[o]
-                nb[i, j + 1], err[i, j + 1] = int(n), (float("nan") if e is None else float(e))
-        return cls(list(layers), options, fp, nb, err)
+        """From a cache's ``layer_stats`` (``{layer: {"fp16_bytes", "options": {opt: [nbytes, error]}}}``);
+        ``options`` default: those of the first layer."""
+        layers = list(layers)
+        if options is None and layers and layers[0] in stats:
+            options = [canonical(o) for o in stats[layers[0]]["options"]]
+        return cls.from_sizes(SizeTable.from_layer_stats(stats, layers, options or []))
 
     @classmethod
     def from_specs(cls, specs: Sequence[Any], options: Sequence[str]) -> "LayerTable":
         """From :class:`~sensitivity.layers.LayerSpec` shapes (sizes by formula, errors unknown = NaN)."""
-        options = [canonical(o) for o in options]
-        L, O = len(specs), len(options)
-        fp = np.array([s.fp16_bytes for s in specs], np.int64)
-        nb = np.zeros((L, O + 1), np.int64)
-        nb[:, 0] = fp
-        err = np.full((L, O + 1), np.nan)
-        err[:, 0] = 0.0
-        for i, s in enumerate(specs):
-            for j, o in enumerate(options):
-                nb[i, j + 1] = QuantOption.parse(o).nbytes(s.shape)
-        return cls([s.name for s in specs], options, fp, nb, err)
+        return cls.from_sizes(SizeTable.from_shapes({s.name: s.shape for s in specs}, options))
 
     @classmethod
     def from_multiquantizer(cls, mq: Any, layers: Optional[Sequence[str]] = None) -> "LayerTable":
@@ -188,15 +161,12 @@ class LayerTable:
         return [{l: names[int(c)] for l, c in zip(self.layers, row) if c != 0} for row in np.asarray(codes)]
 
     def avg_bits(self, codes: np.ndarray) -> np.ndarray:
-        """``16 · Σ bytes / Σ fp16 bytes`` per config (all layers of the table)."""
-        codes = np.asarray(codes, dtype=np.int64)
-        b = np.take_along_axis(np.broadcast_to(self.nbytes, (len(codes),) + self.nbytes.shape), codes[..., None], 2)[..., 0]
-        return 16.0 * b.sum(1) / float(self.fp16_bytes.sum())
+        """``16 · Σ bytes / Σ fp16 bytes`` per config (all layers of the table), float64 [n]."""
+        return self.sizes.avg_bits_of_codes(codes)
 
     def summed_error(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes, dtype=np.int64)
-        e = self.error[np.arange(len(self.layers))[None, :], codes]
-        return e.sum(1)
+        """Σ relative squared error per config (fp16 = 0), float64 [n]."""
+        return self.sizes.error_of_codes(codes)
 
     def onehot(self, codes: np.ndarray) -> np.ndarray:
         """``float32 [n, L·(1+O)]`` one-hot option features (column ``l·(1+O) + code``)."""
@@ -258,7 +228,7 @@ class Dataset:
                 skipped += 1
                 continue
             cfg = {str(k): canonical(o) for k, o in rec["config"].items() if canonical(o) != FP16}
-            h = options_hash(cfg) if cfg else "fp16"
+            h = config_hash(cfg) if cfg else "fp16"
             if h not in by_hash:
                 by_hash[h] = []
                 order.append(h)

@@ -187,14 +187,16 @@ class CVResult:
 
 
 def kfold_assignment(n: int, k: int, seed: int) -> np.ndarray:
-    """Fold id per sample (seeded shuffle, ``k`` nearly equal folds)."""
+    """Fold id per sample: ``sklearn.model_selection.KFold(k, shuffle=True, random_state=seed)``."""
     if k < 2:
         raise SensitivityError(f"--folds must be at least 2, got {k}")
     if n < k:
         raise SensitivityError(f"{n} configs cannot be split into {k} folds")
-    rng = np.random.default_rng(seed)
+    from sklearn.model_selection import KFold
+
     fold = np.empty(n, np.int64)
-    fold[rng.permutation(n)] = np.arange(n) % k
+    for f, (_, test) in enumerate(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros((n, 1)))):
+        fold[test] = f
     return fold
 
 

@@ -108,7 +108,8 @@ def train(
     bg = ds.codes[np.sort(rng.choice(len(ds), min(N_BACKGROUND, len(ds)), replace=False))]
     meta = {"model_id": data.model_id or (graph.model_id if graph is not None else None), "family": fam,
             "cache": str(cache), "cache_signature": data.signature, "n_configs": len(ds),
-            "multiquantizer_hash": data.multiquantizer_hash, "multiquantizer_path": multiquantizer}
+            "multiquantizer_hash": data.multiquantizer_hash, "multiquantizer_path": multiquantizer,
+            "act_bits": data.evaluation.get("act_bits")}
     res.report["model_id"] = meta["model_id"]
     res.report["cache"] = str(cache)
     save_predictors(out, res, predictor, meta, bg, compute_scores=scores, progress=progress,

@@ -44,7 +44,7 @@ classes (``kmeans_c``, ``kmeans_a``) are in :mod:`sensitivity.quantizers.kmeans`
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Sequence, Tuple
 
 from ..errors import SensitivityError
 from .base import MethodConfig, QuantMethod, TableMethod, register_method, register_method_family

@@ -32,7 +32,7 @@ Public API: :func:`uaq_params`, :func:`uaq_grid_errors`, :func:`uaq_codes`; the 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch

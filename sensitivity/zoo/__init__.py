@@ -13,12 +13,12 @@ importing this package, the registry or :func:`family_cards` imports neither tor
 (``ModelFamily`` and the other names of :mod:`sensitivity.zoo.base` load torch when first touched).
 """
 
-from .registry import BUILTIN_FAMILIES, family_cards, get_family, list_families, register_family
+from .registry import BUILTIN_FAMILIES, family_cards, family_for_denoiser, get_family, list_families, register_family
 
 _FROM_BASE = ("GenerationSettings", "LayerRules", "ModelFamily", "SPECIAL_WEIGHTS")
 
-__all__ = list(_FROM_BASE) + ["BUILTIN_FAMILIES", "family_cards", "get_family", "list_families",
-                              "register_family"]
+__all__ = list(_FROM_BASE) + ["BUILTIN_FAMILIES", "family_cards", "family_for_denoiser", "get_family",
+                              "list_families", "register_family"]
 
 
 def __getattr__(name: str):  # PEP 562: the torch-level names on first use

@@ -31,8 +31,14 @@ from torch import nn
 
 from ..errors import SensitivityError
 from ..layers import LayerSpec, find_layers
+from .naming import DIFFUSERS_NAMING, LayerInfo, LayerNaming, module_category
 
 SPECIAL_WEIGHTS = ("tiny", "random", "meta")
+
+
+# feature networks of the evaluation (ModelFamily.feature_network)
+CLEAN_FID_INCEPTION = "clean-fid-inception"
+DIGITS_CLASSIFIER = "digits-classifier"
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,13 @@ class ModelFamily:
     description: str = ""
     # the reference's count of weight nodes for this family (method.md section 1.1), for reports
     reference_layer_count: Optional[int] = None
+    # the FID/KID feature network of its evaluation: CLEAN_FID_INCEPTION (real images, a reference
+    # folder) or DIGITS_CLASSIFIER (the shipped digits classifier, with class accuracy)
+    feature_network: str = CLEAN_FID_INCEPTION
+    # layer name -> block / op type rules (insights)
+    layer_naming: LayerNaming = DIFFUSERS_NAMING
+    # class names of the family's denoiser (how a traced model finds its family)
+    denoiser_class_names: Tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------ weights
     def resolve_weights(self, weights: Optional[str]) -> str:
@@ -229,6 +242,21 @@ class ModelFamily:
         """The quantizable layers of ``denoiser`` under this family's rules."""
         rules = self.layer_rules(denoiser)
         return find_layers(denoiser, exclude=rules.exclude, splits=rules.splits, ties=rules.ties)
+
+    # ------------------------------------------------------------------------------ structure
+    def describe_layer(self, name: str) -> LayerInfo:
+        """Block and op type of one of the family's layer names (:attr:`layer_naming`)."""
+        return self.layer_naming.describe(name)
+
+    def module_category(self, module: nn.Module) -> Optional[str]:
+        """Kind of a module of the denoiser for the graph (attention, ffn, resnet, ...; None: none)."""
+        return module_category(module)
+
+    def example_inputs(self, denoiser: nn.Module, batch: int = 1, device: Optional[torch.device] = None,
+                       dtype: Optional[torch.dtype] = None, text_len: Optional[int] = None) -> Dict[str, Any]:
+        """Keyword arguments of one forward pass of ``denoiser`` (``batch`` samples, native latent size),
+        for tracing the graph. Tensors on ``device`` in ``dtype``; integer inputs are int64 zeros."""
+        raise SensitivityError(f"model {self.name!r} has no example inputs for tracing: pass inputs= to build_graph")
 
     # ------------------------------------------------------------------------------ generation
     def check_conditions(self, conditions: Sequence) -> list:

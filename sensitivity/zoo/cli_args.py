@@ -22,9 +22,13 @@ WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official
                 "names, tiny widths), or 'shipped' / 'random' for the digits models")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None:
-    p.add_argument("model", help="model family (see `sensitivity models`)")
+def add_model_arguments(p: argparse.ArgumentParser, device: bool = True, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="model family (see `sensitivity models`)")
+    else:
+        p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    add_pipeline_class_argument(p)
     if device:
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
@@ -44,6 +48,31 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="other pipeline setting (value parsed as JSON if possible), e.g. --set denoising_end=0.8")
 
 
+def add_pipeline_class_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline-class", default=None, metavar="CLASS",
+                   help="with MODEL 'diffusers': the diffusers pipeline class (default: from the --weights "
+                        "folder's model_index.json)")
+
+
+def family_name(args: argparse.Namespace) -> str:
+    """MODEL, with ``diffusers`` resolved to ``diffusers-<pipelineclass>`` (--pipeline-class or model_index.json)."""
+    if args.model is None:
+        return args.model
+    model = str(args.model)
+    cls = getattr(args, "pipeline_class", None)
+    if model.lower() != "diffusers":
+        if cls:
+            raise SensitivityError(f"--pipeline-class is for MODEL 'diffusers', not {model!r}")
+        return model
+    from .generic import GENERIC_PREFIX, pipeline_class_name, pipeline_class_of_folder
+
+    if cls:
+        return GENERIC_PREFIX + pipeline_class_name(cls).lower()
+    if not getattr(args, "weights", None):
+        raise SensitivityError("MODEL 'diffusers' needs --weights FOLDER (a pipeline folder) or --pipeline-class")
+    return GENERIC_PREFIX + pipeline_class_of_folder(args.weights).lower()
+
+
 def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
     """``(family, weights, device, dtype)`` from the parsed arguments (device resolved)."""
     import torch
@@ -52,7 +81,7 @@ def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
     from .base import resolve_dtype
 
     check_device(getattr(args, "device", None))  # e.g. cuda without CUDA: one line, before any loading
-    fam = get_family(args.model)
+    fam = get_family(family_name(args))
     weights = fam.resolve_weights(args.weights)
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(getattr(args, "dtype", None))

@@ -262,7 +262,8 @@ def load_digits_pipeline(kind: str, path: Union[str, Path, None] = None, device=
 # ------------------------------------------------------------------------------------- families
 
 from ..errors import SensitivityError  # noqa: E402
-from .base import GenerationSettings, LayerRules, ModelFamily  # noqa: E402
+from .base import DIGITS_CLASSIFIER, GenerationSettings, LayerRules, ModelFamily  # noqa: E402
+from .inputs import dit_inputs, unet2d_inputs  # noqa: E402
 from .common import WEIGHTS_ATTR, dtype_kwargs, first_line  # noqa: E402
 from .registry import register_family  # noqa: E402
 
@@ -280,6 +281,7 @@ class DigitsFamily(ModelFamily):
 
     conditioning = "class"
     num_classes = NUM_CLASSES
+    feature_network = DIGITS_CLASSIFIER  # FID/KID/accuracy from the shipped digits classifier
     default_weights = SHIPPED
     special_weights = (SHIPPED, "tiny", "random", "meta")
     defaults = GenerationSettings(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, height=IMAGE_SIZE,
@@ -398,9 +400,13 @@ class DigitsDiT(DigitsFamily):
     name = "digits-dit"
     kind = "dit"
     denoiser_attr = "transformer"
+    denoiser_class_names = ("DiTTransformer2DModel",)
     pipeline_cls = DigitsDiTPipeline
     shipped_dir = DIT_DIR
     description = "embedded digits DiT (8x8 pixels, 10 classes, DDIM 10 steps, no CFG), trained in the package"
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        return dit_inputs(denoiser, batch, device, dtype, text_len)
 
     def _random_denoiser(self, kind, seed):
         model = build_dit(seed)
@@ -426,9 +432,13 @@ class DigitsUNet(DigitsFamily):
     name = "digits-unet"
     kind = "unet"
     denoiser_attr = "unet"
+    denoiser_class_names = ("UNet2DModel",)
     pipeline_cls = DigitsUNetPipeline
     shipped_dir = UNET_DIR
     description = "embedded digits UNet (8x8 pixels, 10 classes, DDIM 10 steps, no CFG), trained in the package"
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        return unet2d_inputs(denoiser, batch, device, dtype, text_len)
 
     def _random_denoiser(self, kind, seed):
         return build_unet(seed)

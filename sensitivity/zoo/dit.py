@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import SensitivityError
 from .base import GenerationSettings, LayerRules
 from .common import DiffusersFamily, autoencoder, read_config, scheduler_from
+from .inputs import dit_inputs
 from .registry import register_family
 
 NUM_BLOCKS = 28
@@ -80,6 +81,10 @@ class DiTXL2(DiffusersFamily):
             first = f"{EMBEDDER.format(i=0)}.timestep_embedder.{lin}"
             ties[first] = [f"{EMBEDDER.format(i=i)}.timestep_embedder.{lin}" for i in range(1, n)]
         return LayerRules(ties=ties)
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        """Forward inputs for tracing (:func:`sensitivity.zoo.inputs.dit_inputs`)."""
+        return dit_inputs(denoiser, batch, device, dtype, text_len)
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
         size = int(self.denoiser(pipe).config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -32,6 +32,7 @@ import torch
 from .base import GenerationSettings, LayerRules
 from .common import (DiffusersFamily, autoencoder, bert_text_encoder, char_tokenizer, scheduler_from,
                      t5_text_encoder, text_settings_kwargs)
+from .inputs import hunyuan_inputs
 from .registry import register_family
 
 ROOT = "hunyuan_dit/HunyuanDiT-Diffusers"
@@ -79,6 +80,10 @@ class HunyuanDiT(DiffusersFamily):
             if getattr(block, "skip_linear", None) is not None:
                 splits[f"blocks.{i}.skip_linear"] = block.skip_linear.in_features // 2
         return LayerRules(exclude=("time_extra_emb.pooler.*",), splits=splits)
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        """Forward inputs for tracing (:func:`sensitivity.zoo.inputs.hunyuan_inputs`)."""
+        return hunyuan_inputs(denoiser, batch, device, dtype, text_len)
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
         return {"prompt": list(conditions), **text_settings_kwargs(settings)}

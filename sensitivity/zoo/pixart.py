@@ -25,6 +25,7 @@ from ..errors import SensitivityError
 from .base import GenerationSettings
 from .common import (DiffusersFamily, autoencoder, char_tokenizer, scheduler_from, t5_text_encoder,
                      text_settings_kwargs)
+from .inputs import pixart_inputs
 from .registry import register_family
 
 # 28 blocks of width 32 (2 heads x 16): the 287 layer names; the caption projection maps the tiny
@@ -67,6 +68,10 @@ class PixArtFamily(DiffusersFamily):
             "tokenizer": tokenizer,
             "scheduler": scheduler_from(f"{self.config_root}/scheduler"),
         }
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        """Forward inputs for tracing (:func:`sensitivity.zoo.inputs.pixart_inputs`)."""
+        return pixart_inputs(denoiser, batch, device, dtype, text_len)
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
         if int(settings.steps) < 2:  # diffusers' PixArt one-step path expects a DMD scheduler's output

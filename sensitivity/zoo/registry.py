@@ -28,6 +28,9 @@ BUILTIN_FAMILIES: Dict[str, str] = {
     "hunyuan-dit": "hunyuan",
     "digits-dit": "digits",
     "digits-unet": "digits",
+    "digits-sd": "digits_sd",
+    "sd3": "generic",
+    "flux": "generic",
 }
 
 _FAMILIES: Dict[str, "ModelFamily"] = {}
@@ -90,7 +93,21 @@ def get_family(name: Union[str, "ModelFamily"]) -> "ModelFamily":
             return name
     key = str(name).strip().lower()
     _import_builtin(key)
+    if key not in _FAMILIES and key.startswith("diffusers-"):  # any diffusers pipeline class
+        from .generic import generic_family
+
+        return generic_family(key)
     if key not in _FAMILIES:
         known = ", ".join(dict.fromkeys(list(BUILTIN_FAMILIES) + sorted(_FAMILIES)))  # imports no family
         raise SensitivityError(f"unknown model {name!r}; known models: {known}")
     return _FAMILIES[key]
+
+
+def family_for_denoiser(denoiser) -> "ModelFamily | None":
+    """The first registered family whose denoiser class is ``type(denoiser)`` (None: no zoo family)."""
+    name = type(denoiser).__name__
+    for fam_name in list_families():
+        fam = _FAMILIES[fam_name]
+        if name in tuple(fam.denoiser_class_names):
+            return fam
+    return None

@@ -28,6 +28,7 @@ import torch
 from .base import GenerationSettings, LayerRules
 from .common import (DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, scheduler_from,
                      text_settings_kwargs)
+from .inputs import unet2d_condition_inputs
 from .registry import register_family
 from .unet_rules import up_block_splits
 
@@ -64,6 +65,10 @@ class StableDiffusion15(DiffusersFamily):
 
     def layer_rules(self, denoiser) -> LayerRules:
         return LayerRules(splits=up_block_splits(denoiser, "conv_shortcut"))
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        """Forward inputs for tracing (:func:`sensitivity.zoo.inputs.unet2d_condition_inputs`)."""
+        return unet2d_condition_inputs(denoiser, batch, device, dtype, text_len)
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
         return {"prompt": list(conditions), **text_settings_kwargs(settings)}

@@ -39,6 +39,7 @@ from ..errors import SensitivityError
 from .base import SPECIAL_WEIGHTS, GenerationSettings, LayerRules
 from .common import (WEIGHTS_ATTR, DiffusersFamily, autoencoder, clip_text_encoder, clip_tokenizer, dtype_kwargs,
                      first_line, scheduler_from, text_settings_kwargs, to_uint8, weights_of)
+from .inputs import unet2d_condition_inputs
 from .registry import register_family
 from .unet_rules import up_block_splits
 
@@ -99,6 +100,10 @@ class StableDiffusionXL(DiffusersFamily):
             ref.__dict__[WEIGHTS_ATTR] = refiner
             cache[refiner] = ref
         return cache[refiner]
+
+    def example_inputs(self, denoiser, batch=1, device=None, dtype=None, text_len=None):
+        """Forward inputs for tracing (:func:`sensitivity.zoo.inputs.unet2d_condition_inputs`)."""
+        return unet2d_condition_inputs(denoiser, batch, device, dtype, text_len)
 
     def call_kwargs(self, pipe, conditions: list, settings: GenerationSettings) -> Dict[str, Any]:
         return {"prompt": list(conditions), **text_settings_kwargs(settings, skip=("refiner", "denoising_end"))}

@@ -1,0 +1,95 @@
+"""Active sampling: label the configs the predictor is least sure about near the target bits.
+
+``sensitivity sample --strategy active`` starts from the first ``initial`` configs of the ordinary
+random run (seed S, so they are shared with ``--strategy random``), then repeats rounds until
+``num_configs`` are labelled: fit ``folds`` LightGBM models on k-fold subsets of the labelled configs
+(one-hot options, as the LightGBM baseline), predict a pool of ``pool`` fresh random configs (indices
+``1_000_000 + i`` of the same seed) whose average bits lie within ``window`` of a target, and label
+the ``batch`` configs with the largest disagreement (std across the fold models). A round's picks
+depend only on the labels before it and the seeds, so rerunning the command recomputes the same
+rounds, finds their records in the cache and resumes where it stopped. Each round is its own run in
+the cache (``algorithm: active/v1``), its configs ordinary records.
+
+This is a stage after the predictors (it trains models) and before search; evaluation does not import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import SensitivityError
+
+POOL_OFFSET = 1_000_000
+
+
+@dataclass(frozen=True)
+class ListSampler:
+    """Config ``i`` = ``configs[i]`` (a fixed list); duck-types SamplerSpec for JobPlan."""
+
+    configs: Tuple[Tuple[Tuple[str, str], ...], ...]
+    meta: Tuple[Tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[Mapping[str, str]], **meta: Any) -> "ListSampler":
+        return cls(tuple(tuple(sorted(c.items())) for c in configs), tuple(sorted(meta.items())))
+
+    def check_layers(self, layers: Iterable) -> None:
+        names = {l if isinstance(l, str) else l.name for l in layers}
+        for c in self.configs:
+            for l, _ in c:
+                if l not in names:
+                    raise SensitivityError(f"active sampler: layer {l!r} is not in the multiquantizer")
+
+    def sample(self, layers: Iterable, index: int) -> Dict[str, str]:
+        return dict(self.configs[index])
+
+    def to_dict(self) -> dict:
+        h = hashlib.blake2b(json.dumps(self.configs).encode(), digest_size=8).hexdigest()
+        return {"algorithm": "active/v1", **dict(self.meta), "configs": len(self.configs), "configs_hash": h}
+
+
+def onehot(configs: Sequence[Mapping[str, str]], layers: Sequence[str], options: Sequence[str]) -> np.ndarray:
+    """float32 [N, L·(K+1)]: per layer one-hot of (fp16, options...)."""
+    idx = {o: k + 1 for k, o in enumerate(options)}
+    K = len(options) + 1
+    X = np.zeros((len(configs), len(layers) * K), dtype=np.float32)
+    for i, c in enumerate(configs):
+        for j, l in enumerate(layers):
+            X[i, j * K + idx.get(c.get(l, "fp16"), 0)] = 1.0
+    return X
+
+
+def fold_ensemble_std(X: np.ndarray, y: np.ndarray, Xp: np.ndarray, folds: int = 5, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``folds`` LightGBM models, each fit on all labelled rows but one fold."""
+    import lightgbm as lgb
+    from sklearn.model_selection import KFold
+
+    preds = []
+    for k, (tr, _) in enumerate(KFold(n_splits=folds, shuffle=True, random_state=seed).split(X)):
+        m = lgb.LGBMRegressor(n_estimators=300, learning_rate=0.03, num_leaves=15, min_child_samples=5, subsample=0.8,
+                              subsample_freq=1, colsample_bytree=0.5, random_state=seed + k, deterministic=True,
+                              force_row_wise=True, verbose=-1, n_jobs=1)
+        m.fit(X[tr], y[tr])
+        preds.append(m.predict(Xp))
+    P = np.vstack(preds)
+    return P.mean(axis=0), P.std(axis=0)
+
+
+def choose_batch(labelled: Sequence[Mapping[str, str]], y: np.ndarray, pool: Sequence[Mapping[str, str]],
+                 pool_bits: np.ndarray, layers: Sequence[str], options: Sequence[str], targets: Sequence[float],
+                 batch: int, window: float = 0.15, folds: int = 5, seed: int = 0) -> List[int]:
+    """Indices into ``pool`` of the ``batch`` near-target configs with the largest fold disagreement."""
+    near = np.min(np.abs(pool_bits[:, None] - np.asarray(targets)[None, :]), axis=1) <= window
+    cand = np.flatnonzero(near)
+    if cand.size == 0:
+        raise SensitivityError(f"active sampling: no pool config within {window} bits of the targets {list(targets)}")
+    X = onehot(labelled, layers, options)
+    _, std = fold_ensemble_std(X, np.asarray(y, dtype=np.float64), onehot([pool[i] for i in cand], layers, options),
+                               folds=folds, seed=seed)
+    order = cand[np.lexsort((cand, -std))]
+    return [int(i) for i in order[:batch]]

@@ -1,0 +1,144 @@
+"""Allocators people use today, re-implemented as baselines of the exact search (issue 14).
+
+Each allocator turns some per-layer measurement into a config at or under a bit target, in the
+same :class:`sensitivity.search.SearchResult` format as the search:
+
+==============  =====================================================================  ==============
+name            per-(layer, option) quantity                                           under budget by
+==============  =====================================================================  ==============
+``sdnq``        SDNQ's dynamic mode: cheapest option whose weight MSE / Var(W) is at    threshold swept
+                most a threshold (:mod:`.sdnq_rule`)
+``hawq``        HAWQ-V3: Hessian trace / n × ‖W − Ŵ‖² (Hutchinson) or Σ Fisher ⊙ ΔW²     exact ILP
+                of a denoising loss on calibration inputs (:mod:`.hawq`)
+``mixdq``       MixDQ: the measured damage of quantizing one layer alone, read from     exact ILP
+                ordinary evaluation-cache records (:mod:`.mixdq`)
+``reference``   Qua2SeDiMo: each module's top-1 variant by predicted score − λ·bits     λ swept
+                (:mod:`.reference_rule`)
+==============  =====================================================================  ==============
+
+The ILPs go through the search's exact knapsack (:func:`sensitivity.search.search_scores`), the
+threshold rules through :func:`sweep_to_target` (bisection on a monotone knob). Every result's
+``details`` carries the labelling cost the allocator needed (``configs_evaluated``, ``cpu_seconds``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from ..errors import SensitivityError
+
+ALLOCATORS = ("sdnq", "hawq", "mixdq", "reference")
+
+
+def as_frame(sizes) -> pd.DataFrame:
+    """The allocators' (layer, option) rows: a :class:`~sensitivity.sizes.SizeTable`'s ``frame()``, or a frame as is."""
+    if isinstance(sizes, pd.DataFrame):
+        return sizes
+    from ..sizes import SizeTable
+
+    return SizeTable.of(sizes).frame()
+
+
+def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
+    """``sizes`` plus one ``fp16`` row per layer (nbytes = fp16_bytes, error = sse = 0) if missing."""
+    sizes = as_frame(sizes)
+    if (sizes["option"] == "fp16").any():
+        return sizes
+    fp = sizes.drop_duplicates("layer")[["layer", "fp16_bytes"]].copy()
+    fp["option"] = "fp16"
+    fp["nbytes"] = fp["fp16_bytes"]
+    for col in ("error", "sse"):
+        if col in sizes.columns:
+            fp[col] = 0.0
+    return pd.concat([sizes, fp], ignore_index=True)
+
+
+def result_from_options(options: Mapping[str, str], sizes: pd.DataFrame, method: str, **kw):
+    """A :class:`SearchResult` for ``options`` (fp16 layers dropped from the mapping)."""
+    from ..search import SearchResult, config_bytes
+
+    opts = {l: o for l, o in options.items() if o != "fp16"}
+    q, fp = config_bytes(opts, sizes)
+    return SearchResult(options=opts, method=method, avg_bits=16.0 * q / fp, quantized_bytes=q, fp16_bytes=fp, **kw)
+
+
+def sweep_to_target(
+    choose: Callable[[float], Dict[str, str]], sizes: pd.DataFrame, target_bits: float, lo: float, hi: float,
+    increasing_bits: bool, iters: int = 60, log: bool = True, candidates: Optional[np.ndarray] = None,
+) -> Tuple[float, Dict[str, str], int]:
+    """Bisection on a knob ``x`` in [lo, hi] whose config's bytes move monotonically with ``x``.
+
+    ``choose(x)`` -> config; ``increasing_bits``: the config gets larger as ``x`` grows. With
+    ``candidates`` (sorted knob values where the config can change) the bisection runs over them
+    exactly. Returns ``(x, config, budget)`` of the config with the most bytes at or under the
+    target's budget. Raises :class:`SensitivityError` when even the cheapest end exceeds the budget.
+    """
+    from ..search import budget_bytes, fp16_total
+
+    fp_total = fp16_total(sizes)
+    budget = budget_bytes(target_bits, fp_total)
+    lut = {(l, o): int(b) for l, o, b in zip(sizes["layer"], sizes["option"], sizes["nbytes"])}
+    fp = dict(zip(sizes["layer"], sizes["fp16_bytes"]))
+
+    def cost(x: float) -> int:
+        cfg = choose(x)
+        return sum(int(f) if cfg.get(l, "fp16") == "fp16" else lut[(l, cfg[l])] for l, f in fp.items())
+
+    cheap, rich = (lo, hi) if increasing_bits else (hi, lo)
+    if cost(cheap) > budget:
+        raise SensitivityError(f"target {target_bits:g} avg bits: even the cheapest setting of the rule "
+                               f"({cheap:g}) gives {16.0 * cost(cheap) / fp_total:.4f} bits")
+    if cost(rich) <= budget:
+        return rich, choose(rich), budget
+    if candidates is not None:
+        xs = np.unique(np.concatenate([[lo, hi], np.asarray(candidates, dtype=np.float64)]))
+        xs = xs[(xs >= lo) & (xs <= hi)]
+        if not increasing_bits:
+            xs = xs[::-1]
+        # xs from cheap to rich: find the last index whose cost fits
+        a, b = 0, xs.size - 1  # cost(xs[a]) <= budget < cost(xs[b])
+        while b - a > 1:
+            m = (a + b) // 2
+            if cost(float(xs[m])) <= budget:
+                a = m
+            else:
+                b = m
+        return float(xs[a]), choose(float(xs[a])), budget
+    a, b = cheap, rich  # cost(a) <= budget < cost(b)
+    for _ in range(iters):
+        m = float(np.sqrt(a * b)) if log and a > 0 and b > 0 else 0.5 * (a + b)
+        if m in (a, b):
+            break
+        if cost(m) <= budget:
+            a = m
+        else:
+            b = m
+    return a, choose(a), budget
+
+
+def allocate(name: str, sizes: pd.DataFrame, target_bits: float, **kw):
+    """Dispatch to the allocator ``name`` (one of :data:`ALLOCATORS`); ``kw`` as that function takes."""
+    sizes = as_frame(sizes)
+    if name == "sdnq":
+        from .sdnq_rule import sdnq_allocate
+
+        return sdnq_allocate(sizes, target_bits, **kw)
+    if name == "hawq":
+        from .hawq import hawq_allocate
+
+        return hawq_allocate(sizes, target_bits, **kw)
+    if name == "mixdq":
+        from .mixdq import mixdq_allocate
+
+        return mixdq_allocate(sizes, target_bits, **kw)
+    if name == "reference":
+        from .reference_rule import reference_allocate
+
+        return reference_allocate(sizes, target_bits, **kw)
+    raise SensitivityError(f"unknown allocator {name!r} (use {', '.join(ALLOCATORS)})")
+
+
+__all__ = ["ALLOCATORS", "allocate", "result_from_options", "sweep_to_target", "with_fp16"]

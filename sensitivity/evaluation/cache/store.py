@@ -1,0 +1,421 @@
+"""The SQLite store: schema, opening / checking a cache file, signatures, runs, records."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set
+
+from ...config import config_hash, normalize_config  # noqa: F401 - re-exported (one config hash)
+from ...errors import ConfigError, CorruptFileError, SensitivityError
+
+from .claims import ClaimsMixin
+from .formats import FormatsMixin
+from .records import (_BUSY_TIMEOUT_S, FORMAT, SignatureMismatchError, _checksum, _json, _num, describe_difference, now_iso,
+                      run_id_for)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    msg = str(exc)
+    return "locked" in msg or "busy" in msg
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs(
+    run_id TEXT PRIMARY KEY, signature TEXT NOT NULL, sampler TEXT NOT NULL,
+    planned INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records(
+    id INTEGER PRIMARY KEY, run_id TEXT, idx INTEGER,
+    signature TEXT NOT NULL, config_hash TEXT NOT NULL, config TEXT NOT NULL,
+    avg_bits REAL, quantized_bytes INTEGER, summed_error REAL,
+    metrics TEXT NOT NULL, timings TEXT NOT NULL DEFAULT '{}', host TEXT, created_at TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    UNIQUE(signature, config_hash));
+CREATE TABLE IF NOT EXISTS run_configs(
+    run_id TEXT NOT NULL, idx INTEGER NOT NULL, record_id INTEGER NOT NULL REFERENCES records(id),
+    PRIMARY KEY(run_id, idx));
+CREATE TABLE IF NOT EXISTS claims(
+    run_id TEXT NOT NULL, idx INTEGER NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY(run_id, idx));
+CREATE INDEX IF NOT EXISTS claims_owner ON claims(owner);
+"""
+
+
+# -------------------------------------------------------------------------------------- the cache
+@dataclass
+class AddResult:
+    record_id: int
+    inserted: bool  # False: the config was already in the cache (record kept, index linked)
+
+
+class ConfigCache(ClaimsMixin, FormatsMixin):
+    """An open cache file. See the module docstring.
+
+    ``ConfigCache(path)`` opens an existing cache (any signature) for reading, exporting and importing;
+    ``ConfigCache(path, signature=..., evaluation=..., create=True)`` creates it if needed and checks
+    (or sets) its signature. ``evaluation`` is the JSON-able description the signature was hashed
+    from; it is stored once and used to explain mismatches. A corrupt or foreign file raises
+    :class:`CorruptFileError` (one line) without being modified.
+    """
+
+    def __init__(self, path: str | os.PathLike, signature: Optional[str] = None,
+                 evaluation: Optional[Mapping[str, Any]] = None, *, create: bool = False,
+                 check: bool = True):
+        self.path = Path(path)
+        existed = self.path.exists()
+        if not existed and not create:
+            raise SensitivityError(f"cache file {str(self.path)!r} does not exist")
+        if existed and self.path.is_dir():
+            raise SensitivityError(f"cache {str(self.path)!r} is a directory, not a cache file")
+        if existed:
+            self._check_header(create)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Two processes opening a new file at once can deadlock on the switch to WAL; SQLite then
+        # answers "database is locked" at once, without waiting. Opening is idempotent: retry it.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            self._con = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                self._open(create, existed, check)
+                break
+            except sqlite3.DatabaseError as exc:
+                self._con.close()
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    with self._errors():
+                        raise
+                time.sleep(random.uniform(0.005, 0.05))
+            except BaseException:
+                self._con.close()
+                raise
+        try:
+            if signature is not None:
+                self.ensure_signature(signature, evaluation)
+        except BaseException:
+            self._con.close()
+            raise
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def _open(self, create: bool, existed: bool, check: bool) -> None:
+        """Set up the fresh connection ``self._con``; raises sqlite3 errors as they come (see __init__)."""
+        self._con.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+        if not create:
+            self._check_format(check)
+        mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SensitivityError(f"{self.path}: cannot switch the cache to WAL mode (got {mode})")
+        self._con.execute("PRAGMA synchronous=FULL")
+        self._con.execute("PRAGMA foreign_keys=ON")
+        if create:
+            # another process may be creating the same file right now: create-if-missing under the lock
+            cur = self._con.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                tables = {r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" not in tables:
+                    if tables:
+                        raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache "
+                                               f"(it has tables {', '.join(sorted(tables)[:3])})")
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        cur.execute(stmt)
+                    cur.execute("INSERT INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
+                    cur.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+            if existed:
+                self._check_format(check)
+
+    def _check_header(self, create: bool) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            raise SensitivityError(f"cannot read cache {self.path}: {exc.strerror}") from None
+        if head and head != b"SQLite format 3\x00":
+            raise CorruptFileError(f"{self.path}: not a sensitivity cache (not an SQLite database)")
+        if not head and not create:
+            raise CorruptFileError(f"{self.path}: empty file, not a sensitivity cache (delete it to start a new one)")
+
+    def _check_format(self, check: bool) -> None:
+        if not self._has_table("meta"):
+            raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache (no meta table)")
+        row = self._con.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        if row is None or row[0] != FORMAT:
+            raise CorruptFileError(f"{self.path}: unsupported cache format {row[0] if row else None!r} (expected {FORMAT})")
+        if check:
+            res = [r[0] for r in self._con.execute("PRAGMA quick_check(3)").fetchall()]
+            if res != ["ok"]:
+                raise CorruptFileError(f"{self.path}: the SQLite file is damaged ({'; '.join(res)})")
+
+    def _has_table(self, name: str) -> bool:
+        return self._con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            msg = str(exc)
+            if _is_busy(exc):
+                raise SensitivityError(f"{self.path}: the cache stayed locked by another process for "
+                                       f"{_BUSY_TIMEOUT_S:.0f} s ({msg})") from None
+            if any(k in msg for k in ("disk is full", "disk I/O", "readonly", "unable to open", "out of memory")):
+                raise SensitivityError(f"{self.path}: cannot write the cache ({msg}); nothing was lost, rerun "
+                                       "when it is fixed") from None
+            raise CorruptFileError(f"{self.path}: not a readable sensitivity cache ({msg})") from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        """One ``BEGIN IMMEDIATE`` transaction (rolled back on any error)."""
+        with self._errors():
+            cur = self._con.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _q(self, sql: str, args: Sequence = ()) -> List[tuple]:
+        with self._errors():
+            return self._con.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "ConfigCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- meta ------------------------------------------------------------------------------------
+    def _meta(self, key: str) -> Optional[str]:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    @property
+    def signature(self) -> Optional[str]:
+        return self._meta("signature")
+
+    @property
+    def evaluation(self) -> Optional[Dict[str, Any]]:
+        raw = self._meta("evaluation")
+        return json.loads(raw) if raw else None
+
+    def check_signature(self, signature: str, evaluation: Optional[Mapping[str, Any]] = None) -> None:
+        """Raise :class:`SignatureMismatchError` if the cache has another signature (writes nothing)."""
+        current = self.signature
+        if current is not None and current != signature:
+            raise SignatureMismatchError(
+                f"{self.path} holds records of another evaluation (signature {current[:12]}, this one {signature[:12]}: "
+                f"{describe_difference(self.evaluation or {}, evaluation or {})}); use another --cache file"
+            )
+
+    def ensure_signature(self, signature: str, evaluation: Optional[Mapping[str, Any]] = None) -> None:
+        """Set the cache's signature if it has none; raise :class:`SignatureMismatchError` if it differs."""
+        with self._write() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key='signature'").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO meta(key, value) VALUES ('signature', ?)", (signature,))
+                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('evaluation', ?)",
+                            (_json(dict(evaluation or {})),))
+                return
+        self.check_signature(signature, evaluation)
+
+    @property
+    def layer_stats(self) -> Dict[str, Dict[str, Any]]:
+        """``{layer: {"fp16_bytes": int, "options": {option: [nbytes, error]}}}`` (for the pkl export)."""
+        raw = self._meta("layer_stats")
+        return json.loads(raw) if raw else {}
+
+    def set_layer_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge per-layer stats into the cache (existing entries are kept)."""
+        with self._write() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key='layer_stats'").fetchone()
+            merged = json.loads(row[0]) if row else {}
+            changed = False
+            for layer, s in stats.items():
+                entry = merged.setdefault(layer, {"fp16_bytes": s.get("fp16_bytes"), "options": {}})
+                for opt, v in (s.get("options") or {}).items():
+                    if opt not in entry["options"]:
+                        entry["options"][opt] = list(v)
+                        changed = True
+                if entry.get("fp16_bytes") is None and s.get("fp16_bytes") is not None:
+                    entry["fp16_bytes"] = s["fp16_bytes"]
+                    changed = True
+            if changed or row is None:
+                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('layer_stats', ?)", (_json(merged),))
+
+    # ---- runs ------------------------------------------------------------------------------------
+    def register_run(self, sampler: Mapping[str, Any], planned: int = 0) -> str:
+        """Record a run (one sampler setting) and return its id; ``planned`` only ever grows."""
+        sig = self._require_signature()
+        run_id = run_id_for(sig, sampler)
+        with self._write() as cur:
+            cur.execute("INSERT OR IGNORE INTO runs(run_id, signature, sampler, planned, created_at) VALUES (?,?,?,?,?)",
+                        (run_id, sig, _json(dict(sampler)), int(planned), now_iso()))
+            cur.execute("UPDATE runs SET planned = MAX(planned, ?) WHERE run_id=?", (int(planned), run_id))
+        return run_id
+
+    def runs(self) -> List[Dict[str, Any]]:
+        rows = self._q(
+            "SELECT r.run_id, r.sampler, r.planned, r.created_at, "
+            "(SELECT COUNT(*) FROM run_configs c WHERE c.run_id=r.run_id), "
+            "(SELECT COUNT(*) FROM claims k WHERE k.run_id=r.run_id) FROM runs r ORDER BY r.created_at")
+        return [{"run_id": a, "sampler": json.loads(b), "planned": c, "created_at": d, "done": e, "claimed": f}
+                for a, b, c, d, e, f in rows]
+
+    def _require_signature(self) -> str:
+        sig = self.signature
+        if sig is None:
+            raise SensitivityError(f"{self.path}: the cache has no evaluation signature yet")
+        return sig
+
+    def done_indices(self, run_id: str) -> Set[int]:
+        return {r[0] for r in self._q("SELECT idx FROM run_configs WHERE run_id=?", (run_id,))}
+
+    def lookup(self, chash: str) -> Optional[int]:
+        """Id of the record of config hash ``chash`` (this cache's signature), or None."""
+        rows = self._q("SELECT id FROM records WHERE signature=? AND config_hash=?", (self.signature, chash))
+        return rows[0][0] if rows else None
+
+    # ---- claims ----------------------------------------------------------------------------------
+
+    def link(self, run_id: str, index: int, record_id: int, owner: Optional[str] = None) -> None:
+        """Mark ``index`` of ``run_id`` done with the existing record ``record_id``."""
+        with self._write() as cur:
+            cur.execute("INSERT OR IGNORE INTO run_configs(run_id, idx, record_id) VALUES (?,?,?)",
+                        (run_id, int(index), int(record_id)))
+            cur.execute("DELETE FROM claims WHERE run_id=? AND idx=?", (run_id, int(index)))
+
+    def add(self, record: Mapping[str, Any], run_id: Optional[str] = None, index: Optional[int] = None,
+            signature: Optional[str] = None) -> AddResult:
+        """Write one record (fields as in :data:`RECORD_FIELDS`; ``config`` = ``{layer: option}``).
+
+        Atomic: inserts the record unless its config is already there, links ``(run_id, index)`` to it
+        and drops the claim, in one transaction. The signature is the cache's.
+        """
+        sig = signature or self._require_signature()
+        if sig != self.signature:
+            raise SignatureMismatchError(f"{self.path}: refusing a record of signature {sig[:12]} "
+                                         f"in a cache of signature {str(self.signature)[:12]}")
+        row = self._row(record, sig)
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO records(run_id, idx, signature, config_hash, config, avg_bits, quantized_bytes, "
+                "summed_error, metrics, timings, host, created_at, checksum) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(signature, config_hash) DO NOTHING",
+                (run_id, None if index is None else int(index), *row),
+            )
+            inserted = cur.rowcount == 1
+            rid = cur.execute("SELECT id FROM records WHERE signature=? AND config_hash=?", (sig, row[1])).fetchone()[0]
+            if run_id is not None and index is not None:
+                cur.execute("INSERT OR IGNORE INTO run_configs(run_id, idx, record_id) VALUES (?,?,?)",
+                            (run_id, int(index), rid))
+                cur.execute("DELETE FROM claims WHERE run_id=? AND idx=?", (run_id, int(index)))
+        return AddResult(rid, inserted)
+
+    @staticmethod
+    def _row(record: Mapping[str, Any], sig: str) -> tuple:
+        if "config" not in record or not isinstance(record["config"], Mapping):
+            raise ConfigError("cache record: 'config' must be a {layer: option} mapping")
+        metrics = record.get("metrics")
+        if not isinstance(metrics, Mapping):
+            raise ConfigError("cache record: 'metrics' must be a mapping")
+        cfg = normalize_config(record["config"])
+        chash = config_hash(cfg)
+        if record.get("config_hash") not in (None, chash):
+            raise CorruptFileError(f"cache record: config_hash {record['config_hash']} does not match its config ({chash})")
+        cfg_s, met_s = _json(cfg), _json(dict(metrics))
+        qb = record.get("quantized_bytes")
+        qb = None if qb is None or (isinstance(qb, float) and math.isnan(qb)) else int(qb)
+        avg, err = _num(record.get("avg_bits")), _num(record.get("summed_error"))
+        return (sig, chash, cfg_s, avg, qb, err, met_s, _json(dict(record.get("timings") or {})),
+                record.get("host") or socket.gethostname(), record.get("created_at") or now_iso(),
+                _checksum(sig, chash, cfg_s, avg, qb, err, met_s))
+
+    _SELECT = ("SELECT r.id, r.run_id, r.idx, r.config_hash, r.config, r.avg_bits, r.quantized_bytes, r.summed_error, "
+               "r.metrics, r.signature, r.timings, r.host, r.created_at, r.checksum FROM records r")
+
+    def _decode(self, row: tuple) -> Dict[str, Any]:
+        rid, run_id, idx, chash, cfg, avg, qb, err, met, sig, tim, host, created, _ = row
+        try:
+            return {"id": rid, "run_id": run_id, "index": idx, "config_hash": chash, "config": json.loads(cfg),
+                    "avg_bits": avg, "quantized_bytes": qb, "summed_error": err, "metrics": json.loads(met),
+                    "signature": sig, "timings": json.loads(tim), "host": host, "created_at": created}
+        except (json.JSONDecodeError, TypeError):
+            raise CorruptFileError(f"{self.path}: record {rid} is damaged (unreadable JSON); "
+                                   f"`sensitivity cache info` lists damaged records") from None
+
+    def records(self, run_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Records as dicts (fields of :data:`RECORD_FIELDS` plus ``id``), oldest first.
+
+        With ``run_id``: one entry per done index of that run, ordered by index, ``index``/``run_id``
+        being that run's (a config drawn twice appears twice).
+        """
+        if run_id is None:
+            return [self._decode(r) for r in self._q(self._SELECT + " ORDER BY r.id")]
+        rows = self._q(
+            "SELECT r.id, c.run_id, c.idx, r.config_hash, r.config, r.avg_bits, r.quantized_bytes, r.summed_error, "
+            "r.metrics, r.signature, r.timings, r.host, r.created_at, r.checksum "
+            "FROM run_configs c JOIN records r ON r.id = c.record_id WHERE c.run_id=? ORDER BY c.idx", (run_id,))
+        return [self._decode(r) for r in rows]
+
+    def __len__(self) -> int:
+        return self._q("SELECT COUNT(*) FROM records")[0][0]
+
+    def verify(self) -> List[int]:
+        """Ids of records whose checksum or config hash does not match their content."""
+        bad = []
+        for row in self._q("SELECT id, signature, config_hash, config, avg_bits, quantized_bytes, summed_error, "
+                           "metrics, checksum FROM records"):
+            rid, sig, chash, cfg, avg, qb, err, met, ck = row
+            try:
+                ok = (_checksum(sig, chash, cfg, avg, qb, err, met) == ck
+                      and config_hash(json.loads(cfg)) == chash and isinstance(json.loads(met), dict))
+            except (ValueError, TypeError, SensitivityError):
+                ok = False
+            if not ok:
+                bad.append(rid)
+        return bad
+
+    # ---- views and exports ----------------------------------------------------------------------
+
+    def info(self, verify: bool = True) -> Dict[str, Any]:
+        """Summary: signature, evaluation, record count, runs, metric ranges, damaged records."""
+        n = len(self)
+        out: Dict[str, Any] = {
+            "path": str(self.path), "format": FORMAT, "size_bytes": self.path.stat().st_size,
+            "signature": self.signature, "evaluation": self.evaluation, "records": n, "runs": self.runs(),
+            "layers_with_stats": len(self.layer_stats),
+        }
+        if n:
+            df = self.to_frame()
+            ranges = {}
+            for col in df.columns:
+                if col in ("index", "quantized_bytes", "run_id") or df[col].dtype.kind not in "fi":
+                    continue
+                s = df[col].dropna()
+                if len(s):
+                    ranges[col] = {"min": float(s.min()), "median": float(s.median()), "max": float(s.max())}
+            out["ranges"] = ranges
+            tot = [json.loads(t).get("total") for t in df["timings"]]
+            tot = [t for t in tot if isinstance(t, (int, float))]
+            if tot:
+                out["mean_seconds_per_config"] = sum(tot) / len(tot)
+        if verify:
+            out["damaged_records"] = self.verify()
+        return out

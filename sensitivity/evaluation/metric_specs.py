@@ -1,0 +1,87 @@
+"""The metric registry: each metric's name, direction, and how to read it from a cache record.
+
+Importing this module is cheap (no torch): search, predictors and insights use it to know whether a
+lower value is better. A metric not registered here is read the same way and counts as
+higher-is-better. Register a new metric with :func:`register_metric`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """``name`` (as stored in a record's ``metrics``), ``lower_is_better``, a one-line description."""
+
+    name: str
+    lower_is_better: bool
+    description: str = ""
+
+    def read(self, record: Mapping[str, Any]) -> Optional[float]:
+        """The metric of a cache record (see :func:`record_metric`)."""
+        return record_metric(record, self.name)
+
+    def sign(self) -> float:
+        """−1 for lower-is-better metrics, +1 otherwise: ``sign · value`` is higher-is-better."""
+        return -1.0 if self.lower_is_better else 1.0
+
+
+METRICS: Dict[str, MetricSpec] = {}
+
+
+def register_metric(name: str, lower_is_better: bool, description: str = "") -> MetricSpec:
+    """Add (or replace) a metric; names are case-insensitive."""
+    spec = MetricSpec(name, bool(lower_is_better), description)
+    METRICS[name.lower()] = spec
+    return spec
+
+
+for _name, _lower, _desc in (
+    ("fid", True, "Fréchet distance of image features to the reference set"),
+    ("kid", True, "kernel inception distance (unbiased MMD², polynomial kernel)"),
+    ("fid-gt-1k", True, "the reference implementation's FID against 1k ground-truth images"),
+    ("mse", True, "mean squared error of the images against the full-precision model's images"),
+    ("lpips", True, "learned perceptual distance to the full-precision images"),
+    ("loss", True, "a loss value"),
+    ("bops", True, "Tera bit-operations per image (MACs x weight bits x activation bits, all steps)"),
+    ("clip_score", False, "100 x cosine of CLIP image and prompt embeddings"),
+    ("accuracy", False, "share of images the digits classifier labels as their class"),
+    ("psnr", False, "peak signal-to-noise ratio against the full-precision images (dB)"),
+):
+    register_metric(_name, _lower, _desc)
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The registered spec of ``name`` (case-insensitive); an unknown name is higher-is-better."""
+    return METRICS.get(str(name).lower()) or MetricSpec(str(name), False, "unregistered metric")
+
+
+def lower_is_better(name: str, override: Optional[bool] = None) -> bool:
+    """Whether a lower ``name`` is better (``override``, when not None, wins)."""
+    return bool(override) if override is not None else metric_spec(name).lower_is_better
+
+
+def record_metric(rec: Mapping[str, Any], metric: str) -> Optional[float]:
+    """``rec["metrics"][metric]`` (case-insensitive), or a top-level field; None if absent / not finite."""
+    m = rec.get("metrics") or {}
+    v = None
+    if isinstance(m, Mapping):
+        v = m.get(metric)
+        if v is None:
+            low = {str(k).lower(): val for k, val in m.items()}
+            v = low.get(metric.lower())
+    if v is None:
+        v = rec.get(metric)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def lower_is_better_names() -> Tuple[str, ...]:
+    """Names of the registered lower-is-better metrics."""
+    return tuple(s.name for s in METRICS.values() if s.lower_is_better)

@@ -1,0 +1,229 @@
+"""``packed``: our own low-bit format (no GPL dependency), reloaded into the diffusers model class.
+
+A folder of three files::
+
+    config.json                the denoiser's diffusers config (``save_config``)
+    model.safetensors          per quantized layer ``q/<layer>/codes`` (bit-packed uint8, see
+                               sensitivity.quantizers.packing) and ``q/<layer>/<param>`` (the method's
+                               fp16 tables as stored in the multiquantizer); ``q/<layer>/weight`` for an
+                               unquantized half of a split layer; every other tensor of the state dict
+                               under its own name (float ones in ``float_dtype``)
+    sensitivity_export.json    model class / id, family and weights, multiquantizer hash, config hash,
+                               options, average bits, per module its parts, a blake2b digest per tensor
+
+:func:`load_packed` builds the model class from ``config.json`` on the meta device (no memory), puts a
+:mod:`~sensitivity.export.modules` packed module in every quantized module's place, assigns the other
+tensors, and checks that nothing is missing, extra, corrupt or left on the meta device. Quantized
+weights are dequantized on the fly (``materialize=True``: once, at load).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CorruptFileError, SensitivityError
+from ..options import FP16, QuantOption
+from ..quantizers.packing import pack_codes
+from .modules import PartSpec, materialize, pack_module
+from .plan import EXPORT_FILE, ExportPlan, digest
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _float(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    t = t.detach().cpu()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """Write ``plan`` into ``folder`` (an empty temporary folder); returns the export record."""
+    from safetensors.torch import save_file
+
+    den = plan.denoiser
+    tensors: Dict[str, torch.Tensor] = {}
+    quantized_paths = set()
+    modules = []
+    for mp in plan.modules:
+        quantized_paths.add(mp.module_path)
+        quantized_paths.update(mp.tied)
+        weight = den.get_submodule(mp.module_path).weight
+        parts = []
+        for part in mp.parts:
+            prefix = f"q/{part.name}/"
+            if part.option == FP16:
+                a, b = part.in_slice
+                tensors[prefix + "weight"] = _float(weight[:, a:b], float_dtype)
+            else:
+                qw = plan.quantized_weight(part.name)
+                bits = QuantOption.parse(part.option).bits
+                tensors[prefix + "codes"] = torch.from_numpy(pack_codes(qw.codes.reshape(-1).cpu().numpy(), bits))
+                for p in part.params:
+                    tensors[prefix + p] = qw.params[p].detach().cpu().contiguous()
+            parts.append({"name": part.name, "shape": list(part.shape), "option": part.option,
+                          "in_slice": list(part.in_slice) if part.in_slice else None, "params": list(part.params)})
+        modules.append({"module": mp.module_path, "kind": mp.kind, "weight_shape": list(mp.weight_shape),
+                        "tied": list(mp.tied), "parts": parts})
+    for key, value in den.state_dict().items():
+        module_path, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module_path in quantized_paths:
+            continue
+        tensors[key] = _float(value, float_dtype)
+    record = dict(plan.meta)
+    stored_dtype = float_dtype or den.dtype
+    record.update({
+        "float_dtype": str(stored_dtype).replace("torch.", ""),
+        "modules": modules,
+        "tensors": {k: digest(v) for k, v in tensors.items()},
+    })
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "sensitivity.packed"})
+    den.save_config(str(folder))
+    (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def read_record(folder: Path) -> Dict[str, Any]:
+    """The ``sensitivity_export.json`` of an export folder (one-line errors for a missing or bad file)."""
+    path = Path(folder) / EXPORT_FILE
+    if not Path(folder).is_dir():
+        raise SensitivityError(f"{str(folder)!r} is not a folder (expected a `sensitivity export` output)")
+    if not path.is_file():
+        raise SensitivityError(f"{folder}: no {EXPORT_FILE}; not a `sensitivity export` folder")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or "export_format" not in record:
+        raise CorruptFileError(f"{path}: not a sensitivity export record")
+    return record
+
+
+def model_class(record: Dict[str, Any], folder: Path, expect: Optional[str] = None):
+    """The diffusers class named by ``config.json``; checks it against the record and ``expect``."""
+    import diffusers
+
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise CorruptFileError(f"{folder}: config.json is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{cfg_path}: not valid JSON ({exc})") from None
+    name = config.get("_class_name")
+    if name != record.get("model_class"):
+        raise CorruptFileError(f"{cfg_path}: class {name!r} differs from the export's {record.get('model_class')!r}")
+    if expect is not None and name != expect:
+        raise SensitivityError(f"{folder} holds a {name}, not a {expect} (exported from {record.get('model_id')})")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise SensitivityError(f"{cfg_path}: diffusers {diffusers.__version__} has no model class {name!r}")
+    return cls, config
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optional[torch.dtype] = None,
+                materialize_weights: bool = False, expect_class: Optional[str] = None, verify: bool = True) -> nn.Module:
+    """See the module docstring. ``dtype``: the compute dtype (default: the stored float dtype)."""
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError, safe_open
+
+    cls, config = model_class(record, folder, expect_class)
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CorruptFileError(f"{folder}: {WEIGHTS_FILE} is missing")
+    stored = getattr(torch, record.get("float_dtype", "float32"))
+    dtype = dtype or stored
+    with init_empty_weights():
+        model = cls.from_config(config)
+    digests: Dict[str, str] = record.get("tensors", {})
+    try:
+        fh = safe_open(str(path), framework="pt")
+        keys = set(fh.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+
+    def get(key: str) -> torch.Tensor:
+        if key not in keys:
+            raise CorruptFileError(f"{path}: tensor {key!r} is missing")
+        try:
+            t = fh.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CorruptFileError(f"{path}: tensor {key!r} cannot be read ({exc})") from None
+        if verify and digests.get(key) != digest(t):
+            raise CorruptFileError(f"{path}: tensor {key!r} was modified or damaged (digest mismatch)")
+        # a fresh (64-byte aligned) allocation: BLAS kernels can round differently on unaligned inputs
+        return t.clone()
+
+    for key in digests:
+        if key not in keys:
+            raise CorruptFileError(f"{path}: tensor {key!r} is missing")
+    quantized_weights = set()
+    for m in record["modules"]:
+        parts = [PartSpec(p["name"], tuple(p["shape"]), tuple(p["in_slice"]) if p["in_slice"] else None,
+                      p["option"], tuple(p["params"])) for p in m["parts"]]
+        tensors = []
+        for part in parts:
+            prefix = f"q/{part.name}/"
+            if part.option == FP16:
+                tensors.append({"weight": get(prefix + "weight").to(dtype)})
+            else:
+                tensors.append({"codes": get(prefix + "codes"), **{p: get(prefix + p) for p in part.params}})
+        for module_path in [m["module"]] + list(m["tied"]):
+            try:
+                old = model.get_submodule(module_path)
+            except AttributeError:
+                raise SensitivityError(f"{folder}: the {cls.__name__} built from config.json has no module "
+                                       f"{module_path!r}") from None
+            if tuple(old.weight.shape) != tuple(m["weight_shape"]):
+                raise CorruptFileError(f"{folder}: module {module_path!r} has weight shape {tuple(old.weight.shape)} "
+                                       f"in config.json, {tuple(m['weight_shape'])} in the export")
+            _set_module(model, module_path, pack_module(old, parts, tensors, dtype))
+            quantized_weights.add(module_path + ".weight")
+    plain = {}
+    for key in digests:
+        if key.startswith("q/"):
+            continue
+        t = get(key)
+        plain[key] = t.to(dtype) if t.is_floating_point() else t
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k not in quantized_weights]
+    if result.unexpected_keys:
+        raise SensitivityError(f"{path}: tensor {result.unexpected_keys[0]!r} does not belong to a {cls.__name__}")
+    if missing:
+        raise CorruptFileError(f"{path}: tensor {missing[0]!r} is missing")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise CorruptFileError(f"{path}: tensor {name!r} is missing")
+        if t.is_floating_point() and t.dtype != dtype and not name.rpartition(".")[2].startswith("part"):
+            t.data = t.data.to(dtype)
+    model = model.to(torch.device(device)).eval()
+    if materialize_weights:
+        materialize(model)
+    model.__dict__["sensitivity_export"] = {k: v for k, v in record.items() if k not in ("tensors", "options")}
+    return model
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (packed codes count as stored)."""
+    seen = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["write_packed", "load_packed", "read_record", "packed_nbytes", "WEIGHTS_FILE"]

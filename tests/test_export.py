@@ -1,0 +1,267 @@
+"""Export formats: packed (bit-exact with apply), sdnq and onnx (skipped without their extras), bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sensitivity.errors import SensitivityError
+from sensitivity.export import export, load_quantized
+from sensitivity.export.modules import is_packed, unpack_codes_torch
+from sensitivity.multiquantizer import apply, build_multiquantizer, restore
+from sensitivity.quantizers.packing import pack_codes, unpack_codes
+from sensitivity.zoo import get_family
+
+os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
+HAS_SDNQ = importlib.util.find_spec("sdnq") is not None
+HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+OPTIONS = ("uaq-3", "kmeans_c-3", "kmeans_a-4")
+REAL = ["sd15", "sdxl", "pixart-alpha", "pixart-sigma", "dit-xl-2", "hunyuan-dit"]
+
+
+def _config(mq, seed=0, p_fp=0.1):
+    rng = random.Random(seed)
+    return {n: rng.choice(mq.options) for n in mq.layer_names if rng.random() >= p_fp}
+
+
+def _digits(tmp_path_factory, options):
+    fam = get_family("digits-dit")
+    pipe = fam.load_pipeline("shipped")
+    den = fam.denoiser(pipe)
+    path = tmp_path_factory.mktemp("mq") / "digits.safetensors"
+    mq = build_multiquantizer(den, path, fam.find_layers(den), model_id=fam.model_id("shipped"),
+                              options=options, progress=False)
+    source = {"family": "digits-dit", "weights": "shipped", "seed": 0, "model_id": fam.model_id("shipped")}
+    return fam, pipe, den, mq, source
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """digits-dit with a multiquantizer of uaq, kmeans_c and kmeans_a options (slow tests)."""
+    return _digits(tmp_path_factory, OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def digits_uaq(tmp_path_factory):
+    """digits-dit with a uaq-3 / uaq-4 multiquantizer (cheap: seconds)."""
+    return _digits(tmp_path_factory, ("uaq-3", "uaq-4"))
+
+
+def _check_weights(q, den, mq, config):
+    apply(den, mq, config)
+    try:
+        modules = dict(den.named_modules())
+        n = 0
+        for name, m in q.named_modules():
+            if is_packed(m):
+                assert torch.equal(m.weight, modules[name].weight), name
+                n += 1
+        return n
+    finally:
+        restore(den)
+
+
+def test_unpack_torch_matches_numba():
+    rng = np.random.default_rng(0)
+    for bits in range(1, 9):
+        codes = rng.integers(0, 2**bits, 1003, dtype=np.uint8)
+        packed = pack_codes(codes, bits)
+        assert np.array_equal(unpack_codes_torch(torch.from_numpy(packed), bits, codes.size).numpy(), codes)
+        assert np.array_equal(unpack_codes(packed, bits, codes.size), codes)
+
+
+@pytest.mark.slow
+def test_packed_digits_bit_exact_images(digits, tmp_path):
+    fam, pipe, den, mq, source = digits
+    config = _config(mq)
+    rec = export(den, mq, config, tmp_path / "p", source=source)
+    assert rec["quantized_layers"] == len(config) and rec["multiquantizer"]["hash"] == mq.hash
+    q = load_quantized(tmp_path / "p")
+    assert type(q) is type(den) and q.sensitivity_export["config"]["hash"] == rec["config"]["hash"]
+    n = _check_weights(q, den, mq, config)
+    assert n >= len(config)  # tied copies are packed modules too
+    # memory held: packed codes, not float weights
+    held = sum(b.numel() * b.element_size() for m in q.modules() if is_packed(m)
+               for k, b in m.named_buffers(recurse=False) if k.endswith("codes"))
+    assert held < sum(4 * np.prod(s.shape) for s in mq.layers if s.name in config) / 6
+    seeds = list(range(4))
+    apply(den, mq, config)
+    try:
+        want = fam.generate(pipe, seeds, seeds)
+    finally:
+        restore(den)
+    setattr(pipe, fam.denoiser_attr, q)
+    try:
+        got = fam.generate(pipe, seeds, seeds)
+        setattr(pipe, fam.denoiser_attr, load_quantized(tmp_path / "p", materialize=True))
+        got_m = fam.generate(pipe, seeds, seeds)
+    finally:
+        setattr(pipe, fam.denoiser_attr, den)
+    assert np.array_equal(got, want) and np.array_equal(got_m, want)
+
+
+def test_bad_input_one_line_no_partial_output(digits_uaq, tmp_path):
+    fam, pipe, den, mq, source = digits_uaq
+    config = _config(mq, seed=1)
+    unet = get_family("digits-unet").load_denoiser("shipped")
+    with pytest.raises(SensitivityError, match="not built for|built for|has no layer"):
+        export(unet, mq, config, tmp_path / "x", source={"model_id": "digits-unet:shipped"})
+    with pytest.raises(SensitivityError, match="not in multiquantizer"):
+        export(den, mq, {"proj_out_2": "kmeans_c-3"}, tmp_path / "x", source=source)
+    with pytest.raises(SensitivityError, match="unknown export format"):
+        export(den, mq, config, tmp_path / "x", format="gguf", source=source)
+    assert not any(tmp_path.iterdir())  # nothing written, no temp folder left
+    export(den, mq, config, tmp_path / "p", source=source)
+    with pytest.raises(SensitivityError, match="already exists"):
+        export(den, mq, config, tmp_path / "p", source=source)
+    with pytest.raises(SensitivityError, match="holds a DiTTransformer2DModel, not a UNet2DModel"):
+        load_quantized(tmp_path / "p", expect_class="UNet2DModel")
+    # a missing tensor and a damaged tensor: one line naming it
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "p" / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("/codes"))
+    damaged = dict(tensors)
+    damaged[key] = damaged[key].clone()
+    damaged[key][0] ^= 1
+    save_file(damaged, str(weights))
+    with pytest.raises(SensitivityError, match=f"tensor '{key}' was modified or damaged") as e:
+        load_quantized(tmp_path / "p")
+    assert "\n" not in str(e.value)
+    save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
+    with pytest.raises(SensitivityError, match=f"tensor '{key}' is missing"):
+        load_quantized(tmp_path / "p")
+    with pytest.raises(SensitivityError, match="not a `sensitivity export` folder"):
+        load_quantized(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+@pytest.mark.slow
+def test_cli_export_and_infer(digits, tmp_path, capsys):
+    from sensitivity.cli import main
+    from sensitivity.config import QuantConfig
+
+    fam, pipe, den, mq, source = digits
+    cfg = tmp_path / "c.json"
+    QuantConfig(_config(mq, seed=2), model=mq.model_id, multiquantizer_hash=mq.hash).save(cfg)
+    out = tmp_path / "e"
+    base = ["export", "digits-dit", "--weights", "shipped", "--multiquantizer", str(mq.path), "--config", str(cfg)]
+    assert main(base + ["--format", "packed", "--out", str(out)]) == 0
+    assert "wrote packed export" in capsys.readouterr().out
+    assert main(["infer", "--quantized", str(out), "--class-id", "4", "--n-images", "2", "--out", str(tmp_path / "i"),
+                 "--no-progress"]) == 0
+    run = json.loads((tmp_path / "i" / "run.json").read_text())
+    assert run["quantized"]["config_hash"] == QuantConfig.load(cfg).config_hash and len(run["images"]) == 2
+    assert main(["infer", "digits-unet", "--quantized", str(out), "--class-id", "1", "--out", str(tmp_path / "j")]) == 2
+    assert "exported from digits-dit:shipped" in capsys.readouterr().err
+    assert main(base[:2] + ["--weights", "random"] + base[4:] + ["--format", "packed", "--out", str(tmp_path / "r")]) == 2
+    assert "built for digits-dit:shipped" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_import_sensitivity_stays_torch_free():
+    code = "import sys, sensitivity; assert 'torch' not in sys.modules; assert callable(sensitivity.load_quantized)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SDNQ, reason="sdnq not installed: pip install 'sensitivity[sdnq]'")
+def test_sdnq_from_pretrained_identical_images(digits, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    fam, pipe, den, mq, source = digits
+    config = _config(mq, seed=3)
+    rec = export(den, mq, config, tmp_path / "s", format="sdnq", source=source)
+    assert rec["sdnq_check"]["max_abs_weight_diff"] == 0.0
+    q = DiTTransformer2DModel.from_pretrained(str(tmp_path / "s"))
+    qc = q.config.quantization_config
+    n_sdnq = sum(hasattr(m, "sdnq_dequantizer") for m in q.modules())
+    assert n_sdnq == rec["sdnq_check"]["layers"] and qc["quant_method"] == "sdnq"
+    seeds = list(range(6))
+    apply(den, mq, config)
+    try:
+        want = fam.generate(pipe, seeds, seeds)
+    finally:
+        restore(den)
+    setattr(pipe, fam.denoiser_attr, q)
+    try:
+        got = fam.generate(pipe, seeds, seeds)
+    finally:
+        setattr(pipe, fam.denoiser_attr, den)
+    assert np.array_equal(got, want)
+    # --pipeline: the whole pipeline folder reloads with the pipeline class's from_pretrained
+    export(den, mq, config, tmp_path / "sp", format="sdnq", source=source, pipeline=pipe)
+    p2 = type(pipe).from_pretrained(str(tmp_path / "sp"))
+    assert sum(hasattr(m, "sdnq_dequantizer") for m in p2.transformer.modules()) == n_sdnq
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime/onnxscript not installed: pip install 'sensitivity[onnx]'")
+def test_onnx_qdq_matches_torch(digits, tmp_path):
+    import onnx
+
+    fam, pipe, den, mq, source = digits
+    config = _config(mq, seed=4)
+    rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+    check = rec["onnx_check"]
+    assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["torch_abs_max"])
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    n_dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    uniform = sum(1 for o in config.values() if o.startswith("uaq"))
+    assert n_dq == rec["layers_qdq"] >= uniform and rec["layers_dequantized"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL)
+def test_packed_tiny_families(name, tmp_path):
+    fam = get_family(name)
+    den = fam.load_denoiser("tiny")
+    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", fam.find_layers(den), model_id=fam.model_id("tiny"),
+                              options=("uaq-3", "kmeans_a-4"), progress=False)
+    config = _config(mq, seed=5)
+    export(den, mq, config, tmp_path / "p", source={"family": name, "weights": "tiny", "model_id": fam.model_id("tiny")})
+    q = load_quantized(tmp_path / "p")
+    assert _check_weights(q, den, mq, config) >= len({s.module_path for s in mq.layers if s.name in config})
+    from sensitivity.export.onnx_format import random_inputs
+    from sensitivity.graph.inputs import example_inputs
+
+    kw = random_inputs(example_inputs(den, device="cpu"), 0)
+    apply(den, mq, config)
+    try:
+        with torch.no_grad():
+            want = den(**kw, return_dict=False)[0]
+            got = q(**kw, return_dict=False)[0]
+    finally:
+        restore(den)
+    assert torch.equal(got, want)
+    if HAS_SDNQ and any(s.in_slice for s in mq.layers if s.name in config):
+        with pytest.raises(SensitivityError, match="split #main/#skip halves"):
+            export(den, mq, config, tmp_path / "s", format="sdnq", source={"model_id": fam.model_id("tiny")})
+        assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_new_methods_every_format(digits, tmp_path):
+    """int8, int8_c, fp8_e4m3, uaq_g128, uaq_ls: packed bit-exact, sdnq weights exact, onnx within float32 noise."""
+    fam, pipe, den, _, source = digits
+    opts = ("int8-8", "int8_c-8", "fp8_e4m3-8", "uaq_g128-4", "uaq_ls-3")
+    mq = build_multiquantizer(den, tmp_path / "new.safetensors", fam.find_layers(den), model_id=fam.model_id("shipped"),
+                              options=opts, progress=False)
+    config = _config(mq, seed=6, p_fp=0.0)
+    export(den, mq, config, tmp_path / "p", source=source)
+    assert _check_weights(load_quantized(tmp_path / "p"), den, mq, config) >= len(config)
+    if HAS_SDNQ:
+        rec = export(den, mq, config, tmp_path / "s", format="sdnq", source=source)
+        assert rec["sdnq_check"]["max_abs_weight_diff"] == 0.0
+    if HAS_ONNX:
+        rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+        assert rec["onnx_check"]["max_abs_diff"] <= 1e-5 * max(1.0, rec["onnx_check"]["torch_abs_max"])
+        assert rec["layers_dequantized"] >= sum(o.startswith("uaq_ls") for o in config.values())
