@@ -305,3 +305,33 @@ def test_cache_info_cli(tmp_path, capsys):
     assert cli_main(["cache", "info", str(tmp_path / "missing.sqlite")]) == 2
     with pytest.raises(SensitivityError, match="does not exist"):
         ConfigCache(tmp_path / "missing.sqlite")
+
+
+def test_rebind_multiquantizer_keeps_records(tmp_path):
+    """`cache rebind`: a rebuilt multiquantizer with the same tensors takes over the records; another is refused."""
+    import shutil
+    from pathlib import Path
+
+    from sensitivity.cli import main
+    from sensitivity.evaluation.cache import ConfigCache
+
+    src = Path(__file__).resolve().parents[1] / "caches" / "digits-dit.sqlite"
+    cache = tmp_path / "c.sqlite"
+    shutil.copyfile(src, cache)
+    with ConfigCache(cache) as c:
+        before = {r["config_hash"]: r["metrics"] for r in c.records()}
+        old_sig = c.signature
+        new_sig = c.rebind_multiquantizer("0" * 32)
+        assert new_sig != old_sig and c.signature == new_sig and c.evaluation["multiquantizer_hash"] == "0" * 32
+        assert c.verify() == []
+        assert {r["config_hash"]: r["metrics"] for r in c.records()} == before
+        assert all(r["signature"] == new_sig for r in c.records())
+        assert c.done_indices(c.runs()[0]["run_id"]) == set(range(320))
+    # through the CLI, a multiquantizer with other options is refused in one line
+    from sensitivity.layers import find_layers
+    from sensitivity.multiquantizer import build_multiquantizer
+    from torch import nn
+
+    other = build_multiquantizer(nn.Sequential(nn.Linear(8, 8)), tmp_path / "o.safetensors",
+                                 find_layers(nn.Sequential(nn.Linear(8, 8))), options=["uaq-4"], progress=False)
+    assert main(["cache", "rebind", str(cache), "--multiquantizer", str(other.path)]) == 2

@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     im.add_argument("--model", default=None,
                     help="reference pickles: the model their FIDs were measured on (part of their signature)")
     im.set_defaults(func=run_import)
+    rb = s.add_parser("rebind", help="point a cache at a rebuilt multiquantizer with the same tensors",
+                      description="Records name the multiquantizer they were made with by its hash. A multiquantizer "
+                                  "rebuilt from the same weights (another machine, or a file written before the hash "
+                                  "left out the float statistics) holds the same codes but may hash differently: "
+                                  "this checks that its layers, bytes and errors match the cache's and renames the hash.")
+    rb.add_argument("cache", help="cache file (.sqlite)")
+    rb.add_argument("--multiquantizer", required=True, help="the rebuilt multiquantizer .safetensors")
+    rb.set_defaults(func=run_rebind)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -100,4 +108,46 @@ def run_import(args: argparse.Namespace) -> int:
                 total = len(cache)
     print(f"imported {inserted} of {read} records from {args.file} into {args.cache} "
           f"({read - inserted} already there; {total} records now)")
+    return 0
+
+
+def run_rebind(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from ..errors import SensitivityError
+    from ..evaluation.cache import ConfigCache
+    from ..multiquantizer import read_manifest
+    from ..options import canonical
+
+    m = read_manifest(args.multiquantizer)
+    if not Path(args.cache).is_file():
+        raise SensitivityError(f"cache {args.cache!r} does not exist")
+    with ConfigCache(args.cache) as cache:
+        ev = cache.evaluation or {}
+        old = ev.get("multiquantizer_hash")
+        if ev.get("model_id") not in (None, m.get("model_id")):
+            raise SensitivityError(f"{args.multiquantizer}: built for {m.get('model_id')}, the cache is of {ev.get('model_id')}")
+        stats = cache.layer_stats
+        layers = {d["name"]: d for d in m["layers"]}
+        if set(stats) != set(layers):
+            extra = sorted(set(stats) ^ set(layers))
+            raise SensitivityError(f"{args.multiquantizer}: layer {extra[0]!r} is in only one of the cache and the multiquantizer")
+        cached_opts = {canonical(o) for st in stats.values() for o in (st.get("options") or {})}
+        if cached_opts != {canonical(o) for o in m["options"]}:
+            raise SensitivityError(f"{args.multiquantizer}: holds options {', '.join(m['options'])}, the cache's records "
+                                   f"were made with {', '.join(sorted(cached_opts))}")
+        for name, st in stats.items():
+            for opt, (nbytes, err) in ((canonical(o), v) for o, v in (st.get("options") or {}).items()):
+                mine = layers[name]["options"].get(opt)
+                if mine is None or int(mine["nbytes"]) != int(nbytes) or (
+                        err is not None and not math.isclose(float(mine["error"]), float(err), rel_tol=1e-9, abs_tol=1e-15)):
+                    raise SensitivityError(f"{args.multiquantizer}: layer {name!r} option {opt!r} differs from the cache's "
+                                           "(another build or weights); not rebinding")
+        if old == m["hash"]:
+            print(f"{args.cache}: already names multiquantizer {old[:12]}")
+            return 0
+        sig = cache.rebind_multiquantizer(m["hash"])
+        print(f"{args.cache}: {len(cache)} records now name multiquantizer {m['hash'][:12]} "
+              f"(was {str(old)[:12]}); signature {sig[:12]}")
     return 0

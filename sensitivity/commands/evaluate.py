@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "record a `sensitivity sample` job would store (avg bits, bytes, summed error, "
                                    "FID/KID/accuracy/PSNR, timings).")
     add_protocol_arguments(p)
-    p.add_argument("--config", required=True, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
+    p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
+    p.add_argument("--finetuned", default=None, metavar="DIR",
+                   help="evaluate a fine-tuned artifact (`sensitivity finetune --out DIR`, made from --multiquantizer): "
+                        "its weights, and its config unless --config is given")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config")
     p.add_argument("--cache", default=None, help="look the config up in this cache first, and store the result there")
     p.add_argument("--force", action="store_true", help="with --cache: evaluate even if the config is cached")
@@ -42,23 +45,38 @@ def run(args: argparse.Namespace) -> int:
         from ..io import check_writable
 
         check_writable(args.cache, "--cache")
-    from ..calibration.artifact import load_config_or_calibrated
+    if not args.config and not args.finetuned:
+        raise SensitivityError("give --config X.json (or --finetuned DIR)")
+    ft = calibrated = None
+    source = args.config or args.finetuned
+    if args.finetuned:
+        from ..finetune import load_finetuned
 
-    cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
+        ft = load_finetuned(args.finetuned)
+        cfg = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else ft.config
+    else:
+        from ..calibration.artifact import load_config_or_calibrated
+
+        cfg, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
     if cfg.act_bits is not None and calibrated is None:  # a searched W·A config: its protocol's activations
         if args.act_bits is not None and args.act_bits != cfg.act_bits:
             raise SensitivityError(f"{args.config}: chosen for A{cfg.act_bits}, but --act-bits {args.act_bits}")
         args.act_bits = cfg.act_bits
     fam, weights, factory, protocol, mq = protocol_from_args(args)
+    if ft is not None:
+        if ft.base_multiquantizer_hash != mq.hash:
+            raise SensitivityError(f"--finetuned {args.finetuned} was made from multiquantizer "
+                                   f"{ft.base_multiquantizer_hash[:12]}, not {Path(args.multiquantizer).name}")
+        mq, protocol = ft, protocol.with_multiquantizer(ft.hash)  # its own signature: not mixed with the base's
     if calibrated is not None and args.cache:
         raise SensitivityError(f"{args.config}: a calibrated config is not stored in caches (its config hash is the "
                                "uncalibrated one's); drop --cache")
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:
-        raise SensitivityError(f"{args.config}: {exc}") from None
+        raise SensitivityError(f"{source}: {exc}") from None
     options = normalize_config(cfg.options)
-    stats = layer_stats_from_multiquantizer(mq)
+    stats = ft.layer_stats() if ft is not None else layer_stats_from_multiquantizer(mq)
     sizes = SizeTable.from_layer_stats(stats)
     signature, evaluation = protocol.signature(), protocol.to_dict()
     chash = config_hash(options)
@@ -77,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
                 record = next(r for r in cache.records() if r["id"] == rid)
                 record["from_cache"] = True
     if record is None:
-        ev = factory.build()  # loads the model; checks the multiquantizer against it
+        if ft is None:
+            ev = factory.build()  # loads the model; checks the multiquantizer against it
+        else:
+            from ..evaluation.evaluator import Evaluator
+
+            pipe = fam.load_pipeline(factory.weights, device=factory.device, dtype=factory.dtype)
+            ev = Evaluator(fam, pipe, ft, protocol, batch_size=factory.batch_size,
+                           reference_dir=factory.reference_dir, cache_dir=factory.cache_dir)
         metrics = dict(ev.evaluate(calibrated if calibrated is not None else options))
         timings = dict(metrics.pop("timings", None) or {})
         if "seconds" in metrics:
@@ -99,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     src = " (from cache)" if record.get("from_cache") else ""
-    print(f"{args.config}: {fam.name} ({protocol.model_id}), {len(record['config'])} quantized layers of {len(mq)}{src}")
+    print(f"{source}: {fam.name} ({protocol.model_id}), {len(record['config'])} quantized layers of {len(mq)}{src}")
     print(f"  avg bits {record['avg_bits']:.4f}, quantized bytes {record['quantized_bytes']}, "
           f"summed error {record['summed_error']:.4g}")
     print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items()))

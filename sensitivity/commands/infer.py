@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
+    p.add_argument("--finetuned", default=None, metavar="DIR",
+                   help="a fine-tuned artifact (`sensitivity finetune --out DIR`): its weights and config "
+                        "(instead of --multiquantizer / --config)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
     cond.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import __version__ as sensitivity_version
     from ..checks import check_finite_weights
+    from ..config import QuantConfig
     from ..io import atomic_dir, check_writable
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
@@ -130,7 +134,17 @@ def run(args: argparse.Namespace) -> int:
 
     # check files before loading the model (cheap, and the usual mistakes)
     mq = config = calibrated = None
-    if args.config and not args.multiquantizer:
+    if args.finetuned:
+        from ..finetune import load_finetuned
+
+        if args.multiquantizer:
+            raise SensitivityError("--finetuned holds its own weights: drop --multiquantizer")
+        mq = load_finetuned(args.finetuned)
+        if str(mq.model_id).split(":", 1)[0] != fam.name:
+            raise SensitivityError(f"--finetuned {args.finetuned} was made for {mq.model_id}, not for model {fam.name!r}")
+        config = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else mq.config
+        mq.validate(config.options)
+    elif args.config and not args.multiquantizer:
         raise SensitivityError("--config needs --multiquantizer (the quantized weights come from it)")
     if args.multiquantizer:
         from ..multiquantizer import load_multiquantizer
@@ -143,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         if mq_family != fam.name:
             raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                    f"not for model {fam.name!r}")
-    if args.config:
+    if args.config and not args.finetuned:
         from ..calibration.artifact import load_config_or_calibrated
 
         config, calibrated = load_config_or_calibrated(args.config, trust_pickle=args.trust_pickle)
@@ -208,8 +222,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": str(device),
         "dtype": str(den.dtype).replace("torch.", ""),
-        "multiquantizer": None if mq is None else {"path": str(args.multiquantizer), "hash": mq.hash,
-                                                   "model_id": mq.model_id},
+        "multiquantizer": None if mq is None else {"path": str(args.finetuned or args.multiquantizer),
+                                                   "hash": mq.hash, "model_id": mq.model_id,
+                                                   "finetuned": bool(args.finetuned)},
         "config": None if config is None else {
             "path": str(args.config), "hash": config.config_hash, "quantized_layers": len(applied),
             "avg_bits": mq.avg_bits(config.options), "provenance": config.provenance},

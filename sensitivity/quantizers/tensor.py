@@ -83,35 +83,28 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(self.dtype)
 
 
-def _float64_flat(t: torch.Tensor):
-    import numpy as np
-
-    return np.ascontiguousarray(t.to(torch.float64, copy=True).cpu().numpy().reshape(-1))  # ours to overwrite
-
-
 def squared_norm(rows: torch.Tensor, shape: Tuple[int, ...] | None = None) -> float:
-    """``Σ rows²`` in float64 (numpy's pairwise sum: the same last bits whatever the thread count).
+    """``Σ rows²``: float32 elementwise squares summed by numpy in float64 (the same last bits
+    whatever the thread count); raises if ``rows`` holds NaN or Inf.
 
-    Raises if ``rows`` holds NaN or Inf: in float64 the squares of finite float32 values cannot
-    overflow, so the sum is finite exactly when every value is (the check costs no extra pass).
+    The finiteness check rides on the sum: only a non-finite sum is followed by ``torch.isfinite``
+    (squares above float32's range make the sum infinite for finite weights).
     ``shape``: the weight's shape, for the message (default: the rows').
     """
     import numpy as np
 
-    r = _float64_flat(rows)
-    norm = float(np.sum(np.square(r, out=r)))
-    if not math.isfinite(norm):
+    norm = float(np.sum((rows**2).cpu().numpy().reshape(-1), dtype=np.float64))
+    if not math.isfinite(norm) and not bool(torch.isfinite(rows).all()):
         raise SensitivityError(f"weight of shape {tuple(rows.shape if shape is None else shape)} contains NaN or Inf values")
     return norm
 
 
 def squared_error(values: torch.Tensor, rows: torch.Tensor) -> float:
-    """``Σ (values - rows)²`` in float64, numpy's pairwise sum (see :func:`squared_norm`)."""
+    """``Σ (values - rows)²``, float32 elementwise, summed by numpy in float64 (see :func:`squared_norm`)."""
     import numpy as np
 
-    d = _float64_flat(values)
-    d -= _float64_flat(rows)
-    return float(np.sum(np.square(d, out=d)))
+    sq = (values - rows).square_()  # a fresh tensor: squared in place, as ``** 2`` would
+    return float(np.sum(sq.cpu().numpy().reshape(-1), dtype=np.float64))
 
 
 def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:

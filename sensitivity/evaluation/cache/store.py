@@ -259,6 +259,39 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
             if changed or row is None:
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('layer_stats', ?)", (_json(merged),))
 
+    def rebind_multiquantizer(self, new_hash: str) -> str:
+        """Name another multiquantizer hash in this cache's evaluation (same quantized tensors, new identity).
+
+        Rewrites the signature, the run ids derived from it and every record's checksum in one
+        transaction; returns the new signature. The caller checks that the multiquantizer holds the
+        same layers, bytes and errors (``sensitivity cache rebind`` does).
+        """
+        from .records import evaluation_signature, run_id_for
+
+        ev = self.evaluation
+        if not ev or "multiquantizer_hash" not in ev:
+            raise SensitivityError(f"{self.path}: its evaluation names no multiquantizer hash")
+        old_sig = self._require_signature()
+        ev2 = dict(ev, multiquantizer_hash=str(new_hash))
+        new_sig = evaluation_signature(ev2)
+        if new_sig == old_sig:
+            return old_sig
+        with self._write() as cur:
+            cur.execute("UPDATE meta SET value=? WHERE key='signature'", (new_sig,))
+            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('evaluation', ?)", (_json(ev2),))
+            for run_id, sampler in cur.execute("SELECT run_id, sampler FROM runs WHERE signature=?", (old_sig,)).fetchall():
+                new_run = run_id_for(new_sig, json.loads(sampler))
+                cur.execute("UPDATE runs SET run_id=?, signature=? WHERE run_id=?", (new_run, new_sig, run_id))
+                cur.execute("UPDATE records SET run_id=? WHERE run_id=?", (new_run, run_id))
+                cur.execute("UPDATE run_configs SET run_id=? WHERE run_id=?", (new_run, run_id))
+                cur.execute("DELETE FROM claims WHERE run_id=?", (run_id,))
+            rows = cur.execute("SELECT id, config_hash, config, avg_bits, quantized_bytes, summed_error, metrics "
+                               "FROM records WHERE signature=?", (old_sig,)).fetchall()
+            for rid, chash, cfg, avg, qb, err, met in rows:
+                cur.execute("UPDATE records SET signature=?, checksum=? WHERE id=?",
+                            (new_sig, _checksum(new_sig, chash, cfg, avg, qb, err, met), rid))
+        return new_sig
+
     # ---- runs ------------------------------------------------------------------------------------
     def register_run(self, sampler: Mapping[str, Any], planned: int = 0) -> str:
         """Record a run (one sampler setting) and return its id; ``planned`` only ever grows."""
