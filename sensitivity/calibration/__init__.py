@@ -12,12 +12,32 @@ art = load_calibrated("quant_configs/X-cal"); apply_calibrated(den, mq, art); ..
 ```
 """
 
-from .artifact import (ActivationCalibration, CalibratedArtifact, apply_calibrated, is_calibrated_dir,
-                       load_calibrated, load_config_or_calibrated, remove_calibrated)
-from .data import KINDS, CalibrationSet, load_calibration_set, make_calibration_set
-from .observers import OBSERVERS, RangeObserver, scale_zero
-from .pipeline import DEFAULT_ROUNDING, WEIGHT_METHODS, calibrate, collect_hessians, observe_ranges
-from .rounding import adaround_codes, gptq_codes, output_error, refit_table
+# name -> submodule; imported on first use (PEP 562), so the CLI can read option names without torch
+_NAMES = {
+    'ActivationCalibration': 'artifact',
+    'CalibratedArtifact': 'artifact',
+    'apply_calibrated': 'artifact',
+    'is_calibrated_dir': 'artifact',
+    'load_calibrated': 'artifact',
+    'load_config_or_calibrated': 'artifact',
+    'remove_calibrated': 'artifact',
+    'KINDS': 'data',
+    'CalibrationSet': 'data',
+    'load_calibration_set': 'data',
+    'make_calibration_set': 'data',
+    'OBSERVERS': 'observers',
+    'RangeObserver': 'observers',
+    'scale_zero': 'observers',
+    'DEFAULT_ROUNDING': 'pipeline',
+    'WEIGHT_METHODS': 'pipeline',
+    'calibrate': 'pipeline',
+    'collect_hessians': 'pipeline',
+    'observe_ranges': 'pipeline',
+    'adaround_codes': 'rounding',
+    'gptq_codes': 'rounding',
+    'output_error': 'rounding',
+    'refit_table': 'rounding',
+}
 
 __all__ = [
     "ActivationCalibration", "CalibratedArtifact", "CalibrationSet", "DEFAULT_ROUNDING", "KINDS", "OBSERVERS",
@@ -25,3 +45,11 @@ __all__ = [
     "gptq_codes", "is_calibrated_dir", "load_calibrated", "load_calibration_set", "load_config_or_calibrated",
     "make_calibration_set", "observe_ranges", "output_error", "refit_table", "remove_calibrated", "scale_zero",
 ]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,8 +25,7 @@ import torch
 from ..errors import SensitivityError
 from ..quantizers.activation import fake_quantize_static
 
-OBSERVERS = ("minmax", "percentile", "mse")
-GRANULARITIES = ("tensor", "channel")
+from .names import GRANULARITIES, OBSERVERS  # noqa: E402,F401 (torch-free, re-exported)
 MSE_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(36))
 
 

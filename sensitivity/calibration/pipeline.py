@@ -40,7 +40,7 @@ from .observers import GRANULARITIES, OBSERVERS, RangeObserver
 from .rounding import (TABLE_REFITS, adaround_codes, gptq_codes, lookup_codes, output_error, refit_table,
                        relative_output_error, uniform_grid)
 
-WEIGHT_METHODS = ("auto", "gptq", "adaround", "refine", "gptq+refine", "adaround+refine", "none")
+from .names import WEIGHT_METHODS  # noqa: E402 (torch-free, re-exported)
 
 #: the rounding ``auto`` uses per quantization method: measured on digits-dit / digits-unet
 #: (benchmarks/bench_calibration.py, README "Calibrated post-training quantization"); methods not

@@ -12,8 +12,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..calibration.observers import GRANULARITIES, OBSERVERS
-    from ..calibration.pipeline import WEIGHT_METHODS
+    from ..calibration.names import GRANULARITIES, OBSERVERS, WEIGHT_METHODS  # torch-free (--help)
     from ..zoo.cli_args import add_model_arguments
 
     p = sub.add_parser("calibrate", help="calibrate a config on a calibration set (weights rounding + activation ranges)",

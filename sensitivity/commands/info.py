@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..multiquantizer import read_manifest
+    from ..mqfile import read_manifest  # numpy only: no torch for a manifest
 
     m = read_manifest(args.file)
     if args.json:

@@ -16,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..zoo import get_family, list_families
+    from ..zoo import family_cards  # torch-free: the built-in families' cards (sensitivity/zoo/catalog.py)
 
-    rows = [get_family(n).info() for n in list_families()]
+    rows = family_cards()
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")

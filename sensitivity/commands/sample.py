@@ -344,7 +344,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run one worker per GPU (or CPU) of a Ray cluster: 'auto', 'host:6379', 'ray://…', or "
                         "'local' (start one here); needs pip install 'sensitivity[ray]'")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads per worker (default: the free cores / workers, at least 1)")
     p.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
                    help="score one config while the next one generates (auto: on CUDA devices only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .. import numba_cache  # noqa: F401,E402  (kernels cached per machine, not per checkout; before @njit)
+
 _FP16_MAX = 65504.0
 _INF = np.inf
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .. import numba_cache  # noqa: F401,E402  (kernels cached per machine, not per checkout; before @njit)
+
 _CHUNK = 1 << 26  # codes per kernel call (a multiple of 8)
 _WORD = np.dtype("<u8")
 

@@ -11,6 +11,7 @@ over the whole layer (``sse`` holds the unnormalised sum).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -82,18 +83,28 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(self.dtype)
 
 
-def _sums(values: torch.Tensor, rows: torch.Tensor) -> Tuple[float, float]:
-    """``(Σ (values - rows)², Σ rows²)`` in float64, the same to the last bit whatever the thread count.
+def squared_norm(rows: torch.Tensor, shape: Tuple[int, ...] | None = None) -> float:
+    """``Σ rows²``: float32 elementwise squares summed by numpy in float64 (the same last bits
+    whatever the thread count); raises if ``rows`` holds NaN or Inf.
 
-    torch's parallel reductions split the sum by thread, so the last digits of an error (and the
-    manifest that records it) would depend on the machine; numpy's pairwise sum of one contiguous
-    array does not.
+    The finiteness check rides on the sum: only a non-finite sum is followed by ``torch.isfinite``
+    (squares above float32's range make the sum infinite for finite weights).
+    ``shape``: the weight's shape, for the message (default: the rows').
     """
     import numpy as np
 
-    sq = ((values - rows) ** 2).cpu().numpy().reshape(-1)  # elementwise in the weights' float32, as always
-    r2 = (rows**2).cpu().numpy().reshape(-1)
-    return float(np.sum(sq, dtype=np.float64)), float(np.sum(r2, dtype=np.float64))
+    norm = float(np.sum((rows**2).cpu().numpy().reshape(-1), dtype=np.float64))
+    if not math.isfinite(norm) and not bool(torch.isfinite(rows).all()):
+        raise SensitivityError(f"weight of shape {tuple(rows.shape if shape is None else shape)} contains NaN or Inf values")
+    return norm
+
+
+def squared_error(values: torch.Tensor, rows: torch.Tensor) -> float:
+    """``Σ (values - rows)²``, float32 elementwise, summed by numpy in float64 (see :func:`squared_norm`)."""
+    import numpy as np
+
+    sq = (values - rows).square_()  # a fresh tensor: squared in place, as ``** 2`` would
+    return float(np.sum(sq.cpu().numpy().reshape(-1), dtype=np.float64))
 
 
 def quantize(weight: torch.Tensor, option: str, device: torch.device | str | None = None) -> QuantizedWeight:
@@ -111,11 +122,15 @@ def quantize(weight: torch.Tensor, option: str, device: torch.device | str | Non
     if device is not None:
         w = w.to(device)
     rows = w.reshape(w.shape[0], -1).to(torch.float32)
-    if not torch.isfinite(rows).all():
-        raise SensitivityError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values")
-    m = get_method(opt.method)
-    codes, params = m.quantize_rows(rows, opt.bits)
-    values = m.dequantize_rows(codes, params, opt.bits)
-    sse, norm = _sums(values, rows)
+    return quantize_prepared(rows, opt, tuple(w.shape), w.dtype, squared_norm(rows, tuple(w.shape)))
+
+
+def quantize_prepared(rows: torch.Tensor, option: QuantOption, shape: Tuple[int, ...], dtype: torch.dtype,
+                      norm: float) -> QuantizedWeight:
+    """:func:`quantize` on prepared rows: float32 ``[C, K]`` of a weight of ``shape``/``dtype`` and
+    ``norm = squared_norm(rows)``, so that the options of one layer share the rows and their norm."""
+    m = get_method(option.method)
+    codes, params = m.quantize_rows(rows, option.bits)
+    sse = squared_error(m.dequantize_rows(codes, params, option.bits), rows)
     err = sse / norm if norm > 0 else (0.0 if sse == 0 else float("inf"))
-    return QuantizedWeight(opt.name, tuple(w.shape), w.dtype, codes, params, err, sse)
+    return QuantizedWeight(option.name, shape, dtype, codes, params, err, sse)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .. import numba_cache  # noqa: F401,E402  (kernels cached per machine, not per checkout; before @njit)
+
 from .uaq import CLIP_RATIOS  # noqa: F401 - the grid lives with the method's config
 
 _FP16_MAX = 65504.0

@@ -3,15 +3,20 @@
 ``get_family("sd15")`` imports the family's module on first use, so importing the zoo stays cheap.
 A module registers its families at import time with :func:`register_family` (an instance, or a
 ``ModelFamily`` subclass used as a decorator, which is instantiated without arguments).
+:func:`family_cards` describes the families without importing them (torch-free, see
+:mod:`sensitivity.zoo.catalog`).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
-from typing import Dict, List, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Union
 
 from ..errors import SensitivityError
-from .base import ModelFamily
+
+if TYPE_CHECKING:  # base imports torch; the registry must not
+    from .base import ModelFamily
 
 # family name -> module under sensitivity.zoo that registers it (imported lazily)
 BUILTIN_FAMILIES: Dict[str, str] = {
@@ -28,11 +33,13 @@ BUILTIN_FAMILIES: Dict[str, str] = {
     "flux": "generic",
 }
 
-_FAMILIES: Dict[str, ModelFamily] = {}
+_FAMILIES: Dict[str, "ModelFamily"] = {}
 
 
-def register_family(family: Union[ModelFamily, type]) -> Union[ModelFamily, type]:
+def register_family(family: Union["ModelFamily", type]) -> Union["ModelFamily", type]:
     """Register ``family`` under ``family.name`` (a later registration of a name replaces the first)."""
+    from .base import ModelFamily
+
     obj = family() if isinstance(family, type) else family
     if not isinstance(obj, ModelFamily) or not obj.name:
         raise TypeError(f"register_family needs a named ModelFamily, got {family!r}")
@@ -58,10 +65,32 @@ def list_families() -> List[str]:
     return names + sorted(n for n in _FAMILIES if n not in BUILTIN_FAMILIES)
 
 
-def get_family(name: Union[str, ModelFamily]) -> ModelFamily:
+def family_cards() -> List[Dict[str, Any]]:
+    """``info()`` of every family, in :func:`list_families` order, importing no family module that has
+    a card in :mod:`sensitivity.zoo.catalog` (so no torch); families without one are imported."""
+    from .catalog import CARDS
+
+    rows = []
+    for name in BUILTIN_FAMILIES:
+        if name in _FAMILIES:
+            rows.append(_FAMILIES[name].info())
+        elif name in CARDS:
+            rows.append(copy.deepcopy(CARDS[name]))
+        else:
+            _import_builtin(name)
+            if name in _FAMILIES:
+                rows.append(_FAMILIES[name].info())
+    rows += [_FAMILIES[n].info() for n in sorted(_FAMILIES) if n not in BUILTIN_FAMILIES]
+    return rows
+
+
+def get_family(name: Union[str, "ModelFamily"]) -> "ModelFamily":
     """The registered family called ``name``; :class:`SensitivityError` (listing the known ones) if none."""
-    if isinstance(name, ModelFamily):
-        return name
+    if not isinstance(name, str):
+        from .base import ModelFamily
+
+        if isinstance(name, ModelFamily):
+            return name
     key = str(name).strip().lower()
     _import_builtin(key)
     if key not in _FAMILIES and key.startswith("diffusers-"):  # any diffusers pipeline class
@@ -69,7 +98,7 @@ def get_family(name: Union[str, ModelFamily]) -> ModelFamily:
 
         return generic_family(key)
     if key not in _FAMILIES:
-        known = ", ".join(list_families())
+        known = ", ".join(dict.fromkeys(list(BUILTIN_FAMILIES) + sorted(_FAMILIES)))  # imports no family
         raise SensitivityError(f"unknown model {name!r}; known models: {known}")
     return _FAMILIES[key]
 

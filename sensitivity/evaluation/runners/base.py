@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ...errors import SensitivityError
+from ...threads import threads_per_worker
 
 EvaluateFn = Callable[[int, Dict[str, str]], Mapping[str, Any]]
 Factory = Callable[[], EvaluateFn]
@@ -50,10 +51,13 @@ def _error_message(exc: BaseException) -> str:
 
 
 def _set_threads(threads: Optional[int]) -> None:
+    """torch's threads (process-wide) and numba's (for the calling thread: numba's count is per thread)."""
     if threads:
+        import numba
         import torch
 
         torch.set_num_threads(int(threads))
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
 
 
 # Worker processes get this environment unless the user set it. OpenMP threads that spin-wait after each
@@ -153,8 +157,8 @@ class LocalRunner(Runner):
     """Workers on this machine: ``LocalRunner(factory, workers=1)`` is a :class:`ThreadRunner` (one
     worker thread in this process), ``workers=K`` a :class:`ProcessRunner` (K spawned processes).
 
-    ``threads``: torch threads per worker process (default: CPU cores // workers; the in-process
-    worker keeps torch's setting unless given). ``max_restarts``: restarts of lost worker processes.
+    ``threads``: torch and numba threads per worker (default: :func:`sensitivity.threads.threads_per_worker`,
+    the free cores shared out among the workers, at least 1 each). ``max_restarts``: restarts of lost worker processes.
     ``start_method``: ``spawn`` (default) or ``forkserver`` (faster restarts; both are CUDA-safe).
     """
 
@@ -172,7 +176,9 @@ class LocalRunner(Runner):
         if workers < 1:
             raise SensitivityError(f"--workers must be at least 1, got {workers}")
         self.factory, self.workers, self.max_restarts = factory, int(workers), int(max_restarts)
-        self.threads = threads if threads is not None or workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+        # the cores free now (affinity minus load) shared out: on a shared machine a busy core is not
+        # given a thread, so no OpenMP team waits on a descheduled member (benchmarks/bench_contention.py)
+        self.threads = int(threads) if threads is not None else threads_per_worker(self.workers)
         self.name = "local" if workers == 1 else f"local x{workers} processes"
         self._inflight: Dict[int, List[int]] = {}  # worker id -> indices in flight
         self._ready: Dict[int, bool] = {}

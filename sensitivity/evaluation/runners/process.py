@@ -33,6 +33,7 @@ def _process_worker(conn, factory: Factory, threads: Optional[int], parent: int)
             conn.send(msg)
 
     def consume() -> None:
+        _set_threads(threads)  # numba's thread count is per thread
         while True:
             task = tasks.get()
             if task is None:

@@ -31,6 +31,7 @@ class ThreadRunner(LocalRunner):
         host = socket.gethostname()
 
         def consume() -> None:
+            _set_threads(self.threads)  # numba's thread count is per thread
             while True:
                 task = self._tasks.get()
                 if task is None:
