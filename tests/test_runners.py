@@ -440,3 +440,14 @@ def test_pipelined_worker_gives_the_same_records(digits_mq, tmp_path):
         assert s.complete
         out[mode] = _check_complete(tmp_path / f"{mode}.sqlite", plan)
     assert _key(out["on"]) == _key(out["off"])
+
+
+def test_one_worker_sample_exits_cleanly(digits_mq, tmp_path):
+    """`sample --workers 1` (the in-process thread runner, 2 consumer threads) exits 0: its worker
+    threads are joined before the interpreter exits (a thread left inside torch / OpenMP aborted it, 134)."""
+    argv = [sys.executable, "-m", "sensitivity"] + _sample_argv(digits_mq, tmp_path / "c.sqlite", 2, "--workers", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("OMP_NUM_THREADS", None)  # the default thread count is what aborted
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "terminate called" not in r.stderr

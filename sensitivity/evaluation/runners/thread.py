@@ -45,9 +45,13 @@ class ThreadRunner(LocalRunner):
                     self._results.put(Event("error", index, message=_error_message(exc),
                                             user_error=isinstance(exc, SensitivityError), exc=_user_exc(exc)))
 
-        for k in range(1, _concurrency(evaluate)):
-            threading.Thread(target=consume, daemon=True, name=f"sensitivity-eval-{k}").start()
+        self._consumers = [threading.Thread(target=consume, daemon=True, name=f"sensitivity-eval-{k}")
+                           for k in range(1, _concurrency(evaluate))]
+        for t in self._consumers:
+            t.start()
         consume()
+        for t in self._consumers:
+            t.join()
 
     def start(self) -> None:
         self._tasks: "Queue[Optional[Tuple[int, Dict[str, str]]]]" = Queue()
@@ -80,3 +84,8 @@ class ThreadRunner(LocalRunner):
     def close(self) -> None:
         if hasattr(self, "_tasks"):
             self._tasks.put(None)
+            # wait for the worker threads: a thread still inside torch / OpenMP when the interpreter
+            # exits aborts the process ("terminate called without an active exception", exit 134)
+            thread = getattr(self, "_thread", None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=60)
