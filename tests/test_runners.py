@@ -447,7 +447,7 @@ def test_one_worker_sample_exits_cleanly(digits_mq, tmp_path):
     threads are joined before the interpreter exits (a thread left inside torch / OpenMP aborted it, 134)."""
     argv = [sys.executable, "-m", "sensitivity"] + _sample_argv(digits_mq, tmp_path / "c.sqlite", 2, "--workers", "1")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OMP_NUM_THREADS", None)  # the default thread count is what aborted
+    env["OMP_NUM_THREADS"] = "2"  # two OpenMP threads per parallel region: what aborted at exit
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "terminate called" not in r.stderr
