@@ -299,7 +299,9 @@ def test_start_from_a_calibrated_artifact(tmp_path):
     cs = CalibrationSet({"arg0": torch.randn(64, 8, 4, 4, generator=g), "kw.scale": torch.rand(64, generator=g) + 0.5},
                         {}, {"model_id": "toy:0", "kind": "noise"})
     cfg = {"conv": "uaq-4", "lin": "kmeans_a-3", "out": "uaq-4"}
-    art = calibrate(den, mq, cfg, cs, weights_method="auto", progress=False)
+    # GPTQ alone: a start the 3 steps below can still improve on (GPTQ + refit, the auto default, is
+    # already at the distillation optimum of this toy)
+    art = calibrate(den, mq, cfg, cs, weights_method="gptq", progress=False)
     start = {n: art.quantized_weight(n, mq) for n in cfg}
     assert any(not torch.equal(start[n].codes, mq.quantized_weight(n, o).codes) for n, o in cfg.items())
     student = FakeQuantStudent(den, mq.layers, cfg, start, latent_from="start")
