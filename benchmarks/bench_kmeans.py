@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sensitivity.quantizers import lookup  # noqa: E402
 from sensitivity.quantizers import kmeans1d as km  # noqa: E402
 from sensitivity.quantizers import uniform as un  # noqa: E402
+from sensitivity.quantizers.uaq import UAQConfig, UniformAffine  # noqa: E402
 from sensitivity.quantizers.packing import pack_codes, unpack_codes  # noqa: E402
 
 
@@ -164,17 +165,17 @@ def main() -> int:
     for n in args.lengths:
         w = student_t(args.rows, n, args.df, args.seed + n)
         for bits in (4, 3):
-            q = un.UniformAffineQuantizer()
+            q = UniformAffine("uaq")
             q.quantize_rows(w[:2], bits)
             numba.set_num_threads(1)
             with threadpool_limits(1):
                 tn = cpu_time(lambda: q.quantize_rows(w, bits)) / args.rows * 1e6
-                tt = cpu_time(lambda: un.UniformAffineQuantizer(backend="torch").quantize_rows(w, bits), 1)
+                tt = cpu_time(lambda: UniformAffine("uaq", backend="torch").quantize_rows(w, bits), 1)
             numba.set_num_threads(threads)
             tt *= 1e6 / args.rows
             codes, params = q.quantize_rows(w, bits)
             sse = ((lookup(q.table(params, bits), codes).double() - w.double()) ** 2).sum(1).numpy()
-            ref = un.UniformAffineQuantizer(ratios=tuple(np.linspace(1.0, 0.1, 10)))
+            ref = UniformAffine("uaq", UAQConfig(clip_ratios=tuple(float(r) for r in np.linspace(1.0, 0.1, 10))))
             rc, rp = ref.quantize_rows(w, bits)
             ref_sse = ((lookup(ref.table(rp, bits), rc).double() - w.double()) ** 2).sum(1).numpy()
             opt = np.array([km.kmeans1d_optimal(x, 2**bits)[0] for x in w.double().numpy()])
