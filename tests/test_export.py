@@ -265,3 +265,31 @@ def test_new_methods_every_format(digits, tmp_path):
         rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
         assert rec["onnx_check"]["max_abs_diff"] <= 1e-5 * max(1.0, rec["onnx_check"]["torch_abs_max"])
         assert rec["layers_dequantized"] >= sum(o.startswith("uaq_ls") for o in config.values())
+
+
+ONNX_UNSUPPORTED = {"pixart-alpha", "pixart-sigma"}  # onnxruntime rejects the exported graph (Squeeze on a symbolic dim)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_SDNQ and HAS_ONNX), reason="needs the sdnq and onnx extras: pip install 'sensitivity[sdnq,onnx]'")
+@pytest.mark.parametrize("name", REAL)
+def test_sdnq_and_onnx_tiny_families(name, tmp_path):
+    """Every family's tiny denoiser exports to sdnq (weights identical) and onnx (onnxruntime = PyTorch),
+    or is refused with one line where the format cannot carry it."""
+    fam = get_family(name)
+    den = fam.load_denoiser("tiny")
+    layers = [s for s in fam.find_layers(den) if s.in_slice is None]  # split halves: sdnq refuses them (tested above)
+    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", layers, model_id=fam.model_id("tiny"),
+                              options=("uaq-4", "kmeans_a-4"), progress=False)
+    config = _config(mq, seed=7)
+    source = {"family": name, "weights": "tiny", "model_id": fam.model_id("tiny")}
+    rec = export(den, mq, config, tmp_path / "s", format="sdnq", source=source)
+    assert rec["sdnq_check"]["max_abs_weight_diff"] == 0.0 and rec["sdnq_check"]["layers"] >= 1
+    if name in ONNX_UNSUPPORTED:
+        with pytest.raises(SensitivityError, match="onnxruntime cannot run"):
+            export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+        assert not (tmp_path / "o").exists()
+        return
+    rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+    check = rec["onnx_check"]
+    assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["torch_abs_max"])

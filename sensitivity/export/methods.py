@@ -92,6 +92,11 @@ def sdnq_reason(option: str, shape: Tuple[int, ...], kind: str) -> Optional[str]
         return (fmt.sdnq_reason if fmt else "") or f"SDNQ has no storage for method {opt.method!r}"
     if fmt.sdnq == "int8_symmetric" and opt.bits != 8:
         return f"SDNQ's int8 storage needs 8-bit codes, {option!r} has {opt.bits}"
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if opt.bits == 3 and numel % 8:  # sdnq.packed_int.pack_uint3 packs 3-bit codes in groups of 8 values
+        return f"SDNQ packs 3-bit codes in groups of 8 values and the layer has {numel} weights"
     if fmt.sdnq == "uint_asymmetric_grouped":
         k = 1
         for s in shape[1:]:

@@ -185,7 +185,7 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(flat.eval(), args, dynamo=True, opset_version=opset, optimize=False,
-                                        input_names=names, output_names=["sample"], verbose=False)
+                                        input_names=names, output_names=["output"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
             raise SensitivityError(f"torch.onnx could not export {type(den).__name__}: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
@@ -274,5 +274,10 @@ def run_onnx(path: os.PathLike, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, dict(feeds))[0]
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, dict(feeds))[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types; one line for the user
+        msg = " ".join(str(exc).split())[:300]
+        raise SensitivityError(f"onnxruntime cannot run the exported denoiser ({msg}); this model's ONNX export "
+                               "is not supported yet (known: PixArt's Squeeze on a symbolic dimension)") from None

@@ -148,10 +148,14 @@ def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
     skip = [f"{name}.weight" for name, m in model.named_modules()
             if getattr(m, "weight", None) is not None and name not in targets
             and (isinstance(m, LAYER_TYPES) or isinstance(m, torch.nn.Embedding))]
-    model = sdnq_post_load_quant(
-        model, weights_dtype="int8", torch_dtype=den.dtype, quant_conv=True, quant_embedding=False,
-        add_skip_keys=False, minimum_allowed_numel=0, minimum_allowed_channel_size=0, use_quantized_matmul=False,
-        modules_to_not_convert=skip, modules_quant_config=modules_quant_config, dequantize_fp32=True)
+    try:
+        model = sdnq_post_load_quant(
+            model, weights_dtype="int8", torch_dtype=den.dtype, quant_conv=True, quant_embedding=False,
+            add_skip_keys=False, minimum_allowed_numel=0, minimum_allowed_channel_size=0, use_quantized_matmul=False,
+            modules_to_not_convert=skip, modules_quant_config=modules_quant_config, dequantize_fp32=True)
+    except RuntimeError as exc:  # SDNQ's own shape limits; one line instead of its traceback
+        raise SensitivityError(f"SDNQ could not quantize this config ({str(exc).splitlines()[0]}); "
+                               "use --format packed") from None
     worst = 0.0
     for path, (mp, part) in targets.items():
         layer = model.get_submodule(path)
