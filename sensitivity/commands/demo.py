@@ -31,6 +31,13 @@ QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_clas
 CHECK_SEED = 1_000_000
 
 
+def _fmt(v: Any, digits: int = 3) -> str:
+    """The comparison's number format (imported on use: `sensitivity --help` stays light)."""
+    from ..comparison import _fmt as fmt
+
+    return fmt(v, digits)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="run the whole pipeline on the embedded digits model (offline)",
@@ -87,15 +94,6 @@ def save_grid(images, path: Path, columns: int) -> Path:
     img.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    try:
-        return f"{float(v):.{digits}f}"
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
