@@ -86,9 +86,9 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     searched config as ``search-<target>.json`` (with ``config_provenance``); ``log``: a progress
     printer. Targets below the smallest reachable average bits are skipped (listed in ``skipped``).
 
-    ``allocated``: other allocators' configs, dicts ``target, method, options[, configs_labelled,
-    label_cpu_s, note]`` (``options=None``: that allocator has no config at the target, ``note`` says
-    why); ``costs``: ``{"search" | "best random" | "uniform" | "error ILP": (configs, cpu seconds)}``
+    ``allocated``: other allocators' configs, dicts ``target, method, options[, source,
+    configs_labelled, label_cpu_s, note]`` (``options=None``: that allocator has no config at the
+    target, ``note`` says why; they are not measured on the job's images); ``costs``: ``{"search" | "best random" | "uniform" | "error ILP": (configs, cpu seconds)}``
     (defaults: the cache's job for the first two — add the predictor's training to ``search`` —,
     the uniform configs' held-out measurements, 0 for the error ILP); ``repeat_evaluator``: a second
     held-out seed set, measuring the searched configs (``repeat="search"``) or every row (``"all"``);
@@ -197,7 +197,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
                                  "source": a["method"]})
                 continue
             add(t, a["method"], a.get("source", a["method"]), a["options"],
-                (a.get("configs_labelled"), a.get("label_cpu_s")))
+                (a.get("configs_labelled"), a.get("label_cpu_s")), job=a.get(job_col))
     for u in uniforms:
         um = measured.get(_key(u.options))
         if um is not None:
