@@ -75,6 +75,8 @@ def main(argv=None) -> int:
                     help="measure the searched configs (default) or every config on a second held-out seed set")
     ap.add_argument("--hawq-samples", type=int, default=64, help="HAWQ calibration items / Hutchinson probes")
     ap.add_argument("--seed", type=int, default=0, help="seed of the HAWQ calibration items and probes")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="the predictor's training cost in CPU seconds (default: report.json's train_seconds, wall)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     ap.add_argument("--out", default="runs/compare")
     args = ap.parse_args(argv)
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
         rep = json.loads(report_path.read_text())
         train_s = float(sum(v.get("train_seconds", 0.0) for k, v in rep.get("predictors", {}).items()
                             if k == predictor.kind))
+    if args.train_seconds is not None:
+        train_s = float(args.train_seconds)
     fam_name, _, weights = str(mq.model_id).partition(":")
     fam = get_family(fam_name)
 
