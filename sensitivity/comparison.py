@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .errors import SensitivityError
 from .evaluation.metric_specs import metric_spec
 from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_baselines
@@ -204,6 +206,53 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             out.points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
                                "predicted": u.predicted, **{k: um.get(k) for k in METRIC_KEYS}})
     return out
+
+
+def reranked_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional[SizeTable] = None,
+                    offsets: Sequence[float] = (0.0, 0.02, 0.05, 0.1), levels: Sequence[str] = ("layer", "module"),
+                    kappa: float = 0.0) -> Any:
+    """The search's knapsack solves an *additive* proxy of the predictor (its layer / module scores);
+    this solves it at ``target_bits − offset`` for each offset and level, then keeps the candidate the
+    whole predictor rates best: the fold ensemble's mean minus ``kappa`` × the folds' standard
+    deviation (``predictor.models``; without them, ``predict``). Every candidate fits the target.
+    Uses no measurement: the held-out images choose nothing. ``details["rerank"]`` lists the candidates.
+    """
+    sizes = sizes if sizes is not None else SizeTable.from_multiquantizer(mq)
+    cands, seen = [], set()
+    for level in levels:
+        if level == "module" and not hasattr(predictor, "module_scores"):
+            continue
+        for off in offsets:
+            t = round(float(target_bits) - float(off), 6)
+            if t < sizes.min_avg_bits():
+                continue
+            try:
+                r = search(predictor, mq, t, level=level, sizes=sizes)
+            except SensitivityError:
+                continue
+            k = _key(r.options)
+            if k not in seen:
+                seen.add(k)
+                r.details.update(level=level, offset=float(off))
+                cands.append(r)
+    if not cands:
+        raise InfeasibleTargetError(f"target {target_bits:g}: no candidate config")
+    models = getattr(predictor, "models", None)
+    if models and hasattr(predictor, "encode"):
+        codes = predictor.encode([c.options for c in cands])
+        per = np.array([m.predict_codes(codes) for m in models])
+        mean, std = per.mean(axis=0), per.std(axis=0)
+    else:
+        mean, std = np.asarray(predictor.predict([c.options for c in cands]), dtype=np.float64), np.zeros(len(cands))
+    score = mean - float(kappa) * std
+    best = int(np.argmax(score))
+    res = cands[best]
+    res.target_bits = float(target_bits)
+    res.method = "search-reranked"
+    res.details["rerank"] = [{"level": c.details["level"], "offset": c.details["offset"], "avg_bits": c.avg_bits,
+                              "mean": float(m), "std": float(sd)} for c, m, sd in zip(cands, mean, std)]
+    res.details["rerank_choice"] = best
+    return res
 
 
 class StoredEvaluator:

@@ -130,3 +130,34 @@ def test_stored_evaluator_resumes_and_refuses_another_protocol(setup, tmp_path):
     md = markdown_table([{"method": "search", "fid": 1.23456, "configs_labelled": 1200, "x": None}],
                         ["method", "fid", "configs_labelled", "x"])
     assert md.splitlines()[2] == "| search | 1.235 | 1,200 | – |"
+
+
+def test_reranked_search_keeps_the_candidate_the_whole_predictor_rates_best(setup):
+    from sensitivity.comparison import reranked_search
+    from sensitivity.search import budget_bytes, search
+
+    sizes, predictor, _ = setup
+
+    class Folds:  # two fold models: the mean is the additive score plus a bonus for fewer bytes
+        def __init__(self, inner):
+            self.inner, self.models = inner, [self, self]
+
+        def layer_scores(self, mq=None):
+            return self.inner.layer_scores(mq)
+
+        def encode(self, configs):
+            return list(configs)
+
+        def predict_codes(self, configs):
+            return np.array([self.inner.predict([c])[0] + 1e-5 * (sizes.fp16_total - sizes.quantized_bytes(c))
+                             for c in configs])
+
+        def predict(self, configs):
+            return self.predict_codes(configs)
+
+    plain = search(predictor, None, 3.8, sizes=sizes)
+    res = reranked_search(Folds(predictor), None, 3.8, sizes=sizes, offsets=(0.0, 0.1, 0.3))
+    assert len(res.details["rerank"]) >= 2 and sizes.quantized_bytes(res.options) <= budget_bytes(3.8, sizes.fp16_total)
+    means = [c["mean"] for c in res.details["rerank"]]
+    assert res.details["rerank_choice"] == int(np.argmax(means))
+    assert Folds(predictor).predict([res.options])[0] >= Folds(predictor).predict([plain.options])[0]
