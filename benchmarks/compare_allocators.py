@@ -169,9 +169,14 @@ def main(argv=None) -> int:
         s = next((r for r in rows if r["source"] == "search"), None)
         others = [r for r in rows if r["source"] != "search"]
         if s and others:
-            best = min(others, key=lambda r: r["fid"])
-            wins[t] = {"search_fid": s["fid"], "search_fid_2": s.get("fid_2"), "best_other": best["method"],
-                       "best_other_fid": best["fid"], "search_wins": s["fid"] < best["fid"]}
+            searched = json.dumps(sorted(comp.results[t].options.items()))
+            same = {a["method"] for a in allocated if a["target"] == t and a.get("options") is not None
+                    and json.dumps(sorted(a["options"].items())) == searched}
+            rivals = [r for r in others if r["method"] not in same]
+            best = min(rivals, key=lambda r: r["fid"]) if rivals else None
+            wins[t] = {"search_fid": s["fid"], "search_fid_2": s.get("fid_2"), "same_config_as": sorted(same),
+                       "best_other": best and best["method"], "best_other_fid": best and best["fid"],
+                       "search_wins": best is None or s["fid"] < best["fid"]}
     summary = {"predictor": str(args.predictor), "predictor_kind": predictor.kind, "cache": args.cache,
                "single": args.single, "multiquantizer": args.multiquantizer, "multiquantizer_hash": mq.hash,
                "targets": targets, "check_seed": CHECK_SEED, "repeat_seed": REPEAT_SEED if ev2 else None,
@@ -185,8 +190,9 @@ def main(argv=None) -> int:
     _write_text(out / "comparison.json", json.dumps(summary, indent=1, default=float))
     print("\n" + md)
     for t, w in wins.items():
-        print(f"{t:g} bits: search FID {w['search_fid']:.3f} vs best other {w['best_other']} {w['best_other_fid']:.3f}"
-              f" -> {'search wins' if w['search_wins'] else 'search LOSES'}")
+        tie = f" (the same config as {', '.join(w['same_config_as'])})" if w["same_config_as"] else ""
+        print(f"{t:g} bits: search FID {w['search_fid']:.3f}{tie} vs the best other config, {w['best_other']} "
+              f"{w['best_other_fid']:.3f} -> {'search wins' if w['search_wins'] else 'search LOSES'}")
     print(f"wrote {out}/comparison.csv, comparison.md, comparison.json, pareto_fid.png in {time.time() - t_start:.0f} s "
           f"({summary['measured_now']} configs measured now, {summary['reused']} reused; held-out full precision "
           f"FID {comp.full_precision['fid']:.3f})")
