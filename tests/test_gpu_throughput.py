@@ -102,26 +102,26 @@ def test_fp_images_made_once_and_shared(digits, before, tmp_path, monkeypatch):
     calls = []
     original = Evaluator._generate_fp
     monkeypatch.setattr(Evaluator, "_generate_fp", lambda self: calls.append(1) or original(self))
-    w1, w2 = (Evaluator(fam, pipe, mq, protocol, cache_dir=tmp_path) for _ in range(2))
+    w1, w2 = (Evaluator(fam, pipe, mq, protocol, fp_images_dir=tmp_path) for _ in range(2))
     o1, o2 = w1.evaluate(configs[0]), w2.evaluate(configs[1])
     assert len(calls) == 1
     assert "fp_generate" in o1["timings"] and "fp_load" in o2["timings"] and "fp_generate" not in o2["timings"]
     assert [_metrics(o1), _metrics(o2)] == before
-    (npy,) = (tmp_path / "fp-images").glob("*.npy")
+    (npy,) = tmp_path.glob("*.npy")
     assert np.array_equal(np.load(npy), plain.reference_images())
     assert json.loads(npy.with_suffix(".json").read_text())["num_images"] == protocol.num_images
     # another protocol (other seeds) does not reuse them
     other = EvalProtocol.for_family(fam, "random", n_per_class=2, steps=2, seed=7, multiquantizer_hash=mq.hash)
-    Evaluator(fam, pipe, mq, other, cache_dir=tmp_path).evaluate(configs[0])
-    assert len(calls) == 2 and len(list((tmp_path / "fp-images").glob("*.npy"))) == 2
+    Evaluator(fam, pipe, mq, other, fp_images_dir=tmp_path).evaluate(configs[0])
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.npy"))) == 2
 
 
 def test_waiting_worker_picks_the_shared_images_up_when_scoring(digits, before, tmp_path):
     """A worker that finds the lock taken (another worker generating) generates its own config and
     loads the full-precision images when it scores."""
     fam, pipe, mq, protocol, configs, _ = digits
-    first = Evaluator(fam, pipe, mq, protocol, cache_dir=tmp_path)
-    other = Evaluator(fam, pipe, mq, protocol, cache_dir=tmp_path)
+    first = Evaluator(fam, pipe, mq, protocol, fp_images_dir=tmp_path)
+    other = Evaluator(fam, pipe, mq, protocol, fp_images_dir=tmp_path)
     assert first._shared_fp.try_lock()  # "another worker" holds it
     import threading
 
@@ -213,7 +213,7 @@ def test_compile_reaches_the_denoiser(digits, before, tmp_path):
     ap = argparse.ArgumentParser()
     add_protocol_arguments(ap)
     common = ["digits-dit", "--multiquantizer", str(path), "--weights", "random", "--images-per-class", "2",
-              "--steps", "2", "--reference-cache", str(tmp_path)]
+              "--steps", "2"]
     _, _, fac_c, prot_c, _ = protocol_from_args(ap.parse_args(common + ["--compile", "eager"]))
     _, _, fac, prot, _ = protocol_from_args(ap.parse_args(common))
     assert fac_c.compile == "eager" and fac.compile is False
@@ -233,22 +233,23 @@ def test_sample_devices_cpu_cpu_shares_one_fp_generation(digits, tmp_path):
     _, _, _, _, _, path = digits
     from sensitivity.evaluation.cache import ConfigCache
 
-    def sample(cache, ref, *extra):
+    def sample(cache, *extra):
+        cache.parent.mkdir()
         argv = [sys.executable, "-m", "sensitivity", "sample", "digits-dit", "--multiquantizer", str(path),
                 "--weights", "random", "--images-per-class", "2", "--steps", "2", "--cache", str(cache),
-                "--num-configs", "6", "--seed", "2", "--no-progress", "--reference-cache", str(ref), *extra]
+                "--num-configs", "6", "--seed", "2", "--no-progress", *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
         r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         with ConfigCache(cache) as c:
             return r.stdout, c.records()
 
-    out2, two = sample(tmp_path / "two.sqlite", tmp_path / "ref2", "--devices", "cpu,cpu", "--threads", "1")
-    assert "local x2 processes on cpu,cpu" in out2
+    out2, two = sample(tmp_path / "two" / "c.sqlite", "--devices", "cpu,cpu", "--threads", "1")
+    assert "local x2 processes on cpu,cpu" in out2 and len(list((tmp_path / "two" / "fp-images").glob("*.npy"))) == 1
     assert sum("fp_generate" in r["timings"] for r in two) == 1
     assert sum("fp_load" in r["timings"] for r in two) >= 1
     assert {r["timings"]["worker"]["device"] for r in two} == {"cpu"}
-    _, one = sample(tmp_path / "one.sqlite", tmp_path / "ref1", "--workers", "1", "--threads", "1")
+    _, one = sample(tmp_path / "one" / "c.sqlite", "--workers", "1", "--threads", "1")
     key = lambda recs: sorted((r["index"], r["config_hash"], json.dumps(r["metrics"], sort_keys=True)) for r in recs)  # noqa: E731
     assert key(two) == key(one)
 

@@ -51,8 +51,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--reference-dir", default=None, metavar="DIR",
                    help="real images for FID/KID (COCO val2017 / ImageNet val folder); digits models need none")
     c.add_argument("--reference-cache", default=".sensitivity-cache", metavar="DIR",
-                   help="where the reference folder's features and the full-precision images are cached "
-                        "(computed once per job, shared by its workers and reruns)")
+                   help="where the reference folder's features are cached (computed once)")
     c.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     c.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     c.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the model's)")
@@ -412,6 +411,11 @@ def run(args: argparse.Namespace) -> int:
         device, started_ray = _connect_ray(args.ray, args.device)
     try:
         fam, weights, base_factory, protocol, mq = protocol_from_args(args, device)
+        from dataclasses import replace as _replace
+
+        from ..evaluation.fp_reference import job_fp_images_dir
+
+        base_factory = _replace(base_factory, fp_images_dir=str(job_fp_images_dir(cache_path)))
         factory = PipelinedFactory(base_factory, pipeline=args.pipeline)
         spec = SamplerSpec(seed=args.seed, options=mq.options, bits=args.bits, methods=args.methods,
                            fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
@@ -441,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
               f"cache {cache_path}")
         print(f"  workers: {runner.describe()}, batch size {base_factory.batch_size or 'the model default'}"
               f"{', torch.compile ' + (base_factory.compile if isinstance(base_factory.compile, str) else 'inductor') if base_factory.compile else ''}; "
-              f"full-precision images shared in {Path(base_factory.cache_dir) / 'fp-images'}")
+              f"full-precision images shared in {base_factory.fp_images_dir}")
         try:
             summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
                               progress=not args.no_progress, desc=f"sample {fam.name}")

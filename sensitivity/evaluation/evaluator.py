@@ -231,9 +231,9 @@ class Evaluator:
     ``mq`` may be ``None`` (only full precision can then be evaluated). ``reference_dir`` /
     ``cache_dir`` / ``extractor``: real models' FID reference folder, cache folder for its features,
     and a :class:`~sensitivity.evaluation.metrics.CleanFIDInception` (built on first use if omitted).
-    The full-precision images of the protocol are generated once, on first need; with ``cache_dir`` and
-    a multiquantizer they are stored there and shared by every worker of a job and by reruns
-    (:mod:`sensitivity.evaluation.fp_reference`). ``batch_size``: images per generation batch, ``None``
+    The full-precision images of the protocol are generated once, on first need; with ``fp_images_dir``
+    (a job's: ``fp-images/`` beside its cache file) and a multiquantizer they are stored there and shared
+    by every worker of the job and by reruns (:mod:`sensitivity.evaluation.fp_reference`). ``batch_size``: images per generation batch, ``None``
     (the model's default) or ``"auto"`` (:mod:`sensitivity.evaluation.batching`; resolved on the first
     generation, halved if a later batch runs out of memory). Images stay in memory for every metric.
     """
@@ -243,7 +243,8 @@ class Evaluator:
                  cache_dir: Union[str, Path, None] = None, extractor=None, progress: bool = False,
                  check_model: bool = True, inception: Union[str, Path, None] = None,
                  clip_model: Optional[str] = None, lpips_net: Optional[str] = None,
-                 act_calibration: Union[str, Path, None] = None, reference_images=None):
+                 act_calibration: Union[str, Path, None] = None, reference_images=None,
+                 fp_images_dir: Union[str, Path, None] = None):
         self.family = get_family(family)
         self.pipe = pipe
         self.denoiser = self.family.denoiser(pipe)
@@ -316,10 +317,10 @@ class Evaluator:
         self._fp_images: Optional[np.ndarray] = None
         self._fp_mutex = threading.Lock()
         self._shared_fp = None
-        if cache_dir is not None and mq is not None and check_model and reference_images is None:
+        if fp_images_dir is not None and mq is not None and check_model and reference_images is None:
             from .fp_reference import SharedImages
 
-            self._shared_fp = SharedImages(cache_dir, protocol.to_dict())
+            self._shared_fp = SharedImages(fp_images_dir, protocol.to_dict())
         if reference_images is not None:  # shared by the job (generated once): checked for shape only
             ref = np.asarray(reference_images)
             if len(ref) != protocol.num_images:
@@ -561,6 +562,7 @@ class EvaluatorFactory:
     """Picklable factory of an evaluation worker (for runners): loads the pipeline and the
     multiquantizer once in the worker and returns :meth:`Evaluator.worker`.
 
+    ``fp_images_dir``: where the job's full-precision images are shared (``None``: each worker keeps its own).
     ``batch_size``: ``None`` | N | ``"auto"``. ``compile``: ``False``, ``True`` (``torch.compile`` with
     its default backend) or a backend name (``"eager"`` in tests). ``device_label``: the device as the
     job names it (a pinned worker process sees its GPU as ``cuda:0``). Neither is part of the protocol.
@@ -582,6 +584,7 @@ class EvaluatorFactory:
     act_calibration: Optional[str] = None
     compile: Union[bool, str] = False
     device_label: Optional[str] = None
+    fp_images_dir: Optional[str] = None
 
     def with_device(self, device: str) -> "EvaluatorFactory":
         """This factory for a worker on ``device`` (a pinned process's ``cuda:0``, labelled as the job's device)."""
@@ -600,7 +603,7 @@ class EvaluatorFactory:
         ev = Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
                        reference_dir=self.reference_dir, cache_dir=self.cache_dir, inception=self.inception,
                        clip_model=self.clip_model, lpips_net=self.lpips_net,
-                       act_calibration=self.act_calibration)
+                       act_calibration=self.act_calibration, fp_images_dir=self.fp_images_dir)
         ev.worker_info.update(device=device_description(device, self.device_label),
                               compile=(self.compile if isinstance(self.compile, str) else
                                        ("inductor" if self.compile else False)))

@@ -3,7 +3,7 @@
 PSNR / MSE / LPIPS compare each config's images with the full-precision images of the same seeds.
 Without sharing, every worker of a job generated them once (N workers: N full-precision generations
 of the protocol's images). :class:`SharedImages` keeps them in one ``.npy`` file per protocol in the
-job's cache folder (``--reference-cache``), named by a content key of what decides them
+job's folder (``fp-images/`` beside the cache file: :func:`job_fp_images_dir`), named by a content key of what decides them
 (:func:`fp_images_key`: model id, multiquantizer hash = the denoiser's weights, conditions, seeds, steps,
 guidance, scheduler, dtype, size and pipeline settings). The first worker takes a file lock and
 generates; the others load the file (memory-mapped: N workers share one copy in RAM), and a worker that
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -37,13 +36,13 @@ def fp_images_key(protocol: Dict[str, Any]) -> str:
 
 
 class SharedImages:
-    """One protocol's full-precision images in ``folder/fp-images/<key>.npy`` (uint8 ``[N, H, W, C]``)."""
+    """One protocol's full-precision images in ``folder/<key>.npy`` (uint8 ``[N, H, W, C]``)."""
 
     def __init__(self, folder: Union[str, Path], protocol: Dict[str, Any]):
         from filelock import FileLock
 
         self.key = fp_images_key(protocol)
-        self.folder = Path(folder) / "fp-images"
+        self.folder = Path(folder)
         self.path = self.folder / f"{self.key}.npy"
         self.num_images = len(protocol.get("seeds") or ())
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -108,8 +107,7 @@ class SharedImages:
             self.unlock()
 
 
-def nbytes_on_disk(path: Union[str, Path]) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
+def job_fp_images_dir(cache_path: Union[str, Path]) -> Path:
+    """The folder where a job on ``cache_path`` shares its full-precision images: ``fp-images/`` beside it
+    (jobs of one folder with the same generation settings share them too: the key says what they are)."""
+    return Path(cache_path).expanduser().resolve().parent / "fp-images"
