@@ -87,9 +87,11 @@ def sd15_tiny(tmp_path_factory):
 
 def _evaluate_argv(r, *extra):
     return ["evaluate", "sd15", "--weights", "tiny", "--multiquantizer", str(r["mq"]), "--config", str(r["cfg"]),
-            "--prompts", str(r["prompts"]), "--num-images", "2", "--steps", "2", "--json", *extra]
+            "--prompts", str(r["prompts"]), "--num-images", "2", "--steps", "2", "--height", "32", "--width", "32",
+            "--json", *extra]
 
 
+@pytest.mark.slow  # ~30 s on 2 loaded cores: sd15 tiny generation twice (full precision + the config)
 def test_evaluate_with_clip_score_offline(sd15_tiny, clip_folder, capsys):
     cache = sd15_tiny["root"] / "clip.sqlite"
     assert cli_main(_evaluate_argv(sd15_tiny, "--clip-model", str(clip_folder), "--cache", str(cache))) == 0
