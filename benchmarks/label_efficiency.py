@@ -34,11 +34,18 @@ CHECK_SEED = 1_000_000
 
 class MeasuredOnce:
     """An evaluator whose ``evaluate(options)`` measures each config once (the held-out images are
-    the same for every row, so a config searched twice is not generated twice)."""
+    the same for every row, so a config searched twice is not generated twice). With ``path``, the
+    measurements are kept in a JSON file under the protocol's signature, so a rerun reuses them."""
 
-    def __init__(self, evaluator: Any):
+    def __init__(self, evaluator: Any, path: Path | None = None):
         self.evaluator = evaluator
+        self.path = path
+        self.signature = evaluator.protocol.signature()
         self.measured: Dict[str, Dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            kept = json.loads(path.read_text())
+            if kept.get("signature") == self.signature:
+                self.measured = kept["measured"]
         self.seconds = 0.0
 
     def evaluate(self, options: Mapping[str, str]) -> Dict[str, Any]:
@@ -49,6 +56,10 @@ class MeasuredOnce:
             self.seconds += time.perf_counter() - t0
             r.pop("timings", None)
             self.measured[key] = r
+            if self.path is not None:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"signature": self.signature, "measured": self.measured}))
+                os.replace(tmp, self.path)
         return dict(self.measured[key])
 
 
@@ -128,11 +139,13 @@ def main(argv=None) -> int:
     ap.add_argument("--multiquantizer", default="multiquantizers/digits-dit.safetensors")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed of both runs, and the folds' seed")
     ap.add_argument("--labels", default="40,80,160,320")
+    ap.add_argument("--strategies", default="random,active", help="which orders to run (the table and figure "
+                    "show every part in OUT/parts)")
     ap.add_argument("--targets", default="3.4,3.6,3.8,4.0")
     ap.add_argument("--predictor", default="lightgbm", help="predictor kind(s) trained at every N, comma-separated")
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--images-per-class", type=int, default=50, help="held-out images per class (10 classes)")
+    ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="runs/label_efficiency")
     ap.add_argument("--figure", default=None, help="figure path (default OUT/label_efficiency.png)")
@@ -155,8 +168,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    orders = {"random": (args.random_cache, random_order(args.random_cache, args.seed)),
-              "active": (args.active_cache, labelling_order(args.active_cache, seed=args.seed))}
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not set(strategies) <= {"random", "active"}:
+        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active or both")
+    orders = {}
+    if "random" in strategies:
+        orders["random"] = (args.random_cache, random_order(args.random_cache, args.seed))
+    if "active" in strategies:
+        orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed))
     for name, (path, recs) in orders.items():
         if len(recs) < max(labels):
             raise SensitivityError(f"{path}: the {name} run has {len(recs)} labelled configs, fewer than {max(labels)}")
@@ -167,15 +186,13 @@ def main(argv=None) -> int:
     pipe = fam.load_pipeline(weights or None)
     check = EvalProtocol.for_family(fam, weights or None, n_per_class=args.images_per_class, seed=CHECK_SEED,
                                     multiquantizer_hash=mq.hash, dtype="float32")
-    evaluator = MeasuredOnce(Evaluator(fam, pipe, mq, check))
+    evaluator = MeasuredOnce(Evaluator(fam, pipe, mq, check), out / "heldout_measured.json")
     t_start = time.time()
-    points = []
     todo = [(s, n, k) for k in kinds for s in orders for n in labels]
     todo += [(s, n, "gnn") for s in orders for n in labels if n in gnn_at and "gnn" not in kinds]
     for strategy, n, kind in todo:
         part = out / "parts" / f"{strategy}-{n}-{kind}.json"
         if part.is_file():
-            points.append(json.loads(part.read_text()))
             print(f"{strategy} {n} {kind}: done before ({part})", flush=True)
             continue
         src, recs = orders[strategy]
@@ -185,11 +202,13 @@ def main(argv=None) -> int:
         tmp = part.with_name(part.name + ".tmp")
         tmp.write_text(json.dumps(p, indent=1))
         os.replace(tmp, part)
-        points.append(p)
         fids = ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
         print(f"{strategy} {n} {kind}: held-out tau {p['tau']:.3f}, searched FID {fids} "
               f"(train {p['train_s']:.0f} s, search+measure {p['search_and_measure_s']:.0f} s)", flush=True)
 
+    points = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
+    points = [p for p in points if p["labels"] in labels and p.get("seed") == args.seed
+              and p.get("images") == check.num_images]
     rows = [{k: v for k, v in p.items() if k not in ("rows", "full_precision")} | r for p in points for r in p["rows"]]
     df = pd.DataFrame(rows)
     summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
