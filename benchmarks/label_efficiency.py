@@ -10,10 +10,13 @@ random = configs 0..N-1 of the random run (sampler index order), active = the fi
 run's labelling order (:func:`sensitivity.active.labelling_order`). The prefix goes into a temporary
 cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
 ``sensitivity train``), its Kendall τ is measured on the held-out cache
-(:func:`sensitivity.predictors.evaluate_on_cache`), and :func:`sensitivity.comparison.compare_at_targets`
-searches at each target and measures the searched config — and the best labelled config at or under
-the target — on ``--images-per-class`` x 10 held-out images (seeds from 1,000,000, shared by every
-row, each config measured once). Every (strategy, N, predictor) result is kept in ``OUT/parts/``,
+(:func:`sensitivity.predictors.evaluate_on_cache`), :func:`sensitivity.search.search` finds the
+config at each target and the held-out evaluator measures it on ``--images-per-class`` x 10 images
+(seeds from 1,000,000, the same for every row; each config measured once, kept in
+``OUT/heldout_measured.json`` under the protocol's signature). Only the searched configs are measured:
+:func:`sensitivity.comparison.compare_at_targets` would also measure the uniform, error-ILP and
+best-cache baselines at every point, 3x the generation on a shared 2-core machine (its rows are
+``benchmarks/compare_allocators.py``'s). Every (strategy, N, predictor) result is kept in ``OUT/parts/``,
 so a killed run resumes. Writes ``OUT/label_efficiency.csv``, ``OUT/label_efficiency.md`` and the
 two-panel figure.
 """
@@ -95,9 +98,11 @@ def label_seconds(records: Sequence[Mapping[str, Any]]) -> float:
 
 
 def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], source: str, args, mq, sizes,
-              evaluator: MeasuredOnce) -> Dict[str, Any]:
-    from sensitivity.comparison import compare_at_targets
+              evaluator: MeasuredOnce, measure: bool = True) -> Dict[str, Any]:
+    """Train ``kind`` on the first ``n`` records, score it on the held-out cache, and (``measure``)
+    search at every target and measure the searched configs."""
     from sensitivity.predictors import evaluate_on_cache, load_predictor, train
+    from sensitivity.search import search
 
     prefix = records[:n]
     with tempfile.TemporaryDirectory(prefix="label-eff-") as tmp:
@@ -110,25 +115,21 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
         train_s = time.perf_counter() - t0
         held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind])
         predictor = load_predictor(Path(tmp) / "pred", kind=kind)
-        t1 = time.perf_counter()
-        comp = compare_at_targets(predictor, mq, evaluator, args.target_list, prefix, metric="fid", sizes=sizes)
-        search_s = time.perf_counter() - t1
     rows = []
-    for r in comp.rows:
-        if r.get("method") == "search":
-            what = "search"
-        elif str(r.get("method", "")).startswith("best of"):
-            what = "best labelled"
-        else:
-            continue
-        rows.append({"strategy": strategy, "labels": n, "predictor": kind, "target": r["target"], "config": what,
-                     "avg_bits": r.get("avg_bits"), "predicted_fid": r.get("predicted_fid"),
-                     **{k: r.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
+    t1 = time.perf_counter()
+    for t in (args.target_list if measure else []):
+        res = search(predictor, mq, t, sizes=sizes)
+        m = evaluator.evaluate(res.options)
+        rows.append({"strategy": strategy, "labels": n, "predictor": kind, "target": t, "config": "search",
+                     "avg_bits": res.avg_bits, "predicted_fid": -res.predicted,
+                     **{k: m.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
+    search_s = time.perf_counter() - t1
     return {"strategy": strategy, "labels": n, "predictor": kind,
             "tau": held["predictors"][kind]["kendall"], "spearman": held["predictors"][kind]["spearman"],
             "cv_tau": report["predictors"][kind]["mean"]["kendall"], "heldout_configs": held["n_configs"],
             "label_eval_s": round(label_seconds(prefix), 1), "train_s": round(train_s, 1),
-            "search_and_measure_s": round(search_s, 1), "rows": rows, "full_precision": comp.full_precision}
+            "search_and_measure_s": round(search_s, 1), "rows": rows,
+            "full_precision": evaluator.evaluate({})}
 
 
 def main(argv=None) -> int:
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
                     "show every part in OUT/parts)")
     ap.add_argument("--targets", default="3.4,3.6,3.8,4.0")
     ap.add_argument("--predictor", default="lightgbm", help="predictor kind(s) trained at every N, comma-separated")
+    ap.add_argument("--tau-only", default="", help="predictor kind(s) of which only the held-out τ is measured "
+                    "(no search), e.g. additive")
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
@@ -154,6 +157,7 @@ def main(argv=None) -> int:
     labels = [int(n) for n in args.labels.split(",") if n.strip()]
     kinds = [k.strip() for k in args.predictor.split(",") if k.strip()]
     gnn_at = {int(n) for n in args.gnn_at.split(",") if n.strip()}
+    tau_only = [k.strip() for k in args.tau_only.split(",") if k.strip() and k.strip() not in kinds]
 
     import pandas as pd
     import torch
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
     if "random" in strategies:
         orders["random"] = (args.random_cache, random_order(args.random_cache, args.seed))
     if "active" in strategies:
-        orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed))
+        orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed, limit=max(labels)))
     for name, (path, recs) in orders.items():
         if len(recs) < max(labels):
             raise SensitivityError(f"{path}: the {name} run has {len(recs)} labelled configs, fewer than {max(labels)}")
@@ -190,19 +194,20 @@ def main(argv=None) -> int:
     t_start = time.time()
     todo = [(s, n, k) for k in kinds for s in orders for n in labels]
     todo += [(s, n, "gnn") for s in orders for n in labels if n in gnn_at and "gnn" not in kinds]
+    todo += [(s, n, k) for k in tau_only for s in orders for n in labels]
     for strategy, n, kind in todo:
         part = out / "parts" / f"{strategy}-{n}-{kind}.json"
         if part.is_file():
             print(f"{strategy} {n} {kind}: done before ({part})", flush=True)
             continue
         src, recs = orders[strategy]
-        p = run_point(strategy, n, kind, recs, src, args, mq, sizes, evaluator)
+        p = run_point(strategy, n, kind, recs, src, args, mq, sizes, evaluator, measure=kind not in tau_only)
         p.update({"images": check.num_images, "image_seeds": f"{CHECK_SEED}..{CHECK_SEED + check.num_images - 1}",
                   "seed": args.seed})
         tmp = part.with_name(part.name + ".tmp")
         tmp.write_text(json.dumps(p, indent=1))
         os.replace(tmp, part)
-        fids = ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
+        fids = "–" if not p["rows"] else ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
         print(f"{strategy} {n} {kind}: held-out tau {p['tau']:.3f}, searched FID {fids} "
               f"(train {p['train_s']:.0f} s, search+measure {p['search_and_measure_s']:.0f} s)", flush=True)
 
@@ -214,10 +219,8 @@ def main(argv=None) -> int:
     summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
     search = df[df["config"] == "search"].pivot_table(index=["predictor", "strategy", "labels"], columns="target",
                                                       values="fid").add_prefix("FID@")
-    best = df[df["config"] == "best labelled"].groupby(["predictor", "strategy", "labels"])["fid"].mean()
-    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "label_eval_s"]].join(search)
+    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "cv_tau", "label_eval_s"]].join(search)
     table["mean searched FID"] = search.mean(axis=1)
-    table["mean best-labelled FID"] = best
     table = table.reset_index().sort_values(["predictor", "labels", "strategy"])
     fp = points[0]["full_precision"]
     tmp = out / "label_efficiency.csv.tmp"
@@ -242,10 +245,8 @@ def main(argv=None) -> int:
         ls = "-" if kind == kinds[0] else ":"
         lab = f"{strategy} ({kind})"
         a1.plot(g["labels"], g["tau"], marker="o", ls=ls, color=colors[strategy], label=lab)
-        a2.plot(g["labels"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=f"searched, {lab}")
-        if kind == kinds[0]:
-            a2.plot(g["labels"], g["mean best-labelled FID"], marker="s", ls="--", lw=0.8, alpha=0.6,
-                    color=colors[strategy], label=f"best labelled config, {strategy}")
+        if g["mean searched FID"].notna().any():
+            a2.plot(g["labels"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=lab)
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xticks(labels, [str(n) for n in labels])

@@ -97,9 +97,10 @@ def choose_batch(labelled: Sequence[Mapping[str, str]], y: np.ndarray, pool: Seq
     return [int(i) for i in order[:batch]]
 
 
-def labelling_order(cache: Any, seed: Optional[int] = None) -> List[Dict[str, Any]]:
+def labelling_order(cache: Any, seed: Optional[int] = None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """The records of an active run in the order they were labelled: the random start (its run's
-    indices 0..initial-1), then round 1, 2, ... (each in its run's index order).
+    indices 0..initial-1), then round 1, 2, ... (each in its run's index order); with ``limit``, the
+    first ``limit`` of them (only the rounds they come from must be finished).
 
     ``cache``: a path or an open :class:`~sensitivity.evaluation.cache.ConfigCache`; ``seed`` picks
     the run when the cache holds active runs of several seeds or settings (otherwise it must hold
@@ -132,6 +133,8 @@ def labelling_order(cache: Any, seed: Optional[int] = None) -> List[Dict[str, An
         if len(out) < initial:
             raise SensitivityError(f"{where}: the random start has {len(out)} of its {initial} configs")
         for k, run in enumerate(runs, start=1):
+            if limit is not None and len(out) >= limit:
+                break
             if int(run["sampler"]["round"]) != k:
                 raise SensitivityError(f"{where}: active round {k} is missing (found round {run['sampler']['round']})")
             recs = c.records(run["run_id"])
@@ -139,7 +142,7 @@ def labelling_order(cache: Any, seed: Optional[int] = None) -> List[Dict[str, An
                 raise SensitivityError(f"{where}: active round {k} has {len(recs)} of its {run['sampler']['configs']} "
                                        "configs; rerun the same command to finish it")
             out.extend(recs)
-        return out
+        return out if limit is None else out[:limit]
     finally:
         if own:
             c.close()

@@ -88,6 +88,7 @@ def test_active_command_resumes_and_its_prefixes_are_the_labelling_order(tiny_mq
     parts = tmp_path / "parts.sqlite"  # stopped after round 1, then continued: the same rounds
     _active(tiny_mq, parts, 12, capsys)
     assert [r["config_hash"] for r in labelling_order(parts)] == order[:12]
+    assert [r["config_hash"] for r in labelling_order(parts, limit=10)] == order[:10]
     more = _active(tiny_mq, parts, 16, capsys)
     assert more["evaluated"] == 4  # only round 2 was new
     assert [r["config_hash"] for r in labelling_order(parts)] == order
