@@ -132,6 +132,18 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
             "full_precision": evaluator.evaluate({})}
 
 
+def markdown_table(df) -> str:
+    """``df`` as a Markdown table, floats with 3 decimals (no tabulate dependency)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "–" if v != v else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random-cache", default="caches/digits-dit.sqlite")
@@ -219,9 +231,12 @@ def main(argv=None) -> int:
     summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
     search = df[df["config"] == "search"].pivot_table(index=["predictor", "strategy", "labels"], columns="target",
                                                       values="fid").add_prefix("FID@")
-    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "cv_tau", "label_eval_s"]].join(search)
+    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "cv_tau"]].join(search)
     table["mean searched FID"] = search.mean(axis=1)
-    table = table.reset_index().sort_values(["predictor", "labels", "strategy"])
+    rank = {k: i for i, k in enumerate(kinds + ["gnn"] + tau_only)}
+    table = table.reset_index()
+    table = table.assign(_k=table["predictor"].map(rank)).sort_values(["_k", "labels", "strategy"]).drop(columns="_k")
+    table = table.rename(columns={"tau": "held-out τ", "cv_tau": "5-fold CV τ"})
     fp = points[0]["full_precision"]
     tmp = out / "label_efficiency.csv.tmp"
     df.to_csv(tmp, index=False)
@@ -229,7 +244,7 @@ def main(argv=None) -> int:
     md = (f"Held-out Kendall τ on {args.heldout} ({points[0]['heldout_configs']} configs) and held-out FID "
           f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of the "
           f"searched config, random vs active labels, seed {args.seed}.\n\n"
-          + table.to_markdown(index=False, floatfmt=".3f") + "\n")
+          + markdown_table(table) + "\n")
     (out / "label_efficiency.md").write_text(md)
     print(md)
 
@@ -240,11 +255,11 @@ def main(argv=None) -> int:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"random": "tab:blue", "active": "tab:orange"}
-    for (kind, strategy), g in table.groupby(["predictor", "strategy"], sort=False):
+    for (kind, strategy), g in table.groupby(["predictor", "strategy"], sort=False):  # noqa: B007
         g = g.sort_values("labels")
         ls = "-" if kind == kinds[0] else ":"
         lab = f"{strategy} ({kind})"
-        a1.plot(g["labels"], g["tau"], marker="o", ls=ls, color=colors[strategy], label=lab)
+        a1.plot(g["labels"], g["held-out τ"], marker="o", ls=ls, color=colors[strategy], label=lab)
         if g["mean searched FID"].notna().any():
             a2.plot(g["labels"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=lab)
     for a in (a1, a2):
