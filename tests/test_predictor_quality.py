@@ -119,3 +119,21 @@ def test_feature_table_bad_input(setup, tmp_path):
     pd.DataFrame([{"layer": table.layers[0], "value": 1.0}]).to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(SensitivityError, match="no column 'option'"):
         read_feature_table(tmp_path / "d.csv", table)
+
+
+def test_lightgbm_summed_feature_tables_reload(setup, tmp_path):
+    graph, _, table, ds = setup
+    csv = _feature_csv(table, tmp_path / "f.csv")
+    ctx = Context(table, Target("fid"), graph)
+    res = cross_validate(ds, ctx, ["lightgbm"], folds=2, seed=0,
+                         params={"lightgbm": {"feature_tables": [str(csv)], "n_estimators": 20}}, progress=False)
+    m = res.predictors["lightgbm"].models[0]
+    X = m._features(ds.codes[:3])
+    raw = read_feature_table(csv, table)
+    want = np.log10(raw[np.arange(len(table.layers))[None, :], ds.codes[:3].astype(int)].sum(1) + 1e-12)
+    np.testing.assert_allclose(X[:, -1], want, rtol=1e-6)
+    assert X.shape[1] == len(table.layers) * (1 + len(table.options)) + 1
+    out = save_predictors(tmp_path / "l", res, "lightgbm", {}, ds.codes[:8], compute_scores=False, progress=False)
+    csv.unlink()
+    np.testing.assert_array_equal(load_predictor(out).predict_codes(ds.codes),
+                                  res.predictors["lightgbm"].predict_codes(ds.codes))
