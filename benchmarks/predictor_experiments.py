@@ -4,12 +4,12 @@ choose) next to held-out τ and cache-restricted regret on another cache (report
     python benchmarks/predictor_experiments.py --train caches/digits-dit.sqlite \
         --heldout caches/digits-dit-seed1.sqlite \
         --member gnn=predictors/digits-dit:gnn --member lightgbm=predictors/digits-dit:lightgbm \
-        --ensemble gnn+lightgbm+additive --out predictors/experiments.json
+        --ensemble gnn,lightgbm,additive --out predictors/experiments.json
 
 ``--member NAME=FOLDER:KIND`` is one member of a trained predictor folder (``sensitivity train``);
 its cross-validated τ comes from its out-of-fold predictions (each config scored by the fold model
 that did not see it, the folder's folds), its held-out numbers from the fold ensemble. ``--ensemble
-A+B+...`` scores the equal-weight mean of those members' predictions (target units) and their rank
+A,B,...`` scores the equal-weight mean of those members' predictions (target units) and their rank
 average; members of one ensemble must share folds (same ``--folds``/``--seed``).
 """
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train", required=True)
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--member", action="append", default=[], metavar="NAME=FOLDER:KIND")
-    ap.add_argument("--ensemble", action="append", default=[], metavar="A+B+...")
+    ap.add_argument("--ensemble", action="append", default=[], metavar="A,B,...")
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         ho[name] = np.asarray(r["predictions"][kind])
         y_ho, metric, bits = np.asarray(r["y"]), np.asarray(r["metric"]), np.asarray(r["avg_bits"])
     for e in args.ensemble:
-        parts = e.split("+")
+        parts = e.split(",")
         if any(not np.array_equal(folds[parts[0]], folds[p]) for p in parts):
             raise SystemExit(f"ensemble {e}: members trained on different folds")
         cv[f"mean({e})"] = np.mean([cv[p] for p in parts], 0)
