@@ -137,3 +137,20 @@ def test_lightgbm_summed_feature_tables_reload(setup, tmp_path):
     csv.unlink()
     np.testing.assert_array_equal(load_predictor(out).predict_codes(ds.codes),
                                   res.predictors["lightgbm"].predict_codes(ds.codes))
+
+
+def test_train_cli_defaults_to_the_ensemble(setup, tmp_path, capsys):
+    import json
+
+    from sensitivity.cli import main
+
+    _, path, _, _ = setup
+    fast = [f"--set=gnn.{k}={v}" for k, v in GNN_FAST.items()]
+    rc = main(["train", str(path), "--model", "digits-dit", "--weights", "tiny", "--folds", "2", "--baselines", "bits",
+               "--no-scores", "--out", str(tmp_path / "p"), *fast])
+    assert rc == 0
+    man = json.loads((tmp_path / "p" / "predictor.json").read_text())
+    assert man["primary"] == "ensemble" and set(man["kinds"]) == {"ensemble", "bits", "gnn", "lightgbm", "additive"}
+    ens = man["members"]["ensemble"]["folds"][0]["params"]
+    assert ens["member_params"]["gnn"]["epochs"] == GNN_FAST["epochs"]  # the run's --set reaches the members
+    assert "ensemble" in capsys.readouterr().out
