@@ -272,7 +272,7 @@ def protocol_generation_overrides(args: argparse.Namespace, fam) -> Dict[str, An
     over = generation_overrides(argparse.Namespace(height=args.height, width=args.width,
                                                    set=getattr(args, "set", None)))
     out: Dict[str, Any] = {"height": over.pop("height", None), "width": over.pop("width", None)}
-    fam.defaults.replace(**over)  # unknown settings: one-line error naming the known ones
+    fam.settings(None, **over)  # unknown settings: one-line error naming the known ones
     if over:
         out["extra"] = over
     return out
