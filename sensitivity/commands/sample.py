@@ -523,7 +523,8 @@ def _active_rounds(args, mq, spec, plan, cache_path, factory, signature, evaluat
         new = [pool[free[i]] for i in picks]
         rounds += 1
         sampler = ListSampler.from_configs(new, seed=args.seed, round=rounds, metric=args.metric,
-                                           targets=",".join(f"{t:g}" for t in targets))
+                                           targets=",".join(f"{t:g}" for t in targets), initial=plan.num_configs,
+                                           initial_run=first.run_id, batch=args.batch, pool=args.pool, window=args.window)
         rplan = JobPlan(layers, sampler, len(new), plan.layer_stats)
         runner = LocalRunner(factory, workers=args.workers, threads=args.threads,
                              devices=_devices_of(args))
