@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-configs", type=int, default=None, help="random configs of the evaluation job")
     p.add_argument("--images-per-class", type=int, default=None, help="images per digit class in every evaluation")
     p.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="average-bit targets of the search (comma list)")
-    p.add_argument("--predictor", default="gnn", help="predictor kind to train and search with (default gnn)")
+    p.add_argument("--predictor", default=None,
+                   help="predictor kind to train and search with (default ensemble: gnn + lightgbm + additive)")
     p.add_argument("--check-images-per-class", type=int, default=None,
                    help="images per class of the held-out check that measures searched and baseline configs on "
                         f"other seeds (default {FULL['check_images_per_class']}, --quick "
@@ -111,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import cli
     from ..errors import SensitivityError
+    from ..predictors.ensemble import DEFAULT_PREDICTOR
 
+    args.predictor = args.predictor or DEFAULT_PREDICTOR
     t_start = time.perf_counter()
     preset = QUICK if args.quick else FULL
     n_cfg = args.num_configs if args.num_configs is not None else preset["num_configs"]

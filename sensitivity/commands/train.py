@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cache", help="evaluation cache (.sqlite, or an export .parquet/.csv)")
     p.add_argument("--model", help="model family whose graph the GNN uses (default: the cache's model)")
     p.add_argument("--weights", default="meta", help="weights to trace the graph on (default meta: no memory)")
-    p.add_argument("--predictor", default="ensemble",
+    p.add_argument("--predictor", default=None,
                    help="ensemble (mean of gnn, lightgbm and additive: the best held-out ranking on digits-dit), gnn, "
                         "lightgbm, additive, bits or error (default ensemble)")
     p.add_argument("--baselines", default="bits,error,additive,lightgbm",
@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
     from ..io import check_writable
     from ..predictors import get_kind, train
+    from ..predictors.ensemble import DEFAULT_PREDICTOR
 
+    args.predictor = args.predictor or DEFAULT_PREDICTOR
     if not Path(args.cache).exists():
         raise SensitivityError(f"cache {args.cache!r} does not exist")
     kinds = [args.predictor] + [b.strip() for b in args.baselines.split(",") if b.strip()]

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import SensitivityError
 from .base import Context
 from .data import CacheData, Dataset, LayerTable, Target, load_cache
-from .ensemble import DEFAULT_BASELINES, cross_validate, load_predictor, read_manifest, save_predictors
+from .ensemble import DEFAULT_BASELINES, DEFAULT_PREDICTOR, cross_validate, load_predictor, read_manifest, save_predictors
 from .metrics import ranking_metrics
 from .scores import MAX_MODULE_CONFIGS
 
@@ -70,7 +70,7 @@ def train(
     cache: str | Path,
     out: str | Path,
     model: Optional[str] = None,
-    predictor: str = "gnn",
+    predictor: str = DEFAULT_PREDICTOR,
     baselines: Sequence[str] = DEFAULT_BASELINES,
     folds: int = 5,
     seed: int = 0,
