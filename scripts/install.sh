@@ -70,8 +70,8 @@ PIP_EXTRAS="$(sed -n 's/^PIP_EXTRAS=//p' <<<"$PLAN")"
 SPECIAL="$(sed -n 's/^SPECIAL=//p' <<<"$PLAN")"
 TORCH="${TORCH_SPEC:-torch==2.13.0}"
 echo "scripts/install.sh installs into $("$PY" -c 'import sys; print(sys.prefix)'):"
-if "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "  torch: already installed ($("$PY" -c 'import torch; print(torch.__version__)'))"
+if HAVE_TORCH="$("$PY" -c "from importlib import metadata as m, util as u; assert u.find_spec('torch'); print(m.version('torch'))" 2>/dev/null)"; then
+  echo "  torch: already installed ($HAVE_TORCH)"
 else
   echo "  torch: $TORCH (first, so pip keeps this build)"
 fi
