@@ -266,13 +266,17 @@ def evaluate_saved(kind: str, out: Path, quantized: bool = True) -> int:
     report = json.loads(path.read_text()) if path.exists() else {}
     report["metrics_of_saved_weights"] = metrics
     if quantized:
-        report["uniform_configs"] = evaluate_uniform_configs(kind, out)
+        report["uniform_configs"] = evaluate_uniform_configs(f"digits-{kind}", out)
     _write_report(out, report)
     return 0
 
 
-def evaluate_uniform_configs(kind: str, out: Path) -> dict:
-    """Metrics of full precision and of every layer at one option (all six options), 500 images."""
+def evaluate_uniform_configs(family: str, out: Path, options=None, n_per_class: int = 50, seed: int = 0) -> dict:
+    """Metrics of full precision and of every layer at one option, ``n_per_class`` x 10 images from ``seed``.
+
+    ``family``: a digits family name (digits-dit, digits-unet, digits-sd); ``options``: the option
+    names (default: the six UAQ / K-Means options). Also used by ``train_digits_sd.py``.
+    """
     import tempfile
 
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
@@ -280,7 +284,8 @@ def evaluate_uniform_configs(kind: str, out: Path) -> dict:
     from sensitivity.options import OPTION_NAMES
     from sensitivity.zoo import get_family
 
-    fam = get_family(f"digits-{kind}")
+    options = tuple(options or OPTION_NAMES)
+    fam = get_family(family)
     pipe = fam.load_pipeline(str(out))
     den = fam.denoiser(pipe)
     layers = fam.find_layers(den)
@@ -288,20 +293,21 @@ def evaluate_uniform_configs(kind: str, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         mq = build_multiquantizer(den, Path(tmp) / "mq.safetensors", layers, model_id=fam.model_id(str(out)),
-                                  progress=False)
+                                  options=options, progress=False)
         build_s = time.time() - t0
-        ev = Evaluator(fam, pipe, mq, EvalProtocol.for_family(fam, str(out), n_per_class=50))
-        for name in ("fp16",) + tuple(OPTION_NAMES):
+        protocol = EvalProtocol.for_family(fam, str(out), n_per_class=n_per_class, seed=seed)
+        ev = Evaluator(fam, pipe, mq, protocol)
+        for name in ("fp16",) + options:
             config = {} if name == "fp16" else {spec.name: name for spec in layers}
             m = ev.evaluate(config)
             m.pop("timings", None)
             m["avg_bits"] = 16.0 if name == "fp16" else mq.avg_bits(config)
             results[name] = {k: round(float(v), 5) for k, v in m.items()}
-            print(f"digits-{kind} all {name:11s}: avg bits {m['avg_bits']:.3f}  FID {m['fid']:8.3f}  "
+            print(f"{family} all {name:11s}: avg bits {m['avg_bits']:.3f}  FID {m['fid']:8.3f}  "
                   f"KID {m['kid']:.5f}  accuracy {m['accuracy']:.3f}  PSNR {m['psnr']:6.2f} dB  "
-                  f"({m['seconds']:.1f} s)")
-    return {"images": 500, "multiquantizer_build_seconds": round(build_s, 1), "layers": len(layers),
-            "configs": results}
+                  f"({m['seconds']:.1f} s)", flush=True)
+    return {"images": len(protocol.seeds), "seeds": f"{seed}..", "multiquantizer_build_seconds": round(build_s, 1),
+            "layers": len(layers), "configs": results}
 
 
 def main(argv=None) -> int:

@@ -257,41 +257,16 @@ def train(args) -> int:
 
 # -------------------------------------------------------------------------------- evaluation
 def evaluate(out: Path, args) -> int:
-    """FP and every-layer-at-one-option configs of the denoiser, 500 images on held-out seeds."""
-    import tempfile
+    """FP and every-layer-at-one-option configs of the denoiser (the six options and int8), held-out seeds."""
+    from train_digits import evaluate_uniform_configs  # scripts/ is on sys.path when a script runs
 
-    from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
-    from sensitivity.multiquantizer import build_multiquantizer
     from sensitivity.options import OPTION_NAMES
-    from sensitivity.zoo import get_family
 
-    options = tuple(OPTION_NAMES) + ("int8",)
-    fam = get_family("digits-sd")
-    pipe = fam.load_pipeline(str(out))
-    den = fam.denoiser(pipe)
-    layers = fam.find_layers(den)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        mq = build_multiquantizer(den, Path(tmp) / "mq.safetensors", layers, model_id=fam.model_id(str(out)),
-                                  options=options, progress=False)
-        build_s = time.time() - t0
-        protocol = EvalProtocol.for_family(fam, str(out), n_per_class=args.eval_per_class, seed=args.eval_seed)
-        ev = Evaluator(fam, pipe, mq, protocol)
-        for name in ("fp16",) + options:
-            config = {} if name == "fp16" else {spec.name: name for spec in layers}
-            m = ev.evaluate(config)
-            m.pop("timings", None)
-            m["avg_bits"] = 16.0 if name == "fp16" else mq.avg_bits(config)
-            results[name] = {k: round(float(v), 5) for k, v in m.items()}
-            print(f"digits-sd all {name:11s}: avg bits {m['avg_bits']:.3f}  FID {m['fid']:8.3f}  "
-                  f"KID {m['kid']:.5f}  accuracy {m['accuracy']:.3f}  PSNR {m['psnr']:6.2f} dB  "
-                  f"({m['seconds']:.1f} s)", flush=True)
+    uniform = evaluate_uniform_configs("digits-sd", out, options=tuple(OPTION_NAMES) + ("int8",),
+                                       n_per_class=args.eval_per_class, seed=args.eval_seed)
     path = out / "training_report.json"
     report = json.loads(path.read_text()) if path.exists() else {}
-    report["uniform_configs"] = {"images": len(protocol.seeds), "seeds": f"{args.eval_seed}..",
-                                 "multiquantizer_build_seconds": round(build_s, 1), "layers": len(layers),
-                                 "configs": results}
+    report["uniform_configs"] = uniform
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, path)

@@ -82,7 +82,24 @@ def _family_of(source: Any) -> Any:
 
     mid = getattr(source, "model_id", None)
     name = str(mid).split(":", 1)[0] if mid else None
-    return name if name in list_families() else None
+    return name if name in list_families() or (name or "").startswith("diffusers-") else None
+
+
+def family_naming(family: Any) -> Any:
+    """``family``'s naming rules, traced first for a family that derives them from its graph (the generic
+    diffusers families: :mod:`sensitivity.zoo.graph_naming`; on their offline ``tiny`` build, once)."""
+    from .zoo import get_family
+
+    fam = get_family(family)
+    if getattr(fam, "needs_graph_naming", False) and getattr(fam, "naming_weights", None) \
+            and not fam.__dict__.get("_graph_naming_failed"):
+        from .graph import family_graph
+
+        try:
+            fam.use_graph(family_graph(fam, fam.naming_weights))
+        except SensitivityError:
+            fam.__dict__["_graph_naming_failed"] = True  # the name rules stay
+    return fam.layer_naming
 
 
 def describe_layer(name: str, family: Any = None) -> LayerInfo:
@@ -90,9 +107,7 @@ def describe_layer(name: str, family: Any = None) -> LayerInfo:
     the diffusers rules every built-in family uses). ``#main`` / ``#skip`` halves keep their suffix."""
     if family is None:
         return DIFFUSERS_NAMING.describe(name)
-    from .zoo import get_family
-
-    return get_family(family).describe_layer(name)
+    return family_naming(family).describe(name)
 
 
 def _layer_names(source: Any) -> List[str]:

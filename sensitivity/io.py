@@ -5,6 +5,8 @@ with atomic_path("quant_configs/x.json") as tmp:      # tmp: a fresh path in the
     tmp.write_text(...)                                # renamed to x.json on success, removed on error
 with atomic_dir("out/w39") as tmp:                     # tmp: an empty folder beside out/w39
     (tmp / "00000.png").write_bytes(...)               # moved into out/w39 on success, removed on error
+with atomic_dir("exports/x", replace=True) as tmp:     # the whole folder replaces exports/x on success
+    ...
 atomic_write_text("run.json", text)                   # the one-liner
 check_writable("caches/x.sqlite")                      # refuse a path that cannot be written, before any work
 ```
@@ -111,10 +113,12 @@ def atomic_write_bytes(path: PathLike, data: bytes, what: str = "output") -> Pat
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike, what: str = "output folder") -> Iterator[Path]:
+def atomic_dir(path: PathLike, what: str = "output folder", replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success its entries move into ``path``
     (created if missing; same-named entries are replaced, others kept), on any error it is removed.
 
+    ``replace=True``: the whole folder replaces ``path`` instead (entries only the old folder had are
+    gone), in two renames: the old folder aside, the new one into place, then the old one removed.
     If ``path`` did not exist, it appears in one rename, whole.
     """
     p = Path(path)
@@ -125,9 +129,14 @@ def atomic_dir(path: PathLike, what: str = "output folder") -> Iterator[Path]:
     except OSError as exc:
         raise SensitivityError(f"cannot write {what} {str(p)!r}: {_reason(exc)}") from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the folder should look like any other
+    old = p.with_name(f".{p.name}.old-{os.getpid()}.tmp")
     try:
         yield tmp
         if not p.exists():
+            os.replace(tmp, p)
+        elif replace:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(p, old)
             os.replace(tmp, p)
         else:
             for entry in sorted(tmp.iterdir()):
@@ -141,3 +150,4 @@ def atomic_dir(path: PathLike, what: str = "output folder") -> Iterator[Path]:
         raise SensitivityError(f"cannot write {what} {str(p)!r}: {_reason(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -430,6 +430,15 @@ def test_atomic_helpers(tmp_path):
         (tmp / "0.png").write_bytes(b"newer")
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "keep.txt"]
     assert (folder / "0.png").read_bytes() == b"newer"
+    with pytest.raises(RuntimeError):  # replace mode: a failed writer leaves the old folder as it was
+        with atomic_dir(folder, replace=True) as tmp:
+            (tmp / "1.png").write_bytes(b"x")
+            raise RuntimeError("export failed")
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "keep.txt"]
+    with atomic_dir(folder, replace=True) as tmp:  # the whole folder replaced: entries only the old one had are gone
+        (tmp / "1.png").write_bytes(b"x")
+    assert [p.name for p in folder.iterdir()] == ["1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "imgs"]  # no temporaries or old folders left
     with pytest.raises(SensitivityError, match="is a folder"):
         atomic_write_text(folder, "x")
     with pytest.raises(SensitivityError, match="not a folder"):

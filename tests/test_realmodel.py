@@ -194,3 +194,26 @@ def test_bops_as_the_reference_defines_them():
     assert fp == pytest.approx(sum(macs.values()) * 16 * 16 / 1e12)
     assert tera_bops({q.name: "uaq-4"}, macs, act_bits=6) == pytest.approx(
         (sum(macs.values()) * 16 - macs[q.name] * 12) * 6 / 1e12)
+
+
+def test_copied_reference_folder_keeps_the_cache_from_the_cli(real_inputs, tmp_path, capsys):
+    """A job resumed with the reference folder copied elsewhere (new path, new mtimes) and a fresh feature cache
+    is the same protocol: the cache accepts it and nothing is evaluated again; an edited image is refused."""
+    cache = tmp_path / "c.sqlite"
+    argv = _sample_argv(real_inputs, cache)
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    copy = tmp_path / "mnt" / "coco-copy"
+    shutil.copytree(real_inputs["ref"], copy, copy_function=shutil.copy)
+    moved = list(argv)
+    moved[moved.index("--reference-dir") + 1] = str(copy)
+    moved[moved.index("--reference-cache") + 1] = str(tmp_path / "other-refcache")
+    assert cli_main(moved) == 0
+    summary = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][0])
+    assert summary["complete"] and summary["evaluated"] == 0 and summary["done_before"] == 1
+    from PIL import Image
+
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(copy / "001.png")
+    moved[moved.index("--reference-cache") + 1] = str(tmp_path / "third-refcache")
+    assert cli_main(moved) == 2
+    assert "signature" in capsys.readouterr().err

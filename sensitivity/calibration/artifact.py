@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -40,6 +38,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError, CorruptFileError, SensitivityError
+from ..io import atomic_dir
 from ..options import QuantOption
 from ..quantizers import QuantizedWeight
 from ..quantizers.activation import disable_activation_quant, enable_static_activation_quant
@@ -115,9 +114,9 @@ class CalibratedArtifact:
         from safetensors.numpy import save_file
 
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-        try:
+        if out.exists() and out.is_dir() and not (out / TENSORS_FILE).exists() and any(out.iterdir()):
+            raise SensitivityError(f"--out {str(out)!r} exists and is not a calibrated config folder")
+        with atomic_dir(out, "--out", replace=True) as tmp:
             tensors: Dict[str, np.ndarray] = {}
             layers: Dict[str, Any] = {}
             for name, q in self.weights.items():
@@ -149,19 +148,6 @@ class CalibratedArtifact:
                                  "calibrated_layers": len(layers)}
             (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
             (tmp / REPORT_FILE).write_text(json.dumps(self.report, indent=1, default=str) + "\n")
-            if out.exists():
-                if not (out / TENSORS_FILE).exists() and any(out.iterdir()):
-                    raise SensitivityError(f"--out {str(out)!r} exists and is not a calibrated config folder")
-                old = out.with_name(out.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.manifest = manifest
         self.path = out
         return out

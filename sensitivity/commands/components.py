@@ -3,7 +3,7 @@ a time and report, per prompt, the image MSE / PSNR against full precision (the 
 
 ```
 sensitivity components digits-sd --option int8 --out components_int8
-sensitivity components sd15 --weights runwayml/stable-diffusion-v1-5 --prompts train.txt --test-prompts test.txt \
+sensitivity components sd15 --weights stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts train.txt --test-prompts test.txt \
     --option int8 --component-option denoiser=uaq-4 --config vae_decoder=vae_w4.json --out out/sd15_components
 ```
 Writes ``OUT/components.csv`` (component x prompt), ``OUT/summary.csv``, ``OUT/components.json``,

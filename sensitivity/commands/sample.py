@@ -274,8 +274,8 @@ def protocol_generation_overrides(args: argparse.Namespace, fam) -> Dict[str, An
     out: Dict[str, Any] = {"height": over.pop("height", None), "width": over.pop("width", None)}
     from ..captions import resolve_clean_caption
 
-    over.update(resolve_clean_caption(over, fam.defaults.extra, fam.name))  # what is really done, in the protocol
-    fam.defaults.replace(**over)  # unknown settings: one-line error naming the known ones
+    over.update(resolve_clean_caption(over, fam.settings(None).extra, fam.name))  # what is really done, in the protocol
+    fam.settings(None, **over)  # unknown settings: one-line error naming the known ones
     if over:
         out["extra"] = over
     return out

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, io
 from ..config import QuantConfig, as_options
 from ..errors import ConfigError, MultiquantizerMismatchError, SensitivityError
 from ..layers import LayerSpec
@@ -133,24 +131,10 @@ def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]"
 
 @contextmanager
 def atomic_dir(out: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed.
+    An existing non-empty ``out`` is refused unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise SensitivityError(f"--out {str(out)!r} already exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with io.atomic_dir(out, "--out", replace=True) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

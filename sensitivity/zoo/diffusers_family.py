@@ -109,7 +109,8 @@ class DiffusersFamily(ModelFamily):
         src, _ = self._check_source(source)
         cls = diffusers_class(self.pipeline_class)
         try:
-            pipe = cls.from_pretrained(src, **dtype_kwargs(dtype), **dict(self.from_pretrained_kwargs))
+            pipe = cls.from_pretrained(src, **dtype_kwargs(dtype), **{**null_components(src),
+                                                                     **dict(self.from_pretrained_kwargs)})
         except Exception as exc:  # noqa: BLE001 - any load failure is reported as one line
             raise SensitivityError(f"model {self.name!r}: cannot load {source!r}: {first_line(exc)}"
                                    f"{_offline_hint(src)}") from exc
@@ -147,6 +148,37 @@ class DiffusersFamily(ModelFamily):
         """*Subclass hook*: the pipeline call's keyword arguments (besides generator/output_type)."""
         raise NotImplementedError
 
+    def pipeline_call_settings(self) -> Tuple[str, ...]:
+        """Keyword arguments of the pipeline class's ``__call__`` that a user may set (``--set KEY=VALUE``):
+        all but the prompts / embeddings, latents, generator, output and callback arguments this tool owns."""
+        import inspect
+
+        try:
+            params = inspect.signature(diffusers_class(self.pipeline_class).__call__).parameters
+        except SensitivityError:
+            return ()
+        owned = ("generator", "output_type", "return_dict", "latents", "callback", "callback_steps",
+                 "callback_on_step_end", "callback_on_step_end_tensor_inputs", "num_images_per_prompt")
+        return tuple(n for n, p in params.items() if n != "self" and n not in owned and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and not (("prompt" in n or n.endswith("_embeds")) and not n.startswith("negative_prompt")))
+
+    def settings(self, pipe=None, **overrides: Any) -> GenerationSettings:
+        """As :meth:`ModelFamily.settings`; besides the defaults' ``extra`` keys, any setting of the pipeline's
+        call (:meth:`pipeline_call_settings`, e.g. ``max_sequence_length``) may be overridden."""
+        base = self.defaults_for(pipe)
+        fields = {"steps", "guidance", "height", "width", "scheduler", "scheduler_kwargs", "batch_size", "extra"}
+        new = {k: v for k, v in overrides.items() if k not in fields and k not in base.extra}
+        if new:
+            allowed = set(self.pipeline_call_settings())
+            unknown = sorted(set(new) - allowed)
+            if unknown:
+                known = sorted((fields - {"extra"}) | set(base.extra) | allowed)
+                raise SensitivityError(f"unknown generation setting {unknown[0]!r} of {self.pipeline_class}; "
+                                       f"known: {', '.join(known)}")
+            base = base.replace(extra=new)
+            overrides = {k: v for k, v in overrides.items() if k not in new}
+        return base.replace(**overrides)
+
     def set_scheduler(self, pipe, settings: GenerationSettings) -> None:
         """Install ``settings.scheduler`` (built from the pipeline's original scheduler config)."""
         base = pipe.__dict__.get("_sensitivity_base_scheduler")
@@ -178,6 +210,19 @@ class DiffusersFamily(ModelFamily):
             out = pipe(**kwargs, generator=gens, output_type="np")
         images = out.images if hasattr(out, "images") else out[0]
         return to_uint8(images)
+
+
+def null_components(source: str) -> Dict[str, None]:
+    """``{name: None}`` for the components a local pipeline folder saved as absent (``[null, null]`` in its
+    ``model_index.json``, e.g. SD3 without its T5 encoder): diffusers refuses to load such a folder unless
+    they are passed as ``None``."""
+    index = os.path.join(os.path.expanduser(source), "model_index.json")
+    if not os.path.isfile(index):
+        return {}
+    with open(index, encoding="utf-8") as fh:
+        entries = json.load(fh)
+    return {k: None for k, v in entries.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
 
 
 def check_tokenizers(pipe, source: str, minimum: int = 10) -> None:

@@ -7,8 +7,12 @@ sensitivity sample sd3 --weights tiny ...                              # offline
 ```
 :class:`GenericDiffusersFamily` needs no per-model code: the pipeline class names the denoiser
 (``transformer`` or ``unet``: whichever its constructor takes), every ``Linear`` / ``Conv`` weight
-of the denoiser is a layer (no exclusions, splits or ties; check ``sensitivity layers`` and the
-traced graph, ``sensitivity graph``, before trusting a new architecture), prompts go to
+of the denoiser is a layer (no exclusions, splits or ties: keep a layer full precision with
+``sample --fixed 'proj_out=fp16'``; check ``sensitivity layers --ops`` and the traced graph,
+``sensitivity graph``, before trusting a new architecture). Each layer's block and op type (insights)
+come from the traced graph (:mod:`sensitivity.zoo.graph_naming`: attention Q/K/V/Out from the attention
+products, FFN, adaLN, embeddings by the input they descend from...), traced on the ``tiny`` build for
+``sd3`` / ``flux`` or on the loaded denoiser (``layers --ops``, :meth:`GenericDiffusersFamily.use_graph`). Prompts go to
 ``pipe(prompt=..., num_inference_steps, guidance_scale, height, width, **extra)``. Weights: a local
 pipeline folder or hub id (``from_pretrained``); ``sd3`` and ``flux`` also build ``tiny`` pipelines
 offline (2-layer transformers, 32-wide CLIP / T5 text encoders, 4-level VAE). The family name is
@@ -27,6 +31,8 @@ import torch
 from ..errors import SensitivityError
 from .base import GenerationSettings
 from .diffusers_family import DiffusersFamily, text_settings_kwargs
+from .graph_naming import GraphNaming, naming_from_graph
+from .naming import DIFFUSERS_NAMING
 from .offline import TINY_TEXT_WIDTH, char_tokenizer, clip_tokenizer, diffusers_class, instantiate
 from .registry import register_family
 
@@ -88,6 +94,29 @@ class GenericDiffusersFamily(DiffusersFamily):
         if tiny_builder is not None:
             self.special_weights = ("tiny",)
         self.description = description or f"any {pipeline_class} (generic: layers = every Linear/Conv of the {self.denoiser_attr})"
+
+    # ------------------------------------------------------------------ layer naming from the traced graph
+    @property
+    def layer_naming(self):  # type: ignore[override]
+        """Block / op-type rules: derived from a traced graph once one was given (:meth:`use_graph`), else the
+        diffusers name rules."""
+        return self.__dict__.get("_graph_naming") or DIFFUSERS_NAMING
+
+    @property
+    def naming_weights(self) -> Optional[str]:
+        """Weights to trace for the graph-derived naming when none was given (``tiny``; None: no offline build)."""
+        return "tiny" if self._tiny_builder is not None else None
+
+    @property
+    def needs_graph_naming(self) -> bool:
+        return "_graph_naming" not in self.__dict__
+
+    def use_graph(self, graph) -> GraphNaming:
+        """Describe layers by ``graph`` (a :class:`sensitivity.graph.DenoiserGraph` of this family's denoiser,
+        any size: names are generalised over block indices); returns the :class:`GraphNaming`."""
+        naming = naming_from_graph(graph)
+        self.__dict__["_graph_naming"] = naming
+        return naming
 
     @property
     def denoiser_class_names(self):  # type: ignore[override]
