@@ -115,7 +115,7 @@ def test_every_module_imports_without_the_extras():
     assert res["loaded"] == [], f"the core imported extras: {res['loaded']}"
 
 
-def run_without_extras(argv, timeout=1200):
+def run_without_extras(argv, timeout=None):
     """``sensitivity ARGV`` in a fresh interpreter with every extra (and pytest) hidden, as on a core
     install: ``{"rc": exit status, "loaded": [extra modules it imported]}`` (tests/test_demo.py runs the demo so)."""
     return _run(CLI_MAIN, json.dumps([str(a) for a in argv]), timeout=timeout)
