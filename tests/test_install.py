@@ -77,7 +77,7 @@ print(json.dumps({"rc": rc, "loaded": sorted(k for k in sys.modules if k.partiti
 """
 
 
-def _run(script, *args, timeout=600):
+def _run(script, *args, timeout=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", script, ",".join(extra_modules()), *map(str, args)], cwd=ROOT,
@@ -104,13 +104,13 @@ print(json.dumps({"rc": rc, "loaded": sorted(k for k in sys.modules if k.partiti
 
 
 def test_the_cli_starts_without_the_extras():
-    res = _run(CLI, timeout=120)
+    res = _run(CLI)
     assert res == {"rc": 0, "loaded": []}
 
 
 @pytest.mark.slow
 def test_every_module_imports_without_the_extras():
-    res = _run(IMPORT_ALL, timeout=300)
+    res = _run(IMPORT_ALL)
     assert res["failed"] == {}, res["failed"]
     assert res["loaded"] == [], f"the core imported extras: {res['loaded']}"
 
