@@ -111,7 +111,8 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
                     raise
                 time.sleep(random.uniform(0.01, 0.05))
             except sqlite3.DatabaseError as exc:
-                self._con.close()
+                if self._con is not None:
+                    self._con.close()
                 if not _is_busy(exc) or time.monotonic() - start > _BUSY_TIMEOUT_S:
                     with self._errors():
                         raise
