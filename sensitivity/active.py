@@ -8,7 +8,9 @@ random run (seed S, so they are shared with ``--strategy random``), then repeats
 the ``batch`` configs with the largest disagreement (std across the fold models). A round's picks
 depend only on the labels before it and the seeds, so rerunning the command recomputes the same
 rounds, finds their records in the cache and resumes where it stopped. Each round is its own run in
-the cache (``algorithm: active/v1``), its configs ordinary records.
+the cache (``algorithm: active/v1``, with the round number, the settings and the random start's run
+id), its configs ordinary records; :func:`labelling_order` reads the order back from the cache, so
+the first N labelled configs of an active run are well defined.
 
 This is a stage after the predictors (it trains models) and before search; evaluation does not import it.
 """
@@ -93,3 +95,54 @@ def choose_batch(labelled: Sequence[Mapping[str, str]], y: np.ndarray, pool: Seq
                                folds=folds, seed=seed)
     order = cand[np.lexsort((cand, -std))]
     return [int(i) for i in order[:batch]]
+
+
+def labelling_order(cache: Any, seed: Optional[int] = None, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The records of an active run in the order they were labelled: the random start (its run's
+    indices 0..initial-1), then round 1, 2, ... (each in its run's index order); with ``limit``, the
+    first ``limit`` of them (only the rounds they come from must be finished).
+
+    ``cache``: a path or an open :class:`~sensitivity.evaluation.cache.ConfigCache`; ``seed`` picks
+    the run when the cache holds active runs of several seeds or settings (otherwise it must hold
+    one). Raises :class:`SensitivityError` when there is no active run, several match, or a round is
+    missing or unfinished (rerun the same ``sensitivity sample --strategy active`` command to finish it).
+    """
+    from .evaluation.cache import ConfigCache
+
+    own = not isinstance(cache, ConfigCache)
+    c = ConfigCache(cache) if own else cache
+    try:
+        settings = ("seed", "initial", "initial_run", "batch", "pool", "window", "targets", "metric")
+        groups: Dict[tuple, List[Dict[str, Any]]] = {}
+        for run in c.runs():
+            s = run["sampler"]
+            if s.get("algorithm") != "active/v1" or (seed is not None and s.get("seed") != seed):
+                continue
+            groups.setdefault(tuple(json.dumps(s.get(k)) for k in settings), []).append(run)
+        where = f"cache {c.path}" + ("" if seed is None else f" (seed {seed})")
+        if not groups:
+            raise SensitivityError(f"{where} holds no active run (sensitivity sample --strategy active)")
+        if len(groups) > 1:
+            seeds = sorted({json.loads(k[0]) for k in groups}, key=str)
+            raise SensitivityError(f"{where} holds {len(groups)} active runs (seeds {seeds}, or other settings): "
+                                   "pass the seed of one, or keep each run in its own cache")
+        runs = sorted(next(iter(groups.values())), key=lambda r: int(r["sampler"]["round"]))
+        first = runs[0]["sampler"]
+        initial, start = int(first["initial"]), first["initial_run"]
+        out = [r for r in c.records(start) if int(r["index"]) < initial]
+        if len(out) < initial:
+            raise SensitivityError(f"{where}: the random start has {len(out)} of its {initial} configs")
+        for k, run in enumerate(runs, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if int(run["sampler"]["round"]) != k:
+                raise SensitivityError(f"{where}: active round {k} is missing (found round {run['sampler']['round']})")
+            recs = c.records(run["run_id"])
+            if len(recs) < int(run["sampler"]["configs"]):
+                raise SensitivityError(f"{where}: active round {k} has {len(recs)} of its {run['sampler']['configs']} "
+                                       "configs; rerun the same command to finish it")
+            out.extend(recs)
+        return out if limit is None else out[:limit]
+    finally:
+        if own:
+            c.close()

@@ -265,6 +265,10 @@ def _evaluate(w, *extra):
 SAMPLE = {
     "zero-configs": (lambda w: _sample(w, "--num-configs", "0"), "--num-configs"),
     "zero-workers": (lambda w: _sample(w, "--workers", "0"), "--workers"),
+    "devices-not-visible": (lambda w: _sample(w, "--devices", "cuda:3"), ["--devices", "cuda:3"]),
+    "devices-and-device": (lambda w: _sample(w, "--devices", "cpu,cpu", "--device", "cpu"), "--devices"),
+    "batch-size-word": (lambda w: _sample(w, "--batch-size", "big"), ["--batch-size", "big"]),
+    "compile-backend": (lambda w: _sample(w, "--compile", "nosuch"), ["--compile", "nosuch"]),
     "stale-signature": (lambda w: _sample(w, cache=w.stale), ["stale.sqlite", "signature"]),
     "damaged-sqlite": (lambda w: _sample(w, cache=w.damaged), "damaged.sqlite"),
     "class-ids-out-of-range": (lambda w: _sample(w, "--class-ids", "0-10"), "class id 10"),

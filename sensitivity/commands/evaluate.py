@@ -96,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
                 record["from_cache"] = True
     if record is None:
         if ft is None:
+            if args.cache:  # the full-precision images of the cache's jobs (shared with `sample` on it)
+                from dataclasses import replace
+
+                from ..evaluation.fp_reference import job_fp_images_dir
+
+                factory = replace(factory, fp_images_dir=str(job_fp_images_dir(args.cache)))
             ev = factory.build()  # loads the model; checks the multiquantizer against it
         else:
             from ..evaluation.evaluator import Evaluator

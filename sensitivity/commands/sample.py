@@ -73,8 +73,12 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="other pipeline setting (JSON value if it parses), e.g. --set clean_caption=false")
-    p.add_argument("--batch-size", type=int, default=None, help="images per generation batch (default: the model's; "
-                   "does not change the images)")
+    p.add_argument("--batch-size", default=None, metavar="N|auto",
+                   help="images per generation batch (default: the model's); 'auto': the largest power of two "
+                        "(<= 64) that fits the GPU (on CPU: the model's default). Does not change the images")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile the denoiser (optionally with this backend, e.g. eager); not part of the "
+                        "protocol: it changes the speed, not the images beyond float noise")
 
 
 def parse_class_ids(text: str) -> List[int]:
@@ -217,8 +221,22 @@ def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
         reference_dir=str(Path(args.reference_dir).resolve()) if args.reference_dir else None,
         cache_dir=str(Path(args.reference_cache).resolve()), inception=metric_kwargs["inception"],
         clip_model=args.clip_model, lpips_net=args.lpips, act_calibration=metric_kwargs["act_calibration"],
-        compile=bool(getattr(args, "compile", False)))
+        compile=_compile_setting(getattr(args, "compile", False)))
     return fam, weights, factory, protocol, mq
+
+
+def _compile_setting(value) -> Any:
+    """``--compile`` -> ``False`` / ``True`` / a backend name (checked against torch's list)."""
+    if not value:
+        return False
+    if value is True:
+        return True
+    import torch
+
+    backends = torch._dynamo.list_backends(exclude_tags=()) if hasattr(torch, "_dynamo") else []
+    if backends and value not in backends:
+        raise SensitivityError(f"--compile {value}: not a torch.compile backend ({', '.join(sorted(backends))})")
+    return str(value)
 
 
 def check_metric_requirements(args: argparse.Namespace, fam) -> Dict[str, Any]:
@@ -288,7 +306,9 @@ def check_protocol_numbers(args: argparse.Namespace) -> None:
     at_least("--steps", args.steps, 1)
     finite("--guidance", args.guidance)
     at_least("--kid-subsets", args.kid_subsets, 1)
-    at_least("--batch-size", args.batch_size, 1)
+    from ..evaluation.batching import parse_batch_size
+
+    args.batch_size = parse_batch_size(args.batch_size)
     at_least("--num-images", args.num_images, 2)
     at_least("--images-per-class", args.images_per_class, 1)
 
@@ -343,7 +363,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep a layer (or glob pattern) at an option, e.g. 'proj_out*=fp16' (repeatable)")
     s.add_argument("--fixed-file", default=None, help="config JSON whose options are fixed in every sample")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in this process)")
+    w.add_argument("--workers", type=int, default=1, help="local worker processes, all on --device (default 1: in "
+                   "this process)")
+    w.add_argument("--devices", default=None, metavar="LIST|all",
+                   help="one worker process per device, each pinned to it: 'cuda:0,cuda:1', 'all' (every visible "
+                        "GPU) or 'cpu,cpu'; the work is shared through the cache as with --workers")
     w.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run one worker per GPU (or CPU) of a Ray cluster: 'auto', 'host:6379', 'ray://…', or "
                         "'local' (start one here); needs pip install 'sensitivity[ray]'")
@@ -376,11 +400,25 @@ def run(args: argparse.Namespace) -> int:
     if not cache_path.exists():
         check_writable(cache_path, "--cache")  # SQLite also writes its journal beside the file
     device = args.device
+    devices = None
+    if args.devices is not None:
+        from ..evaluation.runners.devices import parse_devices
+
+        if args.device is not None:
+            raise SensitivityError("give --device (every worker on one device) or --devices (one worker per "
+                                   "device), not both")
+        devices = parse_devices(args.devices)
+        device = devices[0]
     started_ray = False
     if args.ray:
         device, started_ray = _connect_ray(args.ray, args.device)
     try:
         fam, weights, base_factory, protocol, mq = protocol_from_args(args, device)
+        from dataclasses import replace as _replace
+
+        from ..evaluation.fp_reference import job_fp_images_dir
+
+        base_factory = _replace(base_factory, fp_images_dir=str(job_fp_images_dir(cache_path)))
         factory = PipelinedFactory(base_factory, pipeline=args.pipeline)
         spec = SamplerSpec(seed=args.seed, options=mq.options, bits=args.bits, methods=args.methods,
                            fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
@@ -401,13 +439,16 @@ def run(args: argparse.Namespace) -> int:
         if args.ray:
             runner = RayRunner(factory, address=args.ray, threads=args.threads)
         else:
-            runner = LocalRunner(factory, workers=args.workers, threads=args.threads)
+            runner = LocalRunner(factory, workers=args.workers, threads=args.threads, devices=devices)
         what = {"random": f"configs 0..{plan.num_configs - 1} of seed {args.seed}",
                 "single-layer": f"{plan.num_configs} single-layer configs",
                 "active": f"{args.num_configs} configs, {plan.num_configs} random of seed {args.seed} then active rounds"}
         print(f"sample {fam.name} ({protocol.model_id}): {what[args.strategy]}, "
               f"{protocol.num_images} images x {protocol.steps} steps each, signature {signature[:12]}, "
               f"cache {cache_path}")
+        print(f"  workers: {runner.describe()}, batch size {base_factory.batch_size or 'the model default'}"
+              f"{', torch.compile ' + (base_factory.compile if isinstance(base_factory.compile, str) else 'inductor') if base_factory.compile else ''}; "
+              f"full-precision images shared in {base_factory.fp_images_dir}")
         try:
             summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
                               progress=not args.no_progress, desc=f"sample {fam.name}")
@@ -427,7 +468,8 @@ def run(args: argparse.Namespace) -> int:
                           "evaluated": summary.evaluated, "done_before": summary.done_before,
                           "reused": summary.reused, "by_others": summary.by_others, "failed": summary.failed,
                           "elapsed_s": summary.elapsed_s, "startup_s": summary.startup_s,
-                          "configs_per_hour": summary.configs_per_hour, "complete": summary.complete}))
+                          "configs_per_hour": summary.configs_per_hour, "complete": summary.complete,
+                          "runner": summary.runner}))
     print(f"sample {fam.name}: {summary}")
     return 0 if not summary.failed else 1
 
@@ -484,9 +526,11 @@ def _active_rounds(args, mq, spec, plan, cache_path, factory, signature, evaluat
         new = [pool[free[i]] for i in picks]
         rounds += 1
         sampler = ListSampler.from_configs(new, seed=args.seed, round=rounds, metric=args.metric,
-                                           targets=",".join(f"{t:g}" for t in targets))
+                                           targets=",".join(f"{t:g}" for t in targets), initial=plan.num_configs,
+                                           initial_run=first.run_id, batch=args.batch, pool=args.pool, window=args.window)
         rplan = JobPlan(layers, sampler, len(new), plan.layer_stats)
-        runner = LocalRunner(factory, workers=args.workers, threads=args.threads)
+        runner = LocalRunner(factory, workers=args.workers, threads=args.threads,
+                             devices=_devices_of(args))
         summary = run_job(cache_path, rplan, runner, signature=signature, evaluation=evaluation,
                           progress=not args.no_progress, desc=f"active round {rounds}")
         if summary.failed:
@@ -496,6 +540,12 @@ def _active_rounds(args, mq, spec, plan, cache_path, factory, signature, evaluat
     print(f"active: {len(selected)} configs labelled ({plan.num_configs} random + {rounds} rounds), "
           f"order in {cache_path}.active.json")
     return summary
+
+
+def _devices_of(args) -> Optional[List[str]]:
+    from ..evaluation.runners.devices import parse_devices
+
+    return parse_devices(getattr(args, "devices", None))
 
 
 def _write_active_order(cache_path, selected, args, targets) -> None:

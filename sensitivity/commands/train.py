@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cache", help="evaluation cache (.sqlite, or an export .parquet/.csv)")
     p.add_argument("--model", help="model family whose graph the GNN uses (default: the cache's model)")
     p.add_argument("--weights", default="meta", help="weights to trace the graph on (default meta: no memory)")
-    p.add_argument("--predictor", default="gnn", help="gnn, lightgbm, additive, bits or error (default gnn)")
+    p.add_argument("--predictor", default="ensemble",
+                   help="ensemble (mean of gnn, lightgbm and additive: the best held-out ranking on digits-dit), gnn, "
+                        "lightgbm, additive, bits or error (default ensemble)")
     p.add_argument("--baselines", default="bits,error,additive,lightgbm",
                    help="comma list of predictors trained on the same folds for comparison ('' for none)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds = ensemble size (default 5)")

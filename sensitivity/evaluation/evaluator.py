@@ -231,7 +231,11 @@ class Evaluator:
     ``mq`` may be ``None`` (only full precision can then be evaluated). ``reference_dir`` /
     ``cache_dir`` / ``extractor``: real models' FID reference folder, cache folder for its features,
     and a :class:`~sensitivity.evaluation.metrics.CleanFIDInception` (built on first use if omitted).
-    The full-precision images of the protocol are generated once, on first need.
+    The full-precision images of the protocol are generated once, on first need; with ``fp_images_dir``
+    (a job's: ``fp-images/`` beside its cache file) and a multiquantizer they are stored there and shared
+    by every worker of the job and by reruns (:mod:`sensitivity.evaluation.fp_reference`). ``batch_size``: images per generation batch, ``None``
+    (the model's default) or ``"auto"`` (:mod:`sensitivity.evaluation.batching`; resolved on the first
+    generation, halved if a later batch runs out of memory). Images stay in memory for every metric.
     """
 
     def __init__(self, family: Union[str, ModelFamily], pipe, mq, protocol: EvalProtocol, *,
@@ -239,13 +243,18 @@ class Evaluator:
                  cache_dir: Union[str, Path, None] = None, extractor=None, progress: bool = False,
                  check_model: bool = True, inception: Union[str, Path, None] = None,
                  clip_model: Optional[str] = None, lpips_net: Optional[str] = None,
-                 act_calibration: Union[str, Path, None] = None, reference_images=None):
+                 act_calibration: Union[str, Path, None] = None, reference_images=None,
+                 fp_images_dir: Union[str, Path, None] = None):
         self.family = get_family(family)
         self.pipe = pipe
         self.denoiser = self.family.denoiser(pipe)
         self.mq = mq
-        self.batch_size = batch_size
+        from .batching import parse_batch_size
+
+        self.batch_size = parse_batch_size(batch_size)
         self.progress = progress
+        #: how this worker generates (device, resolved batch size, compile); in every record's timings["worker"]
+        self.worker_info: Dict[str, Any] = {}
         if mq is not None:
             if protocol.multiquantizer_hash is None:
                 protocol = protocol.with_multiquantizer(mq.hash)
@@ -306,6 +315,12 @@ class Evaluator:
                                        f"({protocol.act_calibration})")
             self._act_data = load_calibration_set(act_calibration)
         self._fp_images: Optional[np.ndarray] = None
+        self._fp_mutex = threading.Lock()
+        self._shared_fp = None
+        if fp_images_dir is not None and mq is not None and check_model and reference_images is None:
+            from .fp_reference import SharedImages
+
+            self._shared_fp = SharedImages(fp_images_dir, protocol.to_dict())
         if reference_images is not None:  # shared by the job (generated once): checked for shape only
             ref = np.asarray(reference_images)
             if len(ref) != protocol.num_images:
@@ -317,32 +332,111 @@ class Evaluator:
         self._labels = condition_labels(self.family, protocol.conditions) if self.digits else None
 
     # ----------------------------------------------------------------------------- generation
+    def resolved_batch_size(self) -> Optional[int]:
+        """The batch size generation uses (``auto`` is resolved here, once, by trial generations)."""
+        if self.batch_size == "auto":
+            from .batching import auto_batch_size
+
+            p = self.protocol
+            self.batch_size = auto_batch_size(self.family, self.pipe, p.conditions, p.seeds, self.device,
+                                              **p.generation_overrides())
+            self._auto_batch = True
+        bs = self.batch_size or self.family.settings(self.pipe).batch_size
+        self.worker_info["batch_size"] = int(bs)
+        return bs
+
+    def _generate_batched(self) -> np.ndarray:
+        p = self.protocol
+        while True:
+            bs = self.resolved_batch_size()
+            try:
+                return self.family.generate(self.pipe, list(p.conditions), list(p.seeds), batch_size=bs,
+                                            progress=self.progress, **p.generation_overrides())
+            except BaseException as exc:  # noqa: BLE001 - auto batches halve on out-of-memory
+                from .batching import is_out_of_memory
+
+                if not (getattr(self, "_auto_batch", False) and is_out_of_memory(exc) and bs > 1):
+                    raise
+                import warnings
+
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, int(bs) // 2)
+                warnings.warn(f"--batch-size auto: {bs} images ran out of memory; {self.batch_size} from now on")
+
     def generate(self) -> np.ndarray:
         """The protocol's images with the model as it is now: uint8 ``[N, H, W, C]``."""
-        p = self.protocol
-        run = lambda: self.family.generate(self.pipe, list(p.conditions), list(p.seeds),  # noqa: E731
-                                           batch_size=self.batch_size, progress=self.progress,
-                                           **p.generation_overrides())
         if getattr(self, "_macs", None) is not None or self.mq is None:
-            return run()
+            return self._generate_batched()
         from .bops import count_macs  # MACs per image of every layer, counted on the first generation
 
         with count_macs(self.denoiser, self.mq.layers) as macs:
-            images = run()
+            images = self._generate_batched()
         self._macs = {k: v / max(1, len(images)) for k, v in macs.items()}
         return images
 
-    def reference_images(self) -> np.ndarray:
-        """Full-precision images of the protocol (generated once; the model is restored first)."""
+    def _generate_fp(self) -> np.ndarray:
+        """Generate the full-precision images now (the caller holds the device stage)."""
+        restore(self.denoiser)
+        images = self.generate()
+        images.setflags(write=False)
+        return images
+
+    def _prepare_reference(self, timings: Dict[str, float]) -> None:
+        """Before a config is applied (device stage held): have the full-precision images, unless another
+        worker is generating the shared copy (then :meth:`reference_images` waits for it at scoring)."""
+        if self._fp_images is not None or not self._fp_mutex.acquire(blocking=False):
+            return  # held: another thread of this worker is fetching them (it may wait for this device stage)
+        try:
+            if self._fp_images is not None:
+                return
+            t0 = time.perf_counter()
+            shared = self._shared_fp
+            if shared is None:
+                self._fp_images = self._generate_fp()
+                timings["fp_generate"] = time.perf_counter() - t0
+                return
+            arr = shared.load()
+            if arr is None and shared.try_lock():
+                try:
+                    arr = shared.load()
+                    if arr is None:
+                        shared.save(self._generate_fp())
+                        self._fp_images = shared.load()
+                        timings["fp_generate"] = time.perf_counter() - t0
+                        return
+                finally:
+                    shared.unlock()
+            if arr is not None:
+                self._fp_images = arr
+                timings["fp_load"] = time.perf_counter() - t0
+        finally:
+            self._fp_mutex.release()
+
+    def reference_images(self, timings: Optional[Dict[str, float]] = None) -> np.ndarray:
+        """Full-precision images of the protocol (generated once, or loaded from the job's shared copy;
+        the model is restored first)."""
+        timings = {} if timings is None else timings
+        if self._fp_images is None and self._shared_fp is not None:
+            t0 = time.perf_counter()
+            with self._fp_mutex:  # another worker holds the lock: wait for its file
+                if self._fp_images is None:
+                    arr, made = self._shared_fp.get_or_make(self._generate_fp_staged)
+                    self._fp_images = arr
+                    timings["fp_generate" if made else "fp_load"] = time.perf_counter() - t0
         if self._fp_images is None:
-            restore(self.denoiser)
-            self._fp_images = self.generate()
-            self._fp_images.setflags(write=False)
+            with self._device_stage:
+                self._prepare_reference(timings)
         return self._fp_images
 
+    def _generate_fp_staged(self) -> np.ndarray:
+        with self._device_stage:  # the model may hold another config (pipelined worker): wait for its turn
+            return self._generate_fp()
+
     # ----------------------------------------------------------------------------- scoring
-    def score(self, images: np.ndarray) -> Dict[str, float]:
-        """The protocol's metrics of ``images`` (uint8 ``[N, H, W, C]``, in protocol order)."""
+    def score(self, images: np.ndarray, timings: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """The protocol's metrics of ``images`` (uint8 ``[N, H, W, C]``, in protocol order).
+
+        ``timings``: gets ``fp_load`` / ``fp_generate`` seconds if the full-precision images are fetched here."""
         p = self.protocol
         out: Dict[str, float] = {}
         want = set(p.metrics)
@@ -369,7 +463,7 @@ class Evaluator:
             if "kid" in want:
                 out["kid"] = M.kid_from_features(feats, ref, num_subsets=p.kid_subsets, seed=0)
         if want & {"psnr", "mse", "lpips"}:
-            fp = self.reference_images()
+            fp = self.reference_images(timings)
             if "psnr" in want:
                 out["psnr"] = M.psnr(images, fp)
             if "mse" in want:
@@ -417,8 +511,9 @@ class Evaluator:
         options = as_options(config) if config is not None else {}
         if options and self.mq is None:
             raise SensitivityError("Evaluator: no multiquantizer given, only full precision can be evaluated")
+        ref_timings: Dict[str, float] = {}
         with self._device_stage:  # one config on the model at a time; scoring below may overlap the next
-            self.reference_images()  # before applying: the full-precision images of the same seeds
+            self._prepare_reference(ref_timings)  # before applying: the full-precision images of the same seeds
             t0 = time.perf_counter()
             try:
                 if calibrated is not None:
@@ -434,14 +529,15 @@ class Evaluator:
                 disable_activation_quant(self.denoiser)
                 restore(self.denoiser)
             t2 = time.perf_counter()
-        out: Dict[str, Any] = dict(self.score(images))
+        out: Dict[str, Any] = dict(self.score(images, ref_timings))  # may wait for the shared fp images
         if getattr(self, "_macs", None):
             from .bops import tera_bops
 
             out["bops"] = tera_bops(options, self._macs, self.protocol.act_bits)
         t3 = time.perf_counter()
         out["seconds"] = t3 - t0
-        out["timings"] = {"apply": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+        out["timings"] = {"apply": t1 - t0, "generate": t2 - t1, "score": t3 - t2, **ref_timings,
+                          "worker": dict(self.worker_info, device=self.worker_info.get("device", str(self.device)))}
         if return_images:
             out["images"] = images
         return out
@@ -464,7 +560,13 @@ class Evaluator:
 @dataclass
 class EvaluatorFactory:
     """Picklable factory of an evaluation worker (for runners): loads the pipeline and the
-    multiquantizer once in the worker and returns :meth:`Evaluator.worker`."""
+    multiquantizer once in the worker and returns :meth:`Evaluator.worker`.
+
+    ``fp_images_dir``: where the job's full-precision images are shared (``None``: each worker keeps its own).
+    ``batch_size``: ``None`` | N | ``"auto"``. ``compile``: ``False``, ``True`` (``torch.compile`` with
+    its default backend) or a backend name (``"eager"`` in tests). ``device_label``: the device as the
+    job names it (a pinned worker process sees its GPU as ``cuda:0``). Neither is part of the protocol.
+    """
 
     family: str
     multiquantizer: Optional[str]
@@ -472,7 +574,7 @@ class EvaluatorFactory:
     weights: Optional[str] = None
     device: Optional[str] = None
     dtype: Optional[str] = None
-    batch_size: Optional[int] = None
+    batch_size: Union[None, int, str] = None
     reference_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     threads: Optional[int] = None
@@ -480,7 +582,13 @@ class EvaluatorFactory:
     clip_model: Optional[str] = None
     lpips_net: Optional[str] = None
     act_calibration: Optional[str] = None
-    compile: bool = False
+    compile: Union[bool, str] = False
+    device_label: Optional[str] = None
+    fp_images_dir: Optional[str] = None
+
+    def with_device(self, device: str) -> "EvaluatorFactory":
+        """This factory for a worker on ``device`` (a pinned process's ``cuda:0``, labelled as the job's device)."""
+        return replace(self, device=device, device_label=self.device_label or self.device)
 
     def build(self) -> Evaluator:
         if self.threads:
@@ -491,11 +599,15 @@ class EvaluatorFactory:
         check_finite_weights(fam.denoiser(pipe), None, f"--weights {self.weights or fam.resolve_weights(None)}")
         mq = load_multiquantizer(self.multiquantizer) if self.multiquantizer else None
         if self.compile:
-            compile_denoiser(fam, pipe)
-        return Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
-                         reference_dir=self.reference_dir, cache_dir=self.cache_dir, inception=self.inception,
-                         clip_model=self.clip_model, lpips_net=self.lpips_net,
-                         act_calibration=self.act_calibration)
+            compile_denoiser(fam, pipe, backend=None if self.compile is True else str(self.compile))
+        ev = Evaluator(fam, pipe, mq, EvalProtocol.from_dict(self.protocol), batch_size=self.batch_size,
+                       reference_dir=self.reference_dir, cache_dir=self.cache_dir, inception=self.inception,
+                       clip_model=self.clip_model, lpips_net=self.lpips_net,
+                       act_calibration=self.act_calibration, fp_images_dir=self.fp_images_dir)
+        ev.worker_info.update(device=device_description(device, self.device_label),
+                              compile=(self.compile if isinstance(self.compile, str) else
+                                       ("inductor" if self.compile else False)))
+        return ev
 
     def __call__(self) -> Callable[[int, Dict[str, str]], Dict[str, Any]]:
         return self.build().worker()
@@ -506,9 +618,23 @@ def calibration_identity(path: Union[str, Path]) -> str:
     return f"{M._digest_cached(str(Path(path).resolve()))[:16]}:minmax"
 
 
-def compile_denoiser(family: Union[str, ModelFamily], pipe) -> None:
+def compile_denoiser(family: Union[str, ModelFamily], pipe, backend: Optional[str] = None) -> None:
     """``torch.compile`` the denoiser's forward in place (``module.compile()``: parameters stay the module's,
     so applying configs rewrites the weights the compiled graph reads). Activation-quant hooks and a new
-    config's weights cause recompiles at most once per distinct hook set."""
+    config's weights cause recompiles at most once per distinct hook set. ``backend``: torch.compile's
+    (default ``inductor``)."""
     den = get_family(family).denoiser(pipe)
-    den.compile(dynamic=False)
+    den.compile(dynamic=False, **({"backend": backend} if backend else {}))
+
+
+def device_description(device: Union[str, torch.device, None], label: Optional[str] = None) -> str:
+    """``cuda:1 (NVIDIA H100 80GB HBM3)`` / ``cpu``: ``label`` (default the device) with the GPU model of
+    ``device`` where it is a CUDA device."""
+    dev = torch.device(device or "cpu")
+    name = label or str(dev)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        try:
+            return f"{name} ({torch.cuda.get_device_name(dev.index or 0)})"
+        except (RuntimeError, AssertionError):
+            return name
+    return name

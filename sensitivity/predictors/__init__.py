@@ -9,8 +9,9 @@
 >>> p.layer_scores()                           # DataFrame(layer, option, score)
 >>> p.module_scores()                          # DataFrame(module, module_type, layers, options, score)
 
-Kinds: ``gnn`` (:mod:`.gnn`) and the baselines ``bits``, ``error``, ``additive``, ``lightgbm``
-(:mod:`.baselines`). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
+Kinds: ``gnn`` (:mod:`.gnn`), the baselines ``bits``, ``error``, ``additive``, ``lightgbm``
+(:mod:`.baselines`), and ``ensemble`` (:mod:`.blend`: the mean of gnn, lightgbm and additive, the
+CLI's default). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
 """
 
 from .base import KINDS, Context, FoldModel, get_kind

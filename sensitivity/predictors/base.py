@@ -76,4 +76,4 @@ def get_kind(name: str) -> Type[FoldModel]:
 
 
 def _import_all() -> None:
-    from . import baselines, gnn  # noqa: F401 - registers the kinds
+    from . import baselines, blend, gnn  # noqa: F401 - registers the kinds

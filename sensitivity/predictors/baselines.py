@@ -4,7 +4,10 @@
 * ``error``    — Σ per-layer relative squared error: ``y ≈ a + b·Σ error`` (the MixDQ/HAWQ proxy).
 * ``additive`` — per-layer additive linear model ``y ≈ c + Σ_l w[l, option_l]``: ridge regression on
   one-hot option features, ridge strength chosen by efficient leave-one-out CV on the training fold.
-* ``lightgbm`` — gradient-boosted trees on the same one-hot features (LightGBM, seeded, deterministic).
+* ``lightgbm`` — gradient-boosted trees on the same one-hot features (LightGBM, seeded, deterministic);
+  ``feature_tables``: CSVs ``layer,option,value`` (measured per-layer sensitivities) each adding the
+  column ``Σ_l value(l, option_l)`` (trees split poorly on sums of many one-hots); the tables' values
+  are stored in the predictor folder.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .base import Context, FoldModel, State, register_kind
-from .data import Dataset
+from .data import Dataset, read_feature_table
 
 
 def _lstsq_1d(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -110,7 +113,7 @@ class LightGBMModel(FoldModel):
     description = "LightGBM on per-layer one-hot options"
     defaults: Dict[str, Any] = {"n_estimators": 400, "learning_rate": 0.03, "num_leaves": 15, "min_child_samples": 10,
                                 "subsample": 0.8, "subsample_freq": 1, "colsample_bytree": 0.5, "reg_lambda": 1.0,
-                                "n_jobs": 1}
+                                "n_jobs": 1, "feature_tables": []}
 
     @classmethod
     def available(cls, ctx: Context, ds: Optional[Dataset] = None) -> Optional[str]:
@@ -123,21 +126,37 @@ class LightGBMModel(FoldModel):
     def fit(self, ds: Dataset, seed: int = 0) -> "LightGBMModel":
         import lightgbm as lgb
 
-        X = self.ctx.table.onehot(ds.codes)
-        p = dict(self.params)
+        tabs = self.params.get("feature_tables") or []
+        if isinstance(tabs, str):
+            tabs = [tabs]
+        self.tables = [read_feature_table(t, self.ctx.table) for t in tabs]
+        X = self._features(ds.codes)
+        p = {k: v for k, v in self.params.items() if k != "feature_tables"}
         model = lgb.LGBMRegressor(random_state=int(seed), deterministic=True, force_row_wise=True, verbose=-1, **p)
         model.fit(X, ds.y)
         self.booster = model.booster_
         return self
 
-    def predict_codes(self, codes: np.ndarray) -> np.ndarray:
+    def _features(self, codes: np.ndarray) -> np.ndarray:
+        """One-hot options, then one summed column per feature table: ``float32 [n, L·(1+O) + T]``."""
         X = self.ctx.table.onehot(codes)
+        if not getattr(self, "tables", None):
+            return X
+        c = np.asarray(codes, dtype=np.int64)
+        L = np.arange(c.shape[1])[None, :]
+        sums = [np.log10(t[L, c].sum(1) + 1e-12)[:, None] for t in self.tables]
+        return np.concatenate([X] + [s.astype(np.float32) for s in sums], 1)
+
+    def predict_codes(self, codes: np.ndarray) -> np.ndarray:
+        X = self._features(codes)
         return np.asarray(self.booster.predict(X, num_threads=int(self.params.get("n_jobs", 1))), dtype=np.float64)
 
     def get_state(self) -> State:
-        return {"num_trees": int(self.booster.num_trees())}, {}, {"model": self.booster.model_to_string()}
+        tensors = {f"feature_table{i}": t.astype(np.float64) for i, t in enumerate(getattr(self, "tables", []))}
+        return {"num_trees": int(self.booster.num_trees())}, tensors, {"model": self.booster.model_to_string()}
 
     def set_state(self, meta, tensors, texts) -> None:
         import lightgbm as lgb
 
+        self.tables = [np.asarray(tensors[f"feature_table{i}"], dtype=np.float64) for i in range(len(tensors))]
         self.booster = lgb.Booster(model_str=texts["model"])

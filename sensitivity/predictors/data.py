@@ -189,6 +189,44 @@ class LayerTable:
         return cls(list(d["layers"]), list(d["options"]), np.array(d["fp16_bytes"]), np.array(d["nbytes"]), err)
 
 
+def read_feature_table(path: str | Path, table: LayerTable) -> np.ndarray:
+    """A per-(layer, option) feature from CSV ``layer,option,value`` (e.g. a measured single-layer
+    sensitivity): ``float64 [L, 1 + O]`` in ``table``'s code order, fp16 column 0. Every quantized
+    (layer, option) of ``table`` must be present and finite; values must be ≥ 0."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise SensitivityError(f"feature table {str(path)!r} does not exist")
+    try:
+        df = pd.read_csv(p, dtype={"layer": str, "option": str})
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise SensitivityError(f"feature table {p}: not a CSV ({exc})") from None
+    missing_cols = [c for c in ("layer", "option", "value") if c not in df.columns]
+    if missing_cols:
+        raise SensitivityError(f"feature table {p}: no column {missing_cols[0]!r} (need layer,option,value)")
+    out = np.full((len(table.layers), 1 + len(table.options)), np.nan)
+    out[:, 0] = 0.0
+    for layer, opt, v in zip(df["layer"], df["option"], df["value"]):
+        i = table.index.get(layer)
+        if i is None:
+            raise SensitivityError(f"feature table {p}: layer {layer!r} is not a layer of this model")
+        k = table.opt_index.get(canonical(opt))
+        if k is None:
+            raise SensitivityError(f"feature table {p}: layer {layer!r}: option {opt!r} is not one of {', '.join(table.codes)}")
+        v = float(v)
+        if not math.isfinite(v) or v < 0:
+            raise SensitivityError(f"feature table {p}: layer {layer!r}, option {opt!r}: value {v!r} (need finite, >= 0)")
+        if k:
+            out[i, k] = v
+    gaps = np.argwhere(~np.isfinite(out))
+    if gaps.size:
+        i, k = gaps[0]
+        raise SensitivityError(f"feature table {p}: no value for layer {table.layers[i]!r}, option "
+                               f"{table.codes[k]!r} ({len(gaps)} missing)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ dataset
 @dataclass
 class Dataset:

@@ -209,8 +209,16 @@ def cross_validate(ds: Dataset, ctx: Context, kinds: Sequence[str], folds: int =
                               "metrics": list(METRICS), "predictors": {}, "skipped": {}}
     out: Dict[str, Predictor] = {}
     oof: Dict[str, np.ndarray] = {}
+    # kinds made of other kinds (``ensemble``) go last, so they reuse the members' fold models
+    kinds = sorted(kinds, key=lambda k: hasattr(get_kind(k), "members_of"))
     for kind in kinds:
         cls = get_kind(kind)
+        kparams = dict(params.get(kind) or {})
+        if hasattr(cls, "members_of"):
+            mp = dict(kparams.get("member_params") or {})
+            for k in cls.members_of(kparams):
+                mp.setdefault(k, dict(params.get(k) or {}))
+            kparams["member_params"] = mp
         why = cls.available(ctx, ds)
         if why is not None:
             report["skipped"][kind] = why
@@ -222,7 +230,11 @@ def cross_validate(ds: Dataset, ctx: Context, kinds: Sequence[str], folds: int =
         for f in bar:
             tr, te = np.where(fold_of != f)[0], np.where(fold_of == f)[0]
             t0 = time.perf_counter()
-            m = cls(ctx, params.get(kind)).fit(ds.subset(tr), seed=seed * 1000 + f)
+            m = cls(ctx, kparams)
+            if hasattr(cls, "members_of"):
+                m.fit(ds.subset(tr), seed=seed * 1000 + f, fitted={k: out[k].models[f] for k in m.members if k in out})
+            else:
+                m.fit(ds.subset(tr), seed=seed * 1000 + f)
             secs = time.perf_counter() - t0
             p = m.predict_codes(ds.codes[te])
             pred_oof[te] = p

@@ -3,8 +3,11 @@
 **Input**: the traced :class:`~sensitivity.graph.DenoiserGraph` (one fixed structure per model) with
 per-node features — categorical: op type, role in its block, block position (3 levels), quantization
 method, bit width; numeric: log2 size reduction, standardised log10 relative error, log10 weight
-count, depth fraction. Combine / input / output nodes have method and bits "none". The embeddings are
-concatenated and mixed by a 2-layer MLP into ``h⁰``.
+count, depth fraction; optionally a measured per-(layer, option) sensitivity (``feature_table``: a CSV
+``layer,option,value`` such as MixDQ single-layer damage or HAWQ Fisher-weighted ‖ΔW‖², see
+:func:`.data.read_feature_table`; log10, standardised, fp16 = 0; its values are stored in the
+predictor folder, so reloading needs no file). Combine / input / output nodes have method and bits
+"none". The embeddings are concatenated and mixed by a 2-layer MLP into ``h⁰``.
 
 **GNN**: ``layers`` (default 4) GATv2 convolutions (one head, self-loops, messages along data flow,
 as PyG's ``GATv2Conv``; :class:`GATv2` is checked against it in the tests), each followed by
@@ -41,7 +44,7 @@ from torch.nn import functional as F
 from ..errors import SensitivityError
 from ..options import QuantOption
 from .base import Context, FoldModel, State, register_kind
-from .data import Dataset, LayerTable
+from .data import Dataset, LayerTable, read_feature_table
 from .metrics import relevance as relevance_np
 
 
@@ -176,14 +179,15 @@ def graph_tensors(graph: Any, table: LayerTable, vocab: Optional[Dict[str, Any]]
 class GNNNet(nn.Module):
     """Node embedding → ``layers`` × GATv2 → hop read-outs → regressor (see the module docstring)."""
 
-    def __init__(self, vocab: Dict[str, Any], d_emb: int = 8, d0: int = 32, hidden: int = 64, layers: int = 4):
+    def __init__(self, vocab: Dict[str, Any], d_emb: int = 8, d0: int = 32, hidden: int = 64, layers: int = 4,
+                 extra_num: int = 0):
         super().__init__()
         self.e_op = nn.Embedding(len(vocab["ops"]) + 1, d_emb)
         self.e_role = nn.Embedding(len(vocab["roles"]) + 1, d_emb)
         self.e_pos = nn.ModuleList([nn.Embedding(m + 2, 4) for m in vocab["pos_max"]])
         self.e_method = nn.Embedding(len(vocab["methods"]), 6)
         self.e_bits = nn.Embedding(len(vocab["bits"]), 6)
-        self.num = nn.Linear(4, d_emb)
+        self.num = nn.Linear(4 + extra_num, d_emb)
         d_in = 2 * d_emb + 4 * len(vocab["pos_max"]) + 12 + d_emb
         self.mix = nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, d0), nn.ReLU())
         dims = [d0] + [hidden] * layers
@@ -193,7 +197,7 @@ class GNNNet(nn.Module):
 
     def forward(self, node_cat: torch.Tensor, node_num: torch.Tensor, bits_z: torch.Tensor, gt: Dict[str, torch.Tensor]
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """``node_cat [B, N, 3]`` (method, bits, unused), ``node_num [B, N, 4]``, ``bits_z [B]`` ->
+        """``node_cat [B, N, 3]`` (method, bits, unused), ``node_num [B, N, 4 + extra_num]``, ``bits_z [B]`` ->
         ``(ŷ [B], [h_G⁰ … h_Gᴹ])``."""
         B, N, _ = node_num.shape
         static = torch.cat([self.e_op(gt["op"]), self.e_role(gt["role"])]
@@ -234,7 +238,7 @@ class GNNModel(FoldModel):
     defaults: Dict[str, Any] = {
         "layers": 4, "hidden": 64, "d0": 32, "epochs": 150, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4,
         "rank_loss": "spearman", "rank_weight": 1.0, "val_fraction": 0.15, "grad_clip": 5.0, "tau": 0.1,
-        "num_threads": 1,
+        "num_threads": 1, "feature_table": None,
     }
 
     @classmethod
@@ -246,14 +250,29 @@ class GNNModel(FoldModel):
     def _device(self) -> torch.device:
         return torch.device(self.ctx.device or "cpu")
 
-    def _setup(self, vocab: Optional[Dict[str, Any]] = None) -> None:
+    def _setup(self, vocab: Optional[Dict[str, Any]] = None, feature: Optional[np.ndarray] = None) -> None:
         gt = graph_tensors(self.ctx.graph, self.ctx.table, vocab)
         self.vocab = gt.pop("vocab")
+        self.feature = None if feature is None else np.asarray(feature, np.float32)
+        if self.feature is not None:
+            gt["feature"] = self.feature
         dev = self._device()
         self.gt = {k: torch.as_tensor(v, device=dev) for k, v in gt.items()}
         self.gt["weight_mask"] = (self.gt["layer_of"] >= 0).to(torch.float32)
         self.net = GNNNet(self.vocab, d0=int(self.params["d0"]), hidden=int(self.params["hidden"]),
-                          layers=int(self.params["layers"])).to(dev)
+                          layers=int(self.params["layers"]), extra_num=0 if feature is None else 1).to(dev)
+
+    def _feature_from_params(self) -> Optional[np.ndarray]:
+        """The ``feature_table`` CSV as the node feature ``float32 [L, 1+O]``: log10, z-scored over the
+        quantized entries, fp16 = 0 (``None`` without a table)."""
+        path = self.params.get("feature_table")
+        if not path:
+            return None
+        raw = read_feature_table(path, self.ctx.table)
+        lg = np.log10(np.clip(raw[:, 1:], 1e-12, None))
+        z = np.zeros_like(raw)
+        z[:, 1:] = (lg - lg.mean()) / (lg.std() + 1e-6)
+        return z.astype(np.float32)
 
     def _inputs(self, codes: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gt, dev = self.gt, self._device()
@@ -267,7 +286,10 @@ class GNNModel(FoldModel):
         red = torch.where(is_w[None, :], gt["reduction"][lidx, node_code], torch.zeros((), device=dev))
         err = torch.where(is_w[None, :], gt["error"][lidx, node_code], torch.zeros((), device=dev))
         B = c.shape[0]
-        num = torch.cat([red.unsqueeze(-1), err.unsqueeze(-1), gt["num"].unsqueeze(0).expand(B, -1, -1)], -1)
+        cols = [red.unsqueeze(-1), err.unsqueeze(-1), gt["num"].unsqueeze(0).expand(B, -1, -1)]
+        if "feature" in gt:
+            cols.append(torch.where(is_w[None, :], gt["feature"][lidx, node_code], torch.zeros((), device=dev)).unsqueeze(-1))
+        num = torch.cat(cols, -1)
         cat = torch.stack([meth, bits, torch.zeros_like(meth)], -1)
         bits_z = torch.as_tensor((self.ctx.table.avg_bits(codes) - self.norm["bits_mean"]) / self.norm["bits_std"],
                                  dtype=torch.float32, device=dev)
@@ -302,7 +324,7 @@ class GNNModel(FoldModel):
             raise SensitivityError(f"rank loss {self.params['rank_loss']!r}: choose one of {', '.join(RANK_LOSSES)}")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        self._setup()
+        self._setup(feature=self._feature_from_params())
         n = len(ds)
         perm = rng.permutation(n)
         n_val = int(round(float(self.params["val_fraction"]) * n)) if n >= 20 else 0
@@ -376,10 +398,13 @@ class GNNModel(FoldModel):
 
     def get_state(self) -> State:
         tensors = {k: v.detach().cpu().float().numpy() for k, v in self.net.state_dict().items()}
+        if self.feature is not None:
+            tensors["node_feature"] = self.feature
         return {"vocab": self.vocab, "norm": self.norm, **self.info}, tensors, {}
 
     def set_state(self, meta, tensors, texts) -> None:
-        self._setup(meta["vocab"])
+        tensors = dict(tensors)
+        self._setup(meta["vocab"], tensors.pop("node_feature", None))
         self.norm = dict(meta["norm"])
         self.info = {k: v for k, v in meta.items() if k not in ("vocab", "norm")}
         dev = self._device()

@@ -55,3 +55,35 @@ def mean_std(values) -> Dict[str, float]:
     if len(v) == 0:
         return {"mean": float("nan"), "std": float("nan")}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def cache_regret(metric: np.ndarray, avg_bits: np.ndarray, score: np.ndarray, targets, lower_is_better: bool = True
+                 ) -> list:
+    """Regret of choosing, among an evaluated set's configs at or under each target, the one a
+    predictor scores best — no new evaluation needed (issue 14).
+
+    ``metric [n]``: measured metric (e.g. FID), ``avg_bits [n]``, ``score [n]``: the predictor's
+    prediction (higher = better), ``targets``: bit budgets. Per target: ``{"target", "n" (configs
+    within), "best" (best metric within), "chosen" (metric of the top-scored config within),
+    "regret" (|chosen − best|, 0 = the predictor found the best), "rank" (1-based rank of the chosen
+    config by metric within)}``; ``n = 0`` gives NaN values.
+    """
+    metric = np.asarray(metric, dtype=np.float64)
+    avg_bits = np.asarray(avg_bits, dtype=np.float64)
+    score = np.asarray(score, dtype=np.float64)
+    if not (len(metric) == len(avg_bits) == len(score)):
+        raise ValueError(f"cache_regret: lengths differ (metric {len(metric)}, avg_bits {len(avg_bits)}, score {len(score)})")
+    out = []
+    for t in targets:
+        within = np.where(avg_bits <= float(t) + 1e-9)[0]
+        if len(within) == 0:
+            out.append({"target": float(t), "n": 0, "best": math.nan, "chosen": math.nan, "regret": math.nan,
+                        "rank": math.nan})
+            continue
+        m = metric[within] if lower_is_better else -metric[within]
+        pick = within[int(np.argmax(score[within]))]
+        mp = metric[pick] if lower_is_better else -metric[pick]
+        best = float(m.min())
+        out.append({"target": float(t), "n": int(len(within)), "best": float(metric[within][np.argmin(m)]),
+                    "chosen": float(metric[pick]), "regret": float(mp - best), "rank": int((m < mp).sum() + 1)})
+    return out

@@ -102,6 +102,11 @@ def train(
     target = Target(metric, float(lam))
     ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=max(min_configs, folds))
     kinds = [predictor] + [b for b in baselines if b != predictor]
+    from .base import get_kind
+
+    cls = get_kind(predictor)
+    if hasattr(cls, "members_of"):  # an ensemble's members are reported (and saved) as kinds of their own too
+        kinds += [k for k in cls.members_of((params or {}).get(predictor)) if k not in kinds]
     ctx = Context(table, target, graph, device)
     res = cross_validate(ds, ctx, kinds, folds=folds, seed=seed, params=params, progress=progress)
     rng = np.random.default_rng(seed)
@@ -122,7 +127,8 @@ def evaluate_on_cache(predictor_path: str | Path, cache: str | Path, kinds: Opti
                       device: Optional[str] = None) -> Dict[str, Any]:
     """Score ``cache``'s configs with the saved members ``kinds`` (default all) and report the
     correlations against the predictor's own target. Returns ``{"n_configs", "target", "predictors":
-    {kind: {spearman, kendall, ndcg@10, n}}, "predictions": {kind: [..]}, "y": [..], "hashes": [..]}``."""
+    {kind: {spearman, kendall, ndcg@10, n}}, "predictions": {kind: [..]}, "y", "metric", "avg_bits",
+    "hashes": [..]}``."""
     man = read_manifest(predictor_path)
     kinds = list(kinds or man["kinds"])
     data = load_cache(cache)
@@ -130,10 +136,31 @@ def evaluate_on_cache(predictor_path: str | Path, cache: str | Path, kinds: Opti
     ds = Dataset.from_records(data.records, first.table, first.target, source=str(cache), min_records=2)
     out: Dict[str, Any] = {"cache": str(cache), "predictor": str(predictor_path), "n_configs": len(ds),
                            "target": first.target.to_dict(), "predictors": {}, "predictions": {},
-                           "y": ds.y.tolist(), "hashes": ds.hashes}
+                           "y": ds.y.tolist(), "metric": ds.metric.tolist(), "avg_bits": ds.avg_bits.tolist(),
+                           "hashes": ds.hashes}
     for kind in kinds:
         p = first if kind == kinds[0] else load_predictor(predictor_path, kind=kind, device=device)
         pred = p.predict_codes(ds.codes)
         out["predictors"][kind] = ranking_metrics(ds.y, pred)
         out["predictions"][kind] = pred.tolist()
     return out
+
+
+def out_of_fold_predictions(predictor_path: str | Path, cache: str | Path, kind: Optional[str] = None,
+                            device: Optional[str] = None) -> Dict[str, Any]:
+    """Out-of-fold predictions of a saved member on the cache it was trained on: each config scored by
+    the fold model that did not see it (the folder's ``fold_of``). Returns ``{"y", "pred", "fold_of",
+    "kind"}`` (lists). Raises if the cache is not the training cache (config count differs)."""
+    man = read_manifest(predictor_path)
+    p = load_predictor(predictor_path, kind=kind, device=device)
+    data = load_cache(cache)
+    ds = Dataset.from_records(data.records, p.table, p.target, source=str(cache), min_records=2)
+    fold_of = np.asarray(man["folds"]["fold_of"], dtype=np.int64)
+    if len(fold_of) != len(ds):
+        raise SensitivityError(f"cache {cache} has {len(ds)} configs, predictor {predictor_path} was trained "
+                               f"on {len(fold_of)}: not its training cache")
+    pred = np.full(len(ds), np.nan)
+    for f, m in enumerate(p.models):
+        te = np.where(fold_of == f)[0]
+        pred[te] = m.predict_codes(ds.codes[te])
+    return {"kind": p.kind, "y": ds.y.tolist(), "pred": pred.tolist(), "fold_of": fold_of.tolist()}

@@ -9,7 +9,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...errors import SensitivityError
 from ...threads import threads_per_worker
@@ -160,6 +160,9 @@ class LocalRunner(Runner):
     ``threads``: torch and numba threads per worker (default: :func:`sensitivity.threads.threads_per_worker`,
     the free cores shared out among the workers, at least 1 each). ``max_restarts``: restarts of lost worker processes.
     ``start_method``: ``spawn`` (default) or ``forkserver`` (faster restarts; both are CUDA-safe).
+    ``devices``: one worker per entry (:func:`~sensitivity.evaluation.runners.devices.parse_devices`), each
+    built with ``factory.with_device(device)``; a worker process on ``cuda:i`` sees only that GPU
+    (``CUDA_VISIBLE_DEVICES``).
     """
 
     def __new__(cls, factory: Factory = None, workers: int = 1, *args: Any, **kwargs: Any):
@@ -167,19 +170,30 @@ class LocalRunner(Runner):
             from .process import ProcessRunner
             from .thread import ThreadRunner
 
-            cls = ThreadRunner if workers == 1 else ProcessRunner
+            devices = kwargs.get("devices") if "devices" in kwargs else (args[3] if len(args) > 3 else None)
+            n = max(int(workers), len(devices) if devices else 1)
+            cls = ThreadRunner if n == 1 else ProcessRunner
         return super().__new__(cls)
 
     def __init__(self, factory: Factory, workers: int = 1, threads: Optional[int] = None, max_restarts: int = 3,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", devices: Optional[Sequence[str]] = None):
         self.start_method = start_method
         if workers < 1:
             raise SensitivityError(f"--workers must be at least 1, got {workers}")
+        if devices:  # one worker per device (or workers shared round-robin over the devices)
+            workers = max(int(workers), len(devices))
+            from .devices import assign_devices
+
+            self.devices: Optional[List[str]] = assign_devices(list(devices), workers)
+        else:
+            self.devices = None
         self.factory, self.workers, self.max_restarts = factory, int(workers), int(max_restarts)
         # the cores free now (affinity minus load) shared out: on a shared machine a busy core is not
         # given a thread, so no OpenMP team waits on a descheduled member (benchmarks/bench_contention.py)
         self.threads = int(threads) if threads is not None else threads_per_worker(self.workers)
         self.name = "local" if workers == 1 else f"local x{workers} processes"
+        if self.devices:
+            self.name += f" on {','.join(self.devices)}"
         self._inflight: Dict[int, List[int]] = {}  # worker id -> indices in flight
         self._ready: Dict[int, bool] = {}
         self._pending_events: List[Event] = []

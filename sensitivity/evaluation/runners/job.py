@@ -67,6 +67,12 @@ class PipelinedFactory:
     base: Any
     pipeline: str = "auto"
 
+    def with_device(self, device: str) -> "PipelinedFactory":
+        """This factory for a worker on ``device`` (see :func:`~sensitivity.evaluation.runners.devices.factory_for_device`)."""
+        from .devices import factory_for_device
+
+        return PipelinedFactory(factory_for_device(self.base, device), self.pipeline)
+
     def __call__(self) -> EvaluateFn:
         ev = self.base.build()
         if self.pipeline == "on" or (self.pipeline == "auto" and getattr(ev.device, "type", "cpu") == "cuda"):

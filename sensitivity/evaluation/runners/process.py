@@ -10,6 +10,7 @@ from multiprocessing.connection import wait as mp_wait
 from queue import Queue
 from typing import Any, Dict, List, Optional, Tuple
 
+from .devices import factory_for_device, worker_env
 from .base import (WORKER_ENV, Event, Factory, LocalRunner, _call, _concurrency, _die_with_parent, _error_message,
                    _raise_fatal, _set_threads, _user_exc)
 
@@ -81,15 +82,26 @@ class ProcessRunner(LocalRunner):
 
     def _spawn(self, w: int) -> None:
         parent, child = self._ctx.Pipe()
-        p = self._ctx.Process(target=_process_worker, args=(child, self.factory, self.threads, os.getpid()), daemon=True,
+        factory, pinned = self.factory, {}
+        if self.devices:  # pinned to its device: a CUDA worker sees only its GPU, as cuda:0
+            pinned, inside = worker_env(self.devices[w])
+            factory = factory_for_device(self.factory, inside)
+        p = self._ctx.Process(target=_process_worker, args=(child, factory, self.threads, os.getpid()), daemon=True,
                               name=f"sensitivity-eval-{w}")
         added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+        saved = {k: os.environ.get(k) for k in pinned}
         os.environ.update(added)  # inherited by the spawned process
+        os.environ.update(pinned)
         try:
             p.start()
         finally:
             for k in added:
                 os.environ.pop(k, None)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         self._procs[w], self._conns[w] = p, parent
         self._inflight[w] = []

@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 from queue import Empty, Queue
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...errors import SensitivityError
 
+from .devices import factory_for_device
 from .base import Event, Factory, LocalRunner, _call, _concurrency, _error_message, _raise_fatal, _set_threads, _user_exc
 
 
@@ -16,13 +17,16 @@ class ThreadRunner(LocalRunner):
     """One worker thread in this process (``LocalRunner(factory, workers=1)``)."""
 
     def __init__(self, factory: Factory, workers: int = 1, threads: Optional[int] = None, max_restarts: int = 3,
-                 start_method: str = "spawn"):
-        super().__init__(factory, 1, threads, max_restarts, start_method)
+                 start_method: str = "spawn", devices: Optional[Sequence[str]] = None):
+        if devices and len(devices) > 1:
+            raise SensitivityError(f"the in-process runner holds one worker, got {len(devices)} devices")
+        super().__init__(factory, 1, threads, max_restarts, start_method, devices)
 
     def _thread_main(self) -> None:
         _set_threads(self.threads)
         try:
-            evaluate = self.factory()
+            factory = factory_for_device(self.factory, self.devices[0]) if self.devices else self.factory
+            evaluate = factory()
         except BaseException as exc:  # noqa: BLE001
             self._results.put(Event("fatal", message=_error_message(exc), user_error=isinstance(exc, SensitivityError),
                                     exc=_user_exc(exc)))

@@ -1,0 +1,288 @@
+"""Label efficiency (issue 14): held-out Kendall τ and searched-config FID vs labelled configs,
+random vs active sampling.
+
+    python benchmarks/label_efficiency.py --random-cache caches/digits-dit.sqlite \
+        --active-cache caches/digits-dit-active.sqlite --heldout caches/digits-dit-seed1.sqlite \
+        --out runs/label_efficiency --figure docs/figures/label_efficiency.png
+
+For each strategy and each N of ``--labels`` the predictor sees the first N labelled configs:
+random = configs 0..N-1 of the random run (sampler index order), active = the first N of the active
+run's labelling order (:func:`sensitivity.active.labelling_order`). The prefix goes into a temporary
+cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
+``sensitivity train``), its Kendall τ is measured on the held-out cache
+(:func:`sensitivity.predictors.evaluate_on_cache`), :func:`sensitivity.search.search` finds the
+config at each target and the held-out evaluator measures it on ``--images-per-class`` x 10 images
+(seeds from 1,000,000, the same for every row; each config measured once, kept in
+``OUT/heldout_measured.json`` under the protocol's signature). Only the searched configs are measured:
+:func:`sensitivity.comparison.compare_at_targets` would also measure the uniform, error-ILP and
+best-cache baselines at every point, 3x the generation on a shared 2-core machine (its rows are
+``benchmarks/compare_allocators.py``'s). Every (strategy, N, predictor) result is kept in ``OUT/parts/``,
+so a killed run resumes. Writes ``OUT/label_efficiency.csv``, ``OUT/label_efficiency.md`` and the
+two-panel figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+CHECK_SEED = 1_000_000
+
+
+class MeasuredOnce:
+    """An evaluator whose ``evaluate(options)`` measures each config once (the held-out images are
+    the same for every row, so a config searched twice is not generated twice). With ``path``, the
+    measurements are kept in a JSON file under the protocol's signature, so a rerun reuses them."""
+
+    def __init__(self, evaluator: Any, path: Path | None = None):
+        self.evaluator = evaluator
+        self.path = path
+        self.signature = evaluator.protocol.signature()
+        self.measured: Dict[str, Dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            kept = json.loads(path.read_text())
+            if kept.get("signature") == self.signature:
+                self.measured = kept["measured"]
+        self.seconds = 0.0
+
+    def evaluate(self, options: Mapping[str, str]) -> Dict[str, Any]:
+        key = json.dumps(sorted(dict(options).items()))
+        if key not in self.measured:
+            t0 = time.perf_counter()
+            r = dict(self.evaluator.evaluate(dict(options)))
+            self.seconds += time.perf_counter() - t0
+            r.pop("timings", None)
+            self.measured[key] = r
+            if self.path is not None:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"signature": self.signature, "measured": self.measured}))
+                os.replace(tmp, self.path)
+        return dict(self.measured[key])
+
+
+def random_order(cache_path: str, seed: int) -> List[Dict[str, Any]]:
+    """Records of the random run of ``seed`` in ``cache_path``, in sampler index order."""
+    from sensitivity.errors import SensitivityError
+    from sensitivity.evaluation.cache import ConfigCache
+
+    with ConfigCache(cache_path) as c:
+        runs = [r for r in c.runs() if r["sampler"].get("algorithm", "").startswith("reference")
+                and r["sampler"].get("seed") == seed]
+        if len(runs) != 1:
+            raise SensitivityError(f"{cache_path}: expected one random run of seed {seed}, found {len(runs)}")
+        return c.records(runs[0]["run_id"])
+
+
+def write_prefix(source: str, records: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
+    """A cache holding ``records`` (one run, indices = labelling order) with ``source``'s protocol."""
+    from sensitivity.evaluation.cache import ConfigCache
+
+    with ConfigCache(source) as src:
+        sig, evaluation, stats = src.signature, src.evaluation, src.layer_stats
+    with ConfigCache(path, signature=sig, evaluation=evaluation, create=True) as c:
+        c.set_layer_stats(stats)
+        run = c.register_run({"algorithm": "prefix", "of": label, "n": len(records)}, planned=len(records))
+        for i, r in enumerate(records):
+            c.add(r, run_id=run, index=i)
+
+
+def label_seconds(records: Sequence[Mapping[str, Any]]) -> float:
+    """Evaluation seconds the records cost (their ``timings.evaluate``, one worker each)."""
+    return float(sum((r.get("timings") or {}).get("evaluate", 0.0) for r in records))
+
+
+def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], source: str, args, mq, sizes,
+              evaluator: MeasuredOnce, measure: bool = True) -> Dict[str, Any]:
+    """Train ``kind`` on the first ``n`` records, score it on the held-out cache, and (``measure``)
+    search at every target and measure the searched configs."""
+    from sensitivity.predictors import evaluate_on_cache, load_predictor, train
+    from sensitivity.search import search
+
+    prefix = records[:n]
+    with tempfile.TemporaryDirectory(prefix="label-eff-") as tmp:
+        cache = Path(tmp) / "prefix.sqlite"
+        write_prefix(source, prefix, cache, f"{strategy}:{source}")
+        t0 = time.perf_counter()
+        report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=kind, baselines=(),
+                       folds=args.folds, seed=args.seed, metric="fid", scores=False, progress=False,
+                       multiquantizer=args.multiquantizer)
+        train_s = time.perf_counter() - t0
+        held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind])
+        predictor = load_predictor(Path(tmp) / "pred", kind=kind)
+    rows = []
+    t1 = time.perf_counter()
+    for t in (args.target_list if measure else []):
+        res = search(predictor, mq, t, sizes=sizes)
+        m = evaluator.evaluate(res.options)
+        rows.append({"strategy": strategy, "labels": n, "predictor": kind, "target": t, "config": "search",
+                     "avg_bits": res.avg_bits, "predicted_fid": -res.predicted,
+                     **{k: m.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
+    search_s = time.perf_counter() - t1
+    return {"strategy": strategy, "labels": n, "predictor": kind,
+            "tau": held["predictors"][kind]["kendall"], "spearman": held["predictors"][kind]["spearman"],
+            "cv_tau": report["predictors"][kind]["mean"]["kendall"], "heldout_configs": held["n_configs"],
+            "label_eval_s": round(label_seconds(prefix), 1), "train_s": round(train_s, 1),
+            "search_and_measure_s": round(search_s, 1), "rows": rows,
+            "full_precision": evaluator.evaluate({})}
+
+
+def markdown_table(df) -> str:
+    """``df`` as a Markdown table, floats with 3 decimals (no tabulate dependency)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "–" if v != v else f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--random-cache", default="caches/digits-dit.sqlite")
+    ap.add_argument("--active-cache", default="caches/digits-dit-active.sqlite")
+    ap.add_argument("--heldout", default="caches/digits-dit-seed1.sqlite", help="cache of another sampler seed (τ)")
+    ap.add_argument("--multiquantizer", default="multiquantizers/digits-dit.safetensors")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed of both runs, and the folds' seed")
+    ap.add_argument("--labels", default="40,80,160,320")
+    ap.add_argument("--strategies", default="random,active", help="which orders to run (the table and figure "
+                    "show every part in OUT/parts)")
+    ap.add_argument("--targets", default="3.4,3.6,3.8,4.0")
+    ap.add_argument("--predictor", default="lightgbm", help="predictor kind(s) trained at every N, comma-separated")
+    ap.add_argument("--tau-only", default="", help="predictor kind(s) of which only the held-out τ is measured "
+                    "(no search), e.g. additive")
+    ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--out", default="runs/label_efficiency")
+    ap.add_argument("--figure", default=None, help="figure path (default OUT/label_efficiency.png)")
+    args = ap.parse_args(argv)
+    args.target_list = [float(t) for t in args.targets.split(",") if t.strip()]
+    labels = [int(n) for n in args.labels.split(",") if n.strip()]
+    kinds = [k.strip() for k in args.predictor.split(",") if k.strip()]
+    gnn_at = {int(n) for n in args.gnn_at.split(",") if n.strip()}
+    tau_only = [k.strip() for k in args.tau_only.split(",") if k.strip() and k.strip() not in kinds]
+
+    import pandas as pd
+    import torch
+
+    from sensitivity.active import labelling_order
+    from sensitivity.errors import SensitivityError
+    from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
+    from sensitivity.multiquantizer import load_multiquantizer
+    from sensitivity.sizes import SizeTable
+    from sensitivity.zoo import get_family
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not set(strategies) <= {"random", "active"}:
+        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active or both")
+    orders = {}
+    if "random" in strategies:
+        orders["random"] = (args.random_cache, random_order(args.random_cache, args.seed))
+    if "active" in strategies:
+        orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed, limit=max(labels)))
+    for name, (path, recs) in orders.items():
+        if len(recs) < max(labels):
+            raise SensitivityError(f"{path}: the {name} run has {len(recs)} labelled configs, fewer than {max(labels)}")
+    mq = load_multiquantizer(args.multiquantizer)
+    sizes = SizeTable.from_multiquantizer(mq)
+    fam_name, _, weights = mq.model_id.partition(":")
+    fam = get_family(fam_name)
+    pipe = fam.load_pipeline(weights or None)
+    check = EvalProtocol.for_family(fam, weights or None, n_per_class=args.images_per_class, seed=CHECK_SEED,
+                                    multiquantizer_hash=mq.hash, dtype="float32")
+    evaluator = MeasuredOnce(Evaluator(fam, pipe, mq, check), out / "heldout_measured.json")
+    t_start = time.time()
+    todo = [(s, n, k) for k in kinds for s in orders for n in labels]
+    todo += [(s, n, "gnn") for s in orders for n in labels if n in gnn_at and "gnn" not in kinds]
+    todo += [(s, n, k) for k in tau_only for s in orders for n in labels]
+    for strategy, n, kind in todo:
+        part = out / "parts" / f"{strategy}-{n}-{kind}.json"
+        if part.is_file():
+            print(f"{strategy} {n} {kind}: done before ({part})", flush=True)
+            continue
+        src, recs = orders[strategy]
+        p = run_point(strategy, n, kind, recs, src, args, mq, sizes, evaluator, measure=kind not in tau_only)
+        p.update({"images": check.num_images, "image_seeds": f"{CHECK_SEED}..{CHECK_SEED + check.num_images - 1}",
+                  "seed": args.seed})
+        tmp = part.with_name(part.name + ".tmp")
+        tmp.write_text(json.dumps(p, indent=1))
+        os.replace(tmp, part)
+        fids = "–" if not p["rows"] else ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
+        print(f"{strategy} {n} {kind}: held-out tau {p['tau']:.3f}, searched FID {fids} "
+              f"(train {p['train_s']:.0f} s, search+measure {p['search_and_measure_s']:.0f} s)", flush=True)
+
+    points = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
+    points = [p for p in points if p["labels"] in labels and p.get("seed") == args.seed
+              and p.get("images") == check.num_images]
+    rows = [{k: v for k, v in p.items() if k not in ("rows", "full_precision")} | r for p in points for r in p["rows"]]
+    df = pd.DataFrame(rows)
+    summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
+    search = df[df["config"] == "search"].pivot_table(index=["predictor", "strategy", "labels"], columns="target",
+                                                      values="fid").add_prefix("FID@")
+    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "cv_tau"]].join(search)
+    table["mean searched FID"] = search.mean(axis=1)
+    rank = {k: i for i, k in enumerate(kinds + ["gnn"] + tau_only)}
+    table = table.reset_index()
+    table = table.assign(_k=table["predictor"].map(rank)).sort_values(["_k", "labels", "strategy"]).drop(columns="_k")
+    table = table.rename(columns={"tau": "held-out τ", "cv_tau": "5-fold CV τ"})
+    fp = points[0]["full_precision"]
+    tmp = out / "label_efficiency.csv.tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out / "label_efficiency.csv")
+    md = (f"Held-out Kendall τ on {args.heldout} ({points[0]['heldout_configs']} configs) and held-out FID "
+          f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of the "
+          f"searched config, random vs active labels, seed {args.seed}.\n\n"
+          + markdown_table(table) + "\n")
+    (out / "label_efficiency.md").write_text(md)
+    print(md)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"random": "tab:blue", "active": "tab:orange"}
+    for (kind, strategy), g in table.groupby(["predictor", "strategy"], sort=False):  # noqa: B007
+        g = g.sort_values("labels")
+        ls = "-" if kind == kinds[0] else ":"
+        lab = f"{strategy} ({kind})"
+        a1.plot(g["labels"], g["held-out τ"], marker="o", ls=ls, color=colors[strategy], label=lab)
+        if g["mean searched FID"].notna().any():
+            a2.plot(g["labels"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=lab)
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(labels, [str(n) for n in labels])
+        a.set_xlabel("labelled configs")
+        a.grid(alpha=0.3)
+    a1.set_ylabel(f"held-out Kendall τ ({points[0]['heldout_configs']} configs, seed 1)")
+    a2.set_ylabel(f"held-out FID, mean over {', '.join(f'{t:g}' for t in args.target_list)} bits")
+    a2.axhline(fp["fid"], color="grey", lw=0.8, ls="--", label="full precision")
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=7)
+    fig.suptitle(f"{fam_name}: random vs active sampling ({points[0]['images']} held-out images)", fontsize=10)
+    fig.tight_layout()
+    figure = Path(args.figure) if args.figure else out / "label_efficiency.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    tmp = figure.with_name(figure.stem + ".tmp" + figure.suffix)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, figure)
+    print(f"wrote {out}/label_efficiency.csv, label_efficiency.md, {figure} in {time.time() - t_start:.0f} s "
+          f"({evaluator.seconds:.0f} s measuring {len(evaluator.measured)} configs; {platform.node()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

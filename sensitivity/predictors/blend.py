@@ -1,0 +1,101 @@
+"""The ``ensemble`` kind: a weighted mean of other kinds' predictions, per fold (issue 14).
+
+One fold model of ``ensemble`` holds one fold model of each member kind (default GNN, LightGBM and
+the additive model), trained on the same training fold with the same seed; its prediction is
+``Σ_k w_k · ŷ_k`` in target units (every member regresses the same target, so the mean is a
+prediction too, usable by the search and the λ·bits rule). ``weights`` default equal; they are
+parameters, never fitted on held-out data. Under :func:`.ensemble.cross_validate` the members reuse
+the fold models already trained for those kinds in the same run (same params), so the GNN is not
+trained twice. The state is the members' states under ``<member>.`` prefixes (no pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from ..errors import SensitivityError
+from .base import Context, FoldModel, State, get_kind, register_kind
+from .data import Dataset
+
+
+@register_kind
+class EnsembleModel(FoldModel):
+    kind = "ensemble"
+    description = "weighted mean of member kinds' predictions (default GNN + LightGBM + additive)"
+    defaults: Dict[str, Any] = {"members": ["gnn", "lightgbm", "additive"], "weights": None, "member_params": {}}
+
+    def __init__(self, ctx: Context, params: Optional[Dict[str, Any]] = None):
+        super().__init__(ctx, params)
+        members = list(self.params["members"])
+        if not members or len(set(members)) != len(members) or "ensemble" in members:
+            raise SensitivityError(f"ensemble: members must be distinct kinds other than ensemble, got {members}")
+        w = self.params["weights"]
+        w = [1.0 / len(members)] * len(members) if w is None else [float(x) for x in w]
+        if len(w) != len(members) or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+            raise SensitivityError(f"ensemble: weights {self.params['weights']} must be {len(members)} "
+                                   "finite non-negative numbers, not all 0")
+        self.members = members
+        self.weights = np.asarray(w, dtype=np.float64) / sum(w)
+        self.models: Dict[str, FoldModel] = {}
+
+    @classmethod
+    def members_of(cls, params: Optional[Mapping[str, Any]]) -> list:
+        """Member kinds of an ensemble with ``params``."""
+        return list((params or {}).get("members") or cls.defaults["members"])
+
+    def member_params(self, kind: str) -> Dict[str, Any]:
+        return dict((self.params.get("member_params") or {}).get(kind) or {})
+
+    @classmethod
+    def available(cls, ctx: Context, ds: Optional[Dataset] = None) -> Optional[str]:
+        for k in cls.defaults["members"]:
+            why = get_kind(k).available(ctx, ds)
+            if why is not None:
+                return f"member {k}: {why}"
+        return None
+
+    def fit(self, ds: Dataset, seed: int = 0, fitted: Optional[Mapping[str, FoldModel]] = None) -> "EnsembleModel":
+        """Fit each member on ``ds`` with ``seed``; ``fitted``: member fold models already trained on
+        exactly this fold and seed (reused when their params match)."""
+        fitted = dict(fitted or {})
+        self.info = {"reused": []}
+        for k in self.members:
+            m = fitted.get(k)
+            want = {**get_kind(k).defaults, **self.member_params(k)}
+            if m is not None and m.params == want:
+                self.info["reused"].append(k)
+            else:
+                why = get_kind(k).available(self.ctx, ds)
+                if why is not None:
+                    raise SensitivityError(f"ensemble member {k}: {why}")
+                m = get_kind(k)(self.ctx, self.member_params(k)).fit(ds, seed=seed)
+            self.models[k] = m
+        return self
+
+    def predict_codes(self, codes: np.ndarray) -> np.ndarray:
+        return np.sum([w * self.models[k].predict_codes(codes) for k, w in zip(self.members, self.weights)], 0)
+
+    def get_state(self) -> State:
+        meta: Dict[str, Any] = {"members": {}}
+        tensors: Dict[str, np.ndarray] = {}
+        texts: Dict[str, str] = {}
+        for k in self.members:
+            m, t, x = self.models[k].get_state()
+            meta["members"][k] = {"meta": m, "params": self.models[k].params}
+            tensors.update({f"{k}.{n}": v for n, v in t.items()})
+            texts.update({f"{k}.{n}": v for n, v in x.items()})
+        return meta, tensors, texts
+
+    def set_state(self, meta, tensors, texts) -> None:
+        self.models = {}
+        for k in self.members:
+            mm = meta["members"].get(k)
+            if mm is None:
+                raise SensitivityError(f"ensemble: saved state has no member {k!r}")
+            m = get_kind(k)(self.ctx, mm.get("params"))
+            pre = f"{k}."
+            m.set_state(mm["meta"], {n[len(pre):]: v for n, v in tensors.items() if n.startswith(pre)},
+                        {n[len(pre):]: v for n, v in texts.items() if n.startswith(pre)})
+            self.models[k] = m
