@@ -7,29 +7,53 @@ a *held-out* evaluator (images of other seeds than the cache's: the best random 
 on the cache's images, so judged on those it would win by selection luck). With ``job_evaluator`` each
 config is also measured on the job's own images (column ``job_<metric>``).
 
+Other allocators (SDNQ's rule, HAWQ, MixDQ, the reference's top-1 rule: :mod:`sensitivity.allocators`,
+e.g. through :func:`sensitivity.allocators.allocate_at_targets`) come in as ordinary configs
+(``allocated``), so this module needs none of them. Every row carries the labelling cost its
+config needed (``configs_labelled``, ``label_cpu_s``) and is checked against the target's exact byte
+budget. With ``repeat_evaluator`` (a second held-out seed set) the searched configs — or all of them —
+are measured twice (columns ``<metric>_2``): the spread shows which gaps are larger than the
+images' noise.
+
 Stage order: this module uses search (and so predictors) and evaluation; only commands import it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
+from .errors import SensitivityError
 from .evaluation.metric_specs import metric_spec
-from .search import InfeasibleTargetError, cache_best, error_ilp, search, uniform_baselines
+from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_baselines
 from .sizes import SizeTable
 
 METRIC_KEYS = ("fid", "kid", "accuracy", "psnr")
+COST_KEYS = ("configs_labelled", "label_cpu_s")
+
+
+def cache_cost(records: Sequence[Mapping[str, Any]]) -> Tuple[int, float]:
+    """``(configs, seconds)`` the cache's evaluation job spent: Σ of each record's ``timings["evaluate"]``."""
+    secs = 0.0
+    for r in records:
+        t = r.get("timings") or {}
+        if isinstance(t, Mapping):
+            secs += float(t.get("evaluate", 0.0) or 0.0)
+    return len(records), secs
 
 
 @dataclass
 class Comparison:
     """What :func:`compare_at_targets` measured.
 
-    ``rows``: one dict per (target, method) with ``target, method, avg_bits, predicted_<metric>,
-    job_<metric>`` and the held-out ``fid, kid, accuracy, psnr``; ``points``: the measured configs for
+    ``rows``: one dict per (target, method) with ``target, method, source, avg_bits, predicted_<metric>,
+    job_<metric>``, the held-out ``fid, kid, accuracy, psnr`` (and ``<metric>_2`` on the second seed
+    set where measured) and ``configs_labelled, label_cpu_s``; ``points``: the measured configs for
     :func:`sensitivity.insights.pareto_table` (``source, label, avg_bits[, predicted], <metrics>``);
     ``full_precision``: the held-out metrics of the unquantized model; ``results``: the searched
     :class:`~sensitivity.search.SearchResult` per target.
@@ -51,7 +75,11 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
                        records: Sequence[Mapping[str, Any]], metric: str = "fid",
                        job_evaluator: Any = None, sizes: Optional[SizeTable] = None,
                        config_dir: Optional[Path] = None, config_provenance: Optional[Mapping[str, Any]] = None,
-                       log: Optional[Callable[[str], None]] = None) -> Comparison:
+                       log: Optional[Callable[[str], None]] = None,
+                       allocated: Sequence[Mapping[str, Any]] = (),
+                       costs: Optional[Mapping[str, Tuple[int, float]]] = None,
+                       repeat_evaluator: Any = None, repeat: str = "search",
+                       search_fn: Optional[Callable[[float], Any]] = None) -> Comparison:
     """Search at each of ``targets`` (avg bits) and measure it next to the baselines (module docstring).
 
     ``evaluator``: the held-out :class:`~sensitivity.evaluation.evaluator.Evaluator` (its
@@ -59,20 +87,36 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     ``records``: the cache's records (for the best random config); ``config_dir``: where to save each
     searched config as ``search-<target>.json`` (with ``config_provenance``); ``log``: a progress
     printer. Targets below the smallest reachable average bits are skipped (listed in ``skipped``).
+
+    ``allocated``: other allocators' configs, dicts ``target, method, options[, source,
+    configs_labelled, label_cpu_s, note]`` (``options=None``: that allocator has no config at the
+    target, ``note`` says why; they are not measured on the job's images); ``costs``: ``{"search" | "best random" | "uniform" | "error ILP": (configs, cpu seconds)}``
+    (defaults: the cache's job for the first two — add the predictor's training to ``search`` —,
+    the uniform configs' held-out measurements, 0 for the error ILP); ``repeat_evaluator``: a second
+    held-out seed set, measuring the searched configs (``repeat="search"``) or every row (``"all"``);
+    ``search_fn(target)``: the searched config (default :func:`sensitivity.search.search` of
+    ``predictor``). Raises :class:`SensitivityError` if any row's config is over its target's budget.
     """
+    if repeat not in ("search", "all"):
+        raise SensitivityError(f"compare_at_targets: repeat must be 'search' or 'all', got {repeat!r}")
     sizes = sizes if sizes is not None else SizeTable.from_multiquantizer(mq)
     sign = metric_spec(metric).sign()
     say = log or (lambda text: None)
     measured: Dict[str, Dict[str, Any]] = {}
+    measured_2: Dict[str, Dict[str, Any]] = {}
     job_measured: Dict[str, Optional[float]] = {}
+    job_cost = cache_cost(records)
+    uniforms = uniform_baselines(sizes)
+    cost = {"search": job_cost, "best random": job_cost, "error ILP": (0, 0.0), "uniform": None}
+    cost.update(costs or {})
 
-    def measured_of(options: Mapping[str, str]) -> Dict[str, Any]:
+    def measured_of(options: Mapping[str, str], ev: Any = evaluator, memo: Dict = measured) -> Dict[str, Any]:
         k = _key(options)
-        if k not in measured:
-            r = evaluator.evaluate(dict(options))
+        if k not in memo:
+            r = ev.evaluate(dict(options))
             r.pop("timings", None)
-            measured[k] = r
-        return measured[k]
+            memo[k] = r
+        return memo[k]
 
     def job_value_of(options: Mapping[str, str]) -> Optional[float]:
         """The metric on the job's own images (the protocol the cache and the predictor saw)."""
@@ -87,62 +131,234 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         return sign * float(predictor.predict([dict(options)])[0])
 
     out = Comparison(metric)
+
+    def add(t: float, method: str, source: str, options: Mapping[str, str], label_cost, pred: Optional[float] = None,
+            job: Any = "measure", point_label: Optional[str] = None) -> Dict[str, Any]:
+        q, fp = sizes.config_bytes(options)
+        if q > budget_bytes(t, fp):
+            raise SensitivityError(f"{method} at target {t:g}: {q} bytes ({16.0 * q / fp:.4f} avg bits) is over "
+                                   f"the budget of {budget_bytes(t, fp)} bytes")
+        m = measured_of(options)
+        row = {"target": t, "method": method, "source": source, "avg_bits": 16.0 * q / fp,
+               f"predicted_{metric}": predicted(options) if pred is None else pred,
+               job_col: job_value_of(options) if job == "measure" else job, **{k: m.get(k) for k in METRIC_KEYS}}
+        if repeat_evaluator is not None and (repeat == "all" or source == "search"):
+            m2 = measured_of(options, repeat_evaluator, measured_2)
+            row.update({f"{k}_2": m2.get(k) for k in METRIC_KEYS})
+        n, secs = label_cost if label_cost is not None else (None, None)
+        row.update(configs_labelled=n, label_cpu_s=None if secs is None else round(float(secs), 1))
+        out.rows.append(row)
+        out.points.append({"source": source, "label": point_label or f"{source}@{t:g}", "avg_bits": row["avg_bits"],
+                           **({"predicted": sign * row[f"predicted_{metric}"]} if source == "search" else {}),
+                           **{k: m.get(k) for k in METRIC_KEYS}})
+        return row
+
     out.full_precision = fp = measured_of({})
     say(f"full precision on them: FID {_fmt(fp.get('fid'))}, accuracy {_fmt(fp.get('accuracy'))}")
     job_col = f"job_{metric}"
-    uniforms = uniform_baselines(sizes)
     for u in uniforms:
         u.predicted = float(predictor.predict([u.options])[0])
     floor = sizes.min_avg_bits()
+    by_target: Dict[float, List[Mapping[str, Any]]] = {}
+    for a in allocated:
+        by_target.setdefault(float(a["target"]), []).append(a)
     for t in targets:
         if t < floor:
             out.skipped.append(t)
             say(f"target {t:g}: below the smallest possible {floor:.4f} avg bits; skipped")
             continue
-        res = search(predictor, mq, t, sizes=sizes)
+        res = search_fn(t) if search_fn is not None else search(predictor, mq, t, sizes=sizes)
         out.results[t] = res
         if config_dir is not None:
             cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, **dict(config_provenance or {}))
             cfg.save(Path(config_dir) / f"search-{t:.2f}.json")
-        m = measured_of(res.options)
-        out.rows.append({"target": t, "method": "search", "avg_bits": res.avg_bits,
-                         f"predicted_{metric}": sign * res.predicted, job_col: job_value_of(res.options),
-                         **{k: m.get(k) for k in METRIC_KEYS}})
-        out.points.append({"source": "search", "label": f"search@{t:g}", "avg_bits": res.avg_bits,
-                           "predicted": res.predicted, **{k: m.get(k) for k in METRIC_KEYS}})
+        r = add(t, "search", "search", res.options, cost["search"],
+                pred=sign * res.predicted if res.predicted is not None else None)
+        say(f"target {t:g}: searched {r['avg_bits']:.3f} bits, {metric} {_fmt(r.get(metric))} "
+            f"(predicted {_fmt(r[f'predicted_{metric}'])}), FID {_fmt(r.get('fid'))}")
         try:  # the best random config of the cache at the same or fewer bits (its own measurement)
             best = cache_best(records, sizes, t, metric=metric)
-            rec = next(r for r in records if r.get("config_hash") == best.details.get("config_hash"))
-            bm = measured_of(best.options)
-            out.rows.append({"target": t, "method": f"best of {best.details['candidates']} random",
-                             "avg_bits": best.avg_bits, f"predicted_{metric}": predicted(best.options),
-                             job_col: (rec.get("metrics") or {}).get(metric), **{k: bm.get(k) for k in METRIC_KEYS}})
-            out.points.append({"source": "best random", "label": f"random@{t:g}", "avg_bits": best.avg_bits,
-                               **{k: bm.get(k) for k in METRIC_KEYS}})
+            rec = next(x for x in records if x.get("config_hash") == best.details.get("config_hash"))
+            add(t, f"best of {best.details['candidates']} random", "best random", best.options, cost["best random"],
+                job=(rec.get("metrics") or {}).get(metric), point_label=f"random@{t:g}")
         except InfeasibleTargetError:
-            out.rows.append({"target": t, "method": "best random (none at these bits)"})
-        ok = [u for u in uniforms if u.avg_bits <= t + 1e-9]
-        if ok:
+            out.rows.append({"target": t, "method": "best random (none at these bits)", "source": "best random"})
+        ok = [u for u in uniforms if u.quantized_bytes <= budget_bytes(t, u.fp16_bytes)]
+        if ok:  # chosen by the held-out measurement itself: an advantage for this baseline, not for the search
             ums = [(u, measured_of(u.options)) for u in ok]
             u, um = max(ums, key=lambda x: sign * float(x[1][metric]))
-            out.rows.append({"target": t, "method": f"best uniform ({u.method.replace('uniform-', '')})",
-                             "avg_bits": u.avg_bits, f"predicted_{metric}": sign * u.predicted,
-                             job_col: job_value_of(u.options), **{k: um.get(k) for k in METRIC_KEYS}})
+            row = add(t, f"best uniform ({u.method.replace('uniform-', '')})", "uniform", u.options,
+                      cost["uniform"] if cost["uniform"] is not None else (len(ok), None),
+                      pred=sign * u.predicted, point_label=u.method)
+            out.points.pop()  # uniform points are added once each, below
         ilp = error_ilp(sizes, t)
-        im = measured_of(ilp.options)
-        out.rows.append({"target": t, "method": "error ILP", "avg_bits": ilp.avg_bits,
-                         f"predicted_{metric}": predicted(ilp.options), job_col: job_value_of(ilp.options),
-                         **{k: im.get(k) for k in METRIC_KEYS}})
-        out.points.append({"source": "error-ilp", "label": f"ilp@{t:g}", "avg_bits": ilp.avg_bits,
-                           **{k: im.get(k) for k in METRIC_KEYS}})
-        say(f"target {t:g}: searched {res.avg_bits:.3f} bits, {metric} {_fmt(m.get(metric))} "
-            f"(predicted {_fmt(sign * res.predicted)}), FID {_fmt(m.get('fid'))}")
+        add(t, "error ILP", "error-ilp", ilp.options, cost["error ILP"], point_label=f"ilp@{t:g}")
+        for a in by_target.get(float(t), []):
+            if a.get("options") is None:
+                out.rows.append({"target": t, "method": f"{a['method']} (no config: {a.get('note', '')})",
+                                 "source": a["method"]})
+                continue
+            add(t, a["method"], a.get("source", a["method"]), a["options"],
+                (a.get("configs_labelled"), a.get("label_cpu_s")), job=a.get(job_col))
     for u in uniforms:
         um = measured.get(_key(u.options))
         if um is not None:
             out.points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
                                "predicted": u.predicted, **{k: um.get(k) for k in METRIC_KEYS}})
     return out
+
+
+def reranked_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional[SizeTable] = None,
+                    offsets: Sequence[float] = (0.0, 0.02, 0.05, 0.1), levels: Sequence[str] = ("layer", "module"),
+                    kappa: float = 0.0) -> Any:
+    """The search's knapsack solves an *additive* proxy of the predictor (its layer / module scores);
+    this solves it at ``target_bits − offset`` for each offset and level, then keeps the candidate the
+    whole predictor rates best: the fold ensemble's mean minus ``kappa`` × the folds' standard
+    deviation (``predictor.models``; without them, ``predict``). Every candidate fits the target.
+    Uses no measurement: the held-out images choose nothing. ``details["rerank"]`` lists the candidates.
+    """
+    sizes = sizes if sizes is not None else SizeTable.from_multiquantizer(mq)
+    cands, seen = [], set()
+    for level in levels:
+        if level == "module" and not hasattr(predictor, "module_scores"):
+            continue
+        for off in offsets:
+            t = round(float(target_bits) - float(off), 6)
+            if t < sizes.min_avg_bits():
+                continue
+            try:
+                r = search(predictor, mq, t, level=level, sizes=sizes)
+            except SensitivityError:
+                continue
+            k = _key(r.options)
+            if k not in seen:
+                seen.add(k)
+                r.details.update(level=level, offset=float(off))
+                cands.append(r)
+    if not cands:
+        raise InfeasibleTargetError(f"target {target_bits:g}: no candidate config")
+    models = getattr(predictor, "models", None)
+    if models and hasattr(predictor, "encode"):
+        codes = predictor.encode([c.options for c in cands])
+        per = np.array([m.predict_codes(codes) for m in models])
+        mean, std = per.mean(axis=0), per.std(axis=0)
+    else:
+        mean, std = np.asarray(predictor.predict([c.options for c in cands]), dtype=np.float64), np.zeros(len(cands))
+    score = mean - float(kappa) * std
+    best = int(np.argmax(score))
+    res = cands[best]
+    res.target_bits = float(target_bits)
+    res.method = "search-reranked"
+    res.details["rerank"] = [{"level": c.details["level"], "offset": c.details["offset"], "avg_bits": c.avg_bits,
+                              "mean": float(m), "std": float(sd)} for c, m, sd in zip(cands, mean, std)]
+    res.details["rerank_choice"] = best
+    return res
+
+
+class StoredEvaluator:
+    """An evaluator whose measurements are kept in a JSON-lines file, so a comparison resumes.
+
+    ``path`` holds one ``{"key", "metrics"}`` line per measured config, after a first line naming the
+    protocol (``protocol``: any JSON-able dict, e.g. ``EvalProtocol.to_dict()``); a file made under
+    another protocol raises :class:`SensitivityError`. Only ``evaluate(options)`` is wrapped.
+    """
+
+    def __init__(self, evaluator: Any, path: Path, protocol: Mapping[str, Any]) -> None:
+        self.evaluator, self.path = evaluator, Path(path)
+        self.protocol = json.loads(json.dumps(dict(protocol), sort_keys=True, default=str))
+        self.store: Dict[str, Dict[str, Any]] = {}
+        self.reused = self.measured = 0
+        if self.path.is_file():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            head = json.loads(lines[0]) if lines else {}
+            if head.get("protocol") != self.protocol:
+                raise SensitivityError(f"{self.path}: measurements of another protocol (delete it or use another --out)")
+            for ln in lines[1:]:
+                try:
+                    d = json.loads(ln)
+                except json.JSONDecodeError:  # a line cut by a kill: measured again
+                    continue
+                self.store[d["key"]] = d["metrics"]
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"protocol": self.protocol}) + "\n")
+
+    def evaluate(self, options: Mapping[str, str]) -> Dict[str, Any]:
+        k = _key(options)
+        if k in self.store:
+            self.reused += 1
+            return dict(self.store[k])
+        r = self.evaluator.evaluate(dict(options))
+        r.pop("timings", None)
+        r.pop("images", None)
+        r = {m: (float(v) if isinstance(v, (int, float)) else v) for m, v in r.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": k, "metrics": r}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.store[k] = r
+        self.measured += 1
+        return dict(r)
+
+
+def comparison_frame(comp: Comparison):
+    """``comp.rows`` as a pandas DataFrame (one row per target and method)."""
+    import pandas as pd
+
+    return pd.DataFrame(comp.rows)
+
+
+def plot_comparison(comp: Comparison, y: str = "fid", title: Optional[str] = None, y_label: Optional[str] = None):
+    """``y`` vs average bits, one marker series per allocator (``source``); the searched configs on a
+    solid line, the full-precision value dashed. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    order: Dict[str, List[Tuple[float, float]]] = {}
+    for r in comp.rows:
+        if r.get(y) is None or r.get("avg_bits") is None:
+            continue
+        order.setdefault(r.get("source", r["method"]), []).append((float(r["avg_bits"]), float(r[y])))
+    markers = "osD^v<>pPX*h"
+    for i, (src, pts) in enumerate(order.items()):
+        pts = sorted(set(pts))
+        xs, ys = zip(*pts)
+        main = src == "search"
+        ax.plot(xs, ys, marker=markers[i % len(markers)], ms=6 if main else 4, lw=2 if main else 0.8,
+                ls="-" if main else ":", color="black" if main else None, label=src, zorder=3 if main else 2)
+    if comp.full_precision.get(y) is not None:
+        ax.axhline(float(comp.full_precision[y]), color="grey", lw=0.8, ls="--", label="full precision")
+    ax.set_xlabel("average bits")
+    ax.set_ylabel(y_label or y)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str], digits: int = 3) -> str:
+    """A Markdown table of ``rows`` (numbers right-aligned with ``digits`` decimals, ``–`` where missing)."""
+    num = {c: any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in cols}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if num[c] else "---" for c in cols) + "|"]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                cells.append("–" if v is None else str(v))
+            elif isinstance(v, int) or c == "configs_labelled":
+                cells.append(f"{int(v):,}")
+            elif c == "label_cpu_s":
+                cells.append(f"{v:,.0f}")
+            else:
+                cells.append(_fmt(v, digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

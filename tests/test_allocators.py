@@ -112,6 +112,19 @@ def test_every_allocator_respects_the_budget(target):
         q, _ = config_bytes(res.options, sizes)
         assert q == res.quantized_bytes <= budget, name
         assert res.avg_bits <= target + 1e-12, name
+    # and the search's own baselines (uniform, best cached, error ILP) and the search itself
+    from sensitivity.search import AdditiveScorer, cache_best, error_ilp, search, uniform_baselines
+
+    cfgs = [{l: str(rng.choice(OPTIONS)) for l in sizes["layer"].unique()} for _ in range(40)]
+    records = [{"index": i, "config_hash": f"h{i}", "config": c, "metrics": {"fid": float(rng.uniform(1, 9))}}
+               for i, c in enumerate(cfgs)]
+    others = {"error-ilp": error_ilp(sizes, target), "search": search(AdditiveScorer(pred), None, target, sizes=sizes)}
+    if min(config_bytes(c, sizes)[0] for c in cfgs) <= budget:
+        others["cache"] = cache_best(records, sizes, target)
+    others.update({u.method: u for u in uniform_baselines(sizes, target_bits=target)})
+    assert len(others) >= 3
+    for name, res in others.items():
+        assert config_bytes(res.options, sizes)[0] <= budget, name
     # the ILPs are exact: nothing cheaper-or-equal has a lower summed sensitivity than hawq's choice
     res = allocate("hawq", sizes, target, sensitivity=hawq)
     assert res.objective <= allocate("hawq", sizes, target - 0.05, sensitivity=hawq).objective + 1e-12 if target > 3.1 else True

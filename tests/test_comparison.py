@@ -65,3 +65,99 @@ def test_compare_at_targets_measures_search_and_baselines(setup):
     keys = [tuple(sorted(c.items())) for c in ev.calls]
     assert len(keys) == len(set(keys))
     assert {p["source"] for p in comp.points} >= {"search", "best random", "error-ilp", "uniform"}
+
+
+def test_compare_at_targets_takes_allocators_costs_and_a_second_seed_set(setup):
+    from sensitivity.allocators import AllocatorSpec, allocate_at_targets
+    from sensitivity.search import budget_bytes
+
+    sizes, predictor, records = setup
+    frame = sizes.frame()
+    hawq = frame[["layer", "option"]].assign(sensitivity=frame["error"] * 2.0)
+    specs = [AllocatorSpec("SDNQ rule (threshold {threshold:.3g})", "sdnq", source="SDNQ rule"),
+             AllocatorSpec("HAWQ (trace)", "hawq", {"sensitivity": hawq}, configs_labelled=0, label_cpu_s=3.0),
+             AllocatorSpec("reference top-1 (λ {lam:.3g})", "reference", {"layer_scores": predictor.layer_scores(None)},
+                           configs_labelled=30, label_cpu_s=12.0, source="reference top-1")]
+    allocated = allocate_at_targets(specs, frame, [2.0, 3.6])
+    by = {(a["target"], a["source"]): a for a in allocated}
+    assert by[(2.0, "SDNQ rule")]["options"] is None and "cheapest" in by[(2.0, "SDNQ rule")]["note"]
+    assert by[(3.6, "SDNQ rule")]["method"].startswith("SDNQ rule (threshold 0.")
+    ev, ev2 = ErrorEvaluator(sizes), ErrorEvaluator(sizes, offset=0.25)
+    records = [dict(r, timings={"evaluate": 2.0}) for r in records]
+    comp = compare_at_targets(predictor, None, ev, [3.6], records, sizes=sizes, allocated=allocated,
+                              costs={"search": (30, 99.0)}, repeat_evaluator=ev2)
+    rows = {r["source"]: r for r in comp.rows}
+    assert set(rows) == {"search", "best random", "uniform", "error-ilp", "SDNQ rule", "HAWQ (trace)", "reference top-1"}
+    fp16 = sizes.fp16_total
+    for r in rows.values():  # every config at or under the exact byte budget (avg_bits = 16 · bytes / fp16 bytes)
+        assert round(r["avg_bits"] * fp16 / 16) <= budget_bytes(3.6, fp16) and r["avg_bits"] <= 3.6, r["method"]
+    assert (rows["search"]["configs_labelled"], rows["search"]["label_cpu_s"]) == (30, 99.0)
+    assert (rows["best random"]["configs_labelled"], rows["best random"]["label_cpu_s"]) == (30, 60.0)  # the cache's job
+    assert (rows["HAWQ (trace)"]["configs_labelled"], rows["HAWQ (trace)"]["label_cpu_s"]) == (0, 3.0)
+    assert rows["error-ilp"]["configs_labelled"] == 0
+    # HAWQ's sensitivity is 2 x the error: its ILP is the error ILP, measured once
+    assert rows["HAWQ (trace)"]["fid"] == pytest.approx(rows["error-ilp"]["fid"])
+    # the second seed set: only the searched config, offset by that evaluator's 0.25
+    assert rows["search"]["fid_2"] == pytest.approx(rows["search"]["fid"] + 0.25)
+    assert all("fid_2" not in r for s, r in rows.items() if s != "search")
+    assert len(ev2.calls) == 1
+
+
+def test_compare_at_targets_refuses_a_config_over_budget(setup):
+    from sensitivity.errors import SensitivityError
+
+    sizes, predictor, records = setup
+    over = [{"target": 3.6, "method": "too big", "options": {l: "uaq-4" for l in SHAPES}}]  # 4+ bits
+    with pytest.raises(SensitivityError, match="too big at target 3.6: .* over the budget"):
+        compare_at_targets(predictor, None, ErrorEvaluator(sizes), [3.6], records, sizes=sizes, allocated=over)
+
+
+def test_stored_evaluator_resumes_and_refuses_another_protocol(setup, tmp_path):
+    from sensitivity.comparison import StoredEvaluator, markdown_table
+    from sensitivity.errors import SensitivityError
+
+    sizes, _, _ = setup
+    inner = ErrorEvaluator(sizes)
+    path = tmp_path / "m.jsonl"
+    cfg = {l: "uaq-3" for l in SHAPES}
+    first = StoredEvaluator(inner, path, {"seed": 1}).evaluate(cfg)
+    with open(path, "a") as f:
+        f.write('{"key": "cut')  # a line cut by a kill
+    again = StoredEvaluator(inner, path, {"seed": 1})
+    assert again.evaluate(cfg) == first and len(inner.calls) == 1 and again.reused == 1
+    with pytest.raises(SensitivityError, match="another protocol"):
+        StoredEvaluator(inner, path, {"seed": 2})
+    md = markdown_table([{"method": "search", "fid": 1.23456, "configs_labelled": 1200, "x": None}],
+                        ["method", "fid", "configs_labelled", "x"])
+    assert md.splitlines()[2] == "| search | 1.235 | 1,200 | – |"
+
+
+def test_reranked_search_keeps_the_candidate_the_whole_predictor_rates_best(setup):
+    from sensitivity.comparison import reranked_search
+    from sensitivity.search import budget_bytes, search
+
+    sizes, predictor, _ = setup
+
+    class Folds:  # two fold models: the mean is the additive score plus a bonus for fewer bytes
+        def __init__(self, inner):
+            self.inner, self.models = inner, [self, self]
+
+        def layer_scores(self, mq=None):
+            return self.inner.layer_scores(mq)
+
+        def encode(self, configs):
+            return list(configs)
+
+        def predict_codes(self, configs):
+            return np.array([self.inner.predict([c])[0] + 1e-5 * (sizes.fp16_total - sizes.quantized_bytes(c))
+                             for c in configs])
+
+        def predict(self, configs):
+            return self.predict_codes(configs)
+
+    plain = search(predictor, None, 3.8, sizes=sizes)
+    res = reranked_search(Folds(predictor), None, 3.8, sizes=sizes, offsets=(0.0, 0.1, 0.3))
+    assert len(res.details["rerank"]) >= 2 and sizes.quantized_bytes(res.options) <= budget_bytes(3.8, sizes.fp16_total)
+    means = [c["mean"] for c in res.details["rerank"]]
+    assert res.details["rerank_choice"] == int(np.argmax(means))
+    assert Folds(predictor).predict([res.options])[0] >= Folds(predictor).predict([plain.options])[0]

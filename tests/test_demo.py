@@ -40,6 +40,10 @@ def test_demo_outputs(demo):
     for r in searched:
         assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0 and r["fid"] > 0 and r["job_fid"] > 0
     assert any(r["method"] == "error ILP" for r in s["rows"])
+    for src in ("SDNQ rule", "reference top-1"):  # the allocators that need no extra labels
+        got = [r for r in s["rows"] if r.get("source") == src]
+        assert [r["target"] for r in got] == [3.5, 4.0], src
+        assert all(r["avg_bits"] <= r["target"] and r["fid"] > 0 and r["configs_labelled"] is not None for r in got)
     assert (demo / "summary.md").read_text().startswith("# sensitivity demo on digits-dit")
     for name in ("search-3.50.json", "search-4.00.json"):
         cfg = json.loads((demo / "search" / name).read_text())

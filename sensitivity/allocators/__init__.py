@@ -23,7 +23,8 @@ threshold rules through :func:`sweep_to_target` (bisection on a monotone knob). 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -141,4 +142,57 @@ def allocate(name: str, sizes: pd.DataFrame, target_bits: float, **kw):
     raise SensitivityError(f"unknown allocator {name!r} (use {', '.join(ALLOCATORS)})")
 
 
-__all__ = ["ALLOCATORS", "allocate", "result_from_options", "sweep_to_target", "with_fp16"]
+@dataclass
+class AllocatorSpec:
+    """One allocator of a comparison: ``label`` (its row name), ``name`` (one of :data:`ALLOCATORS`),
+    ``inputs`` (its keyword inputs, e.g. ``{"sensitivity": table}``) and the labelling cost of those
+    inputs (``configs_labelled``, ``label_cpu_s``; ``None``: read from the result's ``details``)."""
+
+    label: str
+    name: str
+    inputs: Dict[str, Any] = field(default_factory=dict)
+    configs_labelled: Optional[int] = None
+    label_cpu_s: Optional[float] = None
+    source: Optional[str] = None  # the allocator's name in plots (default: ``label`` without its ``{...}`` fields)
+
+    def source_name(self) -> str:
+        if self.source:
+            return self.source
+        return self.label.split(" (")[0] if "{" in self.label else self.label
+
+
+def allocate_at_targets(specs: Sequence[AllocatorSpec], sizes, targets: Sequence[float],
+                        what: str = "this multiquantizer") -> List[Dict[str, Any]]:
+    """Every allocator's config at every target, as ordinary configs for
+    :func:`sensitivity.comparison.compare_at_targets`: dicts ``target, method, source, options, avg_bits,
+    quantized_bytes, configs_labelled, label_cpu_s[, note]``. A target an allocator cannot reach gets
+    ``options=None`` and the one-line reason in ``note``. ``label`` may hold ``{lam}`` / ``{threshold}``
+    (the reference's λ, SDNQ's threshold at that target). SDNQ's rule may keep layers fp16 (its
+    size table gets fp16 rows)."""
+    frame = as_frame(sizes)
+    full = None
+    out: List[Dict[str, Any]] = []
+    for t in targets:
+        for spec in specs:
+            if spec.name == "sdnq":
+                full = with_fp16(frame) if full is None else full
+                use = full
+            else:
+                use = frame
+            try:
+                res = allocate(spec.name, use, float(t), what=what, **spec.inputs)
+            except SensitivityError as e:
+                out.append({"target": float(t), "method": spec.label.split(" (")[0], "source": spec.source_name(),
+                            "options": None, "note": str(e)})
+                continue
+            d = res.details
+            n = spec.configs_labelled if spec.configs_labelled is not None else int(d.get("configs_evaluated", 0))
+            secs = spec.label_cpu_s if spec.label_cpu_s is not None else float(d.get("cpu_seconds", res.seconds))
+            label = spec.label.format(lam=d.get("lam", float("nan")), threshold=d.get("threshold", float("nan")))
+            out.append({"target": float(t), "method": label, "source": spec.source_name(), "options": dict(res.options), "avg_bits": res.avg_bits,
+                        "quantized_bytes": res.quantized_bytes, "configs_labelled": n, "label_cpu_s": secs})
+    return out
+
+
+__all__ = ["ALLOCATORS", "AllocatorSpec", "allocate", "allocate_at_targets", "result_from_options",
+           "sweep_to_target", "with_fp16"]

@@ -8,8 +8,9 @@ Steps (each prints what it does and the command a user would run for it):
 3. the evaluation job: random configs into a crash-safe cache (resumable: rerun the same command);
 4. a predictor trained with k-fold cross-validation next to its baselines (``predictor/report.md``);
 5. search at each target (3.4 / 3.6 / 3.8 / 4.0 bits), each searched config evaluated for real next to
-   the best random cache config at the same or fewer bits, the best uniform config and the
-   per-layer-error ILP (MixDQ / HAWQ style) at the same target;
+   the best random cache config at the same or fewer bits, the best uniform config, the
+   per-layer-error ILP (MixDQ / HAWQ style), SDNQ's rule and the reference's top-1 rule at the same
+   target (the allocators that need no labels beyond the job's: ``sensitivity.allocators``);
 6. insight tables and figures (``insights/``) and the summary table (``summary.md``, ``summary.json``).
 
 ``--quick`` runs a smaller job (fewer configs and images) to see every step in a few minutes.
@@ -232,9 +233,20 @@ def run(args: argparse.Namespace) -> int:
     ev_check = Evaluator(fam, pipe, mq, check)
     print(f"      every compared config is measured on {check.num_images} held-out images "
           f"(seeds {CHECK_SEED}..{CHECK_SEED + check.num_images - 1})", flush=True)
+    # the allocators that need no labels beyond the job's: SDNQ's rule and the reference's top-1 rule
+    from ..allocators import AllocatorSpec, allocate_at_targets
+    from ..comparison import cache_cost
+
+    n_job, job_s = cache_cost(records)
+    train_s = float((report.get("predictors", {}).get(args.predictor) or {}).get("train_seconds", 0.0))
+    specs = [AllocatorSpec("SDNQ rule (threshold {threshold:.3g})", "sdnq", source="SDNQ rule"),
+             AllocatorSpec("reference top-1 (λ {lam:.3g})", "reference", {"layer_scores": predictor.layer_scores(mq)},
+                           configs_labelled=n_job, label_cpu_s=job_s + train_s, source="reference top-1")]
+    allocated = allocate_at_targets(specs, sizes, [t for t in targets if t >= sizes.min_avg_bits()])
     comp = compare_at_targets(predictor, mq, ev_check, targets, records, metric=args.metric, job_evaluator=ev,
                               sizes=sizes, config_dir=out / "search", config_provenance={"predictor": str(pred_dir)},
-                              log=lambda text: print("      " + text, flush=True))
+                              log=lambda text: print("      " + text, flush=True), allocated=allocated,
+                              costs={"search": (n_job, job_s + train_s)})
     rows, pareto_points, fp_check = comp.rows, comp.points, comp.full_precision
     metric_keys = METRIC_KEYS
 
@@ -258,8 +270,10 @@ def run(args: argparse.Namespace) -> int:
 
         written.append(_write_fig(fig, out / "insights" / f"pareto_{extra}.png"))
     cols = ["target", "method", "avg_bits", f"predicted_{args.metric}", f"job_{args.metric}", args.metric] + \
-        [k for k in metric_keys if k != args.metric]
-    table = _table(rows, cols)
+        [k for k in metric_keys if k != args.metric] + ["configs_labelled", "label_cpu_s"]
+    from ..comparison import markdown_table
+
+    table = markdown_table(rows, cols)
     seconds = time.perf_counter() - t_start
     summary = {"model": model, "weights": weights, "seed": args.seed, "quick": bool(args.quick),
                "num_configs": n_cfg, "images_per_config": protocol.num_images, "steps": protocol.steps,
@@ -276,7 +290,10 @@ def run(args: argparse.Namespace) -> int:
           + f"\n\n## Search vs baselines, measured on {check.num_images} held-out images\n\n"
           + f"Seeds {CHECK_SEED}.. (not the job's). The best random config is the cache's best by {args.metric} "
           + f"at the same or fewer bits; `job_{args.metric}` is each config's {args.metric} on the job's "
-          + f"{protocol.num_images} images (the best random config was chosen on them). In the Pareto plots the grey cloud "
+          + f"{protocol.num_images} images (the best random config was chosen on them; SDNQ's rule and the reference's "
+          + "top-1 rule, λ swept to the target, are measured on the held-out images only). `configs_labelled` / "
+          + "`label_cpu_s`: the evaluated configs (and their seconds, plus the predictor's training) each config needed. "
+          + "In the Pareto plots the grey cloud "
           + "is the job's measurement, the marked configs are the held-out one. Full precision on the held-out "
           + f"images: FID {_fmt(fp_check.get('fid'))}, KID {_fmt(fp_check.get('kid'))}, accuracy "
           + f"{_fmt(fp_check.get('accuracy'))}.\n\n" + table + "\n")
