@@ -8,6 +8,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -205,6 +206,89 @@ def test_processes_creating_one_cache_at_once(tmp_path):
     for k in range(30):
         with ConfigCache(tmp_path / f"c{k}.sqlite") as c:
             assert c.signature == "sig-a"
+
+
+_OPEN_RACE = r"""
+import multiprocessing as mp, os, sys
+from sensitivity.evaluation.cache import ConfigCache
+
+def job(path, k, barrier, q):
+    barrier.wait()  # all at once, on a file that does not exist yet
+    try:
+        if k % 2:  # run_job's pattern: open the cache if it exists, else create it
+            c = ConfigCache(path) if os.path.exists(path) else ConfigCache(path, signature="s", evaluation={}, create=True)
+        else:      # a reader (`sensitivity cache info`, a second job) that opens it the moment it appears
+            while not os.path.exists(path):
+                pass
+            c = ConfigCache(path)
+        c.close()
+        q.put("")
+    except Exception as exc:
+        q.put(f"{type(exc).__name__}: {exc}")
+
+ctx = mp.get_context("fork")
+errors = []
+for trial in range(int(sys.argv[2])):
+    path = os.path.join(sys.argv[1], f"c{trial}.sqlite")
+    barrier, q = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=job, args=(path, k, barrier, q)) for k in range(8)]
+    for p in procs:
+        p.start()
+    errors += [e for e in (q.get(timeout=120) for _ in procs) if e]
+    for p in procs:
+        p.join()
+print("\n".join(errors))
+"""
+
+
+def test_processes_opening_a_cache_while_it_is_created(tmp_path):
+    # 8 processes x 8 new files: half create-or-open as run_job does, half open the file the moment it
+    # exists. Before creation became atomic (schema built beside the file, then hard-linked into place)
+    # nearly every trial failed with "no meta table" or "empty file" (48 errors in 8 trials).
+    out = subprocess.run([sys.executable, "-c", _OPEN_RACE, str(tmp_path), "8"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
+    for k in range(8):
+        with ConfigCache(tmp_path / f"c{k}.sqlite") as c:
+            assert c.signature == "s" and len(c) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
+
+
+def test_a_cache_being_created_in_place_is_waited_for(tmp_path, monkeypatch):
+    # where the file system has no hard links the cache is created in place; an opener that finds it
+    # still empty waits for its schema instead of calling it corrupt
+    import threading
+
+    from sensitivity.evaluation.cache import store
+
+    monkeypatch.setattr(store.os, "link", _no_link)
+    path = tmp_path / "c.sqlite"
+    path.write_bytes(b"")  # what another process's sqlite3.connect leaves before its schema is in
+
+    def create_soon():
+        time.sleep(0.3)
+        ConfigCache(path, signature="s", evaluation={}, create=True).close()
+
+    t = threading.Thread(target=create_soon)
+    t.start()
+    with ConfigCache(path) as c:
+        assert c.signature in (None, "s")
+    t.join()
+    # a file system without hard links: created in place, whole
+    other = tmp_path / "d.sqlite"
+    with ConfigCache(other, signature="s", evaluation={}, create=True) as c:
+        assert c.signature == "s"
+    # an old empty file is an error at once
+    stale = tmp_path / "stale.sqlite"
+    stale.write_bytes(b"")
+    os.utime(stale, (1e9, 1e9))
+    with pytest.raises(CorruptFileError, match="empty file"):
+        ConfigCache(stale)
+
+
+def _no_link(src, dst):
+    raise OSError(1, "Operation not permitted")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "pkl"])

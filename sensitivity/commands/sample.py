@@ -290,6 +290,9 @@ def protocol_generation_overrides(args: argparse.Namespace, fam) -> Dict[str, An
     over = generation_overrides(argparse.Namespace(height=args.height, width=args.width,
                                                    set=getattr(args, "set", None)))
     out: Dict[str, Any] = {"height": over.pop("height", None), "width": over.pop("width", None)}
+    from ..captions import resolve_clean_caption
+
+    over.update(resolve_clean_caption(over, fam.settings(None).extra, fam.name))  # what is really done, in the protocol
     fam.settings(None, **over)  # unknown settings: one-line error naming the known ones
     if over:
         out["extra"] = over

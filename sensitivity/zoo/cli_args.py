@@ -112,4 +112,7 @@ def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         except json.JSONDecodeError:
             value = raw
         out[key.strip()] = value
+    from ..captions import check_clean_caption
+
+    check_clean_caption(out)  # an explicit clean_caption=true without bs4/ftfy: refused here
     return out

@@ -253,4 +253,7 @@ def text_settings_kwargs(settings: GenerationSettings, skip: Sequence[str] = ())
     for k, v in settings.extra.items():
         if k not in skip:
             kw[k] = v
+    from ..captions import warn_if_uncleaned
+
+    warn_if_uncleaned(kw)  # diffusers would skip the cleaning with only a log line
     return kw

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import secrets
 import socket
 import sqlite3
 import time
@@ -21,6 +22,14 @@ from .claims import ClaimsMixin
 from .formats import FormatsMixin
 from .records import (_BUSY_TIMEOUT_S, FORMAT, SignatureMismatchError, _checksum, _json, _num, describe_difference, now_iso,
                       run_id_for)
+
+
+_CREATE_WAIT_S = 5.0      # how long an opener waits for a file another process is creating in place
+_CREATING_AGE_S = 60.0    # ... when the file was modified this recently (an older empty file is an error at once)
+
+
+class _NotCreatedYet(CorruptFileError):
+    """An empty file, or an SQLite file without tables: maybe another process is creating it in place."""
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -76,26 +85,41 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
             raise SensitivityError(f"cache file {str(self.path)!r} does not exist")
         if existed and self.path.is_dir():
             raise SensitivityError(f"cache {str(self.path)!r} is a directory, not a cache file")
-        if existed:
-            self._check_header(create)
-        else:
+        if not existed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # A new cache appears whole: built beside the path, then hard-linked into place (which fails
+            # if another process linked its own first; then that one is opened). So no process ever
+            # opens a cache file without its schema. Without hard links, it is created in place.
+            existed = self._create_file()
         # Two processes opening a new file at once can deadlock on the switch to WAL; SQLite then
         # answers "database is locked" at once, without waiting. Opening is idempotent: retry it.
-        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        # A file created in place by another process (no hard links, an older version) may still be
+        # empty or without tables: wait for its meta table.
+        start = time.monotonic()
         while True:
-            self._con = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            self._con = None
             try:
+                if existed:
+                    self._check_header(create)
+                self._con = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
                 self._open(create, existed, check)
                 break
+            except _NotCreatedYet:
+                if self._con is not None:
+                    self._con.close()
+                if time.monotonic() - start > _CREATE_WAIT_S or not self._modified_recently():
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
             except sqlite3.DatabaseError as exc:
-                self._con.close()
-                if not _is_busy(exc) or time.monotonic() > deadline:
+                if self._con is not None:
+                    self._con.close()
+                if not _is_busy(exc) or time.monotonic() - start > _BUSY_TIMEOUT_S:
                     with self._errors():
                         raise
                 time.sleep(random.uniform(0.005, 0.05))
             except BaseException:
-                self._con.close()
+                if self._con is not None:
+                    self._con.close()
                 raise
         try:
             if signature is not None:
@@ -105,6 +129,45 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
             raise
 
     # ---- plumbing --------------------------------------------------------------------------------
+    def _create_file(self) -> bool:
+        """Build an empty cache (schema, format) in a temporary file and hard-link it to ``self.path``.
+
+        Returns True when ``self.path`` now exists (ours or another process's), False where the file
+        system has no hard links (the caller then creates the file in place, under SQLite's lock).
+        """
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with self._errors():
+                con = sqlite3.connect(str(tmp), isolation_level=None)
+                try:
+                    con.execute("PRAGMA journal_mode=WAL")  # set in the header: openers need not switch
+                    con.execute("BEGIN IMMEDIATE")
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        con.execute(stmt)
+                    con.execute("INSERT INTO meta(key, value) VALUES ('format', ?)", (FORMAT,))
+                    con.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (now_iso(),))
+                    con.execute("COMMIT")
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+                finally:
+                    con.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # another process created it first: open theirs
+            except OSError:
+                return False
+            return True
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{tmp}{suffix}")
+
+    def _modified_recently(self) -> bool:
+        try:
+            return time.time() - self.path.stat().st_mtime < _CREATING_AGE_S
+        except OSError:
+            return False
+
     def _open(self, create: bool, existed: bool, check: bool) -> None:
         """Set up the fresh connection ``self._con``; raises sqlite3 errors as they come (see __init__)."""
         self._con.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
@@ -145,11 +208,13 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
         if head and head != b"SQLite format 3\x00":
             raise CorruptFileError(f"{self.path}: not a sensitivity cache (not an SQLite database)")
         if not head and not create:
-            raise CorruptFileError(f"{self.path}: empty file, not a sensitivity cache (delete it to start a new one)")
+            raise _NotCreatedYet(f"{self.path}: empty file, not a sensitivity cache (delete it to start a new one)")
 
     def _check_format(self, check: bool) -> None:
         if not self._has_table("meta"):
-            raise CorruptFileError(f"{self.path}: an SQLite database but not a sensitivity cache (no meta table)")
+            empty = self._con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+            raise (_NotCreatedYet if empty else CorruptFileError)(
+                f"{self.path}: an SQLite database but not a sensitivity cache (no meta table)")
         row = self._con.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         if row is None or row[0] != FORMAT:
             raise CorruptFileError(f"{self.path}: unsupported cache format {row[0] if row else None!r} (expected {FORMAT})")
