@@ -448,8 +448,10 @@ def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None
         line = "-" if len(sub) > 1 and src.startswith("search") else "none"
         color = next(colors)
         ax.plot(sub["avg_bits"], sub[y], linestyle=line, marker=next(markers, "o"), color=color, ms=6, label=src)
-        if line == "none":  # baselines: name each point (e.g. the uniform option)
+        if line == "none":  # baselines: name each point that says more than legend + x (the uniform option)
             for xb, yb, lab in zip(sub["avg_bits"], sub[y], sub["label"]):
+                if "@" in str(lab):  # "<method>@<target>": the legend and the x axis say it already
+                    continue
                 ax.annotate(str(lab).replace("uniform-", ""), (xb, yb), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=color)
     ax.set_xlabel("average bits")
