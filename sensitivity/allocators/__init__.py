@@ -66,6 +66,22 @@ def result_from_options(options: Mapping[str, str], sizes: pd.DataFrame, method:
     return SearchResult(options=opts, method=method, avg_bits=16.0 * q / fp, quantized_bytes=q, fp16_bytes=fp, **kw)
 
 
+def min_cost_allocation(cost: pd.DataFrame, column: str, sizes: pd.DataFrame, target_bits: Optional[float],
+                        name: str, method: str = "auto", what: str = "this multiquantizer"):
+    """Minimise ``Σ cost[column]`` over the chosen (layer, option) pairs under the target's byte budget
+    (the exact knapsack of :func:`sensitivity.search.search_scores`); the core of ``hawq`` and ``mixdq``.
+    Returns a :class:`SearchResult` named ``name`` whose ``objective`` is the summed cost."""
+    from ..search import search_scores
+
+    if target_bits is None:
+        raise SensitivityError(f"{name} allocator needs a bit target")
+    scores = cost[["layer", "option"]].assign(score=-cost[column].astype(float))
+    res = search_scores(scores, sizes, target_bits, method=method, what=what)
+    res.method = name
+    res.objective = -float(res.objective)
+    return res
+
+
 def sweep_to_target(
     choose: Callable[[float], Dict[str, str]], sizes: pd.DataFrame, target_bits: float, lo: float, hi: float,
     increasing_bits: bool, iters: int = 60, log: bool = True, candidates: Optional[np.ndarray] = None,

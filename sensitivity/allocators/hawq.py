@@ -207,16 +207,12 @@ def sensitivity_table(mq, den: torch.nn.Module, mode: str = "trace",
 def hawq_allocate(sizes: pd.DataFrame, target_bits: float, sensitivity: pd.DataFrame = None, method: str = "auto",
                   what: str = "this multiquantizer", **_):
     """Minimise ``Σ Ω(l, o)`` under the target's byte budget (exact knapsack)."""
-    from ..search import search_scores
+    from . import min_cost_allocation
 
     if sensitivity is None:
         raise SensitivityError("hawq allocator needs a sensitivity table (hawq.sensitivity_table)")
-    if target_bits is None:
-        raise SensitivityError("hawq allocator needs a bit target")
-    scores = sensitivity[["layer", "option"]].assign(score=-sensitivity["sensitivity"].astype(float))
-    res = search_scores(scores, sizes, target_bits, method=method, what=what)
-    res.method = f"hawq-{sensitivity.attrs.get('mode', 'trace')}"
-    res.objective = -float(res.objective)
+    res = min_cost_allocation(sensitivity, "sensitivity", sizes, target_bits,
+                              f"hawq-{sensitivity.attrs.get('mode', 'trace')}", method=method, what=what)
     res.details.update(mode=sensitivity.attrs.get("mode"), calibration_samples=sensitivity.attrs.get("num_samples"),
                        configs_evaluated=0, cpu_seconds=float(sensitivity.attrs.get("cpu_seconds", 0.0)))
     return res

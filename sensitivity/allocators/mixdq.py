@@ -99,21 +99,16 @@ def single_layer_table(records: Iterable[Mapping[str, Any]], metric: str = "mse"
 def mixdq_allocate(sizes: pd.DataFrame, target_bits: float, table: pd.DataFrame = None, method: str = "auto",
                    what: str = "this multiquantizer", **_):
     """Minimise the summed single-layer damage under the target's byte budget (exact knapsack)."""
-    from ..search import search_scores
+    from . import min_cost_allocation
 
     if table is None:
         raise SensitivityError("mixdq allocator needs the single-layer table (mixdq.single_layer_table)")
-    if target_bits is None:
-        raise SensitivityError("mixdq allocator needs a bit target")
     have = set(zip(table["layer"], table["option"]))
     need = [(l, o) for l, o in zip(sizes["layer"], sizes["option"]) if o != FP16]
     missing = [x for x in need if x not in have]
     if missing:
         raise SensitivityError(f"mixdq: no single-layer record for layer {missing[0][0]!r} option {missing[0][1]!r} "
                                f"({len(missing)} of {len(need)} missing; finish `sensitivity sample --strategy single-layer`)")
-    scores = table[["layer", "option"]].assign(score=-table["damage"].astype(float))
-    res = search_scores(scores, sizes, target_bits, method=method, what=what)
-    res.method = "mixdq"
-    res.objective = -float(res.objective)
+    res = min_cost_allocation(table, "damage", sizes, target_bits, "mixdq", method=method, what=what)
     res.details.update(configs_evaluated=int(len(table)), cpu_seconds=float(table["seconds"].sum()))
     return res

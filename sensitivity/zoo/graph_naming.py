@@ -93,9 +93,11 @@ def _generalisations(name: str, segments: Dict[str, Tuple[str, int, bool]]):
     yield name, 0
 
 
-def _weight_feeders(G, start: str, scope: str) -> List[str]:
-    """Weight nodes reached walking back from ``start`` through non-weight nodes inside ``scope`` (trace order)."""
-    found, seen, stack = [], set(), [start]
+def _weights_along(G, start: str, scope: str, backward: bool) -> List[str]:
+    """Weight nodes reached from ``start`` through non-weight ``combine`` nodes inside ``scope``, walking
+    back (``backward``: predecessors; ``start`` itself included) or forward (successors)."""
+    step = G.predecessors if backward else G.successors
+    found, seen, stack = [], set(), [start] if backward else list(step(start))
     while stack:
         n = stack.pop()
         if n in seen:
@@ -107,25 +109,18 @@ def _weight_feeders(G, start: str, scope: str) -> List[str]:
             continue
         if d.get("kind") != "combine" or not _inside(d.get("scope", ""), scope):
             continue
-        stack.extend(G.predecessors(n))
-    return sorted(found, key=lambda n: G.nodes[n]["order"])
+        stack.extend(step(n))
+    return found
+
+
+def _weight_feeders(G, start: str, scope: str) -> List[str]:
+    """Weight nodes feeding ``start`` inside ``scope``, in trace order."""
+    return sorted(_weights_along(G, start, scope, backward=True), key=lambda n: G.nodes[n]["order"])
 
 
 def _weight_consumers(G, start: str, scope: str) -> List[str]:
-    found, seen, stack = [], set(), list(G.successors(start))
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        d = G.nodes[n]
-        if d.get("kind") == "weight":
-            found.append(n)
-            continue
-        if d.get("kind") != "combine" or not _inside(d.get("scope", ""), scope):
-            continue
-        stack.extend(G.successors(n))
-    return found
+    """Weight nodes fed by ``start`` inside ``scope``."""
+    return _weights_along(G, start, scope, backward=False)
 
 
 def _inside(path: str, scope: str) -> bool:
