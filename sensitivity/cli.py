@@ -36,6 +36,7 @@ COMMANDS = {
     "calibrate-data": "calibrate_data",
     "calibrate": "calibrate",
     "export": "export",
+    "costs": "costs",
     "finetune": "finetune",
 }
 

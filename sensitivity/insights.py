@@ -298,7 +298,7 @@ def _hash(options: Mapping[str, str]) -> str:
 
 def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results: Sequence[Any] = (),
                  metric: str = "fid", sizes: Optional[pd.DataFrame] = None,
-                 lower_is_better: Optional[bool] = None) -> pd.DataFrame:
+                 lower_is_better: Optional[bool] = None, costs: Any = None) -> pd.DataFrame:
     """Cached configs and searched / baseline configs on one table; columns :data:`PARETO_COLUMNS`
     plus ``metric`` (the cache metric; NaN for configs not evaluated).
 
@@ -306,6 +306,7 @@ def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results:
     from ``sizes`` when given. ``results``: :class:`sensitivity.search.SearchResult` objects (or
     dicts with ``label``/``method``, ``avg_bits`` and optionally ``predicted`` and ``metric``).
     ``pareto`` marks the cache configs on the cache's own Pareto front (bits vs metric).
+    ``costs``: a :class:`sensitivity.costs.CostTable`; adds ``latency_ms`` (summed layer latency) per config.
     """
     from .evaluation.metric_specs import lower_is_better as _lower, record_metric
 
@@ -317,13 +318,14 @@ def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results:
         v = record_metric(rec, metric)
         if v is not None and rec.get("config"):
             evaluated[_hash(rec["config"])] = v
-    rows = []
+    rows, configs = [], []
     for rec in records:
         v = record_metric(rec, metric)
         bits = table.avg_bits(as_options(rec["config"])) if table is not None else rec.get("avg_bits")
         rows.append({"source": "cache", "label": str(rec.get("config_hash") or rec.get("index") or ""),
                      "avg_bits": float(bits) if bits is not None else np.nan, metric: np.nan if v is None else v,
                      "predicted": rec.get("predicted", np.nan)})
+        configs.append(as_options(rec["config"]) if rec.get("config") else None)
     for r in results:
         if isinstance(r, Mapping):
             label = r.get("label") or r.get("method")
@@ -339,12 +341,18 @@ def pareto_table(records: Optional[Iterable[Mapping[str, Any]]] = None, results:
         rows.append({"source": src, "label": label, "avg_bits": float(bits),
                      metric: np.nan if val is None else float(val),
                      "predicted": np.nan if pred is None else float(pred)})
+        opts = r.get("config") if isinstance(r, Mapping) else r.options
+        configs.append(as_options(opts) if opts is not None else None)
     df = pd.DataFrame(rows, columns=["source", "label", "avg_bits", metric, "predicted"])
     df["pareto"] = False
     cache = df["source"] == "cache"
     if cache.any():
         df.loc[cache, "pareto"] = pareto_mask(df.loc[cache, "avg_bits"], df.loc[cache, metric], lower)
-    return df[["source", "label", "avg_bits", "predicted", "pareto", metric]]
+    cols = ["source", "label", "avg_bits", "predicted", "pareto", metric]
+    if costs is not None:
+        df["latency_ms"] = [np.nan if c is None else costs.config_latency_ms(c) for c in configs]
+        cols.insert(3, "latency_ms")
+    return df[cols]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,40 +433,42 @@ def option_mix_barplot(table: pd.DataFrame, by: str = "op_type", normalize: bool
 
 
 def pareto_plot(table: pd.DataFrame, y: str = "fid", title: Optional[str] = None,
-                lower_is_better: Optional[bool] = None, cache_label: str = "cache"):
-    """Quality (``y``: a metric or ``predicted``) vs average bits: cache configs (grey, Pareto front
-    connected) and searched / baseline configs (one marker style per source). ``cache_label`` names
-    the grey points in the legend (say so when they were measured on other images). Returns a Figure."""
+                lower_is_better: Optional[bool] = None, cache_label: str = "cache", x: str = "avg_bits"):
+    """Quality (``y``: a metric or ``predicted``) vs average bits (``x``; or ``latency_ms``, the summed
+    layer latency of :func:`pareto_table` with ``costs``): cache configs (grey, Pareto front connected) and
+    searched / baseline configs (one marker style per source). ``cache_label`` names the grey points in
+    the legend (say so when they were measured on other images). Returns a Figure."""
     from .evaluation.metric_specs import lower_is_better as _lower
 
     plt = _plt()
-    if y not in table.columns:
-        raise SensitivityError(f"pareto_plot: no column {y!r} (have {list(table.columns)})")
+    for col in (x, y):
+        if col not in table.columns:
+            raise SensitivityError(f"pareto_plot: no column {col!r} (have {list(table.columns)})")
     lower = _lower(y, lower_is_better)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cache = table[(table["source"] == "cache") & table[y].notna()]
     if len(cache):
-        ax.scatter(cache["avg_bits"], cache[y], s=12, color="#9e9e9e", alpha=0.7, label=f"{cache_label} ({len(cache)})")
-        front = cache[pareto_mask(cache["avg_bits"], cache[y], lower)].sort_values("avg_bits")
-        ax.plot(front["avg_bits"], front[y], "-", color="#616161", lw=1, label="cache Pareto front")
+        ax.scatter(cache[x], cache[y], s=12, color="#9e9e9e", alpha=0.7, label=f"{cache_label} ({len(cache)})")
+        front = cache[pareto_mask(cache[x], cache[y], lower)].sort_values(x)
+        ax.plot(front[x], front[y], "-", color="#616161", lw=1, label="cache Pareto front")
     markers = iter(["o", "s", "^", "D", "v", "P", "X", "*"])
     colors = iter(plt.cm.tab10.colors)
     for src, sub in table[(table["source"] != "cache") & table[y].notna()].groupby("source", sort=False):
-        sub = sub.sort_values("avg_bits")
+        sub = sub.sort_values(x)
         line = "-" if len(sub) > 1 and src.startswith("search") else "none"
         color = next(colors)
-        ax.plot(sub["avg_bits"], sub[y], linestyle=line, marker=next(markers, "o"), color=color, ms=6, label=src)
+        ax.plot(sub[x], sub[y], linestyle=line, marker=next(markers, "o"), color=color, ms=6, label=src)
         if line == "none":  # baselines: name each point that says more than legend + x (the uniform option)
-            for xb, yb, lab in zip(sub["avg_bits"], sub[y], sub["label"]):
+            for xb, yb, lab in zip(sub[x], sub[y], sub["label"]):
                 if "@" in str(lab):  # "<method>@<target>": the legend and the x axis say it already
                     continue
                 ax.annotate(str(lab).replace("uniform-", ""), (xb, yb), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=color)
-    ax.set_xlabel("average bits")
+    ax.set_xlabel({"avg_bits": "average bits", "latency_ms": "summed layer latency (ms, measured)"}.get(x, x))
     ax.set_ylabel(y + (" (lower is better)" if lower else " (higher is better)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title(title or f"{y} vs average bits")
+    ax.set_title(title or f"{y} vs {'average bits' if x == 'avg_bits' else x}")
     fig.tight_layout()
     return fig
 

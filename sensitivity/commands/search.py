@@ -10,6 +10,8 @@
     sensitivity search --baseline hawq --target-bits 3.9 --multiquantizer FILE --out X.json        # Hessian trace ILP
     sensitivity search --baseline mixdq --cache single.sqlite --target-bits 3.9 --multiquantizer FILE --out X.json
     sensitivity search --baseline reference --predictor predictors/NAME --target-bits 3.9 --out X.json  # top-1 + lambda
+    sensitivity search --predictor predictors/NAME --target-latency 2.5 --out X.json   # summed layer ms (`sensitivity costs`)
+    sensitivity search --predictor predictors/NAME --latency-sweep 2:4:0.5 --out DIR/  # + predicted vs latency plot
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     tgt = p.add_mutually_exclusive_group()
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
     tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
+    tgt.add_argument("--target-latency", type=float, metavar="MS",
+                     help="milliseconds: the SUM of the layers' measured forward times (table of `sensitivity costs`; "
+                     "the ops between weight layers are not in it) to stay within")
+    tgt.add_argument("--latency-sweep", metavar="START:STOP:STEP",
+                     help="--target-latency at each value (ms); --out is a folder with the configs, the bits-budget "
+                     "search at each found config's bits, and pareto_latency.png (predicted quality vs latency)")
+    p.add_argument("--costs", help="cost table .json of `sensitivity costs` (default: the one beside the multiquantizer "
+                   "measured on this machine with this torch)")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="activation bits written into the configs (default: those of the predictor's evaluations)")
@@ -262,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir, check_writable
     from ..search import AdditiveScorer, parse_sweep
 
+    if args.target_latency is not None or args.latency_sweep:
+        return run_latency(args)
+    if args.costs:
+        raise SensitivityError("--costs is read by --target-latency / --latency-sweep only")
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
     if args.predictor and args.scores:
@@ -402,3 +416,142 @@ def _act_bits(args, predictor) -> Optional[int]:
     if given is not None and learned is not None and int(given) != int(learned):
         raise SensitivityError(f"--act-bits {given}: predictor {args.predictor} learned from W·A{learned} evaluations")
     return given if given is not None else learned
+
+
+# ---------------------------------------------------------------------------------------------
+# latency budget
+# ---------------------------------------------------------------------------------------------
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    """``--target-latency`` / ``--latency-sweep``: the exact knapsack on the cost table's summed layer times."""
+    from ..checks import at_least, finite
+    from ..errors import SensitivityError
+    from ..io import atomic_dir, check_writable
+    from ..search import AdditiveScorer, parse_sweep
+
+    if args.baseline is not None:
+        raise SensitivityError(f"--baseline {args.baseline} has a bit target; --target-latency searches with --predictor or --scores")
+    if not (args.predictor or args.scores):
+        raise SensitivityError("--target-latency needs --predictor DIR (or --scores CSV)")
+    if args.predictor and args.scores:
+        raise SensitivityError("pass either --predictor or --scores, not both")
+    if args.level == "module" and args.predictor is None:
+        raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
+    if args.latency_sweep:
+        targets = parse_sweep(args.latency_sweep)
+        name = f"--latency-sweep {args.latency_sweep}: target"
+    else:
+        targets, name = [args.target_latency], "--target-latency"
+    for t in targets:
+        finite(name, t)
+        at_least(name, t, 1e-6)
+    out = Path(args.out)
+    if args.latency_sweep:
+        if out.suffix == ".json":
+            raise SensitivityError(f"--latency-sweep writes one config per target: --out must be a folder, not {out}")
+        check_writable(out, "--out", directory=True)
+    elif out.suffix != ".json":
+        raise SensitivityError(f"--out must be a .json config file, got {out}")
+    else:
+        check_writable(out, "--out")
+    predictor = load_predictor(args.predictor) if args.predictor else None
+    mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
+    if args.scores:
+        predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
+    costs = load_costs(args.costs, mq)
+    sizes = _sizes(mq, args.options)
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(atomic_dir(out, "--out")) if args.latency_sweep else None
+        return _run_latency_targets(args, targets, predictor, mq, mq_path, sizes, costs, out, folder)
+
+
+def load_costs(path: Optional[str], mq):
+    """``path``, else the cost table beside ``mq`` measured on this machine with this torch (exactly one)."""
+    from ..costs import CostTable
+    from ..errors import SensitivityError
+
+    if path is not None:
+        return CostTable.load(path, mq.hash)
+    from ..export.costs import matching_tables
+
+    found = matching_tables(mq)
+    if not found:
+        raise SensitivityError(f"no cost table of {mq.path} for this machine: run `sensitivity costs "
+                               f"{str(mq.model_id).partition(':')[0]} --multiquantizer {mq.path}` first (or pass --costs)")
+    if len(found) > 1:
+        raise SensitivityError(f"{len(found)} cost tables of {mq.path} match this machine "
+                               f"({', '.join(p.name for p in found)}): pick one with --costs")
+    return CostTable.load(found[0], mq.hash)
+
+
+def _run_latency_targets(args, targets, predictor, mq, mq_path, sizes, costs, out: Path, folder: Optional[Path]) -> int:
+    from ..errors import SensitivityError
+    from ..search import predict_results, search, search_cost, uniform_baselines
+    from ..sizes import SizeTable
+
+    provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
+                  "level": args.level, "solver": args.solver, "options": args.options,
+                  "costs": costs.meta.get("path"), "costs_device": (costs.meta.get("key") or {}).get("device")}
+    provenance = {k: v for k, v in provenance.items() if v is not None}
+    act_bits = _act_bits(args, predictor)
+    what = f"multiquantizer {mq_path} with cost table {costs.meta.get('path')}"
+    results, bits_results, reports = [], [], []
+    for t in targets:
+        try:
+            res = search_cost(predictor, mq, costs, t, "latency", level=args.level, max_combinations=args.max_combinations,
+                              method=args.solver, sizes=sizes, what=what)
+        except SensitivityError as exc:
+            if not args.latency_sweep:
+                raise
+            print(f"target {t:g} ms: skipped ({exc})", file=sys.stderr)
+            continue
+        mq.validate(res.options)
+        cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, target_latency_ms=t, **provenance)
+        cfg.act_bits = act_bits
+        path = out / f"search-latency-{t:g}ms.json" if folder is not None else out
+        cfg.save(folder / path.name if folder is not None else path)
+        results.append(res)
+        rep = _report(res, args, path)
+        rep.update(target_latency_ms=t, latency_ms=round(res.details["latency_ms"], 6))
+        reports.append(rep)
+        if not args.json:
+            print(f"{res.method}: summed layer latency {res.details['latency_ms']:.4f} ms (target {t:g} ms, "
+                  f"{res.details['cost_units']} of {res.details['budget_units']} ns), avg bits {res.avg_bits:.4f}")
+            if res.predicted is not None:
+                print(f"  predicted score {res.predicted:.4f}; solved in {res.seconds * 1e3:.0f} ms")
+            print(f"  option mix: {res.mix_text()}")
+            print(f"  wrote {path}")
+    if not results:
+        raise SensitivityError(f"no target of --latency-sweep {args.latency_sweep} is feasible")
+    if folder is not None:
+        import pandas as pd
+
+        from .. import insights
+
+        # the bits-budget search at each latency config's bits: same predictor, other budget
+        for res in results:
+            b = _ceil4(res.avg_bits)
+            r = search(predictor, mq, b, level=args.level, max_combinations=args.max_combinations, method=args.solver,
+                       sizes=sizes, what=what)
+            r.details["latency_ms"] = costs.config_latency_ms(r.options)
+            cfg = r.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, **provenance)
+            cfg.act_bits = act_bits
+            cfg.save(folder / f"{r.method}-{b:.4f}.json")
+            bits_results.append(r)
+        extra = uniform_baselines(SizeTable.from_multiquantizer(mq))
+        predict_results(predictor, extra)
+        _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
+        pt = insights.pareto_table(None, results + bits_results + extra, metric=args.metric,
+                                   sizes=SizeTable.from_multiquantizer(mq), costs=costs)
+        _write_csv(pt, folder / "pareto_latency.csv")
+        fig = insights.pareto_plot(pt, y="predicted", x="latency_ms",
+                                   title="predicted quality vs summed layer latency (measured)")
+        _write_fig(fig, folder / "pareto_latency.png")
+        if not args.json:
+            print(f"latency sweep: {len(results)} configs + {len(bits_results)} bits-budget configs, table "
+                  f"{out / 'sweep.csv'}, plot {out / 'pareto_latency.png'}")
+    if args.json:
+        json.dump(reports if folder is not None else reports[0], sys.stdout, indent=1, default=float)
+        sys.stdout.write("\n")
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -227,6 +228,68 @@ def search(
             raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
         module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
     res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what)
+    res.predicted = _predict_one(predictor, res.options)
+    return res
+
+
+def search_cost(
+    predictor: Any,
+    mq: Any,
+    costs: Any,
+    target: float,
+    quantity: str = "latency",
+    level: str = "layer",
+    options: Optional[Iterable[str]] = None,
+    max_combinations: int = MAX_COMBINATIONS,
+    method: str = "auto",
+    sizes: Optional[pd.DataFrame] = None,
+    what: str = "this multiquantizer",
+) -> SearchResult:
+    """The best config the predictor finds whose summed run-time cost stays within ``target``.
+
+    ``costs``: a :class:`sensitivity.costs.CostTable` of ``mq``'s layers; ``quantity``: ``"latency"``
+    (``target`` in ms: the **sum of the layers' measured times**, not a whole-model forward) or
+    ``"memory"`` (``target`` in bytes of run-time weights). The same exact knapsack as :func:`search`,
+    on the table's integer units (ns or bytes), so the budget check is exact. ``result.details`` holds
+    ``quantity``, ``target``, ``budget_units``, ``cost_units`` and ``latency_ms`` / ``runtime_bytes``.
+    """
+    from ..costs import QUANTITIES, budget_units
+
+    if level not in ("layer", "module"):
+        raise SensitivityError(f"search level must be 'layer' or 'module', got {level!r}")
+    if quantity not in QUANTITIES:
+        raise SensitivityError(f"unknown cost quantity {quantity!r}; use one of {', '.join(QUANTITIES)}")
+    unit = QUANTITIES[quantity][2]
+    flag = f"--target-{quantity}"
+    sizes = SizeTable.of(sizes if sizes is not None else mq, options)
+    units = costs.unit_table(quantity, options=sizes.options, layers=sizes.layers)
+    budget = budget_units(target, quantity, flag)
+    per_unit = QUANTITIES[quantity][3]
+    lo = units.min_bytes()
+    if lo > budget:
+        m = math.ceil(lo / per_unit * 1e4) / 1e4
+        raise InfeasibleTargetError(f"{flag} {target:g} {unit} is infeasible for {what}: the smallest feasible target "
+                                    f"is {m:.4f} {unit} (every layer at its cheapest option)", min_cost=lo)
+    module_scores = None
+    if level == "module":
+        if not hasattr(predictor, "module_scores"):
+            raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
+        module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
+    groups = build_groups(predictor.layer_scores(mq), units, module_scores, max_combinations)
+    t0 = time.perf_counter()
+    sol = solve_mckp([g.costs for g in groups], [g.values for g in groups], budget, method=method)
+    seconds = time.perf_counter() - t0
+    chosen: Dict[str, str] = {}
+    for g, k in zip(groups, sol.choice):
+        chosen.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
+    level_name = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
+    res = _result(chosen, sizes, f"search-{quantity}", objective=sol.value, seconds=seconds)
+    spent = units.quantized_bytes(chosen)
+    assert spent == sol.cost and spent <= budget, (spent, sol.cost, budget)
+    res.details.update(groups=len(groups), solver=sol.solver, level=level_name, quantity=quantity, target=float(target),
+                       target_unit=unit, budget_units=int(budget), cost_units=int(spent))
+    res.details["latency_ms" if quantity == "latency" else "runtime_bytes"] = (
+        spent / per_unit if quantity == "latency" else int(spent))
     res.predicted = _predict_one(predictor, res.options)
     return res
 
