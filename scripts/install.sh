@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # every extra the test suite exercises; --all installs these
-ALL_EXTRAS="test,ray,notebooks,captions,sdnq,onnx,cleanfid,fid-inception,dot"
+ALL_EXTRAS="test,ray,notebooks,captions,sdnq,onnx,lora,cleanfid,fid-inception,dot"
 # pip extras left out of --all, with why (tests/test_install.py checks that every extra is in one list)
 #   bench: benchmarks only; dev: the pip-only alias of --all; lpips: needs torchvision
 NOT_IN_ALL="bench,dev,lpips"

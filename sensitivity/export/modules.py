@@ -85,6 +85,13 @@ class PackedWeightMixin:
     _packed_shape: Tuple[int, ...]
     _packed_dtype: torch.dtype
 
+    def __new__(cls, *args, **kwargs):
+        # called with a layer's arguments, e.g. by peft, which builds a LoRA conv as type(base_layer)(...):
+        # a plain module of the float class (pack_module and materialize call __new__ without arguments)
+        if args or kwargs:
+            return cls.__mro__[2](*args, **kwargs)
+        return super().__new__(cls)
+
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         values = []
