@@ -108,6 +108,9 @@ def w(tmp_path_factory):
     ns.csv_option = d / "bad_option.csv"
     df.to_csv(ns.csv_option, index=False)
     (d / "export.csv").unlink()
+    ns.scores = d / "scores.csv"  # a valid (layer, option, score) table; no cost table beside the mq
+    pd.DataFrame([(l, o, 0.0) for l in ns.layers for o in ("uaq-4", "uaq-3")],
+                 columns=["layer", "option", "score"]).to_csv(ns.scores, index=False)
 
     ref = "model.transformer_blocks.0.attn1.to_q.weight_quantizer"
     ns.pkl = d / "ref.pkl"
@@ -390,7 +393,18 @@ SEARCH = {
     "mq-list-header": (lambda w: _search(w, "--target-bits", "3.5", "--multiquantizer", w.listheader),
                        "listheader.safetensors"),
     "damaged-cache": (lambda w: _search(w, "--target-bits", "3.5", "--cache", w.damaged), "damaged.sqlite"),
+    "latency-with-baseline": (lambda w: _search(w, "--target-latency", "2"), ["--baseline error-ilp", "--target-latency"]),
+    "latency-negative": (lambda w: _latency(w, "-1"), ["--target-latency", "-1"]),
+    "latency-nan": (lambda w: _latency(w, "nan"), ["--target-latency", "nan"]),
+    "latency-no-cost-table": (lambda w: _latency(w, "2"), ["no cost table", "mq.safetensors", "sensitivity costs"]),
+    "latency-missing-costs": (lambda w: _latency(w, "2", "--costs", w.d / "nosuch.json"), "nosuch.json"),
+    "latency-garbage-costs": (lambda w: _latency(w, "2", "--costs", w.scores), ["scores.csv", "not valid JSON"]),
 }
+
+
+def _latency(w, target, *extra):
+    return ["search", "--scores", w.scores, "--multiquantizer", w.mq, "--target-latency", target,
+            "--out", w.out / "s.json", *extra]
 
 
 @pytest.mark.parametrize("case", list(SEARCH))
@@ -399,9 +413,24 @@ def test_search(w, capsys, case):
     check(w, capsys, argv(w), expect)
 
 
+COSTS = {
+    "costs-missing-mq": (lambda w: ["costs", FAMILY, "--multiquantizer", w.d / "nosuch.safetensors"],
+                         "nosuch.safetensors"),
+    "costs-zero-repeats": (lambda w: ["costs", FAMILY, "--multiquantizer", w.mq, "--repeats", "0"], "--repeats"),
+    "costs-out-not-json": (lambda w: ["costs", FAMILY, "--multiquantizer", w.mq, "--out", w.out / "c.txt"], "c.txt"),
+    "costs-truncated-mq": (lambda w: ["costs", FAMILY, "--multiquantizer", w.truncated], "truncated.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(COSTS))
+def test_costs(w, capsys, case):
+    argv, expect = COSTS[case]
+    check(w, capsys, argv(w), expect)
+
+
 def test_case_count():
     """The issue's 18 failing cases are all here, among at least 51."""
-    everything = [MULTIQUANTIZE, INFER, SAMPLE, CACHE, TRAIN, SEARCH]
+    everything = [MULTIQUANTIZE, INFER, SAMPLE, CACHE, TRAIN, SEARCH, COSTS]
     names = [f"{i}:{k}" for i, t in enumerate(everything) for k in t]
     assert sum(":issue:" in n for n in names) >= 18
     assert len(names) >= 51
