@@ -269,7 +269,7 @@ def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..checks import finite
     from ..errors import SensitivityError
-    from ..io import atomic_dir, check_writable
+    from ..io import atomic_dir
     from ..search import AdditiveScorer, parse_sweep
 
     if args.target_latency is not None or args.latency_sweep:
@@ -313,19 +313,28 @@ def run(args: argparse.Namespace) -> int:
         if not args.sweep and args.target_bits > _ceil4(hi):
             raise SensitivityError(f"--target-bits {args.target_bits:g} is above {hi:.4f}, every layer at its "
                                    f"largest option; {span}")
-    out = Path(args.out)
-    if args.sweep:
+    out = _checked_out(args.out, "--sweep" if args.sweep else None)
+    with contextlib.ExitStack() as stack:
+        # a sweep's folder appears with everything in it, or not at all
+        folder = stack.enter_context(atomic_dir(out, "--out")) if args.sweep else None
+        return _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out, folder, hi)
+
+
+def _checked_out(path: str, sweep: Optional[str]) -> Path:
+    """``--out``: a folder for a sweep (``sweep`` names its flag), else a .json file; writable."""
+    from ..errors import SensitivityError
+    from ..io import check_writable
+
+    out = Path(path)
+    if sweep:
         if out.suffix == ".json":
-            raise SensitivityError(f"--sweep writes one config per target: --out must be a folder, not {out}")
+            raise SensitivityError(f"{sweep} writes one config per target: --out must be a folder, not {out}")
         check_writable(out, "--out", directory=True)
     elif out.suffix != ".json":
         raise SensitivityError(f"--out must be a .json config file, got {out}")
     else:
         check_writable(out, "--out")
-    with contextlib.ExitStack() as stack:
-        # a sweep's folder appears with everything in it, or not at all
-        folder = stack.enter_context(atomic_dir(out, "--out")) if args.sweep else None
-        return _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out, folder, hi)
+    return out
 
 
 def bits_range(sizes) -> Tuple[float, float]:
@@ -427,7 +436,7 @@ def run_latency(args: argparse.Namespace) -> int:
     """``--target-latency`` / ``--latency-sweep``: the exact knapsack on the cost table's summed layer times."""
     from ..checks import at_least, finite
     from ..errors import SensitivityError
-    from ..io import atomic_dir, check_writable
+    from ..io import atomic_dir
     from ..search import AdditiveScorer, parse_sweep
 
     if args.baseline is not None:
@@ -446,15 +455,7 @@ def run_latency(args: argparse.Namespace) -> int:
     for t in targets:
         finite(name, t)
         at_least(name, t, 1e-6)
-    out = Path(args.out)
-    if args.latency_sweep:
-        if out.suffix == ".json":
-            raise SensitivityError(f"--latency-sweep writes one config per target: --out must be a folder, not {out}")
-        check_writable(out, "--out", directory=True)
-    elif out.suffix != ".json":
-        raise SensitivityError(f"--out must be a .json config file, got {out}")
-    else:
-        check_writable(out, "--out")
+    out = _checked_out(args.out, "--latency-sweep" if args.latency_sweep else None)
     predictor = load_predictor(args.predictor) if args.predictor else None
     mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
     if args.scores:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -103,6 +103,17 @@ def _target_budget(sizes: SizeTable, target_bits: float, what: str = "this multi
     return budget
 
 
+def _solve(groups: Sequence[Group], budget: int, method: str):
+    """(options of the optimum, the MCKPSolution, solver seconds) of the knapsack over ``groups``."""
+    t0 = time.perf_counter()
+    sol = solve_mckp([g.costs for g in groups], [g.values for g in groups], budget, method=method)
+    seconds = time.perf_counter() - t0
+    options: Dict[str, str] = {}
+    for g, k in zip(groups, sol.choice):
+        options.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
+    return options, sol, seconds
+
+
 def solve_groups(
     groups: Sequence[Group], sizes: pd.DataFrame, target_bits: float, method: str = "auto", label: str = "search",
     what: str = "this multiquantizer",
@@ -110,12 +121,7 @@ def solve_groups(
     """Solve the knapsack over ``groups`` at ``target_bits``; the result's ``objective`` is the summed value."""
     sizes = _table(sizes)
     budget = _target_budget(sizes, target_bits, what)
-    t0 = time.perf_counter()
-    sol = solve_mckp([g.costs for g in groups], [g.values for g in groups], budget, method=method)
-    seconds = time.perf_counter() - t0
-    options: Dict[str, str] = {}
-    for g, k in zip(groups, sol.choice):
-        options.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
+    options, sol, seconds = _solve(groups, budget, method)
     res = _result(options, sizes, label, target_bits=float(target_bits), budget_bytes=budget,
                   objective=sol.value, seconds=seconds)
     res.details.update(groups=len(groups), solver=sol.solver)
@@ -201,6 +207,18 @@ def predict_results(predictor: Any, results: Sequence[SearchResult]) -> List[Sea
     return list(results)
 
 
+def _scores(predictor: Any, mq: Any, level: str, max_combinations: int):
+    """(layer scores, module scores or None) of ``predictor`` for a ``level`` search."""
+    if level not in ("layer", "module"):
+        raise SensitivityError(f"search level must be 'layer' or 'module', got {level!r}")
+    module_scores = None
+    if level == "module":
+        if not hasattr(predictor, "module_scores"):
+            raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
+        module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
+    return predictor.layer_scores(mq), module_scores
+
+
 def search(
     predictor: Any,
     mq: Any,
@@ -218,15 +236,8 @@ def search(
     scores refer to (``sizes`` overrides its size table); ``level`` is ``"layer"`` or ``"module"``.
     The chosen config is re-scored whole with ``predictor.predict`` (``result.predicted``).
     """
-    if level not in ("layer", "module"):
-        raise SensitivityError(f"search level must be 'layer' or 'module', got {level!r}")
     sizes = SizeTable.of(sizes if sizes is not None else mq, options)
-    layer_scores = predictor.layer_scores(mq)
-    module_scores = None
-    if level == "module":
-        if not hasattr(predictor, "module_scores"):
-            raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
-        module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
+    layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
     res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what)
     res.predicted = _predict_one(predictor, res.options)
     return res
@@ -255,8 +266,6 @@ def search_cost(
     """
     from ..costs import QUANTITIES, budget_units
 
-    if level not in ("layer", "module"):
-        raise SensitivityError(f"search level must be 'layer' or 'module', got {level!r}")
     if quantity not in QUANTITIES:
         raise SensitivityError(f"unknown cost quantity {quantity!r}; use one of {', '.join(QUANTITIES)}")
     unit = QUANTITIES[quantity][2]
@@ -270,18 +279,9 @@ def search_cost(
         m = math.ceil(lo / per_unit * 1e4) / 1e4
         raise InfeasibleTargetError(f"{flag} {target:g} {unit} is infeasible for {what}: the smallest feasible target "
                                     f"is {m:.4f} {unit} (every layer at its cheapest option)", min_cost=lo)
-    module_scores = None
-    if level == "module":
-        if not hasattr(predictor, "module_scores"):
-            raise SensitivityError(f"{type(predictor).__name__} has no module scores; use --level layer")
-        module_scores = predictor.module_scores(mq, max_combinations=max_combinations)
-    groups = build_groups(predictor.layer_scores(mq), units, module_scores, max_combinations)
-    t0 = time.perf_counter()
-    sol = solve_mckp([g.costs for g in groups], [g.values for g in groups], budget, method=method)
-    seconds = time.perf_counter() - t0
-    chosen: Dict[str, str] = {}
-    for g, k in zip(groups, sol.choice):
-        chosen.update(zip(g.layers, (str(o) for o in g.choices[int(k)])))
+    layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
+    groups = build_groups(layer_scores, units, module_scores, max_combinations)
+    chosen, sol, seconds = _solve(groups, budget, method)
     level_name = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
     res = _result(chosen, sizes, f"search-{quantity}", objective=sol.value, seconds=seconds)
     spent = units.quantized_bytes(chosen)
