@@ -8,7 +8,7 @@ Builds (or takes, ``--multiquantizer``) a multiquantizer, measures its cost tabl
 (``sensitivity.export.costs.measure_costs``, cached beside it), then for full precision, every uniform
 option and the ``search_cost`` config at a latency budget 30% of the way from the fastest to the slowest config (scores: minus each option's
 relative weight error) exports the packed model, reloads it and times whole forwards on the seeded
-example inputs (warm-up, median of ``--repeats``). Every row: the table's summed layer latency, the
+example inputs (warm-up, then ``--repeats`` rounds in which the models take turns; median). Every row: the table's summed layer latency, the
 measured forward and their ratio (the part of a forward spent outside the weight layers, plus the
 error of the additive model). The calibrator (``sum(range(10**7))`` seconds) and load average are
 recorded beside the times.
@@ -25,18 +25,22 @@ import time
 from pathlib import Path
 
 
-def forward_seconds(model, inputs, repeats: int) -> float:
+def forward_seconds(models: dict, inputs, repeats: int) -> dict:
+    """Median seconds of one forward per model; the models take turns in every round (a burst of load
+    on a shared machine hits all of them alike)."""
     import torch
 
+    times = {k: [] for k in models}
     with torch.inference_mode():
-        for _ in range(2):
-            model(**inputs)
-        times = []
+        for m in models.values():
+            for _ in range(2):
+                m(**inputs)
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(**inputs)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(args) -> dict:
@@ -75,21 +79,22 @@ def run(args) -> dict:
     inputs = {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() and k != "timestep" else v)
               for k, v in example_inputs(den, batch=1, device="cpu", dtype=torch.float32).items()}
     source = {"family": fam.name, "weights": args.weights, "seed": 0, "model_id": fam.model_id(args.weights)}
-    rows = []
+    models = {}
+    for name, cfg in configs.items():
+        if cfg:
+            folder = work / name.replace(" ", "_").replace("@", "at")
+            export(den, mq, cfg, folder, format="packed", source=source)
+            models[name] = load_quantized(folder)
+        else:
+            models[name] = den
     with using_threads(table.meta["key"]["threads"]):
-        for name, cfg in configs.items():
-            if cfg:
-                folder = work / name.replace(" ", "_").replace("@", "at")
-                export(den, mq, cfg, folder, format="packed", source=source)
-                model = load_quantized(folder)
-            else:
-                model = den
-            whole = forward_seconds(model, inputs, args.repeats)
-            summed = table.config_latency_ms(cfg)
-            rows.append({"config": name, "avg_bits": round(mq.avg_bits(cfg), 4) if cfg else 16.0,
-                         "summed_layers_ms": round(summed, 4), "forward_ms": round(1e3 * whole, 4),
-                         "summed_over_forward": round(summed / (1e3 * whole), 3)})
-            print(rows[-1], file=sys.stderr)
+        whole = forward_seconds(models, inputs, args.repeats)
+    rows = []
+    for name, cfg in configs.items():
+        summed = table.config_latency_ms(cfg)
+        rows.append({"config": name, "avg_bits": round(mq.avg_bits(cfg), 4) if cfg else 16.0,
+                     "summed_layers_ms": round(summed, 4), "forward_ms": round(1e3 * whole[name], 4),
+                     "summed_over_forward": round(summed / (1e3 * whole[name]), 3)})
     return {"command": " ".join(sys.argv), "model": fam.model_id(args.weights), "multiquantizer": mq.hash,
             "options": list(mq.options), "threads": table.meta["key"]["threads"], "device": table.meta["key"]["device"],
             "torch": torch.__version__, "repeats": args.repeats, "cost_table_seconds": round(measure_s, 1),
