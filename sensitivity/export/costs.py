@@ -6,7 +6,8 @@ forward, then times, module by module, the run-time module of every option (:fun
 today the packed module of :mod:`sensitivity.export.modules`, which dequantizes on the fly) and the plain
 float module, on a seeded random input of the recorded shape: ``warmup`` calls, then ``repeats``
 timings of a loop long enough to last ``min_seconds``; the median per call is kept. The run-time bytes
-are the weight bytes the module holds (packed codes and tables; the float weight for ``fp16``).
+are the weight bytes the module holds (:func:`held_weight_bytes`: packed codes and tables today; the
+float weight for ``fp16``).
 
 A module split into ``#main`` / ``#skip`` halves runs as one matmul; its cost is split additively: with
 ``t_fp`` the float module's time, ``f_p`` the part's share of the weights and ``t_p(o)`` the module with
@@ -69,6 +70,18 @@ def runtime_module(module: nn.Module, parts: List[PartSpec], tensors: List[Dict[
                    dtype: torch.dtype) -> nn.Module:
     """The module an export runs for ``module`` with ``parts`` (what :data:`RUNTIME` names)."""
     return pack_module(module, parts, tensors, dtype)
+
+
+def held_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors ``module`` holds for its weight: every parameter and buffer but the bias
+    (whatever form the run-time module keeps: packed codes and tables, int8 weights, a dequantized cache)."""
+    seen, total = set(), 0
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name.rpartition(".")[2] == "bias" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return int(total)
 
 
 def _part_tensors(mq, spec, option: str, weight: torch.Tensor, device) -> Dict[str, torch.Tensor]:
@@ -213,8 +226,10 @@ def _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_sec
                 run_parts = [PartSpec(q.name, q.shape, q.in_slice, FP16) for q in parts]
                 run_parts[k] = PartSpec(s.name, tuple(s.shape), s.in_slice, o, tuple(sorted(set(mine) - {"codes"})))
                 tensors = [mine if i == k else fp_tensors[i] for i in range(len(parts))]
-                variants.append(runtime_module(module, run_parts, tensors, dtype))
-                cells_of.append((k, o, int(sum(v.numel() * v.element_size() for v in mine.values()))))
+                variant = runtime_module(module, run_parts, tensors, dtype)
+                others = sum(q.numel for i, q in enumerate(specs) if i != k) * weight.element_size()
+                variants.append(variant)
+                cells_of.append((k, o, held_weight_bytes(variant) - others))
         with torch.inference_mode():
             t_fp, *t_opt = _time_calls(variants, x, repeats, warmup, min_seconds)
         for k, s in enumerate(specs):
