@@ -229,7 +229,7 @@ def _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_sec
                 variant = runtime_module(module, run_parts, tensors, dtype)
                 others = sum(q.numel for i, q in enumerate(specs) if i != k) * weight.element_size()
                 variants.append(variant)
-                cells_of.append((k, o, held_weight_bytes(variant) - others))
+                cells_of.append((k, o, held_weight_bytes(variant) - others, type(variant).__name__))
         with torch.inference_mode():
             t_fp, *t_opt = _time_calls(variants, x, repeats, warmup, min_seconds)
         for k, s in enumerate(specs):
@@ -237,10 +237,10 @@ def _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_sec
             record["layers"][s.name] = {"module": module_path, "calls": int(calls), "input_shape": info["shape"],
                                         "options": {FP16: {"seconds": t_fp * share,
                                                            "runtime_bytes": s.numel * weight.element_size()}}}
-        for (k, o, nbytes), t in zip(cells_of, t_opt):
+        for (k, o, nbytes, kind), t in zip(cells_of, t_opt):
             share = specs[k].numel / numel
             record["layers"][specs[k].name]["options"][o] = {
-                "seconds": max(t - (1.0 - share) * t_fp, 0.0), "runtime_bytes": nbytes, "runtime": "packed"}
+                "seconds": max(t - (1.0 - share) * t_fp, 0.0), "runtime_bytes": nbytes, "runtime": kind}
         del variants
         if time.monotonic() - last_save > 2.0 or module_path == todo[-1]:
             _save(path, record)
