@@ -186,7 +186,9 @@ def _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_sec
             record = old
     record.update({"sensitivity": __version__, "settings": {"repeats": repeats, "warmup": warmup,
                                                             "min_seconds": min_seconds, "seed": seed}})
-    record.setdefault("calibrator", calibrator())
+    cal = calibrator()
+    record.setdefault("calibrator", cal)  # the first session's; every session's (resumed runs) in "sessions"
+    record["sessions"] = list(record.get("sessions", [])) + [dict(cal, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))]
 
     specs_of: Dict[str, list] = {}
     for s in mq.layers:
