@@ -26,16 +26,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
-import pandas as pd
-
 from ..errors import SensitivityError
+from ..registry import Registry
 
-ALLOCATORS = ("sdnq", "hawq", "mixdq", "reference")
+#: allocator name -> ``f(sizes, target_bits, **kw) -> SearchResult``; each module registers its own
+#: (imported on first use: ``hawq`` imports torch). ``sensitivity search --baseline`` offers these names.
+ALLOCATORS: Registry = Registry("allocator", unknown="unknown allocator {name!r} (use {known})", lazy={
+    "sdnq": f"{__name__}.sdnq_rule",
+    "hawq": f"{__name__}.hawq",
+    "mixdq": f"{__name__}.mixdq",
+    "reference": f"{__name__}.reference_rule",
+})
 
 
 def as_frame(sizes) -> pd.DataFrame:
     """The allocators' (layer, option) rows: a :class:`~sensitivity.sizes.SizeTable`'s ``frame()``, or a frame as is."""
+    import pandas as pd
+
     if isinstance(sizes, pd.DataFrame):
         return sizes
     from ..sizes import SizeTable
@@ -45,6 +52,8 @@ def as_frame(sizes) -> pd.DataFrame:
 
 def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
     """``sizes`` plus one ``fp16`` row per layer (nbytes = fp16_bytes, error = sse = 0) if missing."""
+    import pandas as pd
+
     sizes = as_frame(sizes)
     if (sizes["option"] == "fp16").any():
         return sizes
@@ -93,6 +102,8 @@ def sweep_to_target(
     exactly. Returns ``(x, config, budget)`` of the config with the most bytes at or under the
     target's budget. Raises :class:`SensitivityError` when even the cheapest end exceeds the budget.
     """
+    import numpy as np
+
     from ..search import budget_bytes, fp16_total
 
     fp_total = fp16_total(sizes)
@@ -138,24 +149,7 @@ def sweep_to_target(
 
 def allocate(name: str, sizes: pd.DataFrame, target_bits: float, **kw):
     """Dispatch to the allocator ``name`` (one of :data:`ALLOCATORS`); ``kw`` as that function takes."""
-    sizes = as_frame(sizes)
-    if name == "sdnq":
-        from .sdnq_rule import sdnq_allocate
-
-        return sdnq_allocate(sizes, target_bits, **kw)
-    if name == "hawq":
-        from .hawq import hawq_allocate
-
-        return hawq_allocate(sizes, target_bits, **kw)
-    if name == "mixdq":
-        from .mixdq import mixdq_allocate
-
-        return mixdq_allocate(sizes, target_bits, **kw)
-    if name == "reference":
-        from .reference_rule import reference_allocate
-
-        return reference_allocate(sizes, target_bits, **kw)
-    raise SensitivityError(f"unknown allocator {name!r} (use {', '.join(ALLOCATORS)})")
+    return ALLOCATORS.get(name)(as_frame(sizes), target_bits, **kw)
 
 
 @dataclass

@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
                    "dp: plain frontier DP (small instances)")
     b = p.add_argument_group("baselines")
-    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp", "sdnq", "hawq", "mixdq", "reference"),
+    from ..allocators import ALLOCATORS  # torch-free: the allocator modules are imported on use
+
+    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp") + ALLOCATORS.names(),
                    help="write a baseline config instead of the predictor's search (sdnq, hawq, mixdq, reference: "
                         "the allocators of sensitivity.allocators)")
     b.add_argument("--hawq-mode", choices=("trace", "fisher"), default="trace",
@@ -190,7 +192,9 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
-    if args.baseline in ("sdnq", "hawq", "mixdq", "reference"):
+    from ..allocators import ALLOCATORS
+
+    if args.baseline in ALLOCATORS:
         from ..allocators import allocate, with_fp16
 
         kw = _allocator_inputs(args, predictor, mq, records, {} if memo is None else memo)
