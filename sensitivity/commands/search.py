@@ -334,7 +334,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
                  hi: float) -> int:
     """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
     from ..errors import SensitivityError
-    from ..search import predict_results, uniform_baselines
+    from ..search import predict_results, uniform_configs
     from ..sizes import SizeTable
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
@@ -374,7 +374,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
         full = SizeTable.from_multiquantizer(mq)
-        extra = uniform_baselines(full)
+        extra = uniform_configs(full)
         if predictor is not None:
             predict_results(predictor, extra)
         if records and predictor is not None:

@@ -2,7 +2,7 @@
 
 A *fold model* is one fitted predictor of one cross-validation fold: ``fit(train Dataset, seed)``,
 ``predict_codes(codes int16 [n, L]) -> float64 [n]`` in target units (higher = better), and a state of
-``(meta JSON dict, tensors {name: ndarray}, texts {name: str})`` that :mod:`.ensemble` saves with
+``(meta JSON dict, tensors {name: ndarray}, texts {name: str})`` that :mod:`.predictor` saves with
 safetensors + JSON (no pickle) and reloads into identical predictions.
 """
 
@@ -79,8 +79,8 @@ class FoldModel:
 
 #: predictor kind name -> its :class:`FoldModel` class; each module registers its kinds (imported on first use)
 KINDS: Registry = Registry("predictor", key=lambda cls: cls.kind, replace=True, lazy={
-    "bits": f"{__package__}.baselines", "error": f"{__package__}.baselines", "additive": f"{__package__}.baselines",
-    "lightgbm": f"{__package__}.baselines", "ensemble": f"{__package__}.blend", "gnn": f"{__package__}.gnn",
+    "bits": f"{__package__}.tabular", "error": f"{__package__}.tabular", "additive": f"{__package__}.tabular",
+    "lightgbm": f"{__package__}.tabular", "ensemble": f"{__package__}.ensemble_model", "gnn": f"{__package__}.gnn",
 })
 
 

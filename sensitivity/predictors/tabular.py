@@ -1,4 +1,5 @@
-"""Honest baselines, trained and scored on the same folds as the GNN.
+"""Tabular predictor kinds (the GNN's baselines): features of the config's options, no graph; trained and
+scored on the same folds as the GNN.
 
 * ``bits``     — average bits alone: ``y ≈ a + b·avg_bits`` (least squares on the training fold).
 * ``error``    — Σ per-layer relative squared error: ``y ≈ a + b·Σ error`` (the MixDQ/HAWQ proxy).

@@ -4,7 +4,7 @@ One fold model of ``ensemble`` holds one fold model of each member kind (default
 the additive model), trained on the same training fold with the same seed; its prediction is
 ``Σ_k w_k · ŷ_k`` in target units (every member regresses the same target, so the mean is a
 prediction too, usable by the search and the λ·bits rule). ``weights`` default equal; they are
-parameters, never fitted on held-out data. Under :func:`.ensemble.cross_validate` the members reuse
+parameters, never fitted on held-out data. Under :func:`.predictor.cross_validate` the members reuse
 the fold models already trained for those kinds in the same run (same params), so the GNN is not
 trained twice. The state is the members' states under ``<member>.`` prefixes (no pickle).
 """
