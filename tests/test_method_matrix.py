@@ -12,7 +12,7 @@ from sensitivity.evaluation.bops import weight_bits  # noqa: E402
 from sensitivity.export.methods import EXPORT_MAPPINGS  # noqa: E402
 from sensitivity.finetune.rules import FINETUNE_RULES  # noqa: E402
 from sensitivity.quantizers import TableMethod, get_method  # noqa: E402
-from sensitivity.quantizers.base import METHODS, MethodConfig, family_members, method_names  # noqa: E402
+from sensitivity.quantizers.base import METHODS, family_members, method_names  # noqa: E402
 from sensitivity.warmup import warm_options  # noqa: E402
 
 #: feature -> its HandlerRegistry (keyed by the method's class)
@@ -78,28 +78,7 @@ def test_uaq_g_is_parsed_once_and_known_by_type():
 
 
 def test_a_new_method_without_handlers_is_a_gap(monkeypatch):
-    from dataclasses import dataclass
-
-    import torch
-
-    @dataclass(frozen=True)
-    class SignConfig(MethodConfig):
-        pass
-
-    class Sign(TableMethod):
-        config_class = SignConfig
-        fixed_bits = 1
-        allowed_bits = (1,)
-
-        def param_layout(self, bits, shape):
-            return {"scale": ((int(shape[0]),), "float16")}
-
-        def quantize_rows(self, rows, bits):
-            return (rows >= 0).to(torch.uint8), {"scale": rows.abs().mean(1).to(torch.float16)}
-
-        def table(self, params, bits):
-            s = params["scale"].to(torch.float32)[:, None]
-            return torch.cat([-s, s], 1)
+    from test_methods import SignTimesMean as Sign  # a toy 1-bit table method defined outside the package
 
     monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
     METHODS.register("sign1", Sign("sign1"))
