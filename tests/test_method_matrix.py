@@ -11,7 +11,7 @@ from sensitivity.calibration.rounding import TABLE_REFITS  # noqa: E402
 from sensitivity.evaluation.bops import weight_bits  # noqa: E402
 from sensitivity.export.methods import EXPORT_MAPPINGS  # noqa: E402
 from sensitivity.finetune.rules import FINETUNE_RULES  # noqa: E402
-from sensitivity.quantizers import TableMethod, get_method  # noqa: E402
+from sensitivity.quantizers import get_method  # noqa: E402
 from sensitivity.quantizers.base import METHODS, family_members, method_names  # noqa: E402
 from sensitivity.warmup import warm_options  # noqa: E402
 

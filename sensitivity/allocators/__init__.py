@@ -24,10 +24,14 @@ threshold rules through :func:`sweep_to_target` (bisection on a monotone knob). 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SensitivityError
 from ..registry import Registry
+
+if TYPE_CHECKING:  # numpy and pandas are imported where used, so `sensitivity search --help` stays light
+    import numpy as np
+    import pandas as pd
 
 #: allocator name -> ``f(sizes, target_bits, **kw) -> SearchResult``; each module registers its own
 #: (imported on first use: ``hawq`` imports torch). ``sensitivity search --baseline`` offers these names.

@@ -38,7 +38,7 @@ import dataclasses
 import math
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SensitivityError, UnknownOptionError
 from ..params import Params
