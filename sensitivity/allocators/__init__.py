@@ -70,6 +70,13 @@ def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([sizes, fp], ignore_index=True)
 
 
+def sizes_for(name: str, sizes) -> pd.DataFrame:
+    """The (layer, option) rows allocator ``name`` chooses from: ``sizes`` plus fp16 rows (:func:`with_fp16`)
+    when the allocator declares ``may_keep_fp16`` (SDNQ's rule keeps a layer fp16 when no option passes)."""
+    frame = as_frame(sizes)
+    return with_fp16(frame) if getattr(ALLOCATORS.get(name), "may_keep_fp16", False) else frame
+
+
 def result_from_options(options: Mapping[str, str], sizes: pd.DataFrame, method: str, **kw):
     """A :class:`SearchResult` for ``options`` (fp16 layers dropped from the mapping)."""
     from ..search import SearchResult, config_bytes
@@ -184,17 +191,14 @@ def allocate_at_targets(specs: Sequence[AllocatorSpec], sizes, targets: Sequence
     (the reference's λ, SDNQ's threshold at that target). SDNQ's rule may keep layers fp16 (its
     size table gets fp16 rows)."""
     frame = as_frame(sizes)
-    full = None
+    rows: Dict[str, pd.DataFrame] = {}
     out: List[Dict[str, Any]] = []
     for t in targets:
         for spec in specs:
-            if spec.name == "sdnq":
-                full = with_fp16(frame) if full is None else full
-                use = full
-            else:
-                use = frame
             try:
-                res = allocate(spec.name, use, float(t), what=what, **spec.inputs)
+                if spec.name not in rows:
+                    rows[spec.name] = sizes_for(spec.name, frame)
+                res = allocate(spec.name, rows[spec.name], float(t), what=what, **spec.inputs)
             except SensitivityError as e:
                 out.append({"target": float(t), "method": spec.label.split(" (")[0], "source": spec.source_name(),
                             "options": None, "note": str(e)})
@@ -208,5 +212,5 @@ def allocate_at_targets(specs: Sequence[AllocatorSpec], sizes, targets: Sequence
     return out
 
 
-__all__ = ["ALLOCATORS", "AllocatorSpec", "allocate", "allocate_at_targets", "result_from_options",
+__all__ = ["ALLOCATORS", "AllocatorSpec", "allocate", "allocate_at_targets", "result_from_options", "sizes_for",
            "sweep_to_target", "with_fp16"]

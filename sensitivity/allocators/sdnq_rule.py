@@ -98,3 +98,6 @@ def sdnq_allocate(sizes: pd.DataFrame, target_bits: Optional[float], threshold: 
     if not math.isfinite(res.avg_bits):
         raise SensitivityError("sdnq: no config")
     return res
+
+
+sdnq_allocate.may_keep_fp16 = True  # a layer no option passes stays fp16: its size rows need fp16

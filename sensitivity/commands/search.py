@@ -195,10 +195,10 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..allocators import ALLOCATORS
 
     if args.baseline in ALLOCATORS:
-        from ..allocators import allocate, with_fp16
+        from ..allocators import allocate, sizes_for
 
         kw = _allocator_inputs(args, predictor, mq, records, {} if memo is None else memo)
-        use = with_fp16(sizes) if args.baseline == "sdnq" else sizes
+        use = sizes_for(args.baseline, sizes)
         return allocate(args.baseline, use, target, what=what, method=args.solver, **kw)
     if args.baseline == "uniform":
         return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
