@@ -7,7 +7,7 @@ export(den, mq, "quant_configs/w36.json", "out/w36-packed", format="packed",
 den_q = load_quantized("out/w36-packed")        # diffusers model class, low-bit modules
 ```
 
-Formats (``sensitivity.export.methods`` has the per-method table):
+Formats (``sensitivity.export.methods``: ``EXPORT_FORMATS`` by name, ``EXPORT_MAPPINGS`` by method class):
 
 * ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; weights
   dequantize on the fly (``materialize=True``: once); bit-exact with :func:`~sensitivity.multiquantizer.apply`.

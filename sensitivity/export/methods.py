@@ -37,6 +37,7 @@ from typing import Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import FP16, QuantOption
+from ..quantizers import get_method
 from ..quantizers.fp8 import FP8E4M3PerTensor
 from ..quantizers.int8 import Int8Symmetric
 from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
@@ -103,8 +104,6 @@ def _fp8(m: FP8E4M3PerTensor) -> MethodFormat:
 
 def method_format(method: str) -> Optional[MethodFormat]:
     """How the method ``method`` (a registered name) maps onto onnx / sdnq (``None``: only ``packed`` knows it)."""
-    from ..quantizers import get_method
-
     m = get_method(method)
     mapping = EXPORT_MAPPINGS.lookup(m)
     return None if mapping is None else mapping(m)
@@ -148,8 +147,10 @@ def check_exportable(format: str, options: Mapping[str, str], layers: Mapping[st
         opt = QuantOption.parse(option)
         fmt = method_format(opt.method)
         if format == "onnx" and fmt is None:
-            raise ConfigError(f"layer {layer!r}: option {option!r} has no ONNX mapping (method {opt.method!r} is "
-                              "not in sensitivity.export.methods); export it as --format packed")
+            m = get_method(opt.method)
+            why = EXPORT_MAPPINGS.reason(m) or f"no EXPORT_MAPPINGS handler for {type(m).__name__}"
+            raise ConfigError(f"layer {layer!r}: option {option!r} has no ONNX mapping ({why}); "
+                              "export it as --format packed")
         if format == "sdnq":
             shape, kind = layers[layer]
             reason = sdnq_reason(option, shape, kind)
