@@ -24,7 +24,9 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_SDNQ = importlib.util.find_spec("sdnq") is not None
 pytestmark = pytest.mark.skipif(not HAS_PEFT, reason="peft not installed: pip install 'sensitivity[lora]'")
 
-CASES = {"sd15": ("tiny", "a red cube"), "digits-sd": ("shipped", "a handwritten seven")}
+# (weights, prompt, options): k-means (a codebook layer in both formats) on the smaller digits-sd only
+CASES = {"sd15": ("tiny", "a red cube", ("uaq-4", "uaq-3")),
+         "digits-sd": ("shipped", "a handwritten seven", ("uaq-4", "kmeans_c-3"))}
 LINEAR = ["to_q", "to_k", "to_v", "to_out.0"]
 LORAS = {"all": LINEAR + ["conv1", "conv2"], "linear": LINEAR}
 
@@ -53,13 +55,13 @@ def case(request, tmp_path_factory):
     from sensitivity.zoo import get_family
 
     name = request.param
-    weights, prompt = CASES[name]
+    weights, prompt, options = CASES[name]
     fam = get_family(name)
     pipe = fam.load_pipeline(weights)
     den = fam.denoiser(pipe)
     d = tmp_path_factory.mktemp(f"lora-{name}")
     mq = build_multiquantizer(den, d / "mq.safetensors", fam.find_layers(den), model_id=fam.model_id(weights),
-                              options=("uaq-4", "kmeans_c-3"), progress=False)
+                              options=options, progress=False)
     rng = random.Random(0)
     # split #main/#skip halves stay in float: SDNQ cannot carry them
     config = {n: rng.choice(mq.options) for n in mq.layer_names if "#" not in n}
