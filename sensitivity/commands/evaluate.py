@@ -16,7 +16,7 @@ from ..errors import SensitivityError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .sample import add_protocol_arguments
+    from .arguments import add_protocol_arguments
 
     p = sub.add_parser("evaluate", help="evaluate one config with the sample protocol and print its record",
                        description="Apply one quantization config, generate the protocol's images, and print the "
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.cache import ConfigCache, build_record, config_hash, normalize_config
     from ..evaluation.runners import layer_stats_from_multiquantizer
     from ..sizes import SizeTable
-    from .sample import protocol_from_args
+    from .arguments import protocol_from_args
 
     if args.cache and not Path(args.cache).exists():
         from ..io import check_writable

@@ -14,7 +14,7 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import WEIGHTS_HELP
+    from .arguments import WEIGHTS_HELP
 
     p = sub.add_parser("graph", help="trace a denoiser into its data-flow DAG and draw it",
                        description="Trace one forward pass of MODEL's denoiser (on meta weights by default: no "

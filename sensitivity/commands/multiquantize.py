@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "int8, int8_c, fp8_e4m3. A killed build resumes when rerun; options whose method settings changed "
         "are recomputed.",
     )
-    from ..zoo.cli_args import add_pipeline_class_argument
+    from .arguments import add_pipeline_class_argument
 
     p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the official hub id), "
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise SensitivityError(f"--threads must be >= 1, got {args.threads}")
     check_device(args.device)
-    from ..zoo.cli_args import family_name
+    from .arguments import family_name
 
     fam = get_family(family_name(args))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
