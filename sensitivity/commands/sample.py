@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
-from pathlib import Path
 
 from ..errors import SensitivityError
 
@@ -73,87 +71,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..active import run_active
-    from ..checks import at_least
-    from ..evaluation.cache import ConfigCache, remove_if_empty
-    from ..evaluation.fp_reference import job_fp_images_dir
-    from ..evaluation.runners import JobPlan, LocalRunner, PipelinedFactory, RayRunner, ray_connection, run_job
-    from ..evaluation.sampler import SamplerSpec
-    from ..io import check_writable
-    from .arguments import check_protocol_arguments, parse_fixed, protocol_from_args
+    from ..workflows.sample import sample
+    from .arguments import parse_fixed, protocol_kwargs
 
-    if args.num_configs is None and args.strategy != "single-layer":
-        raise SensitivityError(f"--strategy {args.strategy} needs --num-configs")
-    if args.num_configs is not None and args.num_configs < 1:
-        raise SensitivityError(f"--num-configs must be >= 1, got {args.num_configs}")
-    if args.strategy == "active" and args.ray:
-        raise SensitivityError("--strategy active runs local workers only; drop --ray")
-    at_least("--workers", args.workers, 1)
-    at_least("--threads", args.threads, 1)
-    check_protocol_arguments(args)
-    cache_path = Path(args.cache)
-    if not cache_path.exists():
-        check_writable(cache_path, "--cache")  # SQLite also writes its journal beside the file
-    device = args.device
-    devices = None
-    if args.devices is not None:
-        from ..evaluation.runners.devices import parse_devices
-
-        if args.device is not None:
-            raise SensitivityError("give --device (every worker on one device) or --devices (one worker per "
-                                   "device), not both")
-        devices = parse_devices(args.devices)
-        device = devices[0]
-    with ray_connection(args.ray, device) as device:
-        fam, weights, base_factory, protocol, mq = protocol_from_args(args, device)
-        base_factory = replace(base_factory, fp_images_dir=str(job_fp_images_dir(cache_path)))
-        factory = PipelinedFactory(base_factory, pipeline=args.pipeline)
-        spec = SamplerSpec(seed=args.seed, options=mq.options, bits=args.bits, methods=args.methods,
-                           fixed=tuple(parse_fixed(args.fixed, args.fixed_file).items()))
-        if args.strategy == "single-layer":
-            from ..allocators.mixdq import SingleLayerSampler
-
-            spec = SingleLayerSampler(tuple(mq.layer_names), tuple(mq.options))
-            n = spec.num_configs if args.num_configs is None else min(args.num_configs, spec.num_configs)
-            plan = JobPlan.from_multiquantizer(mq, spec, n)
-        else:
-            plan = JobPlan.from_multiquantizer(mq, spec, args.num_configs if args.strategy == "random" else
-                                               min(args.initial, args.num_configs))
-        signature, evaluation = protocol.signature(), protocol.to_dict()
-        created = not cache_path.exists()
-        if not created:  # corrupt file / other signature: refuse before loading any model
-            with ConfigCache(cache_path) as c:
-                c.check_signature(signature, evaluation)
-        if args.ray:
-            runner = RayRunner(factory, address=args.ray, threads=args.threads)
-        else:
-            runner = LocalRunner(factory, workers=args.workers, threads=args.threads, devices=devices)
-        what = {"random": f"configs 0..{plan.num_configs - 1} of seed {args.seed}",
-                "single-layer": f"{plan.num_configs} single-layer configs",
-                "active": f"{args.num_configs} configs, {plan.num_configs} random of seed {args.seed} then active rounds"}
-        print(f"sample {fam.name} ({protocol.model_id}): {what[args.strategy]}, "
-              f"{protocol.num_images} images x {protocol.steps} steps each, signature {signature[:12]}, "
-              f"cache {cache_path}")
-        print(f"  workers: {runner.describe()}, batch size {base_factory.batch_size or 'the model default'}"
-              f"{', torch.compile ' + (base_factory.compile if isinstance(base_factory.compile, str) else 'inductor') if base_factory.compile else ''}; "
-              f"full-precision images shared in {base_factory.fp_images_dir}")
-        try:
-            summary = run_job(cache_path, plan, runner, signature=signature, evaluation=evaluation,
-                              progress=not args.no_progress, desc=f"sample {fam.name}")
-            if args.strategy == "active" and not summary.failed:
-                targets = [float(t) for t in args.targets.split(",") if t.strip()]
-                active = run_active(cache_path, mq, plan, factory, summary, num_configs=args.num_configs,
-                                    signature=signature, evaluation=evaluation, seed=args.seed,
-                                    initial=args.initial, batch=args.batch, pool=args.pool, targets=targets,
-                                    window=args.window, metric=args.metric, workers=args.workers,
-                                    threads=args.threads, devices=devices, progress=not args.no_progress)
-                summary = active.summary
-                print(f"active: {len(active.labelled)} configs labelled ({plan.num_configs} random + "
-                      f"{active.rounds} rounds), order in {active.order_path}")
-        except BaseException:
-            if created:
-                remove_if_empty(cache_path)  # a cache this command made holds nothing yet: leave no file
-            raise
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    except ValueError:
+        raise SensitivityError(f"--targets {args.targets!r}: expected a comma list of numbers, e.g. 3.4,3.8") from None
+    res = sample(args.model, args.multiquantizer, args.cache, num_configs=args.num_configs, strategy=args.strategy,
+                 seed=args.seed, bits=args.bits, methods=args.methods, fixed=parse_fixed(args.fixed, args.fixed_file),
+                 workers=args.workers, devices=args.devices, ray=args.ray, threads=args.threads,
+                 pipeline=args.pipeline, progress=not args.no_progress, initial=args.initial, batch=args.batch,
+                 pool=args.pool, targets=targets, window=args.window, metric=args.metric,
+                 **protocol_kwargs(args))
+    summary = res.summary
     if args.json:
         print(json.dumps({"run_id": summary.run_id, "planned": summary.planned, "done": summary.done,
                           "evaluated": summary.evaluated, "done_before": summary.done_before,
@@ -161,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
                           "elapsed_s": summary.elapsed_s, "startup_s": summary.startup_s,
                           "configs_per_hour": summary.configs_per_hour, "complete": summary.complete,
                           "runner": summary.runner}))
-    print(f"sample {fam.name}: {summary}")
+    print(f"sample {res.family.name}: {summary}")
     return 0 if not summary.failed else 1

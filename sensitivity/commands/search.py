@@ -24,6 +24,8 @@ from typing import List, Optional
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_weights_argument
+
     p = sub.add_parser(
         "search",
         help="find the best predicted config at an average-bit target (exact knapsack), or a baseline config",
@@ -56,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--baseline hawq: Hutchinson Hessian trace x ||dW||^2 (default) or empirical Fisher-weighted dW^2")
     b.add_argument("--calibration-samples", type=int, default=64,
                    help="--baseline hawq: calibration items (and Hutchinson probes) of the denoising loss (default 64)")
-    b.add_argument("--weights", default=None, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
+    add_weights_argument(b, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
     b.add_argument("--mixdq-metric", default="mse",
                    help="--baseline mixdq: metric of the single-layer records in --cache (default mse vs full precision)")
     b.add_argument("--seed", type=int, default=0, help="--baseline hawq: seed of the calibration items and probes")
