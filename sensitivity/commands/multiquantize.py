@@ -34,16 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..workflows.multiquantize import multiquantize
+    from ..workflows.multiquantize import describe_build, multiquantize
 
     mq, out = multiquantize(args.model, weights=args.weights, pipeline_class=args.pipeline_class, out=args.out,
                             options=args.options, device=args.device, threads=args.threads, seed=args.seed,
                             resume=not args.restart, progress=not args.no_progress)
-    size = out.stat().st_size
-    fp16 = mq.fp16_bytes()
-    print(
-        f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
-        f"({size / fp16:.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
-        f"({mq.manifest['resumed_layers']} layers resumed, {mq.manifest['recomputed_options']} options recomputed)"
-    )
+    print(describe_build(mq, out))
     return 0

@@ -52,3 +52,11 @@ def multiquantize(model: str, *, weights: Optional[str] = None, pipeline_class: 
                               threads=threads, resume=resume, progress=progress,
                               extra={"family": fam.name, "weights": str(weights), "seed": seed})
     return mq, out
+
+
+def describe_build(mq: Any, out: Union[str, Path]) -> str:
+    """One line: what was written where, its size against the fp16 weights, and how the build went."""
+    size = Path(out).stat().st_size
+    return (f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
+            f"({size / mq.fp16_bytes():.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
+            f"({mq.manifest['resumed_layers']} layers resumed, {mq.manifest['recomputed_options']} options recomputed)")
