@@ -189,7 +189,7 @@ def _ctx():
 
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(["torch", "diffusers", "sensitivity.multiquantizer", "sensitivity.evaluation.runners",
-                                     "sensitivity.evaluation.evaluator", "sensitivity.commands.sample", "sensitivity.cli"])
+                                     "sensitivity.evaluation.evaluator", "sensitivity.workflows.sample", "sensitivity.cli"])
     return _CTX
 
 
