@@ -6,7 +6,7 @@ add_generation_arguments(parser)       # --steps, --guidance, --height, --width,
 add_protocol_arguments(parser)         # `sample` / `evaluate`: MODEL, --weights, --multiquantizer, the protocol
 fam, weights, device, dtype = model_from_args(args)
 overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides); checks the numbers
-setup = protocol_from_args(args)       # sensitivity.evaluation.protocol.protocol_for(...) with these arguments
+kw = protocol_kwargs(args)             # the keywords of sensitivity.evaluation.protocol.protocol_for
 ```
 """
 
@@ -190,34 +190,16 @@ def parse_set_items(items: Optional[List[str]]) -> Dict[str, Any]:
 
 def protocol_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of :func:`sensitivity.evaluation.protocol.protocol_for` from `add_protocol_arguments`."""
-    return dict(weights=args.weights, pipeline_class=getattr(args, "pipeline_class", None), device=args.device,
-                dtype=getattr(args, "dtype", None), prompts=args.prompts, class_ids=args.class_ids,
+    return dict(weights=args.weights, pipeline_class=args.pipeline_class, device=args.device,
+                dtype=args.dtype, prompts=args.prompts, class_ids=args.class_ids,
                 num_images=args.num_images, images_per_class=args.images_per_class, image_seed=args.image_seed,
                 reference_dir=args.reference_dir, reference_cache=args.reference_cache, steps=args.steps,
                 guidance=args.guidance, scheduler=args.scheduler, kid_subsets=args.kid_subsets,
-                inception=getattr(args, "inception", None), clip_model=getattr(args, "clip_model", None),
-                lpips=getattr(args, "lpips", None), act_bits=getattr(args, "act_bits", None),
-                act_calibration=getattr(args, "act_calibration", None), height=getattr(args, "height", None),
-                width=getattr(args, "width", None), settings=parse_set_items(getattr(args, "set", None)),
-                batch_size=args.batch_size, compile=getattr(args, "compile", False))
-
-
-def check_protocol_arguments(args: argparse.Namespace) -> None:
-    """The protocol's numbers at the door; ``args.batch_size`` becomes None, 'auto' or an int."""
-    from ..evaluation.protocol import check_protocol_numbers
-
-    args.batch_size = check_protocol_numbers(steps=args.steps, guidance=args.guidance, kid_subsets=args.kid_subsets,
-                                             num_images=args.num_images, images_per_class=args.images_per_class,
-                                             batch_size=args.batch_size)
-
-
-def protocol_from_args(args: argparse.Namespace, device: Optional[str] = None):
-    """``protocol_for(MODEL, --multiquantizer, ...)`` with the parsed arguments (``device`` overrides --device)."""
-    from ..evaluation.protocol import protocol_for
-
-    kw = protocol_kwargs(args)
-    kw["device"] = device or kw["device"]
-    return protocol_for(args.model, args.multiquantizer, **kw)
+                inception=args.inception, clip_model=args.clip_model,
+                lpips=args.lpips, act_bits=args.act_bits,
+                act_calibration=args.act_calibration, height=args.height,
+                width=args.width, settings=parse_set_items(args.set),
+                batch_size=args.batch_size, compile=args.compile)
 
 
 def parse_fixed(items: List[str], fixed_file: Optional[str]) -> Dict[str, str]:
