@@ -24,17 +24,17 @@ from typing import Iterable, Tuple
 from .quantizers.base import get_method
 from .quantizers.option import FP16, QuantOption, fp16_nbytes, known_option_names
 
-__all__ = ["BITS", "FP16", "METHODS", "OPTION_NAMES", "QuantOption", "all_option_names", "canonical", "canonical_method",
-           "fp16_nbytes", "known_option_names"]
+__all__ = ["BITS", "FP16", "OPTION_NAMES", "QuantOption", "REFERENCE_METHODS", "all_option_names", "canonical",
+           "canonical_method", "fp16_nbytes", "known_option_names"]
 
 #: the reference's methods and widths: the default search space (:data:`OPTION_NAMES`)
-METHODS: Tuple[str, ...] = ("uaq", "kmeans_c", "kmeans_a")
+REFERENCE_METHODS: Tuple[str, ...] = ("uaq", "kmeans_c", "kmeans_a")
 BITS: Tuple[int, ...] = (4, 3)
 
 
 def all_option_names(methods: Iterable[str] | None = None, bits: Iterable[int] = BITS) -> Tuple[str, ...]:
     """The option names of the search space: ``uaq-4, uaq-3, kmeans_c-4, ...``."""
-    methods = tuple(methods) if methods is not None else METHODS
+    methods = tuple(methods) if methods is not None else REFERENCE_METHODS
     return tuple(f"{m}-{b}" for m in methods for b in bits)
 
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
     from ..evaluation.cache import read_records
     from ..predictors import load_predictor
-    from ..search import AdditiveScorer, load_scores_csv, multiquantizer_for, predict_results, uniform_baselines
+    from ..search import AdditiveScorer, load_scores_csv, multiquantizer_for, predict_results, uniform_configs
     from ..sizes import SizeTable
 
     if args.predictor and args.scores:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             results.append({"label": name, "source": cfg.provenance.get("method", "config"),
                             "avg_bits": sizes.avg_bits(cfg.options)})
     if sizes is not None and (records or results):
-        results += uniform_baselines(sizes)
+        results += uniform_configs(sizes)
     if predictor is not None:
         objs = [r for r in results if not isinstance(r, dict)]
         predict_results(predictor, objs)

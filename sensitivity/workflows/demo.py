@@ -76,7 +76,7 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
                   workers: Optional[int] = None, seed: int = 0) -> DemoSettings:
     """The settings of a demo writing under ``out``: unset numbers from the preset (:data:`FULL`, or
     :data:`QUICK` with ``quick``); ``predictor`` default the CLI's ensemble; ``workers`` default min(2, cores)."""
-    from ..predictors.ensemble import DEFAULT_PREDICTOR
+    from ..predictors.predictor import DEFAULT_PREDICTOR
 
     if model not in DIGITS_MODELS:
         raise SensitivityError(f"--model {model!r}: the demo runs an embedded model ({', '.join(DIGITS_MODELS)})")
