@@ -22,10 +22,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_weights_argument
+
     p = sub.add_parser(
         "search",
         help="find the best predicted config at an average-bit target (exact knapsack), or a baseline config",
@@ -68,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--baseline hawq: Hutchinson Hessian trace x ||dW||^2 (default) or empirical Fisher-weighted dW^2")
     b.add_argument("--calibration-samples", type=int, default=64,
                    help="--baseline hawq: calibration items (and Hutchinson probes) of the denoising loss (default 64)")
-    b.add_argument("--weights", default=None, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
+    add_weights_argument(b, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
     b.add_argument("--mixdq-metric", default="mse",
                    help="--baseline mixdq: metric of the single-layer records in --cache (default mse vs full precision)")
     b.add_argument("--seed", type=int, default=0, help="--baseline hawq: seed of the calibration items and probes")
@@ -80,81 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--baseline error-ilp: relative error ||W-Q(W)||^2/||W||^2 (default) or absolute sse")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(func=run)
-
-
-# ---------------------------------------------------------------------------------------------
-# shared loaders (also used by `sensitivity insights`)
-# ---------------------------------------------------------------------------------------------
-
-
-def load_predictor(path: str) -> Any:
-    """A trained predictor from ``sensitivity.predictors`` (the search protocol of sensitivity.search)."""
-    from ..errors import SensitivityError
-
-    if not Path(path).exists():
-        raise SensitivityError(f"predictor {path!r} does not exist")
-    try:
-        from .. import predictors
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        raise SensitivityError(f"predictors are not available in this build ({exc})") from None
-    loader = getattr(predictors, "load_predictor", None)
-    if loader is None:  # pragma: no cover - depends on the build
-        raise SensitivityError("sensitivity.predictors has no load_predictor(); cannot read " + path)
-    pred = loader(path)
-    for attr in ("layer_scores", "predict"):
-        if not callable(getattr(pred, attr, None)):
-            raise SensitivityError(f"predictor {path!r} ({type(pred).__name__}) has no {attr}(); it cannot drive the search")
-    return pred
-
-
-def load_scores_csv(path: str):
-    import pandas as pd
-
-    from ..errors import SensitivityError
-
-    p = Path(path)
-    if not p.is_file():
-        raise SensitivityError(f"scores file {path!r} does not exist")
-    try:
-        df = pd.read_csv(p)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise SensitivityError(f"{path}: cannot read CSV ({type(exc).__name__})") from None
-    missing = {"layer", "option", "score"} - set(df.columns)
-    if missing:
-        raise SensitivityError(f"{path}: missing columns {sorted(missing)} (needs layer, option, score)")
-    return df
-
-
-def resolve_multiquantizer(path: Optional[str], predictor: Any = None):
-    """Load ``path``, else the multiquantizer the predictor was trained with (``multiquantizer_path``)."""
-    from ..errors import SensitivityError
-    from ..multiquantizer import load_multiquantizer
-
-    if path is None and predictor is not None:
-        path = getattr(predictor, "multiquantizer_path", None)
-        if path is not None and not Path(path).is_file():
-            raise SensitivityError(f"the predictor's multiquantizer {str(path)!r} is missing; pass --multiquantizer")
-    if path is None:
-        raise SensitivityError("no multiquantizer: pass --multiquantizer FILE")
-    mq = load_multiquantizer(path)
-    want = getattr(predictor, "multiquantizer_hash", None)
-    if want and want != mq.hash:
-        raise SensitivityError(f"{path}: multiquantizer hash {mq.hash[:12]} differs from the predictor's {str(want)[:12]} "
-                               "(scores would refer to other quantized weights)")
-    return mq, str(path)
-
-
-def load_records(path: str) -> List[dict]:
-    """Cache records from a cache file (.sqlite/.db) or an export (.parquet/.csv)."""
-    from ..evaluation.cache import ConfigCache, read_records_file
-
-    if Path(path).suffix.lower() in (".parquet", ".pq", ".csv", ".pkl", ".pickle"):
-        return read_records_file(path)[2]
-    with ConfigCache(path) as cache:
-        return cache.records()
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _sizes(mq, options: Optional[str]):
@@ -257,24 +184,13 @@ def _write_csv(df, path: Path) -> Path:
     return path
 
 
-def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checks import finite
     from ..errors import SensitivityError
+    from ..evaluation.cache import read_records
     from ..io import atomic_dir
-    from ..search import AdditiveScorer, parse_sweep
+    from ..predictors import load_predictor
+    from ..search import AdditiveScorer, bits_range, load_scores_csv, multiquantizer_for, parse_sweep
 
     if args.target_latency is not None or args.latency_sweep:
         return run_latency(args)
@@ -299,11 +215,11 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
 
     predictor = load_predictor(args.predictor) if args.predictor else None
-    mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
+    mq, mq_path = multiquantizer_for(args.multiquantizer, predictor)
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
     sizes = _sizes(mq, args.options)
-    records = load_records(args.cache) if args.cache else None
+    records = read_records(args.cache) if args.cache else None
 
     targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
     lo, hi = bits_range(sizes)
@@ -339,14 +255,6 @@ def _checked_out(path: str, sweep: Optional[str]) -> Path:
     else:
         check_writable(out, "--out")
     return out
-
-
-def bits_range(sizes) -> Tuple[float, float]:
-    """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
-    from ..sizes import SizeTable
-
-    table = SizeTable.of(sizes)
-    return table.min_avg_bits(), table.max_avg_bits()
 
 
 def _ceil4(x: float) -> float:
@@ -409,7 +317,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         for y in ("predicted", args.metric):
             if y in pt and pt[y].notna().any():
                 fig = insights.pareto_plot(pt, y=y)
-                _write_fig(fig, folder / f"pareto_{y}.png")
+                insights.save_figure(fig, folder / f"pareto_{y}.png")
                 written.append(str(out / f"pareto_{y}.png"))
         if not args.json:
             print(f"sweep: {len(results)} configs, table {out / 'sweep.csv'}" + (f", plots {', '.join(written)}" if written else ""))
@@ -440,8 +348,10 @@ def run_latency(args: argparse.Namespace) -> int:
     """``--target-latency`` / ``--latency-sweep``: the exact knapsack on the cost table's summed layer times."""
     from ..checks import at_least, finite
     from ..errors import SensitivityError
+    from ..export.costs import cost_table_for
     from ..io import atomic_dir
-    from ..search import AdditiveScorer, parse_sweep
+    from ..predictors import load_predictor
+    from ..search import AdditiveScorer, load_scores_csv, multiquantizer_for, parse_sweep
 
     if args.baseline is not None:
         raise SensitivityError(f"--baseline {args.baseline} has a bit target; --target-latency searches with --predictor or --scores")
@@ -461,33 +371,14 @@ def run_latency(args: argparse.Namespace) -> int:
         at_least(name, t, 1e-6)
     out = _checked_out(args.out, "--latency-sweep" if args.latency_sweep else None)
     predictor = load_predictor(args.predictor) if args.predictor else None
-    mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
+    mq, mq_path = multiquantizer_for(args.multiquantizer, predictor)
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
-    costs = load_costs(args.costs, mq)
+    costs = cost_table_for(mq, args.costs)
     sizes = _sizes(mq, args.options)
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(atomic_dir(out, "--out")) if args.latency_sweep else None
         return _run_latency_targets(args, targets, predictor, mq, mq_path, sizes, costs, out, folder)
-
-
-def load_costs(path: Optional[str], mq):
-    """``path``, else the cost table beside ``mq`` measured on this machine with this torch (exactly one)."""
-    from ..costs import CostTable
-    from ..errors import SensitivityError
-
-    if path is not None:
-        return CostTable.load(path, mq.hash)
-    from ..export.costs import matching_tables
-
-    found = matching_tables(mq)
-    if not found:
-        raise SensitivityError(f"no cost table of {mq.path} for this machine: run `sensitivity costs "
-                               f"{str(mq.model_id).partition(':')[0]} --multiquantizer {mq.path}` first (or pass --costs)")
-    if len(found) > 1:
-        raise SensitivityError(f"{len(found)} cost tables of {mq.path} match this machine "
-                               f"({', '.join(p.name for p in found)}): pick one with --costs")
-    return CostTable.load(found[0], mq.hash)
 
 
 def _run_latency_targets(args, targets, predictor, mq, mq_path, sizes, costs, out: Path, folder: Optional[Path]) -> int:
@@ -552,7 +443,7 @@ def _run_latency_targets(args, targets, predictor, mq, mq_path, sizes, costs, ou
         _write_csv(pt, folder / "pareto_latency.csv")
         fig = insights.pareto_plot(pt, y="predicted", x="latency_ms",
                                    title="predicted quality vs summed layer latency (measured)")
-        _write_fig(fig, folder / "pareto_latency.png")
+        insights.save_figure(fig, folder / "pareto_latency.png")
         if not args.json:
             print(f"latency sweep: {len(results)} configs + {len(bits_results)} bits-budget configs, table "
                   f"{out / 'sweep.csv'}, plot {out / 'pareto_latency.png'}")

@@ -273,8 +273,23 @@ def matching_tables(mq) -> List[Path]:
     return found
 
 
+def cost_table_for(mq, path: Optional[str | os.PathLike] = None) -> CostTable:
+    """The cost table at ``path``, else the one beside ``mq`` measured on this machine with this torch
+    (exactly one must match: :func:`matching_tables`); one-line errors say how to get one."""
+    if path is not None:
+        return CostTable.load(path, mq.hash)
+    found = matching_tables(mq)
+    if not found:
+        raise SensitivityError(f"no cost table of {mq.path} for this machine: run `sensitivity costs "
+                               f"{str(mq.model_id).partition(':')[0]} --multiquantizer {mq.path}` first (or pass --costs)")
+    if len(found) > 1:
+        raise SensitivityError(f"{len(found)} cost tables of {mq.path} match this machine "
+                               f"({', '.join(p.name for p in found)}): pick one with --costs")
+    return CostTable.load(found[0], mq.hash)
+
+
 def _save(path: Path, record: Dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(record, indent=1) + "\n", what="cost table")
 
 
-__all__ = ["RUNTIME", "calibrator", "device_name", "matching_tables", "measure_costs", "runtime_module"]
+__all__ = ["RUNTIME", "calibrator", "cost_table_for", "device_name", "held_weight_bytes", "matching_tables", "measure_costs", "runtime_module"]
