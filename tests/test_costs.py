@@ -139,3 +139,12 @@ def test_latency_sweep_plots_latency_and_bits_searches(measured, tmp_path):
     targets = pd.read_csv(out / "sweep.csv")["target_latency_ms"]
     assert (lat["latency_ms"].to_numpy() <= targets.to_numpy() + 1e-9).all()
     assert (out / "pareto_latency.png").stat().st_size > 10_000
+
+
+def test_costs_cli_resumes_the_saved_table(measured, capsys):
+    den, mq, table, _, _ = measured
+    assert main(["costs", "digits-dit", "--weights", "shipped", "--multiquantizer", str(mq.path), "--threads", "1",
+                 "--repeats", "3", "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["path"] == table.meta["path"] and summary["layers"] == len(mq.layers)
+    assert summary["fp16_ms"] == pytest.approx(table.config_latency_ms({}), abs=1e-4)

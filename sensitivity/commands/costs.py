@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_model_arguments
+    from .arguments import add_model_arguments
 
     p = sub.add_parser("costs", help="measure the forward time and run-time bytes of every option of every layer",
                        description="Time each layer's run-time module at every option of the multiquantizer (and in "
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.costs import measure_costs
     from ..io import check_writable
     from ..multiquantizer import load_multiquantizer
-    from ..zoo.cli_args import model_from_args
+    from .arguments import model_from_args
 
     t0 = time.time()
     for name in ("repeats", "batch", "threads"):
