@@ -116,6 +116,11 @@ class Multiquantizer:
     def hash(self) -> str:
         return self.manifest["hash"]
 
+    @property
+    def components(self) -> Dict[str, Dict[str, Any]]:
+        """A pipeline multiquantizer's ``{component: {...}}`` (:mod:`sensitivity.pipeline_quant`); ``{}`` else."""
+        return dict(self.manifest.get("components") or {})
+
     def __contains__(self, layer: str) -> bool:
         return layer in self._entries
 
@@ -290,7 +295,16 @@ class Multiquantizer:
             state = _state(module)
             if state is not None and state["options"]:
                 raise SensitivityError("check_model: the model has a config applied; call restore() first")
-            if weights_hash(module, self.layers) != self.manifest["weights_hash"]:
+            comps = self.manifest.get("components")
+            if comps:  # a pipeline multiquantizer: one weights hash per component (names start with it)
+                by_comp: Dict[str, List[LayerSpec]] = {}
+                for spec in self.layers:
+                    by_comp.setdefault(spec.name.split(".", 1)[0], []).append(spec)
+                for comp, specs in by_comp.items():
+                    if weights_hash(module, specs) != comps[comp]["weights_hash"]:
+                        raise MultiquantizerMismatchError(
+                            f"{where}: the {comp}'s weights differ from the ones it was built from")
+            elif weights_hash(module, self.layers) != self.manifest["weights_hash"]:
                 raise MultiquantizerMismatchError(f"{where}: the model's weights differ from the ones it was built from")
 
 

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pipeline_class_argument(p)
     p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
     p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute (default: %(default)s)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="pipeline components to quantize together into one file, comma-separated: text_encoder "
+                   "(text_encoder_2, text_encoder_3), denoiser, vae_decoder, or 'all' (default: the denoiser alone, "
+                   "layer names unprefixed). Layer names of a pipeline file start with their component; one "
+                   "component is held in fp32 memory at a time")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for large layers (default: the free cores)")
     p.add_argument("--device", default=None, help="device for loading and quantizer math (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
@@ -61,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
     out = Path(args.out) if args.out else default_out(fam.name, weights)
     check_writable(out, "--out")
+    if args.components is not None:
+        from ..pipeline_quant import build_pipeline_components
+
+        mq = build_pipeline_components(fam, weights, args.components, out, options=options, device=device,
+                                       seed=args.seed, threads=args.threads, resume=not args.restart,
+                                       progress=not args.no_progress)
+        return _summary(out, mq)
     denoiser = fam.load_denoiser(weights, device=device, dtype=torch.float32, seed=args.seed)
     layers = fam.find_layers(denoiser)
     check_finite_weights(denoiser, layers, f"--weights {weights}")  # before the build makes its resume folder
@@ -76,8 +88,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         extra={"family": fam.name, "weights": str(weights), "seed": args.seed},
     )
+    return _summary(out, mq)
+
+
+def _summary(out: Path, mq) -> int:
     size = out.stat().st_size
     fp16 = mq.fp16_bytes()
+    if mq.components:
+        print("components: " + ", ".join(f"{n} {c['layers']} layers" for n, c in mq.components.items() if c["layers"]))
     print(
         f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
         f"({size / fp16:.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "

@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     params = parse_params(args.set, kinds)
     graph = None
     if args.model:
-        from ..graph import family_graph
+        from ..predictors.pipeline import cache_graph
 
-        graph = family_graph(args.model, weights=args.weights)
+        graph = cache_graph(args.cache, args.model, weights=args.weights)
     report = train(args.cache, args.out, model=args.model, predictor=args.predictor,
                    baselines=[k for k in kinds[1:] if k != args.predictor], folds=args.folds, seed=args.seed,
                    metric=args.target, lam=args.lam, params=params, device=args.device,
