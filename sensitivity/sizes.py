@@ -331,3 +331,81 @@ class SizeTable:
 
     def __repr__(self) -> str:
         return f"SizeTable({len(self.layers)} layers x {len(self.options)} options, {self.fp16_total} fp16 bytes)"
+
+
+# ---- bytes in memory (``--target-memory``) -------------------------------------------------------
+#: ``fn(layer, option, stored_bytes, fp16_bytes) -> bytes`` the run-time holds for one layer's weight
+MemoryModel = Any
+_MEMORY_MODELS: Dict[str, MemoryModel] = {}
+DEFAULT_MEMORY_MODEL = "stored"
+
+
+def register_memory_model(name: str, fn: MemoryModel, replace: bool = False) -> None:
+    """Register how a run-time policy holds weights in memory: ``fn(layer, option, stored_bytes, fp16_bytes)
+    -> bytes`` (``option`` may be ``fp16``). ``stored`` (the default) keeps the stored bytes: packed
+    kernels read the codes as stored. A policy that dequantizes a layer once returns its fp16 bytes."""
+    if name in _MEMORY_MODELS and not replace:
+        raise SensitivityError(f"memory model {name!r} is already registered")
+    _MEMORY_MODELS[name] = fn
+
+
+def memory_model_names() -> List[str]:
+    return list(_MEMORY_MODELS)
+
+
+def memory_model(name: str) -> MemoryModel:
+    try:
+        return _MEMORY_MODELS[name]
+    except KeyError:
+        raise SensitivityError(f"unknown memory model {name!r}; known: {', '.join(_MEMORY_MODELS)}") from None
+
+
+def stored_bytes(layer: str, option: str, stored: int, fp16_bytes: int) -> int:
+    """The ``stored`` memory model: a layer is held as stored (fp16 layers at fp16)."""
+    return int(stored)
+
+
+register_memory_model(DEFAULT_MEMORY_MODEL, stored_bytes)
+
+
+def memory_table(sizes: "SizeTable", model: str = DEFAULT_MEMORY_MODEL) -> "SizeTable":
+    """``sizes`` with every (layer, option)'s bytes and every layer's fp16 bytes as the memory model holds them."""
+    fn = memory_model(model)
+    if fn is stored_bytes:
+        return sizes
+    nb = sizes.nbytes.copy()
+    fp = np.array([int(fn(l, FP16, int(b), int(b))) for l, b in zip(sizes.layers, sizes.fp16_bytes)], np.int64)
+    for i, j in sizes.rows:
+        nb[i, j] = int(fn(sizes.layers[i], sizes.options[j], int(sizes.nbytes[i, j]), int(sizes.fp16_bytes[i])))
+    return SizeTable(sizes.layers, sizes.options, fp, nb, sizes.error, sizes.sse, rows=sizes.rows)
+
+
+_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: Any, name: str = "--target-memory") -> int:
+    """``"4.5GB"`` (10^9) / ``"4GiB"`` (2^30) / ``"800MB"`` / ``"123456"`` (bytes) -> int bytes."""
+    import re
+    from decimal import Decimal, InvalidOperation
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS and unit != "":
+        raise SensitivityError(f"{name} {text!r}: expected a size such as 4.5GB, 4GiB, 800MB or a byte count")
+    try:
+        value = Decimal(m.group(1)) * _UNITS.get(unit or "b", 1)
+    except InvalidOperation:
+        raise SensitivityError(f"{name} {text!r}: not a number") from None
+    if value <= 0:
+        raise SensitivityError(f"{name} {text!r} must be positive")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as ``1.234 GB`` / ``12.3 MB`` / ``512 kB`` (powers of 10, as ``--target-memory`` reads them)."""
+    n = float(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{int(n)} B"

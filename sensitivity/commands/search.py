@@ -36,7 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multiquantizer", help="multiquantizer .safetensors (default: the predictor's)")
     tgt = p.add_mutually_exclusive_group()
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
+    tgt.add_argument("--target-memory", metavar="SIZE",
+                     help="bytes of the whole pipeline's weights in memory to stay below, e.g. 4.5GB (10^9), 4GiB, "
+                     "800MB: every layer as --memory-model holds it plus the unquantized tensors (and components "
+                     "not in the multiquantizer) at fp16; with the predictor search or --baseline error-ilp")
     tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
+    p.add_argument("--memory-model", default="stored",
+                   help="with --target-memory: how the run-time holds a layer (default 'stored': the stored bytes; "
+                   "run-time policies registered by sensitivity.export may add others)")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="activation bits written into the configs (default: those of the predictor's evaluations)")
@@ -190,6 +197,17 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
+    if getattr(args, "target_memory", None) is not None:
+        from ..search import memory_budget
+        from ..search.memory import memory_result
+
+        mb = memory_budget(mq, target, sizes, args.memory_model, what=what)
+        if args.baseline == "error-ilp":
+            res = error_ilp(mb.table, None, error=args.error, method=args.solver, what=what, budget=mb.budget)
+        else:
+            res = search(predictor, mq, None, level=args.level, max_combinations=args.max_combinations,
+                         method=args.solver, sizes=mb.table, what=what, budget=mb.budget)
+        return memory_result(res, mq, sizes, mb)
     if args.baseline in ("sdnq", "hawq", "mixdq", "reference"):
         from ..allocators import allocate, with_fp16
 
@@ -212,6 +230,8 @@ def _report(res, args, path: Path) -> dict:
          "predicted": res.predicted, "option_mix": res.option_mix, "solve_seconds": round(res.seconds, 4),
          "config": str(path)}
     d.update({k: v for k, v in res.details.items() if k in ("metric", "metric_value", "candidates", "error", "level",
+                                                          "target_memory", "memory_bytes", "memory_model",
+                                                          "unquantized_bytes", "component_bytes",
                                                           "threshold", "lam", "configs_evaluated", "cpu_seconds", "mode")})
     return d
 
@@ -232,6 +252,13 @@ def _print(res, path: Path) -> None:
     if scores:
         print("  " + ", ".join(scores) + (f"; solved in {res.seconds * 1e3:.0f} ms" if res.seconds else ""))
     print(f"  option mix: {res.mix_text()}")
+    if "memory_bytes" in res.details:
+        from ..sizes import format_bytes
+
+        d = res.details
+        print(f"  memory ({d['memory_model']}): {format_bytes(d['memory_bytes'])} of {format_bytes(d['target_memory'])}"
+              f" ({format_bytes(d['unquantized_bytes'])} unquantized); "
+              + ", ".join(f"{c} {format_bytes(b)}" for c, b in d["component_bytes"].items()))
     print(f"  wrote {path}")
 
 
@@ -271,8 +298,18 @@ def run(args: argparse.Namespace) -> int:
             raise SensitivityError("--baseline uniform needs --option (e.g. --option uaq-4)")
         if args.sweep:
             raise SensitivityError("--baseline uniform has no target; drop --sweep")
-    elif args.target_bits is None and not args.sweep:
-        raise SensitivityError("pass --target-bits B or --sweep START:STOP:STEP")
+    elif args.target_bits is None and not args.sweep and args.target_memory is None:
+        raise SensitivityError("pass --target-bits B, --target-memory SIZE or --sweep START:STOP:STEP")
+    if args.target_memory is not None:
+        from ..sizes import memory_model, memory_model_names, parse_bytes
+
+        _register_runtime_memory_models()
+        if args.memory_model not in memory_model_names():
+            memory_model(args.memory_model)  # the one-line error naming the known models
+        if args.baseline not in (None, "error-ilp"):
+            raise SensitivityError(f"--target-memory works with the predictor search and --baseline error-ilp, "
+                                   f"not --baseline {args.baseline}")
+        args.target_memory_bytes = parse_bytes(args.target_memory)
     if args.baseline in ("cache", "mixdq") and not args.cache:
         raise SensitivityError(f"--baseline {args.baseline} needs --cache FILE")
     if args.baseline == "reference" and not args.predictor:
@@ -287,10 +324,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = _sizes(mq, args.options)
     records = load_records(args.cache) if args.cache else None
 
-    targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
+    targets: List[Optional[float]] = (parse_sweep(args.sweep) if args.sweep else
+                                      [args.target_memory_bytes] if args.target_memory is not None else [args.target_bits])
     lo, hi = bits_range(sizes)
     span = f"the options of {mq_path}{' (--options)' if args.options else ''} span {lo:.4f}..{hi:.4f} avg bits"
-    if args.baseline != "uniform":
+    if args.baseline != "uniform" and args.target_memory is None:
         name = f"--sweep {args.sweep}: target" if args.sweep else "--target-bits"
         for t in targets:
             finite(name, t)
@@ -312,6 +350,14 @@ def run(args: argparse.Namespace) -> int:
         # a sweep's folder appears with everything in it, or not at all
         folder = stack.enter_context(atomic_dir(out, "--out")) if args.sweep else None
         return _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out, folder, hi)
+
+
+def _register_runtime_memory_models() -> None:
+    """Import the export package so the run-time policies it defines register their memory models."""
+    try:
+        import sensitivity.export  # noqa: F401
+    except ImportError:  # pragma: no cover - export is part of the package
+        pass
 
 
 def bits_range(sizes) -> Tuple[float, float]:
@@ -354,6 +400,9 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
                             **{k: v for k, v in provenance.items() if v is not None})
         cfg.act_bits = act_bits
+        if "component_bytes" in res.details:
+            cfg.provenance["component_bytes"] = dict(res.details["component_bytes"])
+            cfg.provenance["target_memory"] = args.target_memory
         path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
         cfg.save(folder / path.name if args.sweep else path)
         results.append(res)
