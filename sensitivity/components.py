@@ -57,10 +57,9 @@ from .config import QuantConfig, as_options
 from .errors import SensitivityError
 from .layers import LayerSpec, find_layers
 from .multiquantizer import apply, build_multiquantizer, load_multiquantizer, restore
+from .mqfile import COMPONENT_NAMES, TEXT_ENCODER_ATTRS  # noqa: F401 - every name a pipeline may have
 from .options import FP16, QuantOption
 
-TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-COMPONENT_NAMES = TEXT_ENCODER_ATTRS + ("denoiser", "vae_decoder")  # every name a pipeline may have
 VAE_DECODER_EXCLUDE = ("encoder", "encoder.*", "quant_conv")
 PSNR_CAP_DB = 100.0
 

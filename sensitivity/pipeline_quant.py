@@ -101,8 +101,8 @@ def parse_components(text: Optional[str], available: Optional[Sequence[str]] = N
 
 def component_of(layer: str) -> str:
     """The component of a pipeline multiquantizer's layer name (its first dotted part)."""
-    head = layer.split(".", 1)[0]
-    if head not in COMPONENT_NAMES:
+    head, _, rest = layer.partition(".")
+    if not rest or head not in COMPONENT_NAMES:
         raise SensitivityError(f"layer {layer!r} does not start with a component name ({', '.join(COMPONENT_NAMES)})")
     return head
 
