@@ -252,6 +252,22 @@ class SizeTable:
     def quantized_bytes(self, config: Mapping[str, str]) -> int:
         return self.config_bytes(config)[0]
 
+    def component_bytes(self, config: Mapping[str, str]) -> Dict[str, int]:
+        """``{component: Σ bytes of its layers}`` under ``config`` (absent / fp16 layers at fp16 bytes); the
+        component of a layer is the first part of a pipeline multiquantizer's names, else ``denoiser``."""
+        from .mqfile import layer_component
+
+        out: Dict[str, int] = {}
+        for i, layer in enumerate(self.layers):
+            c = layer_component(layer)
+            out[c] = out.get(c, 0) + int(self.fp16_bytes[i])
+        for layer, opt in config.items():
+            i, j = self._cell(layer, opt)
+            if j is not None:
+                c = layer_component(layer)
+                out[c] += int(self.nbytes[i, j]) - int(self.fp16_bytes[i])
+        return out
+
     def avg_bits(self, config: Mapping[str, str]) -> float:
         """``16 · Σ quantized bytes / Σ fp16 bytes`` over the table's layers."""
         q, fp = self.config_bytes(config)
