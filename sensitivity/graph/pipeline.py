@@ -80,7 +80,7 @@ def pipeline_graph(family: Any, components: Optional[Sequence[str]] = None, weig
     offset = 0
     outputs, inputs = {}, {}
     for name in names:
-        module = load_component(fam, w, name, materialize=w != "meta")
+        module = load_component(fam, w, name, materialize=w not in getattr(fam, "special_weights", ()))
         comp_layers = component_layers(fam, name, module)
         part = _component_graph(fam, name, module, comp_layers)
         pg = _prefixed(part, name)
@@ -104,12 +104,17 @@ def pipeline_graph(family: Any, components: Optional[Sequence[str]] = None, weig
     return DenoiserGraph(g, layers, "PipelineModules", model_id, seconds, {"components": names})
 
 
-def graph_for_layers(family: Any, layers: Sequence[str], weights: str = "meta") -> DenoiserGraph:
+def graph_for_layers(family: Any, layers: Sequence[str], weights: str = "meta",
+                     model_id: Optional[str] = None) -> DenoiserGraph:
     """The graph whose weight nodes are ``layers``: the pipeline graph of their components when the names
-    start with a component (a pipeline multiquantizer's), else the family's denoiser graph."""
-    from ..components import COMPONENT_NAMES
+    start with a component (a pipeline multiquantizer's), else the family's denoiser graph. ``model_id``
+    (``family:weights``) of a ``tiny`` build traces the tiny pipeline (on meta): its text encoders and VAE
+    are shallower than the official ones, whose structure ``meta`` has."""
+    from ..mqfile import COMPONENT_NAMES
 
     heads = list(dict.fromkeys(l.split(".", 1)[0] for l in layers))
     if layers and all(h in COMPONENT_NAMES for h in heads):
+        if weights == "meta" and str(model_id or "").endswith(":tiny"):
+            weights = "tiny"
         return pipeline_graph(family, heads, weights)
     return family_graph(family, weights=weights)
