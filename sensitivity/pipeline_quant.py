@@ -403,3 +403,68 @@ def build_pipeline_components(family, weights: Optional[str], components: str, o
     w = family.resolve_weights(weights)
     names = parse_components(components, _pipeline_names(family, w, int(kwargs.get("seed", 0))))
     return build_pipeline_multiquantizer(family, w, names, out, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ one component's view
+class _PrefixedReader:
+    """A tensor reader of the pipeline file that serves a component's tensors under unprefixed names."""
+
+    def __init__(self, reader: _SafetensorsReader, prefix: str):
+        self.reader, self.prefix = reader, prefix
+        self.path = reader.path
+
+    def get(self, name: str):
+        return self.reader.get(self.prefix + name)
+
+    def info(self, name: str):
+        return self.reader.info(self.prefix + name)
+
+    def __contains__(self, name: str) -> bool:
+        return (self.prefix + name) in self.reader
+
+    def keys(self) -> List[str]:
+        n = len(self.prefix)
+        return [k[n:] for k in self.reader.keys() if k.startswith(self.prefix)]
+
+
+class ComponentMultiquantizer(Multiquantizer):
+    """The layers of one component of a pipeline multiquantizer, named as in the component's own module
+    (``denoiser.conv_out`` -> ``conv_out``): what the per-model stages (export, apply on the component
+    alone) take. ``hash`` is ``<pipeline hash>/<component>``; :meth:`check_model` checks the component's
+    weights hash of the pipeline file."""
+
+    def __init__(self, parent: Multiquantizer, name: str):
+        comp = parent.components.get(name)
+        if not comp or not comp.get("layers"):
+            raise SensitivityError(f"multiquantizer {parent.path.name} has no layers of component {name!r}")
+        prefix = f"{name}."
+        layers = []
+        for d in parent.manifest["layers"]:
+            if d["name"].startswith(prefix):
+                e = dict(d, name=d["name"][len(prefix):], module=d["module"][len(prefix):])
+                if d.get("tied"):
+                    e["tied"] = [t[len(prefix):] for t in d["tied"]]
+                layers.append(e)
+        manifest = {k: v for k, v in parent.manifest.items() if k != "components"}
+        manifest.update(layers=layers, model_id=f"{parent.model_id}/{name}", hash=f"{parent.hash}/{name}",
+                        weights_hash=comp["weights_hash"], architecture_hash=comp["architecture_hash"],
+                        model_class=comp.get("class", ""), fp16_bytes=sum(d["fp16_bytes"] for d in layers))
+        super().__init__(parent.path, manifest, _PrefixedReader(parent._reader, prefix))
+        self.parent, self.component = parent, name
+
+    def check_model(self, module: nn.Module, check_weights: bool = True) -> None:
+        root = PipelineModules({self.component: module})
+        Multiquantizer.check_model(self.parent_view(), root, check_weights)
+
+    def parent_view(self) -> Multiquantizer:
+        """The pipeline file restricted to this component, names prefixed (for checks on a one-child root)."""
+        manifest = dict(self.parent.manifest)
+        manifest["layers"] = [d for d in self.parent.manifest["layers"] if d["name"].startswith(self.component + ".")]
+        manifest["components"] = {self.component: self.parent.components[self.component]}
+        return Multiquantizer(self.parent.path, manifest, self.parent._reader)
+
+
+def component_config(config: Mapping[str, str], name: str) -> Dict[str, str]:
+    """The entries of a pipeline config that belong to component ``name``, unprefixed."""
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}

@@ -65,6 +65,18 @@ def run(args: argparse.Namespace) -> int:
     den = fam.denoiser(pipe)
     source = {"family": fam.name, "weights": weights, "seed": args.seed, "model_id": model_id,
               "config_path": str(args.config)}
+    if mq.components:  # a pipeline multiquantizer: the whole pipeline folder, each quantized component in --format
+        from ..export.pipeline import export_pipeline
+
+        if args.format == "onnx":
+            raise SensitivityError("a pipeline multiquantizer exports as a pipeline folder: --format packed or sdnq")
+        record = export_pipeline(fam, pipe, mq, config, out, format=args.format, source=source,
+                                 float_dtype=args.float_dtype, overwrite=args.overwrite)
+        print(f"wrote the {fam.name} pipeline to {out} ({args.format} components: "
+              + ", ".join(f"{n} {c['quantized_layers']} layers at {c['avg_bits']:.3f} avg bits"
+                          for n, c in record["components"].items())
+              + f"; {record['bytes_on_disk'] / 2**20:.2f} MiB on disk) in {time.time() - t0:.1f} s")
+        return 0
     example = None
     if args.format == "onnx":
         from ..export.onnx_format import example_inputs

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if args.multiquantizer or args.config:
             raise SensitivityError("--quantized runs an exported model: drop --multiquantizer and --config")
         record = read_record(Path(args.quantized))
-        if record["export_format"] not in ("packed", "sdnq"):
+        if record["export_format"] not in ("packed", "sdnq", "pipeline"):
             raise SensitivityError(f"--quantized {args.quantized}: a {record['export_format']} export cannot run "
                                    "in torch (packed and sdnq can)")
         family = record.get("family")
@@ -173,14 +173,20 @@ def run(args: argparse.Namespace) -> int:
                   f"using {mq.hash[:12]} (its layers and options fit)", file=sys.stderr)
 
     out = check_writable(args.out, "--out", directory=True)
-    pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
+    if record is not None and record["export_format"] == "pipeline":  # every quantized component from the folder
+        from ..export.pipeline import load_quantized_pipeline
+
+        pipe = load_quantized_pipeline(args.quantized, device=device, dtype=dtype, materialize=args.materialize)
+    else:
+        pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
-    check_finite_weights(den, None, f"--weights {weights}")
+    if record is None or record["export_format"] != "pipeline":
+        check_finite_weights(den, None, f"--weights {weights}")
     settings = fam.settings(pipe, **overrides)  # validates the overrides before any work
     t_load = time.time() - t0
 
     applied = {}
-    if record is not None:
+    if record is not None and record["export_format"] != "pipeline":
         from ..export import load_quantized
 
         qden = load_quantized(args.quantized, device=device, dtype=den.dtype, materialize=args.materialize,
