@@ -1,7 +1,9 @@
 """The whole pipeline as one quantized model: multiquantize --components, sample, train, search --target-memory."""
 
+import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ def _run(argv, capsys):
     return out.out
 
 
-def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FAST_TRAIN, metric="fid"):
+def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FAST_TRAIN, metric="fid", size=(),
+                    formats=("packed",)):
     """multiquantize --components all -> sample -> train -> search --target-memory / --target-bits."""
     from sensitivity.evaluation.cache import ConfigCache
     from sensitivity.multiquantizer import load_multiquantizer
@@ -61,20 +64,60 @@ def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FA
     bits = json.loads(_run(["search", "--predictor", pred, "--multiquantizer", mq_path, "--target-bits", target_bits,
                             "--out", tmp_path / "bits.json", "--json"], capsys))
     assert bits["avg_bits"] <= target_bits  # over every quantized layer of every component
+    # export the whole pipeline and generate from it: the same images as the config applied in memory
+    gen = ["--prompt", "a red bus", "--steps", 2, *size, "--no-progress"]
+    for fmt in formats:
+        _run(["export", model, "--weights", weights, "--multiquantizer", mq_path, "--config", cfg_path, "--format", fmt,
+              "--out", tmp_path / f"exp-{fmt}"], capsys)
+        _run(["infer", "--quantized", tmp_path / f"exp-{fmt}", *gen, "--out", tmp_path / f"q-{fmt}"], capsys)
+        run = json.loads((tmp_path / f"q-{fmt}" / "run.json").read_text())
+        assert run["quantized"]["format"] == "pipeline" and run["quantized"]["config_hash"] == run_hash(cfg)
+    _run(["infer", model, "--weights", weights, "--multiquantizer", mq_path, "--config", cfg_path, *gen,
+          "--out", tmp_path / "applied"], capsys)
+    for fmt in formats:
+        assert np.array_equal(_png(tmp_path / f"q-{fmt}" / "00000.png"), _png(tmp_path / "applied" / "00000.png"))
     return mq, cfg
+
+
+def run_hash(cfg):
+    from sensitivity.config import config_hash
+
+    return config_hash(cfg["options"])
+
+
+def _png(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
 
 
 def test_digits_sd_pipeline_end_to_end(tmp_path, capsys):
     mq, cfg = _pipeline_chain("digits-sd", "shipped", tmp_path, capsys, ["--num-images", 20])
     assert set(mq.components) == {"text_encoder", "denoiser", "vae_decoder"}
+    if importlib.util.find_spec("sdnq") is None:
+        pytest.skip("the sdnq pipeline export needs the sdnq extra")
+    # sdnq: the CLIP text encoder through transformers, UNet and VAE through diffusers. SDNQ cannot carry
+    # split layers (the up-block shortcuts), so they stay fp16 here
+    from sensitivity.config import QuantConfig
+
+    cfg_path = tmp_path / "nosplit.json"
+    QuantConfig({k: v for k, v in cfg["options"].items() if "#" not in k}).save(cfg_path)
+    gen = ["--prompt", "a handwritten seven", "--steps", 2, "--no-progress"]
+    _run(["export", "digits-sd", "--weights", "shipped", "--multiquantizer", tmp_path / "mq.safetensors", "--config",
+          cfg_path, "--format", "sdnq", "--out", tmp_path / "exp-sdnq"], capsys)
+    _run(["infer", "--quantized", tmp_path / "exp-sdnq", *gen, "--out", tmp_path / "q-sdnq"], capsys)
+    _run(["infer", "digits-sd", "--weights", "shipped", "--multiquantizer", tmp_path / "mq.safetensors", "--config",
+          cfg_path, *gen, "--out", tmp_path / "a-sdnq"], capsys)
+    assert np.array_equal(_png(tmp_path / "q-sdnq" / "00000.png"), _png(tmp_path / "a-sdnq" / "00000.png"))
 
 
 @pytest.mark.parametrize("model", ["sd15", "pixart-alpha"])
 def test_tiny_pipeline_end_to_end(model, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red bus\na cat\n")
-    _pipeline_chain(model, "tiny", tmp_path, capsys, ["--prompts", prompts, "--num-images", 2, "--height", 32,
-                                                       "--width", 32], metric="psnr")
+    size = ["--height", 32, "--width", 32]
+    _pipeline_chain(model, "tiny", tmp_path, capsys, ["--prompts", prompts, "--num-images", 2, *size],
+                    metric="psnr", size=size)
 
 
 def test_one_component_in_memory_at_a_time():

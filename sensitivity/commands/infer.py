@@ -197,8 +197,13 @@ def run(args: argparse.Namespace) -> int:
         t_load = time.time() - t0
     if mq is not None:
         from ..multiquantizer import apply
+        from ..pipeline_quant import quantization_root
 
-        mq.check_model(den)
+        root = quantization_root(fam, pipe, mq)  # every component for a pipeline multiquantizer
+        if calibrated is not None and root is not den:
+            raise SensitivityError(f"--config {args.config}: a calibrated config is of the denoiser, not of the "
+                                   "pipeline multiquantizer's components")
+        mq.check_model(root)
         if calibrated is not None:
             from ..calibration.artifact import apply_calibrated
 
@@ -206,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             applied = dict(config.options)
             act = info["activations"]
         elif config is not None:
-            applied = apply(den, mq, config)
+            applied = apply(root, mq, config)
     if calibrated is None:
         act = None
     if args.act_bits:

@@ -70,11 +70,16 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
                           "in_slice": list(part.in_slice) if part.in_slice else None, "params": list(part.params)})
         modules.append({"module": mp.module_path, "kind": mp.kind, "weight_shape": list(mp.weight_shape),
                         "tied": list(mp.tied), "parts": parts})
+    shared = set()
     for key, value in den.state_dict().items():
         module_path, _, leaf = key.rpartition(".")
         if leaf == "weight" and module_path in quantized_paths:
             continue
-        tensors[key] = _float(value, float_dtype)
+        t = _float(value, float_dtype)
+        if t.data_ptr() in shared:  # a tied tensor (T5's shared / embed_tokens): safetensors stores copies
+            t = t.clone()
+        shared.add(t.data_ptr())
+        tensors[key] = t
     record = dict(plan.meta)
     stored_dtype = float_dtype or den.dtype
     record.update({

@@ -66,8 +66,12 @@ def export_pipeline(family, pipe, mq, config, out: str | os.PathLike, format: st
     if format == "sdnq":
         from .sdnq_format import check_sdnq_plan
 
-        for plan in plans.values():
+        for name, plan in plans.items():
             check_sdnq_plan(plan)
+            cls = type(getattr(root, name)).__name__
+            if "T5" in cls:  # measured with sdnq 0.2.8: the reloaded T5 layers dequantize to uint8 and fail
+                raise SensitivityError(f"component {name} ({cls}): an SDNQ T5 encoder does not run after reloading; "
+                                       "export the pipeline with --format packed")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         pipe.save_pretrained(str(tmp))
         components: Dict[str, Any] = {}
