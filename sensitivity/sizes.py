@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import SensitivityError
 from .options import FP16, OPTION_NAMES, QuantOption, canonical
+from .registry import Registry
 
 MISSING = -1  # nbytes of a (layer, option) the table does not hold
 
@@ -350,30 +351,27 @@ class SizeTable:
 
 
 # ---- bytes in memory (``--target-memory``) -------------------------------------------------------
-#: ``fn(layer, option, stored_bytes, fp16_bytes) -> bytes`` the run-time holds for one layer's weight
-MemoryModel = Any
-_MEMORY_MODELS: Dict[str, MemoryModel] = {}
+#: how a run-time policy holds a layer's weight: ``fn(layer, option, stored_bytes, fp16_bytes) -> bytes``
+#: (``option`` may be ``fp16``); ``stored`` (the default) keeps the stored bytes: packed kernels read the codes
+#: as stored. A policy that dequantizes a layer once returns its fp16 bytes for it.
+MEMORY_MODELS: Registry = Registry("memory model", replace=True)
 DEFAULT_MEMORY_MODEL = "stored"
 
 
-def register_memory_model(name: str, fn: MemoryModel, replace: bool = False) -> None:
-    """Register how a run-time policy holds weights in memory: ``fn(layer, option, stored_bytes, fp16_bytes)
-    -> bytes`` (``option`` may be ``fp16``). ``stored`` (the default) keeps the stored bytes: packed
-    kernels read the codes as stored. A policy that dequantizes a layer once returns its fp16 bytes."""
-    if name in _MEMORY_MODELS and not replace:
+def register_memory_model(name: str, fn: Any, replace: bool = False) -> Any:
+    """Register memory model ``name`` (see :data:`MEMORY_MODELS`); the run-time policies of
+    :mod:`sensitivity.export` register theirs, ``search --target-memory --memory-model NAME`` uses them."""
+    if name in MEMORY_MODELS.names() and not replace:
         raise SensitivityError(f"memory model {name!r} is already registered")
-    _MEMORY_MODELS[name] = fn
+    return MEMORY_MODELS.register(name, fn)
 
 
 def memory_model_names() -> List[str]:
-    return list(_MEMORY_MODELS)
+    return list(MEMORY_MODELS.names())
 
 
-def memory_model(name: str) -> MemoryModel:
-    try:
-        return _MEMORY_MODELS[name]
-    except KeyError:
-        raise SensitivityError(f"unknown memory model {name!r}; known: {', '.join(_MEMORY_MODELS)}") from None
+def memory_model(name: str) -> Any:
+    return MEMORY_MODELS.get(name)
 
 
 def stored_bytes(layer: str, option: str, stored: int, fp16_bytes: int) -> int:
