@@ -45,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] + " Writes everything under --out; rerunning resumes.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--model", default="digits-dit", choices=DIGITS_MODELS, help="embedded model (default digits-dit)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="quantize these pipeline components together (multiquantize --components: text_encoder, "
+                   "denoiser, vae_decoder or 'all'; digits-sd) and search them under one budget (default: the denoiser)")
+    p.add_argument("--options", nargs="+", default=None, metavar="OPTION",
+                   help="options of the multiquantizer (default: the six of the reference)")
     p.add_argument("--quick", action="store_true",
                    help=f"small run: {QUICK['num_configs']} configs x {10 * QUICK['images_per_class']} images "
                         f"(default {FULL['num_configs']} x {10 * FULL['images_per_class']})")
@@ -146,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. multiquantizer ------------------------------------------------------------------------
     cmd = ["multiquantize", model, "--weights", weights, "--out", str(mq_path)]
-    _step(1, N, f"multiquantizer of {model}: 6 options per layer", "sensitivity " + " ".join(cmd))
+    cmd += ["--components", args.components] if args.components else []
+    cmd += ["--options", *args.options] if args.options else []
+    what = f"{model} ({args.components})" if args.components else model
+    _step(1, N, f"multiquantizer of {what}: {len(args.options) if args.options else 6} options per layer",
+          "sensitivity " + " ".join(cmd))
     if cli.main(cmd) != 0:
         raise SensitivityError("demo: the multiquantizer build failed (see above)")
 
@@ -178,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
     _step(2, N, f"evaluate a few configs ({protocol.num_images} images each, {protocol.steps} steps, "
                 f"guidance {protocol.guidance:g})",
           f"sensitivity evaluate {model} --multiquantizer {mq_path} --config CONFIG.json --images-per-class {per_class}")
-    few = {"fp16": None, "uaq-4": {n: "uaq-4" for n in layers}, "kmeans_a-3": {n: "kmeans_a-3" for n in layers},
-           f"random-{args.seed}-0": sample_config(layers, args.seed, 0)}
+    few = {"fp16": None, **{o: {n: o for n in layers} for o in dict.fromkeys(
+        [o if o in mq.options else mq.options[k] for o, k in (("uaq-4", 0), ("kmeans_a-3", -1))])},
+           f"random-{args.seed}-0": sample_config(layers, args.seed, 0, options=mq.options)}
     results = []
     for name, cfg in few.items():
         r = measure(cfg, name, grid=True)
