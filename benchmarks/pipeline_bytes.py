@@ -9,8 +9,8 @@ weights there is no quality predictor, so that config is solved with the ``bits`
 scores its option's bits: the most bits that fit); it shows where a whole-pipeline budget lands per
 component, not which layers are sensitive.
 
-    PYTHONPATH=. python benchmarks/pipeline_bytes.py --out benchmarks/results/pipeline_bytes.json
-    PYTHONPATH=. python benchmarks/pipeline_bytes.py --table benchmarks/results/pipeline_bytes.json   # markdown
+    PYTHONPATH=. python benchmarks/pipeline_bytes.py --out docs/results/pipeline_bytes.json
+    PYTHONPATH=. python benchmarks/pipeline_bytes.py --table docs/results/pipeline_bytes.json   # markdown
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--target-memory", default="mid", help="a size (4.5GB) or 'mid' (per model, see above)")
-    ap.add_argument("--out", default="benchmarks/results/pipeline_bytes.json")
+    ap.add_argument("--out", default="docs/results/pipeline_bytes.json")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown table of a result file and exit")
     args = ap.parse_args(argv)
     if args.table:
