@@ -22,7 +22,7 @@ def _run(argv, capsys):
 
 
 def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FAST_TRAIN, metric="fid", size=(),
-                    formats=("packed",)):
+                    formats=("packed",), compare=False):
     """multiquantize --components all -> sample -> train -> search --target-memory / --target-bits."""
     from sensitivity.evaluation.cache import ConfigCache
     from sensitivity.multiquantizer import load_multiquantizer
@@ -72,6 +72,8 @@ def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FA
         _run(["infer", "--quantized", tmp_path / f"exp-{fmt}", *gen, "--out", tmp_path / f"q-{fmt}"], capsys)
         run = json.loads((tmp_path / f"q-{fmt}" / "run.json").read_text())
         assert run["quantized"]["format"] == "pipeline" and run["quantized"]["config_hash"] == run_hash(cfg)
+    if not compare:
+        return mq, cfg
     _run(["infer", model, "--weights", weights, "--multiquantizer", mq_path, "--config", cfg_path, *gen,
           "--out", tmp_path / "applied"], capsys)
     for fmt in formats:
@@ -92,7 +94,7 @@ def _png(path):
 
 
 def test_digits_sd_pipeline_end_to_end(tmp_path, capsys):
-    mq, cfg = _pipeline_chain("digits-sd", "shipped", tmp_path, capsys, ["--num-images", 20])
+    mq, cfg = _pipeline_chain("digits-sd", "shipped", tmp_path, capsys, ["--num-images", 20], compare=True)
     assert set(mq.components) == {"text_encoder", "denoiser", "vae_decoder"}
     if importlib.util.find_spec("sdnq") is None:
         pytest.skip("the sdnq pipeline export needs the sdnq extra")
