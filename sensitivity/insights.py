@@ -21,7 +21,7 @@ layer name                                                block       op_type   
 
 Tables (documented columns; extra columns may follow):
 
-* :func:`layer_table`  — ``layer, block, block_rank, op_type, op_group`` (+ ``numel, fp16_bytes``).
+* :func:`layer_table`  — ``layer, block, block_rank, op_type, op_group, component`` (+ ``numel, fp16_bytes``).
 * :func:`score_table`  — per (layer, option) predictor score: ``layer, option, method, bits, score,
   block, block_rank, op_type, op_group``.
 * :func:`module_score_table` — per scored module combination: ``module, block, block_rank, op_type,
@@ -56,7 +56,7 @@ from .options import OPTION_NAMES, QuantOption, canonical
 from .sizes import SizeTable
 from .zoo.naming import DIFFUSERS_NAMING, LayerInfo  # noqa: F401 - LayerInfo re-exported
 
-LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group")
+LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group", "component")
 SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group", "component")
 MODULE_SCORE_COLUMNS = ("module", "block", "block_rank", "op_type", "combination", "mean_bits", "score")
 CONFIG_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group", "option", "method", "bits", "nbytes",
