@@ -52,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
     fam, weights, device, dtype = model_from_args(args)
     if args.act_bits is not None:
         _check_bits(args.act_bits)
-    if not 0.0 <= args.held_out < 1.0:
-        raise SensitivityError(f"--held-out must be in [0, 1), got {args.held_out}")
     if args.weights_method == "none" and args.act_bits is None:
         raise SensitivityError("nothing to calibrate: --weights-method none needs --act-bits")
     if not Path(args.multiquantizer).is_file():

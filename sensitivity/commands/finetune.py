@@ -129,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
         config, source = calibrated.config, args.calibrated
     else:
         raise SensitivityError("give --config X.json (or --calibrated DIR)")
-    if config.model and str(config.model).split(":", 1)[0] != fam.name:
-        raise SensitivityError(f"{source} is a config of {config.model}, not of model {fam.name!r}")
+    config.check_model(mq.model_id or fam.model_id(weights), str(source))
     try:
         mq.validate(config.options)
     except SensitivityError as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -495,10 +494,10 @@ def reference_folder_features(ref_dir: Union[str, Path], cache_dir: Union[str, P
         with np.load(path) as z:
             return z["features"]
     feats = ext.folder_features(ref, verbose=verbose).astype(np.float32)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats, fingerprint=fingerprint, extractor=ext.name, n=n)
-    os.replace(tmp, path)
+    from ..io import atomic_path
+
+    with atomic_path(path, "FID reference features") as tmp:
+        np.savez(tmp, features=feats, fingerprint=fingerprint, extractor=ext.name, n=n)
     return feats
 
 

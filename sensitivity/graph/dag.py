@@ -246,12 +246,9 @@ class DenoiserGraph:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the graph as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        os.replace(tmp, path)
-        return path
+        from ..io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), separators=(",", ":")), "graph")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DenoiserGraph":

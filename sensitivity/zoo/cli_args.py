@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any, Dict, Tuple
 
-from ..checks import at_least, check_device, finite
+from ..checks import check_device, check_values, constraint_for
 from ..errors import SensitivityError
 
 WEIGHTS_HELP = ("hub id or local diffusers folder (default: the model's official weights), 'random' (official "
@@ -89,14 +89,16 @@ def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
 
 
 def check_generation_arguments(args: argparse.Namespace) -> None:
-    """Numbers at the door: steps, height, width, batch size >= 1; guidance finite (unset ones pass)."""
-    for key in ("steps", "height", "width", "batch_size"):
-        at_least(f"--{key.replace('_', '-')}", getattr(args, key, None), 1)
-    finite("--guidance", getattr(args, "guidance", None))
+    """Numbers at the door: steps, guidance, height, width, batch size (``checks.CONSTRAINTS``; unset ones pass)."""
+    from .base import NUMERIC_SETTINGS
+
+    check_values(**{key: getattr(args, key, None) for key in NUMERIC_SETTINGS})
 
 
 def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """Settings given on the command line (unset ones are left out)."""
+    from .base import NUMERIC_SETTINGS
+
     check_generation_arguments(args)
     out: Dict[str, Any] = {}
     for key in ("steps", "guidance", "height", "width", "scheduler", "batch_size"):
@@ -107,11 +109,16 @@ def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         if "=" not in item:
             raise SensitivityError(f"--set {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[key.strip()] = value
+        if key in out and out[key] != value:
+            raise SensitivityError(f"--set {item!r} and --{key.replace('_', '-')} {out[key]} disagree: give one")
+        if key in NUMERIC_SETTINGS:
+            constraint_for(key).check(f"--set {key}", value)
+        out[key] = value
     from ..captions import check_clean_caption
 
     check_clean_caption(out)  # an explicit clean_caption=true without bs4/ftfy: refused here
