@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sensitivity.evaluation.digits_classifier import (  # noqa: E402
     CLASSIFIER_PATH,
     DigitsClassifier,
-    load_classifier,
     save_classifier,
     to_input,
 )

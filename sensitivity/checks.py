@@ -72,7 +72,7 @@ CONSTRAINTS: Dict[str, Constraint] = {
     # model, generation, images
     "seed": _SEED, "seed_base": _SEED, "image_seed": _SEED, "data_seed": _SEED, "calib_seed": _SEED,
     "steps": _COUNT, "sample_steps": _COUNT, "guidance": _ANY, "height": _COUNT, "width": _COUNT,
-    "batch_size": _COUNT, "class_id": _NONNEG, "n_images": _COUNT, "num_images": _COUNT,
+    "batch_size": _COUNT, "class_id": _NONNEG, "n_images": _COUNT, "num_images": Constraint(min=2),  # FID needs two images
     "images_per_class": _COUNT, "check_images_per_class": _COUNT, "images_per_prompt": _COUNT,
     "act_bits": Constraint(min=2, max=16), "kid_subsets": _COUNT,
     # jobs

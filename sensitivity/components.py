@@ -110,17 +110,24 @@ def pipeline_components(family, pipe) -> Dict[str, Component]:
 
 
 def parse_component_configs(components: Mapping[str, Component], option: Optional[str] = None,
-                            options: Mapping[str, str] = (), configs: Mapping[str, Union[str, os.PathLike]] = ()
-                            ) -> Dict[str, Dict[str, str]]:
+                            options: Mapping[str, str] = (), configs: Mapping[str, Union[str, os.PathLike]] = (),
+                            only: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, str]]:
     """``{component: {layer: option}}`` from one ``option`` for every component, per-component
     ``options`` overrides and per-component config files (``configs``, QuantConfig JSON over the
-    component's layer names). Raises :class:`SensitivityError` naming the component / option / file."""
+    component's layer names); ``only``: the components to report (default all), the others need
+    no option. Raises :class:`SensitivityError` naming the component / option / file."""
     options, configs = dict(options), dict(configs)
-    for name in list(options) + list(configs):
+    for name in list(options) + list(configs) + list(only or []):
         if name not in components:
             raise SensitivityError(f"unknown component {name!r}; this pipeline has {', '.join(components)}")
+    wanted = list(dict.fromkeys(only)) if only else list(components)
+    for name in list(options) + list(configs):
+        if name not in wanted:
+            raise SensitivityError(f"component {name!r} has an option or config but is not among the "
+                                   f"components reported ({', '.join(wanted)})")
     out: Dict[str, Dict[str, str]] = {}
-    for name, comp in components.items():
+    for name in wanted:
+        comp = components[name]
         if name in configs:
             path = Path(configs[name])
             if not path.is_file():

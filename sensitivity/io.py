@@ -212,12 +212,6 @@ def atomic_write_json(path: PathLike, obj: Any, what: str = "output", indent: Op
     return atomic_write_text(path, json.dumps(obj, indent=indent, **kw) + "\n", what)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
-    with atomic_path(path, what) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 @contextlib.contextmanager
 def atomic_dir(path: PathLike, what: str = "output folder", replace: bool = False,
                overwrite: bool = True) -> Iterator[Path]:

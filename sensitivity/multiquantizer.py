@@ -269,10 +269,6 @@ class Multiquantizer:
             for o in opts:
                 self._load(name, o)
 
-    def clear_cache(self) -> None:
-        self._codes.clear()
-        self._params.clear()
-
     # ---- checks ----------------------------------------------------------------------------------
     def check_model(self, module: nn.Module, check_weights: bool = True) -> None:
         """Raise MultiquantizerMismatchError if ``module`` is not the model this file was built for."""

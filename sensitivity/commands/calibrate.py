@@ -45,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.pipeline import calibrate
     from ..config import QuantConfig
     from ..errors import SensitivityError
+    from ..io import check_writable
     from ..multiquantizer import load_multiquantizer
     from ..quantizers.activation import _check_bits
     from ..zoo.cli_args import model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
+    check_writable(args.out, "--out", directory=True)
     if args.act_bits is not None:
         _check_bits(args.act_bits)
     if args.weights_method == "none" and args.act_bits is None:
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                f"not for model {fam.name!r}")
     cfg = QuantConfig.load(args.config)
+    cfg.check_model(mq.model_id, str(args.config))
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:

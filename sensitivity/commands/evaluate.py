@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise SensitivityError(f"{args.config}: chosen for A{cfg.act_bits}, but --act-bits {args.act_bits}")
         args.act_bits = cfg.act_bits
     fam, weights, factory, protocol, mq = protocol_from_args(args)
+    cfg.check_model(mq.model_id, str(source))
     if ft is not None:
         if ft.base_multiquantizer_hash != mq.hash:
             raise SensitivityError(f"--finetuned {args.finetuned} was made from multiquantizer "

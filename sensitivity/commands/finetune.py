@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
     from ..finetune import DigitsData, FinetuneSettings, ImageFolderData, TeacherSamplesData, finetune
     from ..finetune.data import DIGITS_FAMILIES, read_imagefolder
+    from ..io import check_writable
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, amp=None if amp == "off" else amp)
 
     # every file is checked before the model is loaded or anything is written
+    check_writable(args.out, "--out", directory=True)
     if args.data:
         read_imagefolder(args.data)
     prompts = _read_prompts(args.prompts) if args.prompts else None

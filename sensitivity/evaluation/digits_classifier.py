@@ -10,7 +10,6 @@ the per-class accuracy metric.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -94,12 +93,3 @@ def load_classifier(path: Union[str, Path, None] = None, device="cpu") -> Tuple[
     model.load_state_dict(load_file(str(path)))
     return model.eval().to(device), meta
 
-
-@lru_cache(maxsize=4)
-def _shipped(device: str) -> DigitsClassifier:
-    return load_classifier(None, device)[0]
-
-
-def shipped_classifier(device="cpu") -> DigitsClassifier:
-    """The shipped classifier on ``device`` (loaded once per device and process)."""
-    return _shipped(str(torch.device(device)))

@@ -436,15 +436,6 @@ def inception_name(path: Union[str, Path]) -> str:
     return f"torchscript:{_digest_cached(str(Path(path).resolve()))[:12]}"
 
 
-def require_cleanfid():
-    """``cleanfid.fid`` (needs torchvision), or a :class:`SensitivityError` saying how to install it."""
-    mod = _cleanfid_fid_module()
-    if mod is None:
-        raise SensitivityError("clean-fid with torchvision is needed for cleanfid.fid: "
-                               "pip install 'sensitivity[cleanfid]'")
-    return mod
-
-
 def image_files(folder: Path) -> list:
     """The image files under ``folder`` (recursive; clean-fid's extensions), sorted by relative path."""
     return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS),

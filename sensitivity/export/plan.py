@@ -9,6 +9,7 @@ id, multiquantizer hash, config hash, average bits). Every format writes from a 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -60,6 +61,13 @@ def digest(tensor: torch.Tensor) -> str:
     t = tensor.detach().cpu().contiguous()
     raw = t.reshape(-1).view(torch.uint8)
     return hashlib.blake2b(np.asarray(raw.numpy()).tobytes(), digest_size=16).hexdigest()
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """blake2b of a ``config.json``'s content (canonical JSON, ``_diffusers_version`` aside): the record
+    keeps it, so an architecture setting edited after the export is refused at load, like a tensor."""
+    body = {k: v for k, v in config.items() if k != "_diffusers_version"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]", format: str,

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..checks import check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, check_writable
 from ..options import FP16
 from .artifact import RECORD_FILE, WEIGHTS_FILE, write_artifact
 from .data import Batch, model_output
@@ -204,7 +204,7 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
     if st.denoise_weight > 0 and getattr(data, "kind", "") == "prompts":
         raise SensitivityError("--denoise-weight needs data with targets (digits or an imagefolder), "
                                "not prompts alone")
-    out = Path(out)
+    out = check_writable(out, "--out", directory=True)
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     identity = {"model_id": model_id, "multiquantizer": mq.hash, "config": cfg.config_hash,
                 "start": None if start is None else sorted((k, v.option) for k, v in start.items()),

@@ -109,11 +109,6 @@ class Predictor:
         """Predicted target ``y`` of each config ``{layer: option}`` (absent layers fp16): ``[n]``, higher = better."""
         return self.predict_codes(self.encode(configs))
 
-    def predict_quality(self, configs: Sequence[Mapping[str, str]]) -> np.ndarray:
-        """Predicted ``sign·metric`` (e.g. −FID) = ``predict + λ·avg_bits``."""
-        codes = self.encode(configs)
-        return self.target.quality(self.predict_codes(codes), self.table.avg_bits(codes))
-
     # ---- scores --------------------------------------------------------------------------------
     def _check_mq(self, mq: Any) -> None:
         if mq is None:
