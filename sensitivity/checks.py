@@ -3,9 +3,7 @@
 ```python
 check_values(steps=50, guidance=7.5)                 # by name, against CONSTRAINTS (the one table)
 check_arguments(parser, args, "sample")              # every int/float option of a parsed subcommand
-finite("--guidance", args.guidance)                  # NaN / Inf -> SensitivityError
-at_least("--steps", args.steps, 1)                   # None passes (unset), 0 fails
-in_range("--target-bits", 17, 1.0, 16.0, why="...")  # finite and lo <= value <= hi
+finite("--guidance", args.guidance)                  # NaN / Inf -> SensitivityError (None passes: unset)
 check_device("cuda")                                 # 'cuda' without CUDA -> one line, before loading
 check_finite_weights(denoiser, layers, "weights folder x/")   # NaN / Inf weights name the layer
 ```
@@ -149,26 +147,6 @@ def finite(name: str, value: Optional[float]) -> Optional[float]:
         raise SensitivityError(f"{name} must be a number, got {value!r}") from None
     if not ok:
         raise SensitivityError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def at_least(name: str, value: Optional[float], low: float) -> Optional[float]:
-    """``value`` unless it is below ``low`` or not finite (``None`` passes)."""
-    if value is None:
-        return None
-    finite(name, value)
-    if value < low:
-        raise SensitivityError(f"{name} must be >= {low:g}, got {value}")
-    return value
-
-
-def in_range(name: str, value: Optional[float], low: float, high: float, why: str = "") -> Optional[float]:
-    """``value`` unless it is outside ``[low, high]`` or not finite (``None`` passes)."""
-    if value is None:
-        return None
-    finite(name, value)
-    if not low <= value <= high:
-        raise SensitivityError(f"{name} {value:g} is outside {low:g}..{high:g}" + (f" ({why})" if why else ""))
     return value
 
 
