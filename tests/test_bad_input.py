@@ -643,7 +643,7 @@ def test_set_steps_evaluates(w, capsys, tmp_path):
     """Case 5 end to end: a valid ``--set steps=2 --set guidance=2`` evaluation succeeds with those settings."""
     cache = tmp_path / "e.sqlite"
     rc = main([str(a) for a in _evaluate(w, "--set", "steps=2", "--set", "guidance=2.0", "--cache", cache,
-                                         "--images-per-class", "1", "--json")])
+                                         "--class-ids", "0-1", "--json")])
     out = capsys.readouterr().out
     assert rc == 0, out
     from sensitivity.evaluation.cache import ConfigCache
