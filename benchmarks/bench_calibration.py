@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -105,7 +104,6 @@ def main(argv=None) -> int:
             build_multiquantizer(den, mq_path, fam.find_layers(den), model_id=fam.model_id(None), options=OPTIONS)
         mq = load_multiquantizer(mq_path)
         cs_path = out / f"{model}-calib.safetensors"
-        t = time.perf_counter()
         if not cs_path.exists():
             make_calibration_set(fam, pipe, cs_path, kind="timestep_aware", num=args.num, seed=0)
         cs = load_calibration_set(cs_path)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig, as_options
 from .errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
+from .io import atomic_path, resume_parts
 from .threads import threads_for, using_threads
 from .layers import LayerSpec, architecture_hash, check_ties, find_layers, layer_weight, weights_hash
 from .options import FP16, OPTION_NAMES, QuantOption
@@ -273,10 +274,6 @@ class Multiquantizer:
             for o in opts:
                 self._load(name, o)
 
-    def clear_cache(self) -> None:
-        self._codes.clear()
-        self._params.clear()
-
     # ---- checks ----------------------------------------------------------------------------------
     def check_model(self, module: nn.Module, check_weights: bool = True) -> None:
         """Raise MultiquantizerMismatchError if ``module`` is not the model this file was built for."""
@@ -400,26 +397,8 @@ def build_multiquantizer(
                 "methods": {QuantOption.parse(o).method: st for o, st in option_set.items()}}
     plan = {"format": FORMAT, "architecture_hash": arch, "weights_hash": whash}
 
-    parts = out.with_name(out.name + ".parts")
-    plan_file = parts / "plan.json"
-    if parts.exists():
-        try:
-            old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-        except (ValueError, OSError):
-            old = None
-        same_model = isinstance(old, dict) and all(old.get(k) == v for k, v in plan.items())
-        if resume and old is not None and not same_model:
-            raise SensitivityError(
-                f"{parts} holds an unfinished build for another model (architecture or weights differ); "
-                "delete it or rebuild with --restart"
-            )
-        if not resume or not same_model:
-            shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not plan_file.exists():
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+    parts = resume_parts(out, plan, restart=not resume, mismatch="holds an unfinished build for another model "
+                         "(architecture or weights differ); delete it or rebuild with --restart")
 
     layer_stats: List[Dict[str, Any]] = []
     seconds = 0.0  # quantization seconds, summed over resumed runs
@@ -469,11 +448,10 @@ def build_multiquantizer(
                     by_opt[o].append((name, reader.get(name)))
         tensors = [t for o in options for t in by_opt[o]]
         stats = {o: (kept[o] if o in kept else new_stats[o]) for o in options}
-        tmp = part.with_suffix(".tmp")
         meta = {"layer": json.dumps(spec.to_dict()), "stats": json.dumps(stats), "seconds": repr(dt + prev_seconds),
                 "settings": json.dumps(option_set)}
-        _write_safetensors(tmp, tensors, meta)
-        os.replace(tmp, part)
+        with atomic_path(part, "multiquantizer part") as tmp:
+            _write_safetensors(tmp, tensors, meta)
         layer_stats.append(stats)
         bar.set_postfix_str(spec.name[-40:])
     bar.close()
@@ -509,10 +487,8 @@ def build_multiquantizer(
     manifest["quantize_seconds"] = round(seconds, 3)
     # wall seconds of this run (hashing + quantizing, before the final streaming copy) + resumed parts
     manifest["build_seconds"] = round(resumed_seconds + time.perf_counter() - t0, 3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    _write_safetensors(tmp, tensors, {MANIFEST_KEY: json.dumps(manifest)})
-    os.replace(tmp, out)
+    with atomic_path(out, "multiquantizer") as tmp:
+        _write_safetensors(tmp, tensors, {MANIFEST_KEY: json.dumps(manifest)})
     shutil.rmtree(parts, ignore_errors=True)
     return load_multiquantizer(out)
 

@@ -218,11 +218,6 @@ class SizeTable:
         for i, j in self.rows:
             yield self.layers[i], self.options[j], int(self.nbytes[i, j])
 
-    def layer_options(self, layer: str) -> List[str]:
-        """The options the table holds for ``layer``."""
-        i = self._layer(layer)
-        return [self.options[j] for ii, j in self.rows if ii == i]
-
     def _layer(self, layer: str) -> int:
         i = self.index.get(layer)
         if i is None:

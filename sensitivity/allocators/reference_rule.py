@@ -12,7 +12,7 @@ the budget as a constraint, which is what this baseline shows the value of.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..layers import LayerSpec, layer_weight
@@ -229,6 +230,8 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
     from ..multiquantizer import apply, restore
 
     t0 = time.perf_counter()
+    check_values(percentile=percentile, held_out=held_out, seed=seed, batch_size=batch_size,
+                 adaround_iters=adaround_iters)
     if act_bits is not None:
         act_bits = _check_bits(act_bits)
     if observer not in OBSERVERS:
@@ -241,6 +244,8 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
         raise SensitivityError("nothing to calibrate: --weights-method none and no --act-bits")
     if len(data) == 0:
         raise SensitivityError(f"{data.path or 'calibration set'}: the calibration set is empty")
+    if isinstance(config, QuantConfig):
+        config.check_model(mq.model_id)
     options = as_options(config)
     mq.validate(options)
     if not options:

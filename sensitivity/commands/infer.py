@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if str(mq.model_id).split(":", 1)[0] != fam.name:
             raise SensitivityError(f"--finetuned {args.finetuned} was made for {mq.model_id}, not for model {fam.name!r}")
         config = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else mq.config
+        config.check_model(mq.model_id, str(args.config or args.finetuned))
         mq.validate(config.options)
     elif args.config and not args.multiquantizer:
         raise SensitivityError("--config needs --multiquantizer (the quantized weights come from it)")
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         if calibrated is not None and args.act_bits:
             raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
                                    "drop --act-bits")
+        config.check_model(mq.model_id, str(args.config))
         try:
             mq.validate(config.options)
         except SensitivityError as exc:

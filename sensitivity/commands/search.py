@@ -202,7 +202,7 @@ def _write_csv(df, path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import finite
+    from ..checks import constraint_for
     from ..errors import SensitivityError
     from ..io import atomic_dir, check_writable
     from ..evaluation.cache import read_records
@@ -251,9 +251,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline != "uniform" and args.target_memory is None:
         name = f"--sweep {args.sweep}: target" if args.sweep else "--target-bits"
         for t in targets:
-            finite(name, t)
-            if t > 16:
-                raise SensitivityError(f"{name} {t:g} is above 16 bits (full precision); {span}")
+            constraint_for("target_bits").check(name, t)
         if not args.sweep and args.target_bits > _ceil4(hi):
             raise SensitivityError(f"--target-bits {args.target_bits:g} is above {hi:.4f}, every layer at its "
                                    f"largest option; {span}")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
-from ..checks import check_finite_weights
+from ..checks import check_finite_weights, check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
@@ -128,6 +128,18 @@ class EvalProtocol:
         statically with the ranges of a calibration set (``act_calibration``: its identity).
         ``clip_model`` / ``lpips_net``: identities from :mod:`.extra_metrics` add ``clip_score`` / ``lpips``.
         """
+        extra = dict(extra or {})
+        given = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "height": height, "width": width}
+        for key in [k for k in extra if k in given]:  # a setting given as an extra one (--set steps=20) is that setting
+            if given[key] is not None and given[key] != extra[key]:
+                raise SensitivityError(f"{key} given twice: {given[key]!r} and {extra[key]!r} (--set {key}=...)")
+            given[key] = extra.pop(key)
+        for key in ("batch_size", "scheduler_kwargs"):
+            if key in extra:
+                raise SensitivityError(f"setting {key!r} is not part of an evaluation protocol"
+                                       + (" (use --batch-size: it does not change the images)" if key == "batch_size" else ""))
+        steps, guidance, scheduler, height, width = (given[k] for k in ("steps", "guidance", "scheduler", "height", "width"))
+        check_values(steps=steps, guidance=guidance, height=height, width=width, seed=seed, kid_subsets=kid_subsets)
         fam = get_family(family)
         if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
             conditions = fam.default_conditions(int(n_per_class))
@@ -165,7 +177,7 @@ class EvalProtocol:
                    scheduler=scheduler if scheduler is not None else d.scheduler, dtype=dt,
                    multiquantizer_hash=multiquantizer_hash, feature_net=feature_net, reference=reference,
                    metrics=wanted, kid_subsets=int(kid_subsets), act_bits=act_bits,
-                   act_calibration=act_calibration, height=height, width=width, extra=tuple((extra or {}).items()),
+                   act_calibration=act_calibration, height=height, width=width, extra=tuple(extra.items()),
                    clip_model=clip_model, lpips_net=lpips_net)
 
     @property

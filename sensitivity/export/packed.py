@@ -31,7 +31,7 @@ from ..options import FP16, QuantOption
 from ..quantizers.packing import pack_codes
 from .modules import PartSpec, materialize, pack_module
 from .methods import EXPORT_FORMATS
-from .plan import EXPORT_FILE, ExportPlan, digest
+from .plan import EXPORT_FILE, ExportPlan, config_digest, digest
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -132,6 +132,9 @@ def model_class(record: Dict[str, Any], folder: Path, expect: Optional[str] = No
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if "config_digest" in record and config_digest(config) != record["config_digest"]:
+        raise CorruptFileError(f"{cfg_path}: modified since the export (its digest differs from {EXPORT_FILE}'s); "
+                               "export again")
     if record.get("library") == "transformers":
         import transformers
 

@@ -101,6 +101,9 @@ def train(
     prebuilt :class:`~sensitivity.graph.DenoiserGraph` instead. Returns the report (also in
     ``out/report.json``).
     """
+    from ..checks import check_values
+
+    check_values(folds=folds, seed=seed, lam=lam, max_module_configs=max_module_configs)
     t0 = time.perf_counter()
     data = load_cache(cache)
     fam = model or data.family

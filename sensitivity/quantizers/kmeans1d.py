@@ -69,6 +69,27 @@ def row_cuts(k: int) -> int:
 # numba kernels
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
+def centered_prefix_sums(x, p1, p2):  # pragma: no cover - compiled
+    """Prefix sums of a row minus its mean, for exact run sums without cancellation.
+
+    ``x`` [n] (float32 or float64); fills float64 ``p1``/``p2`` [n+1] with ``sum(x[:i] - shift)`` and
+    ``sum((x[:i] - shift)**2)``; returns ``shift`` (the mean, float64).
+    """
+    n = x.shape[0]
+    shift = 0.0
+    for i in range(n):
+        shift += x[i]
+    shift /= n
+    p1[0] = 0.0
+    p2[0] = 0.0
+    for i in range(n):
+        v = np.float64(x[i]) - shift
+        p1[i + 1] = p1[i] + v
+        p2[i + 1] = p2[i] + v * v
+    return shift
+
+
+@njit(cache=True, inline="always")
 def _cost(p1, p2, p0, inv, i, j):  # pragma: no cover - compiled
     """SSE of the points between cut i and cut j (prefix sums p1, p2; int counts p0; inv[c] = 1/c)."""
     c = p0[j] - p0[i]
@@ -241,18 +262,9 @@ def _fit_sorted_row(x, k, n_cuts, max_iter, inv, out):  # pragma: no cover - com
     ``inv``: float64 reciprocals ``inv[c] = 1/c`` (:func:`_reciprocals`).
     """
     n = x.shape[0]
-    shift = 0.0
-    for i in range(n):
-        shift += x[i]
-    shift /= n
     p1 = np.empty(n + 1, np.float64)
     p2 = np.empty(n + 1, np.float64)
-    p1[0] = 0.0
-    p2[0] = 0.0
-    for i in range(n):
-        v = np.float64(x[i]) - shift
-        p1[i + 1] = p1[i] + v
-        p2[i + 1] = p2[i] + v * v
+    shift = centered_prefix_sums(x, p1, p2)
     cuts = np.empty(n_cuts + 2, np.int64)
     G = _compander_cuts(x, n_cuts, cuts) - 1  # non-empty groups
     kk = k if k < G else G
@@ -334,20 +346,11 @@ def _assign_nb(rows, cb):  # pragma: no cover - compiled
 def _optimal_sorted_nb(x, k):  # pragma: no cover - compiled
     """Exact 1-D k-means of a sorted float64 row: (SSE, centroids [min(k, n)])."""
     n = x.shape[0]
-    shift = 0.0
-    for i in range(n):
-        shift += x[i]
-    shift /= n
     p1 = np.empty(n + 1, np.float64)
     p2 = np.empty(n + 1, np.float64)
+    shift = centered_prefix_sums(x, p1, p2)
     p0 = np.arange(n + 1)
     inv = _reciprocals(n)
-    p1[0] = 0.0
-    p2[0] = 0.0
-    for i in range(n):
-        v = x[i] - shift
-        p1[i + 1] = p1[i] + v
-        p2[i + 1] = p2[i] + v * v
     kk = k if k < n else n
     opt = np.empty((kk, n + 1), np.int64)
     prev = np.empty(n + 1, np.float64)

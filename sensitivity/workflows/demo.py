@@ -82,8 +82,13 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
     :data:`QUICK` with ``quick``); ``predictor`` default the CLI's ensemble; ``workers`` default min(2, cores).
     ``components``: the pipeline components searched together (``"all"``; default the denoiser);
     ``options``: the multiquantizer's options (default the reference's six)."""
+    from ..checks import check_values
+    from ..io import check_writable
     from ..predictors.predictor import DEFAULT_PREDICTOR
 
+    check_values(num_configs=num_configs, images_per_class=images_per_class, folds=folds, workers=workers, seed=seed,
+                 check_images_per_class=check_images_per_class)
+    check_writable(out, "--out", directory=True)  # before any work
     if model not in DIGITS_MODELS:
         raise SensitivityError(f"--model {model!r}: the demo runs an embedded model ({', '.join(DIGITS_MODELS)})")
     preset = QUICK if quick else FULL

@@ -41,6 +41,9 @@ CLEAN_FID_INCEPTION = "clean-fid-inception"
 DIGITS_CLASSIFIER = "digits-classifier"
 
 
+NUMERIC_SETTINGS = ("steps", "guidance", "height", "width", "batch_size")  # numbers, against checks.CONSTRAINTS
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Default sampling settings of a family; every field can be overridden per call.
@@ -68,7 +71,10 @@ class GenerationSettings:
         key sets it to ``None`` (e.g. ``refiner=None`` turns SDXL's refiner off).
         Raises :class:`SensitivityError` naming an unknown setting.
         """
+        from ..checks import check_values
+
         names = {f.name for f in dataclasses.fields(self)}
+        check_values(**{k: v for k, v in overrides.items() if k in NUMERIC_SETTINGS})
         direct: Dict[str, Any] = {}
         extra = dict(self.extra)
         for key, value in overrides.items():

@@ -348,9 +348,3 @@ def _entry_number(where: str, field: str, value: Any, integer: bool = False, opt
         raise CorruptFileError(f"{where}: {field} is {_short(value)}, expected {kind}")
     return int(value) if integer else float(value)
 
-
-def _int(x) -> Optional[int]:
-    try:
-        return None if x is None else int(x)
-    except (TypeError, ValueError):
-        return None
