@@ -41,6 +41,7 @@ from torch import nn
 
 from .components import COMPONENT_NAMES, TEXT_ENCODER_ATTRS, component_layers
 from .errors import SensitivityError
+from .io import atomic_path, atomic_write_json
 from .layers import LayerSpec
 from .mqfile import FORMAT, MANIFEST_KEY, _Lazy, _manifest_checksum, _manifest_hash, _SafetensorsReader, _write_safetensors
 from .multiquantizer import Multiquantizer, build_multiquantizer, load_multiquantizer
@@ -246,9 +247,7 @@ def build_pipeline_multiquantizer(family, weights: Optional[str], components: Se
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not plan_file.exists():
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+        atomic_write_json(plan_file, plan, "the component plan")
     t0 = time.perf_counter()
     info: Dict[str, Dict[str, Any]] = {}
     files: List[Path] = []
@@ -288,9 +287,7 @@ def build_pipeline_multiquantizer(family, weights: Optional[str], components: Se
                       "unquantized_fp16_bytes": 2 * (n - _layer_numel(layers)), "layers": len(layers),
                       "architecture_hash": mq.manifest["architecture_hash"], "weights_hash": mq.manifest["weights_hash"],
                       "build_seconds": mq.manifest["build_seconds"]}
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info[name]))
-        os.replace(tmp, done)
+        atomic_write_json(done, info[name], "the component record")
         files.append(path)
         del module, root, mq
         gc.collect()
@@ -354,13 +351,8 @@ def _merge(files: Sequence[Path], out: Path, info: Mapping[str, Mapping[str, Any
     manifest["build_seconds"] = round(seconds, 3)
     tensors = [(name, _Lazy(r, name)) for r in readers for name in r.keys()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out, "multiquantizer") as tmp:
         _write_safetensors(tmp, tensors, {MANIFEST_KEY: json.dumps(manifest)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return load_multiquantizer(out)
 
 
