@@ -115,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     from ..predictors.ensemble import DEFAULT_PREDICTOR
 
     args.predictor = args.predictor or DEFAULT_PREDICTOR
+    from ..provenance import run_provenance
+
     t_start = time.perf_counter()
+    started = run_provenance()
     preset = QUICK if args.quick else FULL
     n_cfg = args.num_configs if args.num_configs is not None else preset["num_configs"]
     per_class = args.images_per_class if args.images_per_class is not None else preset["images_per_class"]
@@ -284,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
                "check_fp16": {k: fp_check.get(k) for k in metric_keys},
                "predictor": args.predictor, "metric": args.metric, "folds": folds,
                "targets": targets, "few_configs": results, "rows": rows, "seconds": round(seconds, 1),
-               "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir)}
+               "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir),
+               "provenance": run_provenance(started)}
     _atomic_json(out / "summary.json", summary)
     md = (f"# sensitivity demo on {model}\n\n{n_cfg} random configs x {protocol.num_images} images, "
           f"predictor {args.predictor} on {args.metric} ({folds}-fold CV), seed {args.seed}, "
