@@ -2,7 +2,7 @@
 
 Full-size numbers checked on the meta device (no memory): Conv/Linear modules, quantized layers,
 denoiser parameters, and the fp16 bytes of the quantized layers, which equal the reference's
-FP_SIZE constants (docs/method.md §1.1) for every model.
+FP_SIZE constants (docs/method.md §1.1, §1.3) for every model.
 """
 
 import json
