@@ -288,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
                "predictor": args.predictor, "metric": args.metric, "folds": folds,
                "targets": targets, "few_configs": results, "rows": rows, "seconds": round(seconds, 1),
                "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir),
+               "predictor_cv": {name: {k: r.get(k) for k in ("mean", "std")}
+                                for name, r in (report.get("predictors") or {}).items() if isinstance(r, dict)},
                "provenance": run_provenance(started)}
     _atomic_json(out / "summary.json", summary)
     md = (f"# sensitivity demo on {model}\n\n{n_cfg} random configs x {protocol.num_images} images, "
