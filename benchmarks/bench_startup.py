@@ -83,7 +83,7 @@ def offenders(rows: list, top: int) -> dict:
 
 
 def machine_speed() -> float:
-    """Seconds of ``sum(range(10**7))`` in this interpreter (the README's speed yardstick)."""
+    """Seconds of ``sum(range(10**7))`` in this interpreter (the calibrator of every results page)."""
     t = time.time()
     sum(range(10**7))
     return time.time() - t
