@@ -56,8 +56,10 @@ def run_provenance(started: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """
     now = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "calibrator_s": calibrator_seconds(), "load_average": _load()}
+    prog = Path(sys.argv[0])
+    prog_name = f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name
     out: Dict[str, Any] = {
-        "commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "commit": git_commit(), "command": " ".join([prog_name] + sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
         "calibrator": "seconds of sum(range(10**7)) in the run's interpreter",
