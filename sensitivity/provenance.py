@@ -57,7 +57,9 @@ def run_provenance(started: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     now = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "calibrator_s": calibrator_seconds(), "load_average": _load()}
     prog = Path(sys.argv[0])
-    prog_name = f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name
+    prog_name = (f"python -m {prog.parent.name}" if prog.name == "__main__.py"
+                 else prog.name if prog.is_absolute() else f"python {sys.argv[0]}" if prog.suffix == ".py"
+                 else sys.argv[0])
     out: Dict[str, Any] = {
         "commit": git_commit(), "command": " ".join([prog_name] + sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
