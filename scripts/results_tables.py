@@ -132,14 +132,15 @@ def demo_headline(s: Dict[str, Any]) -> str:
                                                   if 'search' in r)
              + " at " + " / ".join(f"{t:g}" for t in sorted(_by_target(s)) if "search" in _by_target(s)[t])
              + f" bits; full precision {fmt((s.get('check_fp16') or {}).get(m))})."
-             + (f" Predictor k-fold Kendall τ {fmt(tau)}." if tau is not None else "")
+             + (f" Predictor k-fold Kendall τ {fmt(tau)}." if isinstance(tau, float) and not math.isnan(tau) else "")
              + " [The run](docs/results/demo.md)"]
     return "\n".join(lines)
 
 
 def render_demo(s: Dict[str, Any], data: str) -> str:
     m = s.get("metric", "fid")
-    rows = [[fmt(r.get(c)) if c not in ("method",) else r.get(c) for c in _demo_cols(s)] for r in s["rows"]]
+    digits = {"label_cpu_s": 0}
+    rows = [[r.get(c) if c == "method" else fmt(r.get(c), digits.get(c, 3)) for c in _demo_cols(s)] for r in s["rows"]]
     cols = _demo_cols(s)
     few = s.get("few_configs") or []
     few_cols = [c for c in ("config", "avg_bits", "fid", "kid", "accuracy", "psnr") if any(c in r for r in few)]
@@ -153,7 +154,8 @@ def render_demo(s: Dict[str, Any], data: str) -> str:
         f"{s['check_seed']}.., not the job's). {fmt(s['seconds'] / 60, 1)} minutes in all.",
         "",
         "## A few configs (the job's images)", "",
-        table([[fmt(r.get(c)) for c in few_cols] for r in few], few_cols,
+        table([[fmt(None if c == "psnr" and r.get("config") == "fp16" else r.get(c)) for c in few_cols] for r in few],
+              few_cols,
               [c != "config" for c in few_cols]) if few else "(none)",
         "",
         f"## Search vs the allocators, measured on {s['check_images']} held-out images", "",

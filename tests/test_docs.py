@@ -2,6 +2,7 @@
 them), every results page names the command that regenerates it and equals what its run's JSON renders,
 and the README stays an introduction. No torch: fast."""
 
+import functools
 import importlib.util
 import re
 import unicodedata
@@ -47,7 +48,8 @@ def github_anchor(heading: str) -> str:
     return "".join(kept).replace(" ", "-")
 
 
-def anchors(path: Path) -> set:
+@functools.lru_cache(maxsize=None)
+def anchors(path: Path) -> frozenset:
     seen: dict = {}
     out = set()
     for line in _without_code(path.read_text()).splitlines():
@@ -58,7 +60,7 @@ def anchors(path: Path) -> set:
         n = seen.get(base, 0)
         seen[base] = n + 1
         out.add(base if n == 0 else f"{base}-{n}")
-    return out
+    return frozenset(out)
 
 
 def links(path: Path):
