@@ -277,7 +277,7 @@ def render_digits_models(reports: Dict[str, Dict[str, Any]], data: str) -> str:
     body = ("The embedded digits models (shipped in `sensitivity/zoo/weights/`), full precision and every "
             "denoiser layer at one option; FID and accuracy from the shipped digits classifier, 10 DDIM steps, "
             "no guidance. Each model's numbers come from its own run (the `uniform_configs` of its "
-            "`training_report.json`), with that run's provenance.\n\n" + "\n".join(parts))
+            "`training_report.json`), with that run's provenance.\n\n" + "\n".join(parts).rstrip())
     if unrecorded:
         body += ("\n\nNot measured by a run that recorded its provenance yet: "
                  + ", ".join(f"`{m}` (`{DIGITS_EVAL[m]}`)" for m in unrecorded) + ".")
