@@ -13,7 +13,8 @@ stay beside their weights) and writes ``docs/results/<page>.md``: a header with 
 regenerates it and the run's commit, date, machine calibrator (seconds of ``sum(range(10**7))``) and load
 average, then the tables. ``demo`` also copies the run's Pareto plot and two image grids and rewrites
 the README's headline block (between the ``results:demo`` markers). The pages are never edited by hand:
-``tests/test_docs.py`` regenerates each from its data and compares. Standard library only.
+``tests/test_docs.py`` regenerates each from its data and compares. Imports no torch (writes go
+through ``sensitivity.io``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, when run as a script
 RESULTS = ROOT / "docs" / "results"
 DATA = RESULTS / "data"
 README = ROOT / "README.md"
@@ -318,13 +319,9 @@ def expected_readme(text: str) -> Optional[str]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from sensitivity.io import atomic_write_text  # beside the target, renamed into place
+
+    atomic_write_text(path, text, what="results page")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -348,7 +345,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pages = expected_pages()
         target = RESULTS / "digits-models.md"
         if target not in pages:
-            raise SystemExit("error: no training_report.json with uniform_configs under sensitivity/zoo/weights/")
+            print("error: no training_report.json under sensitivity/zoo/weights/ has uniform_configs with provenance",
+                  file=sys.stderr)
+            return 2
         _write(target, pages[target])
         print(f"wrote {target.relative_to(ROOT)}")
         return 0
@@ -357,22 +356,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src = Path(args.json)
     try:
         data = json.loads(src.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {src}: {exc}")
-    name, render = BENCH[args.kind]
+        name, render = BENCH[args.kind]
+        text = render(data, f"docs/results/data/{name}.json")  # render first: a bad file writes nothing
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {src}: not the JSON of a {args.kind} run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
     if args.kind == "demo" and "predictor_cv" not in data:  # summaries written before it was recorded there
         rep = Path(data.get("predictor_dir", "")) / "report.json"
         if rep.is_file():
             data["predictor_cv"] = {k: {x: r.get(x) for x in ("mean", "std")}
                                     for k, r in (json.loads(rep.read_text()).get("predictors") or {}).items()
                                     if isinstance(r, dict)}
-    text = render(data, f"docs/results/data/{name}.json")  # render first: a bad file writes nothing
     if args.kind == "demo":
         readme = update_readme_block(README.read_text(), demo_headline(data))
         for rel, dst in DEMO_FIGURES.items():
             if (src.parent / rel).exists():
-                (RESULTS / dst).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src.parent / rel, RESULTS / dst)
+                from sensitivity.io import atomic_write_bytes
+
+                atomic_write_bytes(RESULTS / dst, (src.parent / rel).read_bytes(), what="results figure")
         text = render(data, f"docs/results/data/{name}.json")  # with the figures now present
         _write(README, readme)
     _write(DATA / f"{name}.json", json.dumps(data, indent=1) + "\n")
