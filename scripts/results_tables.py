@@ -5,6 +5,7 @@
     python scripts/results_tables.py search search.json                  # after: bench_search.py --json search.json
     python scripts/results_tables.py eval-overhead overhead.json         # after: bench_eval_overhead.py --out ...
     python scripts/results_tables.py calibration OUT/results.json        # after: bench_calibration.py --out OUT
+    python scripts/results_tables.py startup startup.json                # after: bench_startup.py --json startup.json
     python scripts/results_tables.py digits-models                       # the digits models' training reports
     python scripts/results_tables.py --check                             # every page == its data (no writes)
 
@@ -287,11 +288,28 @@ def render_digits_models(reports: Dict[str, Dict[str, Any]], data: str) -> str:
         "Run: provenance not recorded by this run.\n\n", "")
 
 
+def render_startup(d: Dict[str, Any], data: str) -> str:
+    rows = [[f"`{r['command']}`", fmt(r["cold_wall_s"], 2), fmt(r["cold_cpu_s"], 2), fmt(r["warm_wall_s"], 2),
+             fmt(r["warm_cpu_s"], 2), ", ".join(r.get("heavy") or []) or "none"] for r in d["results"]]
+    tops = [f"- `{r['command']}`: " + ", ".join(f"{p} {t:.3f} s" for p, t in r.get("packages") or [])
+            for r in d["results"]]
+    body = ("Each command in fresh interpreters: **cold** with an empty bytecode cache (as after a fresh install), "
+            "**warm** the median of the warm runs; wall and CPU seconds (user + sys) of the child. On a shared "
+            "machine the CPU seconds are about what the wall time would be on an idle one. \"heavy\": whether "
+            "torch / diffusers were imported.\n\n"
+            + table(rows, ["command", "cold wall s", "cold CPU s", "warm wall s", "warm CPU s", "heavy imports"],
+                    [False, True, True, True, True, False])
+            + "\n\nTop packages by import self time (`-X importtime`):\n\n" + "\n".join(tops))
+    return page("startup", data, "CLI start-up", "python benchmarks/bench_startup.py --json startup.json && "
+                "python scripts/results_tables.py startup startup.json", d.get("provenance"), body)
+
+
 # ------------------------------------------------------------------------------------------- driver
 Renderer = Callable[[Dict[str, Any], str], str]
 BENCH: Dict[str, Tuple[str, Renderer]] = {
     "demo": ("demo", render_demo), "methods": ("methods", render_methods), "search": ("search", render_search),
     "eval-overhead": ("eval-overhead", render_eval_overhead), "calibration": ("calibration", render_calibration),
+    "startup": ("startup", render_startup),
 }
 
 
