@@ -151,3 +151,13 @@ def test_results_index_lists_every_page():
 def test_readme_is_an_introduction():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines (at most 250: the guide is docs/guide/)"
+
+
+def test_run_provenance_records_commit_date_calibrator():
+    from sensitivity.provenance import run_provenance
+
+    start = run_provenance()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", start["commit"] or "") and start["calibrator_s"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", start["date"]) and start["machine"]["cpus"] >= 1
+    end = run_provenance(start)
+    assert end["date"] == start["date"] and len(end["calibrator_s"]) == 2 and len(end["load_average"]) == 2
