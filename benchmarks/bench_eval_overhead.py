@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     sums: Dict[str, float] = {}
     for r in recs:
         for k, v in r["timings"].items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            if isinstance(v, (int, float)):  # "worker" describes the worker (device, batch size), not a time
+                sums[k] = sums.get(k, 0.0) + float(v)
     nets = sums["denoiser"] + sums["decoder"] + sums["features"]
     parts = {
         "denoiser forward": sums["denoiser"],
