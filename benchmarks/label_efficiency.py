@@ -3,7 +3,7 @@ random vs active sampling.
 
     python benchmarks/label_efficiency.py --random-cache caches/digits-dit.sqlite \
         --active-cache caches/digits-dit-active.sqlite --heldout caches/digits-dit-seed1.sqlite \
-        --out runs/label_efficiency --figure docs/figures/label_efficiency.png
+        --out runs/label_efficiency --figure runs/label_efficiency/label_efficiency.png
 
 For each strategy and each N of ``--labels`` the predictor sees the first N labelled configs:
 random = configs 0..N-1 of the random run (sampler index order), active = the first N of the active

@@ -9,8 +9,8 @@ weights there is no quality predictor, so that config is solved with the ``bits`
 scores its option's bits: the most bits that fit); it shows where a whole-pipeline budget lands per
 component, not which layers are sensitive.
 
-    PYTHONPATH=. python benchmarks/pipeline_bytes.py --out docs/results/pipeline_bytes.json
-    PYTHONPATH=. python benchmarks/pipeline_bytes.py --table docs/results/pipeline_bytes.json   # markdown
+    PYTHONPATH=. python benchmarks/pipeline_bytes.py --out pipeline_bytes.json
+    python scripts/results_tables.py pipeline-bytes pipeline_bytes.json   # docs/results/pipeline-bytes.md
 """
 
 from __future__ import annotations
@@ -97,20 +97,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--target-memory", default="mid", help="a size (4.5GB) or 'mid' (per model, see above)")
-    ap.add_argument("--out", default="docs/results/pipeline_bytes.json")
+    ap.add_argument("--out", default="pipeline_bytes.json")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown table of a result file and exit")
     args = ap.parse_args(argv)
     if args.table:
         sys.stdout.write(markdown(json.loads(Path(args.table).read_text())))
         return 0
     from sensitivity.io import atomic_write_text
+    from sensitivity.provenance import run_provenance
     from sensitivity.sizes import parse_bytes
+
+    started = run_provenance()
 
     target = None if args.target_memory == "mid" else parse_bytes(args.target_memory)
     t0 = time.time()
     report = {"command": "PYTHONPATH=. python benchmarks/pipeline_bytes.py " + " ".join(argv or sys.argv[1:]),
               "target_bytes": target, "options": list(OPTIONS),
               "models": [measure(m, target) for m in args.models.split(",")], "seconds": round(time.time() - t0, 1)}
+    report["provenance"] = run_provenance(started)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     sys.stdout.write(markdown(report))

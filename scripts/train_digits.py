@@ -274,8 +274,10 @@ def evaluate_uniform_configs(family: str, out: Path, options=None, n_per_class: 
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
     from sensitivity.multiquantizer import build_multiquantizer
     from sensitivity.options import OPTION_NAMES
+    from sensitivity.provenance import run_provenance
     from sensitivity.zoo import get_family
 
+    started = run_provenance()
     options = tuple(options or OPTION_NAMES)
     fam = get_family(family)
     pipe = fam.load_pipeline(str(out))
@@ -299,7 +301,7 @@ def evaluate_uniform_configs(family: str, out: Path, options=None, n_per_class: 
                   f"KID {m['kid']:.5f}  accuracy {m['accuracy']:.3f}  PSNR {m['psnr']:6.2f} dB  "
                   f"({m['seconds']:.1f} s)", flush=True)
     return {"images": len(protocol.seeds), "seeds": f"{seed}..", "multiquantizer_build_seconds": round(build_s, 1),
-            "layers": len(layers), "configs": results}
+            "layers": len(layers), "configs": results, "provenance": run_provenance(started)}
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The reference's own construction (Qua2SeDiMo, method.md §6): top-1 subgraph variant per module.
+"""The reference's own construction (Qua2SeDiMo, docs/method.md §6): top-1 subgraph variant per module.
 
 The reference trains its predictor on ``-FID - λ·avg_bits`` and keeps, for every module (subgraph),
 the option combination with the highest predicted subgraph score; the bit width follows from λ, not

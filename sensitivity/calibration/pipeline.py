@@ -47,7 +47,7 @@ from .rounding import (TABLE_REFITS, adaround_codes, gptq_codes, lookup_codes, o
 from .names import WEIGHT_METHODS  # noqa: E402 (torch-free, re-exported)
 
 #: the rounding ``auto`` uses per quantization method: measured on digits-dit / digits-unet
-#: (benchmarks/bench_calibration.py, README "Calibrated post-training quantization"): GPTQ then the
+#: (benchmarks/bench_calibration.py): GPTQ then the
 #: table refit has the highest held-out PSNR for uaq-4, kmeans_c-4 and kmeans_a-4 on both models
 #: (digits-dit FID 1.316 / 1.296 / 1.345 vs GPTQ alone 1.326 / 1.290 / 1.365, round-to-nearest
 #: 1.657 / 1.361 / 1.867; AdaRound 1.417 at uaq-4). Keyed by the quantization method's class; other

@@ -1,4 +1,4 @@
-"""The GNN predictor (in the spirit of the reference, method.md §5), in plain torch.
+"""The GNN predictor (in the spirit of the reference, docs/method.md §5), in plain torch.
 
 **Input**: the traced :class:`~sensitivity.graph.DenoiserGraph` (one fixed structure per model) with
 per-node features — categorical: op type, role in its block, block position (3 levels), quantization

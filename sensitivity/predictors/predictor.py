@@ -39,7 +39,7 @@ from . import scores as S
 FORMAT = "sensitivity.predictor/1"
 METRICS = ("spearman", "kendall", "ndcg@10")
 DEFAULT_TABULAR_KINDS = ("bits", "error", "additive", "lightgbm")
-# the kind `sensitivity train` / `demo` fit unless told: best held-out Kendall tau on digits-dit (README, Predictors)
+# the kind `sensitivity train` / `demo` fit unless told: best held-out Kendall tau on digits-dit (docs/guide/predictors.md)
 DEFAULT_PREDICTOR = "ensemble"
 
 

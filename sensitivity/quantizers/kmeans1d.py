@@ -29,7 +29,7 @@ and with ``n_init=1`` 3-11 % above the 1-D optimum on average on heavy-tailed ro
 flash1dkmeans (kmeans++ init + Lloyd on sorted data) is faster but 1.5-11 % above the optimum on
 average (Lloyd's local minima). The exact DP (Ckmeans.1d.dp) is optimal but ``O(k n log n)`` per
 row. Measured with ``benchmarks/bench_kmeans.py`` (one thread, Student-t rows of 320-11520 values,
-k = 8 and 16; ``benchmarks/README.md``): ours takes 36-400 µs per row, 62-231x less than
+k = 8 and 16): ours takes 36-400 µs per row, 62-231x less than
 scikit-learn and 2.5-5x less than flash1dkmeans, at most 0.32 % above the optimum on every row.
 A whole SD1.5 UNet (329k rows) needs about 80 s of CPU for both bit widths.
 

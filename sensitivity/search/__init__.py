@@ -1,6 +1,6 @@
 """Search: the config with the best predicted quality at an exact average-bit target.
 
-The reference (method.md §6) keeps the top-scored variant of every module, so its bit width only
+The reference (docs/method.md §6) keeps the top-scored variant of every module, so its bit width only
 follows from the penalty in the training target. Here the target is a hard constraint: the search is
 a **multiple-choice knapsack** (MCKP) over *groups* — one group per layer (op level), or per module
 (several layers whose option *combinations* the predictor scored together) —

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import SensitivityError
 from ..options import OPTION_NAMES
+from ..provenance import run_provenance
 
 DIGITS_MODELS = ("digits-dit", "digits-unet", "digits-sd")
 FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_class=50)
@@ -161,6 +162,7 @@ class DemoRun:
         self.cache_path = self.out / "cache.sqlite"
         self.pred_dir = self.out / "predictor"
         self.t_start = time.perf_counter()
+        self.started = run_provenance()  # commit, date, calibrator, load: summary.json records start and end
         self.written: List[Any] = []
 
     def build_multiquantizer(self) -> None:
@@ -342,7 +344,10 @@ class DemoRun:
                    "predictor": s.predictor, "metric": s.metric, "folds": s.folds,
                    "targets": list(s.targets), "few_configs": self.results, "rows": rows, "seconds": round(seconds, 1),
                    "multiquantizer": str(self.mq_path), "cache": str(self.cache_path),
-                   "predictor_dir": str(self.pred_dir)}
+                   "predictor_dir": str(self.pred_dir),
+                   "predictor_cv": {name: {k: r.get(k) for k in ("mean", "std")}
+                                    for name, r in (self.report.get("predictors") or {}).items() if isinstance(r, dict)},
+                   "provenance": run_provenance(self.started)}
         _write_json(out / "summary.json", summary)
         md = (f"# sensitivity demo on {s.model}\n\n{s.num_configs} random configs x {p.num_images} images, "
               f"predictor {s.predictor} on {s.metric} ({s.folds}-fold CV), seed {s.seed}, "

@@ -146,7 +146,7 @@ class ModelFamily:
     special_weights: Tuple[str, ...] = SPECIAL_WEIGHTS
     defaults: GenerationSettings = GenerationSettings(steps=50, guidance=7.5)
     description: str = ""
-    # the reference's count of weight nodes for this family (method.md section 1.1), for reports
+    # the reference's count of weight nodes for this family (docs/method.md §1.1), for reports
     reference_layer_count: Optional[int] = None
     # the FID/KID feature network of its evaluation: CLEAN_FID_INCEPTION (real images, a reference
     # folder) or DIGITS_CLASSIFIER (the shipped digits classifier, with class accuracy)
