@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the measurements as JSON")
     args = ap.parse_args(argv)
+    from sensitivity.provenance import run_provenance
+
+    started = run_provenance()
 
     import torch
 
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
     sums: Dict[str, float] = {}
     for r in recs:
         for k, v in r["timings"].items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            if isinstance(v, (int, float)):  # "worker" describes the worker (device, batch size), not a time
+                sums[k] = sums.get(k, 0.0) + float(v)
     nets = sums["denoiser"] + sums["decoder"] + sums["features"]
     parts = {
         "denoiser forward": sums["denoiser"],
@@ -154,11 +158,14 @@ def main(argv=None) -> int:
             f"{summary.configs_per_hour:.0f} configs/hour; startup {summary.startup_s:.1f} s")
     print(line)
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "configs": n, "images": protocol.num_images, "steps": protocol.steps, "workers": args.workers,
+        from sensitivity.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({
+            "provenance": run_provenance(started), "configs": n, "images": protocol.num_images,
+            "steps": protocol.steps, "workers": args.workers,
             "device": factory.device, "seconds_per_config": {k: v / n for k, v in parts.items()},
             "wall_seconds_per_config": wall / n, "overhead_share": overhead,
-            "configs_per_hour": summary.configs_per_hour, "startup_s": summary.startup_s}, indent=1))
+            "configs_per_hour": summary.configs_per_hour, "startup_s": summary.startup_s}, indent=1) + "\n")
     return 0
 
 

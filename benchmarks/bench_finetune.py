@@ -41,6 +41,8 @@ def machine_speed() -> float:
 
 
 def main() -> int:
+    from sensitivity.io import atomic_write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--multiquantizer", default="multiquantizers/digits-dit.safetensors")
     ap.add_argument("--configs", nargs="+", required=True)
@@ -90,9 +92,7 @@ def main() -> int:
                     "train_seconds": rec["train_seconds"], "steps": rec["steps"], "settings": rec["settings"],
                     "val_loss_before": rec["val_loss_before"], "val_loss_after": rec["val_loss_after"]})
         results["rows"][name] = row
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, res_path)
+        atomic_write_json(res_path, results)
         print(f"{name}: {row['avg_bits']:.4f} bits, FID {row['before']['fid']:.3f} -> {row['after']['fid']:.3f}, "
               f"{rec['train_seconds']:.0f} s ({time.time() - t0:.0f} s with evaluation)", flush=True)
     lines = ["| config | avg bits (before = after) | FID before | FID after | KID before | KID after | "

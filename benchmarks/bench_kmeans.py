@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sensitivity.quantizers import lookup  # noqa: E402
 from sensitivity.quantizers import kmeans1d as km  # noqa: E402
-from sensitivity.quantizers import uniform as un  # noqa: E402
 from sensitivity.quantizers.uaq import UAQConfig, UniformAffine  # noqa: E402
 from sensitivity.quantizers.packing import pack_codes, unpack_codes  # noqa: E402
 

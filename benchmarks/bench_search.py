@@ -79,7 +79,11 @@ def main(argv=None) -> int:
                     help="module-level instance: this many modules of 4 layers x 1296 combinations (0: skip)")
     ap.add_argument("--milp-check", action="store_true",
                     help="also solve with method='milp' (HiGHS on the reduced core) and compare values and times")
+    ap.add_argument("--json", default=None, help="also write the results (with the run's provenance) as JSON here")
     args = ap.parse_args(argv)
+    from sensitivity.provenance import run_provenance
+
+    started = run_provenance()
 
     sizes = size_table(sdxl_like_shapes(args.layers, args.seed), OPTION_NAMES)
     targets = parse_sweep(args.targets)
@@ -128,6 +132,17 @@ def main(argv=None) -> int:
         else:
             print(f"{model:12s} target {t:4.2f}: solve {sec * 1e3:7.1f} ms, avg bits {ab:.4f} {note}")
     print(f"summary: {sum(r[2] is not None for r in rows)} solves, slowest {worst * 1e3:.1f} ms (goal <= 1000 ms)")
+    if args.json:
+        import json
+
+        from sensitivity.io import atomic_write_text
+
+        out = {"layers": args.layers, "options": len(OPTION_NAMES), "seed": args.seed, "targets": args.targets,
+               "modules": args.modules, "solves": [{"scores": m, "target": t, "seconds": sec, "avg_bits": ab,
+                                                    "note": note.strip("| ")} for m, t, sec, ab, note in rows],
+               "slowest_seconds": worst, "provenance": run_provenance(started)}
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0 if worst <= 1.0 else 1
 
 

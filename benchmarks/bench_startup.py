@@ -83,7 +83,7 @@ def offenders(rows: list, top: int) -> dict:
 
 
 def machine_speed() -> float:
-    """Seconds of ``sum(range(10**7))`` in this interpreter (the README's speed yardstick)."""
+    """Seconds of ``sum(range(10**7))`` in this interpreter (the calibrator of every results page)."""
     t = time.time()
     sum(range(10**7))
     return time.time() - t
@@ -118,6 +118,10 @@ def main() -> int:
     if args.root:
         ROOT = Path(args.root).resolve()
     commands = args.command or ["--help", "models"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sensitivity.provenance import run_provenance  # stdlib only: importing it times nothing here
+
+    started = run_provenance()
     load = os.getloadavg()[0]
     speed = machine_speed()
     print(f"checkout: {ROOT}")
@@ -135,7 +139,10 @@ def main() -> int:
         print("  top first-level imports (cumulative): " + ", ".join(f"{m} {s:.3f}" for m, s in r["imports"]))
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_average": load, "speed_s": speed, "results": results}, indent=1))
+        from sensitivity.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"provenance": run_provenance(started), "checkout": str(ROOT),
+                                                 "results": results}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

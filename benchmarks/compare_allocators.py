@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,15 +31,11 @@ CHECK_SEED = 1_000_000
 REPEAT_SEED = 2_000_000
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _hawq_table(mq, fam, weights, mode, samples, seed, path: Path):
     """The HAWQ sensitivity table of ``mode``, read from ``path`` when it was made with the same settings."""
     import pandas as pd
+
+    from sensitivity.io import atomic_path, atomic_write_text
 
     from sensitivity.allocators.hawq import sensitivity_table
 
@@ -55,14 +50,16 @@ def _hawq_table(mq, fam, weights, mode, samples, seed, path: Path):
             return df
     den = fam.load_denoiser(weights or None)
     df = sensitivity_table(mq, den, mode=mode, num_samples=samples, seed=seed, progress=True)
-    df.to_csv(path.with_name(path.name + ".tmp"), index=False)
-    os.replace(path.with_name(path.name + ".tmp"), path)
-    _write_text(meta, json.dumps({**want, **{k: v for k, v in df.attrs.items() if k not in want}}, default=str))
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    atomic_write_text(meta, json.dumps({**want, **{k: v for k, v in df.attrs.items() if k not in want}}, default=str))
     print(f"hawq {mode}: {samples} calibration items, {df.attrs['cpu_seconds']:.1f} CPU s -> {path}", flush=True)
     return df
 
 
 def main(argv=None) -> int:
+    from sensitivity.io import atomic_path, atomic_write_text
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictor", required=True, help="predictor folder (sensitivity train ... --out DIR)")
     ap.add_argument("--cache", default="caches/digits-dit.sqlite", help="the predictor's training cache (random configs)")
@@ -155,11 +152,10 @@ def main(argv=None) -> int:
     df.insert(2, "predictor", [predictor.kind if s in ("search", "reference top-1") else "" for s in df["source"]])
     cols = ["target", "method", "avg_bits", "fid"] + (["fid_2"] if "fid_2" in df else []) + \
         [k for k in METRIC_KEYS if k != "fid"] + ["predicted_fid", "configs_labelled", "label_cpu_s"]
-    tmp = out / "comparison.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out / "comparison.csv")
+    with atomic_path(out / "comparison.csv") as tmp:
+        df.to_csv(tmp, index=False)
     md = markdown_table(comp.rows, cols)
-    _write_text(out / "comparison.md", md + "\n")
+    atomic_write_text(out / "comparison.md", md + "\n")
     fig = plot_comparison(comp, "fid", title=f"{mq.model_id}: held-out FID ({check.num_images} images) vs average bits",
                           y_label=f"FID, {check.num_images} held-out images")
     fig.savefig(out / "pareto_fid.png", dpi=100)
@@ -187,7 +183,7 @@ def main(argv=None) -> int:
                "reused": ev.reused + (ev2.reused if ev2 else 0),
                "seconds": round(time.time() - t_start, 1), "cpu_seconds": round(time.process_time() - c_start, 1),
                "rows": comp.rows}
-    _write_text(out / "comparison.json", json.dumps(summary, indent=1, default=float))
+    atomic_write_text(out / "comparison.json", json.dumps(summary, indent=1, default=float))
     print("\n" + md)
     for t, w in wins.items():
         tie = f" (the same config as {', '.join(w['same_config_as'])})" if w["same_config_as"] else ""

@@ -13,14 +13,14 @@ its values in the predictor folder, so the predictor never imports an allocator.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
 def _write(df, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df[["layer", "option", "value"]].to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    from sensitivity.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        df[["layer", "option", "value"]].to_csv(tmp, index=False)
 
 
 def main(argv=None) -> int:

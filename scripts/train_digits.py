@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sensitivity.evaluation.digits_classifier import (  # noqa: E402
     CLASSIFIER_PATH,
     DigitsClassifier,
-    load_classifier,
     save_classifier,
     to_input,
 )
+from sensitivity.io import atomic_dir, atomic_write_json  # noqa: E402
 from sensitivity.zoo import digits as D  # noqa: E402
 
 
@@ -219,13 +219,8 @@ def train_diffusion(args) -> int:
         final.transformer_blocks[0].norm1.emb.class_embedder.dropout_prob = 0.1
         D.untie_dit_embedders(final)
     pipe = _pipeline(kind, final.to(torch.float16))
-    tmp = out.with_name(out.name + ".tmp")
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out, "--out", replace=True) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
     report = {"family": f"digits-{kind}", "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
               "lr": args.lr, "ema": args.ema, "warmup": args.warmup, "shift_prob": args.shift_prob,
               "label_dropout": args.label_dropout, "parameters": n_params, "train_seconds": round(seconds, 1),
@@ -243,10 +238,7 @@ def _pipeline(kind, model):
 
 
 def _write_report(out: Path, report: dict) -> None:
-    path = out / "training_report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(out / "training_report.json", report)
 
 
 def evaluate_saved(kind: str, out: Path, quantized: bool = True) -> int:
@@ -282,8 +274,10 @@ def evaluate_uniform_configs(family: str, out: Path, options=None, n_per_class: 
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
     from sensitivity.multiquantizer import build_multiquantizer
     from sensitivity.options import OPTION_NAMES
+    from sensitivity.provenance import run_provenance
     from sensitivity.zoo import get_family
 
+    started = run_provenance()
     options = tuple(options or OPTION_NAMES)
     fam = get_family(family)
     pipe = fam.load_pipeline(str(out))
@@ -307,7 +301,7 @@ def evaluate_uniform_configs(family: str, out: Path, options=None, n_per_class: 
                   f"KID {m['kid']:.5f}  accuracy {m['accuracy']:.3f}  PSNR {m['psnr']:6.2f} dB  "
                   f"({m['seconds']:.1f} s)", flush=True)
     return {"images": len(protocol.seeds), "seeds": f"{seed}..", "multiquantizer_build_seconds": round(build_s, 1),
-            "layers": len(layers), "configs": results}
+            "layers": len(layers), "configs": results, "provenance": run_provenance(started)}
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_digits import env_info, lr_at  # noqa: E402
 
+from sensitivity.io import atomic_dir, atomic_write_json  # noqa: E402
 from sensitivity.zoo import digits_sd as S  # noqa: E402
 from sensitivity.zoo.digits_data import NUM_CLASSES, digits_dataset  # noqa: E402
 
@@ -220,35 +220,30 @@ def train(args) -> int:
     pipe = S.assemble_pipeline({"vae": vae.to(torch.float16), "unet": ema_unet.to(torch.float16),
                                 "text_encoder": ema_text.to(torch.float16), "tokenizer": tokenizer,
                                 "scheduler": sched})
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    prompt_files = write_prompts(tmp / "prompts", args.seed)
-    n_params = {name: sum(p.numel() for p in m.parameters())
-                for name, m in (("vae", vae), ("unet", ema_unet), ("text_encoder", ema_text))}
-    report = {
-        "family": "digits-sd", "seed": args.seed, "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size, "shift_prob": args.shift_prob,
-        "choices": {
-            "resolution": "32x32x1: 8x8 digits nearest-upsampled x4 (smallest size an SD-shaped 4-level VAE "
-                          "maps to a 4x4 latent grid; 4x4 average pooling inverts it exactly for the classifier)",
-            "latents": "4 channels at 1/8 resolution (4x4), scaling_factor = 1/std of the data's latent means",
-            "text_encoder": "trained jointly with the UNet from random init (no pretrained text model offline; "
-                            "a frozen random encoder would leave synonyms like 'seven'/'7' unrelated)",
-            "tokenizer": f"CLIPTokenizer, byte-level BPE over the caption words, {len(tokenizer)} tokens",
-        },
-        "latent_std_before_scaling": round(std, 5), "parameters": n_params,
-        "vae": vae_report, "unet_and_text_encoder": den_report,
-        "train_wall_seconds": round(total, 1),
-        "train_cpu_seconds": round(vae_report["cpu_seconds"] + den_report["cpu_seconds"], 1),
-        "calibrator_seconds": {"before": calib_before, "after": calibrator_seconds(),
-                               "what": "python -c 'sum(range(10**7))' on this machine"},
-        "prompt_files": prompt_files, "env": env_info(),
-    }
-    (tmp / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out, "--out", replace=True) as tmp:  # the folder appears whole
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        prompt_files = write_prompts(tmp / "prompts", args.seed)
+        n_params = {name: sum(p.numel() for p in m.parameters())
+                    for name, m in (("vae", vae), ("unet", ema_unet), ("text_encoder", ema_text))}
+        report = {
+            "family": "digits-sd", "seed": args.seed, "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size, "shift_prob": args.shift_prob,
+            "choices": {
+                "resolution": "32x32x1: 8x8 digits nearest-upsampled x4 (smallest size an SD-shaped 4-level VAE "
+                              "maps to a 4x4 latent grid; 4x4 average pooling inverts it exactly for the classifier)",
+                "latents": "4 channels at 1/8 resolution (4x4), scaling_factor = 1/std of the data's latent means",
+                "text_encoder": "trained jointly with the UNet from random init (no pretrained text model offline; "
+                                "a frozen random encoder would leave synonyms like 'seven'/'7' unrelated)",
+                "tokenizer": f"CLIPTokenizer, byte-level BPE over the caption words, {len(tokenizer)} tokens",
+            },
+            "latent_std_before_scaling": round(std, 5), "parameters": n_params,
+            "vae": vae_report, "unet_and_text_encoder": den_report,
+            "train_wall_seconds": round(total, 1),
+            "train_cpu_seconds": round(vae_report["cpu_seconds"] + den_report["cpu_seconds"], 1),
+            "calibrator_seconds": {"before": calib_before, "after": calibrator_seconds(),
+                                   "what": "python -c 'sum(range(10**7))' on this machine"},
+            "prompt_files": prompt_files, "env": env_info(),
+        }
+        (tmp / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"digits-sd: trained in {total / 60:.1f} min -> {out}")
     if args.no_eval:
         return 0
@@ -267,9 +262,7 @@ def evaluate(out: Path, args) -> int:
     path = out / "training_report.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     report["uniform_configs"] = uniform
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, report)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``sensitivity/commands/<name>.py`` and exposes ``register(subparsers)``,
 which adds its parser and sets ``func(args) -> int``. Modules are imported only when needed, so
-``sensitivity --help`` stays fast. User errors (:class:`~sensitivity.errors.SensitivityError`) print
+``sensitivity --help`` stays fast. Every ``int``/``float`` option is checked against
+:data:`sensitivity.checks.CONSTRAINTS` before the subcommand runs. User errors (:class:`~sensitivity.errors.SensitivityError`) print
 one line, ``error: ...``, and exit with status 2.
 """
 
@@ -45,6 +46,11 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -54,6 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
+        from .checks import check_arguments
+
+        check_arguments(_subparser(parser, args.command), args, args.command)  # every number, at the door
         return int(args.func(args) or 0)
     except SensitivityError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -187,7 +187,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         if ok:  # chosen by the held-out measurement itself: an advantage for this baseline, not for the search
             ums = [(u, measured_of(u.options)) for u in ok]
             u, um = max(ums, key=lambda x: sign * float(x[1][metric]))
-            row = add(t, f"best uniform ({u.method.replace('uniform-', '')})", "uniform", u.options,
+            add(t, f"best uniform ({u.method.replace('uniform-', '')})", "uniform", u.options,
                       cost["uniform"] if cost["uniform"] is not None else (len(ok), None),
                       pred=sign * u.predicted, point_label=u.method)
             out.points.pop()  # uniform points are added once each, below

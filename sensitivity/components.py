@@ -55,12 +55,12 @@ from torch import nn
 
 from .config import QuantConfig, as_options
 from .errors import SensitivityError
+from .io import atomic_path, atomic_write_json, atomic_write_text
 from .layers import LayerSpec, find_layers
 from .multiquantizer import apply, build_multiquantizer, load_multiquantizer, restore
+from .mqfile import COMPONENT_NAMES, TEXT_ENCODER_ATTRS  # noqa: F401 - every name a pipeline may have
 from .options import FP16, QuantOption
 
-TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-COMPONENT_NAMES = TEXT_ENCODER_ATTRS + ("denoiser", "vae_decoder")  # every name a pipeline may have
 VAE_DECODER_EXCLUDE = ("encoder", "encoder.*", "quant_conv")
 PSNR_CAP_DB = 100.0
 
@@ -109,17 +109,24 @@ def pipeline_components(family, pipe) -> Dict[str, Component]:
 
 
 def parse_component_configs(components: Mapping[str, Component], option: Optional[str] = None,
-                            options: Mapping[str, str] = (), configs: Mapping[str, Union[str, os.PathLike]] = ()
-                            ) -> Dict[str, Dict[str, str]]:
+                            options: Mapping[str, str] = (), configs: Mapping[str, Union[str, os.PathLike]] = (),
+                            only: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, str]]:
     """``{component: {layer: option}}`` from one ``option`` for every component, per-component
     ``options`` overrides and per-component config files (``configs``, QuantConfig JSON over the
-    component's layer names). Raises :class:`SensitivityError` naming the component / option / file."""
+    component's layer names); ``only``: the components to report (default all), the others need
+    no option. Raises :class:`SensitivityError` naming the component / option / file."""
     options, configs = dict(options), dict(configs)
-    for name in list(options) + list(configs):
+    for name in list(options) + list(configs) + list(only or []):
         if name not in components:
             raise SensitivityError(f"unknown component {name!r}; this pipeline has {', '.join(components)}")
+    wanted = list(dict.fromkeys(only)) if only else list(components)
+    for name in list(options) + list(configs):
+        if name not in wanted:
+            raise SensitivityError(f"component {name!r} has an option or config but is not among the "
+                                   f"components reported ({', '.join(wanted)})")
     out: Dict[str, Dict[str, str]] = {}
-    for name, comp in components.items():
+    for name in wanted:
+        comp = components[name]
         if name in configs:
             path = Path(configs[name])
             if not path.is_file():
@@ -204,10 +211,9 @@ def run_components(family, pipe, prompt_sets: Mapping[str, Sequence[str]], confi
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("signature") == sig:
             return np.load(path, allow_pickle=False)
         images = fn()
-        tmp = partial / f"{tag}.tmp.npy"
-        np.save(tmp, images, allow_pickle=False)
-        os.replace(tmp, path)
-        meta.write_text(json.dumps({"signature": sig}))
+        with atomic_path(path, "images") as tmp:
+            np.save(tmp, images, allow_pickle=False)
+        atomic_write_json(meta, {"signature": sig}, indent=None)
         return images
 
     fp = cached("fp", _signature(base), generate)
@@ -230,11 +236,8 @@ def run_components(family, pipe, prompt_sets: Mapping[str, Sequence[str]], confi
         if cfg:
             mq = _reusable_multiquantizer(mq_path, comp, used)
             if mq is None:
-                tmp = mq_path.with_name(mq_path.name + ".tmp.safetensors")
-                build_multiquantizer(comp.module, tmp, comp.layers, model_id=f"{model_id}/{name}", options=used,
-                                     progress=False)
-                os.replace(tmp, mq_path)
-                mq = load_multiquantizer(mq_path)
+                mq = build_multiquantizer(comp.module, mq_path, comp.layers, model_id=f"{model_id}/{name}",
+                                          options=used, progress=False)  # written whole or not at all
             avg_bits = float(mq.avg_bits(cfg))
         else:
             mq, avg_bits = None, 16.0
@@ -276,8 +279,8 @@ def run_components(family, pipe, prompt_sets: Mapping[str, Sequence[str]], confi
         key = "test" if "test" in prompt_sets else next(iter(prompt_sets))
         worst = max(summary["components"], key=lambda n: summary["components"][n][key]["mse"])
         summary["most_sensitive"] = {"component": worst, "by": f"{key} mse"}
-    _atomic_text(json.dumps(summary, indent=1, default=float) + "\n", out / "components.json")
-    _atomic_text(report_markdown(summary, frame, list(prompt_sets)), out / "report.md")
+    atomic_write_text(out / "components.json", json.dumps(summary, indent=1, default=float) + "\n")
+    atomic_write_text(out / "report.md", report_markdown(summary, frame, list(prompt_sets)))
     shutil.rmtree(partial, ignore_errors=True)
     return summary
 
@@ -309,22 +312,14 @@ def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> P
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, "image grid") as tmp:
+        img.save(tmp)
     return path
 
 
 def _atomic_csv(frame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def report_markdown(summary: Mapping[str, Any], frame, splits: Sequence[str]) -> str:

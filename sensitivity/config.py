@@ -87,6 +87,17 @@ class QuantConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"config: act_bits {self.act_bits!r} is not an integer") from None
 
+    def check_model(self, model_id: Optional[str], source: str = "config") -> None:
+        """Raise ConfigError unless this config may be used on ``model_id`` (``family:weights``).
+
+        The one rule of every command: ``model`` may be absent, the family name alone
+        (``"digits-dit"``), or a full id, which must then be ``model_id`` itself."""
+        if not self.model or not model_id:
+            return
+        mine, want = str(self.model), str(model_id)
+        if mine.split(":", 1)[0] != want.split(":", 1)[0] or (":" in mine and ":" in want and mine != want):
+            raise ConfigError(f"{source} is a config of {mine}, not of {want}")
+
     @property
     def config_hash(self) -> str:
         """:func:`config_hash` of the options (fp16 entries do not change it)."""

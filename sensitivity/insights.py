@@ -21,7 +21,7 @@ layer name                                                block       op_type   
 
 Tables (documented columns; extra columns may follow):
 
-* :func:`layer_table`  — ``layer, block, block_rank, op_type, op_group`` (+ ``numel, fp16_bytes``).
+* :func:`layer_table`  — ``layer, block, block_rank, op_type, op_group, component`` (+ ``numel, fp16_bytes``).
 * :func:`score_table`  — per (layer, option) predictor score: ``layer, option, method, bits, score,
   block, block_rank, op_type, op_group``.
 * :func:`module_score_table` — per scored module combination: ``module, block, block_rank, op_type,
@@ -51,15 +51,16 @@ import pandas as pd
 
 from .config import QuantConfig, as_options
 from .errors import SensitivityError
+from .mqfile import COMPONENT_NAMES, layer_component
 from .options import OPTION_NAMES, QuantOption, canonical
 from .sizes import SizeTable
 from .zoo.naming import DIFFUSERS_NAMING, LayerInfo  # noqa: F401 - LayerInfo re-exported
 
-LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group")
-SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group")
+LAYER_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group", "component")
+SCORE_COLUMNS = ("layer", "option", "method", "bits", "score", "block", "block_rank", "op_type", "op_group", "component")
 MODULE_SCORE_COLUMNS = ("module", "block", "block_rank", "op_type", "combination", "mean_bits", "score")
 CONFIG_COLUMNS = ("layer", "block", "block_rank", "op_type", "op_group", "option", "method", "bits", "nbytes",
-                  "fp16_bytes", "bits_per_weight", "score", "error")
+                  "fp16_bytes", "bits_per_weight", "score", "error", "component")
 PARETO_COLUMNS = ("source", "label", "avg_bits", "predicted", "pareto")
 
 # colours: one hue per method, darker for 4 bits (fp16 grey)
@@ -104,10 +105,59 @@ def family_naming(family: Any) -> Any:
 
 def describe_layer(name: str, family: Any = None) -> LayerInfo:
     """Block and op type of a layer name by ``family``'s naming rules (a family name or object; default:
-    the diffusers rules every built-in family uses). ``#main`` / ``#skip`` halves keep their suffix."""
+    the diffusers rules every built-in family uses). ``#main`` / ``#skip`` halves keep their suffix.
+    A pipeline multiquantizer's layer (``text_encoder.…``, ``denoiser.…``, ``vae_decoder.…``) is described
+    by :func:`describe_pipeline_layer`."""
+    head, _, rest = name.partition(".")
+    if rest and head in COMPONENT_NAMES:
+        return describe_pipeline_layer(name, family)
     if family is None:
         return DIFFUSERS_NAMING.describe(name)
     return family_naming(family).describe(name)
+
+
+# text encoders (CLIP, T5, BERT) and the VAE decoder: last path parts -> (op type, op group)
+_COMPONENT_OPS = (
+    (("q_proj", "q", "query", "to_q"), "SA-Q", "SA"), (("k_proj", "k", "key", "to_k"), "SA-K", "SA"),
+    (("v_proj", "v", "value", "to_v"), "SA-V", "SA"), (("out_proj", "o", "to_out.0", "attention.output.dense"), "SA-Out", "SA"),
+    (("fc1", "wi", "wi_0", "wi_1", "intermediate.dense"), "FF1", "FF"), (("fc2", "wo", "output.dense"), "FF2", "FF"),
+    (("conv1",), "Res-Conv1", "Res"), (("conv2",), "Res-Conv2", "Res"), (("conv_shortcut",), "Res-Shortcut", "Res"),
+    (("upsamplers.0.conv",), "Upsample", "Sampler"), (("post_quant_conv",), "PostQuant", "IO"),
+    (("conv_in",), "Conv-In", "IO"), (("conv_out",), "Conv-Out", "IO"), (("text_projection",), "Projection", "IO"),
+)
+_COMPONENT_RANK = {"text_encoder": 0, "text_encoder_2": 1, "text_encoder_3": 2, "denoiser": 10, "vae_decoder": 20}
+_COMPONENT_ABBR = {"text_encoder": "te", "text_encoder_2": "te2", "text_encoder_3": "te3", "vae_decoder": "vae"}
+
+
+def describe_pipeline_layer(name: str, family: Any = None) -> LayerInfo:
+    """Block and op type of a pipeline multiquantizer's layer: the denoiser's by ``family``'s rules, block
+    names unchanged; text encoder / VAE decoder layers by their stack index (``te.3``: layer 3 of the text
+    encoder; ``vae.up.1``, ``vae.mid``, ``vae.io``) and their last path parts (``SA-Q``, ``FF1``, ``Res-Conv1``).
+    ``block_rank`` orders the components as the pipeline runs them (text encoders < denoiser < decoder)."""
+    comp, _, rest = name.partition(".")
+    base = _COMPONENT_RANK.get(comp, 30) * 100000
+    if comp == "denoiser":
+        info = describe_layer(rest, family)
+        return LayerInfo(info.block, base + info.block_rank, info.op_type, info.op_group)
+    abbr = _COMPONENT_ABBR.get(comp, comp)
+    path = rest.split("#", 1)[0]
+    op_type, op_group = path.rsplit(".", 1)[-1], "Other"
+    for suffixes, t, g in _COMPONENT_OPS:
+        if any(path == sfx or path.endswith("." + sfx) for sfx in suffixes):
+            op_type, op_group = t, g
+            break
+    m = re.search(r"(?:^|\.)(?:layers|layer|block)\.(\d+)(?:\.|$)", path)
+    if comp.startswith("text_encoder"):
+        block, rank = (f"{abbr}.{m.group(1)}", 1 + int(m.group(1))) if m else (f"{abbr}.io", 0)
+    else:
+        up = re.search(r"up_blocks\.(\d+)", path)
+        if up:
+            block, rank = f"{abbr}.up.{up.group(1)}", 2 + int(up.group(1))
+        elif "mid_block" in path:
+            block, rank = f"{abbr}.mid", 1
+        else:
+            block, rank = f"{abbr}.io", 0 if "post_quant" in path or path.endswith("conv_in") else 1000
+    return LayerInfo(block, base + rank, op_type, op_group)
 
 
 def _layer_names(source: Any) -> List[str]:
@@ -136,7 +186,7 @@ def layer_table(source: Any) -> pd.DataFrame:
     for i, name in enumerate(_layer_names(source)):
         info = describe_layer(name, family)
         row = {"layer": name, "block": info.block, "block_rank": info.block_rank, "op_type": info.op_type,
-               "op_group": info.op_group}
+               "op_group": info.op_group, "component": layer_component(name)}
         spec = specs[i] if specs is not None and i < len(specs) and hasattr(specs[i], "numel") else None
         if spec is not None:
             row.update(numel=int(spec.numel), fp16_bytes=int(spec.fp16_bytes))
@@ -156,6 +206,7 @@ def _with_layer_info(df: pd.DataFrame) -> pd.DataFrame:
     df["block_rank"] = [infos[l].block_rank for l in df["layer"]]
     df["op_type"] = [infos[l].op_type for l in df["layer"]]
     df["op_group"] = [infos[l].op_group for l in df["layer"]]
+    df["component"] = [layer_component(l) for l in df["layer"]]
     return df
 
 
@@ -519,7 +570,8 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
     if layer_scores is not None:
         st = score_table(layer_scores)
         save_csv(st, "scores.csv")
-        for by in ("block", "op_type"):
+        groups = ("block", "op_type") + (("component",) if st["component"].nunique() > 1 else ())
+        for by in groups:
             save_csv(score_summary(st, by), f"scores_by_{by}.csv", index=True)
             save_fig(score_boxplot(st, by=by, hue="bits"), f"box_{by}.png")
     if module_scores is not None and len(module_scores):
@@ -532,7 +584,7 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
         save_csv(ct, f"config_{slug}.csv")
         save_csv(option_mix(ct, "op_type"), f"mix_{slug}.csv", index=True)
         avg = f" ({SizeTable.of(sizes).avg_bits(as_options(cfg)):.3f} avg bits)" if sizes is not None else ""
-        for by in ("op_type", "block"):
+        for by in ("op_type", "block") + (("component",) if ct["component"].nunique() > 1 else ()):
             save_fig(option_mix_barplot(ct, by=by, title=f"{name}{avg}: option mix per {by}"), f"mix_{slug}_{by}.png")
     if records or results:
         pt = pareto_table(records, results, metric=metric, sizes=sizes)

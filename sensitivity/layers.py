@@ -132,10 +132,6 @@ def find_layers(
     return layers
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def layer_weight(root: nn.Module, spec: LayerSpec) -> torch.Tensor:
     """The weight tensor of ``spec`` (a view of the slice for split halves)."""
     w = root.get_submodule(spec.module_path).weight

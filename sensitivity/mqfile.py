@@ -21,6 +21,16 @@ import numpy as np
 from .errors import CorruptFileError, SensitivityError
 
 FORMAT = "sensitivity.multiquantizer/1"
+#: pipeline components, in generation order; a pipeline multiquantizer's layer names start with one
+#: (``text_encoder.…``, ``denoiser.…``, ``vae_decoder.…``; :mod:`sensitivity.pipeline_quant`)
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENT_NAMES = TEXT_ENCODER_ATTRS + ("denoiser", "vae_decoder")
+
+
+def layer_component(name: str) -> str:
+    """The pipeline component of a layer name (``denoiser`` for a denoiser-only multiquantizer's names)."""
+    head, _, rest = name.partition(".")
+    return head if rest and head in COMPONENT_NAMES else "denoiser"
 MANIFEST_KEY = "sensitivity.manifest"
 _DTYPES = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I32": np.int32}
 _NP_TO_ST = {np.dtype(np.uint8): "U8", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}

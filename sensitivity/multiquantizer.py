@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig, as_options
 from .errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
+from .io import atomic_path, resume_parts
 from .threads import threads_for, using_threads
 from .layers import LayerSpec, architecture_hash, check_ties, find_layers, layer_weight, weights_hash
 from .options import FP16, OPTION_NAMES, QuantOption
@@ -115,6 +116,11 @@ class Multiquantizer:
     @property
     def hash(self) -> str:
         return self.manifest["hash"]
+
+    @property
+    def components(self) -> Dict[str, Dict[str, Any]]:
+        """A pipeline multiquantizer's ``{component: {...}}`` (:mod:`sensitivity.pipeline_quant`); ``{}`` else."""
+        return dict(self.manifest.get("components") or {})
 
     def __contains__(self, layer: str) -> bool:
         return layer in self._entries
@@ -268,10 +274,6 @@ class Multiquantizer:
             for o in opts:
                 self._load(name, o)
 
-    def clear_cache(self) -> None:
-        self._codes.clear()
-        self._params.clear()
-
     # ---- checks ----------------------------------------------------------------------------------
     def check_model(self, module: nn.Module, check_weights: bool = True) -> None:
         """Raise MultiquantizerMismatchError if ``module`` is not the model this file was built for."""
@@ -290,7 +292,16 @@ class Multiquantizer:
             state = _state(module)
             if state is not None and state["options"]:
                 raise SensitivityError("check_model: the model has a config applied; call restore() first")
-            if weights_hash(module, self.layers) != self.manifest["weights_hash"]:
+            comps = self.manifest.get("components")
+            if comps:  # a pipeline multiquantizer: one weights hash per component (names start with it)
+                by_comp: Dict[str, List[LayerSpec]] = {}
+                for spec in self.layers:
+                    by_comp.setdefault(spec.name.split(".", 1)[0], []).append(spec)
+                for comp, specs in by_comp.items():
+                    if weights_hash(module, specs) != comps[comp]["weights_hash"]:
+                        raise MultiquantizerMismatchError(
+                            f"{where}: the {comp}'s weights differ from the ones it was built from")
+            elif weights_hash(module, self.layers) != self.manifest["weights_hash"]:
                 raise MultiquantizerMismatchError(f"{where}: the model's weights differ from the ones it was built from")
 
 
@@ -386,26 +397,8 @@ def build_multiquantizer(
                 "methods": {QuantOption.parse(o).method: st for o, st in option_set.items()}}
     plan = {"format": FORMAT, "architecture_hash": arch, "weights_hash": whash}
 
-    parts = out.with_name(out.name + ".parts")
-    plan_file = parts / "plan.json"
-    if parts.exists():
-        try:
-            old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-        except (ValueError, OSError):
-            old = None
-        same_model = isinstance(old, dict) and all(old.get(k) == v for k, v in plan.items())
-        if resume and old is not None and not same_model:
-            raise SensitivityError(
-                f"{parts} holds an unfinished build for another model (architecture or weights differ); "
-                "delete it or rebuild with --restart"
-            )
-        if not resume or not same_model:
-            shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not plan_file.exists():
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+    parts = resume_parts(out, plan, restart=not resume, mismatch="holds an unfinished build for another model "
+                         "(architecture or weights differ); delete it or rebuild with --restart")
 
     layer_stats: List[Dict[str, Any]] = []
     seconds = 0.0  # quantization seconds, summed over resumed runs
@@ -455,11 +448,10 @@ def build_multiquantizer(
                     by_opt[o].append((name, reader.get(name)))
         tensors = [t for o in options for t in by_opt[o]]
         stats = {o: (kept[o] if o in kept else new_stats[o]) for o in options}
-        tmp = part.with_suffix(".tmp")
         meta = {"layer": json.dumps(spec.to_dict()), "stats": json.dumps(stats), "seconds": repr(dt + prev_seconds),
                 "settings": json.dumps(option_set)}
-        _write_safetensors(tmp, tensors, meta)
-        os.replace(tmp, part)
+        with atomic_path(part, "multiquantizer part") as tmp:
+            _write_safetensors(tmp, tensors, meta)
         layer_stats.append(stats)
         bar.set_postfix_str(spec.name[-40:])
     bar.close()
@@ -495,10 +487,8 @@ def build_multiquantizer(
     manifest["quantize_seconds"] = round(seconds, 3)
     # wall seconds of this run (hashing + quantizing, before the final streaming copy) + resumed parts
     manifest["build_seconds"] = round(resumed_seconds + time.perf_counter() - t0, 3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    _write_safetensors(tmp, tensors, {MANIFEST_KEY: json.dumps(manifest)})
-    os.replace(tmp, out)
+    with atomic_path(out, "multiquantizer") as tmp:
+        _write_safetensors(tmp, tensors, {MANIFEST_KEY: json.dumps(manifest)})
     shutil.rmtree(parts, ignore_errors=True)
     return load_multiquantizer(out)
 

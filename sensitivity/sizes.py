@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import SensitivityError
 from .options import FP16, OPTION_NAMES, QuantOption, canonical
+from .registry import Registry
 
 MISSING = -1  # nbytes of a (layer, option) the table does not hold
 
@@ -217,11 +218,6 @@ class SizeTable:
         for i, j in self.rows:
             yield self.layers[i], self.options[j], int(self.nbytes[i, j])
 
-    def layer_options(self, layer: str) -> List[str]:
-        """The options the table holds for ``layer``."""
-        i = self._layer(layer)
-        return [self.options[j] for ii, j in self.rows if ii == i]
-
     def _layer(self, layer: str) -> int:
         i = self.index.get(layer)
         if i is None:
@@ -251,6 +247,22 @@ class SizeTable:
 
     def quantized_bytes(self, config: Mapping[str, str]) -> int:
         return self.config_bytes(config)[0]
+
+    def component_bytes(self, config: Mapping[str, str]) -> Dict[str, int]:
+        """``{component: Σ bytes of its layers}`` under ``config`` (absent / fp16 layers at fp16 bytes); the
+        component of a layer is the first part of a pipeline multiquantizer's names, else ``denoiser``."""
+        from .mqfile import layer_component
+
+        out: Dict[str, int] = {}
+        for i, layer in enumerate(self.layers):
+            c = layer_component(layer)
+            out[c] = out.get(c, 0) + int(self.fp16_bytes[i])
+        for layer, opt in config.items():
+            i, j = self._cell(layer, opt)
+            if j is not None:
+                c = layer_component(layer)
+                out[c] += int(self.nbytes[i, j]) - int(self.fp16_bytes[i])
+        return out
 
     def avg_bits(self, config: Mapping[str, str]) -> float:
         """``16 · Σ quantized bytes / Σ fp16 bytes`` over the table's layers."""
@@ -331,3 +343,78 @@ class SizeTable:
 
     def __repr__(self) -> str:
         return f"SizeTable({len(self.layers)} layers x {len(self.options)} options, {self.fp16_total} fp16 bytes)"
+
+
+# ---- bytes in memory (``--target-memory``) -------------------------------------------------------
+#: how a run-time policy holds a layer's weight: ``fn(layer, option, stored_bytes, fp16_bytes) -> bytes``
+#: (``option`` may be ``fp16``); ``stored`` (the default) keeps the stored bytes: packed kernels read the codes
+#: as stored. A policy that dequantizes a layer once returns its fp16 bytes for it.
+MEMORY_MODELS: Registry = Registry("memory model", replace=True)
+DEFAULT_MEMORY_MODEL = "stored"
+
+
+def register_memory_model(name: str, fn: Any, replace: bool = False) -> Any:
+    """Register memory model ``name`` (see :data:`MEMORY_MODELS`); the run-time policies of
+    :mod:`sensitivity.export` register theirs, ``search --target-memory --memory-model NAME`` uses them."""
+    if name in MEMORY_MODELS.names() and not replace:
+        raise SensitivityError(f"memory model {name!r} is already registered")
+    return MEMORY_MODELS.register(name, fn)
+
+
+def memory_model_names() -> List[str]:
+    return list(MEMORY_MODELS.names())
+
+
+def memory_model(name: str) -> Any:
+    return MEMORY_MODELS.get(name)
+
+
+def stored_bytes(layer: str, option: str, stored: int, fp16_bytes: int) -> int:
+    """The ``stored`` memory model: a layer is held as stored (fp16 layers at fp16)."""
+    return int(stored)
+
+
+register_memory_model(DEFAULT_MEMORY_MODEL, stored_bytes)
+
+
+def memory_table(sizes: "SizeTable", model: str = DEFAULT_MEMORY_MODEL) -> "SizeTable":
+    """``sizes`` with every (layer, option)'s bytes and every layer's fp16 bytes as the memory model holds them."""
+    fn = memory_model(model)
+    if fn is stored_bytes:
+        return sizes
+    nb = sizes.nbytes.copy()
+    fp = np.array([int(fn(l, FP16, int(b), int(b))) for l, b in zip(sizes.layers, sizes.fp16_bytes)], np.int64)
+    for i, j in sizes.rows:
+        nb[i, j] = int(fn(sizes.layers[i], sizes.options[j], int(sizes.nbytes[i, j]), int(sizes.fp16_bytes[i])))
+    return SizeTable(sizes.layers, sizes.options, fp, nb, sizes.error, sizes.sse, rows=sizes.rows)
+
+
+_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: Any, name: str = "--target-memory") -> int:
+    """``"4.5GB"`` (10^9) / ``"4GiB"`` (2^30) / ``"800MB"`` / ``"123456"`` (bytes) -> int bytes."""
+    import re
+    from decimal import Decimal, InvalidOperation
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS and unit != "":
+        raise SensitivityError(f"{name} {text!r}: expected a size such as 4.5GB, 4GiB, 800MB or a byte count")
+    try:
+        value = Decimal(m.group(1)) * _UNITS.get(unit or "b", 1)
+    except InvalidOperation:
+        raise SensitivityError(f"{name} {text!r}: not a number") from None
+    if value <= 0:
+        raise SensitivityError(f"{name} {text!r} must be positive")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as ``1.234 GB`` / ``12.3 MB`` / ``512 kB`` (powers of 10, as ``--target-memory`` reads them)."""
+    n = float(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{int(n)} B"

@@ -3,7 +3,7 @@
 On a 2-core machine with other jobs running, a parallel region of 2 threads on a small tensor waits
 for a core that another process holds: building the digits-dit multiquantizer (46 small layers) took
 33.5 s with 2 threads at load average 7 and 3.2 s with one thread under the same load
-(``benchmarks/README.md``). So small work runs on one thread, and large work on the cores that are
+(``benchmarks/bench_build.py``). So small work runs on one thread, and large work on the cores that are
 actually free (affinity minus load), never more than the machine has.
 """
 

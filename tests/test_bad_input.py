@@ -193,6 +193,8 @@ MULTIQUANTIZE = {
                        "foo-4"),
     "unknown-weights": (lambda w: ["multiquantize", FAMILY, "--weights", w.d / "nosuch-folder",
                                    "--out", w.out / "x.safetensors"], "nosuch-folder"),
+    "components-unknown": (lambda w: ["multiquantize", FAMILY, "--components", "denoiser,nosuch", "--out",
+                                      w.out / "x.safetensors"], ["--components", "nosuch"]),
     "zero-threads": (lambda w: ["multiquantize", FAMILY, "--threads", "0", "--out", w.out / "x.safetensors"],
                      "--threads"),
     "issue:nan-weights": (lambda w: ["multiquantize", FAMILY, "--weights", w.nanw, "--no-progress",
@@ -383,6 +385,12 @@ SEARCH = {
                                      "--out", w.out / "s.json"], "nosuch"),
     "uniform-unknown-option": (lambda w: ["search", "--baseline", "uniform", "--option", "uaq-9", "--multiquantizer",
                                           w.mq, "--out", w.out / "s.json"], "uaq-9"),
+    "target-memory-unit": (lambda w: _search(w, "--target-memory", "4.5XB"), ["--target-memory", "4.5XB"]),
+    "target-memory-infeasible": (lambda w: _search(w, "--target-memory", "1kB"), ["--target-memory", "infeasible"]),
+    "memory-model-unknown": (lambda w: _search(w, "--target-memory", "1GB", "--memory-model", "nosuch"),
+                             ["memory model", "nosuch"]),
+    "target-memory-allocator": (lambda w: _search(w, "--target-memory", "1GB", "--baseline", "sdnq"),
+                              ["--target-memory", "sdnq"]),
     "issue:target-inf": (lambda w: _search(w, "--target-bits", "inf"), ["--target-bits", "inf"]),
     "issue:target-above-16": (lambda w: _search(w, "--target-bits", "17"), ["17", "16"]),
     "target-above-options": (lambda w: _search(w, "--target-bits", "5"), ["--target-bits 5", "above 4.2080"]),
@@ -477,3 +485,302 @@ def test_atomic_helpers(tmp_path):
     with pytest.raises(SensitivityError, match="not a folder"):
         with atomic_dir(f):
             pass
+
+
+# ======================================================================================================
+# Issue 24: the workflows added since (calibrate-data, calibrate, finetune, export, components, search
+# baselines, sample options). One row per case of the issue (``case N``), same three checks.
+# ======================================================================================================
+@pytest.fixture(scope="module")
+def v(w, tmp_path_factory):
+    """Inputs of the issue-24 cases, beside ``w``'s (in ``w.d``, so the checks see them unchanged)."""
+    import torch
+
+    from sensitivity.config import QuantConfig
+    from sensitivity.io import _host
+
+    d = w.d
+    ns = type("V", (), {})()
+    ns.cal_dir = d / "cal_dir.safetensors"  # a folder where the calibration file should go
+    ns.cal_dir.mkdir()
+    ns.cfg_family = d / "cfg_family.json"  # "model": the family name alone (accepted everywhere)
+    QuantConfig({n: "uaq-4" for n in w.layers[:4]}, model=FAMILY).save(ns.cfg_family)
+    ns.cfg_unet = d / "cfg_unet.json"  # a config of another model (refused everywhere, one message)
+    QuantConfig({n: "uaq-4" for n in w.layers[:4]}, model="digits-unet:shipped").save(ns.cfg_unet)
+    ns.ft_damaged = d / "ft-damaged"  # a fine-tuning run whose checkpoint was cut short
+    (ns.ft_damaged / "checkpoints").mkdir(parents=True)
+    (ns.ft_damaged / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04" + os.urandom(300))
+
+    # a predictor folder whose fold tensors are listed but whose weights.safetensors is gone
+    pred = tmp_path_factory.mktemp("pred") / "bits"
+    assert main(["train", str(w.cache), "--model", FAMILY, "--predictor", "bits", "--baselines", "", "--folds", "2",
+                 "--no-scores", "--out", str(pred)]) == 0
+    ns.pred_noweights = d / "pred-noweights"
+    shutil.copytree(pred, ns.pred_noweights)
+    man = json.loads((ns.pred_noweights / "predictor.json").read_text())
+    man["members"]["bits"]["folds"][0]["tensors"] = ["coef"]
+    (ns.pred_noweights / "predictor.json").write_text(json.dumps(man))
+
+    # a packed export, written with a stale temporary of a killed export beside it and a group-readable umask
+    dead = _dead_pid()
+    ns.exports = tmp_path_factory.mktemp("exports")
+    stale = ns.exports / f".packed.{_host()}-{dead}-0123abcd.tmp"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"\0" * 1000)
+    old = os.umask(0o022)
+    try:
+        assert main(["export", FAMILY, "--weights", "shipped", "--multiquantizer", str(w.mq), "--config",
+                     str(ns.cfg_family), "--format", "packed", "--out", str(ns.exports / "packed")]) == 0
+    finally:
+        os.umask(old)
+    ns.export = ns.exports / "packed"
+    ns.edited_export = d / "edited-export"  # config.json hand-edited: same shapes, another norm_eps
+    shutil.copytree(ns.export, ns.edited_export)
+    cfg = json.loads((ns.edited_export / "config.json").read_text())
+    cfg["norm_eps"] = 1e-2
+    (ns.edited_export / "config.json").write_text(json.dumps(cfg, indent=2))
+    torch.manual_seed(0)
+    return ns
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _cal_data(w, *extra, out=None):
+    return ["calibrate-data", FAMILY, "--weights", "shipped", "--num", "2", "--no-progress",
+            "--out", out or w.out / "cal.safetensors", *extra]
+
+
+def _finetune(w, *extra, out=None, cfg=None):
+    return ["finetune", FAMILY, "--weights", "shipped", "--multiquantizer", w.mq, "--config", cfg or w.cfg,
+            "--steps", "2", "--batch-size", "4", "--no-progress", "--out", out or w.out / "ft", *extra]
+
+
+def _export(w, *extra, cfg=None, fmt="packed"):
+    return ["export", FAMILY, "--weights", "shipped", "--multiquantizer", w.mq, "--config", cfg or w.cfg,
+            "--format", fmt, "--out", w.out / "exp", *extra]
+
+
+def _calibrate(w, *extra, cfg=None):
+    return ["calibrate", FAMILY, "--weights", "shipped", "--multiquantizer", w.mq, "--config", cfg or w.cfg,
+            "--data", w.d / "nosuch-cal.safetensors", "--out", w.out / "calibrated", *extra]
+
+
+def _hawq(w, *extra):
+    return ["search", "--baseline", "hawq", "--multiquantizer", w.mq, "--target-bits", "3.5", "--out",
+            w.out / "h.json", *extra]
+
+
+ISSUE24 = {
+    "case1:calibrate-data-out-is-folder": (lambda w, v: _cal_data(w, out=v.cal_dir), ["cal_dir.safetensors", "folder"]),
+    "case1:calibrate-data-readonly": (lambda w, v: _cal_data(w, out=w.ro / "c.safetensors"), ["c.safetensors", "not writable"]),
+    "case2:finetune-damaged-checkpoint": (lambda w, v: _finetune(w, out=v.ft_damaged), ["last.pt", "delete it", "--restart"]),
+    "case3:predict-no-weights-file": (lambda w, v: ["predict", "--predictor", v.pred_noweights, "--cache", w.cache,
+                                                    "--out", w.out / "p.csv"], ["pred-noweights", "weights.safetensors"]),
+    "case3:search-no-weights-file": (lambda w, v: ["search", "--predictor", v.pred_noweights, "--multiquantizer", w.mq,
+                                                   "--target-bits", "3.5", "--out", w.out / "s.json"],
+                                     ["pred-noweights", "weights.safetensors"]),
+    "case4:hawq-calibration-samples-negative": (lambda w, v: _hawq(w, "--calibration-samples", "-4"),
+                                                ["--calibration-samples", "-4"]),
+    "case4:hawq-calibration-samples-zero": (lambda w, v: _hawq(w, "--calibration-samples", "0"),
+                                            ["--calibration-samples", "0"]),
+    "case5:sample-set-steps-negative": (lambda w, v: _sample(w, "--set", "steps=-3"), ["--set steps", "-3"]),
+    "case5:sample-set-guidance-nan": (lambda w, v: _sample(w, "--set", "guidance=nan"), ["--set guidance", "nan"]),
+    "case5:sample-set-steps-and-steps": (lambda w, v: _sample(w, "--steps", "4", "--set", "steps=5"), ["steps given twice", "--set steps"]),
+    "case6:calibrate-data-set-steps-negative": (lambda w, v: _cal_data(w, "--set", "steps=-3"), ["--set steps", "-3"]),
+    "case7:finetune-lr-nan": (lambda w, v: _finetune(w, "--lr", "nan"), ["--lr", "nan"]),
+    "case7:finetune-lr-zero": (lambda w, v: _finetune(w, "--lr", "0"), ["--lr", "0"]),
+    "case8:export-pipeline-with-packed": (lambda w, v: _export(w, "--pipeline"), ["--pipeline", "sdnq"]),
+    "case8:export-float-dtype-with-sdnq": (lambda w, v: _export(w, "--float-dtype", "fp16", fmt="sdnq"),
+                                           ["--float-dtype", "packed"]),
+    "case8:export-opset-5": (lambda w, v: _export(w, "--opset", "5", fmt="onnx"), ["--opset", "5"]),
+    "case9:export-config-of-another-model": (lambda w, v: _export(w, cfg=v.cfg_unet), ["cfg_unet.json", "digits-unet"]),
+    "case9:finetune-config-of-another-model": (lambda w, v: _finetune(w, cfg=v.cfg_unet), ["cfg_unet.json", "digits-unet"]),
+    "case9:calibrate-config-of-another-model": (lambda w, v: _calibrate(w, cfg=v.cfg_unet), ["cfg_unet.json", "digits-unet"]),
+    "case9:evaluate-config-of-another-model": (lambda w, v: _evaluate(w, "--config", v.cfg_unet),
+                                               ["cfg_unet.json", "digits-unet"]),
+    "case9:infer-config-of-another-model": (lambda w, v: _infer(w, "--config", v.cfg_unet), ["cfg_unet.json", "digits-unet"]),
+    "case10:infer-edited-export-config": (lambda w, v: ["infer", "--quantized", v.edited_export, "--class-id", "3",
+                                                        "--out", w.out / "images"], ["config.json", "modified"]),
+    "case11:export-onto-existing-export": (lambda w, v: _export(w, cfg=v.cfg_family) + ["--out", v.export],
+                                           ["packed", "already exists", "--overwrite"]),
+    "case13:calibrate-adaround-iters-negative": (lambda w, v: _calibrate(w, "--adaround-iters", "-5"),
+                                                 ["--adaround-iters", "-5"]),
+    "case14:components-option-for-unreported": (lambda w, v: ["components", "digits-sd", "--weights", "shipped",
+                                                              "--component-option", "denoiser=int8",
+                                                              "--components", "vae_decoder", "--out", w.out / "c"],
+                                                ["denoiser", "not among"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ISSUE24))
+def test_issue24_cases(w, v, capsys, case):
+    argv, expect = ISSUE24[case]
+    if "readonly" in case and w.ro is None:
+        pytest.skip("no folder here that this process cannot write")
+    if "sdnq" in case or "onnx" in case or "opset" in case:
+        import importlib.util
+
+        if importlib.util.find_spec("sdnq" if "sdnq" in case else "onnx") is None:
+            pytest.skip("the export extra is not installed")
+    last = check(w, capsys, argv(w, v), expect)
+    assert "weights_only=False" not in last
+
+
+def test_issue24_every_case_has_a_row():
+    """The 15 cases of issue 24: rows above for the refusals, tests below for the others."""
+    rows = {int(k.split(":")[0][4:]) for k in ISSUE24}
+    elsewhere = {5: "test_set_steps_is_the_steps_setting", 11: "test_io.test_two_runs_racing_for_one_folder_cannot_both_win",
+                 12: "test_export_clears_stale_temporaries_and_honours_the_umask", 14: "test_components_option_of_one_component",
+                 15: "test_export_clears_stale_temporaries_and_honours_the_umask"}
+    assert rows | set(elsewhere) == set(range(1, 16))
+
+
+def test_export_clears_stale_temporaries_and_honours_the_umask(v):
+    """Cases 12 and 15: the export written in the fixture removed the killed run's temporary beside it,
+    and its files have the umask's modes (0644 under 022), not the 0600 of a temporary file."""
+    assert sorted(p.name for p in v.exports.iterdir()) == ["packed"]
+    files = [p for p in v.export.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "sensitivity_export.json"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}
+    assert oct(v.export.stat().st_mode & 0o777) == oct(0o755)
+    rec = json.loads((v.export / "sensitivity_export.json").read_text())
+    assert rec["config_digest"] and rec["config"]["model"] == FAMILY  # case 9: the family name is accepted
+
+
+def test_export_loads_with_its_own_config(v):
+    """Case 10's other side: the untouched export loads (the digest matches what was written)."""
+    from sensitivity.export import load_quantized
+
+    assert type(load_quantized(v.export)).__name__ == "DiTTransformer2DModel"
+
+
+def test_set_steps_is_the_steps_setting():
+    """Case 5: ``--set steps=N`` / ``--set guidance=G`` are the steps / guidance settings of the protocol
+    (before, they went to the pipeline as unknown extra options and every config failed)."""
+    from sensitivity.errors import SensitivityError
+    from sensitivity.evaluation.evaluator import EvalProtocol
+
+    a = EvalProtocol.for_family(FAMILY, "shipped", n_per_class=1, steps=7, guidance=2.0)
+    b = EvalProtocol.for_family(FAMILY, "shipped", n_per_class=1, extra={"steps": 7, "guidance": 2.0})
+    assert a == b and a.signature() == b.signature() and a.steps == 7 and a.extra == ()
+    with pytest.raises(SensitivityError, match="steps given twice"):
+        EvalProtocol.for_family(FAMILY, "shipped", n_per_class=1, steps=8, extra={"steps": 7})
+    with pytest.raises(SensitivityError, match="--steps must be >= 1"):
+        EvalProtocol.for_family(FAMILY, "shipped", n_per_class=1, extra={"steps": 0})
+
+
+def test_set_steps_evaluates(w, capsys, tmp_path):
+    """Case 5 end to end: a valid ``--set steps=2 --set guidance=2`` evaluation succeeds with those settings."""
+    cache = tmp_path / "e.sqlite"
+    rc = main([str(a) for a in _evaluate(w, "--set", "steps=2", "--set", "guidance=2.0", "--cache", cache,
+                                         "--class-ids", "0-1", "--json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    from sensitivity.evaluation.cache import ConfigCache
+
+    with ConfigCache(cache) as c:
+        proto = c.evaluation
+    assert proto["steps"] == 2 and proto["guidance"] == 2.0 and not proto.get("extra")
+
+
+def test_components_option_of_one_component():
+    """Case 14: ``--component-option denoiser=int8 --components denoiser`` needs no option for the others."""
+    from sensitivity.components import Component, parse_component_configs
+    from sensitivity.errors import SensitivityError
+    from sensitivity.layers import LayerSpec
+
+    def comp(name):
+        spec = LayerSpec(name=f"{name}.l", module_path=f"{name}.l", kind="linear", shape=(4, 4))
+        return Component(name, name, None, [spec])
+
+    comps = {n: comp(n) for n in ("text_encoder", "denoiser", "vae_decoder")}
+    assert parse_component_configs(comps, None, {"denoiser": "int8"}, only=["denoiser"]) == \
+        {"denoiser": {"denoiser.l": "int8"}}
+    with pytest.raises(SensitivityError, match="'text_encoder': no option"):
+        parse_component_configs(comps, None, {"denoiser": "int8"})
+
+
+def test_every_numeric_option_has_a_constraint():
+    """Every int/float option of every subcommand has an entry in checks.CONSTRAINTS that its default
+    meets, and NaN given to it is refused at the door naming the option (issue 24)."""
+    import argparse
+
+    from sensitivity.checks import check_arguments, constraint_for, numeric_actions
+    from sensitivity.cli import COMMANDS, build_parser
+    from sensitivity.errors import SensitivityError
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    missing, seen = [], 0
+    for command, p in sub.choices.items():
+        for action in numeric_actions(p):
+            seen += 1
+            c = constraint_for(action.dest, command)
+            if c is None:
+                missing.append(f"{command} {max(action.option_strings, key=len)}")
+                continue
+            c.check(action.dest, action.default)
+            args = argparse.Namespace(**{a.dest: a.default for a in p._actions})
+            setattr(args, action.dest, float("nan"))
+            name = max(action.option_strings, key=len) if action.option_strings else action.dest
+            with pytest.raises(SensitivityError, match=f"^{name} must be a finite number"):
+                check_arguments(p, args, command)
+    assert seen >= 80
+    assert not missing, "numeric options without a constraint in sensitivity.checks.CONSTRAINTS: " + ", ".join(missing)
+
+
+# every subcommand that writes: its output in a folder it cannot write is refused before any work
+def _with_out(argv, w, name="x"):
+    return argv[:argv.index("--out") + 1] + [w.ro / name] + argv[argv.index("--out") + 2:]
+
+
+OUTPUTS = {
+    "multiquantize": lambda w, v: ["multiquantize", FAMILY, "--out", w.ro / "x.safetensors"],
+    "infer": lambda w, v: _with_out(_infer(w), w, "images"),
+    "demo": lambda w, v: ["demo", "--out", w.ro / "demo"],
+    "sample": lambda w, v: _sample(w, cache=w.ro / "s.sqlite"),
+    "evaluate": lambda w, v: _evaluate(w, "--cache", w.ro / "e.sqlite"),
+    "graph": lambda w, v: ["graph", FAMILY, "--out", w.ro / "g.svg"],
+    "train": lambda w, v: _with_out(_train(w), w, "pred"),
+    "predict": lambda w, v: ["predict", "--predictor", v.pred_noweights, "--cache", w.cache, "--out", w.ro / "p.csv"],
+    "search": lambda w, v: _with_out(_search(w, "--target-bits", "3.5"), w, "s.json"),
+    "insights": lambda w, v: ["insights", "--cache", w.cache, "--out", w.ro / "ins"],
+    "components": lambda w, v: ["components", "digits-sd", "--weights", "shipped", "--option", "int8",
+                                "--out", w.ro / "c"],
+    "calibrate-data": lambda w, v: _cal_data(w, out=w.ro / "c.safetensors"),
+    "calibrate": lambda w, v: _with_out(_calibrate(w), w, "calibrated"),
+    "export": lambda w, v: _with_out(_export(w), w, "exp"),
+    "finetune": lambda w, v: _finetune(w, out=w.ro / "ft"),
+    "cache": lambda w, v: ["cache", "export", w.cache, "--out", w.ro / "x.csv"],
+}
+
+
+def test_every_writing_subcommand_has_an_output_row():
+    import argparse
+
+    from sensitivity.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    def writes(p):  # an --out anywhere in the subcommand (cache: in its export / import subcommands)
+        return any(writes(s) for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                   for s in a.choices.values()) or any(a.dest == "out" for a in p._actions)
+
+    writing = {c for c, p in sub.choices.items() if writes(p)} | {"sample", "evaluate"}  # these two write --cache
+    assert writing <= set(OUTPUTS), f"no read-only-output row for {sorted(writing - set(OUTPUTS))}"
+
+
+@pytest.mark.parametrize("command", list(OUTPUTS))
+def test_output_in_a_readonly_folder(w, v, capsys, command):
+    if w.ro is None:
+        pytest.skip("no folder here that this process cannot write")
+    check(w, capsys, OUTPUTS[command](w, v), "not writable")

@@ -1,6 +1,7 @@
 """`sensitivity demo`: the whole pipeline on digits-dit at a tiny size, its outputs, and its resume."""
 
 import json
+import os
 
 import pytest
 
@@ -64,3 +65,21 @@ def test_demo_bad_input(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--targets", "3.5,abc"]) == 2
     assert "--targets" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SENSITIVITY_LONG_TESTS") != "1",
+                    reason="about 12 minutes wall on the shared 2-core machine (the suite's budget is 10): "
+                    "SENSITIVITY_LONG_TESTS=1 runs it")
+def test_demo_digits_sd_whole_pipeline(tmp_path, capsys):
+    """--model digits-sd --components all: text encoder, UNet and VAE decoder searched under one budget."""
+    out = tmp_path / "out"
+    argv = ["demo", "--out", str(out), "--model", "digits-sd", "--components", "all", "--options", "uaq-4", "uaq-3",
+            "--quick"] + TINY
+    assert main(argv) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "digits-sd" and s["rows"]
+    searched = [json.loads(p.read_text()) for p in sorted((out / "search").glob("search-*.json"))]
+    assert searched and all({k.split(".", 1)[0] for k in c["options"]} <= {"text_encoder", "denoiser", "vae_decoder"}
+                            for c in searched)
+    assert (out / "insights" / "scores_by_component.csv").is_file()

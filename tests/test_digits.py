@@ -107,7 +107,7 @@ def test_evaluator_full_precision_quantized_and_restore(dit, dit_mq):
     q3 = ev.evaluate(all3)
     assert weights_hash(den, dit_mq.layers) == before  # restored bit-exactly
     q4 = ev.evaluate({s.name: "uaq-4" for s in dit_mq.layers})
-    # paired metrics separate 3 from 4 bits even on 50 images (FID needs more: see the README's table)
+    # paired metrics separate 3 from 4 bits even on 50 images (FID needs more: docs/results/digits-models.md)
     assert q3["mse"] > q4["mse"] > 0 and q3["psnr"] < q4["psnr"] < 40
     again = ev.evaluate(all3)  # same seeds -> same images and metrics
     assert {k: again[k] for k in ("fid", "kid", "accuracy", "psnr", "mse")} == \
@@ -132,7 +132,7 @@ def test_protocol_signature():
 
 def test_fid_shows_quantization_at_the_default_protocol(dit, dit_mq):
     # the protocol users get by default (10 steps, no guidance): FID and accuracy see 3 vs 4 bits vs
-    # full precision on 200 images. At guidance 2 they did not (README, "Why no guidance").
+    # full precision on 200 images. At guidance 2 they did not (docs/guide/models.md).
     fam, pipe = dit
     ev = Evaluator(fam, pipe, dit_mq, EvalProtocol.for_family(fam, n_per_class=20))
     assert ev.protocol.guidance == 1.0

@@ -2,7 +2,7 @@
 
 Full-size numbers checked on the meta device (no memory): Conv/Linear modules, quantized layers,
 denoiser parameters, and the fp16 bytes of the quantized layers, which equal the reference's
-FP_SIZE constants (method.md §1.1) for every model.
+FP_SIZE constants (docs/method.md §1.1, §1.3) for every model.
 """
 
 import json
@@ -104,7 +104,7 @@ def test_meta_full_size_counts(name):
 
 
 def test_reference_counts_explained():
-    """Each family's count vs the reference's weight-node count (method.md §1.1), difference by difference."""
+    """Each family's count vs the reference's weight-node count (docs/method.md §1.1), difference by difference."""
     sd15, sdxl, dit, hy = (get_family(n) for n in ("sd15", "sdxl", "dit-xl-2", "hunyuan-dit"))
     # SD1.5: 282 layers + 12 split conv_shortcut halves (ldm's output-block skip_connection) = 294
     l15 = sd15.find_layers(meta("sd15"))

@@ -8,7 +8,7 @@ auto``, and times each part of one config's labelling:
 
 * ``apply`` / ``restore``: a random config written into the denoiser and taken out again (warm);
 * ``generate``: the protocol's images (1,000 prompts; SD1.5: 50 PLMS steps, CFG 7.5, 512 px; PixArt-α:
-  20 DPM-Solver steps, CFG 4.5, 512 px; ``method.md`` §3) in batches of the auto batch size. One batch
+  20 DPM-Solver steps, CFG 4.5, 512 px; ``docs/method.md`` §3) in batches of the auto batch size. One batch
   is timed at two step counts; a step's time and the per-batch rest (text encoders, VAE decode) give
   ``ceil(1000 / batch) x (rest + steps x step)``, so a 50-step config is not run in full;
 * ``score``: PSNR / MSE of 1,000 images against the full-precision ones (FID / KID need clean-fid's
@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-PROTOCOL_IMAGES = 1000  # method.md §3: the first 1000 COCO captions, one image each
+PROTOCOL_IMAGES = 1000  # docs/method.md §3: the first 1000 COCO captions, one image each
 TARGET_CONFIGS = 500
 P8_HOURS = 8.0
 MODELS = ("sd15", "pixart-alpha")

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import check_values
 from ..errors import SensitivityError
 from . import ALLOCATORS
 
@@ -174,6 +175,7 @@ def sensitivity_table(mq, den: torch.nn.Module, mode: str = "trace",
     ``attrs`` (``cpu_seconds``, ``hvps`` or ``gradients``). ``loss_fn`` default: the digits loss."""
     if mode not in ("trace", "fisher"):
         raise SensitivityError(f"hawq: mode must be 'trace' or 'fisher', got {mode!r}")
+    check_values(calibration_samples=num_samples, seed=seed)
     if loss_fn is None:
         fam = family or str(mq.model_id).split(":", 1)[0]
         if not fam.startswith("digits"):

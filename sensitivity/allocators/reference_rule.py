@@ -1,4 +1,4 @@
-"""The reference's own construction (Qua2SeDiMo, method.md §6): top-1 subgraph variant per module.
+"""The reference's own construction (Qua2SeDiMo, docs/method.md §6): top-1 subgraph variant per module.
 
 The reference trains its predictor on ``-FID - λ·avg_bits`` and keeps, for every module (subgraph),
 the option combination with the highest predicted subgraph score; the bit width follows from λ, not
@@ -12,7 +12,7 @@ the budget as a constraint, which is what this baseline shows the value of.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_values
 from ..errors import CorruptFileError, SensitivityError
+from ..io import atomic_path, atomic_write_json, check_writable, resume_parts
 from ..layers import architecture_hash
 
 FORMAT = "sensitivity.calibration-set/1"
@@ -103,12 +105,10 @@ class CalibrationSet:
         path = Path(path)
         if len(self) == 0:
             raise SensitivityError(f"{path}: refusing to write an empty calibration set")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "format": FORMAT, "constants": self.constants, "num_samples": len(self)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
-                  metadata={META_KEY: json.dumps(meta, default=str)})
-        os.replace(tmp, path)
+        with atomic_path(path, "calibration set") as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                      metadata={META_KEY: json.dumps(meta, default=str)})
         self.path = path
         return path
 
@@ -332,11 +332,8 @@ def make_calibration_set(fam, pipe, out: str | os.PathLike, *, kind: str = "time
     """
     if kind not in KINDS:
         raise SensitivityError(f"unknown calibration kind {kind!r}; use one of {', '.join(KINDS)}")
-    if int(num) < 1:
-        raise SensitivityError(f"--num must be >= 1, got {num}")
-    if timesteps is not None and int(timesteps) < 1:
-        raise SensitivityError(f"--timesteps must be >= 1, got {timesteps}")
-    out = Path(out)
+    check_values(num=num, timesteps=timesteps, chunk=chunk)
+    out = check_writable(out, "--out")  # a folder there, or a read-only folder: refused before any work
     den = fam.denoiser(pipe)
     if den.device.type == "meta":
         raise SensitivityError(f"model {fam.name!r}: meta weights cannot produce a calibration set")
@@ -351,15 +348,7 @@ def make_calibration_set(fam, pipe, out: str | os.PathLike, *, kind: str = "time
             "timesteps": timesteps, "seed": int(seed), "settings": settings.to_dict(), "chunk": int(chunk),
             "architecture_hash": layers_hash,
             "prompts_hash": hashlib.blake2b(json.dumps(list(prompts or [])).encode(), digest_size=8).hexdigest()}
-    parts = out.with_name(out.name + ".parts")
-    plan_file = parts / "plan.json"
-    if parts.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not plan_file.exists():
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+    parts = resume_parts(out, plan)
     t0 = time.perf_counter()
     from safetensors.torch import load_file, save_file
 
@@ -377,12 +366,9 @@ def make_calibration_set(fam, pipe, out: str | os.PathLike, *, kind: str = "time
             a, b = c * int(chunk), min(int(num), (c + 1) * int(chunk))
             tensors, consts = _capture_chunk(fam, pipe, kind, conditions[a:b], seeds[a:b], timesteps, overrides,
                                              noise_seed=int(seed) * 1_000_003 + c)
-            tmp = part.with_name(part.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, part)
-            ctmp = cpath.with_name(cpath.name + ".tmp")
-            ctmp.write_text(json.dumps(consts))
-            os.replace(ctmp, cpath)
+            with atomic_path(part, "calibration chunk") as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            atomic_write_json(cpath, consts, indent=None)
         chunks = [load_file(str(parts / f"chunk-{c:05d}.safetensors")) for c in range(n_chunks)]
         tensors = {k: torch.cat([ch[k] for ch in chunks]) for k in chunks[0]}
     except BaseException:

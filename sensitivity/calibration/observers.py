@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..checks import constraint_for
 from ..errors import SensitivityError
 from ..quantizers.activation import fake_quantize_static
 
@@ -53,8 +54,7 @@ class RangeObserver:
             raise SensitivityError(f"unknown observer {method!r}; use one of {', '.join(OBSERVERS)}")
         if granularity not in GRANULARITIES:
             raise SensitivityError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
-        if not 50.0 < float(percentile) <= 100.0:
-            raise SensitivityError(f"percentile must be in (50, 100], got {percentile}")
+        constraint_for("percentile").check("percentile", percentile)
         self.method, self.granularity, self.bits = method, granularity, int(bits)
         self.percentile, self.max_rows = float(percentile), int(max_rows)
         self._gen = torch.Generator().manual_seed(int(seed))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..layers import LayerSpec, layer_weight
@@ -46,7 +47,7 @@ from .rounding import (TABLE_REFITS, adaround_codes, gptq_codes, lookup_codes, o
 from .names import WEIGHT_METHODS  # noqa: E402 (torch-free, re-exported)
 
 #: the rounding ``auto`` uses per quantization method: measured on digits-dit / digits-unet
-#: (benchmarks/bench_calibration.py, README "Calibrated post-training quantization"): GPTQ then the
+#: (benchmarks/bench_calibration.py): GPTQ then the
 #: table refit has the highest held-out PSNR for uaq-4, kmeans_c-4 and kmeans_a-4 on both models
 #: (digits-dit FID 1.316 / 1.296 / 1.345 vs GPTQ alone 1.326 / 1.290 / 1.365, round-to-nearest
 #: 1.657 / 1.361 / 1.867; AdaRound 1.417 at uaq-4). Keyed by the quantization method's class; other
@@ -229,6 +230,8 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
     from ..multiquantizer import apply, restore
 
     t0 = time.perf_counter()
+    check_values(percentile=percentile, held_out=held_out, seed=seed, batch_size=batch_size,
+                 adaround_iters=adaround_iters)
     if act_bits is not None:
         act_bits = _check_bits(act_bits)
     if observer not in OBSERVERS:
@@ -241,6 +244,8 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
         raise SensitivityError("nothing to calibrate: --weights-method none and no --act-bits")
     if len(data) == 0:
         raise SensitivityError(f"{data.path or 'calibration set'}: the calibration set is empty")
+    if isinstance(config, QuantConfig):
+        config.check_model(mq.model_id)
     options = as_options(config)
     mq.validate(options)
     if not options:

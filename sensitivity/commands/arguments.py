@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..checks import at_least, check_device, finite
+from ..checks import check_device, check_values, constraint_for
 from ..errors import SensitivityError
 
 DEVICE_HELP = "torch device (default: cuda if available, else cpu)"
@@ -96,10 +96,10 @@ def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
 
 
 def check_generation_arguments(args: argparse.Namespace) -> None:
-    """Numbers at the door: steps, height, width, batch size >= 1; guidance finite (unset ones pass)."""
-    for key in ("steps", "height", "width", "batch_size"):
-        at_least(f"--{key.replace('_', '-')}", getattr(args, key, None), 1)
-    finite("--guidance", getattr(args, "guidance", None))
+    """Numbers at the door: steps, guidance, height, width, batch size (``checks.CONSTRAINTS``; unset ones pass)."""
+    from ..zoo.base import NUMERIC_SETTINGS
+
+    check_values(**{key: getattr(args, key, None) for key in NUMERIC_SETTINGS})
 
 
 def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -110,7 +110,10 @@ def generation_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
-    out.update(parse_set_items(getattr(args, "set", None)))
+    for key, value in parse_set_items(getattr(args, "set", None)).items():
+        if key in out and out[key] != value:
+            raise SensitivityError(f"--set {key}={value} and --{key.replace('_', '-')} {out[key]} disagree: give one")
+        out[key] = value
     from ..captions import check_clean_caption
 
     check_clean_caption(out)  # an explicit clean_caption=true without bs4/ftfy: refused here
@@ -175,16 +178,21 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_set_items(items: Optional[List[str]]) -> Dict[str, Any]:
     """``--set KEY=VALUE`` items -> {key: value} (the value parsed as JSON if it parses)."""
+    from ..zoo.base import NUMERIC_SETTINGS
+
     out: Dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise SensitivityError(f"--set {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[key.strip()] = value
+        if key in NUMERIC_SETTINGS:  # a number of the settings (steps, guidance...): the table's range
+            constraint_for(key).check(f"--set {key}", value)
+        out[key] = value
     return out
 
 

@@ -45,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.pipeline import calibrate
     from ..config import QuantConfig
     from ..errors import SensitivityError
+    from ..io import check_writable
     from ..multiquantizer import load_multiquantizer
     from ..quantizers.activation import _check_bits
     from .arguments import model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
+    check_writable(args.out, "--out", directory=True)
     if args.act_bits is not None:
         _check_bits(args.act_bits)
-    if not 0.0 <= args.held_out < 1.0:
-        raise SensitivityError(f"--held-out must be in [0, 1), got {args.held_out}")
     if args.weights_method == "none" and args.act_bits is None:
         raise SensitivityError("nothing to calibrate: --weights-method none needs --act-bits")
     if not Path(args.multiquantizer).is_file():
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                f"not for model {fam.name!r}")
     cfg = QuantConfig.load(args.config)
+    cfg.check_model(mq.model_id, str(args.config))
     try:
         mq.validate(cfg.options)
     except SensitivityError as exc:

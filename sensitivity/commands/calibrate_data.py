@@ -35,17 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibration.data import make_calibration_set
     from ..errors import SensitivityError
+    from ..io import check_writable
     from .arguments import generation_overrides, model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
-    if args.num < 1:
-        raise SensitivityError(f"--num must be >= 1, got {args.num}")
-    if args.timesteps is not None and args.timesteps < 1:
-        raise SensitivityError(f"--timesteps must be >= 1, got {args.timesteps}")
-    if args.chunk < 1:
-        raise SensitivityError(f"--chunk must be >= 1, got {args.chunk}")
     if not args.out.endswith(".safetensors"):
         raise SensitivityError(f"--out {args.out!r}: the calibration set is a .safetensors file")
+    check_writable(args.out, "--out")  # a folder there, or a read-only folder: refused before any work
     if args.kind == "raw" and fam.name not in ("digits-dit", "digits-unet"):
         raise SensitivityError(f"--kind raw needs the training data: only the digits models ship it, not {fam.name!r}")
     prompts = None

@@ -62,6 +62,7 @@ def _pairs(items, flag: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..components import COMPONENT_NAMES, parse_component_configs, pipeline_components, run_components
     from ..errors import SensitivityError
+    from ..io import check_writable
     from ..options import QuantOption
     from .arguments import generation_overrides, model_from_args
     from ..zoo.digits_sd import read_prompt_file
@@ -87,21 +88,15 @@ def run(args: argparse.Namespace) -> int:
     test_path = args.test_prompts or (getattr(fam, "default_test_prompts", None) if not args.prompts else None)
     if test_path is not None:
         prompt_sets["test"] = read_prompt_file(test_path)
-    if args.images_per_prompt < 1:
-        raise SensitivityError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    check_writable(args.out, "--out", directory=True)
     overrides = generation_overrides(args)
     fam.settings(None, **overrides)  # unknown settings fail here
 
     t0 = time.time()
     pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     comps = pipeline_components(fam, pipe)
-    cfgs = parse_component_configs(comps, args.option, options, configs)
-    if args.components:
-        wanted = [c.strip() for c in args.components.split(",") if c.strip()]
-        for c in wanted:
-            if c not in comps:
-                raise SensitivityError(f"--components: unknown component {c!r}; this pipeline has {', '.join(comps)}")
-        cfgs = {c: cfgs[c] for c in wanted}
+    wanted = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    cfgs = parse_component_configs(comps, args.option, options, configs, only=wanted)
     summary = run_components(fam, pipe, prompt_sets, cfgs, args.out, images_per_prompt=args.images_per_prompt,
                              seed=args.seed_base, model_id=fam.model_id(weights), progress=not args.no_progress,
                              **overrides)

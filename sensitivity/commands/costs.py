@@ -40,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import at_least
     from ..errors import SensitivityError
     from ..export.costs import measure_costs
     from ..io import check_writable
@@ -48,9 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from .arguments import model_from_args
 
     t0 = time.time()
-    for name in ("repeats", "batch", "threads"):
-        at_least(f"--{name}", getattr(args, name), 1)
-    at_least("--warmup", args.warmup, 0)
     fam, weights, device, dtype = model_from_args(args)
     if not Path(args.multiquantizer).is_file():
         raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")

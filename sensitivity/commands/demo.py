@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0] + " Writes everything under --out; rerunning resumes.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--model", default="digits-dit", choices=DIGITS_MODELS, help="embedded model (default digits-dit)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="quantize these pipeline components together (multiquantize --components: text_encoder, "
+                   "denoiser, vae_decoder or 'all'; digits-sd) and search them under one budget (default: the denoiser)")
+    p.add_argument("--options", nargs="+", default=None, metavar="OPTION",
+                   help="options of the multiquantizer (default: the six of the reference)")
     p.add_argument("--quick", action="store_true",
                    help=f"small run: {QUICK['num_configs']} configs x {10 * QUICK['images_per_class']} images "
                         f"(default {FULL['num_configs']} x {10 * FULL['images_per_class']})")
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     settings = demo_settings(args.out, model=args.model, quick=args.quick, num_configs=args.num_configs,
                              images_per_class=args.images_per_class, targets=args.targets, predictor=args.predictor,
                              check_images_per_class=args.check_images_per_class, metric=args.metric,
-                             folds=args.folds, workers=args.workers, seed=args.seed)
+                             folds=args.folds, workers=args.workers, seed=args.seed, components=args.components,
+                             options=args.options)
     run = run_demo(settings)
     print("\n" + run.table)
     print("\n" + run.describe())

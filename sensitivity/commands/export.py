@@ -40,13 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
     from ..errors import SensitivityError
-    from ..export import export, require_extra
+    from ..export import check_format_arguments, export, require_extra
     from ..export.methods import check_exportable
+    from ..io import check_new_folder
     from ..multiquantizer import load_multiquantizer
     from .arguments import model_from_args
 
     t0 = time.time()
     fam, weights, device, dtype = model_from_args(args)
+    check_format_arguments(args.format, float_dtype=args.float_dtype, pipeline=args.pipeline or None,
+                           opset=args.opset)
     require_extra(args.format)
     if not Path(args.multiquantizer).is_file():
         raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
@@ -56,15 +59,26 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                f"not for {model_id}")
     config = QuantConfig.load(args.config)
+    config.check_model(model_id, str(args.config))
     mq.validate(config.options)
     check_exportable(args.format, config.options, {s.name: (s.shape, s.kind) for s in mq.layers})
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise SensitivityError(f"--out {str(out)!r} already exists and is not empty (pass --overwrite to replace it)")
+    out = check_new_folder(args.out, "--out", overwrite=args.overwrite)  # before the model is loaded
     pipe = fam.load_pipeline(weights, device="cpu", dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
     source = {"family": fam.name, "weights": weights, "seed": args.seed, "model_id": model_id,
               "config_path": str(args.config)}
+    if mq.components:  # a pipeline multiquantizer: the whole pipeline folder, each quantized component in --format
+        from ..export.pipeline import export_pipeline
+
+        if args.format == "onnx":
+            raise SensitivityError("a pipeline multiquantizer exports as a pipeline folder: --format packed or sdnq")
+        record = export_pipeline(fam, pipe, mq, config, out, format=args.format, source=source,
+                                 float_dtype=args.float_dtype, overwrite=args.overwrite)
+        print(f"wrote the {fam.name} pipeline to {out} ({args.format} components: "
+              + ", ".join(f"{n} {c['quantized_layers']} layers at {c['avg_bits']:.3f} avg bits"
+                          for n, c in record["components"].items())
+              + f"; {record['bytes_on_disk'] / 2**20:.2f} MiB on disk) in {time.time() - t0:.1f} s")
+        return 0
     example = None
     if args.format == "onnx":
         from ..export.onnx_format import example_inputs

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
     from ..finetune import DigitsData, FinetuneSettings, ImageFolderData, TeacherSamplesData, finetune
     from ..finetune.data import DIGITS_FAMILIES, read_imagefolder
+    from ..io import check_writable
     from ..multiquantizer import load_multiquantizer
     from ..zoo import get_family
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, amp=None if amp == "off" else amp)
 
     # every file is checked before the model is loaded or anything is written
+    check_writable(args.out, "--out", directory=True)
     if args.data:
         read_imagefolder(args.data)
     prompts = _read_prompts(args.prompts) if args.prompts else None
@@ -131,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
         config, source = calibrated.config, args.calibrated
     else:
         raise SensitivityError("give --config X.json (or --calibrated DIR)")
-    if config.model and str(config.model).split(":", 1)[0] != fam.name:
-        raise SensitivityError(f"{source} is a config of {config.model}, not of model {fam.name!r}")
+    config.check_model(mq.model_id or fam.model_id(weights), str(source))
     try:
         mq.validate(config.options)
     except SensitivityError as exc:

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if args.multiquantizer or args.config:
             raise SensitivityError("--quantized runs an exported model: drop --multiquantizer and --config")
         record = read_record(Path(args.quantized))
-        if record["export_format"] not in ("packed", "sdnq"):
+        if record["export_format"] not in ("packed", "sdnq", "pipeline"):
             raise SensitivityError(f"--quantized {args.quantized}: a {record['export_format']} export cannot run "
                                    "in torch (packed and sdnq can)")
         family = record.get("family")
@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if str(mq.model_id).split(":", 1)[0] != fam.name:
             raise SensitivityError(f"--finetuned {args.finetuned} was made for {mq.model_id}, not for model {fam.name!r}")
         config = QuantConfig.load(args.config, trust_pickle=args.trust_pickle) if args.config else mq.config
+        config.check_model(mq.model_id, str(args.config or args.finetuned))
         mq.validate(config.options)
     elif args.config and not args.multiquantizer:
         raise SensitivityError("--config needs --multiquantizer (the quantized weights come from it)")
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         if calibrated is not None and args.act_bits:
             raise SensitivityError(f"{args.config}: a calibrated config carries its own activation ranges; "
                                    "drop --act-bits")
+        config.check_model(mq.model_id, str(args.config))
         try:
             mq.validate(config.options)
         except SensitivityError as exc:
@@ -173,14 +175,20 @@ def run(args: argparse.Namespace) -> int:
                   f"using {mq.hash[:12]} (its layers and options fit)", file=sys.stderr)
 
     out = check_writable(args.out, "--out", directory=True)
-    pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
+    if record is not None and record["export_format"] == "pipeline":  # every quantized component from the folder
+        from ..export.pipeline import load_quantized_pipeline
+
+        pipe = load_quantized_pipeline(args.quantized, device=device, dtype=dtype, materialize=args.materialize)
+    else:
+        pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
     den = fam.denoiser(pipe)
-    check_finite_weights(den, None, f"--weights {weights}")
+    if record is None or record["export_format"] != "pipeline":
+        check_finite_weights(den, None, f"--weights {weights}")
     settings = fam.settings(pipe, **overrides)  # validates the overrides before any work
     t_load = time.time() - t0
 
     applied = {}
-    if record is not None:
+    if record is not None and record["export_format"] != "pipeline":
         from ..export import load_quantized
 
         qden = load_quantized(args.quantized, device=device, dtype=den.dtype, materialize=args.materialize,
@@ -191,8 +199,13 @@ def run(args: argparse.Namespace) -> int:
         t_load = time.time() - t0
     if mq is not None:
         from ..multiquantizer import apply
+        from ..pipeline_quant import quantization_root
 
-        mq.check_model(den)
+        root = quantization_root(fam, pipe, mq)  # every component for a pipeline multiquantizer
+        if calibrated is not None and root is not den:
+            raise SensitivityError(f"--config {args.config}: a calibrated config is of the denoiser, not of the "
+                                   "pipeline multiquantizer's components")
+        mq.check_model(root)
         if calibrated is not None:
             from ..calibration.artifact import apply_calibrated
 
@@ -200,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             applied = dict(config.options)
             act = info["activations"]
         elif config is not None:
-            applied = apply(den, mq, config)
+            applied = apply(root, mq, config)
     if calibrated is None:
         act = None
     if args.act_bits:

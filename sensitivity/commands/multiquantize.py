@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pipeline_class_argument(p)
     p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
     p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute (default: %(default)s)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="pipeline components to quantize together into one file, comma-separated: text_encoder "
+                   "(text_encoder_2, text_encoder_3), denoiser, vae_decoder, or 'all' (default: the denoiser alone, "
+                   "layer names unprefixed). Layer names of a pipeline file start with their component; one "
+                   "component is held in fp32 memory at a time")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for large layers (default: the free cores)")
     add_device_argument(p, help="device for loading and quantizer math (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
@@ -38,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
 
     mq, out = multiquantize(args.model, weights=args.weights, pipeline_class=args.pipeline_class, out=args.out,
                             options=args.options, device=args.device, threads=args.threads, seed=args.seed,
-                            resume=not args.restart, progress=not args.no_progress)
+                            resume=not args.restart, progress=not args.no_progress, components=args.components)
     print(describe_build(mq, out))
     return 0

@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multiquantizer", help="multiquantizer .safetensors (default: the predictor's)")
     tgt = p.add_mutually_exclusive_group()
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
+    tgt.add_argument("--target-memory", metavar="SIZE",
+                     help="bytes of the whole pipeline's weights in memory to stay below, e.g. 4.5GB (10^9), 4GiB, "
+                     "800MB: every layer as --memory-model holds it plus the unquantized tensors (and components "
+                     "not in the multiquantizer) at fp16; with the predictor search or --baseline error-ilp")
     tgt.add_argument("--sweep", help="START:STOP:STEP (e.g. 3.2:4.0:0.1) or a comma list; --out is then a folder")
     tgt.add_argument("--target-latency", type=float, metavar="MS",
                      help="milliseconds: the SUM of the layers' measured forward times (table of `sensitivity costs`; "
@@ -49,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "search at each found config's bits, and pareto_latency.png (predicted quality vs latency)")
     p.add_argument("--costs", help="cost table .json of `sensitivity costs` (default: the one beside the multiquantizer "
                    "measured on this machine with this torch)")
+    p.add_argument("--memory-model", default="stored",
+                   help="with --target-memory: how the run-time holds a layer (default 'stored': the stored bytes; "
+                   "run-time policies registered by sensitivity.export may add others)")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="activation bits written into the configs (default: those of the predictor's evaluations)")
@@ -129,6 +136,17 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
+    if getattr(args, "target_memory", None) is not None:
+        from ..search import memory_budget
+        from ..search.memory import memory_result
+
+        mb = memory_budget(mq, target, sizes, args.memory_model, what=what)
+        if args.baseline == "error-ilp":
+            res = error_ilp(mb.table, None, error=args.error, method=args.solver, what=what, budget=mb.budget)
+        else:
+            res = search(predictor, mq, None, level=args.level, max_combinations=args.max_combinations,
+                         method=args.solver, sizes=mb.table, what=what, budget=mb.budget)
+        return memory_result(res, mq, sizes, mb)
     from ..allocators import ALLOCATORS
 
     if args.baseline in ALLOCATORS:
@@ -153,6 +171,8 @@ def _report(res, args, path: Path) -> dict:
          "predicted": res.predicted, "option_mix": res.option_mix, "solve_seconds": round(res.seconds, 4),
          "config": str(path)}
     d.update({k: v for k, v in res.details.items() if k in ("metric", "metric_value", "candidates", "error", "level",
+                                                          "target_memory", "memory_bytes", "memory_model",
+                                                          "unquantized_bytes", "component_bytes",
                                                           "threshold", "lam", "configs_evaluated", "cpu_seconds", "mode")})
     return d
 
@@ -173,6 +193,13 @@ def _print(res, path: Path) -> None:
     if scores:
         print("  " + ", ".join(scores) + (f"; solved in {res.seconds * 1e3:.0f} ms" if res.seconds else ""))
     print(f"  option mix: {res.mix_text()}")
+    if "memory_bytes" in res.details:
+        from ..sizes import format_bytes
+
+        d = res.details
+        print(f"  memory ({d['memory_model']}): {format_bytes(d['memory_bytes'])} of {format_bytes(d['target_memory'])}"
+              f" ({format_bytes(d['unquantized_bytes'])} unquantized); "
+              + ", ".join(f"{c} {format_bytes(b)}" for c, b in d["component_bytes"].items()))
     print(f"  wrote {path}")
 
 
@@ -185,7 +212,7 @@ def _write_csv(df, path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import finite
+    from ..checks import constraint_for
     from ..errors import SensitivityError
     from ..evaluation.cache import read_records
     from ..io import atomic_dir
@@ -205,8 +232,18 @@ def run(args: argparse.Namespace) -> int:
             raise SensitivityError("--baseline uniform needs --option (e.g. --option uaq-4)")
         if args.sweep:
             raise SensitivityError("--baseline uniform has no target; drop --sweep")
-    elif args.target_bits is None and not args.sweep:
-        raise SensitivityError("pass --target-bits B or --sweep START:STOP:STEP")
+    elif args.target_bits is None and not args.sweep and args.target_memory is None:
+        raise SensitivityError("pass --target-bits B, --target-memory SIZE or --sweep START:STOP:STEP")
+    if args.target_memory is not None:
+        from ..sizes import memory_model, memory_model_names, parse_bytes
+
+        _register_runtime_memory_models()
+        if args.memory_model not in memory_model_names():
+            memory_model(args.memory_model)  # the one-line error naming the known models
+        if args.baseline not in (None, "error-ilp"):
+            raise SensitivityError(f"--target-memory works with the predictor search and --baseline error-ilp, "
+                                   f"not --baseline {args.baseline}")
+        args.target_memory_bytes = parse_bytes(args.target_memory)
     if args.baseline in ("cache", "mixdq") and not args.cache:
         raise SensitivityError(f"--baseline {args.baseline} needs --cache FILE")
     if args.baseline == "reference" and not args.predictor:
@@ -221,15 +258,14 @@ def run(args: argparse.Namespace) -> int:
     sizes = _sizes(mq, args.options)
     records = read_records(args.cache) if args.cache else None
 
-    targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
+    targets: List[Optional[float]] = (parse_sweep(args.sweep) if args.sweep else
+                                      [args.target_memory_bytes] if args.target_memory is not None else [args.target_bits])
     lo, hi = bits_range(sizes)
     span = f"the options of {mq_path}{' (--options)' if args.options else ''} span {lo:.4f}..{hi:.4f} avg bits"
-    if args.baseline != "uniform":
+    if args.baseline != "uniform" and args.target_memory is None:
         name = f"--sweep {args.sweep}: target" if args.sweep else "--target-bits"
         for t in targets:
-            finite(name, t)
-            if t > 16:
-                raise SensitivityError(f"{name} {t:g} is above 16 bits (full precision); {span}")
+            constraint_for("target_bits").check(name, t)
         if not args.sweep and args.target_bits > _ceil4(hi):
             raise SensitivityError(f"--target-bits {args.target_bits:g} is above {hi:.4f}, every layer at its "
                                    f"largest option; {span}")
@@ -255,6 +291,14 @@ def _checked_out(path: str, sweep: Optional[str]) -> Path:
     else:
         check_writable(out, "--out")
     return out
+
+
+def _register_runtime_memory_models() -> None:
+    """Import the export package so the run-time policies it defines register their memory models."""
+    try:
+        import sensitivity.export  # noqa: F401
+    except ImportError:  # pragma: no cover - export is part of the package
+        pass
 
 
 def _ceil4(x: float) -> float:
@@ -289,6 +333,9 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash,
                             **{k: v for k, v in provenance.items() if v is not None})
         cfg.act_bits = act_bits
+        if "component_bytes" in res.details:
+            cfg.provenance["component_bytes"] = dict(res.details["component_bytes"])
+            cfg.provenance["target_memory"] = args.target_memory
         path = out / f"{res.method}-{t:.2f}.json" if args.sweep else out
         cfg.save(folder / path.name if args.sweep else path)
         results.append(res)
@@ -346,7 +393,7 @@ def _act_bits(args, predictor) -> Optional[int]:
 
 def run_latency(args: argparse.Namespace) -> int:
     """``--target-latency`` / ``--latency-sweep``: the exact knapsack on the cost table's summed layer times."""
-    from ..checks import at_least, finite
+    from ..checks import check_values
     from ..errors import SensitivityError
     from ..export.costs import cost_table_for
     from ..io import atomic_dir
@@ -367,8 +414,10 @@ def run_latency(args: argparse.Namespace) -> int:
     else:
         targets, name = [args.target_latency], "--target-latency"
     for t in targets:
-        finite(name, t)
-        at_least(name, t, 1e-6)
+        if name == "--target-latency":
+            check_values(target_latency=t)
+        elif not t > 0:
+            raise SensitivityError(f"{name} {t:g} ms: latency targets must be positive")
     out = _checked_out(args.out, "--latency-sweep" if args.latency_sweep else None)
     predictor = load_predictor(args.predictor) if args.predictor else None
     mq, mq_path = multiquantizer_for(args.multiquantizer, predictor)

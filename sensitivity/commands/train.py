@@ -74,7 +74,7 @@ def parse_params(items, kinds) -> Dict[str, Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import at_least, check_device, finite
+    from ..checks import check_device
     from ..errors import SensitivityError
     from ..io import check_writable
     from ..predictors import get_kind, train
@@ -86,18 +86,14 @@ def run(args: argparse.Namespace) -> int:
     kinds = [args.predictor] + [b.strip() for b in args.baselines.split(",") if b.strip()]
     for k in kinds:
         get_kind(k)  # unknown names fail here, before any work
-    if args.folds < 2:
-        raise SensitivityError(f"--folds must be at least 2, got {args.folds}")
-    finite("--lam", args.lam)
-    at_least("--max-module-configs", args.max_module_configs, 1)
     check_device(args.device)
     check_writable(args.out, "--out", directory=True)
     params = parse_params(args.set, kinds)
     graph = None
     if args.model:
-        from ..graph import family_graph
+        from ..predictors.pipeline import cache_graph
 
-        graph = family_graph(args.model, weights=args.weights)
+        graph = cache_graph(args.cache, args.model, weights=args.weights)
     report = train(args.cache, args.out, model=args.model, predictor=args.predictor,
                    baselines=[k for k in kinds[1:] if k != args.predictor], folds=args.folds, seed=args.seed,
                    metric=args.target, lam=args.lam, params=params, device=args.device,

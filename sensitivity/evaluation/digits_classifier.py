@@ -10,7 +10,6 @@ the per-class accuracy metric.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -67,18 +66,15 @@ def to_input(images: Union[np.ndarray, torch.Tensor], device=None) -> torch.Tens
 
 
 def save_classifier(model: DigitsClassifier, path: Union[str, Path], metadata: Optional[Dict] = None) -> None:
-    """Save weights + config (safetensors; metadata values JSON-encoded). Atomic (tmp + replace)."""
-    import os
-
+    """Save weights + config (safetensors; metadata values JSON-encoded), atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..io import atomic_path
+
     meta = {"config": json.dumps(model.config)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path, "classifier") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
 
 
 def load_classifier(path: Union[str, Path, None] = None, device="cpu") -> Tuple[DigitsClassifier, Dict]:
@@ -97,12 +93,3 @@ def load_classifier(path: Union[str, Path, None] = None, device="cpu") -> Tuple[
     model.load_state_dict(load_file(str(path)))
     return model.eval().to(device), meta
 
-
-@lru_cache(maxsize=4)
-def _shipped(device: str) -> DigitsClassifier:
-    return load_classifier(None, device)[0]
-
-
-def shipped_classifier(device="cpu") -> DigitsClassifier:
-    """The shipped classifier on ``device`` (loaded once per device and process)."""
-    return _shipped(str(torch.device(device)))

@@ -36,10 +36,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
-from ..checks import check_finite_weights
+from ..checks import check_finite_weights, check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..multiquantizer import apply, load_multiquantizer, restore
+from ..pipeline_quant import is_pipeline_multiquantizer, quantization_root
 from ..zoo import get_family
 from ..zoo.base import DIGITS_CLASSIFIER, ModelFamily
 from . import metrics as M
@@ -127,6 +128,18 @@ class EvalProtocol:
         statically with the ranges of a calibration set (``act_calibration``: its identity).
         ``clip_model`` / ``lpips_net``: identities from :mod:`.extra_metrics` add ``clip_score`` / ``lpips``.
         """
+        extra = dict(extra or {})
+        given = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "height": height, "width": width}
+        for key in [k for k in extra if k in given]:  # a setting given as an extra one (--set steps=20) is that setting
+            if given[key] is not None and given[key] != extra[key]:
+                raise SensitivityError(f"{key} given twice: {given[key]!r} and {extra[key]!r} (--set {key}=...)")
+            given[key] = extra.pop(key)
+        for key in ("batch_size", "scheduler_kwargs"):
+            if key in extra:
+                raise SensitivityError(f"setting {key!r} is not part of an evaluation protocol"
+                                       + (" (use --batch-size: it does not change the images)" if key == "batch_size" else ""))
+        steps, guidance, scheduler, height, width = (given[k] for k in ("steps", "guidance", "scheduler", "height", "width"))
+        check_values(steps=steps, guidance=guidance, height=height, width=width, seed=seed, kid_subsets=kid_subsets)
         fam = get_family(family)
         if conditions is None and hasattr(fam, "default_conditions"):  # digits-sd: shipped eval prompts
             conditions = fam.default_conditions(int(n_per_class))
@@ -164,7 +177,7 @@ class EvalProtocol:
                    scheduler=scheduler if scheduler is not None else d.scheduler, dtype=dt,
                    multiquantizer_hash=multiquantizer_hash, feature_net=feature_net, reference=reference,
                    metrics=wanted, kid_subsets=int(kid_subsets), act_bits=act_bits,
-                   act_calibration=act_calibration, height=height, width=width, extra=tuple((extra or {}).items()),
+                   act_calibration=act_calibration, height=height, width=width, extra=tuple(extra.items()),
                    clip_model=clip_model, lpips_net=lpips_net)
 
     @property
@@ -248,6 +261,8 @@ class Evaluator:
         self.family = get_family(family)
         self.pipe = pipe
         self.denoiser = self.family.denoiser(pipe)
+        # what configs are applied to: the denoiser, or every component for a pipeline multiquantizer
+        self.quant_root = quantization_root(self.family, pipe, mq)
         self.mq = mq
         from .batching import parse_batch_size
 
@@ -262,12 +277,15 @@ class Evaluator:
                 raise SensitivityError(f"protocol is for multiquantizer {protocol.multiquantizer_hash[:12]}, "
                                        f"not {mq.hash[:12]} ({mq.model_id})")
             if check_model:
-                mq.check_model(self.denoiser)
+                mq.check_model(self.quant_root)
         dt = str(self.denoiser.dtype).replace("torch.", "")
         if protocol.dtype is None:
             protocol = replace(protocol, dtype=dt)
         elif dt != protocol.dtype:
             raise SensitivityError(f"protocol dtype {protocol.dtype} but the model runs in {dt}")
+        if mq is not None and is_pipeline_multiquantizer(mq) and protocol.act_bits is not None:
+            raise SensitivityError("activation quantization (act_bits) applies to the denoiser: it cannot be "
+                                   f"combined with the pipeline multiquantizer {mq.path.name}")
         self.protocol = protocol
         self.digits = self.family.feature_network == DIGITS_CLASSIFIER
         self.device = self.denoiser.device
@@ -369,14 +387,14 @@ class Evaluator:
             return self._generate_batched()
         from .bops import count_macs  # MACs per image of every layer, counted on the first generation
 
-        with count_macs(self.denoiser, self.mq.layers) as macs:
+        with count_macs(self.quant_root, self.mq.layers) as macs:
             images = self._generate_batched()
         self._macs = {k: v / max(1, len(images)) for k, v in macs.items()}
         return images
 
     def _generate_fp(self) -> np.ndarray:
         """Generate the full-precision images now (the caller holds the device stage)."""
-        restore(self.denoiser)
+        restore(self.quant_root)
         images = self.generate()
         images.setflags(write=False)
         return images
@@ -503,6 +521,8 @@ class Evaluator:
         from ..quantizers.activation import disable_activation_quant
 
         calibrated = config if isinstance(config, CalibratedArtifact) else None
+        if calibrated is not None and self.quant_root is not self.denoiser:
+            raise SensitivityError("a calibrated artifact is of the denoiser; this evaluator holds a pipeline multiquantizer")
         if calibrated is not None:
             if self.protocol.act_bits is not None and calibrated.activations is not None:
                 raise SensitivityError("a calibrated config with activation ranges cannot be evaluated under a "
@@ -519,7 +539,7 @@ class Evaluator:
                 if calibrated is not None:
                     apply_calibrated(self.denoiser, self.mq, calibrated)
                 elif options:
-                    apply(self.denoiser, self.mq, options)
+                    apply(self.quant_root, self.mq, options)
                 self._quantize_activations()
                 t1 = time.perf_counter()
                 images = self.generate()
@@ -527,7 +547,7 @@ class Evaluator:
                 if calibrated is not None:
                     remove_calibrated(self.denoiser)
                 disable_activation_quant(self.denoiser)
-                restore(self.denoiser)
+                restore(self.quant_root)
             t2 = time.perf_counter()
         out: Dict[str, Any] = dict(self.score(images, ref_timings))  # may wait for the shared fp images
         if getattr(self, "_macs", None):

@@ -13,9 +13,8 @@ weights) *before* any image is generated, and never download. Images are uint8 `
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

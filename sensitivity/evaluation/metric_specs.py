@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional
 
 from ..registry import Registry
 
@@ -82,7 +82,3 @@ def record_metric(rec: Mapping[str, Any], metric: str) -> Optional[float]:
         return None
     return v if math.isfinite(v) else None
 
-
-def lower_is_better_names() -> Tuple[str, ...]:
-    """Names of the registered lower-is-better metrics."""
-    return tuple(s.name for s in METRICS.values() if s.lower_is_better)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -437,15 +436,6 @@ def inception_name(path: Union[str, Path]) -> str:
     return f"torchscript:{_digest_cached(str(Path(path).resolve()))[:12]}"
 
 
-def require_cleanfid():
-    """``cleanfid.fid`` (needs torchvision), or a :class:`SensitivityError` saying how to install it."""
-    mod = _cleanfid_fid_module()
-    if mod is None:
-        raise SensitivityError("clean-fid with torchvision is needed for cleanfid.fid: "
-                               "pip install 'sensitivity[cleanfid]'")
-    return mod
-
-
 def image_files(folder: Path) -> list:
     """The image files under ``folder`` (recursive; clean-fid's extensions), sorted by relative path."""
     return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS),
@@ -495,10 +485,10 @@ def reference_folder_features(ref_dir: Union[str, Path], cache_dir: Union[str, P
         with np.load(path) as z:
             return z["features"]
     feats = ext.folder_features(ref, verbose=verbose).astype(np.float32)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats, fingerprint=fingerprint, extractor=ext.name, n=n)
-    os.replace(tmp, path)
+    from ..io import atomic_path
+
+    with atomic_path(path, "FID reference features") as tmp:
+        np.savez(tmp, features=feats, fingerprint=fingerprint, extractor=ext.name, n=n)
     return feats
 
 

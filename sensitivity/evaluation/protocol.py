@@ -105,16 +105,12 @@ def check_protocol_numbers(*, steps: Optional[int] = None, guidance: Optional[fl
                            batch_size: Union[int, str, None] = None) -> Union[int, str, None]:
     """The protocol's numbers at the door (before any file is read or model loaded); returns the parsed
     batch size (``None``, ``"auto"`` or an int >= 1)."""
-    from ..checks import at_least, finite
+    from ..checks import check_values
     from .batching import parse_batch_size
 
-    at_least("--steps", steps, 1)
-    finite("--guidance", guidance)
-    at_least("--kid-subsets", kid_subsets, 1)
-    batch_size = parse_batch_size(batch_size)
-    at_least("--num-images", num_images, 2)
-    at_least("--images-per-class", images_per_class, 1)
-    return batch_size
+    check_values(steps=steps, guidance=guidance, kid_subsets=kid_subsets, num_images=num_images,
+                 images_per_class=images_per_class)
+    return parse_batch_size(batch_size)
 
 
 def compile_setting(value: Union[bool, str, None]) -> Union[bool, str]:
@@ -182,10 +178,9 @@ def protocol_generation_overrides(fam, *, height: Optional[int] = None, width: O
     """``height`` / ``width`` / ``extra`` of the protocol from the image size and other pipeline ``settings``
     (checked against the family; the caption cleaning really done is recorded in ``extra``)."""
     from ..captions import check_clean_caption, resolve_clean_caption
-    from ..checks import at_least
+    from ..checks import check_values
 
-    at_least("--height", height, 1)
-    at_least("--width", width, 1)
+    check_values(height=height, width=width)
     over: Dict[str, Any] = dict(settings or {})
     check_clean_caption(over)  # an explicit clean_caption=true without bs4/ftfy: refused here
     out: Dict[str, Any] = {"height": height, "width": width}

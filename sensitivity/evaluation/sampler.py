@@ -1,4 +1,4 @@
-"""Random configs as in the reference (method.md §3), reproducible from ``(seed, index)``.
+"""Random configs as in the reference (docs/method.md §3), reproducible from ``(seed, index)``.
 
 Per config ``i`` of a run with seed ``s``:
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..errors import SensitivityError
 from .methods import EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
-from .plan import EXPORT_FILE, atomic_dir, make_plan
+from .plan import EXPORT_FILE, atomic_dir, config_digest, make_plan
 
 EXTRAS = {"sdnq": ("sdnq", "sdnq"), "onnx": ("onnx", "onnx, onnxruntime and onnxscript")}
 
@@ -44,6 +44,19 @@ def require_extra(format: str) -> None:
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
     if missing:
         raise SensitivityError(f"--format {format} needs {', '.join(missing)}: pip install \"sensitivity[{format}]\"")
+
+
+def check_format_arguments(format: str, *, float_dtype=None, pipeline=None, opset: Optional[int] = None) -> None:
+    """Refuse an argument that ``format`` would ignore: ``float_dtype`` is packed's, ``pipeline`` sdnq's,
+    and ``opset`` (onnx's) must be one that torch.onnx writes (``checks.CONSTRAINTS``)."""
+    from ..checks import check_values
+
+    if float_dtype is not None and format != "packed":
+        raise SensitivityError(f"--float-dtype is for --format packed; {format} keeps the model's dtypes")
+    if pipeline is not None and pipeline is not False and format != "sdnq":
+        raise SensitivityError(f"--pipeline is for --format sdnq; a {format} export holds the denoiser alone")
+    if format == "onnx":
+        check_values(opset=opset)
 
 
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,
@@ -61,6 +74,7 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
 
     if format not in EXPORT_FORMATS:
         EXPORT_FORMATS.get(format)  # raises the one-line error
+    check_format_arguments(format, float_dtype=float_dtype, pipeline=pipeline, opset=opset)
     require_extra(format)
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
@@ -73,9 +87,24 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     write = EXPORT_FORMATS.get(format)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         record = write(plan, tmp, float_dtype=float_dtype, pipeline=pipeline, opset=opset, example_inputs=example_inputs)
+        _seal_config(tmp, record)
         record.setdefault("bytes_on_disk", sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()))
     record["path"] = str(out)
     return record
+
+
+def _seal_config(folder: Path, record: Dict[str, Any]) -> None:
+    """Add the digest of the written ``config.json`` to the record files (see :func:`.plan.config_digest`)."""
+    import json
+
+    sub = folder / record.get("denoiser_folder", ".")
+    cfg = sub / "config.json"
+    if not cfg.is_file():
+        return
+    record["config_digest"] = config_digest(json.loads(cfg.read_text()))
+    for f in dict.fromkeys([folder / EXPORT_FILE, sub / EXPORT_FILE]):
+        if f.is_file():
+            f.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materialize: bool = False,
@@ -106,5 +135,5 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
                            "(sensitivity.export.onnx_format.run_onnx), it is not a torch model")
 
 
-__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "EXPORT_FORMATS", "FORMATS",
-           "EXPORT_FILE"]
+__all__ = ["export", "load_quantized", "require_extra", "check_format_arguments", "check_exportable", "method_format",
+           "EXPORT_FORMATS", "FORMATS", "EXPORT_FILE"]

@@ -150,12 +150,9 @@ def measure_costs(denoiser: nn.Module, mq, inputs: Optional[Dict[str, Any]] = No
     seeds the random layer inputs; ``threads``: torch's CPU threads while timing (default: its current
     number; under contention 1 times most steadily). Returns the table (also written to ``out``, path in ``meta["path"]``).
     """
-    from ..checks import at_least
+    from ..checks import check_values
 
-    at_least("--repeats", repeats, 1)
-    at_least("--warmup", warmup, 0)
-    at_least("--batch", batch, 1)
-    at_least("--threads", threads, 1)
+    check_values(repeats=repeats, warmup=warmup, batch=batch, threads=threads, min_seconds=min_seconds, seed=seed)
     threads = int(threads or torch.get_num_threads())
     with using_threads(threads):
         return _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_seconds, seed, threads,

@@ -31,7 +31,7 @@ from ..options import FP16, QuantOption
 from ..quantizers.packing import pack_codes
 from .modules import PartSpec, materialize, pack_module
 from .methods import EXPORT_FORMATS
-from .plan import EXPORT_FILE, ExportPlan, digest
+from .plan import EXPORT_FILE, ExportPlan, config_digest, digest
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -71,11 +71,16 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
                           "in_slice": list(part.in_slice) if part.in_slice else None, "params": list(part.params)})
         modules.append({"module": mp.module_path, "kind": mp.kind, "weight_shape": list(mp.weight_shape),
                         "tied": list(mp.tied), "parts": parts})
+    shared = set()
     for key, value in den.state_dict().items():
         module_path, _, leaf = key.rpartition(".")
         if leaf == "weight" and module_path in quantized_paths:
             continue
-        tensors[key] = _float(value, float_dtype)
+        t = _float(value, float_dtype)
+        if t.data_ptr() in shared:  # a tied tensor (T5's shared / embed_tokens): safetensors stores copies
+            t = t.clone()
+        shared.add(t.data_ptr())
+        tensors[key] = t
     record = dict(plan.meta)
     stored_dtype = float_dtype or den.dtype
     record.update({
@@ -84,7 +89,15 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
         "tensors": {k: digest(v) for k, v in tensors.items()},
     })
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "sensitivity.packed"})
-    den.save_config(str(folder))
+    if hasattr(den, "save_config"):  # diffusers
+        den.save_config(str(folder))
+    else:  # a transformers model (a pipeline's text encoder): its config.json names the class in `architectures`
+        import copy
+
+        config = copy.deepcopy(den.config)
+        config.architectures = [type(den).__name__]
+        config.save_pretrained(str(folder))
+        record["library"] = "transformers"
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -119,6 +132,21 @@ def model_class(record: Dict[str, Any], folder: Path, expect: Optional[str] = No
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if "config_digest" in record and config_digest(config) != record["config_digest"]:
+        raise CorruptFileError(f"{cfg_path}: modified since the export (its digest differs from {EXPORT_FILE}'s); "
+                               "export again")
+    if record.get("library") == "transformers":
+        import transformers
+
+        name = (config.get("architectures") or [None])[0]
+        if name != record.get("model_class"):
+            raise CorruptFileError(f"{cfg_path}: class {name!r} differs from the export's {record.get('model_class')!r}")
+        if expect is not None and name != expect:
+            raise SensitivityError(f"{folder} holds a {name}, not a {expect} (exported from {record.get('model_id')})")
+        cls = getattr(transformers, str(name), None)
+        if cls is None:
+            raise SensitivityError(f"{cfg_path}: transformers {transformers.__version__} has no model class {name!r}")
+        return cls, cls.config_class.from_pretrained(str(folder))
     name = config.get("_class_name")
     if name != record.get("model_class"):
         raise CorruptFileError(f"{cfg_path}: class {name!r} differs from the export's {record.get('model_class')!r}")
@@ -149,7 +177,7 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
     stored = getattr(torch, record.get("float_dtype", "float32"))
     dtype = dtype or stored
     with init_empty_weights():
-        model = cls.from_config(config)
+        model = cls(config) if record.get("library") == "transformers" else cls.from_config(config)
     digests: Dict[str, str] = record.get("tensors", {})
     try:
         fh = safe_open(str(path), framework="pt")

@@ -9,6 +9,7 @@ id, multiquantizer hash, config hash, average bits). Every format writes from a 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -62,6 +63,13 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.blake2b(np.asarray(raw.numpy()).tobytes(), digest_size=16).hexdigest()
 
 
+def config_digest(config: Mapping[str, Any]) -> str:
+    """blake2b of a ``config.json``'s content (canonical JSON, ``_diffusers_version`` aside): the record
+    keeps it, so an architecture setting edited after the export is refused at load, like a tensor."""
+    body = {k: v for k, v in config.items() if k != "_diffusers_version"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
 def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]", format: str,
               source: Optional[Mapping[str, Any]] = None) -> ExportPlan:
     """Check that ``config`` fits ``mq`` and ``denoiser`` and that ``format`` can express it; build the plan.
@@ -77,8 +85,7 @@ def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]"
     if model_id and mq.model_id and model_id != mq.model_id:
         raise MultiquantizerMismatchError(
             f"multiquantizer {mq.path.name} was built for {mq.model_id}, not for {model_id}")
-    if qc.model and mq.model_id and qc.model != mq.model_id:
-        raise ConfigError(f"config was made for model {qc.model}, the multiquantizer {mq.path.name} is {mq.model_id}")
+    qc.check_model(mq.model_id, str(source.get("config_path") or "config"))
     if qc.multiquantizer_hash and qc.multiquantizer_hash != mq.hash:
         raise ConfigError(f"config was made for multiquantizer {qc.multiquantizer_hash[:12]}, "
                           f"{mq.path.name} is {mq.hash[:12]}")
@@ -132,9 +139,6 @@ def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]"
 @contextmanager
 def atomic_dir(out: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on error it is removed.
-    An existing non-empty ``out`` is refused unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise SensitivityError(f"--out {str(out)!r} already exists and is not empty (pass --overwrite to replace it)")
-    with io.atomic_dir(out, "--out", replace=True) as tmp:
+    An existing non-empty ``out`` is refused unless ``overwrite`` (also when a concurrent run creates it)."""
+    with io.atomic_dir(out, "--out", replace=True, overwrite=overwrite) as tmp:
         yield tmp

@@ -119,6 +119,14 @@ def _dequantize_sdnq(layer) -> torch.Tensor:
                                   dtype=layer.sdnq_dequantizer.result_dtype, skip_compile=True)
 
 
+def check_sdnq_plan(plan: ExportPlan) -> None:
+    """Raise one line if SDNQ cannot carry ``plan`` (a split layer: SDNQ quantizes a module's weight as one)."""
+    for mp in plan.modules:
+        if len(mp.parts) > 1:
+            raise SensitivityError(f"layer {mp.parts[0].name!r}: SDNQ quantizes module {mp.module_path!r} as one "
+                                   "weight, it cannot carry split #main/#skip halves; use --format packed")
+
+
 @torch.no_grad()
 def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
     """Write ``plan`` as an SDNQ diffusers folder (``pipeline``: the whole pipeline folder)."""
@@ -126,10 +134,7 @@ def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
     from ..multiquantizer import apply, restore
 
     _, sdnq_post_load_quant = _import_sdnq()
-    for mp in plan.modules:
-        if len(mp.parts) > 1:
-            raise SensitivityError(f"layer {mp.parts[0].name!r}: SDNQ quantizes module {mp.module_path!r} as one "
-                                   "weight, it cannot carry split #main/#skip halves; use --format packed")
+    check_sdnq_plan(plan)
     den = plan.denoiser
     quantized = {k: v for k, v in plan.options.items() if v != FP16}
     apply(den, plan.mq, quantized)
@@ -198,6 +203,8 @@ def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
         "denoiser_folder": os.path.relpath(model_dir, folder),
         "torch_dtype": str(den.dtype).replace("torch.", ""),
     })
+    if not hasattr(den, "save_config"):  # a transformers model (a pipeline's text encoder)
+        record["library"] = "transformers"
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     if model_dir != folder:
         (model_dir / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")

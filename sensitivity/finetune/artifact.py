@@ -34,6 +34,7 @@ import torch
 
 from ..config import QuantConfig, as_options
 from ..errors import ConfigError, CorruptFileError, MultiquantizerMismatchError, SensitivityError
+from ..io import atomic_path, atomic_write_json
 from ..layers import LayerSpec, architecture_hash, layer_weight, weights_hash
 from ..options import FP16, QuantOption
 from ..quantizers import get_method
@@ -84,7 +85,7 @@ def write_artifact(out: Path, teacher: torch.nn.Module, layers: List[LayerSpec],
                    exported: Mapping[str, Tuple[torch.Tensor, Dict[str, torch.Tensor]]], *, model_id: str,
                    base_hash: str, record: Mapping[str, Any]) -> None:
     """Write ``quantized.safetensors``, ``config.json`` and ``finetune.json`` into ``out`` (each via
-    a temporary file and ``os.replace``)."""
+    :mod:`sensitivity.io`'s atomic writers)."""
     from safetensors.numpy import save_file
 
     options = {k: v for k, v in as_options(config).items() if v != FP16}
@@ -118,18 +119,14 @@ def write_artifact(out: Path, teacher: torch.nn.Module, layers: List[LayerSpec],
         "layers": entries, "config": options,
     }
     manifest["hash"] = _manifest_hash(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest)})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE, "fine-tuned weights") as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest)})
     cfg = QuantConfig(options=dict(options), model=config.model or model_id, multiquantizer_hash=manifest["hash"],
                       avg_bits=config.avg_bits,
                       provenance={**dict(config.provenance), "finetuned": {"base_multiquantizer": base_hash,
                                                                             "artifact": manifest["hash"]}})
     cfg.save(out / CONFIG_FILE)
-    tmp = out / (RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps(dict(record, artifact_hash=manifest["hash"]), indent=1, default=str) + "\n")
-    os.replace(tmp, out / RECORD_FILE)
+    atomic_write_json(out / RECORD_FILE, dict(record, artifact_hash=manifest["hash"]), "fine-tune record", default=str)
 
 
 class FinetunedQuantizer:

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_values
 from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
+from ..io import atomic_path, atomic_write_json, check_writable
 from ..options import FP16
 from .artifact import RECORD_FILE, WEIGHTS_FILE, write_artifact
 from .data import Batch, model_output
@@ -75,26 +77,15 @@ class FinetuneSettings:
         def bad(msg):
             raise SensitivityError(msg)
 
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            bad(f"--steps must be a positive integer, got {self.steps!r}")
-        for name in ("lr", "batch_size", "checkpoint_every"):
-            if not getattr(self, name) or getattr(self, name) <= 0:
-                bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)!r}")
-        if self.lr_quant is not None and self.lr_quant < 0:
-            bad(f"--lr-quant must be >= 0, got {self.lr_quant!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            bad(f"--ema-decay must be in [0, 1), got {self.ema_decay!r}")
-        for name in ("distill_weight", "denoise_weight", "feature_weight"):
-            if getattr(self, name) < 0:
-                bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.steps, int):
+            bad(f"--steps must be an integer, got {self.steps!r}")
+        check_values(**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("assign", "amp")})
         if self.distill_weight + self.denoise_weight + self.feature_weight <= 0:
             bad("the loss weights are all zero: set --distill-weight, --denoise-weight or --feature-weight")
         if self.assign not in ASSIGN_MODES:
             bad(f"--assign must be one of {', '.join(ASSIGN_MODES)}, got {self.assign!r}")
         if self.amp not in (None, *AMP_DTYPES):
             bad(f"--amp must be one of {', '.join(AMP_DTYPES)} (or off), got {self.amp!r}")
-        if self.warmup < 0 or self.val_batches < 0:
-            bad("--warmup and val_batches must be >= 0")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -168,9 +159,29 @@ def _total(terms: Mapping[str, torch.Tensor], st: FinetuneSettings) -> torch.Ten
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, "checkpoint") as tmp:
+        torch.save(obj, tmp)
+
+
+_CHECKPOINT_KEYS = ("identity", "step", "tensors", "ema", "optimizer", "generator", "log", "seconds", "val_before")
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Read ``last.pt`` with ``weights_only=True`` (tensors and plain containers, never arbitrary objects);
+    a damaged or foreign file is one line naming it (delete it, or ``--restart`` to start over)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(ckpt, dict) and all(k in ckpt for k in _CHECKPOINT_KEYS)
+    except Exception:  # truncated zip, garbage, a pickle with objects weights_only refuses...
+        ok = False
+    if not ok:
+        raise SensitivityError(f"{path}: damaged or not a fine-tuning checkpoint; delete it or pass --restart "
+                               "to start over")
+    return ckpt
+
+
+def _finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
 
 
 def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, str], data, out: str | os.PathLike,
@@ -185,6 +196,7 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
     """
     st = settings
     cfg = config if isinstance(config, QuantConfig) else QuantConfig(options=dict(config))
+    cfg.check_model(model_id or mq.model_id)
     options = {k: v for k, v in as_options(cfg).items() if v != FP16}
     if not options:
         raise SensitivityError("the config quantizes no layer: nothing to fine-tune")
@@ -192,7 +204,7 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
     if st.denoise_weight > 0 and getattr(data, "kind", "") == "prompts":
         raise SensitivityError("--denoise-weight needs data with targets (digits or an imagefolder), "
                                "not prompts alone")
-    out = Path(out)
+    out = check_writable(out, "--out", directory=True)
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
     identity = {"model_id": model_id, "multiquantizer": mq.hash, "config": cfg.config_hash,
                 "start": None if start is None else sorted((k, v.option) for k, v in start.items()),
@@ -209,7 +221,7 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
             return old
     ckpt = None
     if ckpt_path.is_file() and not restart:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         if json.dumps(ckpt.get("identity"), sort_keys=True, default=str) != json.dumps(identity, sort_keys=True, default=str):
             raise SensitivityError(f"{out} holds a fine-tuning run with other settings, model or config; "
                                    "use another --out or --restart")
@@ -292,6 +304,8 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
                "seconds": seconds, "val_before": val_before}
         if scaler.is_enabled():
             obj["scaler"] = scaler.state_dict()
+        if not _finite(obj["tensors"]) or not _finite(obj["ema"]):  # a resume would only diverge again
+            raise SensitivityError(f"fine-tuning diverged by step {step} (NaN or Inf weights); lower --lr")
         _atomic_save(obj, ckpt_path)
 
     bar = tqdm(total=st.steps, initial=step, desc=f"finetune {model_id}", unit="step", disable=not progress,
@@ -374,8 +388,6 @@ def finetune(teacher: torch.nn.Module, mq, config: QuantConfig | Mapping[str, st
         raise SensitivityError(f"internal: fine-tuned artifact has {after_bits} average bits, the config {base_bits}")
     record["avg_bits_after"] = after_bits
     record["artifact_hash"] = ft.hash
-    tmp = out / (RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, record_path)
+    atomic_write_json(record_path, record, "fine-tune record", default=str)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the artifact is complete; a rerun says so
     return record

@@ -37,7 +37,7 @@ import pandas as pd
 from torch import nn
 
 from ..errors import SensitivityError
-from ..layers import LAYER_TYPES, LayerSpec, find_layers
+from ..layers import LayerSpec, find_layers
 from ..options import FP16, QuantOption
 from .inputs import GRAPH_INPUTS, example_inputs, meta_copy
 from .trace import trace
@@ -147,21 +147,6 @@ class DenoiserGraph:
             "trace_seconds": round(self.trace_seconds, 3),
         }
 
-    def node_table(self) -> pd.DataFrame:
-        """One row per node (topological order): name, kind, op, block, position, role, group, shapes, degree."""
-        g = self.graph
-        rows = []
-        for n in self.nodes:
-            d = g.nodes[n]
-            rows.append({
-                "node": n, "kind": d["kind"], "op": d["op"], "block": d["block"], "position": tuple(d["position"]),
-                "role": d["role"], "group": d.get("group"), "group_type": d.get("group_type"),
-                "out_shape": tuple(d["out_shape"]) if d.get("out_shape") else None,
-                "weight_shape": tuple(d["weight_shape"]) if d.get("weight_shape") else None,
-                "depth": d["depth"], "in_degree": g.in_degree(n), "out_degree": g.out_degree(n),
-            })
-        return pd.DataFrame(rows)
-
     def modules(self) -> Dict[str, Dict[str, Any]]:
         """The module partition of the weight nodes: ``{group: {"type": ..., "layers": [...]}}``.
 
@@ -174,10 +159,6 @@ class DenoiserGraph:
             e = out.setdefault(d["group"], {"type": d["group_type"], "layers": []})
             e["layers"].append(name)
         return out
-
-    def edges_around(self, node: str) -> Dict[str, List[str]]:
-        """``{"in": predecessors, "out": successors}`` of ``node`` (for tests and debugging)."""
-        return {"in": sorted(self.graph.predecessors(node)), "out": sorted(self.graph.successors(node))}
 
     # ---- per-config attributes -------------------------------------------------------------------
     def config_attributes(self, config: Mapping[str, str], stats: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -246,12 +227,9 @@ class DenoiserGraph:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the graph as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        os.replace(tmp, path)
-        return path
+        from ..io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), separators=(",", ":")), "graph")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DenoiserGraph":

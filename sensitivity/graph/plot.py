@@ -29,6 +29,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import networkx as nx
 
 from ..errors import SensitivityError
+from ..io import atomic_path
 from .dag import DenoiserGraph
 
 KIND_COLORS = {"linear": "#9ecae1", "conv2d": "#a1d99b", "conv1d": "#a1d99b"}
@@ -275,7 +276,7 @@ def draw(
                 if fmt == "png":
                     args.insert(2, f"-Gdpi={dpi:.3f}")
                 _run(args, timeout)
-            shutil.move(str(tmp_out), str(o.with_name(o.name + ".tmp")))
-            os.replace(o.with_name(o.name + ".tmp"), o)
+            with atomic_path(o, "plot") as final:
+                shutil.copyfile(tmp_out, final)
             result["files"].append(str(o))
     return result

@@ -282,10 +282,6 @@ class _Tracer(TorchFunctionMode):
         return out
 
     # ---- module hooks ------------------------------------------------------------------------
-    def _weight_call(self, path: str, inputs: Any, out: Any) -> str:
-        """Create (or reuse) the weight node(s) of the layer at ``path``; returns the output node."""
-        return self._weight_call_srcs(path, self._sources(inputs), out)
-
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         path = self.paths.get(id(module), "?")
         if self.suppress:

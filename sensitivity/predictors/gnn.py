@@ -1,4 +1,4 @@
-"""The GNN predictor (in the spirit of the reference, method.md §5), in plain torch.
+"""The GNN predictor (in the spirit of the reference, docs/method.md §5), in plain torch.
 
 **Input**: the traced :class:`~sensitivity.graph.DenoiserGraph` (one fixed structure per model) with
 per-node features — categorical: op type, role in its block, block position (3 levels), quantization
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -405,13 +405,6 @@ class GNNModel(FoldModel):
             out.append(yhat.double().cpu().numpy())
         z = np.concatenate(out) if out else np.zeros(0)
         return z * self.norm["y_std"] + self.norm["y_mean"]
-
-    @torch.no_grad()
-    def readout_norms(self, codes: np.ndarray) -> np.ndarray:
-        """``‖h_Gᵐ‖₁`` per config and hop: ``float64 [n, M+1]``."""
-        self.net.eval()
-        _, reads = self.net(*self._inputs(np.asarray(codes)), self.gt)
-        return torch.stack([r.abs().sum(-1) for r in reads], 1).double().cpu().numpy()
 
     def get_state(self) -> State:
         tensors = {k: v.detach().cpu().float().numpy() for k, v in self.net.state_dict().items()}

@@ -1,6 +1,6 @@
 """Ranking quality of predictions: Spearman ρ, Kendall τ (τ-b) and NDCG@k.
 
-NDCG uses the reference's relevance (method.md §5): ``clip((y − q20) / (max − q20), 0, 1)`` over the
+NDCG uses the reference's relevance (docs/method.md §5): ``clip((y − q20) / (max − q20), 0, 1)`` over the
 evaluated set, so the worst 20 % of configs have relevance 0 and the best has 1; the ranking is by
 the prediction (higher = better). Constant predictions have undefined correlations: reported as NaN.
 """

@@ -26,11 +26,21 @@ from .scores import MAX_MODULE_CONFIGS
 N_BACKGROUND = 64  # configs kept in the predictor folder as the background of the scores
 
 
-def model_graph(model: str, weights: str = "meta"):
-    """The traced graph of zoo family ``model`` (on meta weights by default)."""
-    from ..graph import family_graph
+def model_graph(model: str, weights: str = "meta", layers: Sequence[str] = (), model_id: Optional[str] = None):
+    """The traced graph of zoo family ``model`` (on meta weights by default); for ``layers`` of a pipeline
+    multiquantizer (names starting with their component), the joined graph of those components."""
+    from ..graph.pipeline import graph_for_layers
 
-    return family_graph(model, weights=weights)
+    return graph_for_layers(model, list(layers), weights=weights, model_id=model_id)
+
+
+def cache_graph(cache: str | Path, model: Optional[str] = None, weights: str = "meta"):
+    """The graph for training on ``cache``: ``model``'s (default: the cache's family), of the cache's layers."""
+    data = load_cache(cache)
+    fam = model or data.family
+    if not fam:
+        raise SensitivityError(f"cache {cache} does not name its model: pass --model")
+    return model_graph(fam, weights, list(data.layer_stats or ()), data.model_id)
 
 
 def layer_table(data: CacheData, layers: Sequence[str], specs: Optional[Sequence[Any]] = None,
@@ -91,13 +101,16 @@ def train(
     prebuilt :class:`~sensitivity.graph.DenoiserGraph` instead. Returns the report (also in
     ``out/report.json``).
     """
+    from ..checks import check_values
+
+    check_values(folds=folds, seed=seed, lam=lam, max_module_configs=max_module_configs)
     t0 = time.perf_counter()
     data = load_cache(cache)
     fam = model or data.family
     if graph is None:
         if not fam:
             raise SensitivityError(f"cache {cache} does not name its model: pass --model")
-        graph = model_graph(fam)
+        graph = model_graph(fam, layers=list(data.layer_stats or ()), model_id=data.model_id)
     table = layer_table(data, graph.weight_nodes, graph.layers, multiquantizer)
     target = Target(metric, float(lam))
     ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=max(min_configs, folds))

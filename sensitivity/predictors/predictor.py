@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from . import scores as S
 FORMAT = "sensitivity.predictor/1"
 METRICS = ("spearman", "kendall", "ndcg@10")
 DEFAULT_TABULAR_KINDS = ("bits", "error", "additive", "lightgbm")
-# the kind `sensitivity train` / `demo` fit unless told: best held-out Kendall tau on digits-dit (README, Predictors)
+# the kind `sensitivity train` / `demo` fit unless told: best held-out Kendall tau on digits-dit (docs/guide/predictors.md)
 DEFAULT_PREDICTOR = "ensemble"
 
 
@@ -109,11 +108,6 @@ class Predictor:
     def predict(self, configs: Sequence[Mapping[str, str]]) -> np.ndarray:
         """Predicted target ``y`` of each config ``{layer: option}`` (absent layers fp16): ``[n]``, higher = better."""
         return self.predict_codes(self.encode(configs))
-
-    def predict_quality(self, configs: Sequence[Mapping[str, str]]) -> np.ndarray:
-        """Predicted ``sign·metric`` (e.g. −FID) = ``predict + λ·avg_bits``."""
-        codes = self.encode(configs)
-        return self.target.quality(self.predict_codes(codes), self.table.avg_bits(codes))
 
     # ---- scores --------------------------------------------------------------------------------
     def _check_mq(self, mq: Any) -> None:
@@ -341,67 +335,57 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
     out = Path(out)
     if primary not in result.predictors:
         raise SensitivityError(f"primary predictor {primary!r} was not trained ({result.report['skipped'].get(primary, '')})")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    pred0 = result.predictors[primary]
-    ctx = pred0.ctx
-    tensors: Dict[str, np.ndarray] = {}
-    members: Dict[str, Any] = {}
-    (tmp / "texts").mkdir()
-    for kind, p in result.predictors.items():
-        fold_meta = []
-        for f, m in enumerate(p.models):
-            meta_f, tens, texts = m.get_state()
-            for k, v in tens.items():
-                tensors[f"{kind}/fold{f}/{k}"] = np.ascontiguousarray(v)
-            for k, txt in texts.items():
-                (tmp / "texts" / f"{kind}.fold{f}.{k}.txt").write_text(txt)
-            fold_meta.append({"meta": meta_f, "tensors": sorted(tens), "texts": sorted(texts), "params": m.params})
-        members[kind] = {"folds": fold_meta}
-    if tensors:
-        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": FORMAT})
-    if ctx.graph is not None:
-        ctx.graph.save(tmp / "graph.json")
-    manifest = {
-        "format": FORMAT,
-        "primary": primary,
-        "kinds": list(result.predictors),
-        "target": ctx.target.to_dict(),
-        "table": ctx.table.to_dict(),
-        "folds": {"k": int(result.report["folds"]), "seed": int(result.report["seed"]),
-                  "fold_of": result.fold_of.tolist()},
-        "members": members,
-        "background_codes": np.asarray(background_codes, dtype=np.int64).tolist(),
-        "versions": _versions(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **{k: v for k, v in meta.items()},
-    }
-    (tmp / "predictor.json").write_text(json.dumps(_json_clean(manifest), indent=1))
-    report = dict(result.report)
-    report.update({k: meta[k] for k in ("model_id", "cache") if k in meta})
-    report["primary"] = primary
-    (tmp / "report.json").write_text(json.dumps(_json_clean(report), indent=1))
-    (tmp / "report.md").write_text(report_markdown(report, title=f"Predictor report: {out.name}"))
-    if compute_scores:
-        p = load_predictor(tmp, device=ctx.device)
-        p.compute_scores(max_module_configs=max_module_configs, progress=progress)
-        p._layer_scores.to_csv(tmp / "layer_scores.csv", index=False)
-        if p._module_scores is not None:
-            S.module_scores_to_csv(p._module_scores, tmp / "module_scores.csv")
-        man = json.loads((tmp / "predictor.json").read_text())
-        man["scores"] = _json_clean(p.meta["scores"])
-        (tmp / "predictor.json").write_text(json.dumps(man, indent=1))
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    from ..io import atomic_dir
+
+    with atomic_dir(out, "predictor folder", replace=True) as tmp:
+        pred0 = result.predictors[primary]
+        ctx = pred0.ctx
+        tensors: Dict[str, np.ndarray] = {}
+        members: Dict[str, Any] = {}
+        (tmp / "texts").mkdir()
+        for kind, p in result.predictors.items():
+            fold_meta = []
+            for f, m in enumerate(p.models):
+                meta_f, tens, texts = m.get_state()
+                for k, v in tens.items():
+                    tensors[f"{kind}/fold{f}/{k}"] = np.ascontiguousarray(v)
+                for k, txt in texts.items():
+                    (tmp / "texts" / f"{kind}.fold{f}.{k}.txt").write_text(txt)
+                fold_meta.append({"meta": meta_f, "tensors": sorted(tens), "texts": sorted(texts), "params": m.params})
+            members[kind] = {"folds": fold_meta}
+        if tensors:
+            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": FORMAT})
+        if ctx.graph is not None:
+            ctx.graph.save(tmp / "graph.json")
+        manifest = {
+            "format": FORMAT,
+            "primary": primary,
+            "kinds": list(result.predictors),
+            "target": ctx.target.to_dict(),
+            "table": ctx.table.to_dict(),
+            "folds": {"k": int(result.report["folds"]), "seed": int(result.report["seed"]),
+                      "fold_of": result.fold_of.tolist()},
+            "members": members,
+            "background_codes": np.asarray(background_codes, dtype=np.int64).tolist(),
+            "versions": _versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **{k: v for k, v in meta.items()},
+        }
+        (tmp / "predictor.json").write_text(json.dumps(_json_clean(manifest), indent=1))
+        report = dict(result.report)
+        report.update({k: meta[k] for k in ("model_id", "cache") if k in meta})
+        report["primary"] = primary
+        (tmp / "report.json").write_text(json.dumps(_json_clean(report), indent=1))
+        (tmp / "report.md").write_text(report_markdown(report, title=f"Predictor report: {out.name}"))
+        if compute_scores:
+            p = load_predictor(tmp, device=ctx.device)
+            p.compute_scores(max_module_configs=max_module_configs, progress=progress)
+            p._layer_scores.to_csv(tmp / "layer_scores.csv", index=False)
+            if p._module_scores is not None:
+                S.module_scores_to_csv(p._module_scores, tmp / "module_scores.csv")
+            man = json.loads((tmp / "predictor.json").read_text())
+            man["scores"] = _json_clean(p.meta["scores"])
+            (tmp / "predictor.json").write_text(json.dumps(man, indent=1))
     return out
 
 
@@ -434,13 +418,28 @@ def load_predictor(path: str | os.PathLike, kind: Optional[str] = None, device: 
         raise SensitivityError(f"predictor {str(path)!r} has no {kind!r} member (it has {', '.join(man['members'])})")
     graph = DenoiserGraph.load(p / "graph.json") if (p / "graph.json").is_file() else None
     ctx = Context(LayerTable.from_dict(man["table"]), Target.from_dict(man["target"]), graph, device)
-    tensors = load_file(str(p / "weights.safetensors")) if (p / "weights.safetensors").is_file() else {}
+    weights = p / "weights.safetensors"
+    try:
+        tensors = load_file(str(weights)) if weights.is_file() else {}
+    except Exception as exc:  # safetensors' own errors: truncated, not a safetensors file...
+        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} is damaged ({type(exc).__name__}); "
+                               "train it again") from None
     cls = get_kind(kind)
     models = []
     for f, fm in enumerate(man["members"][kind]["folds"]):
         m = cls(ctx, fm.get("params"))
-        tens = {k: tensors[f"{kind}/fold{f}/{k}"] for k in fm["tensors"]}
-        texts = {k: (p / "texts" / f"{kind}.fold{f}.{k}.txt").read_text() for k in fm["texts"]}
+        keys = {k: f"{kind}/fold{f}/{k}" for k in fm["tensors"]}
+        lost = [key for key in keys.values() if key not in tensors]
+        if lost:
+            what = f"has no {weights.name}" if not weights.is_file() else f"{weights.name} lacks {lost[0]!r}"
+            raise SensitivityError(f"predictor {str(path)!r} {what} (an incomplete folder); train it again")
+        tens = {k: tensors[key] for k, key in keys.items()}
+        text_files = {k: p / "texts" / f"{kind}.fold{f}.{k}.txt" for k in fm["texts"]}
+        for file in text_files.values():
+            if not file.is_file():
+                raise SensitivityError(f"predictor {str(path)!r} lacks {file.relative_to(p)} (an incomplete folder); "
+                                       "train it again")
+        texts = {k: file.read_text() for k, file in text_files.items()}
         m.set_state(fm["meta"], tens, texts)
         models.append(m)
     meta = {k: v for k, v in man.items() if k not in ("members", "table")}

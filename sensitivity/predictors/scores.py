@@ -20,8 +20,7 @@ surroundings.
 from __future__ import annotations
 
 import itertools
-import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict
 
 import numpy as np
 import pandas as pd

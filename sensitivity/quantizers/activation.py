@@ -1,6 +1,6 @@
 """Online activation fake-quantization (A8 / A6), as in the reference but actually switched on.
 
-The reference (``method.md`` §1.4) quantizes activations online and dynamically, with no
+The reference (``docs/method.md`` §1.4) quantizes activations online and dynamically, with no
 calibration: asymmetric uniform min/max quantization per row, ``Δ = (max - min) / (2^b - 1)``,
 ``z = round(-min / Δ)``, ``x̂ = (clamp(round(x / Δ) + z, 0, 2^b - 1) - z) · Δ``. Its released
 scripts never enable it (``act_quant=False``); here :func:`enable_activation_quant` does.

@@ -29,7 +29,7 @@ and with ``n_init=1`` 3-11 % above the 1-D optimum on average on heavy-tailed ro
 flash1dkmeans (kmeans++ init + Lloyd on sorted data) is faster but 1.5-11 % above the optimum on
 average (Lloyd's local minima). The exact DP (Ckmeans.1d.dp) is optimal but ``O(k n log n)`` per
 row. Measured with ``benchmarks/bench_kmeans.py`` (one thread, Student-t rows of 320-11520 values,
-k = 8 and 16; ``benchmarks/README.md``): ours takes 36-400 µs per row, 62-231x less than
+k = 8 and 16): ours takes 36-400 µs per row, 62-231x less than
 scikit-learn and 2.5-5x less than flash1dkmeans, at most 0.32 % above the optimum on every row.
 A whole SD1.5 UNet (329k rows) needs about 80 s of CPU for both bit widths.
 
@@ -68,6 +68,27 @@ def row_cuts(k: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # numba kernels
 # --------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def centered_prefix_sums(x, p1, p2):  # pragma: no cover - compiled
+    """Prefix sums of a row minus its mean, for exact run sums without cancellation.
+
+    ``x`` [n] (float32 or float64); fills float64 ``p1``/``p2`` [n+1] with ``sum(x[:i] - shift)`` and
+    ``sum((x[:i] - shift)**2)``; returns ``shift`` (the mean, float64).
+    """
+    n = x.shape[0]
+    shift = 0.0
+    for i in range(n):
+        shift += x[i]
+    shift /= n
+    p1[0] = 0.0
+    p2[0] = 0.0
+    for i in range(n):
+        v = np.float64(x[i]) - shift
+        p1[i + 1] = p1[i] + v
+        p2[i + 1] = p2[i] + v * v
+    return shift
+
+
 @njit(cache=True, inline="always")
 def _cost(p1, p2, p0, inv, i, j):  # pragma: no cover - compiled
     """SSE of the points between cut i and cut j (prefix sums p1, p2; int counts p0; inv[c] = 1/c)."""
@@ -241,18 +262,9 @@ def _fit_sorted_row(x, k, n_cuts, max_iter, inv, out):  # pragma: no cover - com
     ``inv``: float64 reciprocals ``inv[c] = 1/c`` (:func:`_reciprocals`).
     """
     n = x.shape[0]
-    shift = 0.0
-    for i in range(n):
-        shift += x[i]
-    shift /= n
     p1 = np.empty(n + 1, np.float64)
     p2 = np.empty(n + 1, np.float64)
-    p1[0] = 0.0
-    p2[0] = 0.0
-    for i in range(n):
-        v = np.float64(x[i]) - shift
-        p1[i + 1] = p1[i] + v
-        p2[i + 1] = p2[i] + v * v
+    shift = centered_prefix_sums(x, p1, p2)
     cuts = np.empty(n_cuts + 2, np.int64)
     G = _compander_cuts(x, n_cuts, cuts) - 1  # non-empty groups
     kk = k if k < G else G
@@ -334,20 +346,11 @@ def _assign_nb(rows, cb):  # pragma: no cover - compiled
 def _optimal_sorted_nb(x, k):  # pragma: no cover - compiled
     """Exact 1-D k-means of a sorted float64 row: (SSE, centroids [min(k, n)])."""
     n = x.shape[0]
-    shift = 0.0
-    for i in range(n):
-        shift += x[i]
-    shift /= n
     p1 = np.empty(n + 1, np.float64)
     p2 = np.empty(n + 1, np.float64)
+    shift = centered_prefix_sums(x, p1, p2)
     p0 = np.arange(n + 1)
     inv = _reciprocals(n)
-    p1[0] = 0.0
-    p2[0] = 0.0
-    for i in range(n):
-        v = x[i] - shift
-        p1[i + 1] = p1[i] + v
-        p2[i + 1] = p2[i] + v * v
     kk = k if k < n else n
     opt = np.empty((kk, n + 1), np.int64)
     prev = np.empty(n + 1, np.float64)

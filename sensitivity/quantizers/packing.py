@@ -4,7 +4,7 @@ Every group of 8 codes becomes ``bits`` bytes: the codes are summed into one 64-
 ``Σ_i code_i << (bits * i)``, whose low ``bits`` bytes are kept (3-bit: 8 codes in 3 bytes; 4-bit: two
 codes per byte, the first in the low nibble). The last group is zero-padded, so
 ``len(packed) == ceil(bits * n / 8)``. A numba kernel (parallel over groups of 8 codes) does the bit
-work: 250-400 MB of codes per second measured on a busy 2-core machine (``benchmarks/README.md``).
+work: 250-400 MB of codes per second measured on a busy 2-core machine (``benchmarks/bench_kmeans.py``).
 
 ``pack_codes`` / ``unpack_codes`` accept numpy arrays or torch tensors and return the same kind
 (a torch result is on the input's device; the work is done on the CPU).

@@ -9,8 +9,8 @@ squares on the assigned codes (``w ≈ scale * (q - zero)``, zero no longer an i
 the codes to the refitted grid, twice; a row keeps the refit only where its squared error (on the
 stored fp16 values) is lower, so it is never worse than ``uaq``. It is its own option, not a change
 of ``uaq``: ``uaq`` stays the reference's method bit for bit, so caches labelled with it stay valid.
-Measured on digits-dit and Student-t rows (``benchmarks/bench_multiquantizer.py``, README): see
-``docs/quantization_methods.md``.
+Measured on digits-dit and Student-t rows (``benchmarks/bench_methods.py``): see
+``docs/guide/multiquantizer.md``.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from numba import njit, prange
 
 from .. import numba_cache  # noqa: F401,E402  (kernels cached per machine, not per checkout; before @njit)
 
+from .kmeans1d import centered_prefix_sums  # noqa: E402 - the one prefix-sum kernel
 from .uaq import CLIP_RATIOS  # noqa: F401 - the grid lives with the method's config
 
 _FP16_MAX = 65504.0
@@ -78,18 +79,9 @@ def _grid_errors_sorted_nb(xs, scale, zero, levels):  # pragma: no cover - compi
     out = np.empty((R, G), np.float64)
     for r in prange(R):
         x = xs[r]
-        shift = 0.0
-        for i in range(n):
-            shift += x[i]
-        shift /= n
         p1 = np.empty(n + 1, np.float64)
         p2 = np.empty(n + 1, np.float64)
-        p1[0] = 0.0
-        p2[0] = 0.0
-        for i in range(n):
-            v = np.float64(x[i]) - shift
-            p1[i + 1] = p1[i] + v
-            p2[i + 1] = p2[i] + v * v
+        shift = centered_prefix_sums(x, p1, p2)
         for g in range(G):
             d = scale[r, g]
             z = zero[r, g]

@@ -1,6 +1,6 @@
 """Search: the config with the best predicted quality at an exact average-bit target.
 
-The reference (method.md §6) keeps the top-scored variant of every module, so its bit width only
+The reference (docs/method.md §6) keeps the top-scored variant of every module, so its bit width only
 follows from the penalty in the training target. Here the target is a hard constraint: the search is
 a **multiple-choice knapsack** (MCKP) over *groups* — one group per layer (op level), or per module
 (several layers whose option *combinations* the predictor scored together) —
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from .predictor_free import cache_best, error_ilp, uniform_config, uniform_configs
 from .budgets import budget_bytes, config_avg_bits, config_bytes, fp16_total, layer_order, max_avg_bits, min_avg_bits, size_table
+from .memory import MemoryBudget, component_bytes, config_memory, memory_budget
 from .groups import Group, build_groups, layer_groups, module_groups
 from .inputs import bits_range, load_scores_csv, multiquantizer_for
 from .searching import AdditiveScorer, SearchResult, parse_sweep, predict_results, search, search_cost, search_scores, solve_groups
@@ -58,5 +59,6 @@ __all__ = [
     "SearchResult", "brute_force_mckp", "budget_bytes", "build_groups", "cache_best", "config_avg_bits",
     "config_bytes", "error_ilp", "fp16_total", "layer_groups", "layer_order", "max_avg_bits", "min_avg_bits",
     "min_total_cost", "module_groups", "parse_sweep", "predict_results", "search", "search_cost", "search_scores",
-    "size_table", "solve_groups", "solve_mckp", "uniform_configs", "uniform_config",
+    "size_table", "solve_groups", "solve_mckp", "uniform_configs", "uniform_config", "MemoryBudget", "component_bytes",
+    "config_memory", "memory_budget",
 ]

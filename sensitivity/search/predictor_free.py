@@ -91,8 +91,8 @@ def _lowest_cached(records: Iterable[Mapping[str, Any]], sizes: SizeTable) -> st
 
 
 def error_ilp(
-    sizes: pd.DataFrame, target_bits: float, error: str = "error", method: str = "auto",
-    what: str = "this multiquantizer",
+    sizes: pd.DataFrame, target_bits: Optional[float], error: str = "error", method: str = "auto",
+    what: str = "this multiquantizer", budget: Optional[int] = None,
 ) -> SearchResult:
     """MixDQ / HAWQ-style baseline: minimise Σ per-layer quantization error under the byte budget.
 
@@ -114,7 +114,7 @@ def error_ilp(
                                "score": [-float(values[i, j]) for i, j in cells]})
     sizes = table
     groups = layer_groups(scores, sizes)
-    res = solve_groups(groups, sizes, target_bits, method=method, label=f"error-ilp-{error}", what=what)
+    res = solve_groups(groups, sizes, target_bits, method=method, label=f"error-ilp-{error}", what=what, budget=budget)
     res.objective = -float(res.objective)
     res.details["error"] = error
     return res

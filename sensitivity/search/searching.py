@@ -88,10 +88,17 @@ def _result(options: Dict[str, str], sizes: SizeTable, method: str, **kw: Any) -
     return SearchResult(options=options, method=method, avg_bits=16.0 * q / fp, quantized_bytes=q, fp16_bytes=fp, **kw)
 
 
-def _target_budget(sizes: SizeTable, target_bits: float, what: str = "this multiquantizer") -> int:
+def _target_budget(sizes: SizeTable, target_bits: Optional[float], what: str = "this multiquantizer",
+                   budget: Optional[int] = None) -> int:
     fp = sizes.fp16_total
-    budget = budget_bytes(target_bits, fp)
     lo = sizes.min_bytes()
+    if budget is not None:  # a byte budget (--target-memory: the memory the layers may take)
+        if lo > budget:
+            raise InfeasibleTargetError(
+                f"a budget of {int(budget)} bytes for the layers is infeasible for {what}: every layer at its "
+                f"smallest option takes {lo} bytes", min_avg_bits=_ceil4(16.0 * lo / fp), min_cost=lo)
+        return int(budget)
+    budget = budget_bytes(target_bits, fp)
     if lo > budget:
         m = _ceil4(16.0 * lo / fp)
         raise InfeasibleTargetError(
@@ -115,14 +122,16 @@ def _solve(groups: Sequence[Group], budget: int, method: str):
 
 
 def solve_groups(
-    groups: Sequence[Group], sizes: pd.DataFrame, target_bits: float, method: str = "auto", label: str = "search",
-    what: str = "this multiquantizer",
+    groups: Sequence[Group], sizes: pd.DataFrame, target_bits: Optional[float], method: str = "auto",
+    label: str = "search", what: str = "this multiquantizer", budget: Optional[int] = None,
 ) -> SearchResult:
-    """Solve the knapsack over ``groups`` at ``target_bits``; the result's ``objective`` is the summed value."""
+    """Solve the knapsack over ``groups`` at ``target_bits`` (or at ``budget`` bytes of ``sizes``, which then
+    replaces the target); the result's ``objective`` is the summed value."""
     sizes = _table(sizes)
-    budget = _target_budget(sizes, target_bits, what)
+    budget = _target_budget(sizes, target_bits, what, budget)
     options, sol, seconds = _solve(groups, budget, method)
-    res = _result(options, sizes, label, target_bits=float(target_bits), budget_bytes=budget,
+    res = _result(options, sizes, label, target_bits=None if target_bits is None else float(target_bits),
+                  budget_bytes=budget,
                   objective=sol.value, seconds=seconds)
     res.details.update(groups=len(groups), solver=sol.solver)
     assert res.quantized_bytes == sol.cost and res.quantized_bytes <= budget
@@ -137,15 +146,16 @@ def search_scores(
     max_combinations: int = MAX_COMBINATIONS,
     method: str = "auto",
     what: str = "this multiquantizer",
+    budget: Optional[int] = None,
 ) -> SearchResult:
-    """Exact best-scored config at ``target_bits`` from score tables (no predictor needed).
+    """Exact best-scored config at ``target_bits`` (or ``budget`` bytes of ``sizes``) from score tables.
 
     ``what`` names the size source in the infeasible-target error (e.g. the multiquantizer file).
     """
     sizes = _table(sizes)
     groups = build_groups(layer_scores, sizes, module_scores, max_combinations)
     level = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
-    res = solve_groups(groups, sizes, target_bits, method=method, label=f"search-{level}", what=what)
+    res = solve_groups(groups, sizes, target_bits, method=method, label=f"search-{level}", what=what, budget=budget)
     res.details["level"] = level
     return res
 
@@ -229,8 +239,10 @@ def search(
     method: str = "auto",
     sizes: Optional[pd.DataFrame] = None,
     what: str = "this multiquantizer",
+    budget: Optional[int] = None,
 ) -> SearchResult:
-    """The best config the predictor finds with average bits ≤ ``target_bits``.
+    """The best config the predictor finds with average bits ≤ ``target_bits`` (or, with ``budget``, with
+    Σ bytes of ``sizes`` ≤ ``budget``: ``--target-memory`` passes the memory table and the layers' share).
 
     ``predictor`` follows the protocol of this module's docstring; ``mq`` is the multiquantizer the
     scores refer to (``sizes`` overrides its size table); ``level`` is ``"layer"`` or ``"module"``.
@@ -238,7 +250,7 @@ def search(
     """
     sizes = SizeTable.of(sizes if sizes is not None else mq, options)
     layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
-    res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what)
+    res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what, budget)
     res.predicted = _predict_one(predictor, res.options)
     return res
 

@@ -172,26 +172,6 @@ def _hull_increments(R: List[np.ndarray], V: List[np.ndarray]) -> Tuple[np.ndarr
     return g_[order].astype(np.int64), to_[order].astype(np.int64), dr_[order], dv_[order]
 
 
-def _lp_gain(dr: np.ndarray, dv: np.ndarray, budget: np.ndarray, integral: bool = False):
-    """Value the LP relaxation adds over the all-cheapest config for each budget (float array).
-
-    With ``integral``, also returns the gain of the LP's integral part (the increments taken whole):
-    a feasible completion, hence a lower bound.
-    """
-    budget = np.asarray(budget, dtype=np.float64)
-    if dr.size == 0:
-        z = np.zeros_like(budget)
-        return (z, z) if integral else z
-    cum_r = np.concatenate([[0.0], np.cumsum(dr)])
-    cum_v = np.concatenate([[0.0], np.cumsum(dv)])
-    i = np.searchsorted(cum_r, budget, side="right") - 1  # increments fully taken (budget >= 0)
-    np.clip(i, 0, dr.size, out=i)
-    nxt = np.minimum(i, dr.size - 1)
-    whole = cum_v[i]
-    frac = whole + np.where(i < dr.size, (budget - cum_r[i]) / dr[nxt] * dv[nxt], 0.0)
-    return (frac, whole) if integral else frac
-
-
 def _solve_reduced(cs, vs, kept, mins, slack: int, core: str = "dp") -> Tuple[np.ndarray, str]:
     """Exact: LP relaxation -> greedy incumbent -> per-choice LP bounds (the LP optimum with that
     choice forced) drop every choice that cannot beat the incumbent -> the remaining core is solved

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import SensitivityError
+from ..options import OPTION_NAMES
+from ..provenance import run_provenance
 
 DIGITS_MODELS = ("digits-dit", "digits-unet", "digits-sd")
 FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_class=50)
@@ -56,6 +58,8 @@ class DemoSettings:
     workers: int
     seed: int
     weights: str = "shipped"
+    components: Optional[str] = None  # multiquantize --components (None: the denoiser alone)
+    options: Optional[Tuple[str, ...]] = None  # the multiquantizer's options (None: the reference's six)
 
 
 def parse_targets(text: str) -> Tuple[float, ...]:
@@ -73,11 +77,19 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
                   num_configs: Optional[int] = None, images_per_class: Optional[int] = None,
                   targets: Union[str, Sequence[float]] = (3.4, 3.6, 3.8, 4.0), predictor: Optional[str] = None,
                   check_images_per_class: Optional[int] = None, metric: str = "fid", folds: Optional[int] = None,
-                  workers: Optional[int] = None, seed: int = 0) -> DemoSettings:
+                  workers: Optional[int] = None, seed: int = 0, components: Optional[str] = None,
+                  options: Optional[Sequence[str]] = None) -> DemoSettings:
     """The settings of a demo writing under ``out``: unset numbers from the preset (:data:`FULL`, or
-    :data:`QUICK` with ``quick``); ``predictor`` default the CLI's ensemble; ``workers`` default min(2, cores)."""
+    :data:`QUICK` with ``quick``); ``predictor`` default the CLI's ensemble; ``workers`` default min(2, cores).
+    ``components``: the pipeline components searched together (``"all"``; default the denoiser);
+    ``options``: the multiquantizer's options (default the reference's six)."""
+    from ..checks import check_values
+    from ..io import check_writable
     from ..predictors.predictor import DEFAULT_PREDICTOR
 
+    check_values(num_configs=num_configs, images_per_class=images_per_class, folds=folds, workers=workers, seed=seed,
+                 check_images_per_class=check_images_per_class)
+    check_writable(out, "--out", directory=True)  # before any work
     if model not in DIGITS_MODELS:
         raise SensitivityError(f"--model {model!r}: the demo runs an embedded model ({', '.join(DIGITS_MODELS)})")
     preset = QUICK if quick else FULL
@@ -96,7 +108,8 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
     if check_per_class < 2:
         raise SensitivityError(f"--check-images-per-class {check_per_class}: needs at least 2")
     return DemoSettings(Path(out), model, bool(quick), n_cfg, per_class, targets, predictor or DEFAULT_PREDICTOR,
-                        check_per_class, metric, folds, workers, seed)
+                        check_per_class, metric, folds, workers, seed, components=components,
+                        options=tuple(options) if options else None)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -149,6 +162,7 @@ class DemoRun:
         self.cache_path = self.out / "cache.sqlite"
         self.pred_dir = self.out / "predictor"
         self.t_start = time.perf_counter()
+        self.started = run_provenance()  # commit, date, calibrator, load: summary.json records start and end
         self.written: List[Any] = []
 
     def build_multiquantizer(self) -> None:
@@ -163,9 +177,14 @@ class DemoRun:
         s = self.s
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "images").mkdir(exist_ok=True)
-        _step(1, f"multiquantizer of {s.model}: 6 options per layer",
-              f"sensitivity multiquantize {s.model} --weights {s.weights} --out {self.mq_path}")
-        self.mq, _ = multiquantize(s.model, weights=s.weights, out=self.mq_path)
+        options = s.options or OPTION_NAMES
+        extra = (f" --components {s.components}" if s.components else "") + \
+            (f" --options {' '.join(s.options)}" if s.options else "")
+        _step(1, f"multiquantizer of {s.model}" + (f" ({s.components})" if s.components else "")
+              + f": {len(options)} options per layer",
+              f"sensitivity multiquantize {s.model} --weights {s.weights} --out {self.mq_path}{extra}")
+        self.mq, _ = multiquantize(s.model, weights=s.weights, out=self.mq_path, options=options,
+                                   components=s.components)
         print(describe_build(self.mq, self.mq_path))
         self.family = get_family(s.model)
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -193,8 +212,10 @@ class DemoRun:
               f"sensitivity evaluate {s.model} --multiquantizer {self.mq_path} --config CONFIG.json "
               f"--images-per-class {s.images_per_class}")
         layers = self.mq.layer_names
-        few = {"fp16": None, "uaq-4": {n: "uaq-4" for n in layers}, "kmeans_a-3": {n: "kmeans_a-3" for n in layers},
-               f"random-{s.seed}-0": sample_config(layers, s.seed, 0)}
+        uniform = dict.fromkeys(o if o in self.mq.options else self.mq.options[k]
+                                for o, k in (("uaq-4", 0), ("kmeans_a-3", -1)))
+        few = {"fp16": None, **{o: {n: o for n in layers} for o in uniform},
+               f"random-{s.seed}-0": sample_config(layers, s.seed, 0, options=self.mq.options)}
         self.results = []
         for name, cfg in few.items():
             r = self._measure(cfg, name)
@@ -323,7 +344,10 @@ class DemoRun:
                    "predictor": s.predictor, "metric": s.metric, "folds": s.folds,
                    "targets": list(s.targets), "few_configs": self.results, "rows": rows, "seconds": round(seconds, 1),
                    "multiquantizer": str(self.mq_path), "cache": str(self.cache_path),
-                   "predictor_dir": str(self.pred_dir)}
+                   "predictor_dir": str(self.pred_dir),
+                   "predictor_cv": {name: {k: r.get(k) for k in ("mean", "std")}
+                                    for name, r in (self.report.get("predictors") or {}).items() if isinstance(r, dict)},
+                   "provenance": run_provenance(self.started)}
         _write_json(out / "summary.json", summary)
         md = (f"# sensitivity demo on {s.model}\n\n{s.num_configs} random configs x {p.num_images} images, "
               f"predictor {s.predictor} on {s.metric} ({s.folds}-fold CV), seed {s.seed}, "

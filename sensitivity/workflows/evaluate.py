@@ -62,6 +62,7 @@ def evaluate_config(model: str, multiquantizer: str, *, config: Optional[str] = 
             raise SensitivityError(f"{config}: chosen for A{cfg.act_bits}, but --act-bits {settings['act_bits']}")
         settings["act_bits"] = cfg.act_bits
     fam, weights, factory, protocol, mq = protocol_for(model, multiquantizer, **settings)
+    cfg.check_model(mq.model_id, str(source))
     if ft is not None:
         if ft.base_multiquantizer_hash != mq.hash:
             raise SensitivityError(f"--finetuned {finetuned} was made from multiquantizer "

@@ -23,10 +23,12 @@ def default_out(model: str, weights: Optional[str]) -> Path:
 def multiquantize(model: str, *, weights: Optional[str] = None, pipeline_class: Optional[str] = None,
                   out: Union[str, Path, None] = None, options: Sequence[str] = OPTION_NAMES,
                   device: Optional[str] = None, threads: Optional[int] = None, seed: int = 0, resume: bool = True,
-                  progress: bool = True) -> Tuple[Any, Path]:
+                  progress: bool = True, components: Optional[str] = None) -> Tuple[Any, Path]:
     """Build the multiquantizer of ``model`` (family name, or ``diffusers`` with ``pipeline_class`` / a
     ``weights`` folder) with ``options``; ``weights`` default: the family's default or hub id; ``out``
-    default :func:`default_out`; ``seed``: random init of ``random`` / ``tiny`` weights. Returns ``(mq, out)``."""
+    default :func:`default_out`; ``seed``: random init of ``random`` / ``tiny`` weights. ``components``:
+    ``"text_encoder,denoiser,vae_decoder"`` / ``"all"``: one multiquantizer of those pipeline components
+    (:func:`sensitivity.pipeline_quant.build_pipeline_components`; default: the denoiser alone). Returns ``(mq, out)``."""
     import torch
 
     from ..checks import check_device, check_finite_weights
@@ -45,6 +47,12 @@ def multiquantize(model: str, *, weights: Optional[str] = None, pipeline_class: 
     weights = weights if weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
     out = Path(out) if out else default_out(fam.name, weights)
     check_writable(out, "--out")
+    if components is not None:
+        from ..pipeline_quant import build_pipeline_components
+
+        mq = build_pipeline_components(fam, weights, components, out, options=options, device=device, seed=seed,
+                                       threads=threads, resume=resume, progress=progress)
+        return mq, out
     denoiser = fam.load_denoiser(weights, device=device, dtype=torch.float32, seed=seed)
     layers = fam.find_layers(denoiser)
     check_finite_weights(denoiser, layers, f"--weights {weights}")  # before the build makes its resume folder
@@ -57,6 +65,7 @@ def multiquantize(model: str, *, weights: Optional[str] = None, pipeline_class: 
 def describe_build(mq: Any, out: Union[str, Path]) -> str:
     """One line: what was written where, its size against the fp16 weights, and how the build went."""
     size = Path(out).stat().st_size
-    return (f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
+    comps = ", ".join(f"{n} {c['layers']} layers" for n, c in mq.components.items() if c["layers"])
+    return ((f"components: {comps}\n" if comps else "") + f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
             f"({size / mq.fp16_bytes():.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
             f"({mq.manifest['resumed_layers']} layers resumed, {mq.manifest['recomputed_options']} options recomputed)")

@@ -35,18 +35,15 @@ class SampleResult(NamedTuple):
 def check_sample_numbers(*, strategy: str = "random", num_configs: Optional[int] = None, workers: int = 1,
                          threads: Optional[int] = None, ray: Optional[str] = None) -> None:
     """The job's own numbers at the door (the protocol's: :func:`~sensitivity.evaluation.protocol.check_protocol_numbers`)."""
-    from ..checks import at_least
+    from ..checks import check_values
 
     if strategy not in STRATEGIES:
         raise SensitivityError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if num_configs is None and strategy != "single-layer":
         raise SensitivityError(f"--strategy {strategy} needs --num-configs")
-    if num_configs is not None and num_configs < 1:
-        raise SensitivityError(f"--num-configs must be >= 1, got {num_configs}")
+    check_values(num_configs=num_configs, workers=workers, threads=threads)
     if strategy == "active" and ray:
         raise SensitivityError("--strategy active runs local workers only; drop --ray")
-    at_least("--workers", workers, 1)
-    at_least("--threads", threads, 1)
 
 
 def sample(model: str, multiquantizer: str, cache: Union[str, Path], *, num_configs: Optional[int] = None,

@@ -41,6 +41,9 @@ CLEAN_FID_INCEPTION = "clean-fid-inception"
 DIGITS_CLASSIFIER = "digits-classifier"
 
 
+NUMERIC_SETTINGS = ("steps", "guidance", "height", "width", "batch_size")  # numbers, against checks.CONSTRAINTS
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Default sampling settings of a family; every field can be overridden per call.
@@ -68,7 +71,10 @@ class GenerationSettings:
         key sets it to ``None`` (e.g. ``refiner=None`` turns SDXL's refiner off).
         Raises :class:`SensitivityError` naming an unknown setting.
         """
+        from ..checks import check_values
+
         names = {f.name for f in dataclasses.fields(self)}
+        check_values(**{k: v for k, v in overrides.items() if k in NUMERIC_SETTINGS})
         direct: Dict[str, Any] = {}
         extra = dict(self.extra)
         for key, value in overrides.items():
@@ -140,7 +146,7 @@ class ModelFamily:
     special_weights: Tuple[str, ...] = SPECIAL_WEIGHTS
     defaults: GenerationSettings = GenerationSettings(steps=50, guidance=7.5)
     description: str = ""
-    # the reference's count of weight nodes for this family (method.md section 1.1), for reports
+    # the reference's count of weight nodes for this family (docs/method.md §1.1), for reports
     reference_layer_count: Optional[int] = None
     # the FID/KID feature network of its evaluation: CLEAN_FID_INCEPTION (real images, a reference
     # folder) or DIGITS_CLASSIFIER (the shipped digits classifier, with class accuracy)

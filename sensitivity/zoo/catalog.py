@@ -254,10 +254,9 @@ def main(argv=None) -> int:
         source = fh.read()
     pattern = re.compile(r"(# BEGIN GENERATED[^\n]*\n).*?(# END GENERATED)", re.S)
     new = pattern.sub(lambda m: m.group(1) + text + m.group(2), source, count=1)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(new)
-    os.replace(tmp, path)
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, new, "family cards")
     print(f"wrote {len(generated_cards())} family cards to {path}")
     return 0
 

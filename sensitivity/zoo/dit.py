@@ -12,7 +12,7 @@ the diffusers conversion gives each block its own identical copy
 :func:`sensitivity.layers.check_ties`). 255 - 2 x 27 = **201** layers, the reference count. The
 class embedder is an ``nn.Embedding`` (not quantized), as in the reference.
 
-Difference from the reference's bookkeeping (its defect 3, ``method.md`` §8): its FP_SIZE counts
+Difference from the reference's bookkeeping (its defect 3, ``docs/method.md`` §7): its FP_SIZE counts
 all 28 embedder copies (717.0 M fp16 weights) and its random sampling sets the copies
 independently; here the tied layer counts once in bytes and average bits, and a config can only set
 all copies together.
@@ -20,7 +20,7 @@ all copies together.
 ``random`` weights copy block 0's whole ``norm1.emb`` (timestep and class embedders) into the other
 27 blocks, so the tie holds as it does in the real checkpoint.
 
-Generation (reference, ``method.md`` §3): ``DPMSolverMultistepScheduler`` built from the
+Generation (reference, ``docs/method.md`` §3): ``DPMSolverMultistepScheduler`` built from the
 checkpoint's DDIM config, **250** steps, guidance 4.0 (the pipeline default), 512 px (the
 transformer's native size; DiT cannot change it), batch size 25, one image per class id.
 """

@@ -18,7 +18,7 @@ halves, 13 in all: 487 - 13 = 474. The reference quantizes block 39 like every o
 The denoiser expects float timesteps (the pipeline passes them in the latents' dtype) and a VAE
 with four levels (the pipeline hard-codes ``height // 8`` for the rotary grid).
 
-Generation (reference, ``method.md`` §3: the pipeline defaults): DDPM (the checkpoint's
+Generation (reference, ``docs/method.md`` §3: the pipeline defaults): DDPM (the checkpoint's
 v-prediction scheduler), 50 steps, guidance 5.0, 1024 x 1024 with resolution binning, batch size 1,
 no safety checker.
 """

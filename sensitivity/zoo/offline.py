@@ -22,12 +22,13 @@ denoiser and the global torch RNG is left untouched.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -70,18 +71,43 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+# set by :func:`materializing`: the seeds whose modules are built with values (None: every module)
+_REAL_SEEDS: contextvars.ContextVar[Optional[frozenset]] = contextvars.ContextVar("real_seeds", default=None)
+_BUILT: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("built", default=None)
+
+
+@contextlib.contextmanager
+def materializing(seeds: Optional[Iterable[int]]) -> Iterator[List[Tuple[int, nn.Module]]]:
+    """Within the block, :func:`instantiate` builds only the modules of ``seeds`` with values; every other
+    one goes on the meta device (``None``: all with values). Yields the ``(seed, module)`` pairs built,
+    so a caller can find which seed made which pipeline component and build one component at a time."""
+    built: List[Tuple[int, nn.Module]] = []
+    t1 = _REAL_SEEDS.set(None if seeds is None else frozenset(int(s) for s in seeds))
+    t2 = _BUILT.set(built)
+    try:
+        yield built
+    finally:
+        _REAL_SEEDS.reset(t1)
+        _BUILT.reset(t2)
+
+
 def instantiate(factory: Callable[[], nn.Module], kind: str, dtype: torch.dtype, seed: int) -> nn.Module:
-    """Build a module: on the meta device for ``kind == "meta"`` (no memory), else seeded, in ``dtype``."""
-    if kind == "meta":
+    """Build a module: on the meta device for ``kind == "meta"`` (no memory) or when :func:`materializing`
+    leaves ``seed`` out, else seeded, in ``dtype``."""
+    real = _REAL_SEEDS.get()
+    if kind == "meta" or (real is not None and int(seed) not in real):
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=True):
             module = factory()
-        return module.eval()
-    with seeded(seed):
-        module = factory()
-    if dtype is not None and dtype != torch.float32:
-        module = module.to(dtype)
+    else:
+        with seeded(seed):
+            module = factory()
+        if dtype is not None and dtype != torch.float32:
+            module = module.to(dtype)
+    built = _BUILT.get()
+    if built is not None:
+        built.append((int(seed), module))
     return module.eval()
 
 

@@ -9,7 +9,7 @@ Layers: all **287** ``Conv2d``/``Linear`` weights of the transformer, the refere
 q/k/v/out + ff.net.0.proj + ff.net.2) + proj_out). No exclusions, splits or ties. (The α
 ``1024-MS`` config adds 4 micro-condition embedder layers, 291; the reference used α 512.)
 
-Generation (reference, ``method.md`` §3: the pipeline defaults): DPM-Solver++ (the checkpoints'
+Generation (reference, ``docs/method.md`` §3: the pipeline defaults): DPM-Solver++ (the checkpoints'
 scheduler), 20 steps, guidance 4.5, 512 px (α) / 1024 px (Σ), resolution binning and caption
 cleaning on (cleaning needs ``bs4`` + ``ftfy``; without them diffusers warns and skips it), T5
 sequence length 120 (α) / 300 (Σ), batch size 1.

@@ -14,7 +14,7 @@ that module is ``up_blocks.{i}.resnets.{j}.conv_shortcut``, so those 12 are spli
 the reference count. (``conv1`` reads the same concatenation but the reference does not split it;
 neither do we, to keep the search space the reference's.)
 
-Generation (reference, ``method.md`` §3): PLMS (diffusers ``PNDMScheduler`` with
+Generation (reference, ``docs/method.md`` §3): PLMS (diffusers ``PNDMScheduler`` with
 ``skip_prk_steps``, the checkpoint's own scheduler), 50 steps, guidance 7.5, eta 0, 512 x 512,
 batch size 1, no safety checker (the reference's ldm sampler has none).
 """

@@ -20,7 +20,7 @@ upsampled main path is wider than the block's output:
 Elsewhere both give the same split. With the reference's point, one "half" mixes main-path and
 skip channels, which defeats the purpose of splitting (independent ranges per source).
 
-Generation (reference, ``method.md`` §3): Euler (the checkpoint's scheduler), 40 steps, guidance
+Generation (reference, ``docs/method.md`` §3): Euler (the checkpoint's scheduler), 40 steps, guidance
 5.0, 512 x 512, base run with ``denoising_end=0.8`` and the FP16, never quantized, refiner
 ``stabilityai/stable-diffusion-xl-refiner-1.0`` finishing with ``denoising_start=0.8`` and the
 same 40 steps. ``refiner="auto"`` (the default) means the official refiner for real weights and

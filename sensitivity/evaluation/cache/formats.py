@@ -76,7 +76,7 @@ class FormatsMixin:
         return out, n
 
     def reference_records(self, reference_names: bool = True) -> List[Dict[str, Any]]:
-        """The reference's ``quant_cache.pkl`` layout (method.md §3): a list of dicts with ``config``
+        """The reference's ``quant_cache.pkl`` layout (docs/method.md §3): a list of dicts with ``config``
         (``{layer: [method-bits, fp_bytes, q_bytes, error]}``), ``quantized_size``, ``avg_bits``,
         ``quantized_error``, ``FID-GT-1k`` and ``bops`` (Tera-BOPs per image; None in records made before it), plus ``sensitivity``
         (our fields, so an import restores the record exactly). Layers at full precision are listed
@@ -348,9 +348,3 @@ def _entry_number(where: str, field: str, value: Any, integer: bool = False, opt
         raise CorruptFileError(f"{where}: {field} is {_short(value)}, expected {kind}")
     return int(value) if integer else float(value)
 
-
-def _int(x) -> Optional[int]:
-    try:
-        return None if x is None else int(x)
-    except (TypeError, ValueError):
-        return None

@@ -465,12 +465,30 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
         being that run's (a config drawn twice appears twice).
         """
         if run_id is None:
-            return [self._decode(r) for r in self._q(self._SELECT + " ORDER BY r.id")]
+            return self._with_components([self._decode(r) for r in self._q(self._SELECT + " ORDER BY r.id")])
         rows = self._q(
             "SELECT r.id, c.run_id, c.idx, r.config_hash, r.config, r.avg_bits, r.quantized_bytes, r.summed_error, "
             "r.metrics, r.signature, r.timings, r.host, r.created_at, r.checksum "
             "FROM run_configs c JOIN records r ON r.id = c.record_id WHERE c.run_id=? ORDER BY c.idx", (run_id,))
-        return [self._decode(r) for r in rows]
+        return self._with_components([self._decode(r) for r in rows])
+
+    def _with_components(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """A pipeline multiquantizer's records get ``component_bytes`` ({component: bytes of its layers},
+        :meth:`sensitivity.sizes.SizeTable.component_bytes`), derived from the layer stats."""
+        from ...mqfile import COMPONENT_NAMES
+
+        stats = self.layer_stats if records else {}
+        if not stats or not all(l.split(".", 1)[0] in COMPONENT_NAMES and "." in l for l in stats):
+            return records
+        from ...sizes import SizeTable
+
+        table = SizeTable.from_layer_stats(stats)
+        for rec in records:
+            try:
+                rec["component_bytes"] = table.component_bytes(rec["config"])
+            except SensitivityError:  # a record of layers the stats lack: no breakdown
+                pass
+        return records
 
     def __len__(self) -> int:
         return self._q("SELECT COUNT(*) FROM records")[0][0]
