@@ -9,8 +9,10 @@ den_q = load_quantized("out/w36-packed")        # diffusers model class, low-bit
 
 Formats (``sensitivity.export.methods`` has the per-method table):
 
-* ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; weights
-  dequantize on the fly (``materialize=True``: once); bit-exact with :func:`~sensitivity.multiquantizer.apply`.
+* ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; at run
+  time each layer runs the kernel the recorded policy chose (:mod:`.runtime`: dequantized on the fly,
+  cached, or W8A8 on torch's int8 matmul); bit-exact with :func:`~sensitivity.multiquantizer.apply`
+  (W8A8: up to float32 summation order).
 * ``sdnq`` (:mod:`.sdnq_format`, extra ``sensitivity[sdnq]``): a diffusers model folder in SDNQ's
   format that ``<DenoiserClass>.from_pretrained(DIR)`` reloads with ``pip install sdnq`` alone.
 * ``onnx`` (:mod:`.onnx_format`, extra ``sensitivity[onnx]``): ``torch.onnx`` export with QDQ initializers
@@ -48,13 +50,17 @@ def require_extra(format: str) -> None:
 
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,
            source: Optional[Mapping[str, Any]] = None, float_dtype=None, pipeline=None,
-           overwrite: bool = False, opset: int = 21, example_inputs=None) -> Dict[str, Any]:
+           overwrite: bool = False, opset: int = 21, example_inputs=None,
+           cache_budget: Optional[int] = None) -> Dict[str, Any]:
     """Export ``denoiser`` (full precision) with ``config`` (QuantConfig, path or ``{layer: option}``) to ``out``.
 
     ``source``: ``{"family", "weights", "seed", "model_id"}`` recorded with the export (``model_id`` is
     checked against the multiquantizer). ``float_dtype``: dtype of the tensors that are not quantized
     (default: the denoiser's). ``pipeline`` (sdnq): also write the whole pipeline folder. ``opset``
-    and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict).
+    and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict; packed:
+    run once to choose the run-time kernels, :mod:`.runtime`); ``cache_budget`` (packed): bytes of float
+    weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.25 x quantized bytes)``).
+    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules.
     Returns the export record (what ``sensitivity_export.json`` holds, plus ``bytes_on_disk``).
     """
     from ..config import QuantConfig
@@ -74,7 +80,8 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
         if format == "packed":
             from .packed import write_packed
 
-            record = write_packed(plan, tmp, float_dtype=float_dtype)
+            record = write_packed(plan, tmp, float_dtype=float_dtype, example_inputs=example_inputs,
+                                  cache_budget=cache_budget)
         elif format == "sdnq":
             from .sdnq_format import write_sdnq
 
@@ -89,10 +96,13 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
 
 
 def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materialize: bool = False,
-                   expect_class: Optional[str] = None, verify: bool = True):
+                   expect_class: Optional[str] = None, verify: bool = True, runtime: Optional[str] = None,
+                   cache_budget: Optional[int] = None, act_bits: Optional[int] = None):
     """Reload an export folder as its diffusers model class.
 
-    ``packed``: low-bit modules that dequantize on the fly (``materialize=True``: once, at load);
+    ``packed``: low-bit modules on the run-time kernels recorded at export (:mod:`.runtime`;
+    ``runtime="auto"`` chooses again under ``cache_budget`` bytes, ``"on_the_fly"`` / ``"cached"`` /
+    ``"int8_dynamic"`` forces one kernel; ``act_bits=8``: W8A8) (``materialize=True``: plain float modules);
     ``sdnq``: ``<Class>.from_pretrained`` with SDNQ's modules (needs ``sdnq``). ``onnx`` folders are
     run with onnxruntime, not loaded here. ``expect_class``: fail unless the folder holds that class.
     ``verify``: check every tensor's digest (packed). The record is kept in ``model.sensitivity_export``.
@@ -106,7 +116,8 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
     dtype = resolve_dtype(dtype)
     if fmt == "packed":
         return load_packed(folder, record, device=device, dtype=dtype, materialize_weights=materialize,
-                           expect_class=expect_class, verify=verify)
+                           expect_class=expect_class, verify=verify, runtime=runtime, cache_budget=cache_budget,
+                           act_bits=act_bits)
     if fmt == "sdnq":
         require_extra("sdnq")
         from .sdnq_format import load_sdnq

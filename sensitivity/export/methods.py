@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import FP16, QuantOption
@@ -49,6 +49,9 @@ class MethodFormat:
     ``sdnq``: ``"uint_asymmetric"``, ``"uint_asymmetric_grouped"``, ``"codebook_row"``,
     ``"codebook_tensor"``, ``"int8_symmetric"``, ``"fp8_symmetric"``, or ``None`` with ``sdnq_reason``.
     ``per_row``: the scale is per output row (else per tensor); ``group``: group size (``uaq_g<N>``).
+    ``affine`` (run time, :mod:`.runtime`): how a row's value of code ``q`` is ``(q - z) * d``:
+    ``"scale_zero"`` (``d = scale``, ``z = zero``), ``"scale_128"`` (``d = scale``, ``z = 128``), or ``None``
+    (not one affine map per row: no integer matmul).
     """
 
     method: str
@@ -57,16 +60,17 @@ class MethodFormat:
     per_row: bool = True
     group: Optional[int] = None
     sdnq_reason: str = ""
+    affine: Optional[str] = None
 
 
 _TABLE: Mapping[str, MethodFormat] = {
-    "uaq": MethodFormat("uaq", "qdq_affine", "uint_asymmetric"),
-    "uaq_ls": MethodFormat("uaq_ls", "dequantized", "uint_asymmetric"),
+    "uaq": MethodFormat("uaq", "qdq_affine", "uint_asymmetric", affine="scale_zero"),
+    "uaq_ls": MethodFormat("uaq_ls", "dequantized", "uint_asymmetric", affine="scale_zero"),
     "uaq_g": MethodFormat("uaq_g", "qdq_affine_blocked", "uint_asymmetric_grouped"),
     "kmeans_c": MethodFormat("kmeans_c", "dequantized", "codebook_row"),
     "kmeans_a": MethodFormat("kmeans_a", "dequantized", "codebook_tensor", per_row=False),
-    "int8": MethodFormat("int8", "qdq_symmetric", "int8_symmetric", per_row=False),
-    "int8_c": MethodFormat("int8_c", "qdq_symmetric", "int8_symmetric"),
+    "int8": MethodFormat("int8", "qdq_symmetric", "int8_symmetric", per_row=False, affine="scale_128"),
+    "int8_c": MethodFormat("int8_c", "qdq_symmetric", "int8_symmetric", affine="scale_128"),
     "fp8_e4m3": MethodFormat("fp8_e4m3", "qdq_fp8", "fp8_symmetric", per_row=False),
 }
 
@@ -82,6 +86,20 @@ def method_format(method: str) -> Optional[MethodFormat]:
         base = _TABLE["uaq_g"]
         return MethodFormat(method, base.onnx, base.sdnq, group=int(m.group(1)))
     return None
+
+
+def row_affine(method: str, params: Mapping[str, Any], rows: int) -> Optional[Tuple[Any, Any]]:
+    """float32 ``(d [rows], z [rows])`` with value ``(q - z) * d`` of code ``q`` in each row, or ``None``."""
+    import torch
+
+    fmt = method_format(method)
+    if fmt is None or fmt.affine is None:
+        return None
+    d = params["scale"].to(torch.float32).reshape(-1).expand(rows) if params["scale"].numel() == 1 \
+        else params["scale"].to(torch.float32).reshape(-1)
+    if fmt.affine == "scale_128":
+        return d.contiguous(), torch.full((rows,), 128.0)
+    return d.contiguous(), params["zero"].to(torch.float32).reshape(-1).contiguous()
 
 
 def sdnq_reason(option: str, shape: Tuple[int, ...], kind: str) -> Optional[str]:
