@@ -19,7 +19,7 @@ Formats (``sensitivity.export.methods`` has the per-method table):
   for uniform options and dequantized initializers for k-means ones.
 
 Every artifact records the model class and id, the multiquantizer hash and the config hash in
-``sensitivity_export.json``. Checks happen before anything is written, and the output folder appears
+``sensitivity_export.json`` and carries a model card, ``README.md``, in the hub convention (:mod:`.card`). Checks happen before anything is written, and the output folder appears
 only when complete (a temporary folder renamed into place).
 """
 
@@ -51,7 +51,8 @@ def require_extra(format: str) -> None:
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,
            source: Optional[Mapping[str, Any]] = None, float_dtype=None, pipeline=None,
            overwrite: bool = False, opset: int = 21, example_inputs=None,
-           cache_budget: Optional[int] = None) -> Dict[str, Any]:
+           cache_budget: Optional[int] = None, optimize: bool = False,
+           metrics: Optional[Mapping[str, Any]] = None, command: Optional[str] = None) -> Dict[str, Any]:
     """Export ``denoiser`` (full precision) with ``config`` (QuantConfig, path or ``{layer: option}``) to ``out``.
 
     ``source``: ``{"family", "weights", "seed", "model_id"}`` recorded with the export (``model_id`` is
@@ -60,7 +61,9 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict; packed:
     run once to choose the run-time kernels, :mod:`.runtime`); ``cache_budget`` (packed): bytes of float
     weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.25 x quantized bytes)``).
-    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules.
+    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules. ``optimize``
+    (onnx): save onnxruntime's optimized graph. ``metrics`` (``{name: value}``, held-out) and ``command``
+    (the command line that made it) go into the folder's model card, ``README.md`` (:mod:`.card`).
     Returns the export record (what ``sensitivity_export.json`` holds, plus ``bytes_on_disk``).
     """
     from ..config import QuantConfig
@@ -68,6 +71,10 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     if format not in FORMATS:
         raise SensitivityError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     require_extra(format)
+    if format == "onnx":
+        from .onnx_format import check_opset
+
+        opset = check_opset(opset)
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
         config = QuantConfig.load(config)
@@ -89,8 +96,15 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
         else:
             from .onnx_format import write_onnx
 
-            record = write_onnx(plan, tmp, opset=opset, example_inputs=example_inputs)
+            record = write_onnx(plan, tmp, opset=opset, example_inputs=example_inputs, optimize=optimize)
         record.setdefault("bytes_on_disk", sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()))
+        from math import prod
+
+        from .card import write_card
+
+        numel = {s.name: prod(s.shape) for s in mq.layers}
+        record["path"] = str(out)
+        write_card(tmp, record, numel, metrics=metrics, command=command)
     record["path"] = str(out)
     return record
 

@@ -10,15 +10,16 @@ params map onto that vocabulary (or, as a one-line reason, why they cannot):
 =============  =========================================  ===============================================
 method         onnx                                       sdnq (``SDNQDequantizer`` fields)
 =============  =========================================  ===============================================
-uaq            QDQ: uint8 codes, per-row fp32 scale,      ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
-               uint8 zero point ``z`` (axis 0)            ``zero_point = -z·Δ`` (fp32, exact)
-uaq_ls         dequantized fp32 initializer (its refit    as uaq (``-z·Δ`` of fp16 z and Δ is exact in fp32)
-               zero points are not integers)
+uaq            QDQ: UINT4 (<= 4 bits) / uint8 codes, per- ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
+               row fp32 scale, zero point ``z`` (axis 0)  ``zero_point = -z·Δ`` (fp32, exact)
+uaq_ls         codes -> float, ``- z``, ``* Δ`` with the  as uaq (``-z·Δ`` of fp16 z and Δ is exact in fp32)
+               fp16 z, Δ (refit zero points are not
+               integers)
 uaq_g<N>       QDQ blocked (opset 21, ``block_size=N``)   ``uint<b>``, ``group_size=N`` (linear layers whose
                on the ``[C, K]`` codes                    row length N divides), scale/zero per group
-kmeans_c       dequantized fp32 initializer (ONNX has     ``uint<b>`` codebook, ``use_codebook``,
-               no lookup-table DQ)                        ``group_size=-1``: the per-row fp16 codebooks
-kmeans_a       dequantized fp32 initializer               codebook with ``group_size=-2`` (one per tensor)
+kmeans_c       UINT4 / uint8 codes -> int64 + row * 2^b,  ``uint<b>`` codebook, ``use_codebook``,
+               ``Gather`` on the fp16 codebooks           ``group_size=-1``: the per-row fp16 codebooks
+kmeans_a       codes -> ``Gather`` on the fp16 codebook   codebook with ``group_size=-2`` (one per tensor)
 int8, int8_c   QDQ: uint8 codes, zero point 128, fp32     ``int8`` symmetric, ``scale`` per tensor / row
                scale per tensor / row
 fp8_e4m3       QDQ: float8e4m3fn codes, fp32 scale        ``float8_e4m3fn`` symmetric, ``scale`` per tensor
@@ -44,8 +45,9 @@ FORMATS: Tuple[str, ...] = ("packed", "sdnq", "onnx")
 class MethodFormat:
     """How one method maps onto the onnx / sdnq formats.
 
-    ``onnx``: ``"qdq_affine"`` (uint8 codes, per-row scale and zero point), ``"qdq_affine_blocked"``,
-    ``"qdq_symmetric"`` (uint8 codes, zero point 128), ``"qdq_fp8"``, ``"dequantized"``.
+    ``onnx``: ``"qdq_affine"`` (UINT4 / uint8 codes, per-row scale and zero point), ``"qdq_affine_blocked"``,
+    ``"affine_float_zero"`` (non-integer zero points), ``"qdq_symmetric"`` (uint8 codes, zero point 128),
+    ``"qdq_fp8"``, ``"codebook_gather"`` (codes index the codebook), ``"dequantized"``.
     ``sdnq``: ``"uint_asymmetric"``, ``"uint_asymmetric_grouped"``, ``"codebook_row"``,
     ``"codebook_tensor"``, ``"int8_symmetric"``, ``"fp8_symmetric"``, or ``None`` with ``sdnq_reason``.
     ``per_row``: the scale is per output row (else per tensor); ``group``: group size (``uaq_g<N>``).
@@ -65,10 +67,10 @@ class MethodFormat:
 
 _TABLE: Mapping[str, MethodFormat] = {
     "uaq": MethodFormat("uaq", "qdq_affine", "uint_asymmetric", affine="scale_zero"),
-    "uaq_ls": MethodFormat("uaq_ls", "dequantized", "uint_asymmetric", affine="scale_zero"),
+    "uaq_ls": MethodFormat("uaq_ls", "affine_float_zero", "uint_asymmetric", affine="scale_zero"),
     "uaq_g": MethodFormat("uaq_g", "qdq_affine_blocked", "uint_asymmetric_grouped"),
-    "kmeans_c": MethodFormat("kmeans_c", "dequantized", "codebook_row"),
-    "kmeans_a": MethodFormat("kmeans_a", "dequantized", "codebook_tensor", per_row=False),
+    "kmeans_c": MethodFormat("kmeans_c", "codebook_gather", "codebook_row"),
+    "kmeans_a": MethodFormat("kmeans_a", "codebook_gather", "codebook_tensor", per_row=False),
     "int8": MethodFormat("int8", "qdq_symmetric", "int8_symmetric", per_row=False, affine="scale_128"),
     "int8_c": MethodFormat("int8_c", "qdq_symmetric", "int8_symmetric", affine="scale_128"),
     "fp8_e4m3": MethodFormat("fp8_e4m3", "qdq_fp8", "fp8_symmetric", per_row=False),
