@@ -29,23 +29,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from ..errors import SensitivityError
+from .base import EXPORTERS, Exporter, get_exporter  # noqa: F401
 from .methods import FORMATS, check_exportable, method_format  # noqa: F401
 from .plan import EXPORT_FILE, atomic_dir, make_plan
 
-EXTRAS = {"sdnq": ("sdnq", "sdnq"), "onnx": ("onnx", "onnx, onnxruntime and onnxscript")}
-
 
 def require_extra(format: str) -> None:
-    """Raise one line if ``format``'s optional packages are not installed."""
-    import importlib.util
-
-    if format not in EXTRAS:
-        return
-    mods = {"sdnq": ["sdnq"], "onnx": ["onnx", "onnxruntime", "onnxscript"]}[format]
-    missing = [m for m in mods if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SensitivityError(f"--format {format} needs {', '.join(missing)}: pip install \"sensitivity[{format}]\"")
+    """Raise one line if ``format``'s optional packages (its exporter's ``required_packages``) are not installed."""
+    if format in EXPORTERS:
+        get_exporter(format).validate_environment()
 
 
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,
@@ -68,35 +60,20 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     """
     from ..config import QuantConfig
 
-    if format not in FORMATS:
-        raise SensitivityError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
-    require_extra(format)
-    if format == "onnx":
-        from .onnx_format import check_opset
+    exporter = get_exporter(format)
+    exporter.validate_environment()
+    from ..zoo.base import resolve_dtype
 
-        opset = check_opset(opset)
+    options = exporter.check_options({"float_dtype": resolve_dtype(float_dtype), "example_inputs": example_inputs,
+                                      "cache_budget": cache_budget, "pipeline": pipeline, "opset": opset,
+                                      "optimize": optimize})
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
         config = QuantConfig.load(config)
         source = dict(source or {}, config_path=path)
-    from ..zoo.base import resolve_dtype
-
-    float_dtype = resolve_dtype(float_dtype)
     plan = make_plan(denoiser, mq, config, format, source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if format == "packed":
-            from .packed import write_packed
-
-            record = write_packed(plan, tmp, float_dtype=float_dtype, example_inputs=example_inputs,
-                                  cache_budget=cache_budget)
-        elif format == "sdnq":
-            from .sdnq_format import write_sdnq
-
-            record = write_sdnq(plan, tmp, pipeline=pipeline)
-        else:
-            from .onnx_format import write_onnx
-
-            record = write_onnx(plan, tmp, opset=opset, example_inputs=example_inputs, optimize=optimize)
+        record = exporter.write(plan, tmp, **options)
         record.setdefault("bytes_on_disk", sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()))
         from math import prod
 
@@ -122,23 +99,20 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
     ``verify``: check every tensor's digest (packed). The record is kept in ``model.sensitivity_export``.
     """
     from ..zoo.base import resolve_dtype
-    from .packed import load_packed, read_record
+    from .packed import read_record
 
     folder = Path(path)
     record = read_record(folder)
     fmt = record["export_format"]
-    dtype = resolve_dtype(dtype)
+    exporter = get_exporter(fmt)
+    if fmt != "onnx":
+        exporter.validate_environment()
+    kwargs = {"device": device, "dtype": resolve_dtype(dtype), "expect_class": expect_class}
     if fmt == "packed":
-        return load_packed(folder, record, device=device, dtype=dtype, materialize_weights=materialize,
-                           expect_class=expect_class, verify=verify, runtime=runtime, cache_budget=cache_budget,
-                           act_bits=act_bits)
-    if fmt == "sdnq":
-        require_extra("sdnq")
-        from .sdnq_format import load_sdnq
-
-        return load_sdnq(folder, record, device=device, dtype=dtype, expect_class=expect_class)
-    raise SensitivityError(f"{folder} is an {fmt} export: run it with onnxruntime "
-                           "(sensitivity.export.onnx_format.run_onnx), it is not a torch model")
+        kwargs.update(materialize_weights=materialize, verify=verify, runtime=runtime, cache_budget=cache_budget,
+                      act_bits=act_bits)
+    return exporter.load(folder, record, **kwargs)
 
 
-__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "FORMATS", "EXPORT_FILE"]
+__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "FORMATS", "EXPORT_FILE",
+           "Exporter", "EXPORTERS", "get_exporter"]

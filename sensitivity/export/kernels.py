@@ -5,9 +5,9 @@
   table has one row per tensor, per output row or per (row, group) of ``group`` consecutive codes
   (``uaq_g<N>``). The packed stream is LSB-first (:mod:`sensitivity.quantizers.packing`), so code ``i``
   starts at bit ``i * bits``; the input must carry 8 bytes of zero padding (:func:`pad_packed`).
-* :func:`quantize_tokens_int8`: the per-token asymmetric 8-bit activation quantizer of
-  :func:`sensitivity.quantizers.activation.fake_quantize_rows` as integers (same codes: the same
-  float32 operations, in the same order).
+
+One pass replaces the numba unpack to uint8 followed by the row gather into a fresh tensor (two passes
+and an allocation whose page faults are paid on every forward).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ With ``act_bits`` set, every packed module quantizes its input as
 ``enable_activation_quant(model, layers, act_bits, attention=False)`` does (the float kernels through
 :mod:`~sensitivity.quantizers.activation`); attention Q/K/V are not quantized by the run-time modules.
 
-Measured on this project's 2-core AVX-512 CPU (torch 2.13, ``benchmarks/README.md``): torch's
-weight-only kernels need low-precision activations to be fast (``_weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu`` on float32 activations run 20-40x slower than float32 GEMM; on bf16 they
-are at par with it and change the numerics), so weight-only options run on the float kernels above;
-``_int_mm`` (int8 x int8 -> int32) is 10-20x faster than float32 GEMM, which makes W8A8 pay.
+Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at hand, table in
+``benchmarks/README.md``): torch's weight-only CPU kernels (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations, which changes the numerics, so
+weight-only options run on the float kernels above; ``_int_mm`` (int8 x int8 -> int32) is the one
+integer kernel that beats float32 GEMM here, which makes W8A8 pay.
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies, else ``cached`` for the
 modules that compute least per weight (fewest input positions per forward, measured on example inputs
