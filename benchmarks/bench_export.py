@@ -7,7 +7,8 @@
 
 Rows (every one measured in this run, fp32 included): ``fp32`` (``save_pretrained`` folder reloaded with
 ``from_pretrained``), ``packed:<policy>`` for each run-time policy (``recorded``: the export's automatic
-choice; ``on_the_fly``; ``cached``; ``int8_dynamic`` with 8-bit activations when ``--w8a8``), ``sdnq``,
+choice; ``on_the_fly``; ``cached``; ``int8_dynamic`` when ``--w8a8``: the automatic policy with 8-bit
+activations, so ``int8_dynamic`` on every linear layer with an affine-per-row option), ``sdnq``,
 ``onnx-fp32`` (the float model through the same ONNX writer) and ``onnx`` (quantized). Each load and
 forward runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``rss_load`` is the peak
 after loading, ``rss_forward`` the peak after the forwards (batch 1, native size, seeded inputs).
@@ -62,8 +63,10 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
         from sensitivity.export import load_quantized
 
         policy = kind.partition(":")[2] or None
-        den = load_quantized(folder, runtime=None if policy in (None, "recorded") else policy,
-                             act_bits=8 if policy == "int8_dynamic" else None)
+        if policy == "int8_dynamic":  # W8A8: the automatic policy with 8-bit activations
+            den = load_quantized(folder, runtime="auto", act_bits=8)
+        else:
+            den = load_quantized(folder, runtime=None if policy in (None, "recorded") else policy)
     elif kind.startswith("onnx"):
         import onnxruntime as ort
 
@@ -129,6 +132,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="fp32,packed:recorded,packed:on_the_fly,packed:cached,sdnq,onnx-fp32,onnx",
                     help="rows to measure (comma-separated)")
     ap.add_argument("--w8a8", action="store_true", help="also packed:int8_dynamic (8-bit activations, torch._int_mm)")
+    ap.add_argument("--options-only", action="store_true",
+                    help="use the config's options with this multiquantizer even if the config names another one")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default="benchmarks/results/export")
@@ -157,6 +162,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     mq = load_multiquantizer(args.multiquantizer)
     config = QuantConfig.load(args.config)
+    if args.options_only:
+        config = QuantConfig(dict(config.options), model=config.model, act_bits=config.act_bits)
     kinds = [k for k in args.kinds.split(",") if k] + (["packed:int8_dynamic"] if args.w8a8 else [])
     have = {"sdnq": importlib.util.find_spec("sdnq") is not None, "onnx": importlib.util.find_spec("onnxruntime") is not None}
     kinds = [k for k in kinds if not (k == "sdnq" and not have["sdnq"]) and not (k.startswith("onnx") and not have["onnx"])]
