@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import SensitivityError
 from .evaluation.metric_specs import metric_spec
-from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_baselines
+from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_configs
 from .sizes import SizeTable
 
 METRIC_KEYS = ("fid", "kid", "accuracy", "psnr")
@@ -106,7 +106,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     measured_2: Dict[str, Dict[str, Any]] = {}
     job_measured: Dict[str, Optional[float]] = {}
     job_cost = cache_cost(records)
-    uniforms = uniform_baselines(sizes)
+    uniforms = uniform_configs(sizes)
     cost = {"search": job_cost, "best random": job_cost, "error ILP": (0, 0.0), "uniform": None}
     cost.update(costs or {})
 

@@ -27,7 +27,7 @@ from .quantizers.base import METHOD_ALIASES, family_examples, get_method, method
 FP16 = "fp16"
 
 #: the reference's methods and widths: the default search space (:data:`OPTION_NAMES`)
-METHODS: Tuple[str, ...] = ("uaq", "kmeans_c", "kmeans_a")
+REFERENCE_METHODS: Tuple[str, ...] = ("uaq", "kmeans_c", "kmeans_a")
 BITS: Tuple[int, ...] = (4, 3)
 
 
@@ -99,7 +99,7 @@ def known_option_names() -> Tuple[str, ...]:
 
 def all_option_names(methods: Iterable[str] | None = None, bits: Iterable[int] = BITS) -> Tuple[str, ...]:
     """The option names of the search space: ``uaq-4, uaq-3, kmeans_c-4, ...``."""
-    methods = tuple(methods) if methods is not None else METHODS
+    methods = tuple(methods) if methods is not None else REFERENCE_METHODS
     return tuple(f"{m}-{b}" for m in methods for b in bits)
 
 

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import cli
     from ..errors import SensitivityError
-    from ..predictors.ensemble import DEFAULT_PREDICTOR
+    from ..predictors.predictor import DEFAULT_PREDICTOR
 
     args.predictor = args.predictor or DEFAULT_PREDICTOR
     t_start = time.perf_counter()

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import insights
     from ..config import QuantConfig
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, predict_results, uniform_baselines
+    from ..search import AdditiveScorer, predict_results, uniform_configs
     from ..sizes import SizeTable
     from .search import load_predictor, load_records, load_scores_csv, resolve_multiquantizer
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             results.append({"label": name, "source": cfg.provenance.get("method", "config"),
                             "avg_bits": sizes.avg_bits(cfg.options)})
     if sizes is not None and (records or results):
-        results += uniform_baselines(sizes)
+        results += uniform_configs(sizes)
     if predictor is not None:
         objs = [r for r in results if not isinstance(r, dict)]
         predict_results(predictor, objs)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         with atomic_path(args.out, "--out") as tmp:
             df.to_csv(tmp, index=False)
     if args.json:
-        from ..predictors.ensemble import _json_clean
+        from ..predictors.predictor import _json_clean
 
         print(json.dumps(_json_clean(res), indent=1))
         return 0

@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
                    "dp: plain frontier DP (small instances)")
     b = p.add_argument_group("baselines")
-    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp", "sdnq", "hawq", "mixdq", "reference"),
+    from ..allocators import ALLOCATORS  # torch-free: the allocator modules are imported on use
+
+    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp") + ALLOCATORS.names(),
                    help="write a baseline config instead of the predictor's search (sdnq, hawq, mixdq, reference: "
                         "the allocators of sensitivity.allocators)")
     b.add_argument("--hawq-mode", choices=("trace", "fisher"), default="trace",
@@ -190,11 +192,13 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
-    if args.baseline in ("sdnq", "hawq", "mixdq", "reference"):
-        from ..allocators import allocate, with_fp16
+    from ..allocators import ALLOCATORS
+
+    if args.baseline in ALLOCATORS:
+        from ..allocators import allocate, sizes_for
 
         kw = _allocator_inputs(args, predictor, mq, records, {} if memo is None else memo)
-        use = with_fp16(sizes) if args.baseline == "sdnq" else sizes
+        use = sizes_for(args.baseline, sizes)
         return allocate(args.baseline, use, target, what=what, method=args.solver, **kw)
     if args.baseline == "uniform":
         return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
@@ -330,7 +334,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
                  hi: float) -> int:
     """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
     from ..errors import SensitivityError
-    from ..search import predict_results, uniform_baselines
+    from ..search import predict_results, uniform_configs
     from ..sizes import SizeTable
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
@@ -370,7 +374,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
         full = SizeTable.from_multiquantizer(mq)
-        extra = uniform_baselines(full)
+        extra = uniform_configs(full)
         if predictor is not None:
             predict_results(predictor, extra)
         if records and predictor is not None:

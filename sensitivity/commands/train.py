@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
     from ..io import check_writable
     from ..predictors import get_kind, train
-    from ..predictors.ensemble import DEFAULT_PREDICTOR
+    from ..predictors.predictor import DEFAULT_PREDICTOR
 
     args.predictor = args.predictor or DEFAULT_PREDICTOR
     if not Path(args.cache).exists():

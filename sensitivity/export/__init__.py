@@ -7,7 +7,8 @@ export(den, mq, "quant_configs/w36.json", "out/w36-packed", format="packed",
 den_q = load_quantized("out/w36-packed")        # diffusers model class, low-bit modules
 ```
 
-Formats (``sensitivity.export.methods`` has the per-method table):
+Formats (``sensitivity.export.methods``: ``EXPORT_FORMATS`` by name, one :class:`~.base.Exporter` each;
+``EXPORT_MAPPINGS`` by method class):
 
 * ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; at run
   time each layer runs the kernel the recorded policy chose (:mod:`.runtime`: dequantized on the fly,
@@ -29,14 +30,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from .base import EXPORTERS, Exporter, get_exporter  # noqa: F401
-from .methods import FORMATS, check_exportable, method_format  # noqa: F401
+from .base import Exporter, get_exporter  # noqa: F401
+from .methods import EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
 from .plan import EXPORT_FILE, atomic_dir, make_plan
 
 
 def require_extra(format: str) -> None:
     """Raise one line if ``format``'s optional packages (its exporter's ``required_packages``) are not installed."""
-    if format in EXPORTERS:
+    if format in EXPORT_FORMATS:
         get_exporter(format).validate_environment()
 
 
@@ -114,5 +115,5 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
     return exporter.load(folder, record, **kwargs)
 
 
-__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "FORMATS", "EXPORT_FILE",
-           "Exporter", "EXPORTERS", "get_exporter"]
+__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "EXPORT_FORMATS", "FORMATS",
+           "EXPORT_FILE", "Exporter", "get_exporter"]

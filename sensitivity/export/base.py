@@ -9,8 +9,9 @@ class MyExporter(Exporter):
     def write(self, plan, folder, **options): ...   # -> the export record
 ```
 
-:data:`EXPORTERS` maps a format name to its exporter class; :func:`get_exporter` returns an instance
-(one line for an unknown name). The writers and loaders import their packages lazily, so the core
+Each exporter is registered in :data:`sensitivity.export.methods.EXPORT_FORMATS` (the project's
+:class:`~sensitivity.registry.Registry`, lazily: this module); :func:`get_exporter` returns it (one line for
+an unknown name). The writers and loaders import their packages lazily, so the core
 package never imports an optional integration.
 """
 
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Tuple, Type
+from typing import Any, ClassVar, Dict, Tuple
 
 from ..errors import SensitivityError
+from .methods import EXPORT_FORMATS
 
 
 class Exporter:
@@ -118,11 +120,10 @@ class OnnxExporter(Exporter):
                                "(sensitivity.export.onnx_format.run_onnx), it is not a torch model")
 
 
-EXPORTERS: Dict[str, Type[Exporter]] = {cls.name: cls for cls in (PackedExporter, SdnqExporter, OnnxExporter)}
+for _cls in (PackedExporter, SdnqExporter, OnnxExporter):
+    EXPORT_FORMATS.register(_cls.name, _cls())
 
 
 def get_exporter(name: str) -> Exporter:
-    """An instance of the exporter of format ``name`` (one line for an unknown one)."""
-    if name not in EXPORTERS:
-        raise SensitivityError(f"unknown export format {name!r}; use one of {', '.join(EXPORTERS)}")
-    return EXPORTERS[name]()
+    """The exporter of format ``name`` (one line naming the known formats for an unknown one)."""
+    return EXPORT_FORMATS.get(name)

@@ -509,6 +509,7 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
     return record
 
 
+
 def _ort_version() -> str:
     import onnxruntime
 

@@ -121,6 +121,7 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
     return record
 
 
+
 def read_record(folder: Path) -> Dict[str, Any]:
     """The ``sensitivity_export.json`` of an export folder (one-line errors for a missing or bad file)."""
     path = Path(folder) / EXPORT_FILE

@@ -204,6 +204,7 @@ def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
     return record
 
 
+
 def _sdnq_version() -> str:
     try:
         from importlib.metadata import version
