@@ -9,7 +9,9 @@ Rows (every one measured in this run, fp32 included): ``fp32`` (``save_pretraine
 ``from_pretrained``), ``packed:<policy>`` for each run-time policy (``recorded``: the export's automatic
 choice; ``on_the_fly``; ``cached``; ``int8_dynamic`` when ``--w8a8``: the automatic policy with 8-bit
 activations, so ``int8_dynamic`` on every linear layer with an affine-per-row option), ``sdnq``,
-``onnx-fp32`` (the float model through the same ONNX writer) and ``onnx`` (quantized). Each load and
+``onnx-fp32`` (the float model through the same ONNX writer), ``onnx`` (quantized; weights folded at
+session creation, :func:`sensitivity.export.onnx_format.session_options`) and ``onnx:per_call`` (the
+quantized graph's dequantization run on every call). Each load and
 forward runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``rss_load`` is the peak
 after loading, ``rss_forward`` the peak after the forwards (batch 1, native size, seeded inputs).
 Forward time: median of ``--repeats`` forwards after one warm-up, on ``--threads`` threads. The JSON goes to
@@ -50,13 +52,20 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    import importlib.util
+
+    import diffusers  # imports are not load time
+
+    import sensitivity.export  # noqa: F401
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime  # noqa: F401
+
     base = _rss_mib("VmRSS")
     t0 = time.perf_counter()
     rec = json.loads((Path(folder) / "sensitivity_export.json").read_text()) \
         if (Path(folder) / "sensitivity_export.json").is_file() else None
     if kind == "fp32":
-        import diffusers
-
         cfg = json.loads((Path(folder) / "config.json").read_text())
         den = getattr(diffusers, cfg["_class_name"]).from_pretrained(folder).eval()
     elif kind.startswith("packed") or kind == "sdnq":
@@ -70,9 +79,9 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
     elif kind.startswith("onnx"):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
+        from sensitivity.export.onnx_format import session_options
+
+        opts = session_options(fold_weights=not kind.endswith(":per_call"), threads=threads)
         sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     else:
         raise SystemExit(f"unknown kind {kind}")
@@ -129,7 +138,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--multiquantizer", required=False)
     ap.add_argument("--config", required=False)
-    ap.add_argument("--kinds", default="fp32,packed:recorded,packed:on_the_fly,packed:cached,sdnq,onnx-fp32,onnx",
+    ap.add_argument("--kinds", default="fp32,packed:recorded,packed:on_the_fly,packed:cached,sdnq,onnx-fp32,onnx,"
+                    "onnx:per_call",
                     help="rows to measure (comma-separated)")
     ap.add_argument("--w8a8", action="store_true", help="also packed:int8_dynamic (8-bit activations, torch._int_mm)")
     ap.add_argument("--options-only", action="store_true",

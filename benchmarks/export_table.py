@@ -12,7 +12,7 @@ import sys
 def table(result: dict) -> str:
     rows = result["rows"]
     ref = next(r for r in rows if r["kind"] == "fp32")
-    onnx_ref = next((r for r in rows if r["kind"] == "onnx-fp32"), None)
+    onnx_ref = next((r for r in rows if r["kind"] == "onnx-fp32"), None)  # the forward of the same runtime
     target = (result.get("quantized_bytes") or 0) + result.get("unquantized_fp32_bytes", 0)
     head = (f"**{result['model']}** ({result['weights']}), config `{result['config']}`: {result['avg_bits']:.3f} avg bits; "
             f"{result['threads']} threads, median of {result['repeats']} forwards; calibrator "

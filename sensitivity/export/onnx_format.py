@@ -534,12 +534,31 @@ def optimize_onnx(path: Path) -> Dict[str, Any]:
     return {"level": "extended", "bytes_before": before, "bytes_after": path.stat().st_size}
 
 
-def run_onnx(path: os.PathLike, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Run an exported ``model.onnx`` in onnxruntime on CPU; returns the first output (float32)."""
+def session_options(fold_weights: bool = True, threads: Optional[int] = None):
+    """onnxruntime session options for an export.
+
+    ``fold_weights``: let onnxruntime's constant folding evaluate the weights' ``DequantizeLinear`` /
+    ``Gather`` / unpacking subgraphs once, at session creation (``session.disable_quant_qdq = 1``): the
+    file stays small, the session holds float32 weights and runs float kernels. Without it onnxruntime
+    keeps every ``DequantizeLinear`` for its QDQ fusions, and the ones it does not fuse (behind the
+    ``Reshape`` to the weight's shape) run on every call.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if fold_weights:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    return opts
+
+
+def run_onnx(path: os.PathLike, feeds: Mapping[str, np.ndarray], fold_weights: bool = True) -> np.ndarray:
+    """Run an exported ``model.onnx`` in onnxruntime on CPU; returns the first output (float32)."""
+    import onnxruntime as ort
+
+    opts = session_options(fold_weights)
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return sess.run(None, dict(feeds))[0]
