@@ -15,7 +15,7 @@ budget. With ``repeat_evaluator`` (a second held-out seed set) the searched conf
 are measured twice (columns ``<metric>_2``): the spread shows which gaps are larger than the
 images' noise.
 
-Stage order: this module uses search (and so predictors) and evaluation; only commands import it.
+Stage order: this module uses search; predictors and evaluators come in as objects; workflows and commands import it.
 """
 
 from __future__ import annotations

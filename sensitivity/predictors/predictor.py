@@ -407,6 +407,8 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
 
 def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     p = Path(path)
+    if not p.exists():
+        raise SensitivityError(f"predictor {str(path)!r} does not exist")
     f = p / "predictor.json" if p.is_dir() else p
     if not f.is_file():
         raise SensitivityError(f"predictor {str(path)!r}: no predictor.json (not a predictor folder)")

@@ -47,11 +47,13 @@ from __future__ import annotations
 from .predictor_free import cache_best, error_ilp, uniform_config, uniform_configs
 from .budgets import budget_bytes, config_avg_bits, config_bytes, fp16_total, layer_order, max_avg_bits, min_avg_bits, size_table
 from .groups import Group, build_groups, layer_groups, module_groups
+from .inputs import bits_range, load_scores_csv, multiquantizer_for
 from .searching import AdditiveScorer, SearchResult, parse_sweep, predict_results, search, search_scores, solve_groups
 from .solver import (MAX_COMBINATIONS, MAX_DP_STATES, InfeasibleTargetError, MCKPSolution, brute_force_mckp,
                      min_total_cost, solve_mckp)
 
 __all__ = [
+    "bits_range", "load_scores_csv", "multiquantizer_for",
     "AdditiveScorer", "Group", "InfeasibleTargetError", "MAX_COMBINATIONS", "MAX_DP_STATES", "MCKPSolution",
     "SearchResult", "brute_force_mckp", "budget_bytes", "build_groups", "cache_best", "config_avg_bits",
     "config_bytes", "error_ilp", "fp16_total", "layer_groups", "layer_order", "max_avg_bits", "min_avg_bits",
