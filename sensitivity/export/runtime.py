@@ -20,7 +20,8 @@ Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at han
 ``benchmarks/README.md``): torch's weight-only CPU kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations, which changes the numerics, so
 weight-only options run on the float kernels above; ``_int_mm`` (int8 x int8 -> int32) is the one
-integer kernel that beats float32 GEMM here, which makes W8A8 pay.
+integer kernel that beats float32 GEMM here, and W8A8 runs on it (its activation quantization and
+zero-point corrections are plain torch element-wise ops that still cost more than the matmul saves).
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies, else ``cached`` for the
 modules that compute least per weight (fewest input positions per forward, measured on example inputs
