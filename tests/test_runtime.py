@@ -128,7 +128,10 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     try:
         with torch.no_grad():
             want = den(**kw, return_dict=False)[0]
-        enable_activation_quant(den, [s for s in layers if s.name in config], 8, attention=False)
+        # every half of a module with a quantized half: the run-time module quantizes each input slice (the
+        # hook given one half of a split linear layer keeps only that half's inputs)
+        packed_paths = {s.module_path for s in layers if s.name in config}
+        enable_activation_quant(den, [s for s in layers if s.module_path in packed_paths], 8, attention=False)
         with torch.no_grad():
             want8 = den(**kw, return_dict=False)[0]
     finally:
