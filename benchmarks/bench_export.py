@@ -1,14 +1,21 @@
-"""Export benchmark: bytes on disk per format, load time, peak RSS, forward time vs the float model.
+"""Export benchmark: bytes on disk, load time, peak RSS and forward time of each export, as ratios to fp32.
 
     python benchmarks/bench_export.py --model digits-dit --weights shipped \
         --multiquantizer multiquantizers/digits-dit.safetensors --config quant_configs/digits-dit-w36.json
-    python benchmarks/bench_export.py --model sd15 --weights random \
-        --multiquantizer multiquantizers/sd15-uaq.safetensors --config quant_configs/sd15-w39.json --formats packed
+    python benchmarks/bench_export.py --model sd15 --weights random --multiquantizer MQ --config CFG --repeats 1
+    python benchmarks/export_table.py benchmarks/results/export/*.json     # the README tables
 
-Each load / forward runs in a fresh subprocess (``--measure``), so its peak RSS (``VmHWM``) is its own:
-``rss_load`` is the peak after loading, ``rss_forward`` the peak after one more forward (batch 1, native
-size, seeded inputs). Forward time: median of ``--repeats`` forwards after one warm-up. The table goes to
-stdout (markdown) and ``--out-dir``/``<model>.json``.
+Rows (every one measured in this run, fp32 included): ``fp32`` (``save_pretrained`` folder reloaded with
+``from_pretrained``), ``packed:<policy>`` for each run-time policy (``recorded``: the export's automatic
+choice; ``on_the_fly``; ``cached``; ``int8_dynamic`` when ``--w8a8``: the automatic policy with 8-bit
+activations, so ``int8_dynamic`` on every linear layer with an affine-per-row option), ``sdnq``,
+``onnx-fp32`` (the float model through the same ONNX writer), ``onnx`` (quantized; weights folded at
+session creation, :func:`sensitivity.export.onnx_format.session_options`) and ``onnx:per_call`` (the
+quantized graph's dequantization run on every call). Each load and
+forward runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``rss_load`` is the peak
+after loading, ``rss_forward`` the peak after the forwards (batch 1, native size, seeded inputs).
+Forward time: median of ``--repeats`` forwards after one warm-up, on ``--threads`` threads. The JSON goes to
+``--out-dir/<model>.json`` with the calibrator (seconds for ``sum(range(10**7))``) and the load average.
 """
 
 from __future__ import annotations
@@ -32,39 +39,67 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def measure(kind: str, folder: str, model: str, weights: str, seed: int, repeats: int) -> dict:
+def calibrator() -> float:
+    """Seconds for ``sum(range(10**7))`` in a fresh interpreter (this machine's speed now)."""
+    out = subprocess.run([sys.executable, "-c", "import time;t=time.perf_counter();sum(range(10**7));"
+                          "print(time.perf_counter()-t)"], capture_output=True, text=True).stdout
+    return float(out.strip())
+
+
+def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
+    """Load ``folder`` as ``kind`` and time its forwards (run in a fresh subprocess)."""
+    import numpy as np
     import torch
 
-    from sensitivity.zoo import get_family
+    torch.set_num_threads(threads)
+    import importlib.util
 
-    fam = get_family(model)
+    import diffusers  # imports are not load time
+
+    import sensitivity.export  # noqa: F401
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime  # noqa: F401
+
     base = _rss_mib("VmRSS")
     t0 = time.perf_counter()
+    rec = json.loads((Path(folder) / "sensitivity_export.json").read_text()) \
+        if (Path(folder) / "sensitivity_export.json").is_file() else None
     if kind == "fp32":
-        den = fam.load_denoiser(weights, seed=seed)
-    elif kind == "fp16":
-        den = fam.load_denoiser(weights, seed=seed, dtype="fp16")
-    elif kind in ("packed", "packed-materialize", "sdnq"):
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        den = getattr(diffusers, cfg["_class_name"]).from_pretrained(folder).eval()
+    elif kind.startswith("packed") or kind == "sdnq":
         from sensitivity.export import load_quantized
 
-        den = load_quantized(folder, materialize=kind == "packed-materialize")
-    elif kind == "onnx":
+        policy = kind.partition(":")[2] or None
+        if policy == "int8_dynamic":  # W8A8: the automatic policy with 8-bit activations
+            den = load_quantized(folder, runtime="auto", act_bits=8)
+        else:
+            den = load_quantized(folder, runtime=None if policy in (None, "recorded") else policy)
+    elif kind.startswith("onnx"):
         import onnxruntime as ort
 
-        rec = json.loads((Path(folder) / "sensitivity_export.json").read_text())
-        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
+        from sensitivity.export.onnx_format import session_options
+
+        opts = session_options(fold_weights=not kind.endswith(":per_call"), threads=threads)
+        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    else:
+        raise SystemExit(f"unknown kind {kind}")
     load_s = time.perf_counter() - t0
     rss_load = _rss_mib("VmHWM")
-    if kind == "onnx":
-        import numpy as np
-
-        from sensitivity.export.onnx_format import random_inputs  # noqa: F401
+    if kind.startswith("onnx"):
+        from sensitivity.export.onnx_format import random_inputs
+        from sensitivity.graph.inputs import example_inputs
 
         gen = np.random.default_rng(0)
-        feeds = {i["name"]: (gen.standard_normal(i["shape"]).astype(np.float32) if i["dtype"].startswith("float")
-                             and "timestep" not in i["name"] else np.full(i["shape"], 500 if "timestep" in i["name"] else 0,
-                                                                          dtype=getattr(np, i["dtype"])))
-                 for i in rec["inputs"]}
+        feeds = {}
+        for i in rec["inputs"]:
+            dt = getattr(np, i["dtype"])
+            if i["dtype"].startswith("float") and "timestep" not in i["name"]:
+                feeds[i["name"]] = gen.standard_normal(i["shape"]).astype(dt)
+            else:
+                feeds[i["name"]] = np.full(i["shape"], 500 if "timestep" in i["name"] else 0, dtype=dt)
+        del random_inputs, example_inputs
 
         def run():
             sess.run(None, feeds)
@@ -73,8 +108,6 @@ def measure(kind: str, folder: str, model: str, weights: str, seed: int, repeats
         from sensitivity.graph.inputs import example_inputs
 
         kw = random_inputs(example_inputs(den, device="cpu", dtype=torch.float32), 0)
-        if kind == "fp16":
-            kw = {k: (v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
 
         def run():
             with torch.no_grad():
@@ -86,8 +119,16 @@ def measure(kind: str, folder: str, model: str, weights: str, seed: int, repeats
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-    return {"kind": kind, "load_s": load_s, "rss_base_mib": base, "rss_load_mib": rss_load,
-            "rss_forward_mib": _rss_mib("VmHWM"), "forward_s": statistics.median(times)}
+    out = {"kind": kind, "load_s": load_s, "rss_base_mib": base, "rss_load_mib": rss_load,
+           "rss_forward_mib": _rss_mib("VmHWM"), "forward_s": statistics.median(times), "forward_all_s": times}
+    if kind.startswith("packed"):
+        out["kernels"] = {k: sum(1 for v in den.sensitivity_export["runtime_kernels"].values() if v == k)
+                          for k in ("on_the_fly", "cached", "int8_dynamic")}
+    return out
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "README.md")
 
 
 def main() -> None:
@@ -95,77 +136,99 @@ def main() -> None:
     ap.add_argument("--model", default="digits-dit")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--multiquantizer")
-    ap.add_argument("--config")
-    ap.add_argument("--formats", default="packed,sdnq,onnx")
-    ap.add_argument("--baselines", default="fp32,fp16")
+    ap.add_argument("--multiquantizer", required=False)
+    ap.add_argument("--config", required=False)
+    ap.add_argument("--kinds", default="fp32,packed:recorded,packed:on_the_fly,packed:cached,sdnq,onnx-fp32,onnx,"
+                    "onnx:per_call",
+                    help="rows to measure (comma-separated)")
+    ap.add_argument("--w8a8", action="store_true", help="also packed:int8_dynamic (8-bit activations, torch._int_mm)")
+    ap.add_argument("--options-only", action="store_true",
+                    help="use the config's options with this multiquantizer even if the config names another one")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default="benchmarks/results/export")
+    ap.add_argument("--work-dir", default=None, help="where the exports go (default: OUT_DIR/<model>-exports)")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.dir, args.model, args.weights, args.seed, args.repeats)))
+        print(json.dumps(measure(args.measure, args.dir, args.repeats, args.threads)))
         return
 
+    import importlib.util
+
+    import torch
+
+    from sensitivity.config import QuantConfig
     from sensitivity.export import export
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.zoo import get_family
 
+    torch.set_num_threads(args.threads)
     fam = get_family(args.model)
     weights = fam.resolve_weights(args.weights)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else out_dir / f"{args.model}-exports"
+    work.mkdir(parents=True, exist_ok=True)
     mq = load_multiquantizer(args.multiquantizer)
-    formats = [f for f in args.formats.split(",") if f]
-    rows = []
+    config = QuantConfig.load(args.config)
+    if args.options_only:
+        config = QuantConfig(dict(config.options), model=config.model, act_bits=config.act_bits)
+    kinds = [k for k in args.kinds.split(",") if k] + (["packed:int8_dynamic"] if args.w8a8 else [])
+    have = {"sdnq": importlib.util.find_spec("sdnq") is not None, "onnx": importlib.util.find_spec("onnxruntime") is not None}
+    kinds = [k for k in kinds if not (k == "sdnq" and not have["sdnq"]) and not (k.startswith("onnx") and not have["onnx"])]
     den = fam.load_denoiser(weights, seed=args.seed)
-    pipe = None
-    exports = {}
-    for fmt in formats:
-        folder = out_dir / f"{args.model}-{fmt}"
+    source = {"family": fam.name, "weights": weights, "seed": args.seed, "model_id": fam.model_id(weights)}
+    folders, records, export_s = {}, {}, {}
+    fp32_dir = work / "fp32"
+    if not fp32_dir.exists():
+        den.save_pretrained(str(fp32_dir), safe_serialization=True)
+    folders["fp32"] = fp32_dir
+    for fmt, cfg in (("packed", config), ("sdnq", config), ("onnx", config), ("onnx-fp32", {})):
+        if not any(k == fmt or k.startswith(fmt + ":") for k in kinds):
+            continue
+        folder = work / fmt
         t = time.perf_counter()
-        rec = export(den, mq, args.config, folder, format=fmt, overwrite=True,
-                     source={"family": fam.name, "weights": weights, "seed": args.seed, "model_id": fam.model_id(weights)})
-        exports[fmt] = (folder, rec, time.perf_counter() - t)
-        print(f"exported {fmt} in {exports[fmt][2]:.1f} s", file=sys.stderr)
-    del den, pipe
-    kinds = [k for k in args.baselines.split(",") if k] + [k for f in formats
-                                                            for k in ([f, "packed-materialize"] if f == "packed" else [f])]
-    quantized = fp16 = None
+        rec = export(den, mq, cfg, folder, format=fmt.split("-")[0], overwrite=True, source=source)
+        export_s[fmt] = time.perf_counter() - t
+        folders[fmt], records[fmt] = folder, rec
+        print(f"exported {fmt} in {export_s[fmt]:.1f} s", file=sys.stderr)
+    q_rec = records.get("packed") or records.get("onnx") or records.get("sdnq")
+    quantized_paths = {p for s in mq.layers if s.name in config.options for p in (s.module_path,) + tuple(s.tied)}
+    unquantized_fp32 = sum(4 * v.numel() for k, v in den.state_dict().items()
+                           if not (k.endswith(".weight") and k[: -len(".weight")] in quantized_paths))
+    del den
+    rows = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SDNQ_USE_TORCH_COMPILE="0")
     for kind in kinds:
-        fmt = "packed" if kind.startswith("packed") else kind
-        folder = str(exports[fmt][0]) if fmt in exports else ""
-        env = dict(os.environ, PYTHONPATH=str(ROOT), SDNQ_USE_TORCH_COMPILE="0")
-        cmd = [sys.executable, __file__, "--measure", kind, "--dir", folder, "--model", args.model,
-               "--seed", str(args.seed), "--repeats", str(args.repeats)] + (["--weights", weights] if weights else [])
+        fmt = kind.partition(":")[0]
+        cmd = [sys.executable, __file__, "--measure", kind, "--dir", str(folders[fmt]), "--repeats", str(args.repeats),
+               "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
-            print(res.stderr[-2000:], file=sys.stderr)
+            print(res.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"measure {kind} failed")
         row = json.loads(res.stdout.strip().splitlines()[-1])
-        if fmt in exports:
-            rec = exports[fmt][1]
-            quantized, fp16 = rec["quantized_bytes"], rec["fp16_bytes"]
-            row.update(bytes_on_disk=rec["bytes_on_disk"], export_s=exports[fmt][2], avg_bits=rec["avg_bits"])
+        row["bytes_on_disk"] = _folder_bytes(folders[fmt])
+        if fmt in export_s:
+            row["export_s"] = export_s[fmt]
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
-    speed = subprocess.run([sys.executable, "-c", "import time;t=time.time();sum(range(10**7));print(time.time()-t)"],
-                           capture_output=True, text=True).stdout.strip()
-    ref = next((r for r in rows if r["kind"] == "fp32"), None)
-    lines = [f"{args.model} ({weights}), config {args.config}: {rows[-1].get('avg_bits', float('nan')):.3f} avg bits, "
-             f"quantized bytes {quantized / 2**20:.2f} MiB, fp16 {fp16 / 2**20:.2f} MiB; machine speed {speed} s",
-             "", "| model | MiB on disk | x quantized bytes | x fp16 | load s | peak RSS load MiB | peak RSS forward MiB "
-             "| forward s | x fp32 forward |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        b = r.get("bytes_on_disk")
-        disk = f"{b / 2**20:.2f} | {b / quantized:.3f} | {b / fp16:.3f}" if b else "– | – | –"
-        rel = f"{r['forward_s'] / ref['forward_s']:.2f}" if ref else "–"
-        lines.append(f"| {r['kind']} | {disk} | {r['load_s']:.2f} | {r['rss_load_mib']:.0f} | {r['rss_forward_mib']:.0f} "
-                     f"| {r['forward_s']:.4f} | {rel} |")
-    table = "\n".join(lines)
-    print(table)
-    (out_dir / f"{args.model}.json").write_text(json.dumps({"rows": rows, "speed_s": speed, "table": table}, indent=1))
+        print(json.dumps({k: v for k, v in row.items() if k != "forward_all_s"}), file=sys.stderr)
+    result = {
+        "model": args.model, "weights": weights, "config": args.config, "multiquantizer": args.multiquantizer,
+        "avg_bits": q_rec["avg_bits"] if q_rec else None, "quantized_bytes": q_rec["quantized_bytes"] if q_rec else None,
+        "unquantized_fp32_bytes": unquantized_fp32, "threads": args.threads, "repeats": args.repeats,
+        "calibrator_s": calibrator(), "loadavg": list(os.getloadavg()), "torch": torch.__version__,
+        "onnx_check": records.get("onnx", {}).get("onnx_check"), "rows": rows,
+        "command": "python benchmarks/bench_export.py " + " ".join(sys.argv[1:]),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.model}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    from export_table import table  # noqa: E402 - the benchmarks folder is on sys.path when run as a script
+
+    print(table(result))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -214,9 +214,18 @@ def test_onnx_qdq_matches_torch(digits, tmp_path):
     check = rec["onnx_check"]
     assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["torch_abs_max"])
     model = onnx.load(str(tmp_path / "o" / "model.onnx"))
-    n_dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
-    uniform = sum(1 for o in config.values() if o.startswith("uaq"))
-    assert n_dq == rec["layers_qdq"] >= uniform and rec["layers_dequantized"] >= 1
+    cast_out = {n.output[0] for n in model.graph.node if n.op_type == "Cast"}
+    n_gather = sum(n.op_type == "Gather" and n.input[0] in cast_out for n in model.graph.node)
+    kmeans = sum(1 for o in config.values() if o.startswith("kmeans"))
+    assert n_gather == kmeans and rec["layers_dequantized"] == 0 and rec["layers_qdq"] == len(config)
+    # as small as the config: codes (UINT4, in-graph unpacked 3-bit streams) + tables, unquantized tensors at fp32
+    quantized_paths = {p for s in mq.layers if s.name in config for p in (s.module_path,) + tuple(s.tied)}
+    plain = sum(4 * v.numel() for k, v in den.state_dict().items()
+                if not (k.endswith(".weight") and k[:-len(".weight")] in quantized_paths))
+    assert rec["bytes_on_disk"] <= 1.25 * (rec["quantized_bytes"] + plain)
+    with pytest.raises(SensitivityError, match="--opset 5: the onnx export writes opsets 18 to"):
+        export(den, mq, config, tmp_path / "o5", format="onnx", source=source, opset=5)
+    assert not (tmp_path / "o5").exists()
 
 
 @pytest.mark.slow
@@ -264,7 +273,7 @@ def test_new_methods_every_format(digits, tmp_path):
     if HAS_ONNX:
         rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
         assert rec["onnx_check"]["max_abs_diff"] <= 1e-5 * max(1.0, rec["onnx_check"]["torch_abs_max"])
-        assert rec["layers_dequantized"] >= sum(o.startswith("uaq_ls") for o in config.values())
+        assert rec["layers_dequantized"] == 0 and rec["layers_qdq"] == len(config)  # uaq_ls too: codes, then - z, * Δ
 
 
 ONNX_UNSUPPORTED = {"pixart-alpha", "pixart-sigma"}  # onnxruntime rejects the exported graph (Squeeze on a symbolic dim)
@@ -293,3 +302,20 @@ def test_sdnq_and_onnx_tiny_families(name, tmp_path):
     rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
     check = rec["onnx_check"]
     assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["torch_abs_max"])
+
+
+def test_model_card_yaml_header(digits_uaq, tmp_path):
+    yaml = pytest.importorskip("yaml", reason="pyyaml not installed")
+    fam, pipe, den, mq, source = digits_uaq
+    config = _config(mq, seed=6)
+    rec = export(den, mq, config, tmp_path / "p", source=source, metrics={"fid_heldout": 12.5},
+                 command="sensitivity export digits-dit --format packed")
+    text = (tmp_path / "p" / "README.md").read_text()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["base_model"] == "digits-dit:shipped" and header["base_model_relation"] == "quantized"
+    assert header["library_name"] == "diffusers" and "packed" in header["tags"] and "digits-dit" in header["tags"]
+    assert f"{rec['avg_bits']:.3f} average bits" in text and "| fid_heldout | 12.5 |" in text
+    n3 = sum(1 for o in config.values() if o == "uaq-3")
+    assert f"| uaq-3 | {n3} |" in text and "sensitivity export digits-dit --format packed" in text
+    assert "sensitivity.load_quantized" in text

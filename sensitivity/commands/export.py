@@ -6,13 +6,16 @@ sensitivity export digits-dit --weights shipped --multiquantizer multiquantizers
 ```
 Formats: ``packed`` (ours, reloaded by ``sensitivity.load_quantized`` / ``sensitivity infer --quantized``),
 ``sdnq`` (``<DenoiserClass>.from_pretrained(DIR)`` with ``pip install sdnq``; ``--pipeline`` writes the
-whole pipeline folder), ``onnx`` (onnxruntime; QDQ initializers for uniform options). Everything is
+whole pipeline folder), ``onnx`` (onnxruntime; codes as UINT4 / uint8 initializers with
+``DequantizeLinear`` or a codebook ``Gather``; ``--optimize``: onnxruntime's optimized graph). Everything is
 checked before anything is written; OUT appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="sdnq: write the whole pipeline folder (other components untouched), not only the denoiser")
     p.add_argument("--opset", type=int, default=21, help="onnx: opset version (>= 21: blocked and int16 QDQ)")
+    p.add_argument("--optimize", action="store_true", help="onnx: save onnxruntime's optimized graph (extended level)")
+    p.add_argument("--metrics", default=None, help="JSON file {name: value} of held-out metrics for the model card")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
@@ -51,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     check_format_arguments(args.format, float_dtype=args.float_dtype, pipeline=args.pipeline or None,
                            opset=args.opset)
     require_extra(args.format)
+    if args.format == "onnx":
+        from ..export.onnx_format import check_opset
+
+        check_opset(args.opset)
     if not Path(args.multiquantizer).is_file():
         raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
     mq = load_multiquantizer(args.multiquantizer)
@@ -58,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
     if mq.model_id and mq.model_id != model_id:
         raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
                                f"not for {model_id}")
+    metrics = None
+    if args.metrics:
+        import json
+
+        try:
+            metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SensitivityError(f"--metrics {args.metrics!r}: cannot read a JSON file ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise SensitivityError(f"--metrics {args.metrics!r}: expected a JSON object {{name: value}}")
     config = QuantConfig.load(args.config)
     config.check_model(model_id, str(args.config))
     mq.validate(config.options)
@@ -86,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         example = example_inputs(fam, pipe)
     record = export(den, mq, config, out, format=args.format, source=source, float_dtype=args.float_dtype,
                     pipeline=pipe if args.pipeline else None, overwrite=args.overwrite, opset=args.opset,
-                    example_inputs=example)
+                    example_inputs=example, optimize=args.optimize, metrics=metrics,
+                    command="sensitivity " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     size = record.get("bytes_on_disk", 0)
     print(f"wrote {args.format} export of {model_id} ({record['quantized_layers']}/{record['layers']} layers "
           f"quantized, {record['avg_bits']:.3f} avg bits) to {out}: {size / 2**20:.2f} MiB on disk "

@@ -7,17 +7,20 @@ export(den, mq, "quant_configs/w36.json", "out/w36-packed", format="packed",
 den_q = load_quantized("out/w36-packed")        # diffusers model class, low-bit modules
 ```
 
-Formats (``sensitivity.export.methods``: ``EXPORT_FORMATS`` by name, ``EXPORT_MAPPINGS`` by method class):
+Formats (``sensitivity.export.methods``: ``EXPORT_FORMATS`` by name, one :class:`~.base.Exporter` each;
+``EXPORT_MAPPINGS`` by method class):
 
-* ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; weights
-  dequantize on the fly (``materialize=True``: once); bit-exact with :func:`~sensitivity.multiquantizer.apply`.
+* ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; at run
+  time each layer runs the kernel the recorded policy chose (:mod:`.runtime`: dequantized on the fly,
+  cached, or W8A8 on torch's int8 matmul); bit-exact with :func:`~sensitivity.multiquantizer.apply`
+  (W8A8: up to float32 summation order).
 * ``sdnq`` (:mod:`.sdnq_format`, extra ``sensitivity[sdnq]``): a diffusers model folder in SDNQ's
   format that ``<DenoiserClass>.from_pretrained(DIR)`` reloads with ``pip install sdnq`` alone.
 * ``onnx`` (:mod:`.onnx_format`, extra ``sensitivity[onnx]``): ``torch.onnx`` export with QDQ initializers
   for uniform options and dequantized initializers for k-means ones.
 
 Every artifact records the model class and id, the multiquantizer hash and the config hash in
-``sensitivity_export.json``. Checks happen before anything is written, and the output folder appears
+``sensitivity_export.json`` and carries a model card, ``README.md``, in the hub convention (:mod:`.card`). Checks happen before anything is written, and the output folder appears
 only when complete (a temporary folder renamed into place).
 """
 
@@ -28,22 +31,15 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import SensitivityError
+from .base import Exporter, get_exporter  # noqa: F401
 from .methods import EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
 from .plan import EXPORT_FILE, atomic_dir, config_digest, make_plan
 
-EXTRAS = {"sdnq": ("sdnq", "sdnq"), "onnx": ("onnx", "onnx, onnxruntime and onnxscript")}
-
 
 def require_extra(format: str) -> None:
-    """Raise one line if ``format``'s optional packages are not installed."""
-    import importlib.util
-
-    if format not in EXTRAS:
-        return
-    mods = {"sdnq": ["sdnq"], "onnx": ["onnx", "onnxruntime", "onnxscript"]}[format]
-    missing = [m for m in mods if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SensitivityError(f"--format {format} needs {', '.join(missing)}: pip install \"sensitivity[{format}]\"")
+    """Raise one line if ``format``'s optional packages (its exporter's ``required_packages``) are not installed."""
+    if format in EXPORT_FORMATS:
+        get_exporter(format).validate_environment()
 
 
 def check_format_arguments(format: str, *, float_dtype=None, pipeline=None, opset: Optional[int] = None) -> None:
@@ -61,34 +57,48 @@ def check_format_arguments(format: str, *, float_dtype=None, pipeline=None, opse
 
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,
            source: Optional[Mapping[str, Any]] = None, float_dtype=None, pipeline=None,
-           overwrite: bool = False, opset: int = 21, example_inputs=None) -> Dict[str, Any]:
+           overwrite: bool = False, opset: int = 21, example_inputs=None,
+           cache_budget: Optional[int] = None, optimize: bool = False,
+           metrics: Optional[Mapping[str, Any]] = None, command: Optional[str] = None) -> Dict[str, Any]:
     """Export ``denoiser`` (full precision) with ``config`` (QuantConfig, path or ``{layer: option}``) to ``out``.
 
     ``source``: ``{"family", "weights", "seed", "model_id"}`` recorded with the export (``model_id`` is
     checked against the multiquantizer). ``float_dtype``: dtype of the tensors that are not quantized
     (default: the denoiser's). ``pipeline`` (sdnq): also write the whole pipeline folder. ``opset``
-    and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict).
+    and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict; packed:
+    run once to choose the run-time kernels, :mod:`.runtime`); ``cache_budget`` (packed): bytes of float
+    weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.25 x quantized bytes)``).
+    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules. ``optimize``
+    (onnx): save onnxruntime's optimized graph. ``metrics`` (``{name: value}``, held-out) and ``command``
+    (the command line that made it) go into the folder's model card, ``README.md`` (:mod:`.card`).
     Returns the export record (what ``sensitivity_export.json`` holds, plus ``bytes_on_disk``).
     """
     from ..config import QuantConfig
 
-    if format not in EXPORT_FORMATS:
-        EXPORT_FORMATS.get(format)  # raises the one-line error
+    exporter = get_exporter(format)
     check_format_arguments(format, float_dtype=float_dtype, pipeline=pipeline, opset=opset)
-    require_extra(format)
+    exporter.validate_environment()
+    from ..zoo.base import resolve_dtype
+
+    options = exporter.check_options({"float_dtype": resolve_dtype(float_dtype), "example_inputs": example_inputs,
+                                      "cache_budget": cache_budget, "pipeline": pipeline, "opset": opset,
+                                      "optimize": optimize})
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
         config = QuantConfig.load(config)
         source = dict(source or {}, config_path=path)
-    from ..zoo.base import resolve_dtype
-
-    float_dtype = resolve_dtype(float_dtype)
     plan = make_plan(denoiser, mq, config, format, source)
-    write = EXPORT_FORMATS.get(format)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        record = write(plan, tmp, float_dtype=float_dtype, pipeline=pipeline, opset=opset, example_inputs=example_inputs)
+        record = exporter.write(plan, tmp, **options)
         _seal_config(tmp, record)
         record.setdefault("bytes_on_disk", sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()))
+        from math import prod
+
+        from .card import write_card
+
+        numel = {s.name: prod(s.shape) for s in mq.layers}
+        record["path"] = str(out)
+        write_card(tmp, record, numel, metrics=metrics, command=command)
     record["path"] = str(out)
     return record
 
@@ -108,32 +118,32 @@ def _seal_config(folder: Path, record: Dict[str, Any]) -> None:
 
 
 def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materialize: bool = False,
-                   expect_class: Optional[str] = None, verify: bool = True):
+                   expect_class: Optional[str] = None, verify: bool = True, runtime: Optional[str] = None,
+                   cache_budget: Optional[int] = None, act_bits: Optional[int] = None):
     """Reload an export folder as its diffusers model class.
 
-    ``packed``: low-bit modules that dequantize on the fly (``materialize=True``: once, at load);
+    ``packed``: low-bit modules on the run-time kernels recorded at export (:mod:`.runtime`;
+    ``runtime="auto"`` chooses again under ``cache_budget`` bytes, ``"on_the_fly"`` / ``"cached"`` /
+    ``"int8_dynamic"`` forces one kernel; ``act_bits=8``: W8A8) (``materialize=True``: plain float modules);
     ``sdnq``: ``<Class>.from_pretrained`` with SDNQ's modules (needs ``sdnq``). ``onnx`` folders are
     run with onnxruntime, not loaded here. ``expect_class``: fail unless the folder holds that class.
     ``verify``: check every tensor's digest (packed). The record is kept in ``model.sensitivity_export``.
     """
     from ..zoo.base import resolve_dtype
-    from .packed import load_packed, read_record
+    from .packed import read_record
 
     folder = Path(path)
     record = read_record(folder)
     fmt = record["export_format"]
-    dtype = resolve_dtype(dtype)
+    exporter = get_exporter(fmt)
+    if fmt != "onnx":
+        exporter.validate_environment()
+    kwargs = {"device": device, "dtype": resolve_dtype(dtype), "expect_class": expect_class}
     if fmt == "packed":
-        return load_packed(folder, record, device=device, dtype=dtype, materialize_weights=materialize,
-                           expect_class=expect_class, verify=verify)
-    if fmt == "sdnq":
-        require_extra("sdnq")
-        from .sdnq_format import load_sdnq
-
-        return load_sdnq(folder, record, device=device, dtype=dtype, expect_class=expect_class)
-    raise SensitivityError(f"{folder} is an {fmt} export: run it with onnxruntime "
-                           "(sensitivity.export.onnx_format.run_onnx), it is not a torch model")
+        kwargs.update(materialize_weights=materialize, verify=verify, runtime=runtime, cache_budget=cache_budget,
+                      act_bits=act_bits)
+    return exporter.load(folder, record, **kwargs)
 
 
 __all__ = ["export", "load_quantized", "require_extra", "check_format_arguments", "check_exportable", "method_format",
-           "EXPORT_FORMATS", "FORMATS", "EXPORT_FILE"]
+           "EXPORT_FORMATS", "FORMATS", "EXPORT_FILE", "Exporter", "get_exporter"]

@@ -10,15 +10,16 @@ params map onto that vocabulary (or, as a one-line reason, why they cannot):
 =============  =========================================  ===============================================
 method         onnx                                       sdnq (``SDNQDequantizer`` fields)
 =============  =========================================  ===============================================
-uaq            QDQ: uint8 codes, per-row fp32 scale,      ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
-               uint8 zero point ``z`` (axis 0)            ``zero_point = -z·Δ`` (fp32, exact)
-uaq_ls         dequantized fp32 initializer (its refit    as uaq (``-z·Δ`` of fp16 z and Δ is exact in fp32)
-               zero points are not integers)
+uaq            QDQ: UINT4 (<= 4 bits) / uint8 codes, per- ``uint<b>``, ``group_size=-1``, ``scale = Δ``,
+               row fp32 scale, zero point ``z`` (axis 0)  ``zero_point = -z·Δ`` (fp32, exact)
+uaq_ls         codes -> float, ``- z``, ``* Δ`` with the  as uaq (``-z·Δ`` of fp16 z and Δ is exact in fp32)
+               fp16 z, Δ (refit zero points are not
+               integers)
 uaq_g<N>       QDQ blocked (opset 21, ``block_size=N``)   ``uint<b>``, ``group_size=N`` (linear layers whose
                on the ``[C, K]`` codes                    row length N divides), scale/zero per group
-kmeans_c       dequantized fp32 initializer (ONNX has     ``uint<b>`` codebook, ``use_codebook``,
-               no lookup-table DQ)                        ``group_size=-1``: the per-row fp16 codebooks
-kmeans_a       dequantized fp32 initializer               codebook with ``group_size=-2`` (one per tensor)
+kmeans_c       UINT4 / uint8 codes -> int64 + row * 2^b,  ``uint<b>`` codebook, ``use_codebook``,
+               ``Gather`` on the fp16 codebooks           ``group_size=-1``: the per-row fp16 codebooks
+kmeans_a       codes -> ``Gather`` on the fp16 codebook   codebook with ``group_size=-2`` (one per tensor)
 int8, int8_c   QDQ: uint8 codes, zero point 128, fp32     ``int8`` symmetric, ``scale`` per tensor / row
                scale per tensor / row
 fp8_e4m3       QDQ: float8e4m3fn codes, fp32 scale        ``float8_e4m3fn`` symmetric, ``scale`` per tensor
@@ -33,7 +34,7 @@ method's own config: ``uaq_g128``'s group is its ``group_size``, ``uaq_ls``'s re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import FP16, QuantOption
@@ -44,11 +45,11 @@ from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
 from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
 from ..registry import HandlerRegistry, Registry
 
-#: export format name -> ``write(plan, folder, **options) -> record``; each format's module registers
-#: its writer (imported on first use: the writers import torch and the format's extra)
+#: export format name -> its :class:`sensitivity.export.base.Exporter` (registered by that module, imported on
+#: first use; the writers import torch and the format's extra only when they write)
 EXPORT_FORMATS: Registry = Registry("export format", error=ConfigError, unknown="unknown export format {name!r}; use one of {known}",
-                                    lazy={"packed": "sensitivity.export.packed", "sdnq": "sensitivity.export.sdnq_format",
-                                          "onnx": "sensitivity.export.onnx_format"})
+                                    lazy={"packed": "sensitivity.export.base", "sdnq": "sensitivity.export.base",
+                                          "onnx": "sensitivity.export.base"})
 FORMATS: Tuple[str, ...] = EXPORT_FORMATS.names()
 
 
@@ -56,11 +57,15 @@ FORMATS: Tuple[str, ...] = EXPORT_FORMATS.names()
 class MethodFormat:
     """How one method maps onto the onnx / sdnq formats.
 
-    ``onnx``: ``"qdq_affine"`` (uint8 codes, per-row scale and zero point), ``"qdq_affine_blocked"``,
-    ``"qdq_symmetric"`` (uint8 codes, zero point 128), ``"qdq_fp8"``, ``"dequantized"``.
+    ``onnx``: ``"qdq_affine"`` (UINT4 / uint8 codes, per-row scale and zero point), ``"qdq_affine_blocked"``,
+    ``"affine_float_zero"`` (non-integer zero points), ``"qdq_symmetric"`` (uint8 codes, zero point 128),
+    ``"qdq_fp8"``, ``"codebook_gather"`` (codes index the codebook), ``"dequantized"``.
     ``sdnq``: ``"uint_asymmetric"``, ``"uint_asymmetric_grouped"``, ``"codebook_row"``,
     ``"codebook_tensor"``, ``"int8_symmetric"``, ``"fp8_symmetric"``, or ``None`` with ``sdnq_reason``.
     ``per_row``: the scale is per output row (else per tensor); ``group``: group size (``uaq_g<N>``).
+    ``affine`` (run time, :mod:`.runtime`): how a row's value of code ``q`` is ``(q - z) * d``:
+    ``"scale_zero"`` (``d = scale``, ``z = zero``), ``"scale_128"`` (``d = scale``, ``z = 128``), or ``None``
+    (not one affine map per row: no integer matmul).
     """
 
     method: str
@@ -69,6 +74,7 @@ class MethodFormat:
     per_row: bool = True
     group: Optional[int] = None
     sdnq_reason: str = ""
+    affine: Optional[str] = None
 
 
 #: quantization-method class -> ``f(method) -> MethodFormat`` (the onnx / sdnq vocabulary of the method)
@@ -77,9 +83,10 @@ EXPORT_MAPPINGS = HandlerRegistry("onnx / sdnq mapping")
 
 @EXPORT_MAPPINGS.register(UniformAffine)
 def _uniform_affine(m: UniformAffine) -> MethodFormat:
-    # a least-squares refit leaves zero points that are not integers: no QDQ zero point can hold them
-    onnx = "dequantized" if m.config.least_squares_refit else "qdq_affine"
-    return MethodFormat(m.name, onnx, "uint_asymmetric")
+    # a least-squares refit leaves zero points that are not integers: no QDQ zero point can hold them, so the
+    # codes are turned to floats and the fp16 zero points / scales applied by Sub / Mul
+    onnx = "affine_float_zero" if m.config.least_squares_refit else "qdq_affine"
+    return MethodFormat(m.name, onnx, "uint_asymmetric", affine="scale_zero")
 
 
 @EXPORT_MAPPINGS.register(UniformAffinePerGroup)
@@ -89,12 +96,12 @@ def _uniform_affine_grouped(m: UniformAffinePerGroup) -> MethodFormat:
 
 @EXPORT_MAPPINGS.register(KMeansPerChannel, KMeansPerTensor)
 def _codebook(m) -> MethodFormat:
-    return MethodFormat(m.name, "dequantized", "codebook_row" if m.per_row else "codebook_tensor", per_row=m.per_row)
+    return MethodFormat(m.name, "codebook_gather", "codebook_row" if m.per_row else "codebook_tensor", per_row=m.per_row)
 
 
 @EXPORT_MAPPINGS.register(Int8Symmetric)
 def _int8(m: Int8Symmetric) -> MethodFormat:
-    return MethodFormat(m.name, "qdq_symmetric", "int8_symmetric", per_row=m.per_row)
+    return MethodFormat(m.name, "qdq_symmetric", "int8_symmetric", per_row=m.per_row, affine="scale_128")
 
 
 @EXPORT_MAPPINGS.register(FP8E4M3PerTensor)
@@ -107,6 +114,20 @@ def method_format(method: str) -> Optional[MethodFormat]:
     m = get_method(method)
     mapping = EXPORT_MAPPINGS.lookup(m)
     return None if mapping is None else mapping(m)
+
+
+def row_affine(method: str, params: Mapping[str, Any], rows: int) -> Optional[Tuple[Any, Any]]:
+    """float32 ``(d [rows], z [rows])`` with value ``(q - z) * d`` of code ``q`` in each row, or ``None``."""
+    import torch
+
+    fmt = method_format(method)
+    if fmt is None or fmt.affine is None:
+        return None
+    d = params["scale"].to(torch.float32).reshape(-1).expand(rows) if params["scale"].numel() == 1 \
+        else params["scale"].to(torch.float32).reshape(-1)
+    if fmt.affine == "scale_128":
+        return d.contiguous(), torch.full((rows,), 128.0)
+    return d.contiguous(), params["zero"].to(torch.float32).reshape(-1).contiguous()
 
 
 def sdnq_reason(option: str, shape: Tuple[int, ...], kind: str) -> Optional[str]:

@@ -3,10 +3,12 @@
 :func:`pack_module` turns a weight module into a subclass of its own class (``PackedLinear`` for
 ``nn.Linear`` ...) that holds, per part of its weight (one part, or the ``#main`` / ``#skip`` halves of
 a split layer), either the bit-packed uint8 codes and the method's params (buffers), or a plain float
-slice. Its ``weight`` is a property: each forward unpacks the codes and looks them up in the method's
-table (:func:`sensitivity.quantizers.get_method`), the same functions :func:`~sensitivity.
-multiquantizer.apply` uses, so the values are bit-identical to the fake-quantized weight. Memory held
-is the packed bytes; one layer's float weight exists only while that layer runs.
+slice. Its ``weight`` is a property that looks the codes up in the method's table
+(:func:`sensitivity.quantizers.get_method`; the same values :func:`~sensitivity.multiquantizer.apply`
+computes, bit for bit). Its forward (``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``) runs the module's
+run-time kernel (:mod:`sensitivity.export.runtime`): ``on_the_fly`` (fused unpack + lookup into a
+reused scratch buffer, :mod:`.kernels`; memory held: the packed bytes), ``cached`` (dequantized once,
+buffer ``runtime_weight``) or ``int8_dynamic`` (W8A8 on ``torch._int_mm``, buffers ``int8_*``).
 :func:`materialize` dequantizes every packed module once into a plain module of its original class.
 The modules are still instances of ``nn.Linear`` / ``nn.Conv2d``, so ``isinstance`` checks hold.
 """
@@ -18,10 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..options import QuantOption
 from ..quantizers import TableMethod, get_method
 from ..quantizers.packing import unpack_codes
+from .kernels import PAD
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,82 @@ def dequantize_part(packed: torch.Tensor, params: Dict[str, torch.Tensor], part:
     return method.dequantize_rows(codes, params, opt.bits).view(part.shape)
 
 
+def part_table(packed: torch.Tensor, params: Dict[str, torch.Tensor], part: PartSpec):
+    """``(table float32 [T, 2**bits], group)`` of a part whose values are a table lookup, else ``None``.
+
+    ``T`` is 1 (per tensor), the rows (per row) or rows x groups (``uaq_g<N>``: ``group = N``).
+    """
+    opt = QuantOption.parse(part.option)
+    method = get_method(opt.method)
+    k = part.numel // int(part.shape[0])
+    if isinstance(method, TableMethod):
+        return method.table(params, opt.bits).to(torch.float32).contiguous(), k
+    group_table = getattr(method, "group_table", None)
+    if group_table is not None:
+        return group_table(params, opt.bits).to(torch.float32).contiguous(), int(method.config.group_size)
+    return None
+
+
 class PackedWeightMixin:
-    """Mixed into a copy of a weight module's class; see the module docstring."""
+    """Mixed into a copy of a weight module's class; see the module docstring.
+
+    Per part ``i``: ``part{i}_codes`` (bit-packed, :data:`~.kernels.PAD` zero bytes appended on CPU),
+    ``part{i}_<param>``, or ``part{i}_weight`` (float slice); ``_runtime`` is the module's kernel
+    (:data:`sensitivity.export.runtime.KERNELS`).
+    """
 
     _packed_parts: List[PartSpec]
     _packed_shape: Tuple[int, ...]
     _packed_dtype: torch.dtype
+    _runtime: str = "on_the_fly"
+    _act_bits: Optional[int] = None
+    _act_slices: Tuple[Tuple[int, int], ...] = ()
+
+    def _dequantize(self, use_scratch: bool = False) -> torch.Tensor:
+        """The float weight (``_packed_dtype``); ``use_scratch``: into the shared scratch buffer (CPU, float32)."""
+        from . import runtime
+        from .kernels import dequantize_into
+
+        shape = self._packed_shape
+        rows = int(shape[0])
+        cols = 1
+        for s in shape[1:]:
+            cols *= int(s)
+        parts = self._packed_parts
+        on_cpu = self._packed_device().type == "cpu"
+        if use_scratch and on_cpu and self._packed_dtype == torch.float32:
+            out = runtime.scratch(rows * cols).view(rows, cols)
+        else:
+            out = torch.empty(rows, cols, dtype=torch.float32, device=self._packed_device())
+        col = 0
+        for i, part in enumerate(parts):
+            width = part.numel // rows
+            view = out[:, col:col + width]
+            col += width
+            if part.option == "fp16":
+                view.copy_(getattr(self, f"part{i}_weight").reshape(rows, width))
+                continue
+            params = {p: getattr(self, f"part{i}_{p}") for p in part.params}
+            packed = getattr(self, f"part{i}_codes")
+            table = getattr(self, f"part{i}_table", None)
+            group = getattr(self, f"_part{i}_group", None)
+            if table is None and on_cpu:
+                found = part_table(packed, params, part)
+                if found is not None:
+                    table, group = found
+            if on_cpu and table is not None and getattr(self, f"_part{i}_padded", False):
+                dequantize_into(packed, QuantOption.parse(part.option).bits, table, rows, width, group, view)
+            else:
+                raw = packed[:packed.numel() - PAD] if getattr(self, f"_part{i}_padded", False) else packed
+                view.copy_(dequantize_part(raw, params, part).reshape(rows, width))
+        w = out.view(shape)
+        return w if self._packed_dtype == torch.float32 else w.to(self._packed_dtype)
+
+    def _packed_device(self) -> torch.device:
+        for n, b in self.named_buffers(recurse=False):
+            if n.startswith("part"):
+                return b.device
+        return torch.device("cpu")
 
     def __new__(cls, *args, **kwargs):
         # called with a layer's arguments, e.g. by peft, which builds a LoRA conv as type(base_layer)(...):
@@ -94,27 +168,54 @@ class PackedWeightMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        values = []
-        for i, part in enumerate(self._packed_parts):
-            if part.option == "fp16":
-                values.append(getattr(self, f"part{i}_weight").to(self._packed_dtype))
-            else:
-                params = {p: getattr(self, f"part{i}_{p}") for p in part.params}
-                values.append(dequantize_part(getattr(self, f"part{i}_codes"), params, part).to(self._packed_dtype))
-        if len(values) == 1:
-            return values[0]
-        return torch.cat(values, dim=1)
+        cached = self._buffers.get("runtime_weight")
+        if cached is not None:
+            return cached
+        return self._dequantize()
+
+    def forward(self, input, *args, **kwargs):  # noqa: A002 - torch's name
+        if type(self).__mro__[2] not in _PLAIN_FORWARD:
+            return super().forward(input, *args, **kwargs)
+        if self._runtime == "int8_dynamic" and input.device.type == "cpu":
+            from .runtime import int8_linear
+
+            return int8_linear(input, self._int8_tensors(), self.bias)
+        if self._act_bits is not None:
+            input = self._quantize_input(input)
+        w = self._buffers.get("runtime_weight")
+        if w is None:
+            w = self._dequantize(use_scratch=not torch.is_grad_enabled())
+        if isinstance(self, nn.Linear):
+            return F.linear(input, w, self.bias)
+        return self._conv_forward(input, w, self.bias)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        from ..quantizers.activation import quantize_channels, quantize_tokens
+
+        bits = int(self._act_bits)
+        if not isinstance(self, nn.Linear):
+            return quantize_channels(x, bits)
+        if self._act_slices:
+            return torch.cat([quantize_tokens(x[..., a:b], bits) for a, b in self._act_slices], dim=-1)
+        return quantize_tokens(x, bits)
+
+    def _int8_tensors(self) -> Dict[str, torch.Tensor]:
+        return {k: getattr(self, f"int8_{k}") for k in ("wq", "d", "c", "sw", "wsum")}
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes held by the packed parts (codes, params, float slices)."""
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n.startswith("part"))
+        """Bytes held by the packed parts (codes, params, float slices, int8 codes, a cached weight)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False)
+                   if n.startswith(("part", "int8_", "runtime_")))
 
     def extra_repr(self) -> str:  # pragma: no cover - cosmetic
         parts = ", ".join(p.option for p in self._packed_parts)
-        return f"{super().extra_repr()}, packed=[{parts}]"
+        return f"{super().extra_repr()}, packed=[{parts}], runtime={self._runtime}"
 
 
+_PLAIN_FORWARD = (nn.Linear, nn.Conv1d, nn.Conv2d)  # classes whose forward the mixin replaces
+_RUNTIME_ATTRS = ("_packed", "_part", "_runtime", "_act_")
+_RUNTIME_BUFFERS = ("part", "int8_", "runtime_")
 _CLASSES: Dict[type, type] = {}
 
 
@@ -125,12 +226,18 @@ def _packed_class(cls: type) -> type:
 
 
 def pack_module(module: nn.Module, parts: Sequence[PartSpec], tensors: Sequence[Dict[str, torch.Tensor]],
-                dtype: torch.dtype) -> nn.Module:
+                dtype: torch.dtype, runtime: str = "on_the_fly", act_bits: Optional[int] = None) -> nn.Module:
     """A packed copy of ``module`` (same hyper-parameters and bias, no float weight).
 
     ``tensors[i]``: part ``i``'s ``{"codes": packed uint8 1-D, <param>: tensor}`` or ``{"weight": float}``;
-    ``dtype``: the dtype of the weight it computes.
+    ``dtype``: the dtype of the weight it computes; ``runtime``: its kernel (``on_the_fly``, ``cached``,
+    ``int8_dynamic``); ``act_bits``: quantize the input (W8A8, see :mod:`.runtime`).
     """
+    from .kernels import pad_packed
+    from .runtime import KERNELS, Int8Weight, int8_eligible
+
+    if runtime not in KERNELS:
+        raise ValueError(f"unknown run-time kernel {runtime!r}; use one of {', '.join(KERNELS)}")
     cls = _packed_class(type(module))
     new = cls.__new__(cls)
     new.__dict__.update({k: v for k, v in module.__dict__.items()
@@ -141,9 +248,39 @@ def pack_module(module: nn.Module, parts: Sequence[PartSpec], tensors: Sequence[
     new._packed_parts = list(parts)
     new._packed_shape = tuple(module.weight.shape)
     new._packed_dtype = dtype
+    new._act_bits = act_bits
+    new._act_slices = tuple(tuple(p.in_slice) for p in parts if p.in_slice) if len(parts) > 1 else ()
+    kind = "linear" if isinstance(module, nn.Linear) else "conv"
+    if runtime == "int8_dynamic" and (act_bits != 8 or not int8_eligible(kind, parts)):
+        runtime = "on_the_fly"
     for i, (part, t) in enumerate(zip(parts, tensors)):
         for key, value in t.items():
+            if key == "codes" and value.device.type == "cpu":
+                value = pad_packed(value)
+                new.__dict__[f"_part{i}_padded"] = True
             new.register_buffer(f"part{i}_{key}", value, persistent=False)
+        if part.option != "fp16":
+            found = part_table(t["codes"], {p: t[p] for p in part.params}, part)
+            if found is not None:
+                table, group = found
+                # keep the table when it is small beside the codes (per row / tensor); per-group tables are rebuilt
+                if table.numel() * 4 <= t["codes"].numel() // 4:
+                    new.register_buffer(f"part{i}_table", table, persistent=False)
+                    new.__dict__[f"_part{i}_group"] = group
+    new._runtime = runtime
+    if runtime == "int8_dynamic":
+        from .methods import row_affine
+
+        part = parts[0]
+        opt = QuantOption.parse(part.option)
+        rows = int(part.shape[0])
+        codes = unpack_codes_torch(tensors[0]["codes"], opt.bits, part.numel).view(rows, -1)
+        d, z = row_affine(opt.method, tensors[0], rows)
+        for key, value in Int8Weight(codes, d, z).tensors().items():
+            new.register_buffer(f"int8_{key}", value, persistent=False)
+    elif runtime == "cached":
+        with torch.no_grad():
+            new.register_buffer("runtime_weight", new._dequantize().detach(), persistent=False)
     return new
 
 
@@ -162,10 +299,11 @@ def materialize(model: nn.Module) -> nn.Module:
         weight = nn.Parameter(sub.weight.detach().clone(), requires_grad=False)
         plain.__dict__.update({k: v for k, v in sub.__dict__.items()
                                if k not in ("_parameters", "_buffers", "_non_persistent_buffers_set")
-                               and not k.startswith("_packed")})
+                               and not k.startswith(_RUNTIME_ATTRS)})
         plain._parameters = {"weight": weight, **sub._parameters}
-        plain._buffers = {k: v for k, v in sub._buffers.items() if not k.startswith("part")}
-        plain._non_persistent_buffers_set = {k for k in sub._non_persistent_buffers_set if not k.startswith("part")}
+        plain._buffers = {k: v for k, v in sub._buffers.items() if not k.startswith(_RUNTIME_BUFFERS)}
+        plain._non_persistent_buffers_set = {k for k in sub._non_persistent_buffers_set
+                                             if not k.startswith(_RUNTIME_BUFFERS)}
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, plain)

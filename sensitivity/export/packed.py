@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ from ..errors import CorruptFileError, SensitivityError
 from ..options import FP16, QuantOption
 from ..quantizers.packing import pack_codes
 from .modules import PartSpec, materialize, pack_module
-from .methods import EXPORT_FORMATS
 from .plan import EXPORT_FILE, ExportPlan, config_digest, digest
 
 WEIGHTS_FILE = "model.safetensors"
@@ -43,8 +42,40 @@ def _float(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return t.contiguous()
 
 
-def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
-    """Write ``plan`` into ``folder`` (an empty temporary folder); returns the export record."""
+def runtime_record(plan: ExportPlan, example_inputs=None, cache_budget: Optional[int] = None) -> Dict[str, Any]:
+    """The automatic run-time policy of ``plan`` (:mod:`.runtime`): kernels per module and what chose them.
+
+    ``example_inputs``: the denoiser's call (default: zero inputs of its native size), run once to count
+    each module's input positions; ``cache_budget``: bytes of cached float weights (default:
+    :func:`~.runtime.default_cache_budget`).
+    """
+    from .runtime import choose_kernels, count_positions, default_cache_budget
+
+    if cache_budget is None:
+        cache_budget = default_cache_budget(plan.meta["quantized_bytes"])
+    paths = [mp.module_path for mp in plan.modules]
+    positions: Optional[Dict[str, int]] = None
+    try:
+        if example_inputs is None:
+            from ..graph.inputs import example_inputs as zero_inputs
+
+            example_inputs = zero_inputs(plan.denoiser, device="cpu", dtype=torch.float32)
+        positions = count_positions(plan.denoiser, paths, example_inputs)
+    except Exception:  # noqa: BLE001 - a model we cannot call here: rank by size alone
+        positions = None
+    modules = [{"module": mp.module_path, "kind": mp.kind, "weight_shape": mp.weight_shape, "parts": mp.parts}
+               for mp in plan.modules]
+    act_bits = plan.meta.get("act_bits")
+    return {"policy": "auto", "cache_budget_bytes": int(cache_budget), "act_bits": act_bits,
+            "positions": positions, "kernels": choose_kernels(modules, cache_budget, act_bits, positions)}
+
+
+def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dtype] = None,
+                 example_inputs=None, cache_budget: Optional[int] = None) -> Dict[str, Any]:
+    """Write ``plan`` into ``folder`` (an empty temporary folder); returns the export record.
+
+    ``example_inputs`` / ``cache_budget``: see :func:`runtime_record`.
+    """
     from safetensors.torch import save_file
 
     den = plan.denoiser
@@ -86,6 +117,7 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
     record.update({
         "float_dtype": str(stored_dtype).replace("torch.", ""),
         "modules": modules,
+        "runtime": runtime_record(plan, example_inputs, cache_budget),
         "tensors": {k: digest(v) for k, v in tensors.items()},
     })
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "sensitivity.packed"})
@@ -101,8 +133,6 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
-
-EXPORT_FORMATS.register("packed", lambda plan, folder, float_dtype=None, **_: write_packed(plan, folder, float_dtype=float_dtype))
 
 
 def read_record(folder: Path) -> Dict[str, Any]:
@@ -164,9 +194,41 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def load_kernels(record: Dict[str, Any], runtime: Optional[str] = None, cache_budget: Optional[int] = None,
+                 act_bits: Optional[int] = None) -> Tuple[Dict[str, str], Optional[int]]:
+    """``({module: kernel}, act_bits)`` for a load: ``runtime=None`` the recorded choice, ``"auto"`` the
+    automatic policy again (with ``cache_budget``), or one of :data:`~.runtime.KERNELS` for every module."""
+    from .runtime import KERNELS, choose_kernels, default_cache_budget
+
+    rec = record.get("runtime") or {}
+    act = act_bits if act_bits is not None else rec.get("act_bits")
+    if runtime is not None and runtime != "auto" and runtime not in KERNELS:
+        raise SensitivityError(f"unknown run-time policy {runtime!r}; use auto or one of {', '.join(KERNELS)}")
+    if act is not None and int(act) != 8 and runtime == "int8_dynamic":
+        raise SensitivityError(f"run-time kernel int8_dynamic needs 8-bit activations, not {act}")
+    names = [m["module"] for m in record["modules"]]
+    if runtime is None and rec.get("kernels") and cache_budget is None and act == rec.get("act_bits"):
+        return dict(rec["kernels"]), act
+    if runtime in KERNELS:
+        return {n: runtime for n in names}, act
+    budget = cache_budget if cache_budget is not None else rec.get(
+        "cache_budget_bytes", default_cache_budget(record.get("quantized_bytes", 0)))
+    modules = [{"module": m["module"], "kind": m["kind"], "weight_shape": m["weight_shape"],
+                "parts": _parts(m)} for m in record["modules"]]
+    return choose_kernels(modules, budget, act, rec.get("positions")), act
+
+
+def _parts(m: Dict[str, Any]):
+    return [PartSpec(p["name"], tuple(p["shape"]), tuple(p["in_slice"]) if p["in_slice"] else None,
+                     p["option"], tuple(p["params"])) for p in m["parts"]]
+
+
 def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optional[torch.dtype] = None,
-                materialize_weights: bool = False, expect_class: Optional[str] = None, verify: bool = True) -> nn.Module:
-    """See the module docstring. ``dtype``: the compute dtype (default: the stored float dtype)."""
+                materialize_weights: bool = False, expect_class: Optional[str] = None, verify: bool = True,
+                runtime: Optional[str] = None, cache_budget: Optional[int] = None,
+                act_bits: Optional[int] = None) -> nn.Module:
+    """See the module docstring. ``dtype``: the compute dtype (default: the stored float dtype);
+    ``runtime`` / ``cache_budget`` / ``act_bits``: see :func:`load_kernels`."""
     from accelerate import init_empty_weights
     from safetensors import SafetensorError, safe_open
 
@@ -201,9 +263,9 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
         if key not in keys:
             raise CorruptFileError(f"{path}: tensor {key!r} is missing")
     quantized_weights = set()
+    kernels, act = load_kernels(record, runtime, cache_budget, act_bits)
     for m in record["modules"]:
-        parts = [PartSpec(p["name"], tuple(p["shape"]), tuple(p["in_slice"]) if p["in_slice"] else None,
-                      p["option"], tuple(p["params"])) for p in m["parts"]]
+        parts = _parts(m)
         tensors = []
         for part in parts:
             prefix = f"q/{part.name}/"
@@ -220,7 +282,8 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
             if tuple(old.weight.shape) != tuple(m["weight_shape"]):
                 raise CorruptFileError(f"{folder}: module {module_path!r} has weight shape {tuple(old.weight.shape)} "
                                        f"in config.json, {tuple(m['weight_shape'])} in the export")
-            _set_module(model, module_path, pack_module(old, parts, tensors, dtype))
+            _set_module(model, module_path, pack_module(old, parts, tensors, dtype,
+                                                        runtime=kernels.get(m["module"], "on_the_fly"), act_bits=act))
             quantized_weights.add(module_path + ".weight")
     plain = {}
     for key in digests:
@@ -237,12 +300,14 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise CorruptFileError(f"{path}: tensor {name!r} is missing")
-        if t.is_floating_point() and t.dtype != dtype and not name.rpartition(".")[2].startswith("part"):
+        leaf = name.rpartition(".")[2]
+        if t.is_floating_point() and t.dtype != dtype and not leaf.startswith(("part", "int8_", "runtime_")):
             t.data = t.data.to(dtype)
     model = model.to(torch.device(device)).eval()
     if materialize_weights:
         materialize(model)
     model.__dict__["sensitivity_export"] = {k: v for k, v in record.items() if k not in ("tensors", "options")}
+    model.__dict__["sensitivity_export"]["runtime_kernels"] = kernels
     return model
 
 

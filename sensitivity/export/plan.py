@@ -124,6 +124,7 @@ def make_plan(denoiser: nn.Module, mq, config: "QuantConfig | Mapping[str, str]"
         "multiquantizer": {"hash": mq.hash, "model_id": mq.model_id, "path": str(mq.path)},
         "config": {"hash": qc.config_hash, "path": source.get("config_path"), "model": qc.model,
                    "multiquantizer_hash": qc.multiquantizer_hash, "provenance": qc.provenance},
+        "act_bits": qc.act_bits,
         "avg_bits": mq.avg_bits(quantized),
         "quantized_bytes": mq.quantized_bytes(quantized),
         "fp16_bytes": mq.fp16_bytes(),

@@ -195,6 +195,15 @@ class UniformAffinePerGroup(QuantMethod):
         codes = torch.clamp(torch.round(rows / d) + zf, 0, 2**bits - 1).to(torch.uint8)
         return codes, {"scale": scale, "zero": zero}
 
+    def group_table(self, params: Mapping[str, Any], bits: int):
+        """float32 ``[C * G, 2**bits]``: the value of every code in every group (row-major over ``[C, G]``)."""
+        import torch
+
+        d = params["scale"].to(torch.float32).reshape(-1, 1)
+        z = params["zero"].to(torch.float32).reshape(-1, 1)
+        q = torch.arange(2**bits, dtype=torch.float32, device=d.device)[None, :]
+        return (q - z) * d
+
     def dequantize_rows(self, codes, params: Mapping[str, Any], bits: int, out=None):
         import torch
 

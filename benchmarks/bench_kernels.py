@@ -1,0 +1,108 @@
+"""CPU matmul kernels for the packed run-time modules: float32 GEMM vs torch's int8 / int4 kernels.
+
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json
+
+Shapes ``(tokens, in, out)`` of SD1.5's linear layers at 64x64 latents and of digits-dit. Rows:
+``fp32`` (``F.linear``), ``on_the_fly`` (fused 4-bit dequantize into a reused buffer + ``F.linear``),
+``int8_dynamic`` (the W8A8 module path: per-token activation quantization, ``torch._int_mm``,
+corrections), ``int_mm_only`` (the integer matmul alone), ``weight_int8pack_fp32`` / ``_bf16``
+(``torch._weight_int8pack_mm``), ``weight_int4pack_fp32`` / ``_bf16`` (``torch._weight_int4pack_mm_for_cpu``,
+group 32). Median of ``--repeats`` after a warm-up; ratios to ``fp32`` of the same shape, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (4096, 320, 2560), (64, 1280, 5120), (64, 128, 128)]
+
+
+def bench(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from sensitivity.export.kernels import dequantize_into, pad_packed
+    from sensitivity.export.runtime import Int8Weight, int8_linear
+    from sensitivity.quantizers.packing import pack_codes
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for t, k, n in SHAPES:
+        x = torch.randn(t, k, generator=gen)
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        d, z = torch.rand(n, generator=gen) * 0.01, torch.full((n,), 8.0)
+        w = (codes.float() - z[:, None]) * d[:, None]
+        padded = pad_packed(torch.from_numpy(pack_codes(codes.reshape(-1).numpy(), 4)))
+        table = (torch.arange(16.0)[None, :] - z[:, None]) * d[:, None]
+        buf = torch.empty(n, k)
+        i8 = Int8Weight(codes, d, z).tensors()
+        wq = i8["wq"]
+        xq = torch.randint(-127, 127, (t, k), dtype=torch.int8, generator=gen)
+        w4 = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        sz = torch.stack([torch.full((k // 32, n), 0.01), torch.zeros(k // 32, n)], -1)
+        xb = x.bfloat16()
+        cases = {
+            "fp32": lambda: F.linear(x, w),
+            "on_the_fly": lambda: F.linear(x, dequantize_into(padded, 4, table, n, k, k, buf)),
+            "int8_dynamic": lambda: int8_linear(x, i8, None),
+            "int_mm_only": lambda: torch._int_mm(xq, wq.t()) if t > 16 else None,
+            "weight_int8pack_fp32": lambda: torch._weight_int8pack_mm(x, wq, d),
+            "weight_int8pack_bf16": lambda: torch._weight_int8pack_mm(xb, wq, d.bfloat16()),
+            "weight_int4pack_fp32": lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 32, sz),
+            "weight_int4pack_bf16": lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz.bfloat16()),
+        }
+        res = {name: bench(fn, args.repeats) for name, fn in cases.items()}
+        rows.append({"shape": [t, k, n], "seconds": res})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    calib = float(subprocess.run([sys.executable, "-c", "import time;t=time.perf_counter();sum(range(10**7));"
+                                  "print(time.perf_counter()-t)"], capture_output=True, text=True).stdout)
+    out = {"rows": rows, "threads": args.threads, "repeats": args.repeats, "calibrator_s": calib,
+           "loadavg": list(os.getloadavg()), "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "command": "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(kernel_table(out))
+
+
+def kernel_table(result: dict) -> str:
+    names = list(result["rows"][0]["seconds"])
+    lines = [f"torch {result['torch']} ({result['cpu_capability']}), {result['threads']} threads, median of "
+             f"{result['repeats']}; calibrator {result['calibrator_s']:.2f} s, load average "
+             f"{' / '.join(f'{x:.1f}' for x in result['loadavg'])}. Time as a ratio to fp32 `F.linear` of the shape.",
+             "", "| tokens x in x out | fp32 ms | " + " | ".join(names[1:]) + " |",
+             "|---|---:|" + "---:|" * (len(names) - 1)]
+    for r in result["rows"]:
+        s = r["seconds"]
+        lines.append(f"| {' x '.join(map(str, r['shape']))} | {1e3 * s['fp32']:.2f} | "
+                     + " | ".join(f"{s[n] / s['fp32']:.2f}" for n in names[1:]) + " |")
+    lines += ["", f"Command: `{result['command']}`"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
