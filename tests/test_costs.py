@@ -52,8 +52,8 @@ def test_table_is_keyed_complete_and_beside_the_multiquantizer(measured):
     modules = dict(den.named_modules())
     for i, s in enumerate(mq.layers):
         assert table.fp_runtime_bytes[i] == s.numel * 4  # fp32 weight
-        for j, o in enumerate(table.options):  # the packed module holds the stored bytes, no more
-            assert table.runtime_bytes[i, j] == mq.stats(s.name, o)["nbytes"] < table.fp_runtime_bytes[i]
+        for j, o in enumerate(table.options):  # at least the stored bytes (its kernel may hold padded codes, tables)
+            assert mq.stats(s.name, o)["nbytes"] <= table.runtime_bytes[i, j] < table.fp_runtime_bytes[i]
         assert table.calls[i] >= 1
         record = json.loads(open(table.meta["path"]).read())["layers"][s.name]
         assert record["input_shape"][-1] == modules[s.module_path].in_features

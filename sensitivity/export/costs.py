@@ -43,7 +43,7 @@ from ..quantizers.packing import pack_codes
 from .modules import PartSpec, pack_module
 
 # the run-time module each option is timed with; part of the measuring key, so a new module re-measures
-RUNTIME = "sensitivity.export.modules.pack_module/1 (dequantize on the fly)"
+RUNTIME = "sensitivity.export.modules.pack_module/2 (runtime='on_the_fly')"
 
 
 def device_name(device: torch.device) -> str:
@@ -69,7 +69,7 @@ def calibrator() -> Dict[str, float]:
 def runtime_module(module: nn.Module, parts: List[PartSpec], tensors: List[Dict[str, torch.Tensor]],
                    dtype: torch.dtype) -> nn.Module:
     """The module an export runs for ``module`` with ``parts`` (what :data:`RUNTIME` names)."""
-    return pack_module(module, parts, tensors, dtype)
+    return pack_module(module, parts, tensors, dtype, runtime="on_the_fly")
 
 
 def held_weight_bytes(module: nn.Module) -> int:
@@ -228,7 +228,8 @@ def _measure(denoiser, mq, inputs, out, options, batch, repeats, warmup, min_sec
                 variant = runtime_module(module, run_parts, tensors, dtype)
                 others = sum(q.numel for i, q in enumerate(specs) if i != k) * weight.element_size()
                 variants.append(variant)
-                cells_of.append((k, o, held_weight_bytes(variant) - others, type(variant).__name__))
+                held = int(getattr(variant, "packed_nbytes", None) or held_weight_bytes(variant))
+                cells_of.append((k, o, held - others, type(variant).__name__))
         with torch.inference_mode():
             t_fp, *t_opt = _time_calls(variants, x, repeats, warmup, min_seconds)
         for k, s in enumerate(specs):
