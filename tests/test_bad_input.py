@@ -760,6 +760,7 @@ OUTPUTS = {
     "export": lambda w, v: _with_out(_export(w), w, "exp"),
     "finetune": lambda w, v: _finetune(w, out=w.ro / "ft"),
     "cache": lambda w, v: ["cache", "export", w.cache, "--out", w.ro / "x.csv"],
+    "costs": lambda w, v: ["costs", FAMILY, "--multiquantizer", w.mq, "--out", w.ro / "c.json"],
 }
 
 
