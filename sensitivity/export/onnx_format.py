@@ -520,17 +520,19 @@ def optimize_onnx(path: Path) -> Dict[str, Any]:
     """Rewrite ``path`` with onnxruntime's extended graph optimizations applied; returns ``{level, bytes before/after}``."""
     import onnxruntime as ort
 
-    tmp = path.with_name("optimized.onnx")
+    from ..io import atomic_path
+
     before = path.stat().st_size
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(tmp)
-    try:
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-        raise SensitivityError(f"onnxruntime could not optimize {path.name}: {' '.join(str(exc).split())[:300]}") from None
-    os.replace(tmp, path)
+    with atomic_path(path, "optimized ONNX model") as tmp:  # onnxruntime writes it; renamed over the original
+        opts.optimized_model_filepath = str(tmp)
+        try:
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise SensitivityError(f"onnxruntime could not optimize {path.name}: "
+                                   f"{' '.join(str(exc).split())[:300]}") from None
     return {"level": "extended", "bytes_before": before, "bytes_after": path.stat().st_size}
 
 
