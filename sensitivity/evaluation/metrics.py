@@ -24,6 +24,7 @@ of an evaluation's signature: bump it when a metric's definition changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -248,14 +249,19 @@ class DigitsFeatures:
 
     @torch.no_grad()
     def features_and_predictions(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """On CPU, on one thread: the classifier's small matrix products round differently with the
+        thread count, and FID / KID must not depend on ``--threads`` (the network is tiny)."""
+        from ..threads import using_threads
         from .digits_classifier import to_input
 
         feats, preds = [], []
         for s in range(0, len(images), self.batch_size):
             x = to_input(images[s:s + self.batch_size], self.device)
-            f = self.model.features(x)
+            with using_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
+                f = self.model.features(x)
+                logits = self.model.head(f)
             feats.append(f.double().cpu().numpy())
-            preds.append(self.model.head(f).argmax(1).cpu().numpy())
+            preds.append(logits.argmax(1).cpu().numpy())
         if not feats:
             return np.zeros((0, self.model.config["feature_dim"])), np.zeros(0, np.int64)
         return np.concatenate(feats), np.concatenate(preds).astype(np.int64)
