@@ -30,6 +30,8 @@ FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_clas
 QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_class=20)
 # Seeds of the held-out check images: disjoint from the job's (seed + image index, a few thousand at most).
 CHECK_SEED = 1_000_000
+# paired bootstrap replicates over the held-out images behind every "± se" and tie of the comparison
+BOOTSTRAP = 200
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -62,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "accuracy work too)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the predictor")
     p.add_argument("--workers", type=int, default=None, help="evaluation worker processes (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process and of each evaluation worker (default: the cores here, and "
+                        "`sample`'s default per worker); the results do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random configs and of training (default 0)")
     p.set_defaults(func=run)
 
@@ -123,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     check_per_class = (args.check_images_per_class if args.check_images_per_class is not None
                        else preset["check_images_per_class"])
     workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    if workers < 1:
+        raise SensitivityError(f"--workers {workers}: needs at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise SensitivityError(f"--threads {args.threads}: needs at least 1")
+    threads = args.threads if args.threads is not None else max(1, os.cpu_count() or 1)
     try:
         targets = [float(t) for t in str(args.targets).split(",") if t.strip()]
     except ValueError:
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
     fam = get_family(model)
     mq = load_multiquantizer(mq_path)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     pipe = fam.load_pipeline(weights)
     protocol = EvalProtocol.for_family(fam, weights, n_per_class=per_class, multiquantizer_hash=mq.hash,
                                        dtype="float32")
@@ -191,13 +201,14 @@ def run(args: argparse.Namespace) -> int:
     # 3. evaluation job ----------------------------------------------------------------------------
     cmd = ["sample", model, "--weights", weights, "--multiquantizer", str(mq_path), "--cache", str(cache_path),
            "--num-configs", str(n_cfg), "--seed", str(args.seed), "--workers", str(workers)]
+    cmd += ["--threads", str(args.threads)] if args.threads is not None else []
     # digits-sd takes prompts: the first 10 x per_class of its eval prompts, as EvalProtocol.for_family
     cmd += (["--num-images", str(10 * per_class)] if fam.conditioning == "text"
             else ["--images-per-class", str(per_class)])
     _step(3, N, f"evaluation job: {n_cfg} random configs into a resumable cache", "sensitivity " + " ".join(cmd))
     if cli.main(cmd) != 0:
         raise SensitivityError("demo: the evaluation job failed (see above); rerun to resume")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # the job's in-process worker may have changed it
+    torch.set_num_threads(threads)  # the job's in-process worker may have changed it
 
     # 4. predictor ---------------------------------------------------------------------------------
     from ..evaluation.cache import ConfigCache
@@ -233,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     # would win by selection luck. Every compared config is therefore measured on held-out seeds.
     check = EvalProtocol.for_family(fam, weights, n_per_class=check_per_class, seed=CHECK_SEED,
                                     multiquantizer_hash=mq.hash, dtype="float32")
-    ev_check = Evaluator(fam, pipe, mq, check)
+    ev_check = Evaluator(fam, pipe, mq, check, bootstrap=BOOTSTRAP, bootstrap_seed=args.seed)
     print(f"      every compared config is measured on {check.num_images} held-out images "
           f"(seeds {CHECK_SEED}..{CHECK_SEED + check.num_images - 1})", flush=True)
     # the allocators that need no labels beyond the job's: SDNQ's rule and the reference's top-1 rule
@@ -273,8 +284,14 @@ def run(args: argparse.Namespace) -> int:
 
         written.append(_write_fig(fig, out / "insights" / f"pareto_{extra}.png"))
     cols = ["target", "method", "avg_bits", f"predicted_{args.metric}", f"job_{args.metric}", args.metric] + \
-        [k for k in metric_keys if k != args.metric] + ["configs_labelled", "label_cpu_s"]
-    from ..comparison import markdown_table
+        [k for k in metric_keys if k != args.metric] + ["verdict", "vs_search", "configs_labelled", "label_cpu_s"]
+    from ..comparison import TIE_LEVEL, markdown_table
+
+    noise_note = (f"Noise: each held-out metric is `value ± se`, se its bootstrap standard error over the "
+                  f"{check.num_images} images ({BOOTSTRAP} replicates, seed {args.seed}). Every config is measured on the "
+                  f"same images, so differences are tested paired: `verdict` is best / tie / worse against the target's "
+                  f"best {args.metric}, `vs_search` better / tie / worse against the searched config; a tie means the "
+                  f"{100 * TIE_LEVEL:.0f} % bootstrap interval of the difference holds 0: those rows are not ranked.")
 
     table = markdown_table(rows, cols)
     seconds = time.perf_counter() - t_start
@@ -283,7 +300,10 @@ def run(args: argparse.Namespace) -> int:
                "guidance": protocol.guidance, "check_images": check.num_images, "check_seed": CHECK_SEED,
                "check_fp16": {k: fp_check.get(k) for k in metric_keys},
                "predictor": args.predictor, "metric": args.metric, "folds": folds,
-               "targets": targets, "few_configs": results, "rows": rows, "seconds": round(seconds, 1),
+               "targets": targets, "few_configs": results, "rows": rows,
+               "noise": {"bootstrap_replicates": BOOTSTRAP, "bootstrap_seed": args.seed, "tie_level": TIE_LEVEL,
+                         "note": noise_note},
+               "seconds": round(seconds, 1),
                "multiquantizer": str(mq_path), "cache": str(cache_path), "predictor_dir": str(pred_dir)}
     _atomic_json(out / "summary.json", summary)
     md = (f"# sensitivity demo on {model}\n\n{n_cfg} random configs x {protocol.num_images} images, "
@@ -299,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
           + "In the Pareto plots the grey cloud "
           + "is the job's measurement, the marked configs are the held-out one. Full precision on the held-out "
           + f"images: FID {_fmt(fp_check.get('fid'))}, KID {_fmt(fp_check.get('kid'))}, accuracy "
-          + f"{_fmt(fp_check.get('accuracy'))}.\n\n" + table + "\n")
+          + f"{_fmt(fp_check.get('accuracy'))}.\n\n{noise_note}\n\n" + table + "\n")
     (out / "summary.md").write_text(md)
     print("\n" + table)
     print(f"\ndemo finished in {seconds / 60:.1f} min: {out / 'summary.md'}, {out / 'results.json'}, "

@@ -36,6 +36,10 @@ Predictor protocol (what :func:`search` needs from ``sensitivity.predictors``)::
 Only score *differences within a group* matter to the solver, and scores of different groups are
 summed, so they must share one scale (e.g. the predictor's standardised subgraph scores).
 
+:func:`refined_search` goes beyond the additive proxy: the knapsack's configs at a few sub-targets are
+rated by the whole predictor (fold ensemble) and the best ones improved by local moves that keep the
+same exact byte budget (:mod:`.refine`).
+
 Baselines (same budget, same output format): :func:`uniform_config` (every layer one option),
 :func:`cache_best` (the best evaluated config of a cache at or below the target) and
 :func:`error_ilp` (MixDQ / HAWQ style: minimise the summed per-layer quantization error of the
@@ -47,6 +51,7 @@ from __future__ import annotations
 from .baselines import cache_best, error_ilp, uniform_baselines, uniform_config
 from .budgets import budget_bytes, config_avg_bits, config_bytes, fp16_total, layer_order, max_avg_bits, min_avg_bits, size_table
 from .groups import Group, build_groups, layer_groups, module_groups
+from .refine import knapsack_candidates, rate, refined_search
 from .searching import AdditiveScorer, SearchResult, parse_sweep, predict_results, search, search_scores, solve_groups
 from .solver import (MAX_COMBINATIONS, MAX_DP_STATES, InfeasibleTargetError, MCKPSolution, brute_force_mckp,
                      min_total_cost, solve_mckp)
@@ -55,6 +60,7 @@ __all__ = [
     "AdditiveScorer", "Group", "InfeasibleTargetError", "MAX_COMBINATIONS", "MAX_DP_STATES", "MCKPSolution",
     "SearchResult", "brute_force_mckp", "budget_bytes", "build_groups", "cache_best", "config_avg_bits",
     "config_bytes", "error_ilp", "fp16_total", "layer_groups", "layer_order", "max_avg_bits", "min_avg_bits",
-    "min_total_cost", "module_groups", "parse_sweep", "predict_results", "search", "search_scores", "size_table",
+    "knapsack_candidates", "min_total_cost", "module_groups", "parse_sweep", "predict_results", "rate",
+    "refined_search", "search", "search_scores", "size_table",
     "solve_groups", "solve_mckp", "uniform_baselines", "uniform_config",
 ]
