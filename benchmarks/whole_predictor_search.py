@@ -108,7 +108,16 @@ def report(data: dict) -> str:
             f"error ({data['bootstrap']} paired replicates over the images); full precision FID {fp['fid']:.4f}. "
             f"`vs additive` / `vs top-1`: paired bootstrap, 95 % interval of the FID difference (tie: it holds 0). "
             f"Predictor `{data['predictor']}`, kappa {data['kappa']}; search CPU {data['search_cpu_s']} s for all targets.\n\n"
-            + markdown_table(rows, cols, digits=4) + f"\n\n    {data['command']}\n")
+            + markdown_table(rows, cols, digits=4) + f"\n\n    {data['command']}\n" + _tau_text(data))
+
+
+def _tau_text(data: dict) -> str:
+    t = data.get("truth_tau")
+    if not t:
+        return ""
+    taus = ", ".join(f"{k} {v:.3f}" for k, v in t["kendall"].items())
+    return (f"\nHeld-out Kendall τ of the predictor's members against the ground truth ({t['configs']} configs of "
+            f"`{t['cache']}`, FID {t['fid_range'][0]:.3f}–{t['fid_range'][1]:.3f}): {taus}.\n\n    {t['command']}\n")
 
 
 def main() -> int:
@@ -123,10 +132,23 @@ def main() -> int:
     ap.add_argument("--out", default="docs/results/labels-search.json")
     ap.add_argument("--store", default=None, help="measurements kept here (default: OUT with .jsonl)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only write the table of this JSON")
+    ap.add_argument("--tau", default=None, metavar="CACHE",
+                    help="add to --out the predictor's held-out Kendall tau on the ground-truth cache CACHE")
     ap.add_argument("--md", default=None, help="Markdown file for the table (default: print it)")
     args = ap.parse_args()
     if args.report:
         data = json.loads(Path(args.report).read_text())
+    elif args.tau:
+        from sensitivity.predictors.pipeline import evaluate_on_cache
+
+        data = json.loads(Path(args.out).read_text())
+        r = evaluate_on_cache(data["predictor"], args.tau)
+        data["truth_tau"] = {"cache": args.tau, "configs": r["n_configs"], "command": "python " + " ".join(sys.argv),
+                             "kendall": {k: v["kendall"] for k, v in r["predictors"].items()},
+                             "fid_range": [min(r["metric"]), max(r["metric"])]}
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, args.out)
     else:
         args.store = args.store or str(Path(args.out).with_suffix(".jsonl"))
         data = measure(args)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,12 +89,7 @@ class _Moves:
             o = canonical(o)
             self.score[(l, o)] = float(s)
             self.options[l].append(o)
-        self.nbytes: Dict[Tuple[str, str], int] = {}
-        for l in self.layers:
-            i = sizes._layer(l)
-            for o in self.options[l]:
-                _, j = sizes._cell(l, o)
-                self.nbytes[(l, o)] = int(sizes.fp16_bytes[i] if j is None else sizes.nbytes[i, j])
+        self.nbytes = {(l, o): sizes.layer_bytes(l, o) for l in self.layers for o in self.options[l]}
 
     def neighbours(self, cur: Mapping[str, str], used: int, budget: int, pairs: int) -> List[Dict[str, str]]:
         """Configs one move from ``cur`` (``used`` bytes) within ``budget``: every single-layer change,
