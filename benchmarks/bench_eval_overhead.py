@@ -104,8 +104,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sensitivity.commands.sample import protocol_from_args
     from sensitivity.evaluation.cache import ConfigCache
+    from sensitivity.evaluation.protocol import protocol_for
     from sensitivity.evaluation.runners import JobPlan, LocalRunner, run_job
     from sensitivity.evaluation.sampler import SamplerSpec
     from sensitivity.multiquantizer import build_multiquantizer
@@ -117,12 +117,9 @@ def main(argv=None) -> int:
     if not mq_path.exists():
         den = fam.load_denoiser(weights, device="cpu", dtype=torch.float32)
         build_multiquantizer(den, mq_path, fam.find_layers(den), model_id=fam.model_id(weights), progress=True)
-    ns = argparse.Namespace(model="digits-dit", weights=weights, multiquantizer=str(mq_path), device=args.device,
-                            dtype=None, prompts=None, class_ids=None, num_images=None,
-                            images_per_class=args.images_per_class, image_seed=0, reference_dir=None,
-                            reference_cache=".sensitivity-cache", steps=args.steps, guidance=None, scheduler=None,
-                            kid_subsets=100, batch_size=args.batch_size)
-    _, _, factory, protocol, mq = protocol_from_args(ns)
+    _, _, factory, protocol, mq = protocol_for("digits-dit", str(mq_path), weights=weights, device=args.device,
+                                                images_per_class=args.images_per_class, steps=args.steps,
+                                                batch_size=args.batch_size)
     plan = JobPlan.from_multiquantizer(mq, SamplerSpec(seed=args.seed, options=mq.options), args.configs)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "bench.sqlite"

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     from sensitivity.allocators import AllocatorSpec, allocate_at_targets
     from sensitivity.allocators.mixdq import single_layer_table
-    from sensitivity.commands.search import load_records
+    from sensitivity.evaluation.cache import read_records
     from sensitivity.comparison import (METRIC_KEYS, StoredEvaluator, cache_cost, compare_at_targets,
                                         comparison_frame, markdown_table, plot_comparison)
     from sensitivity.errors import SensitivityError
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if predictor.multiquantizer_hash and predictor.multiquantizer_hash != mq.hash:
         raise SensitivityError(f"{args.predictor}: trained for multiquantizer {predictor.multiquantizer_hash[:12]}, "
                                f"not {args.multiquantizer} ({mq.hash[:12]})")
-    records = load_records(args.cache)
+    records = read_records(args.cache)
     n_job, job_s = cache_cost(records)
     report_path = Path(args.predictor) / "report.json"
     train_s = 0.0
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         specs.append(AllocatorSpec(f"HAWQ ({mode})", "hawq", {"sensitivity": tbl}, configs_labelled=0,
                                    label_cpu_s=float(tbl.attrs.get("cpu_seconds", 0.0))))
     if args.single:
-        table = single_layer_table(load_records(args.single), "mse")
+        table = single_layer_table(read_records(args.single), "mse")
         specs.append(AllocatorSpec("MixDQ (single-layer MSE)", "mixdq", {"table": table}))
     specs.append(AllocatorSpec("reference top-1 (λ {lam:.3g})", "reference",
                                {"layer_scores": predictor.layer_scores(mq)}, configs_labelled=n_job,

@@ -33,13 +33,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from sensitivity.allocators.hawq import sensitivity_table
     from sensitivity.allocators.mixdq import single_layer_table
-    from sensitivity.commands.search import load_records
+    from sensitivity.evaluation.cache import read_records
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.zoo import get_family
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mix = single_layer_table(load_records(args.single), "mse")
+    mix = single_layer_table(read_records(args.single), "mse")
     _write(mix.assign(value=mix["damage"]), out / "mixdq_mse.csv")
     mq = load_multiquantizer(args.multiquantizer)
     fam, _, w = mq.model_id.partition(":")

@@ -29,14 +29,14 @@ def main(argv=None) -> int:
     from sensitivity.sizes import SizeTable
     from sensitivity.allocators.hawq import sensitivity_table
     from sensitivity.allocators.mixdq import single_layer_table
-    from sensitivity.commands.search import load_records
+    from sensitivity.evaluation.cache import read_records
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.zoo import get_family
 
     mq = load_multiquantizer(args.multiquantizer)
-    recs = [r for r in load_records(args.cache) if (r.get("metrics") or {}).get("fid") is not None]
+    recs = [r for r in read_records(args.cache) if (r.get("metrics") or {}).get("fid") is not None]
     y = -np.array([r["metrics"]["fid"] for r in recs])
-    tables = {"MixDQ single-layer MSE": single_layer_table(load_records(args.single), "mse")
+    tables = {"MixDQ single-layer MSE": single_layer_table(read_records(args.single), "mse")
               .rename(columns={"damage": "sensitivity"})}
     fam, _, w = mq.model_id.partition(":")
     den = get_family(fam).load_denoiser(w or None)

@@ -1,9 +1,7 @@
 """sensitivity: mixed 3/4-bit weight quantization of diffusion denoisers, with measurements.
 
-Pipeline (each stage only imports earlier ones)::
-
-    zoo (model) -> layers -> quantizers -> multiquantizer -> evaluation (sampler, cache)
-      -> graph -> predictors -> search -> insights
+One subpackage per stage; data flows one way. The layering (which module may import which) is stated
+once, in the table of ``docs/ARCHITECTURE.md``, and enforced by ``tests/test_architecture.py``.
 """
 
 __version__ = "0.1.0"

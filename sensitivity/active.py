@@ -12,7 +12,9 @@ the cache (``algorithm: active/v1``, with the round number, the settings and the
 id), its configs ordinary records; :func:`labelling_order` reads the order back from the cache, so
 the first N labelled configs of an active run are well defined.
 
-This is a stage after the predictors (it trains models) and before search; evaluation does not import it.
+:func:`run_active` runs those rounds on a cache after the random start (``sensitivity sample
+--strategy active`` calls it). This is a stage after the predictors (it trains models) and before
+search; evaluation does not import it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -146,3 +149,75 @@ def labelling_order(cache: Any, seed: Optional[int] = None, limit: Optional[int]
     finally:
         if own:
             c.close()
+
+
+class ActiveResult(NamedTuple):
+    """What :func:`run_active` did: the last round's job summary, the labelled configs in labelling
+    order, the number of active rounds and the JSON file holding the order."""
+
+    summary: Any
+    labelled: List[Dict[str, str]]
+    rounds: int
+    order_path: Path
+
+
+def run_active(cache_path: str, mq: Any, plan: Any, factory: Any, first: Any, *, num_configs: int,
+               signature: str, evaluation: Mapping[str, Any], seed: int = 0, initial: int = 40, batch: int = 40,
+               pool: int = 2000, targets: Sequence[float] = (3.4, 3.6, 3.8, 4.0), window: float = 0.15,
+               metric: str = "fid", workers: int = 1, threads: Optional[int] = None,
+               devices: Optional[Sequence[str]] = None, progress: bool = True) -> ActiveResult:
+    """Active rounds after the random start until ``num_configs`` configs are labelled in ``cache_path``.
+
+    ``plan``: the random start's ``JobPlan`` (its configs are the first labelled), ``first``: its
+    ``JobSummary``; ``factory``: the evaluator factory of the job (``signature`` / ``evaluation`` its
+    protocol's); each round labels ``batch`` configs of a ``pool`` of fresh random ones within ``window``
+    bits of a target, on ``workers`` local workers (or one per ``devices`` entry). The order is written to
+    ``<cache_path>.active.json``.
+    """
+    from .evaluation.cache import ConfigCache, config_hash
+    from .evaluation.metric_specs import lower_is_better
+    from .evaluation.runners import JobPlan, LocalRunner, run_job
+    from .io import atomic_write_text
+    from .sizes import SizeTable
+
+    targets = [float(t) for t in targets]
+    layers = list(mq.layer_names)
+    selected = [plan.config(i) for i in range(plan.num_configs)]
+    candidates = [dict(plan.sampler.sample(layers, POOL_OFFSET + i)) for i in range(pool)]
+    sizes = SizeTable.from_layer_stats(plan.layer_stats, layers)
+    pool_bits = np.array([sizes.avg_bits(c) for c in candidates])
+    lower = lower_is_better(metric)
+    rounds, summary = 0, first
+    while len(selected) < num_configs:
+        with ConfigCache(cache_path) as c:
+            by_hash = {r["config_hash"]: r for r in c.records()}
+        ys = []
+        for cfg in selected:
+            rec = by_hash.get(config_hash(cfg))
+            v = None if rec is None else (rec.get("metrics") or {}).get(metric)
+            if v is None:
+                raise SensitivityError(f"active sampling: a labelled config has no '{metric}' in {cache_path}; "
+                                       "rerun to finish the failed configs")
+            ys.append(-float(v) if lower else float(v))
+        taken = {config_hash(c) for c in selected}
+        free = [i for i, c in enumerate(candidates) if config_hash(c) not in taken]
+        n = min(batch, num_configs - len(selected))
+        picks = choose_batch(selected, np.asarray(ys), [candidates[i] for i in free], pool_bits[free], layers,
+                             list(mq.options), targets, n, window=window, seed=seed + rounds)
+        new = [candidates[free[i]] for i in picks]
+        rounds += 1
+        sampler = ListSampler.from_configs(new, seed=seed, round=rounds, metric=metric,
+                                           targets=",".join(f"{t:g}" for t in targets), initial=plan.num_configs,
+                                           initial_run=first.run_id, batch=batch, pool=pool, window=window)
+        rplan = JobPlan(layers, sampler, len(new), plan.layer_stats)
+        runner = LocalRunner(factory, workers=workers, threads=threads, devices=list(devices) if devices else None)
+        summary = run_job(cache_path, rplan, runner, signature=signature, evaluation=evaluation,
+                          progress=progress, desc=f"active round {rounds}")
+        if summary.failed:
+            break
+        selected.extend(new)
+    out = Path(str(cache_path) + ".active.json")
+    atomic_write_text(out, json.dumps({"seed": seed, "initial": initial, "batch": batch, "pool": pool,
+                                       "targets": targets, "window": window, "metric": metric,
+                                       "order": [config_hash(c) for c in selected]}, indent=1))
+    return ActiveResult(summary, selected, rounds, out)

@@ -15,29 +15,13 @@ import sys
 from typing import List, Optional
 
 from .errors import SensitivityError
+from .registry import Registry
 
-# subcommand name -> module under sensitivity.commands that registers it
-COMMANDS = {
-    "models": "models",
-    "layers": "layers",
-    "multiquantize": "multiquantize",
-    "info": "info",
-    "infer": "infer",
-    "demo": "demo",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "cache": "cache",
-    "graph": "graph",
-    "train": "train",
-    "predict": "predict",
-    "search": "search",
-    "insights": "insights",
-    "components": "components",
-    "calibrate-data": "calibrate_data",
-    "calibrate": "calibrate",
-    "export": "export",
-    "finetune": "finetune",
-}
+#: subcommand name -> the module that adds its parser (``register(subparsers)``), imported only when needed
+COMMANDS: Registry[str] = Registry("command")
+for _name in ("models", "layers", "multiquantize", "info", "infer", "demo", "sample", "evaluate", "cache", "graph",
+              "train", "predict", "search", "insights", "components", "calibrate-data", "calibrate", "export", "finetune"):
+    COMMANDS.register(_name, f"sensitivity.commands.{_name.replace('-', '_')}")
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -46,13 +30,14 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         description="Find which weight layers of a diffusion denoiser can be quantized to 3 or 4 bits.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for name in COMMANDS.names():
         if only is not None and name != only:
             continue
+        module = COMMANDS.get(name)
         try:
-            mod = importlib.import_module(f"sensitivity.commands.{module}")
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name == f"sensitivity.commands.{module}":
+            if exc.name == module:
                 continue  # subcommand not installed in this build
             raise
         mod.register(sub)

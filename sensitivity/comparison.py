@@ -22,7 +22,7 @@ the same images, and the replicates resample the same indices, so a difference c
 noise: ``verdict`` is ``best`` / ``tie`` (the 95 % interval of the difference to the best row holds 0) /
 ``worse``, and ``vs_search`` is ``better`` / ``tie`` / ``worse`` against the searched config.
 
-Stage order: this module uses search (and so predictors) and evaluation; only commands import it.
+Stage order: this module uses search; predictors and evaluators come in as objects; workflows and commands import it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import SensitivityError
 from .evaluation.metric_specs import metric_spec
-from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_baselines
+from .search import InfeasibleTargetError, budget_bytes, cache_best, error_ilp, search, uniform_configs
 from .sizes import SizeTable
 
 METRIC_KEYS = ("fid", "kid", "accuracy", "psnr")
@@ -155,7 +155,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     measured_2: Dict[str, Dict[str, Any]] = {}
     job_measured: Dict[str, Optional[float]] = {}
     job_cost = cache_cost(records)
-    uniforms = uniform_baselines(sizes)
+    uniforms = uniform_configs(sizes)
     cost = {"search": job_cost, "best random": job_cost, "error ILP": (0, 0.0), "uniform": None}
     cost.update(costs or {})
 

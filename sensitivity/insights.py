@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -531,3 +531,17 @@ def write_insights(out_dir: str | os.PathLike, layer_scores: Optional[pd.DataFra
             if pt[y].notna().any():
                 save_fig(pareto_plot(pt, y=y, cache_label=cache_label), f"pareto_{_slug(y)}.png")
     return written
+
+
+def save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (the format from its suffix), then close it."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)

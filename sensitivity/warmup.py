@@ -10,7 +10,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict
+from typing import Dict, Tuple
+
+
+def warm_options() -> Tuple[str, ...]:
+    """One option per registered method and method family (its only width, else 4 bits)."""
+    from .quantizers import get_method
+    from .quantizers.base import family_members, method_names
+
+    out = []
+    for name in dict.fromkeys(list(method_names()) + list(family_members())):
+        m = get_method(name)
+        out.append(m.option_name(m.fixed_bits if m.fixed_bits is not None else 4))
+    return tuple(out)
 
 
 def warm_kernels() -> Dict[str, float]:
@@ -18,18 +30,13 @@ def warm_kernels() -> Dict[str, float]:
     import numpy as np
     import torch
 
-    from .errors import UnknownOptionError
-    from .options import OPTION_NAMES, QuantOption
+    from .options import OPTION_NAMES
     from .quantizers import quantize
     from .quantizers.packing import gather_rows, pack_codes, unpack_codes
 
     seconds: Dict[str, float] = {}
     w = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
-    for opt in list(OPTION_NAMES) + ["int8", "int8_c", "fp8_e4m3", "uaq_g128-4", "uaq_ls-4"]:
-        try:
-            QuantOption.parse(opt)
-        except UnknownOptionError:  # a method this build does not have
-            continue
+    for opt in dict.fromkeys(list(OPTION_NAMES) + list(warm_options())):
         t = time.perf_counter()
         quantize(w, opt).dequantize()
         seconds[opt] = time.perf_counter() - t

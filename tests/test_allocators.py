@@ -113,7 +113,7 @@ def test_every_allocator_respects_the_budget(target):
         assert q == res.quantized_bytes <= budget, name
         assert res.avg_bits <= target + 1e-12, name
     # and the search's own baselines (uniform, best cached, error ILP) and the search itself
-    from sensitivity.search import AdditiveScorer, cache_best, error_ilp, search, uniform_baselines
+    from sensitivity.search import AdditiveScorer, cache_best, error_ilp, search, uniform_configs
 
     cfgs = [{l: str(rng.choice(OPTIONS)) for l in sizes["layer"].unique()} for _ in range(40)]
     records = [{"index": i, "config_hash": f"h{i}", "config": c, "metrics": {"fid": float(rng.uniform(1, 9))}}
@@ -121,7 +121,7 @@ def test_every_allocator_respects_the_budget(target):
     others = {"error-ilp": error_ilp(sizes, target), "search": search(AdditiveScorer(pred), None, target, sizes=sizes)}
     if min(config_bytes(c, sizes)[0] for c in cfgs) <= budget:
         others["cache"] = cache_best(records, sizes, target)
-    others.update({u.method: u for u in uniform_baselines(sizes, target_bits=target)})
+    others.update({u.method: u for u in uniform_configs(sizes, target_bits=target)})
     assert len(others) >= 3
     for name, res in others.items():
         assert config_bytes(res.options, sizes)[0] <= budget, name

@@ -1,7 +1,6 @@
 """Caption cleaning (PixArt's clean_caption=True): refused when asked for without bs4/ftfy, a single
 warning (and clean_caption=false in the protocol) when only the family's default asks for it."""
 
-import argparse
 import importlib.util
 
 import pytest
@@ -40,30 +39,27 @@ def test_explicit_request_without_the_packages_is_refused(without_packages, tmp_
 
 
 def test_family_default_without_the_packages_warns_once_and_is_recorded(without_packages, capsys):
-    from sensitivity.commands.sample import protocol_generation_overrides
+    from sensitivity.evaluation.protocol import protocol_generation_overrides
     from sensitivity.zoo import get_family
 
     fam = get_family("pixart-alpha")
     assert fam.defaults.extra["clean_caption"] is True
-    args = argparse.Namespace(height=None, width=None, set=[])
-    over = protocol_generation_overrides(args, fam)
+    over = protocol_generation_overrides(fam)
     assert over["extra"] == {"clean_caption": False}  # the protocol (and its signature) say what is done
-    protocol_generation_overrides(args, fam)
+    protocol_generation_overrides(fam)
     captions.warn_if_uncleaned({"clean_caption": True})
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: pixart-alpha: the default clean_caption=true is off")
     assert "beautifulsoup4 and ftfy" in err[0]
     # an explicit false needs nothing and changes nothing
-    args = argparse.Namespace(height=None, width=None, set=["clean_caption=false"])
-    assert protocol_generation_overrides(args, fam)["extra"] == {"clean_caption": False}
+    assert protocol_generation_overrides(fam, settings={"clean_caption": False})["extra"] == {"clean_caption": False}
 
 
 def test_with_the_packages_nothing_changes(with_packages, capsys):
-    from sensitivity.commands.sample import protocol_generation_overrides
+    from sensitivity.evaluation.protocol import protocol_generation_overrides
     from sensitivity.zoo import get_family
 
-    args = argparse.Namespace(height=None, width=None, set=[])
-    assert "extra" not in protocol_generation_overrides(args, get_family("pixart-alpha"))
+    assert "extra" not in protocol_generation_overrides(get_family("pixart-alpha"))
     captions.check_clean_caption({"clean_caption": True})
     captions.warn_if_uncleaned({"clean_caption": True})
     assert capsys.readouterr().err == ""

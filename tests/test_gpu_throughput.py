@@ -205,17 +205,12 @@ def test_auto_batch_halves_on_out_of_memory(digits, before, monkeypatch):
 def test_compile_reaches_the_denoiser(digits, before, tmp_path):
     """`--compile eager` is a factory setting: the worker's denoiser is compiled, the record's timings say so,
     the numbers and the signature do not change."""
-    import argparse
-
-    from sensitivity.commands.sample import add_protocol_arguments, protocol_from_args
+    from sensitivity.evaluation.protocol import protocol_for
 
     _, _, _, _, configs, path = digits
-    ap = argparse.ArgumentParser()
-    add_protocol_arguments(ap)
-    common = ["digits-dit", "--multiquantizer", str(path), "--weights", "random", "--images-per-class", "2",
-              "--steps", "2"]
-    _, _, fac_c, prot_c, _ = protocol_from_args(ap.parse_args(common + ["--compile", "eager"]))
-    _, _, fac, prot, _ = protocol_from_args(ap.parse_args(common))
+    common = dict(weights="random", images_per_class=2, steps=2)
+    _, _, fac_c, prot_c, _ = protocol_for("digits-dit", str(path), compile="eager", **common)
+    _, _, fac, prot, _ = protocol_for("digits-dit", str(path), **common)
     assert fac_c.compile == "eager" and fac.compile is False
     assert prot_c.signature() == prot.signature() == before[0].protocol.signature()
     ev_c = fac_c.build()

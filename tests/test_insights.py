@@ -13,7 +13,7 @@ import pytest
 from sensitivity import insights as I
 from sensitivity.errors import SensitivityError
 from sensitivity.options import OPTION_NAMES, QuantOption
-from sensitivity.search import config_bytes, search_scores, size_table, uniform_baselines
+from sensitivity.search import config_bytes, search_scores, size_table, uniform_configs
 
 NAMES = {
     # DiT / digits-dit
@@ -156,7 +156,7 @@ def test_config_table_and_option_mix(data):
 
 def test_pareto_table_and_mask(data):
     sizes, scores, records = data
-    results = [search_scores(scores, sizes, t) for t in (3.4, 3.8)] + uniform_baselines(sizes)
+    results = [search_scores(scores, sizes, t) for t in (3.4, 3.8)] + uniform_configs(sizes)
     results[0].predicted = -1.0
     pt = I.pareto_table(records, results, metric="fid", sizes=sizes)
     assert tuple(pt.columns[:5]) == I.PARETO_COLUMNS and "fid" in pt.columns

@@ -191,7 +191,7 @@ def test_manifest_records_settings_and_resume_rebuilds_changed(tmp_path, monkeyp
     from sensitivity.quantizers import base
 
     coarse = UniformAffine("uaq", UAQConfig(clip_ratios=(1.0, 0.5)))
-    monkeypatch.setitem(base._METHODS, "uaq", coarse)
+    monkeypatch.setitem(base.METHODS._entries, "uaq", coarse)
     mq = build_multiquantizer(model, out, find_layers(model), options=opts, progress=False)
     first = mq.layer_names[0]
     assert seen[0] == (first, ["uaq-3"])  # kmeans_a-3 of the finished layer kept
@@ -226,7 +226,7 @@ class SignTimesMean(TableMethod):
 def test_a_new_method_is_one_class_and_one_registration(tmp_path, monkeypatch):
     from sensitivity.quantizers import base
 
-    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))
     register_method(SignTimesMean("sign1"))
     model = Tiny()
     mq = build_multiquantizer(model, tmp_path / "s.safetensors", find_layers(model), options=["sign1", "uaq-4"], progress=False)

@@ -74,7 +74,7 @@ def test_ensemble_weights_and_bad_params(setup):
                          params={"ensemble": {"members": ["additive", "bits"], "weights": [3, 1]}}, progress=False)
     want = 0.75 * res.predictors["additive"].predict_codes(ds.codes) + 0.25 * res.predictors["bits"].predict_codes(ds.codes)
     np.testing.assert_allclose(res.predictors["ensemble"].predict_codes(ds.codes), want, rtol=1e-12)
-    from sensitivity.predictors.blend import EnsembleModel
+    from sensitivity.predictors.ensemble_model import EnsembleModel
 
     with pytest.raises(SensitivityError, match="weights"):
         EnsembleModel(ctx, {"members": ["additive", "bits"], "weights": [1.0]})

@@ -189,7 +189,7 @@ def _ctx():
 
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(["torch", "diffusers", "sensitivity.multiquantizer", "sensitivity.evaluation.runners",
-                                     "sensitivity.evaluation.evaluator", "sensitivity.commands.sample", "sensitivity.cli"])
+                                     "sensitivity.evaluation.evaluator", "sensitivity.workflows.sample", "sensitivity.cli"])
     return _CTX
 
 
@@ -423,15 +423,10 @@ def test_sample_command_bad_inputs(digits_mq, mq_path, tmp_path, capsys):
 
 def test_pipelined_worker_gives_the_same_records(digits_mq, tmp_path):
     """Scoring config i while config i+1 generates (two configs in flight) changes no number."""
-    from sensitivity.commands.sample import add_protocol_arguments, protocol_from_args
+    from sensitivity.evaluation.protocol import protocol_for
     from sensitivity.evaluation.runners import PipelinedFactory
 
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    add_protocol_arguments(ap)
-    args = ap.parse_args(["digits-dit", "--multiquantizer", str(digits_mq), *DIGITS_ARGS])
-    _, _, base, protocol, mq = protocol_from_args(args)
+    _, _, base, protocol, mq = protocol_for("digits-dit", str(digits_mq), weights="random", images_per_class=1, steps=2)
     plan = JobPlan.from_multiquantizer(mq, SamplerSpec(seed=5, options=mq.options), 5)
     out = {}
     for mode in ("off", "on"):

@@ -24,7 +24,7 @@ from sensitivity.search import (
     search_scores,
     size_table,
     solve_mckp,
-    uniform_baselines,
+    uniform_configs,
     uniform_config,
 )
 
@@ -239,11 +239,11 @@ def test_parse_sweep():
 def test_uniform_baselines(sizes):
     res = uniform_config(sizes, "mse-4")
     assert set(res.options.values()) == {"uaq-4"} and res.method == "uniform-uaq-4"
-    all_u = uniform_baselines(sizes)
+    all_u = uniform_configs(sizes)
     assert len(all_u) == len(OPTION_NAMES)
     kc4 = next(r for r in all_u if r.method == "uniform-kmeans_c-4")
     assert kc4.avg_bits > 4.0  # per-channel codebooks cost more than 4 bits
-    under = uniform_baselines(sizes, target_bits=4.0)
+    under = uniform_configs(sizes, target_bits=4.0)
     assert all(r.avg_bits <= 4.0 for r in under) and "uniform-kmeans_c-4" not in {r.method for r in under}
 
 
@@ -283,7 +283,7 @@ def test_cache_best_baseline(sizes):
 
 def test_predict_results_batches(sizes):
     pred = AdditivePredictor(_additive_scores(sizes, seed=8))
-    res = predict_results(pred, uniform_baselines(sizes))
+    res = predict_results(pred, uniform_configs(sizes))
     assert all(r.predicted is not None for r in res)
     u3 = next(r for r in res if r.method == "uniform-uaq-3")
     u4 = next(r for r in res if r.method == "uniform-uaq-4")

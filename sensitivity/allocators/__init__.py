@@ -24,18 +24,29 @@ threshold rules through :func:`sweep_to_target` (bisection on a monotone knob). 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SensitivityError
+from ..registry import Registry
 
-ALLOCATORS = ("sdnq", "hawq", "mixdq", "reference")
+if TYPE_CHECKING:  # numpy and pandas are imported where used, so `sensitivity search --help` stays light
+    import numpy as np
+    import pandas as pd
+
+#: allocator name -> ``f(sizes, target_bits, **kw) -> SearchResult``; each module registers its own
+#: (imported on first use: ``hawq`` imports torch). ``sensitivity search --baseline`` offers these names.
+ALLOCATORS: Registry = Registry("allocator", unknown="unknown allocator {name!r} (use {known})", lazy={
+    "sdnq": f"{__name__}.sdnq_rule",
+    "hawq": f"{__name__}.hawq",
+    "mixdq": f"{__name__}.mixdq",
+    "reference": f"{__name__}.reference_rule",
+})
 
 
 def as_frame(sizes) -> pd.DataFrame:
     """The allocators' (layer, option) rows: a :class:`~sensitivity.sizes.SizeTable`'s ``frame()``, or a frame as is."""
+    import pandas as pd
+
     if isinstance(sizes, pd.DataFrame):
         return sizes
     from ..sizes import SizeTable
@@ -45,6 +56,8 @@ def as_frame(sizes) -> pd.DataFrame:
 
 def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
     """``sizes`` plus one ``fp16`` row per layer (nbytes = fp16_bytes, error = sse = 0) if missing."""
+    import pandas as pd
+
     sizes = as_frame(sizes)
     if (sizes["option"] == "fp16").any():
         return sizes
@@ -55,6 +68,13 @@ def with_fp16(sizes: pd.DataFrame) -> pd.DataFrame:
         if col in sizes.columns:
             fp[col] = 0.0
     return pd.concat([sizes, fp], ignore_index=True)
+
+
+def sizes_for(name: str, sizes) -> pd.DataFrame:
+    """The (layer, option) rows allocator ``name`` chooses from: ``sizes`` plus fp16 rows (:func:`with_fp16`)
+    when the allocator declares ``may_keep_fp16`` (SDNQ's rule keeps a layer fp16 when no option passes)."""
+    frame = as_frame(sizes)
+    return with_fp16(frame) if getattr(ALLOCATORS.get(name), "may_keep_fp16", False) else frame
 
 
 def result_from_options(options: Mapping[str, str], sizes: pd.DataFrame, method: str, **kw):
@@ -93,6 +113,8 @@ def sweep_to_target(
     exactly. Returns ``(x, config, budget)`` of the config with the most bytes at or under the
     target's budget. Raises :class:`SensitivityError` when even the cheapest end exceeds the budget.
     """
+    import numpy as np
+
     from ..search import budget_bytes, fp16_total
 
     fp_total = fp16_total(sizes)
@@ -138,24 +160,7 @@ def sweep_to_target(
 
 def allocate(name: str, sizes: pd.DataFrame, target_bits: float, **kw):
     """Dispatch to the allocator ``name`` (one of :data:`ALLOCATORS`); ``kw`` as that function takes."""
-    sizes = as_frame(sizes)
-    if name == "sdnq":
-        from .sdnq_rule import sdnq_allocate
-
-        return sdnq_allocate(sizes, target_bits, **kw)
-    if name == "hawq":
-        from .hawq import hawq_allocate
-
-        return hawq_allocate(sizes, target_bits, **kw)
-    if name == "mixdq":
-        from .mixdq import mixdq_allocate
-
-        return mixdq_allocate(sizes, target_bits, **kw)
-    if name == "reference":
-        from .reference_rule import reference_allocate
-
-        return reference_allocate(sizes, target_bits, **kw)
-    raise SensitivityError(f"unknown allocator {name!r} (use {', '.join(ALLOCATORS)})")
+    return ALLOCATORS.get(name)(as_frame(sizes), target_bits, **kw)
 
 
 @dataclass
@@ -186,17 +191,14 @@ def allocate_at_targets(specs: Sequence[AllocatorSpec], sizes, targets: Sequence
     (the reference's λ, SDNQ's threshold at that target). SDNQ's rule may keep layers fp16 (its
     size table gets fp16 rows)."""
     frame = as_frame(sizes)
-    full = None
+    rows: Dict[str, pd.DataFrame] = {}
     out: List[Dict[str, Any]] = []
     for t in targets:
         for spec in specs:
-            if spec.name == "sdnq":
-                full = with_fp16(frame) if full is None else full
-                use = full
-            else:
-                use = frame
             try:
-                res = allocate(spec.name, use, float(t), what=what, **spec.inputs)
+                if spec.name not in rows:
+                    rows[spec.name] = sizes_for(spec.name, frame)
+                res = allocate(spec.name, rows[spec.name], float(t), what=what, **spec.inputs)
             except SensitivityError as e:
                 out.append({"target": float(t), "method": spec.label.split(" (")[0], "source": spec.source_name(),
                             "options": None, "note": str(e)})
@@ -210,5 +212,5 @@ def allocate_at_targets(specs: Sequence[AllocatorSpec], sizes, targets: Sequence
     return out
 
 
-__all__ = ["ALLOCATORS", "AllocatorSpec", "allocate", "allocate_at_targets", "result_from_options",
+__all__ = ["ALLOCATORS", "AllocatorSpec", "allocate", "allocate_at_targets", "result_from_options", "sizes_for",
            "sweep_to_target", "with_fp16"]

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from ..errors import SensitivityError
+from . import ALLOCATORS
 
 
 def hutchinson_trace(hvp: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], n_samples: int = 64,
@@ -204,6 +205,7 @@ def sensitivity_table(mq, den: torch.nn.Module, mode: str = "trace",
     return df
 
 
+@ALLOCATORS.register("hawq")
 def hawq_allocate(sizes: pd.DataFrame, target_bits: float, sensitivity: pd.DataFrame = None, method: str = "auto",
                   what: str = "this multiquantizer", **_):
     """Minimise ``Σ Ω(l, o)`` under the target's byte budget (exact knapsack)."""

@@ -23,6 +23,7 @@ import pandas as pd
 
 from ..errors import SensitivityError
 from ..options import FP16, canonical
+from . import ALLOCATORS
 
 @dataclass(frozen=True)
 class SingleLayerSampler:
@@ -96,6 +97,7 @@ def single_layer_table(records: Iterable[Mapping[str, Any]], metric: str = "mse"
     return df
 
 
+@ALLOCATORS.register("mixdq")
 def mixdq_allocate(sizes: pd.DataFrame, target_bits: float, table: pd.DataFrame = None, method: str = "auto",
                    what: str = "this multiquantizer", **_):
     """Minimise the summed single-layer damage under the target's byte budget (exact knapsack)."""

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SensitivityError
-from . import result_from_options, sweep_to_target
+from . import ALLOCATORS, result_from_options, sweep_to_target
 
 
 def top1_choice(groups: Sequence, lam: float, fp16_bytes: int) -> Dict[str, str]:
@@ -31,6 +31,7 @@ def top1_choice(groups: Sequence, lam: float, fp16_bytes: int) -> Dict[str, str]
     return out
 
 
+@ALLOCATORS.register("reference")
 def reference_allocate(sizes: pd.DataFrame, target_bits: Optional[float], layer_scores: pd.DataFrame = None,
                        module_scores: Optional[pd.DataFrame] = None, lam: Optional[float] = None,
                        max_combinations: int = 1296, **_):

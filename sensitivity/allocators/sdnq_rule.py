@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import SensitivityError
 from ..options import QuantOption
-from . import result_from_options, sweep_to_target
+from . import ALLOCATORS, result_from_options, sweep_to_target
 
 
 def default_threshold(sizes: pd.DataFrame) -> float:
@@ -69,6 +69,7 @@ def _tries(losses: pd.DataFrame):
     return cached
 
 
+@ALLOCATORS.register("sdnq")
 def sdnq_allocate(sizes: pd.DataFrame, target_bits: Optional[float], threshold: Optional[float] = None,
                   weight_variance: Optional[Mapping[str, float]] = None, **_):
     """SDNQ's config at ``threshold`` (default: SDNQ's) or, with ``target_bits``, at the smallest
@@ -97,3 +98,6 @@ def sdnq_allocate(sizes: pd.DataFrame, target_bits: Optional[float], threshold: 
     if not math.isfinite(res.avg_bits):
         raise SensitivityError("sdnq: no config")
     return res
+
+
+sdnq_allocate.may_keep_fp16 = True  # a layer no option passes stays fp16: its size rows need fp16

@@ -32,7 +32,10 @@ from ..config import QuantConfig, as_options
 from ..errors import SensitivityError
 from ..layers import LayerSpec, layer_weight
 from ..options import QuantOption
-from ..quantizers import QuantizedWeight
+from ..quantizers import QuantizedWeight, TableMethod, get_method
+from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
+from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
+from ..registry import HandlerRegistry
 from ..quantizers.activation import _check_bits, disable_activation_quant, point_channel_dim, static_points
 from .artifact import ActivationCalibration, CalibratedArtifact, write_overlay
 from .data import CalibrationSet
@@ -46,15 +49,19 @@ from .names import WEIGHT_METHODS  # noqa: E402 (torch-free, re-exported)
 #: (benchmarks/bench_calibration.py, README "Calibrated post-training quantization"): GPTQ then the
 #: table refit has the highest held-out PSNR for uaq-4, kmeans_c-4 and kmeans_a-4 on both models
 #: (digits-dit FID 1.316 / 1.296 / 1.345 vs GPTQ alone 1.326 / 1.290 / 1.365, round-to-nearest
-#: 1.657 / 1.361 / 1.867; AdaRound 1.417 at uaq-4); methods not listed use ``gptq`` (any table)
-DEFAULT_ROUNDING: Dict[str, str] = {
-    "uaq": "gptq+refine",
-    "uaq_ls": "gptq+refine",
-    "int8": "gptq",
-    "int8_c": "gptq",
-    "kmeans_c": "gptq+refine",
-    "kmeans_a": "gptq+refine",
-}
+#: 1.657 / 1.361 / 1.867; AdaRound 1.417 at uaq-4). Keyed by the quantization method's class; other
+#: table methods use ``gptq`` (any table)
+DEFAULT_ROUNDING = HandlerRegistry("calibrated rounding")
+DEFAULT_ROUNDING.register(TableMethod, handler="gptq")
+DEFAULT_ROUNDING.register(UniformAffine, KMeansPerChannel, KMeansPerTensor, handler="gptq+refine")
+DEFAULT_ROUNDING.unsupported(UniformAffinePerGroup, "not a single-table method: GPTQ and AdaRound round on one value table per row")
+
+
+def default_rounding(method: str) -> str:
+    """The rounding ``weights_method="auto"`` uses for a layer of ``method`` (a registered name)."""
+    from ..quantizers import get_method
+
+    return DEFAULT_ROUNDING.lookup(get_method(method)) or "gptq"
 
 
 def resolve_rounding(weights_method: str, method: str, table: torch.Tensor) -> str:
@@ -62,14 +69,14 @@ def resolve_rounding(weights_method: str, method: str, table: torch.Tensor) -> s
     if weights_method not in WEIGHT_METHODS:
         raise SensitivityError(f"unknown --weights-method {weights_method!r}; use one of {', '.join(WEIGHT_METHODS)}")
     if weights_method == "auto":
-        return DEFAULT_ROUNDING.get(method, "gptq")
+        return default_rounding(method)
     steps = weights_method.split("+")
     if "adaround" in steps:
         try:
             uniform_grid(table)
         except SensitivityError:
-            return DEFAULT_ROUNDING.get(method, "gptq")
-    if "refine" in steps and method not in TABLE_REFITS:
+            return default_rounding(method)
+    if "refine" in steps and TABLE_REFITS.lookup(get_method(method)) is None:
         steps = [s for s in steps if s != "refine"] or ["gptq"]
     return "+".join(steps)
 
@@ -202,8 +209,6 @@ def _round_layer(rounding: str, method: str, W: torch.Tensor, H: torch.Tensor, q
             codes = adaround_codes(W, H, table, iters=adaround_iters, seed=seed)
         elif step == "refine":
             params = refit_table(method, W, H, codes, params)
-            from ..quantizers import get_method
-
             table = get_method(method).table(params, q.bits)
         else:
             raise SensitivityError(f"unknown rounding step {step!r}")

@@ -20,11 +20,16 @@ option's bit width and parameter sizes:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 
 from ..errors import SensitivityError
+from ..quantizers.fp8 import FP8E4M3PerTensor
+from ..quantizers.int8 import Int8Symmetric
+from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
+from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
+from ..registry import HandlerRegistry
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -248,16 +253,15 @@ def _refit_scale(W, H, codes, params, offset: float, shared: bool):
     return {"scale": out.to(params["scale"].dtype).reshape(params["scale"].shape)}
 
 
-#: how the stored params of each method are refit by least squares with the codes fixed
-#: (one table; a method missing here has no refit, GPTQ still works on its table)
-TABLE_REFITS: Dict[str, Callable] = {
-    "kmeans_c": _refit_codebook_rows,
-    "kmeans_a": _refit_codebook_shared,
-    "uaq": _refit_affine_rows,
-    "uaq_ls": _refit_affine_rows,
-    "int8_c": lambda W, H, c, p: _refit_scale(W, H, c, p, 128.0, shared=False),
-    "int8": lambda W, H, c, p: _refit_scale(W, H, c, p, 128.0, shared=True),
-}
+#: quantization-method class -> ``f(method, W, H, codes, params)``: its stored params refit by least
+#: squares with the codes fixed (a method without one has no ``refine`` step; GPTQ still works on its table)
+TABLE_REFITS = HandlerRegistry("least-squares table refit")
+TABLE_REFITS.register(KMeansPerChannel, handler=lambda m, W, H, c, p: _refit_codebook_rows(W, H, c, p))
+TABLE_REFITS.register(KMeansPerTensor, handler=lambda m, W, H, c, p: _refit_codebook_shared(W, H, c, p))
+TABLE_REFITS.register(UniformAffine, handler=lambda m, W, H, c, p: _refit_affine_rows(W, H, c, p))
+TABLE_REFITS.register(Int8Symmetric, handler=lambda m, W, H, c, p: _refit_scale(W, H, c, p, 128.0, shared=not m.per_row))
+TABLE_REFITS.unsupported(FP8E4M3PerTensor, "the e4m3 grid's scale refit is not implemented (GPTQ rounds on its table)")
+TABLE_REFITS.unsupported(UniformAffinePerGroup, "not a single-table method (a scale and zero point per group of a row)")
 
 
 @torch.no_grad()
@@ -265,15 +269,16 @@ def refit_table(method: str, W: torch.Tensor, H: torch.Tensor, codes: torch.Tens
                 params: Dict[str, torch.Tensor], damp: float = 1e-4) -> Dict[str, torch.Tensor]:
     """New params (same names, shapes and dtypes) minimising the output error with ``codes`` fixed.
 
-    ``method``: the option's method (:data:`TABLE_REFITS`); ``damp``: ridge on ``H`` as a fraction
+    ``method``: the option's method name (its class keys :data:`TABLE_REFITS`); ``damp``: ridge on ``H`` as a fraction
     of its mean diagonal (keeps rows of rarely used codes well posed).
     """
-    fn = TABLE_REFITS.get(method)
-    if fn is None:
-        raise SensitivityError(f"no least-squares table refit for method {method!r} (known: {', '.join(TABLE_REFITS)})")
+    from ..quantizers import get_method
+
+    m = get_method(method)
+    fn = TABLE_REFITS.get(m)
     Hd = H.to(torch.float64)
     Hd = Hd + damp * float(torch.diag(Hd).mean().clamp_min(1e-30)) * torch.eye(Hd.shape[0], dtype=Hd.dtype)
-    out = fn(W.to(torch.float64), Hd, codes, params)
+    out = fn(m, W.to(torch.float64), Hd, codes, params)
     for k, v in out.items():
         if not torch.isfinite(v.float()).all():
             return {k2: v2.clone() for k2, v2 in params.items()}

@@ -88,66 +88,20 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from ..evaluation.cache import import_records
 
-    from ..evaluation.cache import ConfigCache, read_records_file
-    from ..io import atomic_path, check_writable
-
-    # parse and check the file before the cache is opened (or created) for writing
-    read_records_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
-    target = Path(args.cache)
-    if target.exists():
-        with ConfigCache(target) as cache:
-            read, inserted = cache.import_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
-            total = len(cache)
-    else:  # a new cache is built beside its path and renamed: a failed import leaves no file
-        check_writable(target, "cache")
-        with atomic_path(target, "cache") as tmp:
-            with ConfigCache(tmp, create=True) as cache:
-                read, inserted = cache.import_file(args.file, trust_pickle=args.trust_pickle, model=args.model)
-                total = len(cache)
+    read, inserted, total = import_records(args.cache, args.file, trust_pickle=args.trust_pickle, model=args.model)
     print(f"imported {inserted} of {read} records from {args.file} into {args.cache} "
           f"({read - inserted} already there; {total} records now)")
     return 0
 
 
 def run_rebind(args: argparse.Namespace) -> int:
-    import math
-    from pathlib import Path
+    from ..evaluation.cache import rebind_multiquantizer
 
-    from ..errors import SensitivityError
-    from ..evaluation.cache import ConfigCache
-    from ..multiquantizer import read_manifest
-    from ..options import canonical
-
-    m = read_manifest(args.multiquantizer)
-    if not Path(args.cache).is_file():
-        raise SensitivityError(f"cache {args.cache!r} does not exist")
-    with ConfigCache(args.cache) as cache:
-        ev = cache.evaluation or {}
-        old = ev.get("multiquantizer_hash")
-        if ev.get("model_id") not in (None, m.get("model_id")):
-            raise SensitivityError(f"{args.multiquantizer}: built for {m.get('model_id')}, the cache is of {ev.get('model_id')}")
-        stats = cache.layer_stats
-        layers = {d["name"]: d for d in m["layers"]}
-        if set(stats) != set(layers):
-            extra = sorted(set(stats) ^ set(layers))
-            raise SensitivityError(f"{args.multiquantizer}: layer {extra[0]!r} is in only one of the cache and the multiquantizer")
-        cached_opts = {canonical(o) for st in stats.values() for o in (st.get("options") or {})}
-        if cached_opts != {canonical(o) for o in m["options"]}:
-            raise SensitivityError(f"{args.multiquantizer}: holds options {', '.join(m['options'])}, the cache's records "
-                                   f"were made with {', '.join(sorted(cached_opts))}")
-        for name, st in stats.items():
-            for opt, (nbytes, err) in ((canonical(o), v) for o, v in (st.get("options") or {}).items()):
-                mine = layers[name]["options"].get(opt)
-                if mine is None or int(mine["nbytes"]) != int(nbytes) or (
-                        err is not None and not math.isclose(float(mine["error"]), float(err), rel_tol=1e-9, abs_tol=1e-15)):
-                    raise SensitivityError(f"{args.multiquantizer}: layer {name!r} option {opt!r} differs from the cache's "
-                                           "(another build or weights); not rebinding")
-        if old == m["hash"]:
-            print(f"{args.cache}: already names multiquantizer {old[:12]}")
-            return 0
-        sig = cache.rebind_multiquantizer(m["hash"])
-        print(f"{args.cache}: {len(cache)} records now name multiquantizer {m['hash'][:12]} "
-              f"(was {str(old)[:12]}); signature {sig[:12]}")
+    old, new, sig, n = rebind_multiquantizer(args.cache, args.multiquantizer)
+    if sig is None:
+        print(f"{args.cache}: already names multiquantizer {old[:12]}")
+        return 0
+    print(f"{args.cache}: {n} records now name multiquantizer {new[:12]} (was {str(old)[:12]}); signature {sig[:12]}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..calibration.names import GRANULARITIES, OBSERVERS, WEIGHT_METHODS  # torch-free (--help)
-    from ..zoo.cli_args import add_model_arguments
+    from .arguments import add_model_arguments
 
     p = sub.add_parser("calibrate", help="calibrate a config on a calibration set (weights rounding + activation ranges)",
                        description="Round a config's weights with calibration data (GPTQ, AdaRound, least-squares "
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
     from ..multiquantizer import load_multiquantizer
     from ..quantizers.activation import _check_bits
-    from ..zoo.cli_args import model_from_args
+    from .arguments import model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
     if args.act_bits is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments
 
     p = sub.add_parser("calibrate-data", help="capture a calibration set of the denoiser's inputs",
                        description="Sample images with the full-precision model and store the denoiser's inputs at "
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibration.data import make_calibration_set
     from ..errors import SensitivityError
-    from ..zoo.cli_args import generation_overrides, model_from_args
+    from .arguments import generation_overrides, model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
     if args.num < 1:

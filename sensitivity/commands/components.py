@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments
 
     p = sub.add_parser("components", help="per-component quantization report (text encoder, denoiser, VAE decoder)",
                        description="Quantize each pipeline component alone (the others full precision), generate "
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..components import COMPONENT_NAMES, parse_component_configs, pipeline_components, run_components
     from ..errors import SensitivityError
     from ..options import QuantOption
-    from ..zoo.cli_args import generation_overrides, model_from_args
+    from .arguments import generation_overrides, model_from_args
     from ..zoo.digits_sd import read_prompt_file
 
     # everything is checked before the model is loaded and before anything is written

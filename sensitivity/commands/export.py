@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_model_arguments
+    from .arguments import add_model_arguments
 
     p = sub.add_parser("export", help="write a quantization config as a real low-bit model (packed, sdnq, onnx)",
                        description="Export MODEL's denoiser with a config's exact codes and tables: packed "
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export, require_extra
     from ..export.methods import check_exportable
     from ..multiquantizer import load_multiquantizer
-    from ..zoo.cli_args import model_from_args
+    from .arguments import model_from_args
 
     t0 = time.time()
     fam, weights, device, dtype = model_from_args(args)

@@ -29,14 +29,16 @@ from ..errors import SensitivityError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_device_argument, add_weights_argument
+
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning of a config with distillation",
                        description="Fine-tune the quantized layers of a config (straight-through estimator: latent "
                                    "weights, scales / zero points / codebooks) to match the full-precision teacher's "
                                    "predictions; the result keeps every option's codes + tables layout (same average "
                                    "bits). Resumable: rerun the same command after a kill.")
     p.add_argument("model", help="model family (see `sensitivity models`)")
-    p.add_argument("--weights", default=None, help="hub id or local diffusers folder, or shipped / random / tiny")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_weights_argument(p, help="hub id or local diffusers folder, or shipped / random / tiny")
+    add_device_argument(p)
     p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
     p.add_argument("--config", default=None, help="quantization config .json to fine-tune")
     p.add_argument("--calibrated", default=None, metavar="DIR",

@@ -14,14 +14,14 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import WEIGHTS_HELP
+    from .arguments import WEIGHTS_HELP, add_weights_argument
 
     p = sub.add_parser("graph", help="trace a denoiser into its data-flow DAG and draw it",
                        description="Trace one forward pass of MODEL's denoiser (on meta weights by default: no "
                        "memory, no download) into a DAG of quantizable layers and the ops that combine them, and "
                        "draw it with graphviz (blocks as clusters, the whole graph, no truncation).")
     p.add_argument("model", help="model family (see `sensitivity models`)")
-    p.add_argument("--weights", default="meta", help=WEIGHTS_HELP + " (default: meta)")
+    add_weights_argument(p, default="meta", help=WEIGHTS_HELP + " (default: meta)")
     p.add_argument("--out", action="append", default=[], metavar="FILE",
                    help="drawing to write: .svg, .png, .pdf or .dot (repeat for several)")
     p.add_argument("--json-out", metavar="FILE", help="also save the graph as JSON (sensitivity.graph format)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments
 
     p = sub.add_parser("infer", help="generate images with a quantization config applied",
                        description="Load MODEL, apply a quantization config from a multiquantizer (weights), "
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir, check_writable
     from ..errors import SensitivityError
     from ..quantizers.activation import enable_activation_quant
-    from ..zoo.cli_args import generation_overrides, model_from_args
+    from .arguments import generation_overrides, model_from_args
 
     t0 = time.time()
     record = None

@@ -34,16 +34,17 @@ def run(args: argparse.Namespace) -> int:
     from .. import insights
     from ..config import QuantConfig
     from ..errors import SensitivityError
-    from ..search import AdditiveScorer, predict_results, uniform_baselines
+    from ..evaluation.cache import read_records
+    from ..predictors import load_predictor
+    from ..search import AdditiveScorer, load_scores_csv, multiquantizer_for, predict_results, uniform_configs
     from ..sizes import SizeTable
-    from .search import load_predictor, load_records, load_scores_csv, resolve_multiquantizer
 
     if args.predictor and args.scores:
         raise SensitivityError("pass either --predictor or --scores, not both")
     predictor = load_predictor(args.predictor) if args.predictor else None
     mq = sizes = scores = None
     if args.multiquantizer or predictor is not None:
-        mq, _ = resolve_multiquantizer(args.multiquantizer, predictor)
+        mq, _ = multiquantizer_for(args.multiquantizer, predictor)
         sizes = SizeTable.from_multiquantizer(mq)
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if mq is not None:
             mq.validate(cfg.options)
         configs[Path(path).stem] = cfg
-    records = load_records(args.cache) if args.cache else None
+    records = read_records(args.cache) if args.cache else None
     if scores is None and not configs and not records:
         raise SensitivityError("nothing to describe: pass --predictor/--scores, --config or --cache")
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             results.append({"label": name, "source": cfg.provenance.get("method", "config"),
                             "avg_bits": sizes.avg_bits(cfg.options)})
     if sizes is not None and (records or results):
-        results += uniform_baselines(sizes)
+        results += uniform_configs(sizes)
     if predictor is not None:
         objs = [r for r in results if not isinstance(r, dict)]
         predict_results(predictor, objs)

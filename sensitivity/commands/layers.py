@@ -9,7 +9,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..zoo.cli_args import add_model_arguments
+    from .arguments import add_model_arguments
 
     p = sub.add_parser("layers", help="list the quantizable layers of a model",
                        description="List the quantizable Conv/Linear layers of MODEL's denoiser: names, shapes, "
@@ -68,7 +68,7 @@ def layer_report(fam, denoiser, weights: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..zoo.cli_args import model_from_args
+    from .arguments import model_from_args
 
     fam, weights, device, dtype = model_from_args(args)
     denoiser = fam.load_denoiser(weights, device="cpu" if weights == "meta" else device, dtype=dtype, seed=args.seed)

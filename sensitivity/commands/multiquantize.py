@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 
 from ..options import OPTION_NAMES
 
@@ -19,68 +17,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "int8, int8_c, fp8_e4m3. A killed build resumes when rerun; options whose method settings changed "
         "are recomputed.",
     )
-    from ..zoo.cli_args import add_pipeline_class_argument
+    from .arguments import add_device_argument, add_pipeline_class_argument, add_weights_argument
 
     p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
-    p.add_argument("--weights", default=None, help="hub id or local diffusers folder (default: the official hub id), "
-                   "or 'random', 'tiny', 'shipped' (digits)")
+    add_weights_argument(p, help="hub id or local diffusers folder (default: the official hub id), or 'random', "
+                         "'tiny', 'shipped' (digits)")
     add_pipeline_class_argument(p)
     p.add_argument("--out", default=None, help="output .safetensors (default: multiquantizers/<model>-<weights>.safetensors)")
     p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), metavar="OPTION", help="options to compute (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for large layers (default: the free cores)")
-    p.add_argument("--device", default=None, help="device for loading and quantizer math (default: cuda if available)")
+    add_device_argument(p, help="device for loading and quantizer math (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
     p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
-def default_out(model: str, weights: str | None) -> Path:
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", (weights or "hub").strip("/").split("/")[-1])
-    return Path("multiquantizers") / f"{model}-{tag}.safetensors"
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..workflows.multiquantize import describe_build, multiquantize
 
-    from ..checks import check_device, check_finite_weights
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from ..multiquantizer import build_multiquantizer
-    from ..options import QuantOption
-    from ..zoo import get_family
-
-    options = [QuantOption.parse(o).name for o in args.options]  # bad names fail before the model loads
-    if args.threads is not None and args.threads < 1:
-        raise SensitivityError(f"--threads must be >= 1, got {args.threads}")
-    check_device(args.device)
-    from ..zoo.cli_args import family_name
-
-    fam = get_family(family_name(args))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weights = args.weights if args.weights is not None else (getattr(fam, "default_weights", None) or fam.hub_id)
-    out = Path(args.out) if args.out else default_out(fam.name, weights)
-    check_writable(out, "--out")
-    denoiser = fam.load_denoiser(weights, device=device, dtype=torch.float32, seed=args.seed)
-    layers = fam.find_layers(denoiser)
-    check_finite_weights(denoiser, layers, f"--weights {weights}")  # before the build makes its resume folder
-    mq = build_multiquantizer(
-        denoiser,
-        out,
-        layers,
-        model_id=fam.model_id(weights),
-        options=options,
-        device=device,
-        threads=args.threads,
-        resume=not args.restart,
-        progress=not args.no_progress,
-        extra={"family": fam.name, "weights": str(weights), "seed": args.seed},
-    )
-    size = out.stat().st_size
-    fp16 = mq.fp16_bytes()
-    print(
-        f"wrote {out}: {len(mq)} layers x {len(mq.options)} options, {size / 2**20:.1f} MiB "
-        f"({size / fp16:.2f}x the fp16 weights), built in {mq.manifest['build_seconds']:.1f} s "
-        f"({mq.manifest['resumed_layers']} layers resumed, {mq.manifest['recomputed_options']} options recomputed)"
-    )
+    mq, out = multiquantize(args.model, weights=args.weights, pipeline_class=args.pipeline_class, out=args.out,
+                            options=args.options, device=args.device, threads=args.threads, seed=args.seed,
+                            resume=not args.restart, progress=not args.no_progress)
+    print(describe_build(mq, out))
     return 0

@@ -12,13 +12,15 @@ import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_device_argument
+
     p = sub.add_parser("predict", help="score another cache's configs with a trained predictor",
                        description="Predict the target of every config in CACHE with the predictor folder and "
                        "report Spearman, Kendall tau and NDCG@10 against CACHE's measured values.")
     p.add_argument("--predictor", required=True, help="predictor folder written by `sensitivity train`")
     p.add_argument("--cache", required=True, help="evaluation cache (.sqlite, or an export .parquet/.csv)")
     p.add_argument("--kinds", help="comma list of members to score (default: all in the folder)")
-    p.add_argument("--device", default=None, help="torch device of the GNN (default cpu)")
+    add_device_argument(p, help="torch device of the GNN (default cpu)")
     p.add_argument("--out", help="write the predictions as CSV (config hash, target, one column per member)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (with the predictions)")
     p.set_defaults(func=run)
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         with atomic_path(args.out, "--out") as tmp:
             df.to_csv(tmp, index=False)
     if args.json:
-        from ..predictors.ensemble import _json_clean
+        from ..predictors.predictor import _json_clean
 
         print(json.dumps(_json_clean(res), indent=1))
         return 0

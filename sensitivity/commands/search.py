@@ -20,10 +20,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_weights_argument
+
     p = sub.add_parser(
         "search",
         help="find the best predicted config at an average-bit target (exact knapsack), or a baseline config",
@@ -49,14 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
                    "dp: plain frontier DP (small instances)")
     b = p.add_argument_group("baselines")
-    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp", "sdnq", "hawq", "mixdq", "reference"),
+    from ..allocators import ALLOCATORS  # torch-free: the allocator modules are imported on use
+
+    b.add_argument("--baseline", choices=("uniform", "cache", "error-ilp") + ALLOCATORS.names(),
                    help="write a baseline config instead of the predictor's search (sdnq, hawq, mixdq, reference: "
                         "the allocators of sensitivity.allocators)")
     b.add_argument("--hawq-mode", choices=("trace", "fisher"), default="trace",
                    help="--baseline hawq: Hutchinson Hessian trace x ||dW||^2 (default) or empirical Fisher-weighted dW^2")
     b.add_argument("--calibration-samples", type=int, default=64,
                    help="--baseline hawq: calibration items (and Hutchinson probes) of the denoising loss (default 64)")
-    b.add_argument("--weights", default=None, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
+    add_weights_argument(b, help="--baseline hawq: the model's weights (default: the multiquantizer's)")
     b.add_argument("--mixdq-metric", default="mse",
                    help="--baseline mixdq: metric of the single-layer records in --cache (default mse vs full precision)")
     b.add_argument("--seed", type=int, default=0, help="--baseline hawq: seed of the calibration items and probes")
@@ -68,81 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--baseline error-ilp: relative error ||W-Q(W)||^2/||W||^2 (default) or absolute sse")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(func=run)
-
-
-# ---------------------------------------------------------------------------------------------
-# shared loaders (also used by `sensitivity insights`)
-# ---------------------------------------------------------------------------------------------
-
-
-def load_predictor(path: str) -> Any:
-    """A trained predictor from ``sensitivity.predictors`` (the search protocol of sensitivity.search)."""
-    from ..errors import SensitivityError
-
-    if not Path(path).exists():
-        raise SensitivityError(f"predictor {path!r} does not exist")
-    try:
-        from .. import predictors
-    except ImportError as exc:  # pragma: no cover - depends on the build
-        raise SensitivityError(f"predictors are not available in this build ({exc})") from None
-    loader = getattr(predictors, "load_predictor", None)
-    if loader is None:  # pragma: no cover - depends on the build
-        raise SensitivityError("sensitivity.predictors has no load_predictor(); cannot read " + path)
-    pred = loader(path)
-    for attr in ("layer_scores", "predict"):
-        if not callable(getattr(pred, attr, None)):
-            raise SensitivityError(f"predictor {path!r} ({type(pred).__name__}) has no {attr}(); it cannot drive the search")
-    return pred
-
-
-def load_scores_csv(path: str):
-    import pandas as pd
-
-    from ..errors import SensitivityError
-
-    p = Path(path)
-    if not p.is_file():
-        raise SensitivityError(f"scores file {path!r} does not exist")
-    try:
-        df = pd.read_csv(p)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise SensitivityError(f"{path}: cannot read CSV ({type(exc).__name__})") from None
-    missing = {"layer", "option", "score"} - set(df.columns)
-    if missing:
-        raise SensitivityError(f"{path}: missing columns {sorted(missing)} (needs layer, option, score)")
-    return df
-
-
-def resolve_multiquantizer(path: Optional[str], predictor: Any = None):
-    """Load ``path``, else the multiquantizer the predictor was trained with (``multiquantizer_path``)."""
-    from ..errors import SensitivityError
-    from ..multiquantizer import load_multiquantizer
-
-    if path is None and predictor is not None:
-        path = getattr(predictor, "multiquantizer_path", None)
-        if path is not None and not Path(path).is_file():
-            raise SensitivityError(f"the predictor's multiquantizer {str(path)!r} is missing; pass --multiquantizer")
-    if path is None:
-        raise SensitivityError("no multiquantizer: pass --multiquantizer FILE")
-    mq = load_multiquantizer(path)
-    want = getattr(predictor, "multiquantizer_hash", None)
-    if want and want != mq.hash:
-        raise SensitivityError(f"{path}: multiquantizer hash {mq.hash[:12]} differs from the predictor's {str(want)[:12]} "
-                               "(scores would refer to other quantized weights)")
-    return mq, str(path)
-
-
-def load_records(path: str) -> List[dict]:
-    """Cache records from a cache file (.sqlite/.db) or an export (.parquet/.csv)."""
-    from ..evaluation.cache import ConfigCache, read_records_file
-
-    if Path(path).suffix.lower() in (".parquet", ".pq", ".csv", ".pkl", ".pickle"):
-        return read_records_file(path)[2]
-    with ConfigCache(path) as cache:
-        return cache.records()
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _sizes(mq, options: Optional[str]):
@@ -190,11 +119,13 @@ def _search_one(args, target, predictor, mq, mq_path, sizes, records, memo=None)
     from ..sizes import SizeTable
 
     what = f"multiquantizer {mq_path}"
-    if args.baseline in ("sdnq", "hawq", "mixdq", "reference"):
-        from ..allocators import allocate, with_fp16
+    from ..allocators import ALLOCATORS
+
+    if args.baseline in ALLOCATORS:
+        from ..allocators import allocate, sizes_for
 
         kw = _allocator_inputs(args, predictor, mq, records, {} if memo is None else memo)
-        use = with_fp16(sizes) if args.baseline == "sdnq" else sizes
+        use = sizes_for(args.baseline, sizes)
         return allocate(args.baseline, use, target, what=what, method=args.solver, **kw)
     if args.baseline == "uniform":
         return uniform_config(SizeTable.from_multiquantizer(mq), args.option)
@@ -243,24 +174,13 @@ def _write_csv(df, path: Path) -> Path:
     return path
 
 
-def _write_fig(fig, path: Path, dpi: int = 110) -> Path:
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checks import finite
     from ..errors import SensitivityError
     from ..io import atomic_dir, check_writable
-    from ..search import AdditiveScorer, parse_sweep
+    from ..evaluation.cache import read_records
+    from ..predictors import load_predictor
+    from ..search import AdditiveScorer, bits_range, load_scores_csv, multiquantizer_for, parse_sweep
 
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
@@ -281,11 +201,11 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
 
     predictor = load_predictor(args.predictor) if args.predictor else None
-    mq, mq_path = resolve_multiquantizer(args.multiquantizer, predictor)
+    mq, mq_path = multiquantizer_for(args.multiquantizer, predictor)
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
     sizes = _sizes(mq, args.options)
-    records = load_records(args.cache) if args.cache else None
+    records = read_records(args.cache) if args.cache else None
 
     targets: List[Optional[float]] = parse_sweep(args.sweep) if args.sweep else [args.target_bits]
     lo, hi = bits_range(sizes)
@@ -314,14 +234,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out, folder, hi)
 
 
-def bits_range(sizes) -> Tuple[float, float]:
-    """Average bits with every layer at its smallest and at its largest option of ``sizes``."""
-    from ..sizes import SizeTable
-
-    table = SizeTable.of(sizes)
-    return table.min_avg_bits(), table.max_avg_bits()
-
-
 def _ceil4(x: float) -> float:
     return math.ceil(x * 1e4 - 1e-9) / 1e4
 
@@ -330,7 +242,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
                  hi: float) -> int:
     """Search every target; write into ``folder`` (the sweep's temporary folder) or ``out`` (one config)."""
     from ..errors import SensitivityError
-    from ..search import predict_results, uniform_baselines
+    from ..search import predict_results, uniform_configs
     from ..sizes import SizeTable
 
     provenance = {"command": "search", "multiquantizer": mq_path, "predictor": args.predictor, "scores": args.scores,
@@ -370,7 +282,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
 
         _write_csv(pd.DataFrame(reports).drop(columns=["option_mix"]), folder / "sweep.csv")
         full = SizeTable.from_multiquantizer(mq)
-        extra = uniform_baselines(full)
+        extra = uniform_configs(full)
         if predictor is not None:
             predict_results(predictor, extra)
         if records and predictor is not None:
@@ -382,7 +294,7 @@ def _run_targets(args, targets, predictor, mq, mq_path, sizes, records, out: Pat
         for y in ("predicted", args.metric):
             if y in pt and pt[y].notna().any():
                 fig = insights.pareto_plot(pt, y=y)
-                _write_fig(fig, folder / f"pareto_{y}.png")
+                insights.save_figure(fig, folder / f"pareto_{y}.png")
                 written.append(str(out / f"pareto_{y}.png"))
         if not args.json:
             print(f"sweep: {len(results)} configs, table {out / 'sweep.csv'}" + (f", plots {', '.join(written)}" if written else ""))

@@ -18,12 +18,14 @@ from typing import Any, Dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_device_argument, add_weights_argument
+
     p = sub.add_parser("train", help="train a predictor (k-fold ensemble) on an evaluation cache, with baselines",
                        description="Train PREDICTOR on CACHE's labelled configs with k-fold cross-validation and "
                        "report held-out Spearman, Kendall tau and NDCG@10 for it and every baseline on the same folds.")
     p.add_argument("cache", help="evaluation cache (.sqlite, or an export .parquet/.csv)")
     p.add_argument("--model", help="model family whose graph the GNN uses (default: the cache's model)")
-    p.add_argument("--weights", default="meta", help="weights to trace the graph on (default meta: no memory)")
+    add_weights_argument(p, default="meta", help="weights to trace the graph on (default meta: no memory)")
     p.add_argument("--predictor", default=None,
                    help="ensemble (mean of gnn, lightgbm and additive: the best held-out ranking on digits-dit), gnn, "
                         "lightgbm, additive, bits or error (default ensemble)")
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=VALUE",
                    help="predictor hyper-parameter, e.g. gnn.epochs=60 or lightgbm.num_leaves=31 (value as JSON)")
     p.add_argument("--multiquantizer", help="multiquantizer file for per-layer errors when the cache has no layer stats")
-    p.add_argument("--device", default=None, help="torch device of the GNN (default cpu)")
+    add_device_argument(p, help="torch device of the GNN (default cpu)")
     p.add_argument("--no-scores", action="store_true", help="skip the layer / module scores")
     p.add_argument("--max-module-configs", type=int, default=10_000,
                    help="predictions per fold model spent on module scores; modules are scored combination by "
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
     from ..io import check_writable
     from ..predictors import get_kind, train
-    from ..predictors.ensemble import DEFAULT_PREDICTOR
+    from ..predictors.predictor import DEFAULT_PREDICTOR
 
     args.predictor = args.predictor or DEFAULT_PREDICTOR
     if not Path(args.cache).exists():

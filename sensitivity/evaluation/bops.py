@@ -4,7 +4,7 @@
 image (all steps; classifier-free guidance doubles the batch, so its calls count twice), / 1e12.
 MACs are counted on the real generation (forward hooks on the quantizable layers: Linear
 ``tokens·in·out``, Conv ``output positions·out·in/groups·kh·kw``; a split layer's halves share its
-MACs by input width; tied copies add up). Weight bits per method: :data:`BOP_WEIGHT_BITS` (the
+MACs by input width; tied copies add up). Weight bits per method: its class's ``compute_bits`` (the
 reference's ``BOP_LUT``: k-means codebooks compute in fp16), otherwise the option's bits;
 full-precision layers 16. Activation bits: 16, or the protocol's ``act_bits``.
 """
@@ -18,16 +18,18 @@ from torch import nn
 
 from ..options import QuantOption
 
-#: weight bits a method computes with, where they differ from its storage bits (the one table)
-BOP_WEIGHT_BITS: Dict[str, int] = {"kmeans_c": 16, "kmeans_a": 16, "fp8_e4m3": 8, "fp16": 16}
-
 
 def weight_bits(option: Optional[str]) -> int:
     """Bits of a weight in the BOP count under ``option`` (``None`` / ``fp16``: 16)."""
     if option is None:
         return 16
     opt = QuantOption.parse(option)
-    return int(BOP_WEIGHT_BITS.get(opt.method, opt.bits if opt.bits else 16))
+    if opt.is_fp:
+        return 16
+    from ..quantizers import get_method
+
+    compute = get_method(opt.method).compute_bits
+    return int(compute if compute is not None else opt.bits)
 
 
 def _module_macs(module: nn.Module, x, y) -> float:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,13 @@ class MetricSpec:
         return -1.0 if self.lower_is_better else 1.0
 
 
-METRICS: Dict[str, MetricSpec] = {}
+#: metric name (case-insensitive) -> its :class:`MetricSpec`
+METRICS: Registry[MetricSpec] = Registry("metric", normalize=str.lower, replace=True)
 
 
 def register_metric(name: str, lower_is_better: bool, description: str = "") -> MetricSpec:
     """Add (or replace) a metric; names are case-insensitive."""
-    spec = MetricSpec(name, bool(lower_is_better), description)
-    METRICS[name.lower()] = spec
-    return spec
+    return METRICS.register(name, MetricSpec(name, bool(lower_is_better), description))
 
 
 for _name, _lower, _desc in (
@@ -56,7 +57,7 @@ for _name, _lower, _desc in (
 
 def metric_spec(name: str) -> MetricSpec:
     """The registered spec of ``name`` (case-insensitive); an unknown name is higher-is-better."""
-    return METRICS.get(str(name).lower()) or MetricSpec(str(name), False, "unregistered metric")
+    return METRICS.find(str(name)) or MetricSpec(str(name), False, "unregistered metric")
 
 
 def lower_is_better(name: str, override: Optional[bool] = None) -> bool:

@@ -7,7 +7,7 @@ export(den, mq, "quant_configs/w36.json", "out/w36-packed", format="packed",
 den_q = load_quantized("out/w36-packed")        # diffusers model class, low-bit modules
 ```
 
-Formats (``sensitivity.export.methods`` has the per-method table):
+Formats (``sensitivity.export.methods``: ``EXPORT_FORMATS`` by name, ``EXPORT_MAPPINGS`` by method class):
 
 * ``packed`` (:mod:`.packed`): our own safetensors format with bit-packed codes and fp16 tables; weights
   dequantize on the fly (``materialize=True``: once); bit-exact with :func:`~sensitivity.multiquantizer.apply`.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import SensitivityError
-from .methods import FORMATS, check_exportable, method_format  # noqa: F401
+from .methods import EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
 from .plan import EXPORT_FILE, atomic_dir, make_plan
 
 EXTRAS = {"sdnq": ("sdnq", "sdnq"), "onnx": ("onnx", "onnx, onnxruntime and onnxscript")}
@@ -59,8 +59,8 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     """
     from ..config import QuantConfig
 
-    if format not in FORMATS:
-        raise SensitivityError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    if format not in EXPORT_FORMATS:
+        EXPORT_FORMATS.get(format)  # raises the one-line error
     require_extra(format)
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
@@ -70,19 +70,9 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
 
     float_dtype = resolve_dtype(float_dtype)
     plan = make_plan(denoiser, mq, config, format, source)
+    write = EXPORT_FORMATS.get(format)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if format == "packed":
-            from .packed import write_packed
-
-            record = write_packed(plan, tmp, float_dtype=float_dtype)
-        elif format == "sdnq":
-            from .sdnq_format import write_sdnq
-
-            record = write_sdnq(plan, tmp, pipeline=pipeline)
-        else:
-            from .onnx_format import write_onnx
-
-            record = write_onnx(plan, tmp, opset=opset, example_inputs=example_inputs)
+        record = write(plan, tmp, float_dtype=float_dtype, pipeline=pipeline, opset=opset, example_inputs=example_inputs)
         record.setdefault("bytes_on_disk", sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()))
     record["path"] = str(out)
     return record
@@ -116,4 +106,5 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
                            "(sensitivity.export.onnx_format.run_onnx), it is not a torch model")
 
 
-__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "FORMATS", "EXPORT_FILE"]
+__all__ = ["export", "load_quantized", "require_extra", "check_exportable", "method_format", "EXPORT_FORMATS", "FORMATS",
+           "EXPORT_FILE"]

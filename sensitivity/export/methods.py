@@ -1,4 +1,4 @@
-"""What each quantization method becomes in each export format: the one table of per-method knowledge.
+"""What each quantization method becomes in each export format, keyed by the method's class.
 
 ``packed`` (our own format) stores any registered method as it is in the multiquantizer (bit-packed
 codes + the method's params) and dequantizes with the method's own ``table()``, so every method,
@@ -24,20 +24,32 @@ int8, int8_c   QDQ: uint8 codes, zero point 128, fp32     ``int8`` symmetric, ``
 fp8_e4m3       QDQ: float8e4m3fn codes, fp32 scale        ``float8_e4m3fn`` symmetric, ``scale`` per tensor
 =============  =========================================  ===============================================
 
-:func:`method_format` resolves a method name (``uaq_g128`` -> the ``uaq_g`` row with group 128);
+:data:`EXPORT_MAPPINGS` holds one function per method class (``method -> MethodFormat``, reading the
+method's own config: ``uaq_g128``'s group is its ``group_size``, ``uaq_ls``'s refit its
+``least_squares_refit``); :func:`method_format` resolves a method name through it;
 :func:`check_exportable` raises one line naming the layer, the option and the reason.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import FP16, QuantOption
+from ..quantizers import get_method
+from ..quantizers.fp8 import FP8E4M3PerTensor
+from ..quantizers.int8 import Int8Symmetric
+from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
+from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
+from ..registry import HandlerRegistry, Registry
 
-FORMATS: Tuple[str, ...] = ("packed", "sdnq", "onnx")
+#: export format name -> ``write(plan, folder, **options) -> record``; each format's module registers
+#: its writer (imported on first use: the writers import torch and the format's extra)
+EXPORT_FORMATS: Registry = Registry("export format", error=ConfigError, unknown="unknown export format {name!r}; use one of {known}",
+                                    lazy={"packed": "sensitivity.export.packed", "sdnq": "sensitivity.export.sdnq_format",
+                                          "onnx": "sensitivity.export.onnx_format"})
+FORMATS: Tuple[str, ...] = EXPORT_FORMATS.names()
 
 
 @dataclass(frozen=True)
@@ -59,29 +71,42 @@ class MethodFormat:
     sdnq_reason: str = ""
 
 
-_TABLE: Mapping[str, MethodFormat] = {
-    "uaq": MethodFormat("uaq", "qdq_affine", "uint_asymmetric"),
-    "uaq_ls": MethodFormat("uaq_ls", "dequantized", "uint_asymmetric"),
-    "uaq_g": MethodFormat("uaq_g", "qdq_affine_blocked", "uint_asymmetric_grouped"),
-    "kmeans_c": MethodFormat("kmeans_c", "dequantized", "codebook_row"),
-    "kmeans_a": MethodFormat("kmeans_a", "dequantized", "codebook_tensor", per_row=False),
-    "int8": MethodFormat("int8", "qdq_symmetric", "int8_symmetric", per_row=False),
-    "int8_c": MethodFormat("int8_c", "qdq_symmetric", "int8_symmetric"),
-    "fp8_e4m3": MethodFormat("fp8_e4m3", "qdq_fp8", "fp8_symmetric", per_row=False),
-}
+#: quantization-method class -> ``f(method) -> MethodFormat`` (the onnx / sdnq vocabulary of the method)
+EXPORT_MAPPINGS = HandlerRegistry("onnx / sdnq mapping")
 
-_GROUPED = re.compile(r"^uaq_g(\d+)$")
+
+@EXPORT_MAPPINGS.register(UniformAffine)
+def _uniform_affine(m: UniformAffine) -> MethodFormat:
+    # a least-squares refit leaves zero points that are not integers: no QDQ zero point can hold them
+    onnx = "dequantized" if m.config.least_squares_refit else "qdq_affine"
+    return MethodFormat(m.name, onnx, "uint_asymmetric")
+
+
+@EXPORT_MAPPINGS.register(UniformAffinePerGroup)
+def _uniform_affine_grouped(m: UniformAffinePerGroup) -> MethodFormat:
+    return MethodFormat(m.name, "qdq_affine_blocked", "uint_asymmetric_grouped", group=int(m.config.group_size))
+
+
+@EXPORT_MAPPINGS.register(KMeansPerChannel, KMeansPerTensor)
+def _codebook(m) -> MethodFormat:
+    return MethodFormat(m.name, "dequantized", "codebook_row" if m.per_row else "codebook_tensor", per_row=m.per_row)
+
+
+@EXPORT_MAPPINGS.register(Int8Symmetric)
+def _int8(m: Int8Symmetric) -> MethodFormat:
+    return MethodFormat(m.name, "qdq_symmetric", "int8_symmetric", per_row=m.per_row)
+
+
+@EXPORT_MAPPINGS.register(FP8E4M3PerTensor)
+def _fp8(m: FP8E4M3PerTensor) -> MethodFormat:
+    return MethodFormat(m.name, "qdq_fp8", "fp8_symmetric", per_row=False)
 
 
 def method_format(method: str) -> Optional[MethodFormat]:
-    """The table row of ``method`` (``None``: only the packed format knows it)."""
-    if method in _TABLE:
-        return _TABLE[method]
-    m = _GROUPED.match(method)
-    if m:
-        base = _TABLE["uaq_g"]
-        return MethodFormat(method, base.onnx, base.sdnq, group=int(m.group(1)))
-    return None
+    """How the method ``method`` (a registered name) maps onto onnx / sdnq (``None``: only ``packed`` knows it)."""
+    m = get_method(method)
+    mapping = EXPORT_MAPPINGS.lookup(m)
+    return None if mapping is None else mapping(m)
 
 
 def sdnq_reason(option: str, shape: Tuple[int, ...], kind: str) -> Optional[str]:
@@ -114,16 +139,18 @@ def check_exportable(format: str, options: Mapping[str, str], layers: Mapping[st
 
     ``layers``: ``{layer: (shape, kind)}``. Called before anything is written.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    if format not in EXPORT_FORMATS:
+        EXPORT_FORMATS.get(format)  # raises the one-line error
     for layer, option in options.items():
         if option == FP16 or format == "packed":
             continue
         opt = QuantOption.parse(option)
         fmt = method_format(opt.method)
         if format == "onnx" and fmt is None:
-            raise ConfigError(f"layer {layer!r}: option {option!r} has no ONNX mapping (method {opt.method!r} is "
-                              "not in sensitivity.export.methods); export it as --format packed")
+            m = get_method(opt.method)
+            why = EXPORT_MAPPINGS.reason(m) or f"no EXPORT_MAPPINGS handler for {type(m).__name__}"
+            raise ConfigError(f"layer {layer!r}: option {option!r} has no ONNX mapping ({why}); "
+                              "export it as --format packed")
         if format == "sdnq":
             shape, kind = layers[layer]
             reason = sdnq_reason(option, shape, kind)

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import SensitivityError
 from ..options import FP16, QuantOption
-from .methods import method_format
+from .methods import EXPORT_FORMATS, method_format
 from .plan import EXPORT_FILE, ExportPlan
 
 ONNX_FILE = "model.onnx"
@@ -260,6 +260,10 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
     den.save_config(str(folder))
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+EXPORT_FORMATS.register("onnx", lambda plan, folder, opset=21, example_inputs=None, **_:
+                        write_onnx(plan, folder, opset=opset, example_inputs=example_inputs))
 
 
 def _ort_version() -> str:

@@ -30,6 +30,7 @@ from ..errors import CorruptFileError, SensitivityError
 from ..options import FP16, QuantOption
 from ..quantizers.packing import pack_codes
 from .modules import PartSpec, materialize, pack_module
+from .methods import EXPORT_FORMATS
 from .plan import EXPORT_FILE, ExportPlan, digest
 
 WEIGHTS_FILE = "model.safetensors"
@@ -86,6 +87,9 @@ def write_packed(plan: ExportPlan, folder: Path, float_dtype: Optional[torch.dty
     den.save_config(str(folder))
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+EXPORT_FORMATS.register("packed", lambda plan, folder, float_dtype=None, **_: write_packed(plan, folder, float_dtype=float_dtype))
 
 
 def read_record(folder: Path) -> Dict[str, Any]:

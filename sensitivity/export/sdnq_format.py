@@ -35,7 +35,7 @@ import torch
 
 from ..errors import SensitivityError
 from ..options import FP16, QuantOption
-from .methods import method_format
+from .methods import EXPORT_FORMATS, method_format
 from .plan import EXPORT_FILE, ExportPlan
 
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
@@ -202,6 +202,9 @@ def write_sdnq(plan: ExportPlan, folder: Path, pipeline=None) -> Dict[str, Any]:
     if model_dir != folder:
         (model_dir / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+EXPORT_FORMATS.register("sdnq", lambda plan, folder, pipeline=None, **_: write_sdnq(plan, folder, pipeline=pipeline))
 
 
 def _sdnq_version() -> str:

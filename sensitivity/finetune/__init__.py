@@ -16,6 +16,6 @@ multiquantizer's, so average bits are unchanged::
 
 from .artifact import FinetunedQuantizer, check_stored, load_finetuned  # noqa: F401
 from .data import Batch, DigitsData, ImageFolderData, TeacherSamplesData, read_imagefolder  # noqa: F401
-from .rules import ASSIGN_MODES, RULES, rule_for  # noqa: F401
+from .rules import ASSIGN_MODES, FINETUNE_RULES, rule_for  # noqa: F401
 from .student import FakeQuantStudent  # noqa: F401
 from .trainer import FinetuneSettings, finetune  # noqa: F401

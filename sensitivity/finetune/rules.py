@@ -1,7 +1,8 @@
 """Per-method fine-tuning rules: how a stored option becomes a differentiable fake-quantizer.
 
-One table, :data:`RULES`, maps a quantization method (by registered name; ``uaq_g<N>`` by pattern) to
-a :class:`Rule`. A rule works on the rows of a layer (``weight.reshape(C, -1)``, float32 ``[C, K]``)
+:data:`FINETUNE_RULES` maps a quantization method's class to its :class:`Rule` (a
+:class:`~sensitivity.registry.HandlerRegistry`: ``uaq_g<N>`` is a :class:`UniformAffinePerGroup`, so its
+rule is found by type, never by parsing the name). A rule works on the rows of a layer (``weight.reshape(C, -1)``, float32 ``[C, K]``)
 and knows three things:
 
 * :meth:`Rule.init` — the trainable tensors (float32 copies of the stored params) and fixed buffers,
@@ -29,7 +30,6 @@ kmeans_c, kmeans_a  ``codebook[nearest(w)]`` (``assign="rederive"``) or         
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Dict, Mapping, Tuple
 
@@ -38,6 +38,14 @@ import torch
 from ..errors import SensitivityError
 from ..options import QuantOption
 from ..quantizers import get_method
+from ..quantizers.fp8 import FP8E4M3PerTensor
+from ..quantizers.int8 import Int8Symmetric
+from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
+from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
+from ..registry import HandlerRegistry
+
+#: quantization-method class -> the :class:`Rule` class that fine-tunes it
+FINETUNE_RULES = HandlerRegistry("fine-tuning rule")
 
 #: ``assign`` modes of codebook options
 ASSIGN_MODES = ("rederive", "fixed")
@@ -91,6 +99,7 @@ class Rule:
         raise NotImplementedError  # pragma: no cover - abstract
 
 
+@FINETUNE_RULES.register(UniformAffine, UniformAffinePerGroup)
 class UniformRule(Rule):
     """``uaq`` / ``uaq_ls`` (one scale + zero per row) and ``uaq_g<N>`` (per group of N)."""
 
@@ -125,6 +134,7 @@ class UniformRule(Rule):
         return codes, params
 
 
+@FINETUNE_RULES.register(Int8Symmetric)
 class Int8Rule(Rule):
     """``int8`` / ``int8_c``: symmetric, learnable float32 scale (per tensor / row); codes ``q + 128``."""
 
@@ -144,6 +154,7 @@ class Int8Rule(Rule):
         return (q + 128).to(torch.uint8), params
 
 
+@FINETUNE_RULES.register(FP8E4M3PerTensor)
 class FP8Rule(Rule):
     """``fp8_e4m3``: learnable float32 per-tensor scale; codes are the e4m3 bit patterns of ``w / s``."""
 
@@ -178,6 +189,7 @@ def nearest_codes(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return perm.gather(1, idx)
 
 
+@FINETUNE_RULES.register(KMeansPerChannel, KMeansPerTensor)
 class CodebookRule(Rule):
     """``kmeans_c`` / ``kmeans_a``: learnable fp16 codebook ``[C or 1, 2^b]``.
 
@@ -224,26 +236,14 @@ class CodebookRule(Rule):
         return codes, {"codebook": cb_sorted}
 
 
-#: method name (glob) -> rule class; the one place that knows how each method is fine-tuned
-RULES: Dict[str, type] = {
-    "uaq": UniformRule,
-    "uaq_ls": UniformRule,
-    "uaq_g*": UniformRule,
-    "int8": Int8Rule,
-    "int8_c": Int8Rule,
-    "fp8_e4m3": FP8Rule,
-    "kmeans_c": CodebookRule,
-    "kmeans_a": CodebookRule,
-}
-
-
 def rule_for(option: str, assign: str = "rederive") -> Rule:
     """The fine-tuning rule of ``option`` (e.g. ``"uaq-3"``); ``assign`` applies to codebook options."""
     opt = QuantOption.parse(option)
-    for pattern, cls in RULES.items():
-        if fnmatch.fnmatchcase(opt.method, pattern):
-            if cls is CodebookRule:
-                return cls(opt.method, opt.bits, assign=assign)
-            return cls(opt.method, opt.bits)
-    raise SensitivityError(f"option {opt.name!r}: no fine-tuning rule for method {opt.method!r} "
-                           f"(known: {', '.join(RULES)})")
+    method = get_method(opt.method)
+    cls = FINETUNE_RULES.lookup(method)
+    if cls is None:
+        raise SensitivityError(f"option {opt.name!r}: no fine-tuning rule for method {opt.method!r} "
+                               f"({FINETUNE_RULES.reason(method) or 'none is registered for ' + type(method).__name__})")
+    if cls is CodebookRule:
+        return cls(opt.method, opt.bits, assign=assign)
+    return cls(opt.method, opt.bits)

@@ -9,20 +9,20 @@
 >>> p.layer_scores()                           # DataFrame(layer, option, score)
 >>> p.module_scores()                          # DataFrame(module, module_type, layers, options, score)
 
-Kinds: ``gnn`` (:mod:`.gnn`), the baselines ``bits``, ``error``, ``additive``, ``lightgbm``
-(:mod:`.baselines`), and ``ensemble`` (:mod:`.blend`: the mean of gnn, lightgbm and additive, the
-CLI's default). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
+Kinds (:data:`KINDS`): ``gnn`` (:mod:`.gnn`), the tabular kinds ``bits``, ``error``, ``additive``,
+``lightgbm`` (:mod:`.tabular`, the GNN's baselines), and ``ensemble`` (:mod:`.ensemble_model`: the mean
+of gnn, lightgbm and additive, the CLI's default). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
 """
 
 from .base import KINDS, Context, FoldModel, get_kind
 from .data import CacheData, Dataset, LayerTable, Target, load_cache
-from .ensemble import (DEFAULT_BASELINES, CVResult, Predictor, cross_validate, load_predictor, read_manifest,
+from .predictor import (DEFAULT_TABULAR_KINDS, CVResult, Predictor, cross_validate, load_predictor, read_manifest,
                        report_markdown, save_predictors)
 from .metrics import ndcg_at_k, ranking_metrics, relevance
 from .pipeline import evaluate_on_cache, train
 
 __all__ = [
-    "CVResult", "CacheData", "Context", "DEFAULT_BASELINES", "Dataset", "FoldModel", "KINDS", "LayerTable",
+    "CVResult", "CacheData", "Context", "DEFAULT_TABULAR_KINDS", "Dataset", "FoldModel", "KINDS", "LayerTable",
     "Predictor", "Target", "cross_validate", "evaluate_on_cache", "get_kind", "load_cache", "load_predictor",
     "ndcg_at_k", "ranking_metrics", "read_manifest", "relevance", "report_markdown", "save_predictors", "train",
 ]

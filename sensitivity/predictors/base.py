@@ -2,17 +2,19 @@
 
 A *fold model* is one fitted predictor of one cross-validation fold: ``fit(train Dataset, seed)``,
 ``predict_codes(codes int16 [n, L]) -> float64 [n]`` in target units (higher = better), and a state of
-``(meta JSON dict, tensors {name: ndarray}, texts {name: str})`` that :mod:`.ensemble` saves with
+``(meta JSON dict, tensors {name: ndarray}, texts {name: str})`` that :mod:`.predictor` saves with
 safetensors + JSON (no pickle) and reloads into identical predictions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 import numpy as np
 
+from ..params import Params
+from ..registry import Registry
 from .data import Dataset, LayerTable, Target
 
 State = Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, str]]
@@ -28,16 +30,33 @@ class Context:
     device: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class KindParams(Params):
+    """Base of a predictor kind's parameters (a frozen dataclass per kind; unknown names are rejected)."""
+
+
 class FoldModel:
-    """Base class; subclasses set ``kind`` and implement ``fit``, ``predict_codes``, ``get_state``, ``set_state``."""
+    """Base class; subclasses set ``kind``, ``Params`` (their :class:`KindParams` dataclass) and implement
+    ``fit``, ``predict_codes``, ``get_state``, ``set_state``.
+
+    ``params`` (constructor): a mapping of parameter names to values, validated by ``Params.from_dict``
+    (an unknown name raises one line naming it and the known ones); ``self.hparams`` is the typed
+    object, ``self.params`` its dict (what the predictor folder records); ``defaults``: the defaults' dict.
+    """
 
     kind: str = ""
     description: str = ""
-    defaults: Dict[str, Any] = {}
+    Params: ClassVar[Type[KindParams]] = KindParams
+    defaults: ClassVar[Dict[str, Any]] = {}
 
-    def __init__(self, ctx: Context, params: Optional[Dict[str, Any]] = None):
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.defaults = cls.Params().to_dict()
+
+    def __init__(self, ctx: Context, params: Optional[Mapping[str, Any]] = None):
         self.ctx = ctx
-        self.params = {**self.defaults, **(params or {})}
+        self.hparams = self.Params.from_dict(params, owner=f"predictor {self.kind}" if self.kind else None)
+        self.params = self.hparams.to_dict()
         self.info: Dict[str, Any] = {}
 
     @classmethod
@@ -58,22 +77,18 @@ class FoldModel:
         raise NotImplementedError
 
 
-KINDS: Dict[str, Type[FoldModel]] = {}
+#: predictor kind name -> its :class:`FoldModel` class; each module registers its kinds (imported on first use)
+KINDS: Registry = Registry("predictor", key=lambda cls: cls.kind, replace=True, lazy={
+    "bits": f"{__package__}.tabular", "error": f"{__package__}.tabular", "additive": f"{__package__}.tabular",
+    "lightgbm": f"{__package__}.tabular", "ensemble": f"{__package__}.ensemble_model", "gnn": f"{__package__}.gnn",
+})
 
 
 def register_kind(cls: Type[FoldModel]) -> Type[FoldModel]:
-    KINDS[cls.kind] = cls
-    return cls
+    """Class decorator: register a :class:`FoldModel` subclass under its ``kind``."""
+    return KINDS.register(cls)
 
 
 def get_kind(name: str) -> Type[FoldModel]:
-    from ..errors import SensitivityError
-
-    _import_all()
-    if name not in KINDS:
-        raise SensitivityError(f"unknown predictor {name!r}; known: {', '.join(KINDS)}")
-    return KINDS[name]
-
-
-def _import_all() -> None:
-    from . import baselines, blend, gnn  # noqa: F401 - registers the kinds
+    """The fold-model class of kind ``name``; one line naming the known kinds if none."""
+    return KINDS.get(name)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,7 +44,7 @@ from torch.nn import functional as F
 
 from ..errors import SensitivityError
 from ..options import QuantOption
-from .base import Context, FoldModel, State, register_kind
+from .base import Context, FoldModel, KindParams, State, register_kind
 from .data import Dataset, LayerTable, read_feature_table
 from .metrics import relevance as relevance_np
 
@@ -235,11 +236,27 @@ class _threads:
 class GNNModel(FoldModel):
     kind = "gnn"
     description = "GATv2 GNN on the traced graph, hop read-outs, MSE + ranking loss"
-    defaults: Dict[str, Any] = {
-        "layers": 4, "hidden": 64, "d0": 32, "epochs": 150, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4,
-        "rank_loss": "spearman", "rank_weight": 1.0, "val_fraction": 0.15, "grad_clip": 5.0, "tau": 0.1,
-        "num_threads": 1, "feature_table": None,
-    }
+
+    @dataclass(frozen=True)
+    class Params(KindParams):
+        """Architecture (``layers`` GATv2 convolutions of width ``hidden``, embeddings ``d0``), training
+        (``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``val_fraction``), the ranking
+        term (``rank_loss``, ``rank_weight``, soft-rank temperature ``tau``), torch threads, ``feature_table``."""
+
+        layers: int = 4
+        hidden: int = 64
+        d0: int = 32
+        epochs: int = 150
+        batch_size: int = 32
+        lr: float = 2e-3
+        weight_decay: float = 1e-4
+        rank_loss: str = "spearman"
+        rank_weight: float = 1.0
+        val_fraction: float = 0.15
+        grad_clip: float = 5.0
+        tau: float = 0.1
+        num_threads: Optional[int] = 1
+        feature_table: Optional[str] = None
 
     @classmethod
     def available(cls, ctx: Context, ds: Optional[Dataset] = None) -> Optional[str]:

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import SensitivityError
 from .base import Context
 from .data import CacheData, Dataset, LayerTable, Target, load_cache
-from .ensemble import DEFAULT_BASELINES, DEFAULT_PREDICTOR, cross_validate, load_predictor, read_manifest, save_predictors
+from .predictor import DEFAULT_TABULAR_KINDS, DEFAULT_PREDICTOR, cross_validate, load_predictor, read_manifest, save_predictors
 from .metrics import ranking_metrics
 from .scores import MAX_MODULE_CONFIGS
 
@@ -71,7 +71,7 @@ def train(
     out: str | Path,
     model: Optional[str] = None,
     predictor: str = DEFAULT_PREDICTOR,
-    baselines: Sequence[str] = DEFAULT_BASELINES,
+    baselines: Sequence[str] = DEFAULT_TABULAR_KINDS,
     folds: int = 5,
     seed: int = 0,
     metric: str = "fid",

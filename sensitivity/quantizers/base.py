@@ -38,41 +38,21 @@ import dataclasses
 import math
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SensitivityError, UnknownOptionError
+from ..params import Params
+from ..registry import Registry
 
 _ITEMSIZE = {"float16": 2, "float32": 4, "uint8": 1}
 
-#: reference (Qua2SeDiMo / q-diffusion fork) method names
-METHOD_ALIASES: Dict[str, str] = {"mse": "uaq", "kmeans": "kmeans_c", "kmeans_all": "kmeans_a", "fp8": "fp8_e4m3"}
-
 
 @dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    """Base of every method's hyper-parameters (a frozen dataclass; subclasses add fields)."""
+class MethodConfig(Params):
+    """Base of every method's hyper-parameters (a frozen :class:`~sensitivity.params.Params`; subclasses
+    add fields); :meth:`from_dict` rejects unknown names."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`SensitivityError` for an invalid value (subclasses extend)."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MethodConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SensitivityError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
+    noun: ClassVar[str] = "setting"
 
 
 class QuantMethod(ABC):
@@ -85,6 +65,9 @@ class QuantMethod(ABC):
     allowed_bits: ClassVar[Tuple[int, ...]] = tuple(range(1, 9))
     #: the only width of a one-width method (its option name is then the method name alone)
     fixed_bits: ClassVar[Optional[int]] = None
+    #: weight bits the method computes with in a BOP count, where they differ from its storage bits
+    #: (k-means codebooks compute in fp16: the reference's ``BOP_LUT``)
+    compute_bits: ClassVar[Optional[int]] = None
 
     def __init__(self, name: str, config: Optional[MethodConfig] = None):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -152,48 +135,46 @@ class TableMethod(QuantMethod):
 # --------------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------------
-_METHODS: Dict[str, QuantMethod] = {}
-_FAMILIES: List[Tuple["re.Pattern[str]", Callable[["re.Match[str]"], QuantMethod], str]] = []
+#: every quantization method by name (a :class:`~sensitivity.registry.Registry`; families such as
+#: ``uaq_g<N>`` are built on first use; aliases are the reference's names, e.g. ``mse`` = ``uaq``)
+METHODS: Registry[QuantMethod] = Registry(
+    "method", error=UnknownOptionError,
+    unknown="unknown quantization method {name!r}; known: {known} (families: {families})")
+#: reference (Qua2SeDiMo / q-diffusion fork) method names -> registered names (live, read-only)
+METHOD_ALIASES: Mapping[str, str] = METHODS.aliases
 
 
-def register_method(method: QuantMethod, replace: bool = False) -> QuantMethod:
-    """Make ``method`` available under ``method.name`` (``replace=True`` swaps an existing one)."""
+def register_method(method: QuantMethod, replace: bool = False, aliases: Sequence[str] = ()) -> QuantMethod:
+    """Make ``method`` available under ``method.name`` (``replace=True`` swaps an existing one) and ``aliases``."""
     if not isinstance(method, QuantMethod):
         raise SensitivityError(f"register_method expects a QuantMethod instance, got {type(method).__name__}")
-    if method.name in _METHODS and not replace:
-        raise SensitivityError(f"method {method.name!r} is already registered (pass replace=True)")
-    _METHODS[method.name] = method
+    METHODS.register(method.name, method, replace=replace)
+    for a in aliases:
+        METHODS.alias(a, method.name)
     return method
 
 
-def register_method_family(pattern: str, factory: Callable[["re.Match[str]"], QuantMethod], example: str) -> None:
-    """Methods named by a pattern, e.g. ``r"uaq_g(\\d+)"`` -> a method built from the match on first use."""
-    _FAMILIES.append((re.compile(pattern), factory, example))
+def register_method_family(pattern: str, factory: Callable[["re.Match[str]"], QuantMethod], example: str,
+                           member: str) -> None:
+    """Methods named by a pattern, e.g. ``r"uaq_g(\\d+)"`` -> a method built from the match on first use;
+    ``example``: how the family is listed; ``member``: one valid name (``uaq_g128``)."""
+    METHODS.add_family(pattern, factory, example, member)
 
 
 def get_method(name: str) -> QuantMethod:
     """The registered method ``name`` (aliases such as ``mse`` resolved; families built on first use)."""
-    key = METHOD_ALIASES.get(name, name)
-    m = _METHODS.get(key)
-    if m is not None:
-        return m
-    for pattern, factory, _ in _FAMILIES:
-        match = pattern.fullmatch(key)
-        if match:
-            try:
-                return register_method(factory(match))
-            except SensitivityError as exc:
-                raise UnknownOptionError(f"method {name!r}: {exc}") from None
-    raise UnknownOptionError(
-        f"unknown quantization method {name!r}; known: {', '.join(method_names())} "
-        f"(families: {', '.join(ex for _, _, ex in _FAMILIES)})"
-    )
+    return METHODS.get(name)
 
 
 def method_names() -> Tuple[str, ...]:
     """Names of the registered methods (family members once used)."""
-    return tuple(_METHODS)
+    return METHODS.names()
 
 
 def family_examples() -> Tuple[str, ...]:
-    return tuple(ex for _, _, ex in _FAMILIES)
+    return METHODS.family_examples()
+
+
+def family_members() -> Tuple[str, ...]:
+    """One method name per family (``uaq_g128``)."""
+    return METHODS.family_members()

@@ -18,6 +18,7 @@ class FP8E4M3PerTensor(TableMethod):
     """``fp8_e4m3``: params ``{"scale": [1]}`` float32; table ``[1, 256]``."""
 
     fixed_bits = 8
+    compute_bits = 8
     allowed_bits = (8,)
 
     def param_layout(self, bits: int, shape: Sequence[int]):
@@ -40,4 +41,4 @@ class FP8E4M3PerTensor(TableMethod):
         return values.to(s.device)[None, :] * s
 
 
-register_method(FP8E4M3PerTensor("fp8_e4m3"))
+register_method(FP8E4M3PerTensor("fp8_e4m3"), aliases=("fp8",))

@@ -34,6 +34,7 @@ class KMeansConfig(MethodConfig):
 class _KMeans(TableMethod):
     config_class = KMeansConfig
     per_row: bool = True
+    compute_bits = 16  # the codebook values are fp16
 
     def __init__(self, name: str, config: KMeansConfig | None = None, backend: str = "auto"):
         super().__init__(name, config)
@@ -71,5 +72,5 @@ class KMeansPerTensor(_KMeans):
     per_row = False
 
 
-register_method(KMeansPerChannel("kmeans_c"))
-register_method(KMeansPerTensor("kmeans_a"))
+register_method(KMeansPerChannel("kmeans_c"), aliases=("kmeans",))
+register_method(KMeansPerTensor("kmeans_a"), aliases=("kmeans_all",))

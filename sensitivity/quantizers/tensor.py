@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..errors import SensitivityError, UnknownOptionError
-from ..options import QuantOption
+from .option import QuantOption
 from .base import TableMethod, get_method
 
 

@@ -207,7 +207,7 @@ class UniformAffinePerGroup(QuantMethod):
         return out.mul_(d)
 
 
-register_method(UniformAffine("uaq"))
+register_method(UniformAffine("uaq"), aliases=("mse",))
 register_method(UniformAffine("uaq_ls", UAQConfig(least_squares_refit=True)))
 register_method_family(r"uaq_g([0-9]+)", lambda m: UniformAffinePerGroup(m.group(0), GroupConfig(group_size=int(m.group(1)))),
-                       "uaq_g<N> (e.g. uaq_g128)")
+                       "uaq_g<N> (e.g. uaq_g128)", member="uaq_g128")

@@ -48,19 +48,21 @@ multiquantizer, ``error`` = ``||W-Ŵ||²/||W||²`` or ``sse``, under the same by
 
 from __future__ import annotations
 
-from .baselines import cache_best, error_ilp, uniform_baselines, uniform_config
+from .predictor_free import cache_best, error_ilp, uniform_config, uniform_configs
 from .budgets import budget_bytes, config_avg_bits, config_bytes, fp16_total, layer_order, max_avg_bits, min_avg_bits, size_table
 from .groups import Group, build_groups, layer_groups, module_groups
+from .inputs import bits_range, load_scores_csv, multiquantizer_for
 from .refine import knapsack_candidates, rate, refined_search
 from .searching import AdditiveScorer, SearchResult, parse_sweep, predict_results, search, search_scores, solve_groups
 from .solver import (MAX_COMBINATIONS, MAX_DP_STATES, InfeasibleTargetError, MCKPSolution, brute_force_mckp,
                      min_total_cost, solve_mckp)
 
 __all__ = [
+    "bits_range", "load_scores_csv", "multiquantizer_for",
     "AdditiveScorer", "Group", "InfeasibleTargetError", "MAX_COMBINATIONS", "MAX_DP_STATES", "MCKPSolution",
     "SearchResult", "brute_force_mckp", "budget_bytes", "build_groups", "cache_best", "config_avg_bits",
     "config_bytes", "error_ilp", "fp16_total", "layer_groups", "layer_order", "max_avg_bits", "min_avg_bits",
     "knapsack_candidates", "min_total_cost", "module_groups", "parse_sweep", "predict_results", "rate",
-    "refined_search", "search", "search_scores", "size_table",
-    "solve_groups", "solve_mckp", "uniform_baselines", "uniform_config",
+    "refined_search", "search", "search_scores", "size_table", "solve_groups", "solve_mckp", "uniform_configs",
+    "uniform_config",
 ]

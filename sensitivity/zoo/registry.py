@@ -10,10 +10,10 @@ A module registers its families at import time with :func:`register_family` (an 
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import TYPE_CHECKING, Any, Dict, List, Union
 
 from ..errors import SensitivityError
+from ..registry import Registry
 
 if TYPE_CHECKING:  # base imports torch; the registry must not
     from .base import ModelFamily
@@ -33,7 +33,9 @@ BUILTIN_FAMILIES: Dict[str, str] = {
     "flux": "generic",
 }
 
-_FAMILIES: Dict[str, "ModelFamily"] = {}
+#: family name -> its ModelFamily (built-in modules imported on first use)
+FAMILIES: Registry = Registry("model", lazy={n: f"{__package__}.{m}" for n, m in BUILTIN_FAMILIES.items()},
+                              replace=True, normalize=lambda n: str(n).strip().lower())
 
 
 def register_family(family: Union["ModelFamily", type]) -> Union["ModelFamily", type]:
@@ -43,26 +45,22 @@ def register_family(family: Union["ModelFamily", type]) -> Union["ModelFamily", 
     obj = family() if isinstance(family, type) else family
     if not isinstance(obj, ModelFamily) or not obj.name:
         raise TypeError(f"register_family needs a named ModelFamily, got {family!r}")
-    _FAMILIES[obj.name] = obj
+    FAMILIES.register(obj.name, obj)
     return family
 
 
 def _import_builtin(name: str) -> None:
-    module = BUILTIN_FAMILIES.get(name)
-    if module is not None and name not in _FAMILIES:
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
+    if name in BUILTIN_FAMILIES:
+        FAMILIES.find(name)
 
 
 def list_families() -> List[str]:
     """Names of all families: the built-in ones (in their fixed order) and any registered later."""
     for name in BUILTIN_FAMILIES:
         _import_builtin(name)
-    names = [n for n in BUILTIN_FAMILIES if n in _FAMILIES]
-    return names + sorted(n for n in _FAMILIES if n not in BUILTIN_FAMILIES)
+    loaded = FAMILIES.loaded()
+    names = [n for n in BUILTIN_FAMILIES if n in loaded]
+    return names + sorted(n for n in loaded if n not in BUILTIN_FAMILIES)
 
 
 def family_cards() -> List[Dict[str, Any]]:
@@ -72,15 +70,17 @@ def family_cards() -> List[Dict[str, Any]]:
 
     rows = []
     for name in BUILTIN_FAMILIES:
-        if name in _FAMILIES:
-            rows.append(_FAMILIES[name].info())
+        loaded = FAMILIES.loaded()
+        if name in loaded:
+            rows.append(loaded[name].info())
         elif name in CARDS:
             rows.append(copy.deepcopy(CARDS[name]))
         else:
-            _import_builtin(name)
-            if name in _FAMILIES:
-                rows.append(_FAMILIES[name].info())
-    rows += [_FAMILIES[n].info() for n in sorted(_FAMILIES) if n not in BUILTIN_FAMILIES]
+            fam = FAMILIES.find(name)
+            if fam is not None:
+                rows.append(fam.info())
+    loaded = FAMILIES.loaded()
+    rows += [loaded[n].info() for n in sorted(loaded) if n not in BUILTIN_FAMILIES]
     return rows
 
 
@@ -92,22 +92,22 @@ def get_family(name: Union[str, "ModelFamily"]) -> "ModelFamily":
         if isinstance(name, ModelFamily):
             return name
     key = str(name).strip().lower()
-    _import_builtin(key)
-    if key not in _FAMILIES and key.startswith("diffusers-"):  # any diffusers pipeline class
+    fam = FAMILIES.find(key)
+    if fam is None and key.startswith("diffusers-"):  # any diffusers pipeline class
         from .generic import generic_family
 
         return generic_family(key)
-    if key not in _FAMILIES:
-        known = ", ".join(dict.fromkeys(list(BUILTIN_FAMILIES) + sorted(_FAMILIES)))  # imports no family
+    if fam is None:
+        known = ", ".join(dict.fromkeys(list(BUILTIN_FAMILIES) + sorted(FAMILIES.loaded())))  # imports no family
         raise SensitivityError(f"unknown model {name!r}; known models: {known}")
-    return _FAMILIES[key]
+    return fam
 
 
 def family_for_denoiser(denoiser) -> "ModelFamily | None":
     """The first registered family whose denoiser class is ``type(denoiser)`` (None: no zoo family)."""
     name = type(denoiser).__name__
     for fam_name in list_families():
-        fam = _FAMILIES[fam_name]
+        fam = FAMILIES.get(fam_name)
         if name in tuple(fam.denoiser_class_names):
             return fam
     return None

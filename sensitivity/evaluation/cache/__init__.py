@@ -40,7 +40,10 @@ from .formats import from_reference_names, read_records_file, to_reference_name
 from .records import (FORMAT, RECORD_FIELDS, REFERENCE_METRIC, SignatureMismatchError, build_record, describe_difference,
                       evaluation_signature, now_iso, run_id_for)
 from .store import AddResult, ConfigCache
+from .files import import_records, read_records, rebind_multiquantizer, remove_if_empty
 
-__all__ = ["AddResult", "ConfigCache", "FORMAT", "RECORD_FIELDS", "REFERENCE_METRIC", "SignatureMismatchError",
-           "build_record", "config_hash", "describe_difference", "evaluation_signature", "from_reference_names",
-           "normalize_config", "now_iso", "process_owner", "read_records_file", "run_id_for", "to_reference_name"]
+__all__ = ["AddResult", "ConfigCache", "FORMAT", "RECORD_FIELDS", "REFERENCE_METRIC",
+           "SignatureMismatchError", "build_record", "config_hash", "describe_difference",
+           "evaluation_signature", "from_reference_names", "import_records", "normalize_config", "now_iso",
+           "process_owner", "read_records", "read_records_file", "rebind_multiquantizer", "remove_if_empty",
+           "run_id_for", "to_reference_name"]

@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ...config import config_hash, normalize_config  # noqa: F401 - re-exported (one config hash)
 from ...errors import SensitivityError
-from ...options import METHOD_ALIASES
+from ...quantizers.base import METHOD_ALIASES
 
 FORMAT = "sensitivity.cache/1"
 REFERENCE_METRIC = "FID-GT-1k"

@@ -30,9 +30,9 @@ from __future__ import annotations
 from .base import SLOTS_PER_WORKER, WORKER_ENV, EvaluateFn, Event, Factory, LocalRunner, Runner
 from .job import JobPlan, JobSummary, PipelinedFactory, layer_stats_from_multiquantizer, run_job
 from .process import ProcessRunner
-from .ray_runner import RayRunner, ray_available
+from .ray_runner import RayRunner, connect_ray, ray_available, ray_connection
 from .thread import ThreadRunner
 
 __all__ = ["EvaluateFn", "Event", "Factory", "JobPlan", "JobSummary", "LocalRunner", "PipelinedFactory", "ProcessRunner",
            "RayRunner", "Runner", "SLOTS_PER_WORKER", "ThreadRunner", "WORKER_ENV", "layer_stats_from_multiquantizer",
-           "ray_available", "run_job"]
+           "connect_ray", "ray_available", "ray_connection", "run_job"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...errors import SensitivityError
 
@@ -189,4 +190,44 @@ class RayRunner(Runner):
             except Exception:  # noqa: BLE001
                 pass
         if self._started_ray:
+            ray.shutdown()
+
+
+def connect_ray(address: str, device: Optional[str] = None) -> Tuple[Optional[str], bool]:
+    """Connect to the Ray cluster at ``address`` ('auto', 'host:6379', 'ray://…') or start one here
+    ('local'); returns ``(device, started)``: the workers' device (default cuda when the cluster has GPUs)
+    and whether this call initialised Ray (then :func:`ray_connection` shuts it down)."""
+    if not ray_available():
+        raise SensitivityError("--ray needs Ray: pip install 'sensitivity[ray]'")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: Dict[str, Any] = {"include_dashboard": False, "logging_level": "warning"}
+        if address not in ("local", ""):
+            kwargs["address"] = address
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:
+            raise SensitivityError(f"--ray {address}: cannot connect to the Ray cluster ({exc})") from None
+        started = True
+    if device is None:
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return device, started
+
+
+@contextlib.contextmanager
+def ray_connection(address: Optional[str], device: Optional[str] = None) -> Iterator[Optional[str]]:
+    """``with ray_connection(address, device) as device:`` Ray connected (or started) inside, shut down
+    after if this call started it; ``address`` None: no Ray, ``device`` passes through."""
+    if not address:
+        yield device
+        return
+    device, started = connect_ray(address, device)
+    try:
+        yield device
+    finally:
+        if started:
+            import ray
+
             ray.shutdown()

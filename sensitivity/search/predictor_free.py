@@ -1,4 +1,5 @@
-"""Baselines under the same budget: uniform configs, the best cached config, the error ILP."""
+"""Predictor-free configs under the same budget (the search's baselines): uniform configs, the best cached
+config, the error ILP. The allocators people use (SDNQ, HAWQ, MixDQ) are in :mod:`sensitivity.allocators`."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def uniform_config(sizes: pd.DataFrame, option: str) -> SearchResult:
     return _result({l: opt for l in layers}, sizes, f"uniform-{opt}")
 
 
-def uniform_baselines(sizes: pd.DataFrame, target_bits: Optional[float] = None) -> List[SearchResult]:
+def uniform_configs(sizes: pd.DataFrame, target_bits: Optional[float] = None) -> List[SearchResult]:
     """All uniform configs of the options in ``sizes`` (only those at or below ``target_bits`` if given)."""
     sizes = _table(sizes)
     out = [uniform_config(sizes, o) for o in dict.fromkeys(o for _, o, _ in sizes.entries())]

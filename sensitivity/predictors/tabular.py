@@ -1,4 +1,5 @@
-"""Honest baselines, trained and scored on the same folds as the GNN.
+"""Tabular predictor kinds (the GNN's baselines): features of the config's options, no graph; trained and
+scored on the same folds as the GNN.
 
 * ``bits``     — average bits alone: ``y ≈ a + b·avg_bits`` (least squares on the training fold).
 * ``error``    — Σ per-layer relative squared error: ``y ≈ a + b·Σ error`` (the MixDQ/HAWQ proxy).
@@ -12,11 +13,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from .base import Context, FoldModel, State, register_kind
+from .base import Context, FoldModel, KindParams, State, register_kind
 from .data import Dataset, read_feature_table
 
 
@@ -81,7 +83,12 @@ class ErrorModel(_LinearOnOneFeature):
 class AdditiveModel(FoldModel):
     kind = "additive"
     description = "per-layer additive linear model (ridge on one-hot options)"
-    defaults: Dict[str, Any] = {"alphas": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]}
+
+    @dataclass(frozen=True)
+    class Params(KindParams):
+        """``alphas``: ridge strengths tried by leave-one-out CV on the training fold."""
+
+        alphas: Tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
     def fit(self, ds: Dataset, seed: int = 0) -> "AdditiveModel":
         from sklearn.linear_model import RidgeCV
@@ -111,9 +118,21 @@ class AdditiveModel(FoldModel):
 class LightGBMModel(FoldModel):
     kind = "lightgbm"
     description = "LightGBM on per-layer one-hot options"
-    defaults: Dict[str, Any] = {"n_estimators": 400, "learning_rate": 0.03, "num_leaves": 15, "min_child_samples": 10,
-                                "subsample": 0.8, "subsample_freq": 1, "colsample_bytree": 0.5, "reg_lambda": 1.0,
-                                "n_jobs": 1, "feature_tables": []}
+
+    @dataclass(frozen=True)
+    class Params(KindParams):
+        """LightGBM's own parameters, plus ``feature_tables``: CSVs ``layer,option,value`` (see the module doc)."""
+
+        n_estimators: int = 400
+        learning_rate: float = 0.03
+        num_leaves: int = 15
+        min_child_samples: int = 10
+        subsample: float = 0.8
+        subsample_freq: int = 1
+        colsample_bytree: float = 0.5
+        reg_lambda: float = 1.0
+        n_jobs: int = 1
+        feature_tables: Union[str, Tuple[str, ...]] = ()
 
     @classmethod
     def available(cls, ctx: Context, ds: Optional[Dataset] = None) -> Optional[str]:

@@ -4,19 +4,20 @@ One fold model of ``ensemble`` holds one fold model of each member kind (default
 the additive model), trained on the same training fold with the same seed; its prediction is
 ``Σ_k w_k · ŷ_k`` in target units (every member regresses the same target, so the mean is a
 prediction too, usable by the search and the λ·bits rule). ``weights`` default equal; they are
-parameters, never fitted on held-out data. Under :func:`.ensemble.cross_validate` the members reuse
+parameters, never fitted on held-out data. Under :func:`.predictor.cross_validate` the members reuse
 the fold models already trained for those kinds in the same run (same params), so the GNN is not
 trained twice. The state is the members' states under ``<member>.`` prefixes (no pickle).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..errors import SensitivityError
-from .base import Context, FoldModel, State, get_kind, register_kind
+from .base import Context, FoldModel, KindParams, State, get_kind, register_kind
 from .data import Dataset
 
 
@@ -24,7 +25,15 @@ from .data import Dataset
 class EnsembleModel(FoldModel):
     kind = "ensemble"
     description = "weighted mean of member kinds' predictions (default GNN + LightGBM + additive)"
-    defaults: Dict[str, Any] = {"members": ["gnn", "lightgbm", "additive"], "weights": None, "member_params": {}}
+
+    @dataclass(frozen=True)
+    class Params(KindParams):
+        """``members``: member kinds; ``weights``: one per member (``None``: equal); ``member_params``:
+        ``{kind: {param: value}}`` of the members."""
+
+        members: Tuple[str, ...] = ("gnn", "lightgbm", "additive")
+        weights: Optional[Tuple[float, ...]] = None
+        member_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __init__(self, ctx: Context, params: Optional[Dict[str, Any]] = None):
         super().__init__(ctx, params)
@@ -36,6 +45,8 @@ class EnsembleModel(FoldModel):
         if len(w) != len(members) or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
             raise SensitivityError(f"ensemble: weights {self.params['weights']} must be {len(members)} "
                                    "finite non-negative numbers, not all 0")
+        for k in members:  # a member's unknown parameter fails here, not after the other members trained
+            get_kind(k).Params.from_dict(self.member_params(k), owner=f"predictor {k}")
         self.members = members
         self.weights = np.asarray(w, dtype=np.float64) / sum(w)
         self.models: Dict[str, FoldModel] = {}
@@ -63,7 +74,7 @@ class EnsembleModel(FoldModel):
         self.info = {"reused": []}
         for k in self.members:
             m = fitted.get(k)
-            want = {**get_kind(k).defaults, **self.member_params(k)}
+            want = get_kind(k).Params.from_dict(self.member_params(k), owner=f"predictor {k}").to_dict()
             if m is not None and m.params == want:
                 self.info["reused"].append(k)
             else:

@@ -1,8 +1,8 @@
-"""K-fold training, the fold ensemble, the report, and the predictor folder (safetensors + JSON).
+"""The predictor of any kind: k-fold training, the report, and the predictor folder (safetensors + JSON).
 
 :func:`cross_validate` trains every requested kind on the *same* folds (seeded ``KFold``) and scores
 each fold model on its held-out configs (Spearman, Kendall τ, NDCG@10). The ``k`` fold models of a
-kind form its ensemble (:class:`Predictor`, mean prediction), as in the reference.
+kind make its :class:`Predictor` (their mean prediction), as in the reference.
 
 Folder layout written by :func:`save_predictors` (``predictors/NAME/``)::
 
@@ -39,7 +39,7 @@ from . import scores as S
 
 FORMAT = "sensitivity.predictor/1"
 METRICS = ("spearman", "kendall", "ndcg@10")
-DEFAULT_BASELINES = ("bits", "error", "additive", "lightgbm")
+DEFAULT_TABULAR_KINDS = ("bits", "error", "additive", "lightgbm")
 # the kind `sensitivity train` / `demo` fit unless told: best held-out Kendall tau on digits-dit (README, Predictors)
 DEFAULT_PREDICTOR = "ensemble"
 
@@ -407,6 +407,8 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
 
 def read_manifest(path: str | os.PathLike) -> Dict[str, Any]:
     p = Path(path)
+    if not p.exists():
+        raise SensitivityError(f"predictor {str(path)!r} does not exist")
     f = p / "predictor.json" if p.is_dir() else p
     if not f.is_file():
         raise SensitivityError(f"predictor {str(path)!r}: no predictor.json (not a predictor folder)")
