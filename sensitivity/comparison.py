@@ -15,6 +15,13 @@ budget. With ``repeat_evaluator`` (a second held-out seed set) the searched conf
 are measured twice (columns ``<metric>_2``): the spread shows which gaps are larger than the
 images' noise.
 
+Noise: with an evaluator that has ``bootstrap`` replicates (:class:`~sensitivity.evaluation.evaluator.Evaluator`),
+every measured metric gets its bootstrap standard error over the images (``<metric>_se``), and each
+target's rows are marked by a *paired* bootstrap on the comparison metric — every config is measured on
+the same images, and the replicates resample the same indices, so a difference carries only its own
+noise: ``verdict`` is ``best`` / ``tie`` (the 95 % interval of the difference to the best row holds 0) /
+``worse``, and ``vs_search`` is ``better`` / ``tie`` / ``worse`` against the searched config.
+
 Stage order: this module uses search; predictors and evaluators come in as objects; workflows and commands import it.
 """
 
@@ -35,6 +42,47 @@ from .sizes import SizeTable
 
 METRIC_KEYS = ("fid", "kid", "accuracy", "psnr")
 COST_KEYS = ("configs_labelled", "label_cpu_s")
+TIE_LEVEL = 0.95  # two-sided level of the paired bootstrap interval that decides a tie
+
+
+def paired_marks(values: Sequence[float], replicates: Sequence[Optional[Sequence[float]]], sign: float,
+                 reference: int, level: float = TIE_LEVEL) -> List[Optional[str]]:
+    """``better`` / ``tie`` / ``worse`` of each entry against entry ``reference`` (itself: ``None``).
+
+    ``values``: point estimates; ``replicates``: paired bootstrap replicates of each (same resampled
+    images; ``None``: not measured so, mark ``None``); ``sign``: +1 if higher is better, -1 if lower.
+    A tie: the ``level`` percentile interval of ``sign * (replicate_i - replicate_ref)`` holds 0.
+    """
+    ref = replicates[reference]
+    out: List[Optional[str]] = []
+    for i, (v, rep) in enumerate(zip(values, replicates)):
+        if i == reference or rep is None or ref is None or v is None:
+            out.append(None)
+            continue
+        d = sign * (np.asarray(rep, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+        lo, hi = np.quantile(d, [(1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0])
+        out.append("better" if lo > 0 else "worse" if hi < 0 else "tie")
+    return out
+
+
+def mark_rows(rows: List[Dict[str, Any]], replicates: Sequence[Optional[Sequence[float]]], metric: str,
+              sign: float, level: float = TIE_LEVEL) -> None:
+    """Set ``verdict`` (best / tie / worse vs the best row by ``metric``) and ``vs_search`` of one
+    target's ``rows`` in place (see :func:`paired_marks`); rows without replicates get neither."""
+    idx = [i for i, r in enumerate(rows) if r.get(metric) is not None]
+    if not idx:
+        return
+    vals = [float(rows[i][metric]) for i in idx]
+    reps = [replicates[i] for i in idx]
+    best = int(np.argmax(sign * np.asarray(vals)))
+    for i, m in zip(idx, paired_marks(vals, reps, sign, best, level)):
+        if reps[idx.index(i)] is not None:
+            rows[i]["verdict"] = "best" if i == idx[best] else m
+    srch = [k for k, i in enumerate(idx) if rows[i].get("source") == "search"]
+    if srch:
+        for i, m in zip(idx, paired_marks(vals, reps, sign, srch[0], level)):
+            if m is not None:
+                rows[i]["vs_search"] = m
 
 
 def cache_cost(records: Sequence[Mapping[str, Any]]) -> Tuple[int, float]:
@@ -103,6 +151,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     sign = metric_spec(metric).sign()
     say = log or (lambda text: None)
     measured: Dict[str, Dict[str, Any]] = {}
+    replicates: Dict[int, Optional[Sequence[float]]] = {}  # id(row) -> its metric's bootstrap replicates
     measured_2: Dict[str, Dict[str, Any]] = {}
     job_measured: Dict[str, Optional[float]] = {}
     job_cost = cache_cost(records)
@@ -142,6 +191,9 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         row = {"target": t, "method": method, "source": source, "avg_bits": 16.0 * q / fp,
                f"predicted_{metric}": predicted(options) if pred is None else pred,
                job_col: job_value_of(options) if job == "measure" else job, **{k: m.get(k) for k in METRIC_KEYS}}
+        boot = m.get("bootstrap") or {}
+        row.update({f"{k}_se": float(np.std(boot[k], ddof=1)) for k in METRIC_KEYS if len(boot.get(k) or ()) > 1})
+        replicates[id(row)] = boot.get(metric)
         if repeat_evaluator is not None and (repeat == "all" or source == "search"):
             m2 = measured_of(options, repeat_evaluator, measured_2)
             row.update({f"{k}_2": m2.get(k) for k in METRIC_KEYS})
@@ -153,7 +205,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
                            **{k: m.get(k) for k in METRIC_KEYS}})
         return row
 
-    out.full_precision = fp = measured_of({})
+    out.full_precision = fp = {k: v for k, v in measured_of({}).items() if k != "bootstrap"}
     say(f"full precision on them: FID {_fmt(fp.get('fid'))}, accuracy {_fmt(fp.get('accuracy'))}")
     job_col = f"job_{metric}"
     for u in uniforms:
@@ -163,6 +215,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
     for a in allocated:
         by_target.setdefault(float(a["target"]), []).append(a)
     for t in targets:
+        first = len(out.rows)
         if t < floor:
             out.skipped.append(t)
             say(f"target {t:g}: below the smallest possible {floor:.4f} avg bits; skipped")
@@ -200,6 +253,8 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
                 continue
             add(t, a["method"], a.get("source", a["method"]), a["options"],
                 (a.get("configs_labelled"), a.get("label_cpu_s")), job=a.get(job_col))
+        here = out.rows[first:]
+        mark_rows(here, [replicates.get(id(r)) for r in here], metric, sign)
     for u in uniforms:
         um = measured.get(_key(u.options))
         if um is not None:
@@ -216,34 +271,18 @@ def reranked_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional
     whole predictor rates best: the fold ensemble's mean minus ``kappa`` × the folds' standard
     deviation (``predictor.models``; without them, ``predict``). Every candidate fits the target.
     Uses no measurement: the held-out images choose nothing. ``details["rerank"]`` lists the candidates.
+    :func:`sensitivity.search.refined_search` goes on from the best candidates with local moves.
     """
+    from .search.refine import knapsack_candidates, rate
+
     sizes = sizes if sizes is not None else SizeTable.from_multiquantizer(mq)
-    cands, seen = [], set()
-    for level in levels:
-        if level == "module" and not hasattr(predictor, "module_scores"):
-            continue
-        for off in offsets:
-            t = round(float(target_bits) - float(off), 6)
-            if t < sizes.min_avg_bits():
-                continue
-            try:
-                r = search(predictor, mq, t, level=level, sizes=sizes)
-            except SensitivityError:
-                continue
-            k = _key(r.options)
-            if k not in seen:
-                seen.add(k)
-                r.details.update(level=level, offset=float(off))
-                cands.append(r)
-    if not cands:
-        raise InfeasibleTargetError(f"target {target_bits:g}: no candidate config")
+    cands = knapsack_candidates(predictor, mq, target_bits, sizes, offsets, levels)
     models = getattr(predictor, "models", None)
     if models and hasattr(predictor, "encode"):
-        codes = predictor.encode([c.options for c in cands])
-        per = np.array([m.predict_codes(codes) for m in models])
+        per = np.array([m.predict_codes(predictor.encode([c.options for c in cands])) for m in models])
         mean, std = per.mean(axis=0), per.std(axis=0)
     else:
-        mean, std = np.asarray(predictor.predict([c.options for c in cands]), dtype=np.float64), np.zeros(len(cands))
+        mean, std = rate(predictor, [c.options for c in cands]), np.zeros(len(cands))
     score = mean - float(kappa) * std
     best = int(np.argmax(score))
     res = cands[best]
@@ -342,7 +381,8 @@ def plot_comparison(comp: Comparison, y: str = "fid", title: Optional[str] = Non
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str], digits: int = 3) -> str:
-    """A Markdown table of ``rows`` (numbers right-aligned with ``digits`` decimals, ``–`` where missing)."""
+    """A Markdown table of ``rows`` (numbers right-aligned with ``digits`` decimals, ``–`` where missing;
+    a value whose row has ``<col>_se`` is written ``value ± se``)."""
     num = {c: any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in cols}
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if num[c] else "---" for c in cols) + "|"]
     for r in rows:
@@ -355,6 +395,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str], digit
                 cells.append(f"{int(v):,}")
             elif c == "label_cpu_s":
                 cells.append(f"{v:,.0f}")
+            elif isinstance(r.get(f"{c}_se"), (int, float)):
+                cells.append(f"{_fmt(v, digits)} ± {_fmt(r[f'{c}_se'], digits)}")
             else:
                 cells.append(_fmt(v, digits))
         lines.append("| " + " | ".join(cells) + " |")

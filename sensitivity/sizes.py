@@ -245,6 +245,11 @@ class SizeTable:
                 q += int(self.nbytes[i, j]) - int(self.fp16_bytes[i])
         return q, self.fp16_total
 
+    def layer_bytes(self, layer: str, option: str) -> int:
+        """Bytes of ``layer`` stored as ``option`` (``fp16``: its fp16 bytes)."""
+        i, j = self._cell(layer, option)
+        return int(self.fp16_bytes[i] if j is None else self.nbytes[i, j])
+
     def quantized_bytes(self, config: Mapping[str, str]) -> int:
         return self.config_bytes(config)[0]
 

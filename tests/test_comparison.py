@@ -161,3 +161,80 @@ def test_reranked_search_keeps_the_candidate_the_whole_predictor_rates_best(setu
     means = [c["mean"] for c in res.details["rerank"]]
     assert res.details["rerank_choice"] == int(np.argmax(means))
     assert Folds(predictor).predict([res.options])[0] >= Folds(predictor).predict([plain.options])[0]
+
+
+class BootstrapEvaluator(ErrorEvaluator):
+    """ErrorEvaluator with paired bootstrap replicates: a large image noise shared by every config
+    (the same resampled images) plus a small one of its own."""
+
+    def __init__(self, sizes, shared=2.0, own=0.01, n=400):
+        super().__init__(sizes)
+        self.shared = np.random.default_rng(1).normal(0, shared, n)
+        self.own, self.n = own, n
+
+    def evaluate(self, options):
+        r = super().evaluate(options)
+        seed = int(config_hash(dict(options))[:8], 16) if options else 0
+        own = np.random.default_rng(seed).normal(0, self.own, self.n)
+        r["bootstrap"] = {"fid": (r["fid"] + self.shared + own).tolist(), "psnr": [r["psnr"]] * self.n}
+        return r
+
+
+def test_comparison_marks_ties_by_a_paired_bootstrap(setup):
+    from sensitivity.comparison import markdown_table, paired_marks
+
+    sizes, predictor, records = setup
+    comp = compare_at_targets(predictor, None, BootstrapEvaluator(sizes), [3.6], records, sizes=sizes)
+    rows = [r for r in comp.rows if r.get("fid") is not None]
+    assert all(r["fid_se"] > 1.5 for r in rows)  # each FID alone is noisy (the shared noise)...
+    best = min(rows, key=lambda r: r["fid"])
+    assert best["verdict"] == "best"
+    for r in rows:  # ...but differences are not: they are ranked unless within the small own noise
+        if r is not best:
+            gap = r["fid"] - best["fid"]
+            assert r["verdict"] == ("tie" if gap < 0.005 else "worse" if gap > 0.05 else r["verdict"])
+        assert ("vs_search" in r) == (r["source"] != "search")
+    assert any(r.get("verdict") == "worse" for r in rows)
+    assert "±" in markdown_table(rows, ["method", "fid"])
+    # unpaired-looking replicates (independent large noise) make a small gap a tie
+    rng = np.random.default_rng(0)
+    reps = [rng.normal(0, 1, 500), rng.normal(0, 1, 500) + 0.05]
+    assert paired_marks([10.0, 10.05], reps, sign=-1.0, reference=0) == [None, "tie"]
+    assert paired_marks([10.0, 13.0], [r + 0 for r in (reps[0], reps[0] + 3.0)], sign=-1.0, reference=0) == [None, "worse"]
+
+
+def test_refined_search_uses_the_whole_predictor_within_the_exact_budget(setup):
+    from sensitivity.search import budget_bytes, rate, refined_search, search
+
+    sizes, predictor, _ = setup
+    layers = list(SHAPES)
+
+    class Interacting:  # additive scores plus an interaction the additive proxy cannot see
+        def __init__(self, inner):
+            self.inner, self.models = inner, [self]
+
+        def layer_scores(self, mq=None):
+            return self.inner.layer_scores(mq)
+
+        def encode(self, configs):
+            return list(configs)
+
+        def predict_codes(self, configs):
+            bonus = [0.05 * sum(c.get(a, "fp16") == c.get(b, "fp16") for a, b in zip(layers, layers[1:]))
+                     for c in configs]
+            return self.inner.predict(configs) + np.array(bonus)
+
+        def predict(self, configs):
+            return self.predict_codes(configs)
+
+    p = Interacting(predictor)
+    for t in (3.4, 3.8):
+        plain = search(p, None, t, sizes=sizes)
+        res = refined_search(p, None, t, sizes=sizes)
+        assert sizes.quantized_bytes(res.options) <= budget_bytes(t, sizes.fp16_total)
+        assert rate(p, [res.options])[0] >= rate(p, [plain.options])[0]
+        assert res.details["rating"] == pytest.approx(rate(p, [res.options])[0])
+        assert refined_search(p, None, t, sizes=sizes).options == res.options  # deterministic
+    assert res.details["moves"] > 0 and res.details["gain"] > 0
+    rer = refined_search(p, None, 3.8, sizes=sizes, local=False)
+    assert rer.method == "search-reranked" and rer.details["moves"] == 0

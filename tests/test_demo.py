@@ -41,6 +41,15 @@ def test_demo_outputs(demo):
     for r in searched:
         assert r["avg_bits"] <= r["target"] + 1e-9 and r["psnr"] > 0 and r["fid"] > 0 and r["job_fid"] > 0
     assert any(r["method"] == "error ILP" for r in s["rows"])
+    # noise: every measured row carries its bootstrap se; ties are marked, not ranked
+    assert s["noise"]["bootstrap_replicates"] == 200 and "tie" in s["noise"]["note"]
+    measured = [r for r in s["rows"] if r.get("fid") is not None]
+    assert all(r["fid_se"] > 0 and r["psnr_se"] >= 0 for r in measured)
+    for t in (3.5, 4.0):
+        marks = [r["verdict"] for r in measured if r["target"] == t]
+        assert marks.count("best") == 1 and set(marks) <= {"best", "tie", "worse"}
+    assert all(r["vs_search"] in ("better", "tie", "worse") for r in measured if r["method"] != "search")
+    assert "±" in (demo / "summary.md").read_text()
     for src in ("SDNQ rule", "reference top-1"):  # the allocators that need no extra labels
         got = [r for r in s["rows"] if r.get("source") == src]
         assert [r["target"] for r in got] == [3.5, 4.0], src
@@ -65,6 +74,10 @@ def test_demo_bad_input(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--targets", "3.5,abc"]) == 2
     assert "--targets" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    for bad, opt in ((["--threads", "0"], "--threads"), (["--workers", "0"], "--workers")):
+        assert main(["demo", "--out", str(tmp_path / "x")] + bad) == 2
+        assert opt in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -289,3 +289,28 @@ def test_evaluator_real_model_path(cleanfid_fid, tmp_path):
     with pytest.raises(SensitivityError, match="feature network"):
         Evaluator(fam, pipe, None, protocol, reference_dir=ref_dir, extractor=M.CleanFIDInception(
             device="cpu", model=_FirstFeatures(_PooledPixels(), k=4)))
+
+
+def test_bootstrap_replicates_are_seeded_paired_and_exact_on_the_identity_resample():
+    from sensitivity.evaluation import metrics as M
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (60, 8)), rng.normal(0.2, 1, (80, 8))
+    imgs = rng.integers(0, 256, (60, 4, 4, 1), dtype=np.uint8)
+    ref = rng.integers(0, 256, (60, 4, 4, 1), dtype=np.uint8)
+    correct = rng.random(60) < 0.8
+    idx = M.bootstrap_indices(60, 50, seed=3)
+    assert idx.shape == (50, 60) and np.array_equal(idx, M.bootstrap_indices(60, 50, seed=3))
+    assert not np.array_equal(idx, M.bootstrap_indices(60, 50, seed=4))
+    kw = dict(features=a, reference_features=b, reference_stats=M.feature_statistics(b), correct=correct,
+              image_mse=M.per_image_mse(imgs, ref))
+    same = M.bootstrap_replicates(np.arange(60)[None], **kw)
+    assert same["fid"][0] == pytest.approx(M.fid_from_features(a, b))
+    assert same["psnr"][0] == pytest.approx(M.psnr(imgs, ref))
+    assert same["accuracy"][0] == pytest.approx(correct.mean())
+    k = lambda x, y: (x @ y.T / 8 + 1) ** 3  # noqa: E731 - the unbiased MMD² of all of a against all of b
+    mmd = ((k(a, a).sum() - np.trace(k(a, a))) / (60 * 59) + (k(b, b).sum() - np.trace(k(b, b))) / (80 * 79)
+           - 2 * k(a, b).mean())
+    assert same["kid"][0] == pytest.approx(mmd)
+    reps = M.bootstrap_replicates(idx, **kw)
+    assert all(v.shape == (50,) and np.isfinite(v).all() and v.std() > 0 for v in reps.values())

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "accuracy work too)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the predictor")
     p.add_argument("--workers", type=int, default=None, help="evaluation worker processes (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process and of each evaluation worker (default: the cores here, and "
+                        "`sample`'s default per worker); the results do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random configs and of training (default 0)")
     p.set_defaults(func=run)
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                              images_per_class=args.images_per_class, targets=args.targets, predictor=args.predictor,
                              check_images_per_class=args.check_images_per_class, metric=args.metric,
                              folds=args.folds, workers=args.workers, seed=args.seed, components=args.components,
-                             options=args.options)
+                             options=args.options, threads=args.threads)
     run = run_demo(settings)
     print("\n" + run.table)
     print("\n" + run.describe())

@@ -257,8 +257,12 @@ class Evaluator:
                  check_model: bool = True, inception: Union[str, Path, None] = None,
                  clip_model: Optional[str] = None, lpips_net: Optional[str] = None,
                  act_calibration: Union[str, Path, None] = None, reference_images=None,
-                 fp_images_dir: Union[str, Path, None] = None):
+                 fp_images_dir: Union[str, Path, None] = None, bootstrap: int = 0, bootstrap_seed: int = 0):
         self.family = get_family(family)
+        if int(bootstrap) < 0:
+            raise SensitivityError(f"Evaluator: bootstrap must be >= 0 replicates, got {bootstrap}")
+        #: replicates of each metric over images resampled with this seed (0: none); not part of the protocol
+        self.bootstrap, self.bootstrap_seed = int(bootstrap), int(bootstrap_seed)
         self.pipe = pipe
         self.denoiser = self.family.denoiser(pipe)
         # what configs are applied to: the denoiser, or every component for a pipeline multiquantizer
@@ -451,16 +455,20 @@ class Evaluator:
             return self._generate_fp()
 
     # ----------------------------------------------------------------------------- scoring
-    def score(self, images: np.ndarray, timings: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    def score(self, images: np.ndarray, timings: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
         """The protocol's metrics of ``images`` (uint8 ``[N, H, W, C]``, in protocol order).
 
         ``timings``: gets ``fp_load`` / ``fp_generate`` seconds if the full-precision images are fetched here."""
         p = self.protocol
-        out: Dict[str, float] = {}
+        out: Dict[str, Any] = {}
         want = set(p.metrics)
+        boot: Dict[str, Any] = {}  # per-image quantities for the bootstrap replicates
         if self.digits:
             feats, pred = self._features.features_and_predictions(images)
             ref = self._features.reference_features()
+            boot.update(features=feats, reference_features=ref if "kid" in want else None,
+                        reference_stats=self._features.reference_statistics() if "fid" in want else None,
+                        correct=(np.asarray(pred) == self._labels) if "accuracy" in want else None)
             if "fid" in want:
                 out["fid"] = M.frechet_distance(*M.feature_statistics(feats), *self._features.reference_statistics())
             if "kid" in want:
@@ -480,8 +488,12 @@ class Evaluator:
                 out["fid"] = M.fid_from_features(feats, ref)
             if "kid" in want:
                 out["kid"] = M.kid_from_features(feats, ref, num_subsets=p.kid_subsets, seed=0)
+            boot.update(features=feats, reference_features=ref if "kid" in want else None,
+                        reference_stats=M.feature_statistics(ref) if "fid" in want and self.bootstrap else None)
         if want & {"psnr", "mse", "lpips"}:
             fp = self.reference_images(timings)
+            if want & {"psnr", "mse"} and self.bootstrap:
+                boot["image_mse"] = M.per_image_mse(images, fp)
             if "psnr" in want:
                 out["psnr"] = M.psnr(images, fp)
             if "mse" in want:
@@ -490,6 +502,10 @@ class Evaluator:
                 out["lpips"] = self._lpips(images, fp)
         if "clip_score" in want:
             out["clip_score"] = self._clip(images, list(p.conditions))
+        if self.bootstrap:
+            idx = M.bootstrap_indices(len(images), self.bootstrap, self.bootstrap_seed)
+            reps = M.bootstrap_replicates(idx, **boot)
+            out["bootstrap"] = {k: v.tolist() for k, v in reps.items() if k in want}
         return out
 
     def _quantize_activations(self) -> None:
@@ -513,7 +529,9 @@ class Evaluator:
         """Apply ``config`` (``None``/``{}`` = full precision; a calibrated artifact of
         :mod:`sensitivity.calibration` with its overlay and activation ranges), generate, score, restore.
 
-        Returns ``{"fid", "kid", "accuracy", "psnr", "mse", "seconds"}`` (the protocol's metrics) and
+        Returns ``{"fid", "kid", "accuracy", "psnr", "mse", "seconds"}`` (the protocol's metrics; with
+        the evaluator's ``bootstrap`` also ``"bootstrap": {metric: [replicates]}``, see
+        :func:`~sensitivity.evaluation.metrics.bootstrap_replicates`) and
         ``"timings"`` (seconds of apply / generate / score); with ``return_images`` also ``"images"``.
         """
         from ..calibration.artifact import CalibratedArtifact, apply_calibrated, remove_calibrated

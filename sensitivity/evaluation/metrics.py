@@ -24,6 +24,7 @@ of an evaluation's signature: bump it when a metric's definition changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -162,6 +163,63 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_
 _KID_REFERENCE_TERMS: Dict[tuple, list] = {}  # (reference digest, shapes, m, subsets, seed) -> per-subset terms
 
 
+# ------------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
+    """Resampled image indices ``int64 [replicates, n]`` (with replacement, seeded).
+
+    The same ``(n, replicates, seed)`` gives the same indices, so replicates of two configs measured
+    on the same images are *paired*: their differences carry only the noise of the difference.
+    """
+    if replicates < 1 or n < 2:
+        raise ValueError(f"bootstrap needs >= 1 replicate and >= 2 images, got {replicates} and {n}")
+    return np.random.default_rng(seed).integers(0, n, size=(int(replicates), int(n)))
+
+
+def bootstrap_replicates(idx: np.ndarray, features: Optional[np.ndarray] = None,
+                         reference_features: Optional[np.ndarray] = None, reference_stats=None,
+                         correct: Optional[np.ndarray] = None,
+                         image_mse: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Each metric recomputed on each resample ``idx [B, N]`` of the images: ``{metric: float64 [B]}``.
+
+    ``features [N, D]`` with ``reference_stats`` (mean, covariance) give ``fid``; with
+    ``reference_features [M, D]`` they give ``kid``: each replicate is the unbiased MMD² (KID's cubic
+    kernel; pairs of two copies of one image left out) of the resampled images against *all*
+    reference images — one set instead of
+    :func:`kid_from_features`' subsets, so its spread is the generated images' share of the noise and
+    its centre may differ from the point estimate by the subsets' noise; ``correct [N]`` (bool) gives
+    ``accuracy``, ``image_mse [N]`` gives ``mse`` and ``psnr`` as :func:`psnr` does.
+    """
+    out: Dict[str, np.ndarray] = {}
+    n = idx.shape[1]
+    if features is not None and reference_stats is not None:
+        out["fid"] = np.array([frechet_distance(*feature_statistics(features[i]), *reference_stats) for i in idx])
+    if features is not None and reference_features is not None:
+        a = np.asarray(features, dtype=np.float64)
+        b = np.asarray(reference_features, dtype=np.float64)
+        d, m = a.shape[1], b.shape[0]
+        k_aa = (a @ a.T / d + 1) ** 3
+        k_bb = (b @ b.T / d + 1) ** 3
+        s_xx = (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+        cross = ((b @ a.T / d + 1) ** 3).sum(axis=0) / m  # [N]: mean kernel of each image to the reference
+        w = np.zeros((idx.shape[0], n))
+        np.add.at(w, (np.repeat(np.arange(idx.shape[0]), n), idx.ravel()), 1.0)  # draws of each image
+        # pairs of two different images only: a resampled image paired with its own copy is no pair
+        s_yy = ((np.einsum("bi,ij,bj->b", w, k_aa, w, optimize=True) - (w * w) @ np.diag(k_aa))
+                / (n * n - (w * w).sum(axis=1)))
+        out["kid"] = s_xx + s_yy - 2.0 * (w @ cross) / n
+    if correct is not None:
+        out["accuracy"] = np.asarray(correct, dtype=np.float64)[idx].mean(axis=1)
+    if image_mse is not None:
+        e = np.asarray(image_mse, dtype=np.float64)[idx]
+        with np.errstate(divide="ignore"):
+            db = np.where(e > 0, 10.0 * np.log10(1.0 / np.maximum(e, 1e-300)), PSNR_MAX_DB)
+        out["psnr"] = np.minimum(db, PSNR_MAX_DB).mean(axis=1)
+        out["mse"] = e.mean(axis=1)
+    return out
+
+
 # ------------------------------------------------------------------------------- paired metrics
 
 
@@ -247,14 +305,19 @@ class DigitsFeatures:
 
     @torch.no_grad()
     def features_and_predictions(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """On CPU, on one thread: the classifier's small matrix products round differently with the
+        thread count, and FID / KID must not depend on ``--threads`` (the network is tiny)."""
+        from ..threads import using_threads
         from .digits_classifier import to_input
 
         feats, preds = [], []
         for s in range(0, len(images), self.batch_size):
             x = to_input(images[s:s + self.batch_size], self.device)
-            f = self.model.features(x)
+            with using_threads(1) if self.device.type == "cpu" else contextlib.nullcontext():
+                f = self.model.features(x)
+                logits = self.model.head(f)
             feats.append(f.double().cpu().numpy())
-            preds.append(self.model.head(f).argmax(1).cpu().numpy())
+            preds.append(logits.argmax(1).cpu().numpy())
         if not feats:
             return np.zeros((0, self.model.config["feature_dim"])), np.zeros(0, np.int64)
         return np.concatenate(feats), np.concatenate(preds).astype(np.int64)

@@ -36,6 +36,10 @@ Predictor protocol (what :func:`search` needs from ``sensitivity.predictors``)::
 Only score *differences within a group* matter to the solver, and scores of different groups are
 summed, so they must share one scale (e.g. the predictor's standardised subgraph scores).
 
+:func:`refined_search` goes beyond the additive proxy: the knapsack's configs at a few sub-targets are
+rated by the whole predictor (fold ensemble) and the best ones improved by local moves that keep the
+same exact byte budget (:mod:`.refine`).
+
 Baselines (same budget, same output format): :func:`uniform_config` (every layer one option),
 :func:`cache_best` (the best evaluated config of a cache at or below the target) and
 :func:`error_ilp` (MixDQ / HAWQ style: minimise the summed per-layer quantization error of the
@@ -49,6 +53,7 @@ from .budgets import budget_bytes, config_avg_bits, config_bytes, fp16_total, la
 from .memory import MemoryBudget, component_bytes, config_memory, memory_budget
 from .groups import Group, build_groups, layer_groups, module_groups
 from .inputs import bits_range, load_scores_csv, multiquantizer_for
+from .refine import knapsack_candidates, rate, refined_search
 from .searching import AdditiveScorer, SearchResult, parse_sweep, predict_results, search, search_cost, search_scores, solve_groups
 from .solver import (MAX_COMBINATIONS, MAX_DP_STATES, InfeasibleTargetError, MCKPSolution, brute_force_mckp,
                      min_total_cost, solve_mckp)
@@ -58,7 +63,7 @@ __all__ = [
     "AdditiveScorer", "Group", "InfeasibleTargetError", "MAX_COMBINATIONS", "MAX_DP_STATES", "MCKPSolution",
     "SearchResult", "brute_force_mckp", "budget_bytes", "build_groups", "cache_best", "config_avg_bits",
     "config_bytes", "error_ilp", "fp16_total", "layer_groups", "layer_order", "max_avg_bits", "min_avg_bits",
-    "min_total_cost", "module_groups", "parse_sweep", "predict_results", "search", "search_cost", "search_scores",
-    "size_table", "solve_groups", "solve_mckp", "uniform_configs", "uniform_config", "MemoryBudget", "component_bytes",
-    "config_memory", "memory_budget",
+    "knapsack_candidates", "min_total_cost", "module_groups", "parse_sweep", "predict_results", "rate",
+    "refined_search", "search", "search_cost", "search_scores", "size_table", "solve_groups", "solve_mckp",
+    "uniform_configs", "uniform_config", "MemoryBudget", "component_bytes", "config_memory", "memory_budget",
 ]

@@ -38,6 +38,8 @@ FULL = dict(num_configs=240, images_per_class=20, folds=5, check_images_per_clas
 QUICK = dict(num_configs=40, images_per_class=10, folds=3, check_images_per_class=20)
 # Seeds of the held-out check images: disjoint from the job's (seed + image index, a few thousand at most).
 CHECK_SEED = 1_000_000
+# paired bootstrap replicates over the held-out images behind every "± se" and tie of the comparison
+BOOTSTRAP = 200
 STEPS = 6
 
 
@@ -60,6 +62,7 @@ class DemoSettings:
     weights: str = "shipped"
     components: Optional[str] = None  # multiquantize --components (None: the denoiser alone)
     options: Optional[Tuple[str, ...]] = None  # the multiquantizer's options (None: the reference's six)
+    threads: Optional[int] = None  # torch threads here and per worker (None: the cores here, sample's default)
 
 
 def parse_targets(text: str) -> Tuple[float, ...]:
@@ -78,11 +81,12 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
                   targets: Union[str, Sequence[float]] = (3.4, 3.6, 3.8, 4.0), predictor: Optional[str] = None,
                   check_images_per_class: Optional[int] = None, metric: str = "fid", folds: Optional[int] = None,
                   workers: Optional[int] = None, seed: int = 0, components: Optional[str] = None,
-                  options: Optional[Sequence[str]] = None) -> DemoSettings:
+                  options: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> DemoSettings:
     """The settings of a demo writing under ``out``: unset numbers from the preset (:data:`FULL`, or
     :data:`QUICK` with ``quick``); ``predictor`` default the CLI's ensemble; ``workers`` default min(2, cores).
     ``components``: the pipeline components searched together (``"all"``; default the denoiser);
-    ``options``: the multiquantizer's options (default the reference's six)."""
+    ``options``: the multiquantizer's options (default the reference's six);
+    ``threads``: torch threads of this process and of each worker (the results do not depend on it)."""
     from ..checks import check_values
     from ..io import check_writable
     from ..predictors.predictor import DEFAULT_PREDICTOR
@@ -98,6 +102,10 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
     folds = folds if folds is not None else preset["folds"]
     check_per_class = check_images_per_class if check_images_per_class is not None else preset["check_images_per_class"]
     workers = workers if workers is not None else max(1, min(2, os.cpu_count() or 1))
+    if workers < 1:
+        raise SensitivityError(f"--workers {workers}: needs at least 1")
+    if threads is not None and threads < 1:
+        raise SensitivityError(f"--threads {threads}: needs at least 1")
     targets = parse_targets(targets) if isinstance(targets, str) else tuple(float(t) for t in targets)
     if not targets:
         raise SensitivityError("--targets: give at least one target")
@@ -109,7 +117,7 @@ def demo_settings(out: Union[str, Path] = "demo_out", *, model: str = "digits-di
         raise SensitivityError(f"--check-images-per-class {check_per_class}: needs at least 2")
     return DemoSettings(Path(out), model, bool(quick), n_cfg, per_class, targets, predictor or DEFAULT_PREDICTOR,
                         check_per_class, metric, folds, workers, seed, components=components,
-                        options=tuple(options) if options else None)
+                        options=tuple(options) if options else None, threads=threads)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -187,7 +195,7 @@ class DemoRun:
                                    components=s.components)
         print(describe_build(self.mq, self.mq_path))
         self.family = get_family(s.model)
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(self.s.threads or max(1, os.cpu_count() or 1))
         self.pipe = self.family.load_pipeline(s.weights)
         self.protocol = EvalProtocol.for_family(self.family, s.weights, n_per_class=s.images_per_class,
                                                 multiquantizer_hash=self.mq.hash, dtype="float32")
@@ -238,13 +246,14 @@ class DemoRun:
         flag = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in size.items())
         _step(3, f"evaluation job: {s.num_configs} random configs into a resumable cache",
               f"sensitivity sample {s.model} --weights {s.weights} --multiquantizer {self.mq_path} --cache "
-              f"{self.cache_path} --num-configs {s.num_configs} --seed {s.seed} --workers {s.workers} {flag}")
+              f"{self.cache_path} --num-configs {s.num_configs} --seed {s.seed} --workers {s.workers} {flag}"
+              + (f" --threads {s.threads}" if s.threads else ""))
         res = sample(s.model, str(self.mq_path), self.cache_path, num_configs=s.num_configs, seed=s.seed,
-                     workers=s.workers, weights=s.weights, **size)
+                     workers=s.workers, threads=s.threads, weights=s.weights, **size)
         print(f"sample {res.family.name}: {res.summary}")
         if res.summary.failed:
             raise SensitivityError("demo: the evaluation job failed (see above); rerun to resume")
-        torch.set_num_threads(max(1, os.cpu_count() or 1))  # the job's in-process worker may have changed it
+        torch.set_num_threads(self.s.threads or max(1, os.cpu_count() or 1))  # the job's in-process worker may have changed it
         return res.summary
 
     def train(self) -> Dict[str, Any]:
@@ -286,7 +295,7 @@ class DemoRun:
         # would win by selection luck. Every compared config is therefore measured on held-out seeds.
         self.check = EvalProtocol.for_family(self.family, s.weights, n_per_class=s.check_images_per_class,
                                              seed=CHECK_SEED, multiquantizer_hash=self.mq.hash, dtype="float32")
-        ev_check = Evaluator(self.family, self.pipe, self.mq, self.check)
+        ev_check = Evaluator(self.family, self.pipe, self.mq, self.check, bootstrap=BOOTSTRAP, bootstrap_seed=s.seed)
         print(f"      every compared config is measured on {self.check.num_images} held-out images "
               f"(seeds {CHECK_SEED}..{CHECK_SEED + self.check.num_images - 1})", flush=True)
         # the allocators that need no labels beyond the job's: SDNQ's rule and the reference's top-1 rule
@@ -328,21 +337,30 @@ class DemoRun:
 
     def write_summary(self) -> Dict[str, Any]:
         """Step 6b: ``summary.json`` and ``summary.md`` (the few configs and the comparison table)."""
-        from ..comparison import METRIC_KEYS, markdown_table
+        from ..comparison import METRIC_KEYS, TIE_LEVEL, markdown_table
         from ..io import atomic_write_text
 
         s, out, p, check = self.s, self.out, self.protocol, self.check
         rows, fp_check = self.comparison.rows, self.comparison.full_precision
         cols = ["target", "method", "avg_bits", f"predicted_{s.metric}", f"job_{s.metric}", s.metric] + \
-            [k for k in METRIC_KEYS if k != s.metric] + ["configs_labelled", "label_cpu_s"]
+            [k for k in METRIC_KEYS if k != s.metric] + ["verdict", "vs_search", "configs_labelled", "label_cpu_s"]
         self.table = markdown_table(rows, cols)
+        noise_note = (f"Noise: each held-out metric is `value ± se`, se its bootstrap standard error over the "
+                      f"{check.num_images} images ({BOOTSTRAP} replicates, seed {s.seed}). Every config is measured on "
+                      f"the same images, so differences are tested paired: `verdict` is best / tie / worse against the "
+                      f"target's best {s.metric}, `vs_search` better / tie / worse against the searched config; a tie "
+                      f"means the {100 * TIE_LEVEL:.0f} % bootstrap interval of the difference holds 0: those rows are "
+                      f"not ranked.")
         seconds = time.perf_counter() - self.t_start
         summary = {"model": s.model, "weights": s.weights, "seed": s.seed, "quick": s.quick,
                    "num_configs": s.num_configs, "images_per_config": p.num_images, "steps": p.steps,
                    "guidance": p.guidance, "check_images": check.num_images, "check_seed": CHECK_SEED,
                    "check_fp16": {k: fp_check.get(k) for k in METRIC_KEYS},
                    "predictor": s.predictor, "metric": s.metric, "folds": s.folds,
-                   "targets": list(s.targets), "few_configs": self.results, "rows": rows, "seconds": round(seconds, 1),
+                   "targets": list(s.targets), "few_configs": self.results, "rows": rows,
+                   "noise": {"bootstrap_replicates": BOOTSTRAP, "bootstrap_seed": s.seed, "tie_level": TIE_LEVEL,
+                             "note": noise_note},
+                   "seconds": round(seconds, 1),
                    "multiquantizer": str(self.mq_path), "cache": str(self.cache_path),
                    "predictor_dir": str(self.pred_dir),
                    "predictor_cv": {name: {k: r.get(k) for k in ("mean", "std")}
@@ -362,7 +380,7 @@ class DemoRun:
               + "needed. In the Pareto plots the grey cloud "
               + "is the job's measurement, the marked configs are the held-out one. Full precision on the held-out "
               + f"images: FID {_fmt(fp_check.get('fid'))}, KID {_fmt(fp_check.get('kid'))}, accuracy "
-              + f"{_fmt(fp_check.get('accuracy'))}.\n\n" + self.table + "\n")
+              + f"{_fmt(fp_check.get('accuracy'))}.\n\n{noise_note}\n\n" + self.table + "\n")
         atomic_write_text(out / "summary.md", md)
         self.seconds = seconds
         return summary
