@@ -14,8 +14,8 @@ its measurement go to ``--out`` (JSON, with the command); measurements are kept 
 lines) so a killed run resumes. ``--report`` writes the Markdown table from the JSON only.
 
     python benchmarks/whole_predictor_search.py --predictor predictors/dit-lgb-add \
-        --multiquantizer multiquantizers/digits-dit.safetensors --out docs/results/labels-search.json
-    python benchmarks/whole_predictor_search.py --report docs/results/labels-search.json --md docs/results/labels.md
+        --multiquantizer multiquantizers/digits-dit.safetensors --out labels.json
+    python scripts/results_tables.py labels labels.json     # docs/results/labels.md
 """
 
 from __future__ import annotations
@@ -129,13 +129,15 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--kappa", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="docs/results/labels-search.json")
+    ap.add_argument("--out", default="labels.json")
     ap.add_argument("--store", default=None, help="measurements kept here (default: OUT with .jsonl)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only write the table of this JSON")
     ap.add_argument("--tau", default=None, metavar="CACHE",
                     help="add to --out the predictor's held-out Kendall tau on the ground-truth cache CACHE")
     ap.add_argument("--md", default=None, help="Markdown file for the table (default: print it)")
     args = ap.parse_args()
+    from sensitivity.io import atomic_write_text
+
     if args.report:
         data = json.loads(Path(args.report).read_text())
     elif args.tau:
@@ -146,19 +148,18 @@ def main() -> int:
         data["truth_tau"] = {"cache": args.tau, "configs": r["n_configs"], "command": "python " + " ".join(sys.argv),
                              "kendall": {k: v["kendall"] for k, v in r["predictors"].items()},
                              "fid_range": [min(r["metric"]), max(r["metric"])]}
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     else:
+        from sensitivity.provenance import run_provenance
+
+        started = run_provenance()
         args.store = args.store or str(Path(args.out).with_suffix(".jsonl"))
         data = measure(args)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        data["provenance"] = run_provenance(started)
+        atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     md = report(data)
     if args.md:
-        Path(args.md).write_text(md)
+        atomic_write_text(args.md, md)
     print(md)
     return 0
 

@@ -318,12 +318,27 @@ def render_pipeline_bytes(d: Dict[str, Any], data: str) -> str:
                 "python scripts/results_tables.py pipeline-bytes pipeline_bytes.json", d.get("provenance"), body)
 
 
+# ------------------------------------------------------------------------------------------ labels
+def render_labels(d: Dict[str, Any], data: str) -> str:
+    """Whole-predictor search vs additive search vs the top-1 rule on the ground truth (its script's table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("whole_predictor_search",
+                                                  ROOT / "benchmarks" / "whole_predictor_search.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return page("labels", data, "Whole-predictor search on the ground truth",
+                "python benchmarks/whole_predictor_search.py --predictor DIR --multiquantizer MQ --out labels.json "
+                "&& python scripts/results_tables.py labels labels.json", d.get("provenance"), mod.report(d))
+
+
 # ------------------------------------------------------------------------------------------- driver
 Renderer = Callable[[Dict[str, Any], str], str]
 BENCH: Dict[str, Tuple[str, Renderer]] = {
     "demo": ("demo", render_demo), "methods": ("methods", render_methods), "search": ("search", render_search),
     "eval-overhead": ("eval-overhead", render_eval_overhead), "calibration": ("calibration", render_calibration),
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
+    "labels": ("labels", render_labels),
 }
 
 

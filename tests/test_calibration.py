@@ -220,8 +220,8 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, monkeypatch, ca
     cases = [(["--data", "unet.safetensors", "--act-bits", "8"], "digits-unet"),
              (["--data", "shape.safetensors", "--act-bits", "8"], "do not fit the model"),
              (["--data", "empty.safetensors", "--act-bits", "8"], "empty"),
-             (["--data", "unet.safetensors", "--act-bits", "1"], "between 2 and 16"),
-             (["--data", "unet.safetensors", "--act-bits", "17"], "between 2 and 16")]
+             (["--data", "unet.safetensors", "--act-bits", "1"], "--act-bits must be in [2, 16]"),
+             (["--data", "unet.safetensors", "--act-bits", "17"], "--act-bits must be in [2, 16]")]
     for i, (extra, needle) in enumerate(cases):
         monkeypatch.chdir(tmp_path)
         rc = main([*base, *extra, "--out", f"out{i}"])

@@ -44,15 +44,11 @@ def require_extra(format: str) -> None:
 
 def check_format_arguments(format: str, *, float_dtype=None, pipeline=None, opset: Optional[int] = None) -> None:
     """Refuse an argument that ``format`` would ignore: ``float_dtype`` is packed's, ``pipeline`` sdnq's,
-    and ``opset`` (onnx's) must be one that torch.onnx writes (``checks.CONSTRAINTS``)."""
-    from ..checks import check_values
-
+    ``opset`` is checked by the onnx exporter (:func:`.onnx_format.check_opset`)."""
     if float_dtype is not None and format != "packed":
         raise SensitivityError(f"--float-dtype is for --format packed; {format} keeps the model's dtypes")
     if pipeline is not None and pipeline is not False and format != "sdnq":
         raise SensitivityError(f"--pipeline is for --format sdnq; a {format} export holds the denoiser alone")
-    if format == "onnx":
-        check_values(opset=opset)
 
 
 def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed", *,

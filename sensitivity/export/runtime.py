@@ -122,16 +122,19 @@ def scratch(numel: int) -> torch.Tensor:
     Reusing one buffer spares a fresh allocation (and its page faults) per layer and forward; it is
     only used when autograd is off, so no graph keeps a reference to it.
     """
-    buf = getattr(_SCRATCH, "buf", None)
+    # one buffer per mode: a tensor made under torch.inference_mode cannot be written outside it
+    key = "inference" if torch.is_inference_mode_enabled() else "buf"
+    buf = getattr(_SCRATCH, key, None)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(int(numel), dtype=torch.float32)
-        _SCRATCH.buf = buf
+        setattr(_SCRATCH, key, buf)
     return buf[:numel]
 
 
 def release_scratch() -> None:
-    """Free this thread's scratch buffer."""
+    """Free this thread's scratch buffers."""
     _SCRATCH.buf = None
+    _SCRATCH.inference = None
 
 
 # --------------------------------------------------------------------------------------------------
