@@ -207,6 +207,13 @@ def atomic_write_text(path: PathLike, text: str, what: str = "output", encoding:
     return Path(path)
 
 
+def atomic_write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
+    """``data`` written atomically (a temporary beside ``path``, renamed into place)."""
+    with atomic_path(path, what) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def atomic_write_json(path: PathLike, obj: Any, what: str = "output", indent: Optional[int] = 1, **kw: Any) -> Path:
     """``obj`` as JSON (plus a final newline), atomically; ``kw`` go to :func:`json.dumps`."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **kw) + "\n", what)
