@@ -241,7 +241,8 @@ def test_sample_devices_cpu_cpu_shares_one_fp_generation(digits, tmp_path):
 
     out2, two = sample(tmp_path / "two" / "c.sqlite", "--devices", "cpu,cpu", "--threads", "1")
     assert "local x2 processes on cpu,cpu" in out2 and len(list((tmp_path / "two" / "fp-images").glob("*.npy"))) == 1
-    assert sum("fp_generate" in r["timings"] for r in two) == 1
+    # at most one record times the generation (0 when the images were made before the first config was claimed)
+    assert sum("fp_generate" in r["timings"] for r in two) <= 1
     assert sum("fp_load" in r["timings"] for r in two) >= 1
     assert {r["timings"]["worker"]["device"] for r in two} == {"cpu"}
     _, one = sample(tmp_path / "one" / "c.sqlite", "--workers", "1", "--threads", "1")
