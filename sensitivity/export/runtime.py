@@ -146,15 +146,9 @@ def quantize_tokens_int8(x: torch.Tensor):
     Returns ``(xq int8 [T, K] = code - 128, delta [T], zero [T], flat bool [T])`` (float32; a flat row
     keeps its float value in the fake quantizer, handled by the caller).
     """
-    levels = 255
-    x = x.float()
-    lo = x.amin(dim=-1, keepdim=True)
-    hi = x.amax(dim=-1, keepdim=True)
-    rng = hi - lo
-    flat = rng <= 0
-    delta = torch.where(flat, torch.ones_like(rng), rng / levels)
-    zero = torch.round(-lo / delta)
-    q = torch.clamp(torch.round(x / delta) + zero, 0, levels)
+    from ..quantizers.activation import quantize_rows_codes
+
+    q, delta, zero, flat = quantize_rows_codes(x.float(), 8)
     return (q - 128).to(torch.int8), delta.reshape(-1), zero.reshape(-1), flat.reshape(-1)
 
 

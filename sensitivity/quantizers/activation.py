@@ -41,13 +41,11 @@ ACT_BITS = (8, 6)
 _STATE_ATTR = "_sensitivity_act_quant"
 
 
-def fake_quantize_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric min/max fake-quantization of each row of ``rows`` (float ``[R, K]``) to ``bits``.
-
-    A constant row is returned unchanged (it is exactly representable).
-    """
+def quantize_rows_codes(x: torch.Tensor, bits: int):
+    """Asymmetric min/max codes of each row of float32 ``x`` ``[R, K]``: ``(q, delta, zero, flat)``, q float
+    codes in ``[0, 2**bits - 1]``, the rest ``[R, 1]`` (a flat row has delta 1). The one rounding rule of the
+    activation fake quantizer and the W8A8 run-time kernel."""
     levels = 2 ** int(bits) - 1
-    x = rows.float()
     lo = x.amin(dim=-1, keepdim=True)
     hi = x.amax(dim=-1, keepdim=True)
     rng = hi - lo
@@ -55,6 +53,16 @@ def fake_quantize_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
     delta = torch.where(flat, torch.ones_like(rng), rng / levels)
     zero = torch.round(-lo / delta)
     q = torch.clamp(torch.round(x / delta) + zero, 0, levels)
+    return q, delta, zero, flat
+
+
+def fake_quantize_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric min/max fake-quantization of each row of ``rows`` (float ``[R, K]``) to ``bits``.
+
+    A constant row is returned unchanged (it is exactly representable).
+    """
+    x = rows.float()
+    q, delta, zero, flat = quantize_rows_codes(x, bits)
     out = (q - zero) * delta
     return torch.where(flat, x, out).to(rows.dtype)
 
