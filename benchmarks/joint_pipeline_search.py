@@ -338,6 +338,12 @@ def markdown(d: Mapping[str, Any]) -> str:
         f"image seeds {h['image_seeds'][0]}..{h['image_seeds'][1]}, the same steps. {d['total_seconds'] / 60:.1f} "
         f"minutes in all.",
         "",
+        "Distinct configs labelled (a repeated draw is labelled once): "
+        + ", ".join(f"{k} {v['configs']}" for k, v in d["labels"].items())
+        + f"; the predictors' {d['folds']}-fold Kendall τ on FID: "
+        + ", ".join(f"{k} {(cv.get(d['predictor']) or {}).get('kendall', float('nan')):.3f}"
+                    for k, cv in d["predictor_cv"].items()) + " (`joint`: the whole pipeline, `den`: the denoiser alone).",
+        "",
         "Memory: whole-pipeline weight bytes as `search --target-memory` counts them (every quantized layer as "
         f"stored, everything else at fp16: {kb(d['fixed_bytes'])} kB of embeddings, norms, biases and the VAE "
         f"encoder); the whole pipeline at fp16 is {kb(d['fp16_pipeline_bytes'])} kB. Every config below is at or "
@@ -389,7 +395,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="joint_pipeline.json", help="the run's JSON")
     ap.add_argument("--work", default="runs/joint_pipeline", help="multiquantizers, caches, predictors (resumable)")
-    ap.add_argument("--num-configs", type=int, default=160)
+    ap.add_argument("--num-configs", type=int, default=200)
     ap.add_argument("--images", type=int, default=100, help="images per labelled config")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--heldout-images", type=int, default=1000)

@@ -334,8 +334,9 @@ def render_labels(d: Dict[str, Any], data: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ joint pipeline
-JOINT_PIPELINE_COMMAND = ("PYTHONPATH=. nice -n 5 python benchmarks/joint_pipeline_search.py --predictor lightgbm "
-                          "--out joint_pipeline.json && python scripts/results_tables.py joint-pipeline joint_pipeline.json")
+JOINT_PIPELINE_COMMAND = ("PYTHONPATH=. nice -n 5 python benchmarks/joint_pipeline_search.py --num-configs 200 --images 100 "
+                          "--heldout-images 1000 --predictor lightgbm --out joint_pipeline.json && "
+                          "python scripts/results_tables.py joint-pipeline joint_pipeline.json")
 
 
 def render_joint_pipeline(d: Dict[str, Any], data: str) -> str:
