@@ -204,6 +204,7 @@ def run(args) -> Dict[str, Any]:
     t0 = time.perf_counter()
     caches = {"joint": work / "joint.sqlite", "den": work / "denoiser.sqlite"}
     proto = dict(num_images=args.images, steps=args.steps, weights=WEIGHTS, device="cpu")
+    resumed: Dict[str, Dict[str, Any]] = {}
     for key in ("joint", "den"):
         log(f"[2/5] labels: {args.num_configs} configs of seed {args.seed} x {args.images} images, {args.steps} "
             f"steps -> {caches[key]}")
@@ -211,6 +212,7 @@ def run(args) -> Dict[str, Any]:
                      threads=args.threads, progress=not args.no_progress, **proto)
         if res.summary.failed:
             raise SystemExit(f"error: labelling {caches[key]} failed; rerun to resume")
+        resumed[key] = {"labelled_before": int(res.summary.done_before), "labelled_now": int(res.summary.evaluated)}
     torch.set_num_threads(args.threads)
     seconds["label"] = round(time.perf_counter() - t0, 1)
 
@@ -226,7 +228,9 @@ def run(args) -> Dict[str, Any]:
         stamp_path = out / "trained_on.json"
         if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
             report = json.loads((out / "report.json").read_text())
+            resumed[key]["predictor_reused"] = True
         else:
+            resumed[key]["predictor_reused"] = False
             log(f"[3/5] train {args.predictor} on {caches[key]} ({len(records)} configs, {args.folds}-fold)")
             report = train(caches[key], out, model=MODEL, predictor=args.predictor, baselines=("bits",),
                            folds=args.folds, seed=args.seed, metric="fid", multiquantizer=str(paths[key]),
@@ -349,6 +353,7 @@ def run(args) -> Dict[str, Any]:
                 r["vs_joint"] = r.pop("vs_search")
         results.append({**b, "rows": rows})
     seconds["heldout"] = round(time.perf_counter() - t0, 1)
+    resumed["heldout"] = {"reused": int(stored.reused), "measured": int(stored.measured)}
 
     return {
         "model": MODEL, "weights": WEIGHTS, "options": list(OPTIONS), "seed": args.seed,
@@ -367,7 +372,7 @@ def run(args) -> Dict[str, Any]:
                         "predictor (trained on the labelled cache); the best rated is measured",
         "denoiser_multiquantizers_agree": bool(same),
         "fixed_bytes": fixed, "fp16_pipeline_bytes": int(fixed + t.fp16_total),
-        "full_precision": metrics(fp), "budgets": results, "seconds": seconds,
+        "full_precision": metrics(fp), "budgets": results, "seconds": seconds, "resumed": resumed,
         "total_seconds": round(time.perf_counter() - t_start, 1), "work": str(work),
         "provenance": run_provenance(started),
     }
@@ -385,6 +390,15 @@ def _pm(row: Mapping[str, Any], k: str, digits: int = 3) -> str:
     return f"{row[k]:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{row[k]:.{digits}f}"
 
 
+def _resumed(r: Mapping[str, Any]) -> str:
+    """`` (this run resumed: ...)`` from a run's ``resumed`` record."""
+    parts = [f"{k}: {v['labelled_now']} configs labelled now ({v['labelled_before']} before), predictor "
+             + ("reused" if v.get("predictor_reused") else "trained") for k, v in r.items() if k != "heldout"]
+    h = r.get("heldout") or {}
+    parts.append(f"held-out: {h.get('measured', 0)} configs measured now, {h.get('reused', 0)} measurements reused")
+    return " (this run in its work folder: " + "; ".join(parts) + ")"
+
+
 def markdown(d: Mapping[str, Any]) -> str:
     """The results page body of a run's JSON (used by ``scripts/results_tables.py joint-pipeline``)."""
     h = d["heldout"]
@@ -397,7 +411,7 @@ def markdown(d: Mapping[str, Any]) -> str:
         f"{d['label_image_seeds'][1]}), {d['steps']} DDIM steps; predictor `{d['predictor']}` on FID, "
         f"{d['folds']}-fold. Held-out: {h['images']} images of {h['prompts']}, prompt seed {h['prompt_seed']}, "
         f"image seeds {h['image_seeds'][0]}..{h['image_seeds'][1]}, the same steps. {d['total_seconds'] / 60:.1f} "
-        f"minutes in all.",
+        f"minutes in all" + (_resumed(d["resumed"]) if d.get("resumed") else "") + ".",
         "",
         "Distinct configs labelled (a repeated draw is labelled once): "
         + ", ".join(f"{k} {v['configs']}" for k, v in d["labels"].items())
@@ -487,7 +501,9 @@ def markdown(d: Mapping[str, Any]) -> str:
             ref = next((r for r in measured if r["key"] == "joint_refined"), None)
             rs = (ref or {}).get("search") or {}
             moves = "" if rs.get("knapsack_rating") is None else (
-                f"; the refinement made {rs['moves']} moves, rated (-FID predicted) {rs['knapsack_rating']:.3f} "
+                f"; the refinement made {rs['moves']} moves"
+                + (" (the cap)" if rs["moves"] >= rf["rounds"] else "")
+                + f", rated (-FID predicted) {rs['knapsack_rating']:.3f} "
                 f"(the knapsack's) -> {rs['rating']:.3f}")
             lines.append(f"- {b['name']}: lowest held-out FID {best['method']} ({best['fid']:.3f})"
                          + (f", tied (paired bootstrap) with {', '.join(ties)}" if ties else "")
@@ -510,7 +526,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--refine-starts", type=int, default=2, help="refined_search: knapsack candidates climbed from")
-    ap.add_argument("--refine-rounds", type=int, default=30, help="refined_search: local moves at most per start")
+    ap.add_argument("--refine-rounds", type=int, default=100, help="refined_search: local moves at most per start")
     ap.add_argument("--refine-pairs", type=int, default=16, help="refined_search: up / down moves paired per round")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown of a result file and exit")
