@@ -164,7 +164,7 @@ def best_uniform(mq, predictor, budget: int) -> Optional[Dict[str, str]]:
 def run(args) -> Dict[str, Any]:
     import torch
 
-    from sensitivity.comparison import StoredEvaluator, cache_cost, mark_rows
+    from sensitivity.comparison import StoredEvaluator, cache_cost, mark_rows, paired_marks
     from sensitivity.evaluation.cache import read_records
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
     from sensitivity.multiquantizer import load_multiquantizer
@@ -337,6 +337,9 @@ def run(args) -> Dict[str, Any]:
                 row.update(added=True, search=search_details[b["name"]].get(key, {}))
             rows.append(row)
             reps.append((m.get("bootstrap") or {}).get("fid"))
+            fp_reps = (fp.get("bootstrap") or {}).get("fid")
+            if reps[-1] is not None and fp_reps is not None:
+                row["vs_full_precision"] = paired_marks([fp["fid"], m["fid"]], [fp_reps, reps[-1]], -1.0, 0)[1]
             log(f"  {b['name']} ({b['bytes']} B) {label}: {d['memory_bytes']} B, FID {m['fid']:.3f}, "
                 f"accuracy {m['accuracy']:.3f}")
         # verdict over all rows (added ones included) and vs the joint config, then the first run's verdict
@@ -449,7 +452,8 @@ def markdown(d: Mapping[str, Any]) -> str:
             f"(b) config ({kb(sm['den_int8'])} kB; (a): {kb(sm['den_fp16'])} kB), above the smallest pipeline "
             f"({kb(sm['joint'])} kB): only the joint configs and (c) fit.",
             "- `verdict (all)`: best / tie / worse against the lowest FID of every row of the budget, added ones "
-            "included.",
+            "included; `vs full precision`: better / tie / worse than the unquantized pipeline's held-out FID (the "
+            "same paired bootstrap).",
             "",
         ]
     lines += [
@@ -465,17 +469,18 @@ def markdown(d: Mapping[str, Any]) -> str:
         lines += [f"## Budget {b['name']}: {kb(b['bytes'])} kB" + (" (added after the first run)" if b.get("added") else ""),
                   "", f"{b['rule']}.", "",
                   "| config | memory kB | text enc. kB (bits) | denoiser kB (bits) | VAE dec. kB (bits) | FID predicted (joint) | "
-                  "held-out FID | accuracy | KID | verdict | vs joint |" + (" verdict (all) |" if added else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|" + ("---|" if added else "")]
+                  "held-out FID | accuracy | KID | verdict | vs joint |" + (" verdict (all) | vs full precision |" if added else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|" + ("---|---|" if added else "")]
         for r in b["rows"]:
             if r.get("infeasible"):
-                lines.append(f"| {r['method']} | infeasible: does not fit | | | | | | | | | |" + (" |" if added else ""))
+                lines.append(f"| {r['method']} | infeasible: does not fit | | | | | | | | | |" + (" | |" if added else ""))
                 continue
             cb, bits = r["component_bytes"], r["component_avg_bits"]
             comp = " | ".join(f"{kb(cb[c])} ({bits[c]:.2f})" for c in ("text_encoder", "denoiser", "vae_decoder"))
             lines.append(f"| {r['method']} | {kb(r['memory_bytes'])} | {comp} | {_f(r.get('predicted_fid'))} | "
                          f"{_pm(r, 'fid')} | {_pm(r, 'accuracy')} | {_f(r.get('kid'), 4)} | {r.get('verdict', '–')} | "
-                         f"{r.get('vs_joint', '–')} |" + (f" {r.get('verdict_all', '–')} |" if added else ""))
+                         f"{r.get('vs_joint', '–')} |"
+                         + (f" {r.get('verdict_all', '–')} | {r.get('vs_full_precision', '–')} |" if added else ""))
         first = [r for r in b["rows"] if not r.get("added") and not r.get("infeasible")]
         if not b.get("added"):
             best = min(first, key=lambda r: r["fid"])
