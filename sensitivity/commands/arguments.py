@@ -82,17 +82,10 @@ def family_name(args: argparse.Namespace) -> str:
 
 def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
     """``(family, weights, device, dtype)`` from the parsed arguments (device resolved)."""
-    import torch
+    from ..zoo.resolve import resolve_model
 
-    from ..zoo import get_family
-    from ..zoo.base import resolve_dtype
-
-    check_device(getattr(args, "device", None))  # e.g. cuda without CUDA: one line, before any loading
-    fam = get_family(family_name(args))
-    weights = fam.resolve_weights(args.weights)
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(getattr(args, "dtype", None))
-    return fam, weights, device, dtype
+    return tuple(resolve_model(args.model, getattr(args, "weights", None), getattr(args, "pipeline_class", None),
+                               getattr(args, "device", None), getattr(args, "dtype", None)))
 
 
 def check_generation_arguments(args: argparse.Namespace) -> None:
