@@ -8,7 +8,6 @@ overlay on the multiquantizer, same average bits) that ``infer`` and ``evaluate`
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,53 +40,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration.data import load_calibration_set
-    from ..calibration.pipeline import calibrate
-    from ..config import QuantConfig
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from ..multiquantizer import load_multiquantizer
-    from ..quantizers.activation import _check_bits
-    from .arguments import model_from_args
+    from ..workflows.calibrate import calibrate_config
 
-    fam, weights, device, dtype = model_from_args(args)
-    check_writable(args.out, "--out", directory=True)
-    if args.act_bits is not None:
-        _check_bits(args.act_bits)
-    if args.weights_method == "none" and args.act_bits is None:
-        raise SensitivityError("nothing to calibrate: --weights-method none needs --act-bits")
-    if not Path(args.multiquantizer).is_file():
-        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
-    mq = load_multiquantizer(args.multiquantizer)
-    if mq.model_id.split(":", 1)[0] != fam.name:
-        raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
-                               f"not for model {fam.name!r}")
-    cfg = QuantConfig.load(args.config)
-    cfg.check_model(mq.model_id, str(args.config))
-    try:
-        mq.validate(cfg.options)
-    except SensitivityError as exc:
-        raise SensitivityError(f"{args.config}: {exc}") from None
-    data = load_calibration_set(args.data)
-    data.check_model(mq.model_id)
-    den = fam.load_denoiser(weights, device=device, dtype=dtype, seed=args.seed)
-    mq.check_model(den)
-    art = calibrate(den, mq, cfg, data, weights_method=args.weights_method, act_bits=args.act_bits,
-                    observer=args.observer, granularity=args.granularity, attention=not args.no_attention,
-                    percentile=args.percentile, held_out=args.held_out, seed=args.calib_seed,
-                    adaround_iters=args.adaround_iters, progress=not args.no_progress, family=fam.name)
-    art.manifest["calibration_set"]["path"] = str(args.data)
-    art.manifest["source_config"] = str(args.config)
-    art.save(args.out)
-    r = art.report
-    held = [v for v in r["layers"].values() if v.get("held_rel_error") is not None]
+    res = calibrate_config(args.model, args.multiquantizer, args.config, args.data, args.out, weights=args.weights,
+                           pipeline_class=args.pipeline_class, device=args.device, dtype=args.dtype, seed=args.seed,
+                           weights_method=args.weights_method, act_bits=args.act_bits, observer=args.observer,
+                           granularity=args.granularity, attention=not args.no_attention, percentile=args.percentile,
+                           held_out=args.held_out, calib_seed=args.calib_seed, adaround_iters=args.adaround_iters,
+                           progress=not args.no_progress)
+    art, r = res.artifact, res.artifact.report
     msg = ""
-    if held:
-        import numpy as np
-
-        before = float(np.mean([v["held_rel_error_rtn"] for v in held]))
-        after = float(np.mean([v["held_rel_error"] if v["kept"] else v["held_rel_error_rtn"] for v in held]))
-        msg = f"; mean held-out relative output error {before:.4g} -> {after:.4g}"
+    if res.held_out_error is not None:
+        msg = "; mean held-out relative output error {:.4g} -> {:.4g}".format(*res.held_out_error)
     acts = f", A{args.act_bits} {args.observer}/{args.granularity} ranges of {len(art.activations.ranges)} points" \
         if art.activations is not None else ""
     print(f"wrote {args.out}: {r['calibrated_layers']} of {r['quantized_layers']} layers rounded "
