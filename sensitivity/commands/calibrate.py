@@ -12,14 +12,14 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..calibration.names import GRANULARITIES, OBSERVERS, WEIGHT_METHODS  # torch-free (--help)
-    from .arguments import add_model_arguments
+    from .arguments import add_model_arguments, add_multiquantizer_argument, add_progress_argument
 
     p = sub.add_parser("calibrate", help="calibrate a config on a calibration set (weights rounding + activation ranges)",
                        description="Round a config's weights with calibration data (GPTQ, AdaRound, least-squares "
                                    "table refit) and observe static activation ranges; write a calibrated config "
                                    "folder that infer / evaluate accept as --config.")
     add_model_arguments(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     p.add_argument("--config", required=True, help="quantization config .json")
     p.add_argument("--data", required=True, help="calibration set (sensitivity calibrate-data)")
     p.add_argument("--weights-method", default="auto", choices=WEIGHT_METHODS,
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaround-iters", type=int, default=1000)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the held-out split and AdaRound")
     p.add_argument("--out", required=True, help="output folder, e.g. quant_configs/X-cal/")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 

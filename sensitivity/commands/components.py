@@ -18,7 +18,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments, add_progress_argument
 
     p = sub.add_parser("components", help="per-component quantization report (text encoder, denoiser, VAE decoder)",
                        description="Quantize each pipeline component alone (the others full precision), generate "
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt, seeds SEED_BASE.. (default 1)")
     p.add_argument("--seed-base", type=int, default=0, help="image j of every prompt uses seed SEED_BASE + j")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     add_generation_arguments(p)
     p.set_defaults(func=run)
 

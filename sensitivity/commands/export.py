@@ -19,13 +19,13 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_model_arguments
+    from .arguments import add_model_arguments, add_multiquantizer_argument
 
     p = sub.add_parser("export", help="write a quantization config as a real low-bit model (packed, sdnq, onnx)",
                        description="Export MODEL's denoiser with a config's exact codes and tables: packed "
                        "(our safetensors format), sdnq (a diffusers folder for the SDNQ backend) or onnx.")
     add_model_arguments(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     p.add_argument("--config", required=True, help="quantization config .json (layers absent from it stay unquantized)")
     p.add_argument("--format", required=True, choices=("packed", "sdnq", "onnx"), help="export format")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, see --overwrite)")

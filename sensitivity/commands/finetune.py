@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_device_argument, add_weights_argument
+    from .arguments import add_device_argument, add_multiquantizer_argument, add_progress_argument, add_weights_argument
 
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning of a config with distillation",
                        description="Fine-tune the quantized layers of a config (straight-through estimator: latent "
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model family (see `sensitivity models`)")
     add_weights_argument(p, help="hub id or local diffusers folder, or shipped / random / tiny")
     add_device_argument(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     p.add_argument("--config", default=None, help="quantization config .json to fine-tune")
     p.add_argument("--calibrated", default=None, metavar="DIR",
                    help="start from a calibrated artifact (`sensitivity calibrate --out DIR`) instead of the "
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--prompts: guidance of the teacher's sampling (default: the model's)")
     p.add_argument("--out", required=True, help="output folder, e.g. finetuned/NAME/")
     p.add_argument("--restart", action="store_true", help="discard a checkpoint in OUT and start afresh")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 

@@ -20,7 +20,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments, add_multiquantizer_argument, add_progress_argument
 
     p = sub.add_parser("infer", help="generate images with a quantization config applied",
                        description="Load MODEL, apply a quantization config from a multiquantizer (weights), "
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a `sensitivity export` folder (packed or sdnq) to run instead of --multiquantizer/--config")
     p.add_argument("--materialize", action="store_true",
                    help="with --quantized: dequantize the weights once at load (default: on the fly, low memory)")
-    p.add_argument("--multiquantizer", default=None, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p, required=False)
     p.add_argument("--config", default=None, help="quantization config (.json; a reference .pkl needs --trust-pickle; a calibrated folder of `sensitivity calibrate`)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading a reference .pkl config (runs pickle)")
     p.add_argument("--finetuned", default=None, metavar="DIR",
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="quantize activations online to 8 or 6 bits (default: off)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and run.json")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     add_generation_arguments(p)
     p.set_defaults(func=run)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .arguments import add_multiquantizer_argument
+
     p = sub.add_parser(
         "insights",
         help="write score box plots per block / op type, option-mix bars of configs and a Pareto plot",
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predictor", help="trained predictor folder (scores per layer and option, module scores)")
     p.add_argument("--scores", help="CSV with columns layer, option, score instead of a predictor")
-    p.add_argument("--multiquantizer", help="multiquantizer .safetensors (default: the predictor's)")
+    add_multiquantizer_argument(p, required=False, help="multiquantizer .safetensors (default: the predictor's)")
     p.add_argument("--config", action="append", default=[], metavar="JSON",
                    help="a config to describe (repeatable): option mix per op type / block")
     p.add_argument("--cache", help="evaluation cache (.sqlite or export) for the Pareto plot")

@@ -22,7 +22,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_weights_argument
+    from .arguments import add_multiquantizer_argument, add_weights_argument
 
     p = sub.add_parser(
         "search",
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("scores")
     src.add_argument("--predictor", help="trained predictor folder (predictors/NAME)")
     src.add_argument("--scores", help="CSV with columns layer, option, score (higher = better) instead of a predictor")
-    p.add_argument("--multiquantizer", help="multiquantizer .safetensors (default: the predictor's)")
+    add_multiquantizer_argument(p, required=False, help="multiquantizer .safetensors (default: the predictor's)")
     tgt = p.add_mutually_exclusive_group()
     tgt.add_argument("--target-bits", type=float, help="average bits to reach or stay below, e.g. 3.9")
     tgt.add_argument("--target-memory", metavar="SIZE",

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_device_argument, add_weights_argument
+    from .arguments import add_device_argument, add_multiquantizer_argument, add_weights_argument
 
     p = sub.add_parser("train", help="train a predictor (k-fold ensemble) on an evaluation cache, with baselines",
                        description="Train PREDICTOR on CACHE's labelled configs with k-fold cross-validation and "
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the models (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=VALUE",
                    help="predictor hyper-parameter, e.g. gnn.epochs=60 or lightgbm.num_leaves=31 (value as JSON)")
-    p.add_argument("--multiquantizer", help="multiquantizer file for per-layer errors when the cache has no layer stats")
+    add_multiquantizer_argument(p, required=False, help="multiquantizer file for per-layer errors when the cache has no layer stats")
     add_device_argument(p, help="torch device of the GNN (default cpu)")
     p.add_argument("--no-scores", action="store_true", help="skip the layer / module scores")
     p.add_argument("--max-module-configs", type=int, default=10_000,

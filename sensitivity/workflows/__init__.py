@@ -9,7 +9,10 @@
 * :mod:`.search` — :func:`~.search.search_configs`: configs at exact bit / memory / latency budgets,
   sweeps with their Pareto tables and plots, and the baselines;
 * :mod:`.infer` — :func:`~.infer.infer`: images of a config, fine-tuned artifact or export, with ``run.json``;
-* :mod:`.calibrate` — :func:`~.calibrate.calibrate_config`: a calibrated config folder;
+* :mod:`.calibrate` — :func:`~.calibrate.calibration_data`: a calibration set;
+  :func:`~.calibrate.calibrate_config`: a calibrated config folder;
+* :mod:`.costs` — :func:`~.costs.measure_model_costs`: a model's cost table (latency, run-time bytes);
+* :mod:`.layers` — :func:`~.layers.layer_report`: a model's quantizable layers under its family's rules;
 * :mod:`.finetune` — :func:`~.finetune.finetune_config`: quantization-aware fine-tuning of a config;
 * :mod:`.components` — :func:`~.components.component_report`: the per-component quantization report;
 * :mod:`.export` — :func:`~.export.export_model`: a config as a packed / sdnq / onnx model.

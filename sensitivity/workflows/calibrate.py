@@ -1,7 +1,9 @@
-"""A config calibrated and saved as one call: ``calibrate_config(model, multiquantizer, config, data, out)``.
+"""Calibration as calls: the set (``calibration_data(model, out)``) and a config calibrated on it
+(``calibrate_config(model, multiquantizer, config, data, out)``).
 
 ```python
-from sensitivity.workflows.calibrate import calibrate_config
+from sensitivity.workflows.calibrate import calibrate_config, calibration_data
+calibration_data("digits-dit", "calib/digits-dit.safetensors", kind="timestep_aware", num=64, weights="shipped")
 run = calibrate_config("digits-dit", "mq.safetensors", "w36.json", "calib/digits-dit.safetensors",
                        "quant_configs/w36-cal", weights="shipped", weights_method="gptq", act_bits=8)
 run.artifact.report["calibrated_layers"], run.held_out_error      # (round-to-nearest, calibrated) or None
@@ -86,3 +88,40 @@ def calibrate_config(model: str, multiquantizer: PathLike, config: PathLike, dat
         after = float(np.mean([v["held_rel_error"] if v["kept"] else v["held_rel_error_rtn"] for v in held]))
         errors = (before, after)
     return CalibrateResult(art, Path(out), errors)
+
+
+def calibration_data(model: str, out: PathLike, *, kind: str = "timestep_aware", num: int = 64,
+                     timesteps: Optional[int] = None, data_seed: int = 0, prompts_file: Optional[PathLike] = None,
+                     chunk: int = 32, weights: Optional[str] = None, pipeline_class: Optional[str] = None,
+                     device: Optional[str] = None, dtype: Any = None, seed: int = 0, progress: bool = True,
+                     **settings: Any) -> Any:
+    """Capture a calibration set of ``model``'s full-precision denoiser inputs into ``out`` (.safetensors) and
+    return it (:func:`sensitivity.calibration.data.make_calibration_set`: ``kind`` timestep_aware / noise /
+    raw, ``num`` images, ``timesteps`` kept per trajectory, image i from seed ``data_seed + i``, resumable in
+    chunks of ``chunk``). ``prompts_file``: text models' prompts, one a line; ``seed``: random init of
+    ``random`` / ``tiny`` weights; ``settings``: generation settings (``batch_size`` is ignored)."""
+    from ..calibration.data import make_calibration_set
+    from ..captions import check_clean_caption
+    from ..checks import check_values
+    from ..io import check_writable
+    from ..zoo.resolve import resolve_model
+
+    check_values(num=num, timesteps=timesteps, data_seed=data_seed, chunk=chunk, seed=seed)
+    fam, weights, device, dtype = resolve_model(model, weights, pipeline_class, device, dtype)
+    if not str(out).endswith(".safetensors"):
+        raise SensitivityError(f"--out {str(out)!r}: the calibration set is a .safetensors file")
+    check_writable(out, "--out")  # a folder there, or a read-only folder: refused before any work
+    if kind == "raw" and fam.name not in ("digits-dit", "digits-unet"):
+        raise SensitivityError(f"--kind raw needs the training data: only the digits models ship it, not {fam.name!r}")
+    prompts = None
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise SensitivityError(f"--prompts-file {str(path)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    check_clean_caption(settings)
+    settings = {k: v for k, v in settings.items() if k != "batch_size"}
+    pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=seed)
+    fam.settings(pipe, **settings)  # validate before any work
+    return make_calibration_set(fam, pipe, out, kind=kind, num=num, timesteps=timesteps, seed=data_seed,
+                                prompts=prompts, chunk=chunk, weights=weights, progress=progress, **settings)
