@@ -13,6 +13,8 @@
   :func:`~.calibrate.calibrate_config`: a calibrated config folder;
 * :mod:`.costs` — :func:`~.costs.measure_model_costs`: a model's cost table (latency, run-time bytes);
 * :mod:`.layers` — :func:`~.layers.layer_report`: a model's quantizable layers under its family's rules;
+* :mod:`.graph` — :func:`~.graph.model_graph_files`: a model's traced DAG saved and drawn;
+* :mod:`.insights` — :func:`~.insights.insights_files`: tables and figures of scores, configs and records;
 * :mod:`.finetune` — :func:`~.finetune.finetune_config`: quantization-aware fine-tuning of a config;
 * :mod:`.components` — :func:`~.components.component_report`: the per-component quantization report;
 * :mod:`.export` — :func:`~.export.export_model`: a config as a packed / sdnq / onnx model.
