@@ -104,6 +104,7 @@ def calibration_data(model: str, out: PathLike, *, kind: str = "timestep_aware",
     from ..captions import check_clean_caption
     from ..checks import check_values
     from ..io import check_writable
+    from ..zoo.digits_sd import read_prompt_file
     from ..zoo.resolve import resolve_model
 
     check_values(num=num, timesteps=timesteps, data_seed=data_seed, chunk=chunk, seed=seed)
@@ -113,12 +114,7 @@ def calibration_data(model: str, out: PathLike, *, kind: str = "timestep_aware",
     check_writable(out, "--out")  # a folder there, or a read-only folder: refused before any work
     if kind == "raw" and fam.name not in ("digits-dit", "digits-unet"):
         raise SensitivityError(f"--kind raw needs the training data: only the digits models ship it, not {fam.name!r}")
-    prompts = None
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise SensitivityError(f"--prompts-file {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = read_prompt_file(prompts_file, what="--prompts-file") if prompts_file else None
     check_clean_caption(settings)
     settings = {k: v for k, v in settings.items() if k != "batch_size"}
     pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=seed)

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Union
 
 from ..errors import SensitivityError
 
@@ -31,17 +31,6 @@ class FinetuneResult(NamedTuple):
     record: Dict[str, Any]
     family: Any
     out: Path
-
-
-def read_prompts(path: PathLike) -> List[str]:
-    """The prompts of ``path`` (one a line, blank lines skipped); one line when it is missing or empty."""
-    f = Path(path)
-    if not f.is_file():
-        raise SensitivityError(f"--prompts {str(path)!r} does not exist")
-    prompts = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise SensitivityError(f"--prompts {str(path)!r} holds no prompts")
-    return prompts
 
 
 def finetune_config(model: str, multiquantizer: PathLike, out: PathLike, *, config: Optional[PathLike] = None,
@@ -67,6 +56,7 @@ def finetune_config(model: str, multiquantizer: PathLike, out: PathLike, *, conf
     from ..io import check_writable
     from ..multiquantizer import load_family_multiquantizer
     from ..zoo import get_family
+    from ..zoo.digits_sd import read_prompt_file
 
     t0 = time.time()
     known = [f.name for f in dataclasses.fields(FinetuneSettings)]
@@ -89,7 +79,7 @@ def finetune_config(model: str, multiquantizer: PathLike, out: PathLike, *, conf
     check_writable(out, "--out", directory=True)
     if data:
         read_imagefolder(data)
-    prompt_list = read_prompts(prompts) if prompts else None
+    prompt_list = read_prompt_file(prompts, what="--prompts") if prompts else None
     mq = load_family_multiquantizer(multiquantizer, fam.name)
     art = _load_calibrated(calibrated, mq) if calibrated else None
     if config:

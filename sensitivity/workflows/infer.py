@@ -49,13 +49,9 @@ def infer_conditions(family: Any, prompts: Optional[Sequence[str]] = None, promp
     if class_ids:
         raise SensitivityError(f"model {family.name!r} is text-conditional: use --prompt, not --class-id")
     if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise SensitivityError(f"--prompts-file {str(path)!r} does not exist")
-        conds = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not conds:
-            raise SensitivityError(f"--prompts-file {str(path)!r} holds no prompts")
-        return conds
+        from ..zoo.digits_sd import read_prompt_file
+
+        return read_prompt_file(prompts_file, what="--prompts-file")
     if not prompts:
         raise SensitivityError(f"model {family.name!r} needs at least one --prompt (or --prompts-file)")
     return list(prompts)

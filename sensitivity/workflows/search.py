@@ -227,17 +227,13 @@ def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bit
         # a sweep's folder appears with everything in it, or not at all
         folder = stack.enter_context(atomic_dir(out, "--out")) if sweep else None
         configs, skipped, memo = [], [], {}
-        for t in targets:
-            try:
-                if sweep and t > _ceil4(hi):
-                    raise SensitivityError(f"above {hi:.4f} bits, every layer at its largest option")
-                res = _search_one(t, inp, records, memo, **settings)
-            except SensitivityError as exc:
-                if not sweep:
-                    raise
-                skipped.append((t, str(exc)))
-                log(f"target {t:g}: skipped ({exc})")
-                continue
+
+        def find(t):
+            if sweep and t > _ceil4(hi):
+                raise SensitivityError(f"above {hi:.4f} bits, every layer at its largest option")
+            return _search_one(t, inp, records, memo, **settings)
+
+        for t, res in _each_target(targets, find, bool(sweep), skipped, log):
             if inp.predictor is not None and res.predicted is None:
                 from ..search import predict_results
 
@@ -406,16 +402,12 @@ def _latency_targets(targets, inp: _Inputs, costs, out: Path, folder: Optional[P
     act = _act_bits(act_bits, predictor, inp.predictor_name)
     what = f"multiquantizer {inp.mq_path} with cost table {costs.meta.get('path')}"
     configs, bits_results, skipped = [], [], []
-    for t in targets:
-        try:
-            res = search_cost(predictor, mq, costs, t, "latency", level=level, max_combinations=max_combinations,
-                              method=solver, sizes=sizes, what=what)
-        except SensitivityError as exc:
-            if not latency_sweep:
-                raise
-            skipped.append((t, str(exc)))
-            log(f"target {t:g} ms: skipped ({exc})")
-            continue
+
+    def find(t):
+        return search_cost(predictor, mq, costs, t, "latency", level=level, max_combinations=max_combinations,
+                           method=solver, sizes=sizes, what=what)
+
+    for t, res in _each_target(targets, find, bool(latency_sweep), skipped, log, " ms"):
         mq.validate(res.options)
         cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, target_latency_ms=t, **provenance)
         cfg.act_bits = act
@@ -458,6 +450,22 @@ def _latency_targets(targets, inp: _Inputs, costs, out: Path, folder: Optional[P
 # ---------------------------------------------------------------------------------------------
 # shared
 # ---------------------------------------------------------------------------------------------
+
+
+def _each_target(targets, find: Callable[[float], Any], sweep: bool, skipped: list, log: Callable[[str], None],
+                 unit: str = ""):
+    """``(target, find(target))`` for each target; in a sweep a target ``find`` refuses is skipped: appended to
+    ``skipped`` and logged (``unit`` follows the number), else the refusal is raised."""
+    for t in targets:
+        try:
+            res = find(t)
+        except SensitivityError as exc:
+            if not sweep:
+                raise
+            skipped.append((t, str(exc)))
+            log(f"target {t:g}{unit}: skipped ({exc})")
+            continue
+        yield t, res
 
 
 def checked_out(path: PathLike, sweep: Optional[str]) -> Path:
