@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "measured on this machine with this torch)")
     p.add_argument("--memory-model", default="stored",
                    help="with --target-memory: how the run-time holds a layer (default 'stored': the stored bytes; "
-                   "run-time policies registered by sensitivity.export may add others)")
+                   "'runtime': the bytes its run-time module was measured to hold, from the cost table of `sensitivity "
+                   "costs` (--costs); others registered with sensitivity.sizes.register_memory_model)")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="activation bits written into the configs (default: those of the predictor's evaluations)")

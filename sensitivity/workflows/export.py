@@ -84,7 +84,7 @@ def export_model(model: str, multiquantizer: PathLike, config: PathLike, out: Pa
         if format == "onnx":
             raise SensitivityError("a pipeline multiquantizer exports as a pipeline folder: --format packed or sdnq")
         record = export_pipeline(fam, pipe, mq, cfg, out, format=format, source=source, float_dtype=float_dtype,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, metrics=metrics, command=command)
         return ExportResult(record, fam, model_id, out, True, time.time() - t0)
     example = None
     if format == "onnx":

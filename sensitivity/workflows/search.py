@@ -108,9 +108,12 @@ def search_configs(out: PathLike, *, predictor: Any = None, scores: Optional[Pat
     if target_latency is not None or latency_sweep:
         return _search_latency(out, target_latency=target_latency, latency_sweep=latency_sweep, costs=costs,
                                **common)
-    if costs:
-        raise SensitivityError("--costs is read by --target-latency / --latency-sweep only")
-    return _search_bits(out, target_bits=target_bits, target_memory=target_memory, sweep=sweep,
+    from ..costs import RUNTIME_MEMORY_MODEL
+
+    if costs and not (target_memory is not None and memory_model == RUNTIME_MEMORY_MODEL):
+        raise SensitivityError("--costs is read by --target-latency / --latency-sweep and --target-memory with "
+                               f"--memory-model {RUNTIME_MEMORY_MODEL} only")
+    return _search_bits(out, target_bits=target_bits, target_memory=target_memory, sweep=sweep, costs=costs,
                         memory_model=memory_model, hawq_mode=hawq_mode, calibration_samples=calibration_samples,
                         weights=weights, mixdq_metric=mixdq_metric, seed=seed, option=option, cache=cache,
                         error=error, **common)
@@ -162,7 +165,7 @@ def _check_level(level: str, predictor: Any, baseline: Optional[str]) -> None:
         raise SensitivityError("--level module needs a --predictor with module scores (--scores has layer scores only)")
 
 
-def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bits, target_memory, sweep,
+def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bits, target_memory, sweep, costs,
                  memory_model, act_bits, level, options, max_combinations, solver, baseline, hawq_mode,
                  calibration_samples, weights, mixdq_metric, seed, option, cache, metric, error, log) -> SearchRun:
     from ..allocators import ALLOCATORS
@@ -182,12 +185,15 @@ def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bit
             raise SensitivityError("--baseline uniform has no target; drop --sweep")
     elif target_bits is None and not sweep and target_memory is None:
         raise SensitivityError("pass --target-bits B, --target-memory SIZE or --sweep START:STOP:STEP")
+    from ..costs import RUNTIME_MEMORY_MODEL
+
+    runtime_memory = target_memory is not None and memory_model == RUNTIME_MEMORY_MODEL
     memory_bytes = None
     if target_memory is not None:
         from ..sizes import memory_model as get_memory_model, memory_model_names, parse_bytes
 
         _register_runtime_memory_models()
-        if memory_model not in memory_model_names():
+        if not runtime_memory and memory_model not in memory_model_names():
             get_memory_model(memory_model)  # the one-line error naming the known models
         if baseline not in (None, "error-ilp"):
             raise SensitivityError(f"--target-memory works with the predictor search and --baseline error-ilp, "
@@ -200,6 +206,11 @@ def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bit
     _check_level(level, predictor, baseline)
 
     inp = _inputs(predictor, scores, multiquantizer, options)
+    if runtime_memory:  # the layers' run-time bytes measured by `sensitivity costs`, the same --target-memory
+        from ..costs import register_runtime_memory_model
+        from ..export.costs import cost_table_for
+
+        register_runtime_memory_model(cost_table_for(inp.mq, costs), inp.sizes.layers)
     records = read_records(cache) if cache else None
     targets: List[Optional[float]] = (parse_sweep(sweep) if sweep else
                                       [memory_bytes] if target_memory is not None else [target_bits])
