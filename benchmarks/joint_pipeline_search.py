@@ -18,13 +18,26 @@ One run, through the library API (every step resumes from what an earlier run le
    * **(c) best uniform per component**: one option (or fp16) per component, all 8^3 assignments
      enumerated, the one the *pipeline predictor* rates best among those that fit (no held-out data);
 
+   Added after the first run's held-out results were seen (the four above and their numbers unchanged):
+
+   * **joint + refinement**: :func:`sensitivity.search.refined_search` on the same pipeline predictor and
+     byte budget: the knapsack's configs as starts, then exact-budget local moves rated by the *whole*
+     predictor (not its additive per-layer scores);
+   * **joint error-ILP**: no predictor: the exact knapsack minimising the summed per-layer relative
+     weight error ``||W-Q(W)||^2/||W||^2`` over all three components (``search --baseline error-ilp
+     --target-memory``);
+
+   and one budget below (b)'s smallest (``p-all4``: every quantized layer of the pipeline at 4 average
+   bits), where only the joint configs and (c) fit;
+
 5. every config measured on held-out images: prompts of the held-out caption templates (forms never
    used in training or labelling) from ``--heldout-prompt-seed``, image seeds ``--heldout-seed..``
    (disjoint from the labels' 0..), FID / KID / class accuracy with the shipped digits classifier,
    each with its bootstrap standard error and a paired bootstrap verdict against the joint config.
 
 Budgets (fixed from the sizes before any label): (a)'s denoiser layers at 3.5 / 4.0 / 4.5 average bits
-(the range where all four exist), and one lower budget, (b)'s denoiser at 4.0 bits, where (a) cannot fit.
+(the range where all four exist), and one lower budget, (b)'s denoiser at 4.0 bits, where (a) cannot fit;
+added after the first run (from the sizes too): the whole pipeline's layers at 4.0 average bits.
 
     PYTHONPATH=. nice -n 5 python benchmarks/joint_pipeline_search.py --out joint_pipeline.json
     python scripts/results_tables.py joint-pipeline joint_pipeline.json   # docs/results/joint-pipeline.md
@@ -46,9 +59,15 @@ COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 OTHERS = ("text_encoder", "vae_decoder")
 BOOTSTRAP = 200
 METHODS = {"joint": "joint search (all components)", "den_fp16": "(a) denoiser-only search, rest fp16",
-           "den_int8": "(b) denoiser-only search, rest int8", "uniform": "(c) best uniform per component"}
+           "den_int8": "(b) denoiser-only search, rest int8", "uniform": "(c) best uniform per component",
+           # added after the first run's held-out results were seen
+           "joint_refined": "joint search + whole-predictor refinement", "joint_error_ilp": "joint error-ILP (no predictor)"}
+FIRST_RUN = ("joint", "den_fp16", "den_int8", "uniform")
 # budget rules: (name, which denoiser-only baseline fixes the rest, the denoiser layers' average bits)
-BUDGETS = (("b-den4", "int8", 4.0), ("a-den3.5", "fp16", 3.5), ("a-den4", "fp16", 4.0), ("a-den4.5", "fp16", 4.5))
+# ("all": every quantized layer of the pipeline at the average bits; added after the first run)
+BUDGETS = (("b-den4", "int8", 4.0), ("a-den3.5", "fp16", 3.5), ("a-den4", "fp16", 4.0), ("a-den4.5", "fp16", 4.5),
+           ("p-all4", "all", 4.0))
+ADDED_BUDGETS = ("p-all4",)
 
 
 def log(text: str) -> None:
@@ -76,12 +95,28 @@ def budgets(mq) -> List[Dict[str, Any]]:
     den = component_layers(t, "denoiser")
     out = []
     for name, rest, bits in BUDGETS:
-        others = sum(layer_bytes(t, component_layers(t, c), rest) for c in OTHERS)
-        b = fixed + others + int(layer_bytes(t, den, "fp16") * bits / 16)
-        out.append({"name": name, "bytes": int(b),
-                    "rule": f"unquantized + text encoder and VAE decoder layers at {rest} + denoiser layers at "
-                            f"{bits:g} average bits"})
+        if rest == "all":
+            b = fixed + int(t.fp16_total * bits / 16)
+            rule = f"unquantized + every quantized layer of the three components at {bits:g} average bits"
+        else:
+            others = sum(layer_bytes(t, component_layers(t, c), rest) for c in OTHERS)
+            b = fixed + others + int(layer_bytes(t, den, "fp16") * bits / 16)
+            rule = (f"unquantized + text encoder and VAE decoder layers at {rest} + denoiser layers at {bits:g} "
+                    "average bits")
+        out.append({"name": name, "bytes": int(b), "rule": rule, "added": name in ADDED_BUDGETS})
     return out
+
+
+def smallest(mq) -> Dict[str, int]:
+    """The smallest whole-pipeline bytes of the joint configs and of (a) / (b) (denoiser at its smallest)."""
+    from sensitivity.search.memory import fixed_bytes
+
+    t = mq.size_table()
+    fixed = fixed_bytes(mq)
+    den_min = int(sum(int(t.nbytes[t.index[l]].min()) for l in component_layers(t, "denoiser")))
+    return {"joint": fixed + int(t.min_bytes()),
+            **{f"den_{rest}": fixed + den_min + sum(layer_bytes(t, component_layers(t, c), rest) for c in OTHERS)
+               for rest in ("fp16", "int8")}}
 
 
 def describe(mq, options: Mapping[str, str]) -> Dict[str, Any]:
@@ -129,13 +164,13 @@ def best_uniform(mq, predictor, budget: int) -> Optional[Dict[str, str]]:
 def run(args) -> Dict[str, Any]:
     import torch
 
-    from sensitivity.comparison import StoredEvaluator, cache_cost, mark_rows
+    from sensitivity.comparison import StoredEvaluator, cache_cost, mark_rows, paired_marks
     from sensitivity.evaluation.cache import read_records
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.predictors import load_predictor, train
     from sensitivity.provenance import run_provenance
-    from sensitivity.search import InfeasibleTargetError, memory_budget, search
+    from sensitivity.search import InfeasibleTargetError, error_ilp, memory_budget, refined_search, search
     from sensitivity.search.memory import memory_result
     from sensitivity.workflows.multiquantize import multiquantize
     from sensitivity.workflows.sample import sample
@@ -169,6 +204,7 @@ def run(args) -> Dict[str, Any]:
     t0 = time.perf_counter()
     caches = {"joint": work / "joint.sqlite", "den": work / "denoiser.sqlite"}
     proto = dict(num_images=args.images, steps=args.steps, weights=WEIGHTS, device="cpu")
+    resumed: Dict[str, Dict[str, Any]] = {}
     for key in ("joint", "den"):
         log(f"[2/5] labels: {args.num_configs} configs of seed {args.seed} x {args.images} images, {args.steps} "
             f"steps -> {caches[key]}")
@@ -176,6 +212,7 @@ def run(args) -> Dict[str, Any]:
                      threads=args.threads, progress=not args.no_progress, **proto)
         if res.summary.failed:
             raise SystemExit(f"error: labelling {caches[key]} failed; rerun to resume")
+        resumed[key] = {"labelled_before": int(res.summary.done_before), "labelled_now": int(res.summary.evaluated)}
     torch.set_num_threads(args.threads)
     seconds["label"] = round(time.perf_counter() - t0, 1)
 
@@ -191,7 +228,9 @@ def run(args) -> Dict[str, Any]:
         stamp_path = out / "trained_on.json"
         if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
             report = json.loads((out / "report.json").read_text())
+            resumed[key]["predictor_reused"] = True
         else:
+            resumed[key]["predictor_reused"] = False
             log(f"[3/5] train {args.predictor} on {caches[key]} ({len(records)} configs, {args.folds}-fold)")
             report = train(caches[key], out, model=MODEL, predictor=args.predictor, baselines=("bits",),
                            folds=args.folds, seed=args.seed, metric="fid", multiquantizer=str(paths[key]),
@@ -211,11 +250,24 @@ def run(args) -> Dict[str, Any]:
     plan = budgets(mq)
     configs: Dict[str, Dict[str, Optional[Dict[str, str]]]] = {}
     predicted: Dict[str, Dict[str, Optional[float]]] = {}
+    search_details: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    refine_kw = dict(starts=args.refine_starts, rounds=args.refine_rounds, pairs=args.refine_pairs, kappa=0.0,
+                     offsets=(0.0, 0.02, 0.05, 0.1), levels=("layer", "module"))
     for b in plan:
         row: Dict[str, Optional[Dict[str, str]]] = {}
+        extra: Dict[str, Dict[str, Any]] = {}
         mb = memory_budget(mq, b["bytes"], what="the pipeline multiquantizer")
         res = memory_result(search(preds["joint"], mq, None, sizes=mb.table, budget=mb.budget), mq, None, mb)
         row["joint"] = dict(res.options)
+        log(f"[4/5] {b['name']}: refined search (starts {args.refine_starts}, rounds {args.refine_rounds})")
+        rr = memory_result(refined_search(preds["joint"], mq, None, sizes=mb.table, budget=mb.budget, **refine_kw),
+                           mq, None, mb)
+        extra["joint_refined"] = {k: rr.details[k] for k in ("start", "moves", "rated", "gain", "knapsack_rating",
+                                                             "rating")}
+        extra["joint_refined"].update(candidates=len(rr.details["candidates"]), seconds=round(rr.seconds, 1))
+        re = memory_result(error_ilp(mb.table, None, error="error", what="the pipeline multiquantizer",
+                                     budget=mb.budget), mq, None, mb)
+        extra["joint_error_ilp"] = {"summed_error": float(re.objective)}
         for key, rest in (("den_fp16", "fp16"), ("den_int8", "int8")):
             other = {l: rest for c in OTHERS for l in component_layers(t, c)}
             left = b["bytes"] - fixed - sum(layer_bytes(t, component_layers(t, c), rest) for c in OTHERS)
@@ -228,7 +280,9 @@ def run(args) -> Dict[str, Any]:
             except InfeasibleTargetError:
                 row[key] = None
         row["uniform"] = best_uniform(mq, preds["joint"], b["bytes"])
+        row["joint_refined"], row["joint_error_ilp"] = dict(rr.options), dict(re.options)
         configs[b["name"]] = row
+        search_details[b["name"]] = extra
         predicted[b["name"]] = {k: (None if c is None else float(preds["joint"].predict([c])[0])) for k, c in row.items()}
     seconds["search"] = round(time.perf_counter() - t0, 1)
 
@@ -279,17 +333,30 @@ def run(args) -> Dict[str, Any]:
             m = stored.evaluate(cfg)
             row.update(d, predicted_fid=-predicted[b["name"]][key] if predicted[b["name"]][key] is not None else None,
                        **metrics(m))
+            if key not in FIRST_RUN:
+                row.update(added=True, search=search_details[b["name"]].get(key, {}))
             rows.append(row)
             reps.append((m.get("bootstrap") or {}).get("fid"))
+            fp_reps = (fp.get("bootstrap") or {}).get("fid")
+            if reps[-1] is not None and fp_reps is not None:
+                row["vs_full_precision"] = paired_marks([fp["fid"], m["fid"]], [fp_reps, reps[-1]], -1.0, 0)[1]
             log(f"  {b['name']} ({b['bytes']} B) {label}: {d['memory_bytes']} B, FID {m['fid']:.3f}, "
                 f"accuracy {m['accuracy']:.3f}")
+        # verdict over all rows (added ones included) and vs the joint config, then the first run's verdict
+        # over its four configs alone (unchanged by the added rows)
         mark_rows(rows, reps, "fid", -1.0)
+        for r in rows:
+            if "verdict" in r:
+                r["verdict_all"] = r.pop("verdict")
+        first = [i for i, r in enumerate(rows) if r["key"] in FIRST_RUN]
+        mark_rows([rows[i] for i in first], [reps[i] for i in first], "fid", -1.0)
         for r in rows:
             r.pop("source", None)
             if "vs_search" in r:
                 r["vs_joint"] = r.pop("vs_search")
         results.append({**b, "rows": rows})
     seconds["heldout"] = round(time.perf_counter() - t0, 1)
+    resumed["heldout"] = {"reused": int(stored.reused), "measured": int(stored.measured)}
 
     return {
         "model": MODEL, "weights": WEIGHTS, "options": list(OPTIONS), "seed": args.seed,
@@ -302,11 +369,13 @@ def run(args) -> Dict[str, Any]:
                     "bootstrap": BOOTSTRAP, "bootstrap_seed": args.seed},
         "predictor": args.predictor, "folds": args.folds, "predictor_cv": cv,
         "labels": {k: {"configs": n, "evaluate_s": round(s, 1)} for k, (n, s) in label_cost.items()},
+        "refine": {k: list(v) if isinstance(v, tuple) else v for k, v in refine_kw.items()},
+        "smallest_bytes": smallest(mq),
         "uniform_rule": "every assignment of one option (or fp16) per component that fits, rated by the joint "
                         "predictor (trained on the labelled cache); the best rated is measured",
         "denoiser_multiquantizers_agree": bool(same),
         "fixed_bytes": fixed, "fp16_pipeline_bytes": int(fixed + t.fp16_total),
-        "full_precision": metrics(fp), "budgets": results, "seconds": seconds,
+        "full_precision": metrics(fp), "budgets": results, "seconds": seconds, "resumed": resumed,
         "total_seconds": round(time.perf_counter() - t_start, 1), "work": str(work),
         "provenance": run_provenance(started),
     }
@@ -324,6 +393,15 @@ def _pm(row: Mapping[str, Any], k: str, digits: int = 3) -> str:
     return f"{row[k]:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{row[k]:.{digits}f}"
 
 
+def _resumed(r: Mapping[str, Any]) -> str:
+    """`` (this run resumed: ...)`` from a run's ``resumed`` record."""
+    parts = [f"{k}: {v['labelled_now']} configs labelled now ({v['labelled_before']} before), predictor "
+             + ("reused" if v.get("predictor_reused") else "trained") for k, v in r.items() if k != "heldout"]
+    h = r.get("heldout") or {}
+    parts.append(f"held-out: {h.get('measured', 0)} configs measured now, {h.get('reused', 0)} measurements reused")
+    return " (this run in its work folder: " + "; ".join(parts) + ")"
+
+
 def markdown(d: Mapping[str, Any]) -> str:
     """The results page body of a run's JSON (used by ``scripts/results_tables.py joint-pipeline``)."""
     h = d["heldout"]
@@ -336,7 +414,7 @@ def markdown(d: Mapping[str, Any]) -> str:
         f"{d['label_image_seeds'][1]}), {d['steps']} DDIM steps; predictor `{d['predictor']}` on FID, "
         f"{d['folds']}-fold. Held-out: {h['images']} images of {h['prompts']}, prompt seed {h['prompt_seed']}, "
         f"image seeds {h['image_seeds'][0]}..{h['image_seeds'][1]}, the same steps. {d['total_seconds'] / 60:.1f} "
-        f"minutes in all.",
+        f"minutes in all" + (_resumed(d["resumed"]) if d.get("resumed") else "") + ".",
         "",
         "Distinct configs labelled (a repeated draw is labelled once): "
         + ", ".join(f"{k} {v['configs']}" for k, v in d["labels"].items())
@@ -354,6 +432,31 @@ def markdown(d: Mapping[str, Any]) -> str:
         "protocol), searched with the bytes left after the text encoder and VAE decoder layers at fp16 / `int8`.",
         f"- **(c)**: {d['uniform_rule']}.",
         "",
+    ]
+    rf = d.get("refine")
+    if rf:
+        sm = d["smallest_bytes"]
+        lines += [
+            "**Added after the first run's held-out results were seen** (the four configs above keep their "
+            "configs and numbers; their `verdict` is still among those four):",
+            "",
+            "- **joint + refinement**: `sensitivity.search.refined_search` with the same pipeline predictor and byte "
+            f"budget: the knapsack's configs at the budget less {', '.join(f'{o:g}' for o in rf['offsets'])} average "
+            f"bits ({' and '.join(rf['levels'])} scores) as candidates, the {rf['starts']} the whole predictor rates "
+            f"best climbed by single-layer and paired ({rf['pairs']} x {rf['pairs']}) moves within the budget, at most "
+            f"{rf['rounds']} moves each, every move rated by the whole predictor (kappa {rf['kappa']:g}).",
+            "- **joint error-ILP**: no predictor and no labels: the same exact knapsack over all three components "
+            "minimising the summed per-layer relative weight error ||W-Q(W)||²/||W||² (`search --baseline error-ilp "
+            "--target-memory`).",
+            "- budget **p-all4** (every quantized layer of the pipeline at 4 average bits), below the smallest "
+            f"(b) config ({kb(sm['den_int8'])} kB; (a): {kb(sm['den_fp16'])} kB), above the smallest pipeline "
+            f"({kb(sm['joint'])} kB): only the joint configs and (c) fit.",
+            "- `verdict (all)`: best / tie / worse against the lowest FID of every row of the budget, added ones "
+            "included; `vs full precision`: better / tie / worse than the unquantized pipeline's held-out FID (the "
+            "same paired bootstrap).",
+            "",
+        ]
+    lines += [
         f"Full precision on the held-out images: FID {_pm(fp, 'fid')}, accuracy {_pm(fp, 'accuracy')}. "
         f"`± se`: bootstrap standard error over the held-out images ({h['bootstrap']} replicates, seed "
         f"{h['bootstrap_seed']}); `verdict` best / tie / worse against the budget's lowest FID and `vs joint` "
@@ -362,23 +465,27 @@ def markdown(d: Mapping[str, Any]) -> str:
     ]
     wins = []
     for b in d["budgets"]:
-        lines += [f"## Budget {b['name']}: {kb(b['bytes'])} kB", "", f"{b['rule']}.", "",
+        added = any(r.get("added") for r in b["rows"])
+        lines += [f"## Budget {b['name']}: {kb(b['bytes'])} kB" + (" (added after the first run)" if b.get("added") else ""),
+                  "", f"{b['rule']}.", "",
                   "| config | memory kB | text enc. kB (bits) | denoiser kB (bits) | VAE dec. kB (bits) | FID predicted (joint) | "
-                  "held-out FID | accuracy | KID | verdict | vs joint |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-        measured = [r for r in b["rows"] if not r.get("infeasible")]
+                  "held-out FID | accuracy | KID | verdict | vs joint |" + (" verdict (all) | vs full precision |" if added else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|" + ("---|---|" if added else "")]
         for r in b["rows"]:
             if r.get("infeasible"):
-                lines.append(f"| {r['method']} | infeasible: does not fit | | | | | | | | | |")
+                lines.append(f"| {r['method']} | infeasible: does not fit | | | | | | | | | |" + (" | |" if added else ""))
                 continue
             cb, bits = r["component_bytes"], r["component_avg_bits"]
             comp = " | ".join(f"{kb(cb[c])} ({bits[c]:.2f})" for c in ("text_encoder", "denoiser", "vae_decoder"))
             lines.append(f"| {r['method']} | {kb(r['memory_bytes'])} | {comp} | {_f(r.get('predicted_fid'))} | "
                          f"{_pm(r, 'fid')} | {_pm(r, 'accuracy')} | {_f(r.get('kid'), 4)} | {r.get('verdict', '–')} | "
-                         f"{r.get('vs_joint', '–')} |")
-        best = min(measured, key=lambda r: r["fid"])
-        joint = next(r for r in b["rows"] if r["key"] == "joint")
-        wins.append((b["name"], best["key"] == "joint", best["method"], joint.get("verdict") in ("best", "tie")))
+                         f"{r.get('vs_joint', '–')} |"
+                         + (f" {r.get('verdict_all', '–')} | {r.get('vs_full_precision', '–')} |" if added else ""))
+        first = [r for r in b["rows"] if not r.get("added") and not r.get("infeasible")]
+        if not b.get("added"):
+            best = min(first, key=lambda r: r["fid"])
+            joint = next(r for r in b["rows"] if r["key"] == "joint")
+            wins.append((b["name"], best["key"] == "joint", best["method"], joint.get("verdict") in ("best", "tie")))
         lines.append("")
     n = sum(w for _, w, _, _ in wins)
     tied = sum(t for _, _, _, t in wins)
@@ -388,6 +495,24 @@ def markdown(d: Mapping[str, Any]) -> str:
               + f"; it is the best or tied with the best (paired bootstrap) at {tied} of {len(wins)}. "
               "The predicted FIDs are the joint predictor's, trained on the labelling images (a different image "
               "set and number than the held-out one, so their scale differs from the held-out FIDs)."]
+    if rf:
+        lines += ["", "Added after the first run (every config and budget above):", ""]
+        for b in d["budgets"]:
+            measured = [r for r in b["rows"] if not r.get("infeasible")]
+            best = min(measured, key=lambda r: r["fid"])
+            ties = [r["method"] for r in measured if r is not best and r.get("verdict_all") == "tie"]
+            used = "; ".join(f"{r['method']} {100.0 * r['memory_bytes'] / b['bytes']:.1f} %" for r in measured
+                             if r["key"] in ("joint", "joint_refined", "joint_error_ilp"))
+            ref = next((r for r in measured if r["key"] == "joint_refined"), None)
+            rs = (ref or {}).get("search") or {}
+            moves = "" if rs.get("knapsack_rating") is None else (
+                f"; the refinement made {rs['moves']} moves"
+                + (" (the cap)" if rs["moves"] >= rf["rounds"] else "")
+                + f", rated (-FID predicted) {rs['knapsack_rating']:.3f} "
+                f"(the knapsack's) -> {rs['rating']:.3f}")
+            lines.append(f"- {b['name']}: lowest held-out FID {best['method']} ({best['fid']:.3f})"
+                         + (f", tied (paired bootstrap) with {', '.join(ties)}" if ties else "")
+                         + f". Budget used: {used}{moves}.")
     return "\n".join(lines) + "\n"
 
 
@@ -405,6 +530,9 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor", default="lightgbm", help="predictor kind (the GNN of the default ensemble trains for minutes here)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--refine-starts", type=int, default=2, help="refined_search: knapsack candidates climbed from")
+    ap.add_argument("--refine-rounds", type=int, default=100, help="refined_search: local moves at most per start")
+    ap.add_argument("--refine-pairs", type=int, default=16, help="refined_search: up / down moves paired per round")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the markdown of a result file and exit")
     args = ap.parse_args(argv)
