@@ -503,6 +503,18 @@ def load_multiquantizer(path: str | os.PathLike, model: Optional[nn.Module] = No
     return mq
 
 
+def load_family_multiquantizer(path: str | os.PathLike, family: str) -> Multiquantizer:
+    """The ``--multiquantizer`` of a command on model ``family`` (a family name): one line when the file is
+    missing or was built for another family."""
+    path = Path(path)
+    if not path.is_file():
+        raise SensitivityError(f"--multiquantizer {str(path)!r} {'is not a file' if path.exists() else 'does not exist'}")
+    mq = load_multiquantizer(path)
+    if str(mq.model_id).split(":", 1)[0] != family:
+        raise SensitivityError(f"multiquantizer {path.name} was built for {mq.model_id}, not for model {family!r}")
+    return mq
+
+
 # --------------------------------------------------------------------------------------------------
 # apply / restore
 # --------------------------------------------------------------------------------------------------

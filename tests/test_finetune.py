@@ -314,3 +314,11 @@ def test_start_from_a_calibrated_artifact(tmp_path):
                    warmup=1), model_id="toy:0", start=start, progress=False)
     assert rec["start"] == "calibrated" and rec["val_loss_after"]["distill"] < rec["val_loss_before"]["distill"]
     assert load_finetuned(tmp_path / "ft").avg_bits() == mq.avg_bits(cfg)
+
+
+def test_finetune_config_refuses_an_unknown_setting_before_any_work(tmp_path):
+    from sensitivity.workflows.finetune import finetune_config
+
+    with pytest.raises(SensitivityError, match="unknown fine-tuning setting 'epochs'; known: steps"):
+        finetune_config("digits-dit", tmp_path / "missing.safetensors", tmp_path / "out", config="x.json", epochs=3)
+    assert not (tmp_path / "out").exists()

@@ -161,3 +161,24 @@ def test_insights_command(files, capsys, tmp_path):
             "pareto.csv", "pareto_predicted.png"} <= made
     rc, _, err = _run(capsys, "insights", "--out", tmp_path / "none")
     assert rc == 2 and "nothing to describe" in err
+
+
+def test_search_configs_takes_a_scorer_object_and_refuses_two_budgets(files, tmp_path):
+    """The library call behind `search`: any object with the search protocol, options as a list."""
+    from sensitivity.errors import SensitivityError
+    from sensitivity.search import AdditiveScorer, load_scores_csv
+    from sensitivity.workflows.search import search_configs
+
+    d, mq_path, mq, scores_path = files
+    scorer = AdditiveScorer(load_scores_csv(scores_path))
+    run = search_configs(tmp_path / "x.json", predictor=scorer, multiquantizer=mq_path, target_bits=3.5,
+                         options=["uaq-4", "uaq-3"])
+    (c,) = run.configs
+    assert c.path == tmp_path / "x.json" and not run.sweep and c.result.avg_bits <= 3.5
+    assert c.report["predicted"] == pytest.approx(float(scorer.predict([c.result.options])[0]))
+    cfg = QuantConfig.load(c.path)
+    assert cfg.options == c.result.options and cfg.provenance["options"] == "uaq-4,uaq-3"
+    assert "predictor" not in cfg.provenance  # an object without a folder: no path to record
+    with pytest.raises(SensitivityError, match="--target-bits and --sweep are two budgets"):
+        search_configs(tmp_path / "y.json", predictor=scorer, multiquantizer=mq_path, target_bits=3.5, sweep="3.4,3.6")
+    assert not (tmp_path / "y.json").exists()

@@ -37,7 +37,7 @@ from ..quantizers import QuantizedWeight, TableMethod, get_method
 from ..quantizers.kmeans import KMeansPerChannel, KMeansPerTensor
 from ..quantizers.uaq import UniformAffine, UniformAffinePerGroup
 from ..registry import HandlerRegistry
-from ..quantizers.activation import _check_bits, disable_activation_quant, point_channel_dim, static_points
+from ..quantizers.activation import check_act_bits, disable_activation_quant, point_channel_dim, static_points
 from .artifact import ActivationCalibration, CalibratedArtifact, write_overlay
 from .data import CalibrationSet
 from .observers import GRANULARITIES, OBSERVERS, RangeObserver
@@ -233,7 +233,7 @@ def calibrate(den: nn.Module, mq, config: QuantConfig | Mapping[str, str], data:
     check_values(percentile=percentile, held_out=held_out, seed=seed, batch_size=batch_size,
                  adaround_iters=adaround_iters)
     if act_bits is not None:
-        act_bits = _check_bits(act_bits)
+        act_bits = check_act_bits(act_bits)
     if observer not in OBSERVERS:
         raise SensitivityError(f"unknown observer {observer!r}; use one of {', '.join(OBSERVERS)}")
     if granularity not in GRANULARITIES:

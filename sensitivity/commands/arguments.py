@@ -2,9 +2,9 @@
 
 ```python
 add_model_arguments(parser)            # MODEL, --weights, --device, --dtype, --seed
+add_multiquantizer_argument(parser)    # --multiquantizer FILE; add_progress_argument: --no-progress
 add_generation_arguments(parser)       # --steps, --guidance, --height, --width, --scheduler, --batch-size, --set
 add_protocol_arguments(parser)         # `sample` / `evaluate`: MODEL, --weights, --multiquantizer, the protocol
-fam, weights, device, dtype = model_from_args(args)
 overrides = generation_overrides(args) # {setting: value} for fam.generate(..., **overrides); checks the numbers
 kw = protocol_kwargs(args)             # the keywords of sensitivity.evaluation.protocol.protocol_for
 ```
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from ..checks import check_device, check_values, constraint_for
+from ..checks import check_values, constraint_for
 from ..errors import SensitivityError
 
 DEVICE_HELP = "torch device (default: cuda if available, else cpu)"
@@ -42,6 +42,19 @@ def add_model_arguments(p: argparse.ArgumentParser, device: bool = True, model_o
 def add_weights_argument(p, default: Optional[str] = None, help: str = WEIGHTS_HELP) -> None:
     """``--weights`` (hub id, local folder or a special name of the family)."""
     p.add_argument("--weights", default=default, help=help)
+
+
+MULTIQUANTIZER_HELP = "multiquantizer .safetensors file of MODEL"
+
+
+def add_multiquantizer_argument(p, required: bool = True, help: str = MULTIQUANTIZER_HELP) -> None:
+    """``--multiquantizer FILE`` (the quantized weights of every option)."""
+    p.add_argument("--multiquantizer", required=required, default=None, help=help)
+
+
+def add_progress_argument(p) -> None:
+    """``--no-progress`` (no tqdm bars)."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_device_argument(p, help: str = DEVICE_HELP) -> None:
@@ -71,28 +84,6 @@ def add_pipeline_class_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-class", default=None, metavar="CLASS",
                    help="with MODEL 'diffusers': the diffusers pipeline class (default: from the --weights "
                         "folder's model_index.json)")
-
-
-def family_name(args: argparse.Namespace) -> str:
-    """MODEL, with ``diffusers`` resolved to ``diffusers-<pipelineclass>`` (--pipeline-class or model_index.json)."""
-    from ..zoo.resolve import family_name_for
-
-    return family_name_for(args.model, getattr(args, "pipeline_class", None), getattr(args, "weights", None))
-
-
-def model_from_args(args: argparse.Namespace) -> Tuple[Any, str, str, Any]:
-    """``(family, weights, device, dtype)`` from the parsed arguments (device resolved)."""
-    import torch
-
-    from ..zoo import get_family
-    from ..zoo.base import resolve_dtype
-
-    check_device(getattr(args, "device", None))  # e.g. cuda without CUDA: one line, before any loading
-    fam = get_family(family_name(args))
-    weights = fam.resolve_weights(args.weights)
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(getattr(args, "dtype", None))
-    return fam, weights, device, dtype
 
 
 def check_generation_arguments(args: argparse.Namespace) -> None:
@@ -128,7 +119,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     add_weights_argument(p, help="hub id or local diffusers folder (default: the model's official weights; digits "
                          "models: the shipped ones), or 'random'/'tiny'")
     add_pipeline_class_argument(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     add_device_argument(p, help="torch device of each worker (default: cuda if available, else cpu)")
     add_dtype_argument(p)
     c = p.add_argument_group("evaluation protocol (part of the cache's signature)")

@@ -8,19 +8,18 @@ overlay on the multiquantizer, same average bits) that ``infer`` and ``evaluate`
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..calibration.names import GRANULARITIES, OBSERVERS, WEIGHT_METHODS  # torch-free (--help)
-    from .arguments import add_model_arguments
+    from .arguments import add_model_arguments, add_multiquantizer_argument, add_progress_argument
 
     p = sub.add_parser("calibrate", help="calibrate a config on a calibration set (weights rounding + activation ranges)",
                        description="Round a config's weights with calibration data (GPTQ, AdaRound, least-squares "
                                    "table refit) and observe static activation ranges; write a calibrated config "
                                    "folder that infer / evaluate accept as --config.")
     add_model_arguments(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     p.add_argument("--config", required=True, help="quantization config .json")
     p.add_argument("--data", required=True, help="calibration set (sensitivity calibrate-data)")
     p.add_argument("--weights-method", default="auto", choices=WEIGHT_METHODS,
@@ -36,58 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaround-iters", type=int, default=1000)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the held-out split and AdaRound")
     p.add_argument("--out", required=True, help="output folder, e.g. quant_configs/X-cal/")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration.data import load_calibration_set
-    from ..calibration.pipeline import calibrate
-    from ..config import QuantConfig
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from ..multiquantizer import load_multiquantizer
-    from ..quantizers.activation import _check_bits
-    from .arguments import model_from_args
+    from ..workflows.calibrate import calibrate_config
 
-    fam, weights, device, dtype = model_from_args(args)
-    check_writable(args.out, "--out", directory=True)
-    if args.act_bits is not None:
-        _check_bits(args.act_bits)
-    if args.weights_method == "none" and args.act_bits is None:
-        raise SensitivityError("nothing to calibrate: --weights-method none needs --act-bits")
-    if not Path(args.multiquantizer).is_file():
-        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
-    mq = load_multiquantizer(args.multiquantizer)
-    if mq.model_id.split(":", 1)[0] != fam.name:
-        raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
-                               f"not for model {fam.name!r}")
-    cfg = QuantConfig.load(args.config)
-    cfg.check_model(mq.model_id, str(args.config))
-    try:
-        mq.validate(cfg.options)
-    except SensitivityError as exc:
-        raise SensitivityError(f"{args.config}: {exc}") from None
-    data = load_calibration_set(args.data)
-    data.check_model(mq.model_id)
-    den = fam.load_denoiser(weights, device=device, dtype=dtype, seed=args.seed)
-    mq.check_model(den)
-    art = calibrate(den, mq, cfg, data, weights_method=args.weights_method, act_bits=args.act_bits,
-                    observer=args.observer, granularity=args.granularity, attention=not args.no_attention,
-                    percentile=args.percentile, held_out=args.held_out, seed=args.calib_seed,
-                    adaround_iters=args.adaround_iters, progress=not args.no_progress, family=fam.name)
-    art.manifest["calibration_set"]["path"] = str(args.data)
-    art.manifest["source_config"] = str(args.config)
-    art.save(args.out)
-    r = art.report
-    held = [v for v in r["layers"].values() if v.get("held_rel_error") is not None]
+    res = calibrate_config(args.model, args.multiquantizer, args.config, args.data, args.out, weights=args.weights,
+                           pipeline_class=args.pipeline_class, device=args.device, dtype=args.dtype, seed=args.seed,
+                           weights_method=args.weights_method, act_bits=args.act_bits, observer=args.observer,
+                           granularity=args.granularity, attention=not args.no_attention, percentile=args.percentile,
+                           held_out=args.held_out, calib_seed=args.calib_seed, adaround_iters=args.adaround_iters,
+                           progress=not args.no_progress)
+    art, r = res.artifact, res.artifact.report
     msg = ""
-    if held:
-        import numpy as np
-
-        before = float(np.mean([v["held_rel_error_rtn"] for v in held]))
-        after = float(np.mean([v["held_rel_error"] if v["kept"] else v["held_rel_error_rtn"] for v in held]))
-        msg = f"; mean held-out relative output error {before:.4g} -> {after:.4g}"
+    if res.held_out_error is not None:
+        msg = "; mean held-out relative output error {:.4g} -> {:.4g}".format(*res.held_out_error)
     acts = f", A{args.act_bits} {args.observer}/{args.granularity} ranges of {len(art.activations.ranges)} points" \
         if art.activations is not None else ""
     print(f"wrote {args.out}: {r['calibrated_layers']} of {r['quantized_layers']} layers rounded "

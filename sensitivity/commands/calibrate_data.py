@@ -8,11 +8,10 @@ set (see :mod:`sensitivity.calibration.data`). Seeded (image i uses seed SEED + 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments, add_progress_argument
 
     p = sub.add_parser("calibrate-data", help="capture a calibration set of the denoiser's inputs",
                        description="Sample images with the full-precision model and store the denoiser's inputs at "
@@ -27,36 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", default=None, help="text models: one prompt per line")
     p.add_argument("--chunk", type=int, default=32, help="images per resumable chunk (default 32)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     add_generation_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration.data import make_calibration_set
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from .arguments import generation_overrides, model_from_args
+    from ..workflows.calibrate import calibration_data
+    from .arguments import generation_overrides
 
-    fam, weights, device, dtype = model_from_args(args)
-    if not args.out.endswith(".safetensors"):
-        raise SensitivityError(f"--out {args.out!r}: the calibration set is a .safetensors file")
-    check_writable(args.out, "--out")  # a folder there, or a read-only folder: refused before any work
-    if args.kind == "raw" and fam.name not in ("digits-dit", "digits-unet"):
-        raise SensitivityError(f"--kind raw needs the training data: only the digits models ship it, not {fam.name!r}")
-    prompts = None
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise SensitivityError(f"--prompts-file {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    overrides = generation_overrides(args)
-    overrides.pop("batch_size", None)
-    pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
-    fam.settings(pipe, **overrides)  # validate before any work
-    cs = make_calibration_set(fam, pipe, args.out, kind=args.kind, num=args.num, timesteps=args.timesteps,
-                              seed=args.data_seed, prompts=prompts, chunk=args.chunk, weights=weights,
-                              progress=not args.no_progress, **overrides)
+    cs = calibration_data(args.model, args.out, kind=args.kind, num=args.num, timesteps=args.timesteps,
+                          data_seed=args.data_seed, prompts_file=args.prompts_file, chunk=args.chunk,
+                          weights=args.weights, pipeline_class=args.pipeline_class, device=args.device,
+                          dtype=args.dtype, seed=args.seed, progress=not args.no_progress, **generation_overrides(args))
     inputs = ", ".join(f"{k} {v}" for k, v in cs.meta["inputs"].items())
     print(f"wrote {len(cs)} samples ({args.kind}, {args.num} images, model {cs.model_id}) to {args.out} "
           f"in {cs.meta['seconds']:.1f} s; inputs per sample: {inputs}")

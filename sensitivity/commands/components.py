@@ -15,12 +15,10 @@ when ``--prompts`` / ``--test-prompts`` are not given.
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_generation_arguments, add_model_arguments
+    from .arguments import add_generation_arguments, add_model_arguments, add_progress_argument
 
     p = sub.add_parser("components", help="per-component quantization report (text encoder, denoiser, VAE decoder)",
                        description="Quantize each pipeline component alone (the others full precision), generate "
@@ -42,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt, seeds SEED_BASE.. (default 1)")
     p.add_argument("--seed-base", type=int, default=0, help="image j of every prompt uses seed SEED_BASE + j")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     add_generation_arguments(p)
     p.set_defaults(func=run)
 
@@ -60,47 +58,18 @@ def _pairs(items, flag: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..components import COMPONENT_NAMES, parse_component_configs, pipeline_components, run_components
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from ..options import QuantOption
-    from .arguments import generation_overrides, model_from_args
-    from ..zoo.digits_sd import read_prompt_file
+    from ..workflows.components import component_report
+    from .arguments import generation_overrides
 
-    # everything is checked before the model is loaded and before anything is written
-    fam, weights, device, dtype = model_from_args(args)
-    options = _pairs(args.component_option, "--component-option")
-    configs = _pairs(args.config, "--config")
-    for name in list(options) + list(configs):
-        if name not in COMPONENT_NAMES:
-            raise SensitivityError(f"unknown component {name!r}; components are {', '.join(COMPONENT_NAMES)}")
-    if args.option is None and not options and not configs:
-        raise SensitivityError("give --option OPTION (or --component-option / --config per component)")
-    for opt in ([args.option] if args.option else []) + list(options.values()):
-        QuantOption.parse(opt)
-    for name, path in configs.items():
-        if not Path(path).is_file():
-            raise SensitivityError(f"--config {name}={path}: file does not exist")
-    train_path = args.prompts or getattr(fam, "default_prompts", None)
-    if train_path is None:
-        raise SensitivityError(f"model {fam.name!r} needs --prompts FILE (one prompt per line)")
-    prompt_sets = {"train": read_prompt_file(train_path)}
-    test_path = args.test_prompts or (getattr(fam, "default_test_prompts", None) if not args.prompts else None)
-    if test_path is not None:
-        prompt_sets["test"] = read_prompt_file(test_path)
-    check_writable(args.out, "--out", directory=True)
-    overrides = generation_overrides(args)
-    fam.settings(None, **overrides)  # unknown settings fail here
-
-    t0 = time.time()
-    pipe = fam.load_pipeline(weights, device=device, dtype=dtype, seed=args.seed)
-    comps = pipeline_components(fam, pipe)
     wanted = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
-    cfgs = parse_component_configs(comps, args.option, options, configs, only=wanted)
-    summary = run_components(fam, pipe, prompt_sets, cfgs, args.out, images_per_prompt=args.images_per_prompt,
-                             seed=args.seed_base, model_id=fam.model_id(weights), progress=not args.no_progress,
-                             **overrides)
-    out = Path(args.out)
+    res = component_report(args.model, args.out, option=args.option,
+                           component_options=_pairs(args.component_option, "--component-option"),
+                           configs=_pairs(args.config, "--config"), components=wanted, prompts=args.prompts,
+                           test_prompts=args.test_prompts, images_per_prompt=args.images_per_prompt,
+                           seed_base=args.seed_base, weights=args.weights, pipeline_class=args.pipeline_class,
+                           device=args.device, dtype=args.dtype, seed=args.seed, progress=not args.no_progress,
+                           **generation_overrides(args))
+    summary, prompt_sets, out = res.summary, res.prompt_sets, res.out
     n = sum(len(v) for v in prompt_sets.values())
     print(f"\n{'component':<16} {'options':<12} {'avg bits':>8} " +
           " ".join(f"{s + ' MSE':>10} {s + ' PSNR':>10}" for s in prompt_sets))
@@ -110,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
     if "most_sensitive" in summary:
         print(f"most sensitive: {summary['most_sensitive']['component']} ({summary['most_sensitive']['by']})")
     print(f"{len(summary['components'])} components x {n} prompts x {args.images_per_prompt} image(s) in "
-          f"{time.time() - t0:.1f} s -> {out / 'report.md'}, {out / 'components.csv'}, {out / 'summary.csv'}, "
+          f"{res.seconds:.1f} s -> {out / 'report.md'}, {out / 'components.csv'}, {out / 'summary.csv'}, "
           f"{out / 'grids'}/")
     return 0

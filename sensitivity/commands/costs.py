@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_model_arguments
+    from .arguments import add_model_arguments, add_multiquantizer_argument, add_progress_argument
 
     p = sub.add_parser("costs", help="measure the forward time and run-time bytes of every option of every layer",
                        description="Time each layer's run-time module at every option of the multiquantizer (and in "
                        "float) on its real input shape, on this device; the table drives search --target-latency.")
     add_model_arguments(p)
-    p.add_argument("--multiquantizer", required=True, help="multiquantizer .safetensors file of MODEL")
+    add_multiquantizer_argument(p)
     p.add_argument("--options", help="comma list of options to time (default: all of the multiquantizer)")
     p.add_argument("--batch", type=int, default=1, help="samples per forward of the example inputs (default 1)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per option; the median is kept (default 7)")
@@ -34,41 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads while timing (default: torch's current number; part of the table's key)")
     p.add_argument("--out", default=None, help="cost table .json (default: <multiquantizer stem>.costs/<device>-<key>.json)")
     p.add_argument("--remeasure", action="store_true", help="ignore a saved table with the same key and measure again")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import SensitivityError
-    from ..export.costs import measure_costs
-    from ..io import check_writable
-    from ..multiquantizer import load_multiquantizer
-    from .arguments import model_from_args
+    from ..workflows.costs import measure_model_costs
 
-    t0 = time.time()
-    fam, weights, device, dtype = model_from_args(args)
-    if not Path(args.multiquantizer).is_file():
-        raise SensitivityError(f"--multiquantizer {args.multiquantizer!r} does not exist")
-    if args.out is not None:
-        if Path(args.out).suffix != ".json":
-            raise SensitivityError(f"--out must be a .json file, got {args.out}")
-        check_writable(args.out, "--out")
-    mq = load_multiquantizer(args.multiquantizer)
-    model_id = fam.model_id(weights)
-    if mq.model_id and mq.model_id != model_id:
-        raise SensitivityError(f"multiquantizer {Path(args.multiquantizer).name} was built for {mq.model_id}, "
-                               f"not for {model_id}")
     options = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
-    den = fam.load_denoiser(weights, device=device, dtype=dtype, seed=args.seed)
-    table = measure_costs(den, mq, out=args.out, options=options, batch=args.batch, repeats=args.repeats,
-                          warmup=args.warmup, seed=args.seed, threads=args.threads, remeasure=args.remeasure,
-                          progress=not args.no_progress)
-    fp_ms = table.config_latency_ms({})
-    per_option = {o: round(table.config_latency_ms({l: o for l in table.layers}), 4) for o in table.options}
-    summary = {"path": table.meta["path"], "layers": len(table.layers), "options": table.options,
-               "fp16_ms": round(fp_ms, 4), "uniform_ms": per_option, "key": table.meta.get("key"),
-               "calibrator": table.meta.get("calibrator"), "seconds": round(time.time() - t0, 1)}
+    table, summary = measure_model_costs(args.model, args.multiquantizer, out=args.out, options=options,
+                                         batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                                         threads=args.threads, remeasure=args.remeasure, weights=args.weights,
+                                         pipeline_class=args.pipeline_class, device=args.device, dtype=args.dtype,
+                                         seed=args.seed, progress=not args.no_progress)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -76,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cal = summary["calibrator"] or {}
     print(f"cost table of {len(table.layers)} layers x {len(table.options) + 1} options (fp16 included) on "
           f"{summary['key']['device']}, {summary['key']['threads']} thread(s): {table.meta['path']}")
-    print(f"  summed layer latency: fp16 {fp_ms:.3f} ms; " + ", ".join(f"{o} {v:.3f} ms" for o, v in per_option.items()))
+    print(f"  summed layer latency: fp16 {table.config_latency_ms({}):.3f} ms; "
+          + ", ".join(f"{o} {v:.3f} ms" for o, v in summary["uniform_ms"].items()))
     print(f"  calibrator sum(range(10**7)) {cal.get('sum_range_1e7_s')} s, load {cal.get('loadavg_1m')}; "
           f"{summary['seconds']} s")
     return 0

@@ -33,46 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_config(path: str) -> dict:
-    from ..errors import SensitivityError
-
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SensitivityError(f"--config {path}: cannot read JSON ({exc})") from None
-    if isinstance(d, dict) and isinstance(d.get("options"), dict):
-        d = d["options"]
-    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
-        raise SensitivityError(f"--config {path}: expected a JSON object {{layer: option}}")
-    return d
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import SensitivityError
-    from ..graph import draw, family_graph
+    from ..workflows.graph import model_graph_files
 
     if not args.out and not args.json_out and not args.summary:
         raise SensitivityError("nothing to do: pass --out FILE.svg|png, --json-out FILE or --summary")
-    for o in args.out:
-        if not o.lower().endswith((".svg", ".png", ".pdf", ".dot")):
-            raise SensitivityError(f"--out {o}: the drawing must be .svg, .png, .pdf or .dot")
-    config = _read_config(args.config) if args.config else None
     t0 = time.perf_counter()
-    g = family_graph(args.model, weights=args.weights)
-    if config is not None:
-        unknown = [k for k in config if k not in g.graph or g.graph.nodes[k]["kind"] != "weight"]
-        if unknown:
-            raise SensitivityError(f"--config {args.config}: layer {unknown[0]!r} is not a layer of {g.model_id}")
-    s = g.summary()
-    written = []
-    if args.json_out:
-        written.append(str(g.save(args.json_out)))
-    info = {}
-    if args.out:
-        print(f"drawing {s['nodes']} nodes with graphviz ...", file=sys.stderr)
-        info = draw(g, args.out, config=config, title=args.title, shapes=args.shapes)
-        written += info["files"]
+    res = model_graph_files(args.model, weights=args.weights, out=args.out, json_out=args.json_out,
+                            config=args.config, title=args.title, shapes=args.shapes,
+                            log=lambda text: print(text, file=sys.stderr))
+    s, info, written = res.summary, res.drawing, res.written
     if args.summary:
         print(json.dumps({**s, "drawing": {k: v for k, v in info.items() if k != "files"}, "files": written}, indent=1))
     else:

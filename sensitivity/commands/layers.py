@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import sys
 
@@ -22,59 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_ops(fam, denoiser, rep: dict) -> None:
-    """``block`` / ``op_type`` / ``op_group`` in every row of ``rep["table"]`` (a generic family traces ``denoiser``)."""
-    from ..insights import family_naming
-
-    if getattr(fam, "needs_graph_naming", False):
-        from ..graph import build_graph
-
-        fam.use_graph(build_graph(denoiser, fam.find_layers(denoiser)))
-    naming = family_naming(fam)
-    for r in rep["table"]:
-        i = naming.describe(r["name"])
-        r.update(block=i.block, op_type=i.op_type, op_group=i.op_group)
-
-
-def layer_report(fam, denoiser, weights: str) -> dict:
-    """Everything ``sensitivity layers --json`` prints (see the keys)."""
-
-    from ..layers import LAYER_TYPES, architecture_hash, layer_table
-
-    layers = fam.find_layers(denoiser)
-    rules = fam.layer_rules(denoiser)
-    modules = [(p, m) for p, m in denoiser.named_modules() if isinstance(m, LAYER_TYPES)]
-    excluded = [p for p, _ in modules if any(fnmatch.fnmatchcase(p, pat) for pat in rules.exclude)]
-    tied_params = sum(m.weight.numel() for p, m in modules for s in layers if p in s.tied)
-    return {
-        "model": fam.name,
-        "model_id": fam.model_id(weights),
-        "weights": weights,
-        "denoiser_class": type(denoiser).__name__,
-        "architecture_hash": architecture_hash(layers),
-        "conv_linear_modules": len(modules),
-        "layers": len(layers),
-        "reference_layers": fam.reference_layer_count,
-        "split_modules": len(rules.splits),
-        "excluded": excluded,
-        "tied_copies": sum(len(s.tied) for s in layers if s.in_slice is None or s.name.endswith("#main")),
-        "denoiser_params": sum(p.numel() for p in denoiser.parameters()),
-        "layer_params": sum(s.numel for s in layers),
-        "tied_copy_params": tied_params,
-        "fp16_bytes": sum(s.fp16_bytes for s in layers),
-        "splits": {k: int(v) for k, v in rules.splits.items()},
-        "table": layer_table(layers),
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    from .arguments import model_from_args
+    from ..workflows.layers import layer_report
 
-    fam, weights, device, dtype = model_from_args(args)
-    denoiser = fam.load_denoiser(weights, device="cpu" if weights == "meta" else device, dtype=dtype, seed=args.seed)
-    rep = layer_report(fam, denoiser, weights)
-    if args.ops:
-        add_ops(fam, denoiser, rep)
+    rep = layer_report(args.model, weights=args.weights, pipeline_class=args.pipeline_class, device=args.device,
+                       dtype=args.dtype, seed=args.seed, ops=args.ops)
     if args.json:
         json.dump(rep, sys.stdout, indent=1)
         sys.stdout.write("\n")

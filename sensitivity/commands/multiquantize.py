@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "int8, int8_c, fp8_e4m3. A killed build resumes when rerun; options whose method settings changed "
         "are recomputed.",
     )
-    from .arguments import add_device_argument, add_pipeline_class_argument, add_weights_argument
+    from .arguments import add_device_argument, add_pipeline_class_argument, add_progress_argument, add_weights_argument
 
     p.add_argument("model", help="model family (see `sensitivity models`), or 'diffusers' for any pipeline folder")
     add_weights_argument(p, help="hub id or local diffusers folder (default: the official hub id), or 'random', "
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p, help="device for loading and quantizer math (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init for --weights random/tiny")
     p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 

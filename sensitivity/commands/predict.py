@@ -31,28 +31,12 @@ def _fmt(v) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predictors import evaluate_on_cache, read_manifest
+    from ..predictors import evaluate_on_cache, json_clean
 
-    from ..checks import check_device
-    from ..io import atomic_path, check_writable
-
-    read_manifest(args.predictor)  # a clear error for a wrong folder before reading the cache
-    check_device(args.device)
-    if args.out:
-        check_writable(args.out, "--out")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
-    res = evaluate_on_cache(args.predictor, args.cache, kinds=kinds, device=args.device)
-    if args.out:
-        import pandas as pd
-
-        df = pd.DataFrame({"config_hash": res["hashes"], "target": res["y"],
-                           **{k: v for k, v in res["predictions"].items()}})
-        with atomic_path(args.out, "--out") as tmp:
-            df.to_csv(tmp, index=False)
+    res = evaluate_on_cache(args.predictor, args.cache, kinds=kinds, device=args.device, out=args.out)
     if args.json:
-        from ..predictors.predictor import _json_clean
-
-        print(json.dumps(_json_clean(res), indent=1))
+        print(json.dumps(json_clean(res), indent=1))
         return 0
     print(f"{res['n_configs']} configs of {res['cache']}, target {res['target']['formula']}:")
     print(f"  {'predictor':<10} {'Spearman':>9} {'Kendall':>9} {'NDCG@10':>9}")

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "probability p, method uniform), evaluate those not yet in --cache with the protocol "
                     "(FID, KID, accuracy / PSNR...), one SQLite record each. Kill it any time; rerun the same "
                     "command to resume. Several commands, --workers K or --ray share the work.")
-    from .arguments import add_protocol_arguments
+    from .arguments import add_progress_argument, add_protocol_arguments
 
     add_protocol_arguments(p)
     p.add_argument("--cache", required=True, help="SQLite cache file (created if missing)")
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads per worker (default: the free cores / workers, at least 1)")
     p.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
                    help="score one config while the next one generates (auto: on CUDA devices only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .arguments import add_device_argument, add_weights_argument
+    from .arguments import add_device_argument, add_multiquantizer_argument, add_weights_argument
 
     p = sub.add_parser("train", help="train a predictor (k-fold ensemble) on an evaluation cache, with baselines",
                        description="Train PREDICTOR on CACHE's labelled configs with k-fold cross-validation and "
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the models (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=VALUE",
                    help="predictor hyper-parameter, e.g. gnn.epochs=60 or lightgbm.num_leaves=31 (value as JSON)")
-    p.add_argument("--multiquantizer", help="multiquantizer file for per-layer errors when the cache has no layer stats")
+    add_multiquantizer_argument(p, required=False, help="multiquantizer file for per-layer errors when the cache has no layer stats")
     add_device_argument(p, help="torch device of the GNN (default cpu)")
     p.add_argument("--no-scores", action="store_true", help="skip the layer / module scores")
     p.add_argument("--max-module-configs", type=int, default=10_000,
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_params(items, kinds) -> Dict[str, Dict[str, Any]]:
+def parse_params(items) -> Dict[str, Dict[str, Any]]:
     """``["gnn.epochs=60", ...]`` -> ``{"gnn": {"epochs": 60}}`` (values parsed as JSON when possible)."""
     from ..errors import SensitivityError
     from ..predictors import get_kind
@@ -74,30 +74,15 @@ def parse_params(items, kinds) -> Dict[str, Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import check_device
-    from ..errors import SensitivityError
-    from ..io import check_writable
-    from ..predictors import get_kind, train
+    from ..predictors import train
     from ..predictors.predictor import DEFAULT_PREDICTOR
 
-    args.predictor = args.predictor or DEFAULT_PREDICTOR
-    if not Path(args.cache).exists():
-        raise SensitivityError(f"cache {args.cache!r} does not exist")
-    kinds = [args.predictor] + [b.strip() for b in args.baselines.split(",") if b.strip()]
-    for k in kinds:
-        get_kind(k)  # unknown names fail here, before any work
-    check_device(args.device)
-    check_writable(args.out, "--out", directory=True)
-    params = parse_params(args.set, kinds)
-    graph = None
-    if args.model:
-        from ..predictors.pipeline import cache_graph
-
-        graph = cache_graph(args.cache, args.model, weights=args.weights)
-    report = train(args.cache, args.out, model=args.model, predictor=args.predictor,
-                   baselines=[k for k in kinds[1:] if k != args.predictor], folds=args.folds, seed=args.seed,
-                   metric=args.target, lam=args.lam, params=params, device=args.device,
-                   multiquantizer=args.multiquantizer, graph=graph, scores=not args.no_scores,
+    predictor = args.predictor or DEFAULT_PREDICTOR
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    report = train(args.cache, args.out, model=args.model, weights=args.weights, predictor=predictor,
+                   baselines=[k for k in baselines if k != predictor], folds=args.folds, seed=args.seed,
+                   metric=args.target, lam=args.lam, params=parse_params(args.set), device=args.device,
+                   multiquantizer=args.multiquantizer, scores=not args.no_scores,
                    max_module_configs=args.max_module_configs)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
@@ -110,6 +95,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {kind:<10} {m['spearman']:>9.3f} {m['kendall']:>9.3f} {m['ndcg@10']:>9.3f}")
     for kind, why in report.get("skipped", {}).items():
         print(f"  {kind:<10} not trained: {why}")
-    out = Path(args.out)
-    print(f"wrote {out}/ (report.md, report.json, predictor.json, weights; {report['seconds']:.0f} s)")
+    print(f"wrote {Path(args.out)}/ (report.md, report.json, predictor.json, weights; {report['seconds']:.0f} s)")
     return 0

@@ -152,8 +152,8 @@ def read_record(folder: Path) -> Dict[str, Any]:
 
 
 def model_class(record: Dict[str, Any], folder: Path, expect: Optional[str] = None):
-    """The diffusers class named by ``config.json``; checks it against the record and ``expect``."""
-    import diffusers
+    """The diffusers (or transformers) class named by ``config.json``; checks it against the record and ``expect``."""
+    import importlib
 
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
@@ -165,27 +165,17 @@ def model_class(record: Dict[str, Any], folder: Path, expect: Optional[str] = No
     if "config_digest" in record and config_digest(config) != record["config_digest"]:
         raise CorruptFileError(f"{cfg_path}: modified since the export (its digest differs from {EXPORT_FILE}'s); "
                                "export again")
-    if record.get("library") == "transformers":
-        import transformers
-
-        name = (config.get("architectures") or [None])[0]
-        if name != record.get("model_class"):
-            raise CorruptFileError(f"{cfg_path}: class {name!r} differs from the export's {record.get('model_class')!r}")
-        if expect is not None and name != expect:
-            raise SensitivityError(f"{folder} holds a {name}, not a {expect} (exported from {record.get('model_id')})")
-        cls = getattr(transformers, str(name), None)
-        if cls is None:
-            raise SensitivityError(f"{cfg_path}: transformers {transformers.__version__} has no model class {name!r}")
-        return cls, cls.config_class.from_pretrained(str(folder))
-    name = config.get("_class_name")
+    transformers_model = record.get("library") == "transformers"
+    name = (config.get("architectures") or [None])[0] if transformers_model else config.get("_class_name")
     if name != record.get("model_class"):
         raise CorruptFileError(f"{cfg_path}: class {name!r} differs from the export's {record.get('model_class')!r}")
     if expect is not None and name != expect:
         raise SensitivityError(f"{folder} holds a {name}, not a {expect} (exported from {record.get('model_id')})")
-    cls = getattr(diffusers, str(name), None)
+    library = importlib.import_module("transformers" if transformers_model else "diffusers")
+    cls = getattr(library, str(name), None)
     if cls is None:
-        raise SensitivityError(f"{cfg_path}: diffusers {diffusers.__version__} has no model class {name!r}")
-    return cls, config
+        raise SensitivityError(f"{cfg_path}: {library.__name__} {library.__version__} has no model class {name!r}")
+    return cls, (cls.config_class.from_pretrained(str(folder)) if transformers_model else config)
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:

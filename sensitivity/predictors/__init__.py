@@ -16,13 +16,13 @@ of gnn, lightgbm and additive, the CLI's default). :func:`train` is the whole ``
 
 from .base import KINDS, Context, FoldModel, get_kind
 from .data import CacheData, Dataset, LayerTable, Target, load_cache
-from .predictor import (DEFAULT_TABULAR_KINDS, CVResult, Predictor, cross_validate, load_predictor, read_manifest,
-                       report_markdown, save_predictors)
+from .predictor import (DEFAULT_TABULAR_KINDS, CVResult, Predictor, cross_validate, json_clean, load_predictor,
+                       read_manifest, report_markdown, save_predictors)
 from .metrics import ndcg_at_k, ranking_metrics, relevance
 from .pipeline import evaluate_on_cache, train
 
 __all__ = [
     "CVResult", "CacheData", "Context", "DEFAULT_TABULAR_KINDS", "Dataset", "FoldModel", "KINDS", "LayerTable",
-    "Predictor", "Target", "cross_validate", "evaluate_on_cache", "get_kind", "load_cache", "load_predictor",
+    "Predictor", "Target", "cross_validate", "evaluate_on_cache", "get_kind", "json_clean", "load_cache", "load_predictor",
     "ndcg_at_k", "ranking_metrics", "read_manifest", "relevance", "report_markdown", "save_predictors", "train",
 ]

@@ -80,6 +80,7 @@ def train(
     cache: str | Path,
     out: str | Path,
     model: Optional[str] = None,
+    weights: str = "meta",
     predictor: str = DEFAULT_PREDICTOR,
     baselines: Sequence[str] = DEFAULT_TABULAR_KINDS,
     folds: int = 5,
@@ -97,26 +98,33 @@ def train(
 ) -> Dict[str, Any]:
     """Train ``predictor`` and ``baselines`` on ``cache`` with k-fold CV; write folder ``out``.
 
-    ``model``: zoo family (default: the one in the cache's evaluation description); ``graph``: a
-    prebuilt :class:`~sensitivity.graph.DenoiserGraph` instead. Returns the report (also in
-    ``out/report.json``).
+    ``model``: zoo family (default: the one in the cache's evaluation description), its graph traced on
+    ``weights`` (default meta: no memory); ``graph``: a prebuilt :class:`~sensitivity.graph.DenoiserGraph`
+    instead. ``params``: ``{kind: {parameter: value}}``. Everything is checked before any work; returns
+    the report (also in ``out/report.json``).
     """
-    from ..checks import check_values
+    from ..checks import check_device, check_values
+    from ..io import check_writable
+    from .base import get_kind
 
     check_values(folds=folds, seed=seed, lam=lam, max_module_configs=max_module_configs)
+    if not Path(cache).exists():
+        raise SensitivityError(f"cache {str(cache)!r} does not exist")
+    for kind in [predictor, *baselines, *(params or {})]:
+        get_kind(kind)  # unknown names fail here, before any work
+    check_device(device)
+    check_writable(out, "--out", directory=True)
     t0 = time.perf_counter()
     data = load_cache(cache)
     fam = model or data.family
     if graph is None:
         if not fam:
             raise SensitivityError(f"cache {cache} does not name its model: pass --model")
-        graph = model_graph(fam, layers=list(data.layer_stats or ()), model_id=data.model_id)
+        graph = model_graph(fam, weights, list(data.layer_stats or ()), data.model_id)
     table = layer_table(data, graph.weight_nodes, graph.layers, multiquantizer)
     target = Target(metric, float(lam))
     ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=max(min_configs, folds))
     kinds = [predictor] + [b for b in baselines if b != predictor]
-    from .base import get_kind
-
     cls = get_kind(predictor)
     if hasattr(cls, "members_of"):  # an ensemble's members are reported (and saved) as kinds of their own too
         kinds += [k for k in cls.members_of((params or {}).get(predictor)) if k not in kinds]
@@ -137,26 +145,39 @@ def train(
 
 
 def evaluate_on_cache(predictor_path: str | Path, cache: str | Path, kinds: Optional[Sequence[str]] = None,
-                      device: Optional[str] = None) -> Dict[str, Any]:
+                      device: Optional[str] = None, out: Optional[str | Path] = None) -> Dict[str, Any]:
     """Score ``cache``'s configs with the saved members ``kinds`` (default all) and report the
     correlations against the predictor's own target. Returns ``{"n_configs", "target", "predictors":
     {kind: {spearman, kendall, ndcg@10, n}}, "predictions": {kind: [..]}, "y", "metric", "avg_bits",
-    "hashes": [..]}``."""
-    man = read_manifest(predictor_path)
+    "hashes": [..]}``; with ``out``, also writes the predictions there as CSV (config hash, target, one
+    column per member)."""
+    from ..checks import check_device
+    from ..io import atomic_path, check_writable
+
+    man = read_manifest(predictor_path)  # a clear error for a wrong folder before reading the cache
+    check_device(device)
+    if out:
+        check_writable(out, "--out")
     kinds = list(kinds or man["kinds"])
     data = load_cache(cache)
     first = load_predictor(predictor_path, kind=kinds[0], device=device)
     ds = Dataset.from_records(data.records, first.table, first.target, source=str(cache), min_records=2)
-    out: Dict[str, Any] = {"cache": str(cache), "predictor": str(predictor_path), "n_configs": len(ds),
+    res: Dict[str, Any] = {"cache": str(cache), "predictor": str(predictor_path), "n_configs": len(ds),
                            "target": first.target.to_dict(), "predictors": {}, "predictions": {},
                            "y": ds.y.tolist(), "metric": ds.metric.tolist(), "avg_bits": ds.avg_bits.tolist(),
                            "hashes": ds.hashes}
     for kind in kinds:
         p = first if kind == kinds[0] else load_predictor(predictor_path, kind=kind, device=device)
         pred = p.predict_codes(ds.codes)
-        out["predictors"][kind] = ranking_metrics(ds.y, pred)
-        out["predictions"][kind] = pred.tolist()
-    return out
+        res["predictors"][kind] = ranking_metrics(ds.y, pred)
+        res["predictions"][kind] = pred.tolist()
+    if out:
+        import pandas as pd
+
+        table = pd.DataFrame({"config_hash": res["hashes"], "target": res["y"], **res["predictions"]})
+        with atomic_path(out, "--out") as tmp:
+            table.to_csv(tmp, index=False)
+    return res
 
 
 def out_of_fold_predictions(predictor_path: str | Path, cache: str | Path, kind: Optional[str] = None,

@@ -308,19 +308,20 @@ def _versions() -> Dict[str, str]:
     return v
 
 
-def _json_clean(obj: Any) -> Any:
+def json_clean(obj: Any) -> Any:
+    """``obj`` made JSON-ready: NaN / Inf floats -> None, numpy numbers and arrays -> Python ones, keys -> str."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
+        return {str(k): json_clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
+        return [json_clean(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
-        return _json_clean(float(obj))
+        return json_clean(float(obj))
     if isinstance(obj, np.ndarray):
-        return _json_clean(obj.tolist())
+        return json_clean(obj.tolist())
     return obj
 
 
@@ -371,11 +372,11 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **{k: v for k, v in meta.items()},
         }
-        (tmp / "predictor.json").write_text(json.dumps(_json_clean(manifest), indent=1))
+        (tmp / "predictor.json").write_text(json.dumps(json_clean(manifest), indent=1))
         report = dict(result.report)
         report.update({k: meta[k] for k in ("model_id", "cache") if k in meta})
         report["primary"] = primary
-        (tmp / "report.json").write_text(json.dumps(_json_clean(report), indent=1))
+        (tmp / "report.json").write_text(json.dumps(json_clean(report), indent=1))
         (tmp / "report.md").write_text(report_markdown(report, title=f"Predictor report: {out.name}"))
         if compute_scores:
             p = load_predictor(tmp, device=ctx.device)
@@ -384,7 +385,7 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
             if p._module_scores is not None:
                 S.module_scores_to_csv(p._module_scores, tmp / "module_scores.csv")
             man = json.loads((tmp / "predictor.json").read_text())
-            man["scores"] = _json_clean(p.meta["scores"])
+            man["scores"] = json_clean(p.meta["scores"])
             (tmp / "predictor.json").write_text(json.dumps(man, indent=1))
     return out
 

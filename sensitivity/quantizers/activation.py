@@ -92,7 +92,8 @@ def quantize_heads(x: torch.Tensor, heads: int, bits: int) -> torch.Tensor:
     return fake_quantize_rows(x.reshape(-1, d), bits).reshape(x.shape)
 
 
-def _check_bits(bits: int) -> int:
+def check_act_bits(bits: int) -> int:
+    """``bits`` of activation quantization (2..16), or one line saying the allowed range."""
     bits = int(bits)
     if not 2 <= bits <= 16:
         raise SensitivityError(f"activation bits must be between 2 and 16 (8 or 6 as in the reference), got {bits}")
@@ -155,7 +156,7 @@ def enable_activation_quant(model: nn.Module, layers: Iterable, bits: int, atten
     or module paths). Replaces any earlier activation quantization of ``model``. Returns counts
     ``{"bits", "layer_inputs", "attention_modules"}``.
     """
-    bits = _check_bits(bits)
+    bits = check_act_bits(bits)
     disable_activation_quant(model)
     modules = dict(model.named_modules())
     handles = []
@@ -299,7 +300,7 @@ def enable_static_activation_quant(model: nn.Module, layers: Iterable, ranges: M
     ``{point: (lo, hi)}`` to ``bits``. Every point of the model needs a range. Replaces any earlier
     activation quantization of ``model``; :func:`disable_activation_quant` removes it. Returns counts
     ``{"bits", "layer_inputs", "attention_outputs", "static": 1}``."""
-    bits = _check_bits(bits)
+    bits = check_act_bits(bits)
     disable_activation_quant(model)
     points = static_points(model, layers, attention=attention)
     missing = [p for p in points if p not in ranges]

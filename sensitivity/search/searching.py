@@ -229,6 +229,23 @@ def _scores(predictor: Any, mq: Any, level: str, max_combinations: int):
     return predictor.layer_scores(mq), module_scores
 
 
+def _predicted_search(predictor: Any, mq: Any, costs: SizeTable, budget: int, sizes: SizeTable, level: str,
+                      max_combinations: int, method: str, label: Optional[str] = None, **result: Any) -> SearchResult:
+    """The knapsack of ``predictor``'s ``level`` scores over ``costs``' integer costs (bytes, or a cost table's
+    units) within ``budget``; bits and bytes of the result are those of ``sizes``, ``predicted`` the
+    whole config's score. The method is ``search-<label>`` (default: the level)."""
+    layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
+    groups = build_groups(layer_scores, costs, module_scores, max_combinations)
+    chosen, sol, seconds = _solve(groups, budget, method)
+    level_name = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
+    res = _result(chosen, sizes, f"search-{label or level_name}", objective=sol.value, seconds=seconds, **result)
+    spent = costs.quantized_bytes(chosen)
+    assert spent == sol.cost and spent <= budget, (spent, sol.cost, budget)
+    res.details.update(groups=len(groups), solver=sol.solver, level=level_name)
+    res.predicted = _predict_one(predictor, res.options)
+    return res
+
+
 def search(
     predictor: Any,
     mq: Any,
@@ -249,10 +266,9 @@ def search(
     The chosen config is re-scored whole with ``predictor.predict`` (``result.predicted``).
     """
     sizes = SizeTable.of(sizes if sizes is not None else mq, options)
-    layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
-    res = search_scores(layer_scores, sizes, target_bits, module_scores, max_combinations, method, what, budget)
-    res.predicted = _predict_one(predictor, res.options)
-    return res
+    budget = _target_budget(sizes, target_bits, what, budget)
+    return _predicted_search(predictor, mq, sizes, budget, sizes, level, max_combinations, method,
+                             target_bits=None if target_bits is None else float(target_bits), budget_bytes=budget)
 
 
 def search_cost(
@@ -302,18 +318,12 @@ def search_cost(
         m = math.ceil(lo / per_unit * 1e4) / 1e4
         raise InfeasibleTargetError(f"{flag} {target:g} {unit} is infeasible for {what}: the smallest feasible target "
                                     f"is {m:.4f} {unit} (every layer at its cheapest option)", min_cost=lo)
-    layer_scores, module_scores = _scores(predictor, mq, level, max_combinations)
-    groups = build_groups(layer_scores, units, module_scores, max_combinations)
-    chosen, sol, seconds = _solve(groups, budget, method)
-    level_name = "module" if any(len(g.layers) > 1 for g in groups) else "layer"
-    res = _result(chosen, sizes, f"search-{quantity}", objective=sol.value, seconds=seconds)
-    spent = units.quantized_bytes(chosen)
-    assert spent == sol.cost and spent <= budget, (spent, sol.cost, budget)
-    res.details.update(groups=len(groups), solver=sol.solver, level=level_name, quantity=quantity, target=float(target),
-                       target_unit=unit, budget_units=int(budget), cost_units=int(spent))
+    res = _predicted_search(predictor, mq, units, budget, sizes, level, max_combinations, method, label=quantity)
+    spent = units.quantized_bytes(res.options)
+    res.details.update(quantity=quantity, target=float(target), target_unit=unit, budget_units=int(budget),
+                       cost_units=int(spent))
     res.details["latency_ms" if quantity == "latency" else "runtime_bytes"] = (
         spent / per_unit if quantity == "latency" else int(spent))
-    res.predicted = _predict_one(predictor, res.options)
     return res
 
 

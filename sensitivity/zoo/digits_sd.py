@@ -323,17 +323,18 @@ class DigitsSD(DiffusersFamily):
         return {"prompt": list(conditions), **text_settings_kwargs(settings)}
 
 
-def read_prompt_file(path, n: Optional[int] = None) -> List[str]:
-    """Non-empty lines of a prompt file (the first ``n``); :class:`SensitivityError` naming the file."""
+def read_prompt_file(path, n: Optional[int] = None, what: str = "prompts file") -> List[str]:
+    """Non-empty lines of a prompt file (the first ``n``); :class:`SensitivityError` naming the file
+    (as ``what``: e.g. the option that gave it)."""
     p = Path(path)
     if not p.is_file():
-        raise SensitivityError(f"prompts file {str(p)!r} does not exist")
+        raise SensitivityError(f"{what} {str(p)!r} does not exist")
     lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
-        raise SensitivityError(f"prompts file {str(p)!r} holds no prompts")
+        raise SensitivityError(f"{what} {str(p)!r} holds no prompts")
     if n is not None:
         if n > len(lines):
-            raise SensitivityError(f"prompts file {str(p)!r} holds {len(lines)} prompts, {n} asked")
+            raise SensitivityError(f"{what} {str(p)!r} holds {len(lines)} prompts, {n} asked")
         lines = lines[:n]
     return lines
 
