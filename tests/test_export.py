@@ -20,6 +20,8 @@ from sensitivity.multiquantizer import apply, build_multiquantizer, restore
 from sensitivity.quantizers.packing import pack_codes, unpack_codes
 from sensitivity.zoo import get_family
 
+from family_sweep import layer_sample
+
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 HAS_SDNQ = importlib.util.find_spec("sdnq") is not None
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
@@ -233,8 +235,8 @@ def test_onnx_qdq_matches_torch(digits, tmp_path):
 def test_packed_tiny_families(name, tmp_path):
     fam = get_family(name)
     den = fam.load_denoiser("tiny")
-    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", fam.find_layers(den), model_id=fam.model_id("tiny"),
-                              options=("uaq-3", "kmeans_a-4"), progress=False)
+    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", layer_sample(fam.find_layers(den)),
+                              model_id=fam.model_id("tiny"), options=("uaq-3", "kmeans_a-4"), progress=False)
     config = _config(mq, seed=5)
     export(den, mq, config, tmp_path / "p", source={"family": name, "weights": "tiny", "model_id": fam.model_id("tiny")})
     q = load_quantized(tmp_path / "p")
@@ -287,7 +289,8 @@ def test_sdnq_and_onnx_tiny_families(name, tmp_path):
     or is refused with one line where the format cannot carry it."""
     fam = get_family(name)
     den = fam.load_denoiser("tiny")
-    layers = [s for s in fam.find_layers(den) if s.in_slice is None]  # split halves: sdnq refuses them (tested above)
+    # split halves: sdnq refuses them (tested above)
+    layers = layer_sample([s for s in fam.find_layers(den) if s.in_slice is None])
     mq = build_multiquantizer(den, tmp_path / "mq.safetensors", layers, model_id=fam.model_id("tiny"),
                               options=("uaq-4", "kmeans_a-4"), progress=False)
     config = _config(mq, seed=7)
