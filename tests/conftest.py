@@ -1,7 +1,9 @@
 """Test-suite guards: no hub, no network. A hidden hub call fails at once instead of retrying."""
 
+import logging
 import os
 import socket
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,3 +38,29 @@ def _warm_numba_kernels():
 
     warm_kernels()
     yield
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of the write."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_follow_stderr():
+    """Libraries (transformers) create their log handler on the ``sys.stderr`` of the moment; inside a test that is
+    the test's capture, closed after it, and a later log line then prints '--- Logging error ---' into another
+    test's stderr. After each test such handlers write to the current ``sys.stderr`` instead."""
+    yield
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h) is logging.StreamHandler and h.stream not in (sys.__stderr__, sys.__stdout__) \
+                    and not isinstance(h.stream, _CurrentStderr):
+                h.stream = _CurrentStderr()  # not setStream: it flushes the old, maybe closed, stream
+                h.__dict__.pop("flush", None)  # transformers pins flush to that stream's own flush
