@@ -200,7 +200,9 @@ class PackedWeightMixin:
         return quantize_tokens(x, bits)
 
     def _int8_tensors(self) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, f"int8_{k}") for k in ("wq", "d", "c", "sw", "wsum")}
+        from .runtime import INT8_TENSORS
+
+        return {k: getattr(self, f"int8_{k}") for k in INT8_TENSORS}
 
     @property
     def packed_nbytes(self) -> int:
