@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sensitivity.config import QuantConfig
-    from sensitivity.multiquantizer import build_multiquantizer
+    from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
     from sensitivity.search.budgets import size_table
     from sensitivity.search.predictor_free import error_ilp
     from sensitivity.zoo import get_family
@@ -40,14 +40,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     den = fam.load_denoiser(weights, seed=args.seed)
     model_id = fam.model_id(weights)
-    mq = build_multiquantizer(den, out / "mq.safetensors", fam.find_layers(den), model_id=model_id,
-                              options=tuple(args.options))
+    mq_path = out / "mq.safetensors"
+    if mq_path.is_file():
+        mq = load_multiquantizer(mq_path)
+    else:
+        mq = build_multiquantizer(den, mq_path, fam.find_layers(den), model_id=model_id, options=tuple(args.options))
     configs = {}
     low = [o for o in args.options if o != "uaq-8"]
     for name, options in (("uaq", ("uaq-4", "uaq-3")), ("kmeans", low)):
         res = error_ilp(size_table(mq, options), args.bits, what=f"{args.model} {name}")
-        configs[name] = QuantConfig(dict(res.config), model=model_id)
-    configs["w8a8"] = QuantConfig({n: "uaq-8" for n in mq.layer_names}, model=model_id, act_bits=8)
+        configs[name] = res.to_config(model=model_id, multiquantizer_hash=mq.hash)
+    configs["w8a8"] = QuantConfig({n: "uaq-8" for n in mq.layer_names}, model=model_id, multiquantizer_hash=mq.hash,
+                                  act_bits=8)
     for name, cfg in configs.items():
         cfg.save(out / f"{name}.json")
         print(f"{out / name}.json: {len(cfg.options)} layers, "

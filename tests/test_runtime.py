@@ -150,3 +150,28 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     # one float32 rounding can move a later activation code by one step: within a few steps, not bit-exact
     assert (got8 - want8).abs().max() <= 0.05 * max(1.0, float(want8.abs().max()))
     assert sum(is_packed(m) for m in q.modules()) >= 1
+
+
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_w8a8_fused_passes_match_the_fake_quantizer(tokens):
+    """The fused activation pass gives quantize_rows_codes' codes exactly (serial and parallel sizes, flat rows),
+    and int8_linear equals F.linear of the fake-quantized input up to float32 summation order."""
+    from sensitivity.export.kernels import quantize_rows_int8
+    from sensitivity.export.runtime import Int8Weight, int8_linear
+    from sensitivity.quantizers.activation import fake_quantize_rows, quantize_rows_codes
+
+    gen = torch.Generator().manual_seed(tokens)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(tokens, 256, generator=gen) * scale
+        x[1] = 0.25  # a flat row keeps its float value
+        q, delta, zero, flat = quantize_rows_codes(x, 8)
+        xq, dx, e, sx, fl = quantize_rows_int8(x)
+        assert torch.equal(xq, (q - 128).to(torch.int8))
+        assert torch.equal(dx, delta.reshape(-1)) and torch.equal(e, 128 - zero.reshape(-1))
+        assert torch.equal(fl, flat.reshape(-1)) and torch.equal(sx, xq.sum(1).float())
+        codes = torch.randint(0, 256, (40, 256), dtype=torch.uint8, generator=gen)
+        d, z = torch.rand(40, generator=gen) * 0.01, torch.randint(90, 160, (40,)).float()
+        w, bias = (codes.float() - z[:, None]) * d[:, None], torch.randn(40, generator=gen)
+        want = nn.functional.linear(fake_quantize_rows(x, 8), w, bias)
+        got = int8_linear(x.reshape(1, tokens, 256), Int8Weight(codes, d, z).tensors(), bias).reshape(tokens, 40)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -16,12 +16,14 @@ With ``act_bits`` set, every packed module quantizes its input as
 ``enable_activation_quant(model, layers, act_bits, attention=False)`` does (the float kernels through
 :mod:`~sensitivity.quantizers.activation`); attention Q/K/V are not quantized by the run-time modules.
 
-Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at hand, table in
-``benchmarks/README.md``): torch's weight-only CPU kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations, which changes the numerics, so
-weight-only options run on the float kernels above; ``_int_mm`` (int8 x int8 -> int32) is the one
-integer kernel that beats float32 GEMM here, and W8A8 runs on it (its activation quantization and
-zero-point corrections are plain torch element-wise ops that still cost more than the matmul saves).
+Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at hand): torch's weight-only
+CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations,
+which changes the numerics, so weight-only options run on the float kernels above; ``_int_mm`` (int8 x
+int8 -> int32, VNNI) is the integer kernel W8A8 runs on, between two fused numba passes
+(:mod:`.kernels`: the activation codes and their row sums in one pass, the dequantize epilogue with the
+zero-point corrections and bias in another). Conv layers keep the float path under W8A8: their
+activations are quantized per (sample, channel), a scale that varies along the reduction, which no
+integer GEMM can factor out, so an int8 conv would compute other values than ``apply()``.
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies, else ``cached`` for the
 modules that compute least per weight (fewest input positions per forward, measured on example inputs
