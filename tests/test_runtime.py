@@ -175,3 +175,17 @@ def test_w8a8_fused_passes_match_the_fake_quantizer(tokens):
         want = nn.functional.linear(fake_quantize_rows(x, 8), w, bias)
         got = int8_linear(x.reshape(1, tokens, 256), Int8Weight(codes, d, z).tensors(), bias).reshape(tokens, 40)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_fused_input_fake_quantizer_is_bit_exact():
+    """The one-pass input quantizer of the float W8A8 path equals fake_quantize_rows (serial and parallel sizes)."""
+    from sensitivity.export.kernels import fake_quantize_rows_fused
+    from sensitivity.quantizers.activation import fake_quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(7, 33), (80, 1024)]:
+        for bits in (4, 6, 8):
+            for scale in (1e-3, 1.0, 1e3):
+                x = torch.randn(*shape, generator=gen) * scale
+                x[1] = 3.0
+                assert torch.equal(fake_quantize_rows_fused(x, bits), fake_quantize_rows(x, bits)), (shape, bits, scale)

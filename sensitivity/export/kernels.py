@@ -179,3 +179,48 @@ def int8_epilogue(s: torch.Tensor, x0: torch.Tensor, dx: torch.Tensor, e: torch.
     finally:
         _restore_threads(threads)
     return out
+
+
+@njit(parallel=True, cache=True)
+def _fake_quantize_rows(x, bits, out):  # pragma: no cover - compiled
+    rows, k = x.shape
+    levels = np.float32(2 ** bits - 1)
+    for r in prange(rows):
+        lo = x[r, 0]
+        hi = x[r, 0]
+        for j in range(1, k):
+            v = x[r, j]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        rng = hi - lo
+        if rng <= np.float32(0.0):
+            for j in range(k):
+                out[r, j] = x[r, j]
+            continue
+        delta = rng / levels
+        zero = np.float32(np.rint(-lo / delta))
+        for j in range(k):
+            q = np.float32(np.rint(x[r, j] / delta)) + zero
+            if q < np.float32(0.0):
+                q = np.float32(0.0)
+            elif q > levels:
+                q = levels
+            out[r, j] = (q - zero) * delta
+
+
+_fake_quantize_rows_serial = njit(cache=True)(_fake_quantize_rows.py_func)
+
+
+def fake_quantize_rows_fused(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`~sensitivity.quantizers.activation.fake_quantize_rows` of float32 CPU ``x`` ``[R, K]`` in one pass
+    (same values, bit for bit): the run-time modules' input quantizer where no integer kernel applies."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        fn = _fake_quantize_rows if x.numel() >= _SERIAL_NUMEL else _fake_quantize_rows_serial
+        fn(x.numpy(), int(bits), out.numpy())
+    finally:
+        _restore_threads(threads)
+    return out
