@@ -101,6 +101,10 @@ def test_policy_caches_fewest_positions_first():
     assert got == {"a": "on_the_fly", "b": "cached", "c": "cached"}
     mods.append({"module": "d", "kind": "linear", "weight_shape": (10, 10), "parts": [P("d", (10, 10), None, "uaq-8")]})
     assert choose_kernels(mods, 0, act_bits=8)["d"] == "int8_dynamic"
+    # W8A8 on the integer kernel only where the layer computes enough (positions x weights) to gain from it
+    assert choose_kernels(mods, 0, act_bits=8, positions={"d": 10})["d"] == "on_the_fly"
+    big = [{"module": "e", "kind": "linear", "weight_shape": (1280, 1280), "parts": [P("e", (1280, 1280), None, "uaq-8")]}]
+    assert choose_kernels(big, 0, act_bits=8, positions={"e": 4096})["e"] == "int8_dynamic"
 
 
 def _config(mq, seed):
@@ -141,7 +145,7 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
         q = load_quantized(tmp_path / "p", runtime=runtime)
         with torch.no_grad():
             assert torch.equal(q(**kw, return_dict=False)[0], want), runtime
-    q = load_quantized(tmp_path / "p", runtime="auto", act_bits=8)
+    q = load_quantized(tmp_path / "p", runtime="int8_dynamic", act_bits=8)  # int8 wherever eligible
     kernels = q.sensitivity_export["runtime_kernels"]
     assert "int8_dynamic" in kernels.values() or not any(
         o == "int8_c" and s.kind == "linear" and not s.in_slice for s in mq.layers for n, o in config.items() if n == s.name)

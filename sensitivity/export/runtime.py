@@ -25,7 +25,8 @@ zero-point corrections and bias in another). Conv layers keep the float path und
 activations are quantized per (sample, channel), a scale that varies along the reduction, which no
 integer GEMM can factor out, so an int8 conv would compute other values than ``apply()``.
 
-:func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies, else ``cached`` for the
+:func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies and the layer computes at
+least :data:`INT8_MIN_MACS` multiply-adds per forward (input positions x weights), else ``cached`` for the
 modules that compute least per weight (fewest input positions per forward, measured on example inputs
 at export time; smallest weights first when unknown) while their float bytes fit ``cache_budget``,
 else ``on_the_fly``. The choice and its inputs are recorded in ``sensitivity_export.json`` (``runtime``).
@@ -44,6 +45,10 @@ KERNELS = ("on_the_fly", "cached", "int8_dynamic")
 MIN_CACHE_BYTES = 16 << 20
 #: default cache budget, as a fraction of the config's quantized bytes
 CACHE_FRACTION = 0.25
+#: multiply-adds per forward below which W8A8 stays on float kernels: the int8 path's fixed cost per call
+#: (two fused passes, the matmul launch) exceeds its gain (``benchmarks/bench_kernels.py``: 64 x 128 x 384
+#: ~2.7x fp32 on int8, 77 x 768 x 320 ~0.8x, on 2 AVX512-VNNI cores)
+INT8_MIN_MACS = 1 << 23
 
 
 def default_cache_budget(quantized_bytes: int) -> int:
@@ -72,13 +77,13 @@ def choose_kernels(modules: Sequence[Mapping[str, Any]], cache_budget: int, act_
     out: Dict[str, str] = {}
     rest = []
     for m in modules:
-        if act_bits == 8 and int8_eligible(m["kind"], m["parts"]):
+        numel = 1
+        for s in m["weight_shape"]:
+            numel *= int(s)
+        pos = (positions or {}).get(m["module"])
+        if act_bits == 8 and int8_eligible(m["kind"], m["parts"]) and (pos is None or pos * numel >= INT8_MIN_MACS):
             out[m["module"]] = "int8_dynamic"
         else:
-            numel = 1
-            for s in m["weight_shape"]:
-                numel *= int(s)
-            pos = (positions or {}).get(m["module"])
             rest.append((pos if pos is not None else 0, numel, m["module"]))
     left = int(cache_budget)
     for pos, numel, name in sorted(rest):
