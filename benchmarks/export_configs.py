@@ -5,7 +5,8 @@
 Writes ``OUT_DIR/mq.safetensors`` (``--options``, default ``uaq-4 uaq-3 kmeans_c-4 kmeans_c-3 uaq-8``: the
 per-tensor ``kmeans_a`` options are left out to keep a full-size build under an hour on two cores; resumable)
 and three configs: ``uaq.json`` (the error ILP over ``uaq-4`` / ``uaq-3`` at ``--bits``), ``kmeans.json`` (the
-error ILP over every option but ``uaq-8`` at ``--bits``, k-means included) and ``w8a8.json`` (every layer ``uaq-8``, ``act_bits: 8``). The error ILP is
+error ILP over every option but ``uaq-8`` at ``--bits``, k-means included) and ``w8a8.json`` (every layer ``uaq-8``, ``act_bits: 8``). The split ``#main`` / ``#skip`` halves of a layer
+stay fp16 in all three (SDNQ quantizes a module's weight as one, so it cannot carry them). The error ILP is
 :func:`sensitivity.search.predictor_free.error_ilp` (minimum summed ``||W - Ŵ||² / ||W||²`` under the byte budget).
 """
 
@@ -48,9 +49,11 @@ def main() -> None:
     configs = {}
     low = [o for o in args.options if o != "uaq-8"]
     for name, options in (("uaq", ("uaq-4", "uaq-3")), ("kmeans", low)):
-        res = error_ilp(size_table(mq, options), args.bits, what=f"{args.model} {name}")
+        sizes = size_table(mq, options)
+        sizes = sizes[~sizes["layer"].str.contains("#")]  # split halves stay fp16: SDNQ cannot carry them
+        res = error_ilp(sizes, args.bits, what=f"{args.model} {name}")
         configs[name] = res.to_config(model=model_id, multiquantizer_hash=mq.hash)
-    configs["w8a8"] = QuantConfig({n: "uaq-8" for n in mq.layer_names}, model=model_id, multiquantizer_hash=mq.hash,
+    configs["w8a8"] = QuantConfig({n: "uaq-8" for n in mq.layer_names if "#" not in n}, model=model_id, multiquantizer_hash=mq.hash,
                                   act_bits=8)
     for name, cfg in configs.items():
         cfg.save(out / f"{name}.json")
