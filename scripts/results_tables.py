@@ -7,6 +7,7 @@
     python scripts/results_tables.py calibration OUT/results.json        # after: bench_calibration.py --out OUT
     python scripts/results_tables.py startup startup.json                # after: bench_startup.py --json startup.json
     python scripts/results_tables.py export OUT_DIR/sd15.json            # after: bench_export.py --out-dir OUT_DIR
+    python scripts/results_tables.py joint-pipeline joint.json           # after: joint_pipeline_search.py --out joint.json
     python scripts/results_tables.py digits-models                       # the digits models' training reports
     python scripts/results_tables.py --check                             # every page == its data (no writes)
 
@@ -362,13 +363,32 @@ def render_labels(d: Dict[str, Any], data: str) -> str:
                 "&& python scripts/results_tables.py labels labels.json", d.get("provenance"), mod.report(d))
 
 
+# ------------------------------------------------------------------------------------------ joint pipeline
+JOINT_PIPELINE_COMMAND = ("PYTHONPATH=. nice -n 5 python benchmarks/joint_pipeline_search.py --num-configs 200 --images 100 "
+                          "--heldout-images 1000 --predictor lightgbm --out joint_pipeline.json && "
+                          "python scripts/results_tables.py joint-pipeline joint_pipeline.json")
+
+
+def render_joint_pipeline(d: Dict[str, Any], data: str) -> str:
+    """Joint whole-pipeline search vs denoiser-only search at equal bytes (its benchmark's own markdown)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("joint_pipeline_search",
+                                                  ROOT / "benchmarks" / "joint_pipeline_search.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib at import; torch only inside run()
+    return page("joint-pipeline", data, "Whole-pipeline search vs denoiser-only search at equal bytes (digits-sd)",
+                JOINT_PIPELINE_COMMAND, d.get("provenance"), mod.markdown(d))
+
+
 # ------------------------------------------------------------------------------------------- driver
 Renderer = Callable[[Dict[str, Any], str], str]
 BENCH: Dict[str, Tuple[str, Renderer]] = {
     "demo": ("demo", render_demo), "methods": ("methods", render_methods), "search": ("search", render_search),
     "eval-overhead": ("eval-overhead", render_eval_overhead), "calibration": ("calibration", render_calibration),
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
-    "labels": ("labels", render_labels), "export": ("export", render_export),
+    "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
+    "export": ("export", render_export),
 }
 
 

@@ -14,11 +14,15 @@ Definitions (the search and the plots use these and no other):
   calls per forward; a layer absent from the config counts its ``fp16`` seconds. It is the **sum of
   the layers' times**, not a whole-model forward: the ops between weight layers (attention, norms,
   activations) are not in it (``benchmarks/bench_latency.py`` compares the two);
-* run-time bytes of a config = Σ of the chosen options' ``runtime_bytes`` (``fp16``: the float weight).
+* run-time bytes have ONE meaning, ``--target-memory``'s (:mod:`sensitivity.search.memory`): the table is
+  the memory model ``runtime`` (:meth:`CostTable.memory_model`, :func:`register_runtime_memory_model`): a
+  quantized option holds the ``runtime_bytes`` its run-time module was measured to hold, a full-precision
+  layer its fp16 bytes, as every unquantized tensor (the table's ``fp_runtime_bytes`` are in the measuring
+  dtype, fp32 on a CPU, and are not a budget's bytes).
 
-:meth:`CostTable.unit_table` turns one quantity into integer units (nanoseconds or bytes) laid out as a
+:meth:`CostTable.unit_table` turns the latency into integer units (nanoseconds) laid out as a
 :class:`~sensitivity.sizes.SizeTable`, so the exact knapsack of :mod:`sensitivity.search` runs on it
-unchanged (``search --target-latency``; the same for a memory quantity).
+unchanged (``search --target-latency``).
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from .options import FP16, canonical
 
 FORMAT = "sensitivity.costs/1"
 
-# quantity -> (column of the table, integer units per stored unit, unit name of a budget, units per budget unit)
+# quantity -> (column of the table, integer units per stored unit, unit name of a budget, units per budget unit);
+# memory is not a quantity here: it is --target-memory's, with this table as the memory model RUNTIME_MEMORY_MODEL
 QUANTITIES: Dict[str, Tuple[str, int, str, int]] = {
     "latency": ("seconds", 10**9, "ms", 10**6),  # solver units: nanoseconds; budgets in milliseconds
-    "memory": ("runtime_bytes", 1, "bytes", 1),
 }
+RUNTIME_MEMORY_MODEL = "runtime"
 
 
 def measuring_key(device: str, torch_version: str, multiquantizer_hash: str, dtype: str, batch: int,
@@ -143,15 +148,29 @@ class CostTable:
 
     def _column(self, quantity: str) -> Tuple[np.ndarray, np.ndarray]:
         if quantity not in QUANTITIES:
-            raise SensitivityError(f"unknown cost quantity {quantity!r}; use one of {', '.join(QUANTITIES)}")
-        col = QUANTITIES[quantity][0]
-        calls = self.calls[:, None]
-        if col == "seconds":
-            return self.seconds * calls, self.fp_seconds * self.calls
-        return self.runtime_bytes.astype(np.float64), self.fp_runtime_bytes.astype(np.float64)
+            raise SensitivityError(f"unknown cost quantity {quantity!r}; use one of {', '.join(QUANTITIES)} "
+                                   "(memory: --target-memory with the memory model 'runtime')")
+        return self.seconds * self.calls[:, None], self.fp_seconds * self.calls
+
+    def memory_model(self, layers: Optional[Iterable[str]] = None):
+        """``fn(layer, option, stored_bytes, fp16_bytes) -> bytes`` (a :func:`sensitivity.sizes.register_memory_model`
+        model): a quantized option holds its measured ``runtime_bytes``, full precision its ``fp16_bytes``.
+        ``layers`` (default the table's) must all be measured: one line names the first that is not."""
+        self.check_complete(self.layers if layers is None else layers, self.options)
+
+        def held(layer: str, option: str, stored: int, fp16_bytes: int) -> int:
+            if option == FP16:
+                return int(fp16_bytes)
+            i, j = self.index.get(layer), self.opt_index.get(option)
+            if i is None or j is None:
+                raise SensitivityError(f"cost table {self.meta.get('path', '')}: no run-time bytes of layer {layer!r} "
+                                       f"option {option!r} (rerun `sensitivity costs`)")
+            return int(self.runtime_bytes[i, j])
+
+        return held
 
     def config_total(self, config: Mapping[str, str], quantity: str = "latency") -> float:
-        """Σ over the table's layers (seconds per forward, or bytes); absent layers count at ``fp16``."""
+        """Σ over the table's layers of the quantity (seconds per forward); absent layers count at ``fp16``."""
         q, fp = self._column(quantity)
         total = 0.0
         opts = {k: canonical(v) for k, v in config.items()}
@@ -214,4 +233,14 @@ def budget_units(target: float, quantity: str = "latency", name: str = "--target
     return math.floor(frac * QUANTITIES[quantity][3])
 
 
-__all__ = ["CostTable", "FORMAT", "QUANTITIES", "budget_units", "cost_file", "key_hash", "measuring_key"]
+def register_runtime_memory_model(costs: CostTable, layers: Optional[Iterable[str]] = None) -> str:
+    """Register ``costs`` as the memory model :data:`RUNTIME_MEMORY_MODEL` (replacing an earlier table's) and
+    return its name, for ``memory_budget(mq, target, model=...)`` / ``search --target-memory --memory-model runtime``."""
+    from .sizes import register_memory_model
+
+    register_memory_model(RUNTIME_MEMORY_MODEL, costs.memory_model(layers), replace=True)
+    return RUNTIME_MEMORY_MODEL
+
+
+__all__ = ["CostTable", "FORMAT", "QUANTITIES", "RUNTIME_MEMORY_MODEL", "budget_units", "cost_file", "key_hash",
+           "measuring_key", "register_runtime_memory_model"]

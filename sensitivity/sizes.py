@@ -359,8 +359,8 @@ DEFAULT_MEMORY_MODEL = "stored"
 
 
 def register_memory_model(name: str, fn: Any, replace: bool = False) -> Any:
-    """Register memory model ``name`` (see :data:`MEMORY_MODELS`); the run-time policies of
-    :mod:`sensitivity.export` register theirs, ``search --target-memory --memory-model NAME`` uses them."""
+    """Register memory model ``name`` (see :data:`MEMORY_MODELS`); a measured cost table registers ``runtime``
+    (:func:`sensitivity.costs.register_runtime_memory_model`), ``search --target-memory --memory-model NAME`` uses them."""
     if name in MEMORY_MODELS.names() and not replace:
         raise SensitivityError(f"memory model {name!r} is already registered")
     return MEMORY_MODELS.register(name, fn)

@@ -107,6 +107,22 @@ def test_hooks_quantize_split_halves_separately_and_come_off():
         enable_activation_quant(net, ["nope"], 8)
 
 
+def test_one_split_half_in_the_layers_keeps_the_input_whole():
+    """Only ``#main`` of a split layer quantized (a config leaving ``#skip`` at full precision): the input keeps its
+    width, each half still gets its own per-token scale."""
+    net = Net()
+    img = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    tok = 50 * torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(5))
+    layers = [s for s in find_layers(net, splits={"skip_linear": 8}) if not s.name.endswith("#skip")]
+    seen, got = {}, {}
+    net.skip_linear.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0].clone()))
+    with activation_quant(net, layers, 6):
+        net.skip_linear.register_forward_hook(lambda m, a, o: got.__setitem__("in", a[0].clone()))
+        net(img, tok)
+    raw = seen["raw"]
+    assert torch.equal(got["in"], torch.cat([quantize_tokens(raw[..., :8], 6), quantize_tokens(raw[..., 8:], 6)], -1))
+
+
 def test_a8_closer_than_a6_and_off_by_default():
     fam = get_family("pixart-sigma")
     pipe = fam.load_pipeline("tiny", seed=0)

@@ -407,6 +407,12 @@ SEARCH = {
     "latency-no-cost-table": (lambda w: _latency(w, "2"), ["no cost table", "mq.safetensors", "sensitivity costs"]),
     "latency-missing-costs": (lambda w: _latency(w, "2", "--costs", w.d / "nosuch.json"), "nosuch.json"),
     "latency-garbage-costs": (lambda w: _latency(w, "2", "--costs", w.scores), ["scores.csv", "not valid JSON"]),
+    "memory-runtime-no-cost-table": (lambda w: _search(w, "--target-memory", "1GB", "--memory-model", "runtime"),
+                                     ["no cost table", "mq.safetensors", "sensitivity costs"]),
+    "memory-runtime-garbage-costs": (lambda w: _search(w, "--target-memory", "1GB", "--memory-model", "runtime",
+                                                       "--costs", w.scores), ["scores.csv", "not valid JSON"]),
+    "memory-costs-without-runtime": (lambda w: _search(w, "--target-memory", "1GB", "--costs", w.scores),
+                                     ["--costs", "--memory-model runtime"]),
 }
 
 

@@ -235,6 +235,9 @@ def test_refined_search_uses_the_whole_predictor_within_the_exact_budget(setup):
         assert rate(p, [res.options])[0] >= rate(p, [plain.options])[0]
         assert res.details["rating"] == pytest.approx(rate(p, [res.options])[0])
         assert refined_search(p, None, t, sizes=sizes).options == res.options  # deterministic
+        # a byte budget (--target-memory's share of the layers) instead of the bits target: the same search
+        by_bytes = refined_search(p, None, None, sizes=sizes, budget=budget_bytes(t, sizes.fp16_total))
+        assert by_bytes.options == res.options and by_bytes.target_bits is None
     assert res.details["moves"] > 0 and res.details["gain"] > 0
     rer = refined_search(p, None, 3.8, sizes=sizes, local=False)
     assert rer.method == "search-reranked" and rer.details["moves"] == 0

@@ -148,3 +148,35 @@ def test_costs_cli_resumes_the_saved_table(measured, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["path"] == table.meta["path"] and summary["layers"] == len(mq.layers)
     assert summary["fp16_ms"] == pytest.approx(table.config_latency_ms({}), abs=1e-4)
+
+
+def test_runtime_memory_is_the_target_memory(measured, tmp_path, capsys):
+    """One meaning of a memory budget: the cost table's run-time bytes are --target-memory's memory model
+    ``runtime`` (quantized options at their measured bytes, full precision at fp16 as every unquantized
+    tensor), solved by the same path from search_cost(..., "memory") and from the CLI."""
+    from sensitivity.costs import register_runtime_memory_model
+    from sensitivity.search import AdditiveScorer, InfeasibleTargetError, config_memory, search_cost
+    from sensitivity.sizes import memory_table
+
+    den, mq, table, scores, _ = measured
+    model = register_runtime_memory_model(table)
+    stored = mq.size_table()
+    mem = memory_table(stored, model)
+    assert np.array_equal(mem.fp16_bytes, stored.fp16_bytes)  # not the fp32 weight the table was timed with
+    assert np.array_equal(mem.nbytes, table.runtime_bytes) and np.all(mem.nbytes >= stored.nbytes)
+    lo, hi = mem.min_bytes(), mem.max_bytes()
+    target = (lo + hi) // 2
+    res = search_cost(AdditiveScorer(pd.read_csv(scores)), mq, table, target, "memory")
+    assert res.details["memory_model"] == "runtime" and res.details["target_memory"] == target
+    assert res.details["memory_bytes"] == config_memory(mq, res.options, model=model) <= target
+    out = tmp_path / "mem.json"
+    assert main(["search", "--scores", str(scores), "--multiquantizer", str(mq.path), "--target-memory", str(target),
+                 "--memory-model", "runtime", "--costs", table.meta["path"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert QuantConfig.load(out).options == res.options
+    with pytest.raises(InfeasibleTargetError, match="--target-memory"):
+        search_cost(AdditiveScorer(pd.read_csv(scores)), mq, table, lo - 1, "memory")
+    # --costs belongs to the run-time memory model (and the latency budget) only
+    assert main(["search", "--scores", str(scores), "--multiquantizer", str(mq.path), "--target-memory", str(target),
+                 "--costs", table.meta["path"], "--out", str(tmp_path / "x.json")]) == 2
+    assert "--memory-model runtime" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -64,10 +64,14 @@ def test_demo_outputs(demo):
 
 def test_demo_rerun_resumes(demo, capsys):
     before = (demo / "cache.sqlite").stat().st_size
+    rows = json.loads((demo / "summary.json").read_text())["rows"]
     assert main(["demo", "--out", str(demo)] + TINY) == 0
     out = capsys.readouterr().out
     assert "0 evaluated now" in out and "reusing it" in out
     assert (demo / "cache.sqlite").stat().st_size == before
+    # the held-out comparison is not measured again: same rows from the stored measurements
+    assert "job measurements from an earlier run" in out and "reusing them" in out
+    assert json.loads((demo / "summary.json").read_text())["rows"] == rows
 
 
 def test_demo_bad_input(tmp_path, capsys):

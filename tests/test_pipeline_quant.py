@@ -72,6 +72,7 @@ def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FA
         _run(["infer", "--quantized", tmp_path / f"exp-{fmt}", *gen, "--out", tmp_path / f"q-{fmt}"], capsys)
         run = json.loads((tmp_path / f"q-{fmt}" / "run.json").read_text())
         assert run["quantized"]["format"] == "pipeline" and run["quantized"]["config_hash"] == run_hash(cfg)
+        _check_pipeline_card(tmp_path / f"exp-{fmt}", fmt, report)
     if not compare:
         return mq, cfg
     _run(["infer", model, "--weights", weights, "--multiquantizer", mq_path, "--config", cfg_path, *gen,
@@ -79,6 +80,25 @@ def _pipeline_chain(model, weights, tmp_path, capsys, sample_args, train_args=FA
     for fmt in formats:
         assert np.array_equal(_png(tmp_path / f"q-{fmt}" / "00000.png"), _png(tmp_path / "applied" / "00000.png"))
     return mq, cfg
+
+
+def _check_pipeline_card(folder, fmt, report):
+    """The export folder's model card: YAML header, one row per component, and the same whole-pipeline memory
+    as the search that chose the config (one meaning of --target-memory)."""
+    record = json.loads((folder / "sensitivity_export.json").read_text())
+    assert sum(record["component_memory_bytes"].values()) == report["memory_bytes"]
+    assert record["component_memory_bytes"] == report["component_bytes"]
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n") and "base_model_relation: quantized" in text
+    if importlib.util.find_spec("yaml") is not None:
+        import yaml
+
+        header = yaml.safe_load(text.split("---\n")[1])
+        assert header["base_model_relation"] == "quantized" and header["library_name"] == "diffusers"
+        assert "pipeline" in header["tags"] and fmt in header["tags"]
+    for name, nbytes in record["component_memory_bytes"].items():
+        assert f"| {name} | " in text and f"| {nbytes / 1e6:.3f} |" in text
+    assert "## How it was made" in text and "load_quantized_pipeline" in text
 
 
 def run_hash(cfg):

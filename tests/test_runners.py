@@ -446,3 +446,23 @@ def test_one_worker_sample_exits_cleanly(digits_mq, tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "terminate called" not in r.stderr
+
+
+def test_sample_command_failed_configs_one_error_line(digits_mq, tmp_path, capsys, monkeypatch):
+    """Every config fails for a reason that is not the input (here: the generation raises): exit 1 with one
+    `error:` line naming how many failed and the first reason; nothing is recorded for them, so a rerun retries."""
+    from sensitivity.cli import main as cli_main
+    from sensitivity.evaluation.evaluator import Evaluator
+
+    def broken(self, options):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(Evaluator, "evaluate", broken)
+    cache = tmp_path / "c.sqlite"
+    rc = cli_main(["sample", "digits-dit", "--multiquantizer", str(digits_mq), "--cache", str(cache), "--num-configs",
+                   "2", "--workers", "1", "--no-progress"] + DIGITS_ARGS)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(err) == 1, err
+    assert "2 of 2 configs failed" in err[0] and "out of memory" in err[0] and "rerun" in err[0]
+    with ConfigCache(cache) as c:
+        assert c.records() == []

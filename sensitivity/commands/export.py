@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "onnx":
             raise SensitivityError("a pipeline multiquantizer exports as a pipeline folder: --format packed or sdnq")
         record = export_pipeline(fam, pipe, mq, config, out, format=args.format, source=source,
-                                 float_dtype=args.float_dtype, overwrite=args.overwrite)
+                                 float_dtype=args.float_dtype, overwrite=args.overwrite, metrics=metrics,
+                                 command="sensitivity " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         print(f"wrote the {fam.name} pipeline to {out} ({args.format} components: "
               + ", ".join(f"{n} {c['quantized_layers']} layers at {c['avg_bits']:.3f} avg bits"
                           for n, c in record["components"].items())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..errors import SensitivityError
 
@@ -93,4 +94,10 @@ def run(args: argparse.Namespace) -> int:
                           "configs_per_hour": summary.configs_per_hour, "complete": summary.complete,
                           "runner": summary.runner}))
     print(f"sample {res.family.name}: {summary}")
-    return 0 if not summary.failed else 1
+    if summary.failed:
+        first = min(summary.failed)
+        print(f"error: {len(summary.failed)} of {summary.planned} configs failed (config {first}: "
+              f"{summary.failed[first]}); finished ones are in {args.cache}: rerun the command to retry the rest",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "measured on this machine with this torch)")
     p.add_argument("--memory-model", default="stored",
                    help="with --target-memory: how the run-time holds a layer (default 'stored': the stored bytes; "
-                   "run-time policies registered by sensitivity.export may add others)")
+                   "'runtime': the bytes its run-time module was measured to hold, from the cost table of `sensitivity "
+                   "costs` (--costs); others registered with sensitivity.sizes.register_memory_model)")
     p.add_argument("--out", required=True, help="config .json to write (a folder with --sweep)")
     p.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="activation bits written into the configs (default: those of the predictor's evaluations)")
@@ -217,12 +218,15 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.cache import read_records
     from ..io import atomic_dir
     from ..predictors import load_predictor
+    from ..costs import RUNTIME_MEMORY_MODEL
     from ..search import AdditiveScorer, bits_range, load_scores_csv, multiquantizer_for, parse_sweep
 
     if args.target_latency is not None or args.latency_sweep:
         return run_latency(args)
-    if args.costs:
-        raise SensitivityError("--costs is read by --target-latency / --latency-sweep only")
+    runtime_memory = args.target_memory is not None and args.memory_model == RUNTIME_MEMORY_MODEL
+    if args.costs and not runtime_memory:
+        raise SensitivityError("--costs is read by --target-latency / --latency-sweep and --target-memory with "
+                               f"--memory-model {RUNTIME_MEMORY_MODEL} only")
     if args.baseline is None and not (args.predictor or args.scores):
         raise SensitivityError("pass --predictor DIR (or --scores CSV), or choose a --baseline")
     if args.predictor and args.scores:
@@ -238,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         from ..sizes import memory_model, memory_model_names, parse_bytes
 
         _register_runtime_memory_models()
-        if args.memory_model not in memory_model_names():
+        if not runtime_memory and args.memory_model not in memory_model_names():
             memory_model(args.memory_model)  # the one-line error naming the known models
         if args.baseline not in (None, "error-ilp"):
             raise SensitivityError(f"--target-memory works with the predictor search and --baseline error-ilp, "
@@ -256,6 +260,11 @@ def run(args: argparse.Namespace) -> int:
     if args.scores:
         predictor = AdditiveScorer(load_scores_csv(args.scores), name=args.scores)
     sizes = _sizes(mq, args.options)
+    if runtime_memory:  # the layers' run-time bytes measured by `sensitivity costs`, the same --target-memory
+        from ..costs import register_runtime_memory_model
+        from ..export.costs import cost_table_for
+
+        register_runtime_memory_model(cost_table_for(mq, args.costs), sizes.layers)
     records = read_records(args.cache) if args.cache else None
 
     targets: List[Optional[float]] = (parse_sweep(args.sweep) if args.sweep else

@@ -3,6 +3,8 @@
 A YAML header (``base_model``, ``base_model_relation: quantized``, ``library_name: diffusers``, ``tags``),
 then the config's average bits, the per-option mix (layers and share of the weights), the held-out
 metrics when given, how to load the folder, and the command that made it. Nothing is uploaded.
+A whole-pipeline export (:func:`pipeline_card`) has the same header and a table of its components:
+quantized layers, average bits, weight bytes in memory (as ``search --target-memory`` counts them) and on disk.
 ``base_model`` is the family's hub repository when the weights are the hub's, else the model id.
 """
 
@@ -50,6 +52,23 @@ def base_model(record: Mapping[str, Any]) -> str:
     return str(record.get("model_id") or record.get("model_class") or "unknown")
 
 
+def _header(record: Mapping[str, Any], tags: list) -> list:
+    return (["---", f"base_model: {_yaml_str(base_model(record))}", "base_model_relation: quantized",
+             "library_name: diffusers", "tags:"] + [f"- {_yaml_str(t)}" for t in tags] + ["---", ""])
+
+
+def _how_made(command: Optional[str]) -> list:
+    return ["## How it was made", "", "```", command, "```", ""] if command else []
+
+
+def _metrics(metrics: Optional[Mapping[str, Any]]) -> list:
+    if not metrics:
+        return []
+    return (["## Held-out metrics", "", "| metric | value |", "|---|---:|"]
+            + [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in metrics.items()]
+            + [""])
+
+
 def model_card(record: Mapping[str, Any], numel: Mapping[str, int], metrics: Optional[Mapping[str, Any]] = None,
                command: Optional[str] = None, folder_name: str = ".") -> str:
     """The README text of an export folder. ``numel``: weights per layer; ``metrics``: ``{name: value}``."""
@@ -66,8 +85,7 @@ def model_card(record: Mapping[str, Any], numel: Mapping[str, int], metrics: Opt
         tags.append(str(record["family"]))
     if record.get("act_bits"):
         tags.append(f"w-a{record['act_bits']}")
-    lines = ["---", f"base_model: {_yaml_str(base_model(record))}", "base_model_relation: quantized",
-             "library_name: diffusers", "tags:"] + [f"- {_yaml_str(t)}" for t in tags] + ["---", ""]
+    lines = _header(record, tags)
     cls = record.get("model_class", "model")
     lines += [f"# {cls}, {bits:.3f} average bits ({fmt})", "",
               f"A mixed-precision quantization of `{record.get('model_id')}`'s denoiser found by "
@@ -81,15 +99,48 @@ def model_card(record: Mapping[str, Any], numel: Mapping[str, int], metrics: Opt
     for opt, (n, w) in sorted(mix.items(), key=lambda kv: (kv[0] == FP16, -kv[1][1])):
         lines.append(f"| {opt} | {n} | {100.0 * w / total:.1f}% |")
     lines.append("")
-    if metrics:
-        lines += ["## Held-out metrics", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in metrics.items()]
-        lines.append("")
+    lines += _metrics(metrics)
     lines += ["## How to load", "",
               _LOAD[fmt].format(dir=folder_name, cls=cls, attr="transformer" if "Transformer" in cls else "unet",
                                 base=base_model(record)), ""]
-    if command:
-        lines += ["## How it was made", "", "```", command, "```", ""]
+    lines += _how_made(command)
+    return "\n".join(lines)
+
+
+def pipeline_card(record: Mapping[str, Any], command: Optional[str] = None, folder_name: str = ".",
+                  metrics: Optional[Mapping[str, Any]] = None) -> str:
+    """The README text of a whole-pipeline export folder (``record``: its ``sensitivity_export.json``)."""
+    fmt = record.get("component_format", "packed")
+    tags = ["sensitivity", "quantized", "mixed-precision", "pipeline", str(fmt)]
+    if record.get("family"):
+        tags.append(str(record["family"]))
+    memory = record.get("component_memory_bytes") or {}
+    disk = record.get("component_bytes_on_disk") or {}
+    comps = record.get("components") or {}
+    cls = record.get("pipeline_class", "pipeline")
+    mb = lambda b: "–" if b is None else f"{b / 1e6:.3f}"  # noqa: E731
+    lines = _header(record, tags)
+    lines += [f"# {cls}, whole pipeline quantized ({fmt} components)", "",
+              f"A mixed-precision quantization of `{record.get('model_id')}` found by `sensitivity` (a "
+              f"Qua2SeDiMo-style search over every component under one budget): {record.get('quantized_layers')} "
+              f"weight layers quantized, {float(record.get('avg_bits', float('nan'))):.3f} bits per weight on "
+              f"average over them; {mb(sum(memory.values()) if memory else None)} MB of weights in memory "
+              "(quantized layers as stored, every other tensor at fp16).", "",
+              f"Config hash `{record.get('config', {}).get('hash')}`, multiquantizer hash "
+              f"`{record.get('multiquantizer', {}).get('hash')}`.", "", "## Components", "",
+              "| component | class | quantized layers | average bits | weights in memory (MB) | on disk (MB) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name in dict.fromkeys([*memory, *disk, *comps]):
+        c = comps.get(name) or {}
+        bits = c.get("avg_bits")
+        lines.append(f"| {name} | {c.get('model_class') or '–'} | {c.get('quantized_layers') or 0} | "
+                     f"{'fp16' if bits is None else f'{float(bits):.3f}'} | {mb(memory.get(name))} | "
+                     f"{mb(disk.get(name))} |")
+    lines += [""] + _metrics(metrics) + ["## How to load", "",
+              f"```python\nfrom sensitivity.export.pipeline import load_quantized_pipeline\n\n"
+              f"pipe = load_quantized_pipeline(\"{folder_name}\")  # {cls}, low-bit components\n```\n",
+              f"or `sensitivity infer --quantized {folder_name} --prompt \"...\"`.", ""]
+    lines += _how_made(command)
     return "\n".join(lines)
 
 

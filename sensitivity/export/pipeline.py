@@ -6,7 +6,9 @@ their transformers classes, the denoiser, the VAE) with that component's ``packe
 (:func:`sensitivity.export.export` on the component and its share of the config,
 :class:`sensitivity.pipeline_quant.ComponentMultiquantizer`). The top folder's ``sensitivity_export.json``
 has ``export_format: "pipeline"``, the per-component format, the exported components and the bytes of
-the weights per component on disk. :func:`load_quantized_pipeline` loads it back as the pipeline class
+the weights per component on disk and in memory (``component_memory_bytes``: as ``search --target-memory``
+counts them, :func:`sensitivity.search.memory.component_bytes`); ``README.md`` is its model card
+(:func:`sensitivity.export.card.pipeline_card`). :func:`load_quantized_pipeline` loads it back as the pipeline class
 named in ``model_index.json`` with the low-bit components in place. Every plan is checked before
 anything is written; the folder appears whole or not at all.
 """
@@ -28,16 +30,21 @@ COMPONENT_FORMATS = ("packed", "sdnq")
 
 def export_pipeline(family, pipe, mq, config, out: str | os.PathLike, format: str = "packed", *,
                     source: Optional[Mapping[str, Any]] = None, float_dtype=None,
-                    overwrite: bool = False) -> Dict[str, Any]:
+                    overwrite: bool = False, command: Optional[str] = None,
+                    metrics: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Export ``pipe`` (full precision) with ``config`` of the pipeline multiquantizer ``mq`` to folder ``out``.
 
     ``format``: how each quantized component is written (``packed`` or ``sdnq``). ``source``: ``{"family",
-    "weights", "seed"}`` recorded. Returns the record (also ``out/sensitivity_export.json``)."""
+    "weights", "seed"}`` recorded; ``command`` (the command line that made it) and ``metrics`` (``{name: value}``, held-out)
+    go into the model card.
+    Returns the record (also ``out/sensitivity_export.json``)."""
     from ..config import QuantConfig
     from ..pipeline_quant import (ComponentMultiquantizer, component_attr, component_config,
                                   is_pipeline_multiquantizer, quantization_root)
+    from ..search.memory import component_bytes
     from ..zoo.base import resolve_dtype
     from . import require_extra
+    from .card import CARD_FILE, pipeline_card
 
     if format not in COMPONENT_FORMATS:
         raise SensitivityError(f"a pipeline export writes its components as {' or '.join(COMPONENT_FORMATS)}, "
@@ -104,8 +111,11 @@ def export_pipeline(family, pipe, mq, config, out: str | os.PathLike, format: st
                        "provenance": qc.provenance},
             "avg_bits": mq.avg_bits(qc.options), "quantized_layers": len(qc.options),
             "components": components, "component_bytes_on_disk": disk,
+            "component_memory_bytes": component_bytes(mq, qc.options),
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        (tmp / CARD_FILE).write_text(pipeline_card(record, command, folder_name=Path(str(out)).name or ".",
+                                                          metrics=metrics))
         record["bytes_on_disk"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     record["path"] = str(out)
     return record

@@ -113,6 +113,13 @@ def _layer_slices(layers: Iterable) -> Dict[str, List[Optional[Tuple[int, int]]]
     return out
 
 
+def _segments(halves: Sequence[Tuple[int, int]], width: int) -> List[Tuple[int, int]]:
+    """The input columns ``[0, width)`` cut at the split halves' bounds: each half is its own segment (its own
+    scale per token), and columns of a half not in the quantized layers form segments of their own."""
+    cuts = sorted({0, width, *(c for h in halves for c in h if 0 < c < width)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], bits: int):
     conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     halves = [s for s in slices if s is not None]
@@ -124,8 +131,7 @@ def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], 
         if conv:
             y = quantize_channels(x, bits)  # per channel: halves need no separate treatment
         elif halves:
-            parts = [quantize_tokens(x[..., a:b], bits) for a, b in sorted(halves)]
-            y = torch.cat(parts, dim=-1)
+            y = torch.cat([quantize_tokens(x[..., a:b], bits) for a, b in _segments(halves, x.shape[-1])], dim=-1)
         else:
             y = quantize_tokens(x, bits)
         return (y,) + tuple(args[1:])

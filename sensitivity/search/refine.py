@@ -20,6 +20,7 @@ random choice; ties go to the first in layer / option order.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,22 +50,31 @@ def _key(options: Mapping[str, str]) -> str:
     return json.dumps(sorted(options.items()))
 
 
-def knapsack_candidates(predictor: Any, mq: Any, target_bits: float, sizes: SizeTable,
+def knapsack_candidates(predictor: Any, mq: Any, target_bits: Optional[float], sizes: SizeTable,
                         offsets: Sequence[float] = (0.0, 0.02, 0.05, 0.1),
-                        levels: Sequence[str] = ("layer", "module")) -> List[SearchResult]:
+                        levels: Sequence[str] = ("layer", "module"),
+                        budget: Optional[int] = None) -> List[SearchResult]:
     """The knapsack's configs at ``target_bits − offset`` per offset and level, duplicates dropped
-    (``details``: ``level``, ``offset``). Raises :class:`InfeasibleTargetError` if there is none."""
+    (``details``: ``level``, ``offset``). With ``budget`` (bytes of ``sizes``, e.g. ``--target-memory``'s
+    share of the layers) instead of ``target_bits``: at ``budget − offset · Σ fp16 bytes / 16`` (the offset
+    in average bits of ``sizes``). Raises :class:`InfeasibleTargetError` if there is none."""
     cands: List[SearchResult] = []
     seen = set()
     for level in levels:
         if level == "module" and not hasattr(predictor, "module_scores"):
             continue
         for off in offsets:
-            t = round(float(target_bits) - float(off), 6)
-            if t < sizes.min_avg_bits():
-                continue
             try:
-                r = search(predictor, mq, t, level=level, sizes=sizes)
+                if budget is not None:
+                    b = int(budget) - math.floor(float(off) * sizes.fp16_total / 16)
+                    if b < sizes.min_bytes():
+                        continue
+                    r = search(predictor, mq, None, level=level, sizes=sizes, budget=b)
+                else:
+                    t = round(float(target_bits) - float(off), 6)
+                    if t < sizes.min_avg_bits():
+                        continue
+                    r = search(predictor, mq, t, level=level, sizes=sizes)
             except InfeasibleTargetError:
                 continue
             k = _key(r.options)
@@ -73,7 +83,8 @@ def knapsack_candidates(predictor: Any, mq: Any, target_bits: float, sizes: Size
                 r.details.update(level=level, offset=float(off))
                 cands.append(r)
     if not cands:
-        raise InfeasibleTargetError(f"target {target_bits:g}: the knapsack found no config")
+        what = f"target {target_bits:g}" if budget is None else f"a budget of {int(budget)} bytes"
+        raise InfeasibleTargetError(f"{what}: the knapsack found no config")
     return cands
 
 
@@ -124,11 +135,13 @@ class _Moves:
         return out
 
 
-def refined_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional[SizeTable] = None,
+def refined_search(predictor: Any, mq: Any, target_bits: Optional[float], sizes: Optional[SizeTable] = None,
                    offsets: Sequence[float] = (0.0, 0.02, 0.05, 0.1), levels: Sequence[str] = ("layer", "module"),
                    starts: int = 2, rounds: int = 30, pairs: int = 16, kappa: float = 0.0,
-                   local: bool = True) -> SearchResult:
-    """The config the whole predictor rates best within ``target_bits``' exact byte budget (module docstring).
+                   local: bool = True, budget: Optional[int] = None) -> SearchResult:
+    """The config the whole predictor rates best within ``target_bits``' exact byte budget (module docstring),
+    or within ``budget`` bytes of ``sizes`` (``--target-memory``: :func:`.memory.memory_budget`'s table and
+    budget, as :func:`~.searching.search` takes them).
 
     ``starts``: knapsack candidates improved by local moves; ``rounds``: moves at most per start;
     ``pairs``: up / down moves paired per round; ``local=False``: only re-rank the candidates.
@@ -138,11 +151,11 @@ def refined_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional[
     """
     t0 = time.perf_counter()
     sizes = sizes if sizes is not None else SizeTable.from_multiquantizer(mq)
-    budget = _target_budget(sizes, target_bits)
+    budget = _target_budget(sizes, target_bits, budget=budget)
     if starts < 1 or rounds < 0 or pairs < 0:
         raise SensitivityError(f"refined_search: starts >= 1, rounds >= 0 and pairs >= 0 needed, got {starts}, "
                                f"{rounds}, {pairs}")
-    cands = knapsack_candidates(predictor, mq, target_bits, sizes, offsets, levels)
+    cands = knapsack_candidates(predictor, mq, target_bits, sizes, offsets, levels, budget)
     ratings = rate(predictor, [c.options for c in cands], kappa)
     rated = len(cands)
     order = sorted(range(len(cands)), key=lambda i: (-ratings[i], i))
@@ -163,7 +176,7 @@ def refined_search(predictor: Any, mq: Any, target_bits: float, sizes: Optional[
                 cur, cur_rating, n_moves = nbrs[k], float(r[k]), n_moves + 1
             if cur_rating > best_rating + 1e-12:
                 best_opts, best_rating, best_start, best_moves = cur, cur_rating, s, n_moves
-    res = _result(best_opts, sizes, "search-refined" if local else "search-reranked", target_bits=float(target_bits),
+    res = _result(best_opts, sizes, "search-refined" if local else "search-reranked", target_bits=None if target_bits is None else float(target_bits),
                   budget_bytes=budget, seconds=time.perf_counter() - t0)
     if res.quantized_bytes > budget:  # every move and candidate was checked against the budget
         raise SensitivityError(f"refined_search: {res.quantized_bytes} bytes over the budget {budget}")

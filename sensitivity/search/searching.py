@@ -272,12 +272,23 @@ def search_cost(
 
     ``costs``: a :class:`sensitivity.costs.CostTable` of ``mq``'s layers; ``quantity``: ``"latency"``
     (``target`` in ms: the **sum of the layers' measured times**, not a whole-model forward) or
-    ``"memory"`` (``target`` in bytes of run-time weights). The same exact knapsack as :func:`search`,
-    on the table's integer units (ns or bytes), so the budget check is exact. ``result.details`` holds
-    ``quantity``, ``target``, ``budget_units``, ``cost_units`` and ``latency_ms`` / ``runtime_bytes``.
+    ``"memory"`` (``target`` in bytes: ``--target-memory``'s whole-pipeline bytes with the table as the memory
+    model ``runtime``, :mod:`.memory`; the result's ``details`` are :func:`.memory.memory_result`'s). The same
+    exact knapsack as :func:`search`, on the table's integer units (ns), so the budget check is exact.
+    ``result.details`` holds ``quantity``, ``target``, ``budget_units``, ``cost_units`` and ``latency_ms``.
     """
     from ..costs import QUANTITIES, budget_units
 
+    if quantity == "memory":  # one meaning of a memory budget: --target-memory's
+        from ..costs import register_runtime_memory_model
+        from .memory import memory_budget, memory_result
+
+        stored = SizeTable.of(sizes if sizes is not None else mq, options)
+        model = register_runtime_memory_model(costs, stored.layers)
+        mb = memory_budget(mq, int(target), stored, model, what=what)
+        res = search(predictor, mq, None, level=level, max_combinations=max_combinations, method=method,
+                     sizes=mb.table, what=what, budget=mb.budget)
+        return memory_result(res, mq, stored, mb)
     if quantity not in QUANTITIES:
         raise SensitivityError(f"unknown cost quantity {quantity!r}; use one of {', '.join(QUANTITIES)}")
     unit = QUANTITIES[quantity][2]

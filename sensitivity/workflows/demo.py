@@ -284,7 +284,7 @@ class DemoRun:
     def compare(self) -> Any:
         """Step 5: search at every target and the allocators, each config measured on held-out images."""
         from ..allocators import AllocatorSpec, allocate_at_targets
-        from ..comparison import cache_cost, compare_at_targets
+        from ..comparison import StoredEvaluator, cache_cost, compare_at_targets
         from ..evaluation.evaluator import EvalProtocol, Evaluator
 
         s, out = self.s, self.out
@@ -295,7 +295,11 @@ class DemoRun:
         # would win by selection luck. Every compared config is therefore measured on held-out seeds.
         self.check = EvalProtocol.for_family(self.family, s.weights, n_per_class=s.check_images_per_class,
                                              seed=CHECK_SEED, multiquantizer_hash=self.mq.hash, dtype="float32")
-        ev_check = Evaluator(self.family, self.pipe, self.mq, self.check, bootstrap=BOOTSTRAP, bootstrap_seed=s.seed)
+        # measurements kept beside the outputs, so a rerun (or a resume after a kill) measures nothing twice
+        ev_check = StoredEvaluator(
+            Evaluator(self.family, self.pipe, self.mq, self.check, bootstrap=BOOTSTRAP, bootstrap_seed=s.seed),
+            out / "measured-heldout.jsonl", {**self.check.to_dict(), "bootstrap": BOOTSTRAP, "bootstrap_seed": s.seed})
+        ev_job = StoredEvaluator(self.evaluator, out / "measured-job.jsonl", self.protocol.to_dict())
         print(f"      every compared config is measured on {self.check.num_images} held-out images "
               f"(seeds {CHECK_SEED}..{CHECK_SEED + self.check.num_images - 1})", flush=True)
         # the allocators that need no labels beyond the job's: SDNQ's rule and the reference's top-1 rule
@@ -305,10 +309,13 @@ class DemoRun:
                  AllocatorSpec("reference top-1 (λ {lam:.3g})", "reference",
                                {"layer_scores": self.predictor.layer_scores(self.mq)},
                                configs_labelled=n_job, label_cpu_s=job_s + train_s, source="reference top-1")]
+        if ev_check.store or ev_job.store:
+            print(f"      {len(ev_check.store)} held-out and {len(ev_job.store)} job measurements from an earlier run "
+                  f"({out / 'measured-heldout.jsonl'}): reusing them", flush=True)
         allocated = allocate_at_targets(specs, self.sizes, [t for t in s.targets if t >= self.sizes.min_avg_bits()])
         self.comparison = compare_at_targets(
             self.predictor, self.mq, ev_check, list(s.targets), self.records, metric=s.metric,
-            job_evaluator=self.evaluator, sizes=self.sizes, config_dir=out / "search",
+            job_evaluator=ev_job, sizes=self.sizes, config_dir=out / "search",
             config_provenance={"predictor": str(self.pred_dir)}, log=lambda text: print("      " + text, flush=True),
             allocated=allocated, costs={"search": (n_job, job_s + train_s)})
         return self.comparison
