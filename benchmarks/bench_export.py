@@ -120,7 +120,8 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
         run()
         times.append(time.perf_counter() - t)
     out = {"kind": kind, "load_s": load_s, "rss_base_mib": base, "rss_load_mib": rss_load,
-           "rss_forward_mib": _rss_mib("VmHWM"), "forward_s": statistics.median(times), "forward_all_s": times}
+           "rss_forward_mib": _rss_mib("VmHWM"), "forward_s": statistics.median(times), "forward_min_s": min(times),
+           "forward_all_s": times}
     if kind.startswith("packed"):
         out["kernels"] = {k: sum(1 for v in den.sensitivity_export["runtime_kernels"].values() if v == k)
                           for k in ("on_the_fly", "cached", "int8_dynamic")}
@@ -131,22 +132,36 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "README.md")
 
 
+def _named_configs(values) -> list:
+    """``--config [NAME=]PATH`` values as ``[(name, path)]`` (name: the file's stem when not given)."""
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = Path(v).stem, v
+        out.append((name, path))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits-dit")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--multiquantizer", required=False)
-    ap.add_argument("--config", required=False)
+    ap.add_argument("--config", action="append", default=[], metavar="[NAME=]PATH",
+                    help="a config to export and measure (repeat for several, each against the same fp32 row)")
     ap.add_argument("--kinds", default="fp32,packed:recorded,packed:on_the_fly,packed:cached,sdnq,onnx-fp32,onnx,"
                     "onnx:per_call",
-                    help="rows to measure (comma-separated)")
+                    help="rows to measure (comma-separated), for every config; a W8A8 config (act_bits 8) skips "
+                         "sdnq and onnx rows and on_the_fly (its recorded policy is W8A8 on int8 kernels)")
     ap.add_argument("--w8a8", action="store_true", help="also packed:int8_dynamic (8-bit activations, torch._int_mm)")
     ap.add_argument("--options-only", action="store_true",
                     help="use the config's options with this multiquantizer even if the config names another one")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default="benchmarks/results/export")
+    ap.add_argument("--name", default=None, help="the JSON's name (default: the model's): OUT_DIR/NAME.json")
     ap.add_argument("--work-dir", default=None, help="where the exports go (default: OUT_DIR/<model>-exports)")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -161,70 +176,99 @@ def main() -> None:
 
     from sensitivity.config import QuantConfig
     from sensitivity.export import export
+    from sensitivity.io import atomic_write_text
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.zoo import get_family
 
+    from sensitivity.provenance import run_provenance
+
     torch.set_num_threads(args.threads)
+    started = run_provenance()
     fam = get_family(args.model)
     weights = fam.resolve_weights(args.weights)
     out_dir = Path(args.out_dir)
     work = Path(args.work_dir) if args.work_dir else out_dir / f"{args.model}-exports"
     work.mkdir(parents=True, exist_ok=True)
     mq = load_multiquantizer(args.multiquantizer)
-    config = QuantConfig.load(args.config)
-    if args.options_only:
-        config = QuantConfig(dict(config.options), model=config.model, act_bits=config.act_bits)
-    kinds = [k for k in args.kinds.split(",") if k] + (["packed:int8_dynamic"] if args.w8a8 else [])
+    configs = {}
+    for name, path in _named_configs(args.config):
+        cfg = QuantConfig.load(path)
+        if args.options_only:
+            cfg = QuantConfig(dict(cfg.options), model=cfg.model, act_bits=cfg.act_bits)
+        configs[name] = (path, cfg)
+    base_kinds = [k for k in args.kinds.split(",") if k] + (["packed:int8_dynamic"] if args.w8a8 else [])
     have = {"sdnq": importlib.util.find_spec("sdnq") is not None, "onnx": importlib.util.find_spec("onnxruntime") is not None}
-    kinds = [k for k in kinds if not (k == "sdnq" and not have["sdnq"]) and not (k.startswith("onnx") and not have["onnx"])]
+    base_kinds = [k for k in base_kinds if not (k == "sdnq" and not have["sdnq"])
+                  and not (k.startswith("onnx") and not have["onnx"])]
     den = fam.load_denoiser(weights, seed=args.seed)
     source = {"family": fam.name, "weights": weights, "seed": args.seed, "model_id": fam.model_id(weights)}
-    folders, records, export_s = {}, {}, {}
+    # (config name or None, kind) in measuring order; fp32 and onnx-fp32 once
+    plan = [(None, k) for k in base_kinds if k in ("fp32", "onnx-fp32")]
+    for name, (_, cfg) in configs.items():
+        w8a8 = cfg.act_bits == 8
+        plan += [(name, k) for k in base_kinds if k not in ("fp32", "onnx-fp32")
+                 and not (w8a8 and (k in ("sdnq", "packed:on_the_fly") or k.startswith("onnx")))]
+    folders, meta = {None: {}}, {}
     fp32_dir = work / "fp32"
     if not fp32_dir.exists():
         den.save_pretrained(str(fp32_dir), safe_serialization=True)
-    folders["fp32"] = fp32_dir
-    for fmt, cfg in (("packed", config), ("sdnq", config), ("onnx", config), ("onnx-fp32", {})):
-        if not any(k == fmt or k.startswith(fmt + ":") for k in kinds):
-            continue
-        folder = work / fmt
-        t = time.perf_counter()
-        rec = export(den, mq, cfg, folder, format=fmt.split("-")[0], overwrite=True, source=source)
-        export_s[fmt] = time.perf_counter() - t
-        folders[fmt], records[fmt] = folder, rec
-        print(f"exported {fmt} in {export_s[fmt]:.1f} s", file=sys.stderr)
-    q_rec = records.get("packed") or records.get("onnx") or records.get("sdnq")
-    quantized_paths = {p for s in mq.layers if s.name in config.options for p in (s.module_path,) + tuple(s.tied)}
-    unquantized_fp32 = sum(4 * v.numel() for k, v in den.state_dict().items()
-                           if not (k.endswith(".weight") and k[: -len(".weight")] in quantized_paths))
+    folders[None]["fp32"] = fp32_dir
+    if any(k == "onnx-fp32" for _, k in plan):
+        folders[None]["onnx-fp32"] = work / "onnx-fp32"
+        export(den, mq, {}, folders[None]["onnx-fp32"], format="onnx", overwrite=True, source=source)
+    for name, (path, cfg) in configs.items():
+        folders[name], rec_any, export_s = {}, None, {}
+        for fmt in ("packed", "sdnq", "onnx"):
+            if not any(c == name and (k == fmt or k.startswith(fmt + ":")) for c, k in plan):
+                continue
+            folder = work / f"{name}-{fmt}"
+            t = time.perf_counter()
+            rec = export(den, mq, cfg, folder, format=fmt, overwrite=True, source=source)
+            export_s[fmt] = time.perf_counter() - t
+            folders[name][fmt], rec_any = folder, rec_any or rec
+            if fmt == "onnx":
+                export_s["onnx_check"] = rec.get("onnx_check")
+            print(f"exported {name} as {fmt} in {export_s[fmt]:.1f} s", file=sys.stderr)
+        quantized_paths = {p for s in mq.layers if s.name in cfg.options for p in (s.module_path,) + tuple(s.tied)}
+        meta[name] = {"path": path, "act_bits": cfg.act_bits, "export_s": export_s,
+                      "avg_bits": rec_any["avg_bits"] if rec_any else None,
+                      "quantized_bytes": rec_any["quantized_bytes"] if rec_any else None,
+                      "options": {o: sum(1 for v in cfg.options.values() if v == o) for o in sorted(set(cfg.options.values()))},
+                      "unquantized_fp32_bytes": sum(4 * v.numel() for k, v in den.state_dict().items()
+                                                    if not (k.endswith(".weight") and k[: -len(".weight")] in quantized_paths))}
     del den
     rows = []
     env = dict(os.environ, PYTHONPATH=str(ROOT), SDNQ_USE_TORCH_COMPILE="0")
-    for kind in kinds:
+    for name, kind in plan:
         fmt = kind.partition(":")[0]
-        cmd = [sys.executable, __file__, "--measure", kind, "--dir", str(folders[fmt]), "--repeats", str(args.repeats),
+        folder = folders[name][fmt]
+        cmd = [sys.executable, __file__, "--measure", kind, "--dir", str(folder), "--repeats", str(args.repeats),
                "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             print(res.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"measure {kind} failed")
+            raise SystemExit(f"measure {name} {kind} failed")
         row = json.loads(res.stdout.strip().splitlines()[-1])
-        row["bytes_on_disk"] = _folder_bytes(folders[fmt])
-        if fmt in export_s:
-            row["export_s"] = export_s[fmt]
+        row["config"] = name
+        row["bytes_on_disk"] = _folder_bytes(folder)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "forward_all_s"}), file=sys.stderr)
+    first = next(iter(meta.values()), {})
     result = {
-        "model": args.model, "weights": weights, "config": args.config, "multiquantizer": args.multiquantizer,
-        "avg_bits": q_rec["avg_bits"] if q_rec else None, "quantized_bytes": q_rec["quantized_bytes"] if q_rec else None,
-        "unquantized_fp32_bytes": unquantized_fp32, "threads": args.threads, "repeats": args.repeats,
-        "calibrator_s": calibrator(), "loadavg": list(os.getloadavg()), "torch": torch.__version__,
-        "onnx_check": records.get("onnx", {}).get("onnx_check"), "rows": rows,
+        "model": args.model, "weights": weights, "multiquantizer": args.multiquantizer, "configs": meta,
+        # one-config runs keep the flat keys export_table.py reads
+        "config": next(iter(configs.values()))[0] if len(configs) == 1 else None,
+        "avg_bits": first.get("avg_bits"), "quantized_bytes": first.get("quantized_bytes"),
+        "unquantized_fp32_bytes": first.get("unquantized_fp32_bytes", 0), "threads": args.threads,
+        "repeats": args.repeats, "calibrator_s": calibrator(), "loadavg": list(os.getloadavg()),
+        "provenance": run_provenance(started), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(), "rows": rows,
         "command": "python benchmarks/bench_export.py " + " ".join(sys.argv[1:]),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{args.model}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = out_dir / f"{args.name or args.model}.json"
+    result["json_path"] = str(path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     from export_table import table  # noqa: E402 - the benchmarks folder is on sys.path when run as a script
 
     print(table(result))

@@ -2,12 +2,16 @@
 
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json
 
-Shapes ``(tokens, in, out)`` of SD1.5's linear layers at 64x64 latents and of digits-dit. Rows:
+Shapes ``(tokens, in, out)`` of SD1.5's linear layers at 64x64 latents (self-attention projections and
+feed-forward of each resolution, cross-attention K/V on 77 text tokens) and of digits-dit. Rows:
 ``fp32`` (``F.linear``), ``on_the_fly`` (fused 4-bit dequantize into a reused buffer + ``F.linear``),
-``int8_dynamic`` (the W8A8 module path: per-token activation quantization, ``torch._int_mm``,
-corrections), ``int_mm_only`` (the integer matmul alone), ``weight_int8pack_fp32`` / ``_bf16``
-(``torch._weight_int8pack_mm``), ``weight_int4pack_fp32`` / ``_bf16`` (``torch._weight_int4pack_mm_for_cpu``,
-group 32). Median of ``--repeats`` after a warm-up; ratios to ``fp32`` of the same shape, same run.
+``w8a8_float`` (W8A8 on float kernels: ``F.linear`` of the fake-quantized input, as ``apply()`` computes it),
+``int8_dynamic`` (the W8A8 module path: fused per-token activation quantization, ``torch._int_mm``, fused
+dequantize epilogue), ``int_mm_only`` (the integer matmul alone), ``weight_int8pack_bf16``
+(``torch._weight_int8pack_mm``), ``weight_int4pack_bf16`` (``torch._weight_int4pack_mm_for_cpu``, group 32;
+``--weight-only-fp32`` adds both on float32 inputs: 15-30x fp32 here). The cases run interleaved (each
+repeat times every case once, so load on a shared machine falls on all of them alike); median of
+``--repeats`` after a warm-up; ratios to ``fp32`` of the same shape, same run.
 """
 
 from __future__ import annotations
@@ -20,23 +24,28 @@ import subprocess
 import sys
 import time
 
-SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (4096, 320, 2560), (64, 1280, 5120), (64, 128, 128)]
+SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (64, 1280, 1280), (4096, 320, 2560),
+          (4096, 1280, 320), (1024, 640, 5120), (64, 1280, 5120), (77, 768, 320), (77, 768, 1280), (64, 128, 128)]
 
 
-def bench(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def bench(cases, repeats: int) -> dict:
+    """Median seconds of each case, the cases interleaved within every repeat (after one warm-up call each)."""
+    for fn in cases.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--weight-only-fp32", action="store_true", help="also torch's weight-only kernels on fp32 inputs")
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     args = ap.parse_args()
 
@@ -45,6 +54,7 @@ def main() -> None:
 
     from sensitivity.export.kernels import dequantize_into, pad_packed
     from sensitivity.export.runtime import Int8Weight, int8_linear
+    from sensitivity.quantizers.activation import quantize_tokens
     from sensitivity.quantizers.packing import pack_codes
 
     torch.set_num_threads(args.threads)
@@ -67,25 +77,29 @@ def main() -> None:
         cases = {
             "fp32": lambda: F.linear(x, w),
             "on_the_fly": lambda: F.linear(x, dequantize_into(padded, 4, table, n, k, k, buf)),
+            "w8a8_float": lambda: F.linear(quantize_tokens(x, 8), w),
             "int8_dynamic": lambda: int8_linear(x, i8, None),
             "int_mm_only": lambda: torch._int_mm(xq, wq.t()) if t > 16 else None,
-            "weight_int8pack_fp32": lambda: torch._weight_int8pack_mm(x, wq, d),
             "weight_int8pack_bf16": lambda: torch._weight_int8pack_mm(xb, wq, d.bfloat16()),
-            "weight_int4pack_fp32": lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 32, sz),
             "weight_int4pack_bf16": lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz.bfloat16()),
         }
-        res = {name: bench(fn, args.repeats) for name, fn in cases.items()}
+        if args.weight_only_fp32:
+            cases["weight_int8pack_fp32"] = lambda: torch._weight_int8pack_mm(x, wq, d)
+            cases["weight_int4pack_fp32"] = lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 32, sz)
+        with torch.no_grad():
+            res = bench(cases, args.repeats)
         rows.append({"shape": [t, k, n], "seconds": res})
         print(json.dumps(rows[-1]), file=sys.stderr)
     calib = float(subprocess.run([sys.executable, "-c", "import time;t=time.perf_counter();sum(range(10**7));"
                                   "print(time.perf_counter()-t)"], capture_output=True, text=True).stdout)
+    from sensitivity.io import atomic_write_text
+
     out = {"rows": rows, "threads": args.threads, "repeats": args.repeats, "calibrator_s": calib,
            "loadavg": list(os.getloadavg()), "torch": torch.__version__,
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "command": "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(kernel_table(out))
 
 

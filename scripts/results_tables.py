@@ -6,6 +6,7 @@
     python scripts/results_tables.py eval-overhead overhead.json         # after: bench_eval_overhead.py --out ...
     python scripts/results_tables.py calibration OUT/results.json        # after: bench_calibration.py --out OUT
     python scripts/results_tables.py startup startup.json                # after: bench_startup.py --json startup.json
+    python scripts/results_tables.py export OUT_DIR/sd15.json            # after: bench_export.py --out-dir OUT_DIR
     python scripts/results_tables.py joint-pipeline joint.json           # after: joint_pipeline_search.py --out joint.json
     python scripts/results_tables.py digits-models                       # the digits models' training reports
     python scripts/results_tables.py --check                             # every page == its data (no writes)
@@ -319,6 +320,35 @@ def render_pipeline_bytes(d: Dict[str, Any], data: str) -> str:
                 "python scripts/results_tables.py pipeline-bytes pipeline_bytes.json", d.get("provenance"), body)
 
 
+# ------------------------------------------------------------------------------------------ export
+EXPORT_ACCEPTANCE = (
+    "Acceptance rows of issue 26 read off the table above: every searched config (`uaq`, `kmeans`) with the "
+    "automatic policy (`packed:recorded`) at forward <= 1.0x fp32's and peak RSS (forward) <= 0.4x; the W8A8 "
+    "config's `packed:recorded` (W8A8 on `torch._int_mm` for the linear layers) at forward <= 0.7x.")
+
+
+def render_export(d: Dict[str, Any], data: str) -> str:
+    """Export formats and run-time policies against fp32 (the table of ``benchmarks/export_table.py`` itself)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_table", ROOT / "benchmarks" / "export_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib only
+    body = ("Bytes on disk, load time, peak resident memory while loading and during the forwards, and forward "
+            "time of each export and run-time policy, every number a ratio to the fp32 row of the same run "
+            "(each row loads and runs in a fresh process). `packed:recorded` is the automatic policy the export "
+            "chose (W8A8 on int8 kernels for an 8-bit-activation config, else cached / on the fly per layer); "
+            "`best forward` is the fastest of the forwards, less sensitive to other processes on a shared machine "
+            "than the median. Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n" + EXPORT_ACCEPTANCE)
+    configs = [c.get("path") for c in (d.get("configs") or {}).values() if c.get("path")]
+    made = (f"python benchmarks/export_configs.py --model {d['model']} --weights {d['weights']} "
+            f"--out-dir {str(Path(configs[0]).parent)} && " if configs else "")
+    command = (made + (d.get("command") or "python benchmarks/bench_export.py ...")
+               + f" && python scripts/results_tables.py export {d.get('json_path') or 'OUT_DIR/NAME.json'}")
+
+    return page("export", data, "Export formats at run time", command, d.get("provenance"), body)
+
+
 # ------------------------------------------------------------------------------------------ labels
 def render_labels(d: Dict[str, Any], data: str) -> str:
     """Whole-predictor search vs additive search vs the top-1 rule on the ground truth (its script's table)."""
@@ -358,6 +388,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "eval-overhead": ("eval-overhead", render_eval_overhead), "calibration": ("calibration", render_calibration),
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
+    "export": ("export", render_export),
 }
 
 

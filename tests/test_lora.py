@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from sensitivity.errors import SensitivityError
+
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_SDNQ = importlib.util.find_spec("sdnq") is not None
@@ -116,6 +118,10 @@ def _check(case, fmt, lora, tol):
     pipe.unet = q
     try:
         got = _with_lora(fam, pipe, prompt, d, lora)
+        pipe.load_lora_weights(str(d / lora), adapter_name=lora)
+        with pytest.raises(SensitivityError, match=f"fuse_lora on the {fmt} export"):
+            pipe.fuse_lora()  # would merge into a dequantized copy / the codes: refused, nothing changed
+        pipe.unload_lora_weights()
     finally:
         pipe.unet = den
     for k, img in got.items():
@@ -174,3 +180,35 @@ def test_lora_trains_on_a_packed_export(tmp_path):
     assert losses[-1] < losses[0]
     after = q.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
+
+
+def test_fuse_lora_is_refused_on_an_export(tmp_path):
+    """``fuse_lora`` on a model with low-bit layers (packed, sdnq) fails in one line naming the folder,
+    layers untouched; a materialized packed export (plain float layers) fuses as any diffusers model."""
+    from peft import LoraConfig
+
+    from sensitivity.export import export, load_quantized
+    from sensitivity.multiquantizer import build_multiquantizer
+    from sensitivity.zoo import get_family
+
+    fam = get_family("digits-sd")
+    den = fam.load_denoiser("shipped")
+    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", fam.find_layers(den), model_id=fam.model_id("shipped"),
+                              options=("uaq-4",), progress=False)
+    config = {n: "uaq-4" for n in mq.layer_names if "#" not in n}
+    for fmt in ("packed", "sdnq") if HAS_SDNQ else ("packed",):
+        export(den, mq, config, tmp_path / fmt, format=fmt, source={"model_id": fam.model_id("shipped")})
+        q = load_quantized(tmp_path / fmt)
+        q.add_adapter(LoraConfig(r=2, target_modules=LINEAR), adapter_name="a")
+        before = {k: v.clone() for k, v in q.state_dict().items()}
+        with pytest.raises(SensitivityError) as err:
+            q.fuse_lora()
+        msg = str(err.value)
+        assert "\n" not in msg and str(tmp_path / fmt) in msg and "unfused" in msg
+        after = q.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert not any(getattr(m, "merged", False) for m in q.modules())
+    m = load_quantized(tmp_path / "packed", materialize=True)
+    m.add_adapter(LoraConfig(r=2, target_modules=LINEAR), adapter_name="a")
+    m.fuse_lora()
+    assert any(getattr(x, "merged", False) for x in m.modules())

@@ -101,6 +101,10 @@ def test_policy_caches_fewest_positions_first():
     assert got == {"a": "on_the_fly", "b": "cached", "c": "cached"}
     mods.append({"module": "d", "kind": "linear", "weight_shape": (10, 10), "parts": [P("d", (10, 10), None, "uaq-8")]})
     assert choose_kernels(mods, 0, act_bits=8)["d"] == "int8_dynamic"
+    # W8A8 on the integer kernel only where the layer computes enough (positions x weights) to gain from it
+    assert choose_kernels(mods, 0, act_bits=8, positions={"d": 10})["d"] == "on_the_fly"
+    big = [{"module": "e", "kind": "linear", "weight_shape": (1280, 1280), "parts": [P("e", (1280, 1280), None, "uaq-8")]}]
+    assert choose_kernels(big, 0, act_bits=8, positions={"e": 4096})["e"] == "int8_dynamic"
 
 
 def _config(mq, seed):
@@ -141,7 +145,7 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
         q = load_quantized(tmp_path / "p", runtime=runtime)
         with torch.no_grad():
             assert torch.equal(q(**kw, return_dict=False)[0], want), runtime
-    q = load_quantized(tmp_path / "p", runtime="auto", act_bits=8)
+    q = load_quantized(tmp_path / "p", runtime="int8_dynamic", act_bits=8)  # int8 wherever eligible
     kernels = q.sensitivity_export["runtime_kernels"]
     assert "int8_dynamic" in kernels.values() or not any(
         o == "int8_c" and s.kind == "linear" and not s.in_slice for s in mq.layers for n, o in config.items() if n == s.name)
@@ -150,3 +154,42 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     # one float32 rounding can move a later activation code by one step: within a few steps, not bit-exact
     assert (got8 - want8).abs().max() <= 0.05 * max(1.0, float(want8.abs().max()))
     assert sum(is_packed(m) for m in q.modules()) >= 1
+
+
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_w8a8_fused_passes_match_the_fake_quantizer(tokens):
+    """The fused activation pass gives quantize_rows_codes' codes exactly (serial and parallel sizes, flat rows),
+    and int8_linear equals F.linear of the fake-quantized input up to float32 summation order."""
+    from sensitivity.export.kernels import quantize_rows_int8
+    from sensitivity.export.runtime import Int8Weight, int8_linear
+    from sensitivity.quantizers.activation import fake_quantize_rows, quantize_rows_codes
+
+    gen = torch.Generator().manual_seed(tokens)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(tokens, 256, generator=gen) * scale
+        x[1] = 0.25  # a flat row keeps its float value
+        q, delta, zero, flat = quantize_rows_codes(x, 8)
+        xq, dx, e, sx, fl = quantize_rows_int8(x)
+        assert torch.equal(xq, (q - 128).to(torch.int8))
+        assert torch.equal(dx, delta.reshape(-1)) and torch.equal(e, 128 - zero.reshape(-1))
+        assert torch.equal(fl, flat.reshape(-1)) and torch.equal(sx, xq.sum(1).float())
+        codes = torch.randint(0, 256, (40, 256), dtype=torch.uint8, generator=gen)
+        d, z = torch.rand(40, generator=gen) * 0.01, torch.randint(90, 160, (40,)).float()
+        w, bias = (codes.float() - z[:, None]) * d[:, None], torch.randn(40, generator=gen)
+        want = nn.functional.linear(fake_quantize_rows(x, 8), w, bias)
+        got = int8_linear(x.reshape(1, tokens, 256), Int8Weight(codes, d, z).tensors(), bias).reshape(tokens, 40)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_fused_input_fake_quantizer_is_bit_exact():
+    """The one-pass input quantizer of the float W8A8 path equals fake_quantize_rows (serial and parallel sizes)."""
+    from sensitivity.export.kernels import fake_quantize_rows_fused
+    from sensitivity.quantizers.activation import fake_quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(7, 33), (80, 1024)]:
+        for bits in (4, 6, 8):
+            for scale in (1e-3, 1.0, 1e3):
+                x = torch.randn(*shape, generator=gen) * scale
+                x[1] = 3.0
+                assert torch.equal(fake_quantize_rows_fused(x, bits), fake_quantize_rows(x, bits)), (shape, bits, scale)

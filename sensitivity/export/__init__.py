@@ -26,6 +26,7 @@ only when complete (a temporary folder renamed into place).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -124,6 +125,7 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
     ``sdnq``: ``<Class>.from_pretrained`` with SDNQ's modules (needs ``sdnq``). ``onnx`` folders are
     run with onnxruntime, not loaded here. ``expect_class``: fail unless the folder holds that class.
     ``verify``: check every tensor's digest (packed). The record is kept in ``model.sensitivity_export``.
+    A model with low-bit modules refuses ``fuse_lora`` (:func:`refuse_fuse_lora`).
     """
     from ..zoo.base import resolve_dtype
     from .packed import read_record
@@ -138,7 +140,23 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype=None, materializ
     if fmt == "packed":
         kwargs.update(materialize_weights=materialize, verify=verify, runtime=runtime, cache_budget=cache_budget,
                       act_bits=act_bits)
-    return exporter.load(folder, record, **kwargs)
+    model = exporter.load(folder, record, **kwargs)
+    if not (fmt == "packed" and materialize):
+        # instance attribute: diffusers' pipe.fuse_lora() calls model.fuse_lora() before touching a layer
+        model.fuse_lora = functools.partial(refuse_fuse_lora, str(folder), fmt)
+    return model
+
+
+def refuse_fuse_lora(folder: str, fmt: str, *args, **kwargs):
+    """``fuse_lora`` of a loaded export with low-bit modules: one error line, nothing changed.
+
+    peft would merge the LoRA into ``base_layer.weight.data``, a dequantized copy (packed) or the codes
+    (sdnq): the adapter would be lost or the codes corrupted. Adapters run unfused (``set_adapters``).
+    """
+    hint = ("keep the adapter unfused (load_lora_weights / set_adapters), or load with materialize=True "
+            "for plain float layers" if fmt == "packed" else "keep the adapter unfused (load_lora_weights / set_adapters)")
+    raise SensitivityError(f"fuse_lora on the {fmt} export {folder}: its low-bit layers cannot take a fused "
+                           f"LoRA; {hint}")
 
 
 __all__ = ["export", "load_quantized", "require_extra", "check_format_arguments", "check_exportable", "method_format",

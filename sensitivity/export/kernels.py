@@ -71,3 +71,156 @@ def dequantize_into(padded: torch.Tensor, bits: int, table: torch.Tensor, rows: 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A8: the activation quantize prologue and the dequantize epilogue around torch._int_mm, one pass each
+# --------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _quantize_rows_int8(x, xq, dx, e, sx, flat):  # pragma: no cover - compiled
+    rows, k = x.shape
+    levels = np.float32(255.0)
+    for r in prange(rows):
+        lo = x[r, 0]
+        hi = x[r, 0]
+        for j in range(1, k):
+            v = x[r, j]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        rng = hi - lo
+        if rng <= np.float32(0.0):
+            flat[r] = True
+            delta = np.float32(1.0)
+        else:
+            flat[r] = False
+            delta = rng / levels
+        zero = np.float32(np.rint(-lo / delta))
+        s = np.int64(0)
+        for j in range(k):
+            q = np.float32(np.rint(x[r, j] / delta)) + zero
+            if q < np.float32(0.0):
+                q = np.float32(0.0)
+            elif q > levels:
+                q = levels
+            c = np.int32(q) - 128
+            xq[r, j] = c
+            s += c
+        dx[r] = delta
+        e[r] = np.float32(128.0) - zero
+        sx[r] = np.float32(s)
+
+
+@njit(parallel=True, cache=True)
+def _int8_epilogue(s, x0, dx, e, sx, flat, d, c, swk, wsum, bias, out):  # pragma: no cover - compiled
+    rows, n = out.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(rows):
+        if flat[r]:
+            v = x0[r]
+            for j in range(n):
+                y = v * wsum[j]
+                if has_bias:
+                    y = y + bias[j]
+                out[r, j] = y
+        else:
+            a = sx[r]
+            b = e[r]
+            g = dx[r]
+            for j in range(n):
+                y = (np.float32(s[r, j]) + a * c[j] + b * swk[j]) * (g * d[j])
+                if has_bias:
+                    y = y + bias[j]
+                out[r, j] = y
+
+
+# below this many elements a parallel launch costs more than it saves (digits-size layers): one thread
+_SERIAL_NUMEL = 1 << 16
+_quantize_rows_int8_serial = njit(cache=True)(_quantize_rows_int8.py_func)
+_int8_epilogue_serial = njit(cache=True)(_int8_epilogue.py_func)
+
+
+def _restore_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def quantize_rows_int8(x: torch.Tensor):
+    """Per-row 8-bit codes of float32 ``x`` ``[T, K]`` by the rule of
+    :func:`~sensitivity.quantizers.activation.quantize_rows_codes` (same codes), in one pass.
+
+    Returns ``(xq int8 [T, K] = code - 128, delta [T], e = 128 - zero [T], sx = Σ_k xq [T], flat bool [T])``.
+    """
+    t, k = x.shape
+    xq = torch.empty(t, k, dtype=torch.int8)
+    dx, e, sx = (torch.empty(t, dtype=torch.float32) for _ in range(3))
+    flat = torch.empty(t, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    try:
+        fn = _quantize_rows_int8 if x.numel() >= _SERIAL_NUMEL else _quantize_rows_int8_serial
+        fn(x.numpy(), xq.numpy(), dx.numpy(), e.numpy(), sx.numpy(), flat.numpy())
+    finally:
+        _restore_threads(threads)
+    return xq, dx, e, sx, flat
+
+
+def int8_epilogue(s: torch.Tensor, x0: torch.Tensor, dx: torch.Tensor, e: torch.Tensor, sx: torch.Tensor,
+                  flat: torch.Tensor, d: torch.Tensor, c: torch.Tensor, swk: torch.Tensor, wsum: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """``y[t, n] = (S + sx·c + e·swk)·dx·d + bias`` (float32 ``[T, N]``) from the int32 products ``S`` ``[T, N]``;
+    a flat row ``t`` gives ``x0[t]·wsum + bias``. ``bias``: ``[N]`` or empty."""
+    out = torch.empty(s.shape, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        fn = _int8_epilogue if s.numel() >= _SERIAL_NUMEL else _int8_epilogue_serial
+        fn(s.numpy(), x0.numpy(), dx.numpy(), e.numpy(), sx.numpy(), flat.numpy(), d.numpy(),
+                       c.numpy(), swk.numpy(), wsum.numpy(), bias.numpy(), out.numpy())
+    finally:
+        _restore_threads(threads)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _fake_quantize_rows(x, bits, out):  # pragma: no cover - compiled
+    rows, k = x.shape
+    levels = np.float32(2 ** bits - 1)
+    for r in prange(rows):
+        lo = x[r, 0]
+        hi = x[r, 0]
+        for j in range(1, k):
+            v = x[r, j]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        rng = hi - lo
+        if rng <= np.float32(0.0):
+            for j in range(k):
+                out[r, j] = x[r, j]
+            continue
+        delta = rng / levels
+        zero = np.float32(np.rint(-lo / delta))
+        for j in range(k):
+            q = np.float32(np.rint(x[r, j] / delta)) + zero
+            if q < np.float32(0.0):
+                q = np.float32(0.0)
+            elif q > levels:
+                q = levels
+            out[r, j] = (q - zero) * delta
+
+
+_fake_quantize_rows_serial = njit(cache=True)(_fake_quantize_rows.py_func)
+
+
+def fake_quantize_rows_fused(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`~sensitivity.quantizers.activation.fake_quantize_rows` of float32 CPU ``x`` ``[R, K]`` in one pass
+    (same values, bit for bit): the run-time modules' input quantizer where no integer kernel applies."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        fn = _fake_quantize_rows if x.numel() >= _SERIAL_NUMEL else _fake_quantize_rows_serial
+        fn(x.numpy(), int(bits), out.numpy())
+    finally:
+        _restore_threads(threads)
+    return out

@@ -193,6 +193,13 @@ class PackedWeightMixin:
         from ..quantizers.activation import quantize_channels, quantize_tokens
 
         bits = int(self._act_bits)
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and not self._act_slices
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            # one fused pass (same values as the torch ops below)
+            from .kernels import fake_quantize_rows_fused
+
+            rows = x.reshape(x.shape[0] * x.shape[1], -1) if not isinstance(self, nn.Linear) else x.reshape(-1, x.shape[-1])
+            return fake_quantize_rows_fused(rows.contiguous(), bits).reshape(x.shape)
         if not isinstance(self, nn.Linear):
             return quantize_channels(x, bits)
         if self._act_slices:
@@ -200,7 +207,9 @@ class PackedWeightMixin:
         return quantize_tokens(x, bits)
 
     def _int8_tensors(self) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, f"int8_{k}") for k in ("wq", "d", "c", "sw", "wsum")}
+        from .runtime import INT8_TENSORS
+
+        return {k: getattr(self, f"int8_{k}") for k in INT8_TENSORS}
 
     @property
     def packed_nbytes(self) -> int:

@@ -16,14 +16,17 @@ With ``act_bits`` set, every packed module quantizes its input as
 ``enable_activation_quant(model, layers, act_bits, attention=False)`` does (the float kernels through
 :mod:`~sensitivity.quantizers.activation`); attention Q/K/V are not quantized by the run-time modules.
 
-Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at hand, table in
-``benchmarks/README.md``): torch's weight-only CPU kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations, which changes the numerics, so
-weight-only options run on the float kernels above; ``_int_mm`` (int8 x int8 -> int32) is the one
-integer kernel that beats float32 GEMM here, and W8A8 runs on it (its activation quantization and
-zero-point corrections are plain torch element-wise ops that still cost more than the matmul saves).
+Kernel choice (``benchmarks/bench_kernels.py`` measures it on the machine at hand): torch's weight-only
+CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are fast only on bf16 activations,
+which changes the numerics, so weight-only options run on the float kernels above; ``_int_mm`` (int8 x
+int8 -> int32, VNNI) is the integer kernel W8A8 runs on, between two fused numba passes
+(:mod:`.kernels`: the activation codes and their row sums in one pass, the dequantize epilogue with the
+zero-point corrections and bias in another). Conv layers keep the float path under W8A8: their
+activations are quantized per (sample, channel), a scale that varies along the reduction, which no
+integer GEMM can factor out, so an int8 conv would compute other values than ``apply()``.
 
-:func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies, else ``cached`` for the
+:func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies and the layer computes at
+least :data:`INT8_MIN_MACS` multiply-adds per forward (input positions x weights), else ``cached`` for the
 modules that compute least per weight (fewest input positions per forward, measured on example inputs
 at export time; smallest weights first when unknown) while their float bytes fit ``cache_budget``,
 else ``on_the_fly``. The choice and its inputs are recorded in ``sensitivity_export.json`` (``runtime``).
@@ -42,6 +45,10 @@ KERNELS = ("on_the_fly", "cached", "int8_dynamic")
 MIN_CACHE_BYTES = 16 << 20
 #: default cache budget, as a fraction of the config's quantized bytes
 CACHE_FRACTION = 0.25
+#: multiply-adds per forward below which W8A8 stays on float kernels: the int8 path's fixed cost per call
+#: (two fused passes, the matmul launch) exceeds its gain (``benchmarks/bench_kernels.py``: 64 x 128 x 384
+#: ~2.7x fp32 on int8, 77 x 768 x 320 ~0.8x, on 2 AVX512-VNNI cores)
+INT8_MIN_MACS = 1 << 23
 
 
 def default_cache_budget(quantized_bytes: int) -> int:
@@ -70,13 +77,13 @@ def choose_kernels(modules: Sequence[Mapping[str, Any]], cache_budget: int, act_
     out: Dict[str, str] = {}
     rest = []
     for m in modules:
-        if act_bits == 8 and int8_eligible(m["kind"], m["parts"]):
+        numel = 1
+        for s in m["weight_shape"]:
+            numel *= int(s)
+        pos = (positions or {}).get(m["module"])
+        if act_bits == 8 and int8_eligible(m["kind"], m["parts"]) and (pos is None or pos * numel >= INT8_MIN_MACS):
             out[m["module"]] = "int8_dynamic"
         else:
-            numel = 1
-            for s in m["weight_shape"]:
-                numel *= int(s)
-            pos = (positions or {}).get(m["module"])
             rest.append((pos if pos is not None else 0, numel, m["module"]))
     left = int(cache_budget)
     for pos, numel, name in sorted(rest):
@@ -133,67 +140,65 @@ def scratch(numel: int) -> torch.Tensor:
 
 def release_scratch() -> None:
     """Free this thread's scratch buffers."""
-    _SCRATCH.buf = None
-    _SCRATCH.inference = None
+    for key in ("buf", "inference", "int32", "int32_inference"):
+        setattr(_SCRATCH, key, None)
 
 
 # --------------------------------------------------------------------------------------------------
 # W8A8 integer matmul
 # --------------------------------------------------------------------------------------------------
-def quantize_tokens_int8(x: torch.Tensor):
-    """Per-token asymmetric 8-bit codes of ``x`` float ``[T, K]`` as in ``fake_quantize_rows(x, 8)``.
-
-    Returns ``(xq int8 [T, K] = code - 128, delta [T], zero [T], flat bool [T])`` (float32; a flat row
-    keeps its float value in the fake quantizer, handled by the caller).
-    """
-    from ..quantizers.activation import quantize_rows_codes
-
-    q, delta, zero, flat = quantize_rows_codes(x.float(), 8)
-    return (q - 128).to(torch.int8), delta.reshape(-1), zero.reshape(-1), flat.reshape(-1)
-
-
 class Int8Weight:
     """A linear weight as int8 codes ``wq = q - 128`` ``[N, K]`` with float32 ``d``, ``c = 128 - z`` per row
-    and the row sums ``sw = Σ_k wq`` (the weight value is ``(wq + c) * d``)."""
+    (the weight value is ``(wq + c) * d``), ``swk = Σ_k wq + K·c`` and ``wsum = Σ_k w`` (for flat input rows)."""
 
     def __init__(self, codes_u8: torch.Tensor, d: torch.Tensor, z: torch.Tensor):
         self.wq = (codes_u8.to(torch.int16) - 128).to(torch.int8).contiguous()
         self.d = d.to(torch.float32).contiguous()
         self.c = (128.0 - z.to(torch.float32)).contiguous()
-        self.sw = self.wq.sum(1, dtype=torch.int64).to(torch.float32)
-        self.k = int(self.wq.shape[1])
-        self.wsum = ((self.sw + self.k * self.c) * self.d)  # Σ_k w[n, k], for flat input rows
+        sw = self.wq.sum(1, dtype=torch.int64).to(torch.float32)
+        k = int(self.wq.shape[1])
+        self.swk = (sw + k * self.c).contiguous()
+        self.wsum = (self.swk * self.d).contiguous()
 
     def tensors(self) -> Dict[str, torch.Tensor]:
-        return {"wq": self.wq, "d": self.d, "c": self.c, "sw": self.sw, "wsum": self.wsum}
+        return {"wq": self.wq, "d": self.d, "c": self.c, "swk": self.swk, "wsum": self.wsum}
+
+
+INT8_TENSORS = ("wq", "d", "c", "swk", "wsum")
+_NO_BIAS = torch.empty(0)
+
+
+def _int_mm_scratch(rows: int, cols: int) -> torch.Tensor:
+    """An int32 ``[rows, cols]`` buffer reused by every W8A8 module of this thread (see :func:`scratch`)."""
+    key = "int32_inference" if torch.is_inference_mode_enabled() else "int32"
+    buf = getattr(_SCRATCH, key, None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=torch.int32)
+        setattr(_SCRATCH, key, buf)
+    return buf[:rows * cols].view(rows, cols)
 
 
 def int8_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(fake_quantize_rows(x, 8), (wq + c) * d, bias)`` on ``torch._int_mm`` (``x``: ``[..., K]``).
+    """``F.linear(fake_quantize_rows(x, 8), (wq + c) * d, bias)`` on ``torch._int_mm`` (``x``: ``[..., K]``, CPU).
 
-    ``y = dx·d·(S + c·sx + e·sw + K·e·c)`` with ``S = xq @ wqᵀ`` (int32), ``sx``/``sw`` the rows' code sums and
-    ``e = 128 - zx``; flat input rows (constant tokens) give ``value · Σ_k w``.
+    Three passes: the input's per-token codes and code sums (one fused pass,
+    :func:`~sensitivity.export.kernels.quantize_rows_int8`), ``S = xq @ wqᵀ`` (int32, into a reused buffer),
+    and one fused epilogue ``y = dx·d·(S + c·sx + e·swk) + bias`` with ``e = 128 - zx``; flat input rows
+    (constant tokens) give ``value · Σ_k w``.
     """
+    from .kernels import int8_epilogue, quantize_rows_int8
+
     shape = x.shape
     dtype = x.dtype
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x.detach().reshape(-1, shape[-1]).to(torch.float32)  # the rounding has no gradient
     t = x2.shape[0]
-    xq, dx, zx, flat = quantize_tokens_int8(x2)
+    xq, dx, e, sx, flat = quantize_rows_int8(x2)
     wq = w["wq"]
+    n = wq.shape[0]
     if t <= 16:  # torch._int_mm needs more than 16 rows on CPU: pad with zero rows
-        xq_mm = torch.cat([xq, xq.new_zeros(17 - t, xq.shape[1])])
-        s = torch._int_mm(xq_mm, wq.t())[:t]
+        s = torch._int_mm(torch.cat([xq, xq.new_zeros(17 - t, xq.shape[1])]), wq.t())[:t]
     else:
-        s = torch._int_mm(xq, wq.t())
-    k = float(wq.shape[1])
-    sx = xq.sum(1, dtype=torch.int32).to(torch.float32)
-    e = 128.0 - zx
-    y = s.to(torch.float32)
-    y += torch.outer(sx, w["c"])
-    y += torch.outer(e, w["sw"] + k * w["c"])
-    y *= torch.outer(dx, w["d"])
-    if bool(flat.any()):
-        y[flat] = torch.outer(x2[flat, 0].float(), w["wsum"])
-    if bias is not None:
-        y += bias.to(torch.float32)
-    return y.to(dtype).reshape(*shape[:-1], wq.shape[0])
+        s = torch._int_mm(xq, wq.t(), out=_int_mm_scratch(t, n))
+    b = _NO_BIAS if bias is None else bias.detach().to(torch.float32).contiguous()
+    y = int8_epilogue(s, x2[:, 0].contiguous(), dx, e, sx, flat, w["d"], w["c"], w["swk"], w["wsum"], b)
+    return y.to(dtype).reshape(*shape[:-1], n)
