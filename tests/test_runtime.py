@@ -19,6 +19,8 @@ from sensitivity.quantizers.packing import pack_codes
 from sensitivity.quantizers.tensor import quantize
 from sensitivity.zoo import get_family
 
+from family_sweep import layer_sample
+
 OPTIONS = ("uaq-3", "uaq-4", "uaq-8", "uaq_ls-4", "uaq_g16-4", "uaq_g16-3", "kmeans_c-3", "kmeans_a-4",
            "int8", "int8_c", "fp8_e4m3")
 REAL = ["sd15", "sdxl", "pixart-alpha", "pixart-sigma", "dit-xl-2", "hunyuan-dit"]
@@ -122,7 +124,7 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     fam = get_family(name)
     weights = "shipped" if name.startswith("digits") else "tiny"
     den = fam.load_denoiser(weights)
-    layers = fam.find_layers(den)
+    layers = layer_sample(fam.find_layers(den))
     mq = build_multiquantizer(den, tmp_path / "mq.safetensors", layers, model_id=fam.model_id(weights),
                               options=("uaq-4", "kmeans_a-4", "int8_c"), progress=False)
     config = _config(mq, 7)
@@ -132,8 +134,7 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     try:
         with torch.no_grad():
             want = den(**kw, return_dict=False)[0]
-        # every half of a module with a quantized half: the run-time module quantizes each input slice (the
-        # hook given one half of a split linear layer keeps only that half's inputs)
+        # every half of a module with a quantized half: the run-time module quantizes each input slice
         packed_paths = {s.module_path for s in layers if s.name in config}
         enable_activation_quant(den, [s for s in layers if s.module_path in packed_paths], 8, attention=False)
         with torch.no_grad():
