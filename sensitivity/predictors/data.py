@@ -249,14 +249,12 @@ class Dataset:
         return Dataset(self.table, self.target, self.codes[idx], self.y[idx], self.metric[idx], self.avg_bits[idx],
                        [self.hashes[i] for i in idx], None if self.summed_error is None else self.summed_error[idx])
 
-    @classmethod
-    def from_records(cls, records: Sequence[Mapping[str, Any]], table: LayerTable, target: Target,
-                     source: str = "cache", min_records: int = 1) -> "Dataset":
-        """Configs of ``records`` with a finite ``target.metric``; duplicate configs are averaged.
-
-        Avg bits are recomputed from ``table`` (not trusted from the record). The summed error comes from
-        the table's errors, else from the records' ``summed_error``.
-        """
+    @staticmethod
+    def labelled_configs(records: Sequence[Mapping[str, Any]], target: Target, source: str = "cache",
+                         min_records: int = 1) -> Tuple[Dict[str, List[Tuple[Mapping[str, str], float, Optional[float]]]], List[str]]:
+        """``({config hash: [(config, metric, summed error), ...]}, hashes in first-seen order)`` of the records
+        with a finite ``target.metric``; raises :class:`SensitivityError` (naming ``source``) below ``min_records``
+        distinct configs. Needs no layer table: callers check a cache before tracing a model."""
         by_hash: Dict[str, List[Tuple[Mapping[str, str], float, Optional[float]]]] = {}
         order: List[str] = []
         skipped = 0
@@ -275,6 +273,17 @@ class Dataset:
         if len(order) < min_records:
             raise SensitivityError(f"{source}: {len(order)} configs with metric {target.metric!r} "
                                    f"({skipped} records without it); need at least {min_records}")
+        return by_hash, order
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]], table: LayerTable, target: Target,
+                     source: str = "cache", min_records: int = 1) -> "Dataset":
+        """Configs of ``records`` with a finite ``target.metric``; duplicate configs are averaged.
+
+        Avg bits are recomputed from ``table`` (not trusted from the record). The summed error comes from
+        the table's errors, else from the records' ``summed_error``.
+        """
+        by_hash, order = cls.labelled_configs(records, target, source, min_records)
         configs = [by_hash[h][0][0] for h in order]
         metric = np.array([np.mean([v for _, v, _ in by_hash[h]]) for h in order])
         codes = table.encode(configs, source=f"{source} config")

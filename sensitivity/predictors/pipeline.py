@@ -116,14 +116,16 @@ def train(
     check_writable(out, "--out", directory=True)
     t0 = time.perf_counter()
     data = load_cache(cache)
+    target = Target(metric, float(lam))
+    min_records = max(min_configs, folds)
+    Dataset.labelled_configs(data.records, target, str(cache), min_records)  # before tracing a model
     fam = model or data.family
     if graph is None:
         if not fam:
             raise SensitivityError(f"cache {cache} does not name its model: pass --model")
         graph = model_graph(fam, weights, list(data.layer_stats or ()), data.model_id)
     table = layer_table(data, graph.weight_nodes, graph.layers, multiquantizer)
-    target = Target(metric, float(lam))
-    ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=max(min_configs, folds))
+    ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=min_records)
     kinds = [predictor] + [b for b in baselines if b != predictor]
     cls = get_kind(predictor)
     if hasattr(cls, "members_of"):  # an ensemble's members are reported (and saved) as kinds of their own too

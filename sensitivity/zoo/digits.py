@@ -302,7 +302,8 @@ class DigitsFamily(ModelFamily):
                 den = self._random_denoiser(kind, seed)
         else:
             den = self._random_denoiser(kind, seed)
-        den = den.to(dtype)
+        if next(den.parameters()).dtype != dtype:  # no needless .to(): diffusers warns on every cast of a model
+            den = den.to(dtype)
         den.__dict__[WEIGHTS_ATTR] = kind
         return den.eval()
 
