@@ -791,3 +791,15 @@ def test_output_in_a_readonly_folder(w, v, capsys, command):
     if w.ro is None:
         pytest.skip("no folder here that this process cannot write")
     check(w, capsys, OUTPUTS[command](w, v), "not writable")
+
+
+def test_calibrate_refuses_an_existing_out_without_overwrite(w, capsys):
+    """A calibrated folder is minutes of work: rerunning into it needs --overwrite (as export does), refused before
+    any work, the old folder untouched."""
+    existing = w.d / "calibrated-before"
+    existing.mkdir(exist_ok=True)
+    (existing / "keep.txt").write_text("an earlier calibration")
+    argv = _calibrate(w)
+    argv[argv.index("--out") + 1] = existing
+    check(w, capsys, argv, ["--out", "calibrated-before", "--overwrite"])
+    assert (existing / "keep.txt").read_text() == "an earlier calibration"

@@ -109,14 +109,15 @@ class CalibratedArtifact:
         return mq.quantized_weight(layer, self.config.options[layer])
 
     # ------------------------------------------------------------------------------------ save
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the folder atomically (a temp folder beside it, renamed into place)."""
+    def save(self, out: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write the folder atomically (a temp folder beside it, renamed into place); ``overwrite=False``: refuse
+        an ``out`` that exists and is not empty (checked again at the final rename)."""
         from safetensors.numpy import save_file
 
         out = Path(out)
         if out.exists() and out.is_dir() and not (out / TENSORS_FILE).exists() and any(out.iterdir()):
             raise SensitivityError(f"--out {str(out)!r} exists and is not a calibrated config folder")
-        with atomic_dir(out, "--out", replace=True) as tmp:
+        with atomic_dir(out, "--out", replace=True, overwrite=overwrite) as tmp:
             tensors: Dict[str, np.ndarray] = {}
             layers: Dict[str, Any] = {}
             for name, q in self.weights.items():

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaround-iters", type=int, default=1000)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the held-out split and AdaRound")
     p.add_argument("--out", required=True, help="output folder, e.g. quant_configs/X-cal/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_progress_argument(p)
     p.set_defaults(func=run)
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                            weights_method=args.weights_method, act_bits=args.act_bits, observer=args.observer,
                            granularity=args.granularity, attention=not args.no_attention, percentile=args.percentile,
                            held_out=args.held_out, calib_seed=args.calib_seed, adaround_iters=args.adaround_iters,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, overwrite=args.overwrite)
     art, r = res.artifact, res.artifact.report
     msg = ""
     if res.held_out_error is not None:

@@ -39,16 +39,18 @@ def calibrate_config(model: str, multiquantizer: PathLike, config: PathLike, dat
                      device: Optional[str] = None, dtype: Any = None, seed: int = 0, weights_method: str = "auto",
                      act_bits: Optional[int] = None, observer: str = "mse", granularity: str = "tensor",
                      attention: bool = True, percentile: float = 99.99, held_out: float = 0.25,
-                     calib_seed: int = 0, adaround_iters: int = 1000, progress: bool = True) -> CalibrateResult:
+                     calib_seed: int = 0, adaround_iters: int = 1000, progress: bool = True,
+                     overwrite: bool = False) -> CalibrateResult:
     """Calibrate ``config`` (a config .json of ``multiquantizer``) of ``model`` on the calibration set ``data``
     (``sensitivity calibrate-data``) and save the calibrated folder ``out``. ``seed``: random init of
     ``random`` / ``tiny`` weights; ``calib_seed``: the held-out split and AdaRound; the other parameters
-    are those of :func:`sensitivity.calibration.calibrate`."""
+    are those of :func:`sensitivity.calibration.calibrate`. An ``out`` that exists and is not empty is refused
+    before any work unless ``overwrite`` (then the new folder replaces it whole)."""
     from ..calibration.data import load_calibration_set
     from ..calibration.pipeline import calibrate
     from ..checks import check_values
     from ..config import QuantConfig
-    from ..io import check_writable
+    from ..io import check_new_folder
     from ..multiquantizer import load_family_multiquantizer
     from ..quantizers.activation import check_act_bits
     from ..zoo.resolve import resolve_model
@@ -56,7 +58,7 @@ def calibrate_config(model: str, multiquantizer: PathLike, config: PathLike, dat
     check_values(seed=seed, calib_seed=calib_seed, percentile=percentile, held_out=held_out,
                  adaround_iters=adaround_iters)
     fam, weights, device, dtype = resolve_model(model, weights, pipeline_class, device, dtype)
-    check_writable(out, "--out", directory=True)
+    check_new_folder(out, "--out", overwrite=overwrite)
     if act_bits is not None:
         check_act_bits(act_bits)
     if weights_method == "none" and act_bits is None:
@@ -78,7 +80,7 @@ def calibrate_config(model: str, multiquantizer: PathLike, config: PathLike, dat
                     family=fam.name)
     art.manifest["calibration_set"]["path"] = str(data)
     art.manifest["source_config"] = str(config)
-    art.save(out)
+    art.save(out, overwrite=overwrite)
     held = [v for v in art.report["layers"].values() if v.get("held_rel_error") is not None]
     errors = None
     if held:
