@@ -76,27 +76,30 @@ def dequantize_into(padded: torch.Tensor, bits: int, table: torch.Tensor, rows: 
 # --------------------------------------------------------------------------------------------------
 # W8A8: the activation quantize prologue and the dequantize epilogue around torch._int_mm, one pass each
 # --------------------------------------------------------------------------------------------------
+@njit(inline="always", cache=True)
+def _row_grid(x, r, levels):  # pragma: no cover - compiled
+    """Row ``r``'s affine grid, the rule of ``quantize_rows_codes``: ``(flat, delta, zero)``; a flat row (max == min)
+    gets ``delta`` 1 (its codes are then exact after the zero point)."""
+    lo = x[r, 0]
+    hi = x[r, 0]
+    for j in range(1, x.shape[1]):
+        v = x[r, j]
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    rng = hi - lo
+    flat = rng <= np.float32(0.0)
+    delta = np.float32(1.0) if flat else rng / levels
+    return flat, delta, np.float32(np.rint(-lo / delta))
+
+
 @njit(parallel=True, cache=True)
 def _quantize_rows_int8(x, xq, dx, e, sx, flat):  # pragma: no cover - compiled
     rows, k = x.shape
     levels = np.float32(255.0)
     for r in prange(rows):
-        lo = x[r, 0]
-        hi = x[r, 0]
-        for j in range(1, k):
-            v = x[r, j]
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-        rng = hi - lo
-        if rng <= np.float32(0.0):
-            flat[r] = True
-            delta = np.float32(1.0)
-        else:
-            flat[r] = False
-            delta = rng / levels
-        zero = np.float32(np.rint(-lo / delta))
+        flat[r], delta, zero = _row_grid(x, r, levels)
         s = np.int64(0)
         for j in range(k):
             q = np.float32(np.rint(x[r, j] / delta)) + zero
@@ -186,21 +189,11 @@ def _fake_quantize_rows(x, bits, out):  # pragma: no cover - compiled
     rows, k = x.shape
     levels = np.float32(2 ** bits - 1)
     for r in prange(rows):
-        lo = x[r, 0]
-        hi = x[r, 0]
-        for j in range(1, k):
-            v = x[r, j]
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-        rng = hi - lo
-        if rng <= np.float32(0.0):
+        is_flat, delta, zero = _row_grid(x, r, levels)
+        if is_flat:
             for j in range(k):
                 out[r, j] = x[r, j]
             continue
-        delta = rng / levels
-        zero = np.float32(np.rint(-lo / delta))
         for j in range(k):
             q = np.float32(np.rint(x[r, j] / delta)) + zero
             if q < np.float32(0.0):
