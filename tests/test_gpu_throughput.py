@@ -241,9 +241,11 @@ def test_sample_devices_cpu_cpu_shares_one_fp_generation(digits, tmp_path):
 
     out2, two = sample(tmp_path / "two" / "c.sqlite", "--devices", "cpu,cpu", "--threads", "1")
     assert "local x2 processes on cpu,cpu" in out2 and len(list((tmp_path / "two" / "fp-images").glob("*.npy"))) == 1
-    # at most one record times the generation (0 when the images were made before the first config was claimed)
+    # at most one record times the generation (0 when the images were made before the first config was claimed);
+    # whether the second worker claims a config (and so says fp_load) depends on timing: a loaded machine can
+    # let the first worker take all six, so only "fetched at least once" is asserted
     assert sum("fp_generate" in r["timings"] for r in two) <= 1
-    assert sum("fp_load" in r["timings"] for r in two) >= 1
+    assert sum(("fp_load" in r["timings"]) or ("fp_generate" in r["timings"]) for r in two) >= 1
     assert {r["timings"]["worker"]["device"] for r in two} == {"cpu"}
     _, one = sample(tmp_path / "one" / "c.sqlite", "--workers", "1", "--threads", "1")
     key = lambda recs: sorted((r["index"], r["config_hash"], json.dumps(r["metrics"], sort_keys=True)) for r in recs)  # noqa: E731
