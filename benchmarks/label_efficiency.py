@@ -1,24 +1,29 @@
-"""Label efficiency (issue 14): held-out Kendall τ and searched-config FID vs labelled configs,
-random vs active sampling.
+"""Label efficiency (issues 14 and 25): ground-truth Kendall τ and searched-config FID vs what the labels
+cost, for random, active and paired low-image labels.
 
     python benchmarks/label_efficiency.py --random-cache caches/digits-dit.sqlite \
         --active-cache caches/digits-dit-active.sqlite --heldout caches/digits-dit-seed1.sqlite \
-        --out runs/label_efficiency --figure runs/label_efficiency/label_efficiency.png
+        --paired-cache caches/digits-dit-paired20.sqlite --truth caches/digits-dit-truth.sqlite \
+        --strategies random,active,paired --out runs/label_efficiency
 
 For each strategy and each N of ``--labels`` the predictor sees the first N labelled configs:
 random = configs 0..N-1 of the random run (sampler index order), active = the first N of the active
-run's labelling order (:func:`sensitivity.active.labelling_order`). The prefix goes into a temporary
-cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
-``sensitivity train``), its Kendall τ is measured on the held-out cache
-(:func:`sensitivity.predictors.evaluate_on_cache`), :func:`sensitivity.search.search` finds the
-config at each target and the held-out evaluator measures it on ``--images-per-class`` x 10 images
-(seeds from 1,000,000, the same for every row; each config measured once, kept in
-``OUT/heldout_measured.json`` under the protocol's signature). Only the searched configs are measured:
-:func:`sensitivity.comparison.compare_at_targets` would also measure the uniform, error-ILP and
+run's labelling order (:func:`sensitivity.active.labelling_order`), paired = configs 0..N-1 of the random
+run of ``--paired-cache`` (the same sampler seed, so the same configs as random, labelled with few images
+and ``sample --paired-features``), trained on ``--paired-metric`` instead of FID. The prefix goes into a
+temporary cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
+``sensitivity train``); its Kendall τ is measured against the ground truth (``--truth``: its FID on 2,000
+images per config; every strategy) and on the held-out cache (the FID strategies:
+:func:`sensitivity.predictors.evaluate_on_cache`); :func:`sensitivity.search.search` finds the config at
+each target and the held-out evaluator measures it on ``--images-per-class`` x 10 images (seeds from
+1,000,000, the same for every row; each config measured once, kept in ``OUT/heldout_measured.json`` under
+the protocol's signature). The cost axis is the labelling seconds of the N records (their
+``timings.evaluate``: one single-threaded worker each, so CPU-seconds). Only the searched configs are
+measured: :func:`sensitivity.comparison.compare_at_targets` would also measure the uniform, error-ILP and
 best-cache baselines at every point, 3x the generation on a shared 2-core machine (its rows are
 ``benchmarks/compare_allocators.py``'s). Every (strategy, N, predictor) result is kept in ``OUT/parts/``,
 so a killed run resumes. Writes ``OUT/label_efficiency.csv``, ``OUT/label_efficiency.md`` and the
-two-panel figure.
+two-panel figure (x: labelling seconds).
 """
 
 from __future__ import annotations
@@ -104,16 +109,25 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
     from sensitivity.search import search
 
     prefix = records[:n]
+    metric = args.paired_metric if strategy == "paired" else "fid"
     with tempfile.TemporaryDirectory(prefix="label-eff-") as tmp:
         cache = Path(tmp) / "prefix.sqlite"
         write_prefix(source, prefix, cache, f"{strategy}:{source}")
         t0 = time.perf_counter()
         report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=kind, baselines=(),
-                       folds=args.folds, seed=args.seed, metric="fid", scores=False, progress=False,
+                       folds=args.folds, seed=args.seed, metric=metric, scores=False, progress=False,
                        multiquantizer=args.multiquantizer)
         train_s = time.perf_counter() - t0
-        held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind])
+        held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind]) if metric == "fid" else None
         predictor = load_predictor(Path(tmp) / "pred", kind=kind)
+    truth_tau = None
+    if args.truth_records:
+        from scipy.stats import kendalltau
+
+        from sensitivity.evaluation.metric_specs import record_metric
+
+        pred = predictor.predict([r["config"] for r in args.truth_records])  # higher = better
+        truth_tau = float(kendalltau(pred, [-record_metric(r, "fid") for r in args.truth_records]).statistic)
     rows = []
     t1 = time.perf_counter()
     for t in (args.target_list if measure else []):
@@ -123,9 +137,11 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
                      "avg_bits": res.avg_bits, "predicted_fid": -res.predicted,
                      **{k: m.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
     search_s = time.perf_counter() - t1
-    return {"strategy": strategy, "labels": n, "predictor": kind,
-            "tau": held["predictors"][kind]["kendall"], "spearman": held["predictors"][kind]["spearman"],
-            "cv_tau": report["predictors"][kind]["mean"]["kendall"], "heldout_configs": held["n_configs"],
+    return {"strategy": strategy, "labels": n, "predictor": kind, "metric": metric, "truth_tau": truth_tau,
+            "truth_configs": len(args.truth_records),
+            "tau": held["predictors"][kind]["kendall"] if held else None,
+            "spearman": held["predictors"][kind]["spearman"] if held else None,
+            "cv_tau": report["predictors"][kind]["mean"]["kendall"], "heldout_configs": held["n_configs"] if held else None,
             "label_eval_s": round(label_seconds(prefix), 1), "train_s": round(train_s, 1),
             "search_and_measure_s": round(search_s, 1), "rows": rows,
             "full_precision": evaluator.evaluate({})}
@@ -150,6 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--random-cache", default="caches/digits-dit.sqlite")
     ap.add_argument("--active-cache", default="caches/digits-dit-active.sqlite")
     ap.add_argument("--heldout", default="caches/digits-dit-seed1.sqlite", help="cache of another sampler seed (τ)")
+    ap.add_argument("--paired-cache", default="caches/digits-dit-paired20.sqlite",
+                    help="the random run labelled with few images and --paired-features (strategy 'paired')")
+    ap.add_argument("--paired-metric", default="feature_mse", help="what the paired strategy's predictor learns")
+    ap.add_argument("--truth", default="caches/digits-dit-truth.sqlite",
+                    help="ground-truth cache: every predictor's τ against its FID ('' to skip)")
     ap.add_argument("--multiquantizer", default="multiquantizers/digits-dit.safetensors")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed of both runs, and the folds' seed")
     ap.add_argument("--labels", default="40,80,160,320")
@@ -186,11 +207,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    if not set(strategies) <= {"random", "active"}:
-        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active or both")
+    if not set(strategies) <= {"random", "active", "paired"}:
+        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active, paired")
+    from sensitivity.evaluation.cache import read_records
+
+    args.truth_records = sorted(read_records(args.truth), key=lambda r: r["index"]) if args.truth else []
     orders = {}
     if "random" in strategies:
         orders["random"] = (args.random_cache, random_order(args.random_cache, args.seed))
+    if "paired" in strategies:
+        orders["paired"] = (args.paired_cache, random_order(args.paired_cache, args.seed))
     if "active" in strategies:
         orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed, limit=max(labels)))
     for name, (path, recs) in orders.items():
@@ -219,7 +245,9 @@ def main(argv=None) -> int:
                   "seed": args.seed})
         atomic_write_json(part, p)
         fids = "–" if not p["rows"] else ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
-        print(f"{strategy} {n} {kind}: held-out tau {p['tau']:.3f}, searched FID {fids} "
+        taus = f"truth tau {p['truth_tau']:.3f}" if p.get("truth_tau") is not None else ""
+        taus += f", held-out tau {p['tau']:.3f}" if p.get("tau") is not None else ""
+        print(f"{strategy} {n} {kind}: {taus}, labels {p['label_eval_s']:.0f} s, searched FID {fids} "
               f"(train {p['train_s']:.0f} s, search+measure {p['search_and_measure_s']:.0f} s)", flush=True)
 
     points = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
@@ -230,18 +258,26 @@ def main(argv=None) -> int:
     summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
     search = df[df["config"] == "search"].pivot_table(index=["predictor", "strategy", "labels"], columns="target",
                                                       values="fid").add_prefix("FID@")
-    table = summary.set_index(["predictor", "strategy", "labels"])[["tau", "cv_tau"]].join(search)
+    for col in ("truth_tau", "metric"):
+        if col not in summary:
+            summary[col] = None
+    summary["metric"] = summary["metric"].fillna("fid")
+    table = summary.set_index(["predictor", "strategy", "labels"])[
+        ["metric", "label_eval_s", "truth_tau", "tau", "cv_tau"]].join(search)
     table["mean searched FID"] = search.mean(axis=1)
     rank = {k: i for i, k in enumerate(kinds + ["gnn"] + tau_only)}
     table = table.reset_index()
     table = table.assign(_k=table["predictor"].map(rank)).sort_values(["_k", "labels", "strategy"]).drop(columns="_k")
-    table = table.rename(columns={"tau": "held-out τ", "cv_tau": "5-fold CV τ"})
+    table = table.rename(columns={"tau": "held-out τ", "cv_tau": "5-fold CV τ", "truth_tau": "truth τ",
+                                  "label_eval_s": "labelling s", "metric": "learns"})
     fp = points[0]["full_precision"]
     with atomic_path(out / "label_efficiency.csv") as tmp:
         df.to_csv(tmp, index=False)
-    md = (f"Held-out Kendall τ on {args.heldout} ({points[0]['heldout_configs']} configs) and held-out FID "
+    md = (f"Kendall τ against the ground truth's FID ({args.truth}, {len(args.truth_records)} configs; "
+          f"`truth τ`) and on {args.heldout} (`held-out τ`, the FID strategies), and held-out FID "
           f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of the "
-          f"searched config, random vs active labels, seed {args.seed}.\n\n"
+          f"searched config, by strategy and labelled configs (`labelling s`: the labels' single-worker "
+          f"evaluation seconds), seed {args.seed}.\n\n"
           + markdown_table(table) + "\n")
     (out / "label_efficiency.md").write_text(md)
     print(md)
@@ -252,25 +288,26 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"random": "tab:blue", "active": "tab:orange"}
+    colors = {"random": "tab:blue", "active": "tab:orange", "paired": "tab:green"}
+    tau_col = "truth τ" if table["truth τ"].notna().any() else "held-out τ"
     for (kind, strategy), g in table.groupby(["predictor", "strategy"], sort=False):  # noqa: B007
         g = g.sort_values("labels")
         ls = "-" if kind == kinds[0] else ":"
         lab = f"{strategy} ({kind})"
-        a1.plot(g["labels"], g["held-out τ"], marker="o", ls=ls, color=colors[strategy], label=lab)
+        a1.plot(g["labelling s"], g[tau_col], marker="o", ls=ls, color=colors[strategy], label=lab)
         if g["mean searched FID"].notna().any():
-            a2.plot(g["labels"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=lab)
+            a2.plot(g["labelling s"], g["mean searched FID"], marker="o", ls=ls, color=colors[strategy], label=lab)
     for a in (a1, a2):
-        a.set_xscale("log", base=2)
-        a.set_xticks(labels, [str(n) for n in labels])
-        a.set_xlabel("labelled configs")
+        a.set_xscale("log")
+        a.set_xlabel("labelling seconds (one single-threaded worker)")
         a.grid(alpha=0.3)
-    a1.set_ylabel(f"held-out Kendall τ ({points[0]['heldout_configs']} configs, seed 1)")
+    a1.set_ylabel("Kendall τ vs the ground truth's FID" if tau_col == "truth τ"
+                  else f"held-out Kendall τ ({points[0]['heldout_configs']} configs, seed 1)")
     a2.set_ylabel(f"held-out FID, mean over {', '.join(f'{t:g}' for t in args.target_list)} bits")
     a2.axhline(fp["fid"], color="grey", lw=0.8, ls="--", label="full precision")
     a1.legend(fontsize=8)
     a2.legend(fontsize=7)
-    fig.suptitle(f"{fam_name}: random vs active sampling ({points[0]['images']} held-out images)", fontsize=10)
+    fig.suptitle(f"{fam_name}: labels by cost ({points[0]['images']} held-out images)", fontsize=10)
     fig.tight_layout()
     figure = Path(args.figure) if args.figure else out / "label_efficiency.png"
     with atomic_path(figure, "--figure") as tmp:

@@ -381,6 +381,20 @@ def render_joint_pipeline(d: Dict[str, Any], data: str) -> str:
                 JOINT_PIPELINE_COMMAND, d.get("provenance"), mod.markdown(d))
 
 
+# ------------------------------------------------------------------------------------------ label noise
+def render_label_noise(d: Dict[str, Any], data: str) -> str:
+    """Noise and ground-truth tau of every label metric per labelling CPU-second (its benchmark's table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_noise", ROOT / "benchmarks" / "label_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib at import; torch only inside run()
+    command = (d.get("command") or "python benchmarks/label_noise.py --out OUT.json") + \
+        " && python scripts/results_tables.py label-noise OUT.json"
+    return page("label-noise", data, "Label metrics: noise and ranking per labelling CPU-second (digits-dit)",
+                command, d.get("provenance"), mod.markdown(d))
+
+
 # ------------------------------------------------------------------------------------------- driver
 Renderer = Callable[[Dict[str, Any], str], str]
 BENCH: Dict[str, Tuple[str, Renderer]] = {
@@ -388,7 +402,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "eval-overhead": ("eval-overhead", render_eval_overhead), "calibration": ("calibration", render_calibration),
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
-    "export": ("export", render_export),
+    "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
 }
 
 

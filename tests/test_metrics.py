@@ -314,3 +314,79 @@ def test_bootstrap_replicates_are_seeded_paired_and_exact_on_the_identity_resamp
     assert same["kid"][0] == pytest.approx(mmd)
     reps = M.bootstrap_replicates(idx, **kw)
     assert all(v.shape == (50,) and np.isfinite(v).all() and v.std() > 0 for v in reps.values())
+
+
+def test_paired_feature_metrics_closed_forms_and_bootstrap():
+    """feature_mse / fd_fp / kid_fp: zero-ish on identical sets, closed forms on known shifts, and their
+    bootstrap replicates equal the point estimates on the identity resample."""
+    rng = np.random.default_rng(1)
+    fp = rng.normal(0, 1, (50, 6))
+    same = M.paired_feature_metrics(fp, fp)
+    assert same["feature_mse"] == 0.0 and same["fd_fp"] == pytest.approx(0.0, abs=1e-6)
+    assert same["kid_fp"] == pytest.approx(0.0, abs=1e-9)  # the i == j cross terms are left out
+    q = fp + 0.5  # every feature shifted by 0.5: per-image squared distance 0.25 per dimension, FD 6 x 0.25
+    out = M.paired_feature_metrics(q, fp)
+    assert out["feature_mse"] == pytest.approx(0.25) and out["fd_fp"] == pytest.approx(1.5, rel=1e-6)
+    assert out["kid_fp"] > 0
+    k = lambda x, y: (x @ y.T / 6 + 1) ** 3  # noqa: E731 - the U-statistic written out pair by pair
+    pairs = [(i, j) for i in range(50) for j in range(50) if i != j]
+    u = np.mean([k(q[i:i + 1], q[j:j + 1]) + k(fp[i:i + 1], fp[j:j + 1]) - k(q[i:i + 1], fp[j:j + 1])
+                 - k(q[j:j + 1], fp[i:i + 1]) for i, j in pairs])
+    assert M.paired_mmd2(q, fp) == pytest.approx(u)
+    noisy = fp + rng.normal(0, 0.3, fp.shape)
+    ident = M.bootstrap_replicates(np.arange(50)[None], features=noisy, fp_features=fp)
+    point = M.paired_feature_metrics(noisy, fp)
+    assert ident["feature_mse"][0] == pytest.approx(point["feature_mse"])
+    assert ident["fd_fp"][0] == pytest.approx(point["fd_fp"])
+    reps = M.bootstrap_replicates(M.bootstrap_indices(50, 20, seed=0), features=noisy, fp_features=fp)
+    assert set(reps) == {"feature_mse", "fd_fp"} and all(v.shape == (20,) and v.std() > 0 for v in reps.values())
+    with pytest.raises(ValueError, match="equal"):
+        M.per_image_feature_mse(fp[:3], fp)
+    from sensitivity.evaluation.metric_specs import lower_is_better
+
+    assert all(lower_is_better(m) for m in M.PAIRED_FEATURE_METRICS)
+
+
+def test_paired_feature_protocol_and_evaluator_on_digits(tmp_path):
+    """--paired-features adds the three metrics to the protocol (and so to its signature; the default protocol
+    is unchanged); full precision scores 0 against itself, a quantized config more, from the same features."""
+    from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
+    from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
+    from sensitivity.zoo import get_family
+
+    fam = get_family("digits-dit")
+    base = EvalProtocol.for_family(fam, "random", n_per_class=1, steps=2)
+    paired = EvalProtocol.for_family(fam, "random", n_per_class=1, steps=2, paired_features=True)
+    assert paired.metrics == base.metrics + M.PAIRED_FEATURE_METRICS
+    assert paired.signature() != base.signature()
+    pipe = fam.load_pipeline("random", seed=0)
+    den = fam.denoiser(pipe)
+    build_multiquantizer(den, tmp_path / "mq.safetensors", fam.find_layers(den)[:6], model_id=fam.model_id("random"),
+                         options=("uaq-3",), progress=False)
+    mq = load_multiquantizer(tmp_path / "mq.safetensors")
+    ev = Evaluator(fam, pipe, mq, paired, bootstrap=8)
+    fp = ev.evaluate(None)
+    assert fp["feature_mse"] == 0.0 and fp["fd_fp"] == pytest.approx(0.0, abs=1e-4) and fp["kid_fp"] == pytest.approx(0.0, abs=1e-9)
+    q = ev.evaluate({spec.name: "uaq-3" for spec in mq.layers}, return_images=True)
+    feats = ev._features.features(q["images"])
+    assert q["feature_mse"] > 0 and q["fd_fp"] > 0
+    assert q["feature_mse"] == pytest.approx(M.paired_feature_metrics(feats, ev._fp_features)["feature_mse"])
+    assert {"feature_mse", "fd_fp"} <= set(q["bootstrap"]) and len(q["bootstrap"]["fd_fp"]) == 8
+
+
+def test_paired_features_on_a_real_family_need_no_reference_folder(cleanfid_fid):
+    """Real model (tiny DiT-XL/2): the paired feature metrics use the FID feature network on the
+    full-precision images of the same seeds, so no reference image folder is needed."""
+    from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
+    from sensitivity.zoo import get_family
+
+    fam = get_family("dit-xl-2")
+    pipe = fam.load_pipeline("tiny", seed=0)
+    protocol = EvalProtocol.for_family(fam, "tiny", conditions=[1, 2, 3, 4], steps=2, feature_net=_PooledPixels.name,
+                                       paired_features=True)
+    assert protocol.metrics == ("psnr", "mse") + M.PAIRED_FEATURE_METRICS and protocol.reference == ""
+    ev = Evaluator(fam, pipe, None, protocol, extractor=M.CleanFIDInception(device="cpu", model=_PooledPixels()))
+    out = ev.evaluate(None, return_images=True)
+    assert out["feature_mse"] == 0.0 and out["kid_fp"] == pytest.approx(0.0, abs=1e-9)
+    feats = ev._extractor.image_features(out["images"])
+    assert np.array_equal(feats, ev._fp_features)

@@ -149,6 +149,9 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                    help="text models: add the CLIP score, with this local transformers CLIP folder")
     c.add_argument("--lpips", nargs="?", const="alex", default=None, metavar="NET",
                    help="add LPIPS to the full-precision images (alex|vgg|squeeze; needs sensitivity[lpips])")
+    c.add_argument("--paired-features", action="store_true",
+                   help="add feature_mse / fd_fp / kid_fp: the feature network's distance to the full-precision "
+                        "images of the same seeds (paired: far less seed noise than FID on few images)")
     c.add_argument("--act-bits", type=int, choices=(8, 6), default=None,
                    help="quantize activations to 8 or 6 bits: online token-wise min/max, or static with "
                         "--act-calibration (default: full-precision activations)")
@@ -198,7 +201,7 @@ def protocol_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
                 lpips=args.lpips, act_bits=args.act_bits,
                 act_calibration=args.act_calibration, height=args.height,
                 width=args.width, settings=parse_set_items(args.set),
-                batch_size=args.batch_size, compile=args.compile)
+                batch_size=args.batch_size, compile=args.compile, paired_features=args.paired_features)
 
 
 def parse_fixed(items: List[str], fixed_file: Optional[str]) -> Dict[str, str]:

@@ -116,7 +116,7 @@ class EvalProtocol:
                    height: Optional[int] = None, width: Optional[int] = None,
                    extra: Optional[Mapping[str, Any]] = None, inception: Union[str, Path, None] = None,
                    reference_features: Optional[np.ndarray] = None, clip_model: str = "",
-                   lpips_net: str = "") -> "EvalProtocol":
+                   lpips_net: str = "", paired_features: bool = False) -> "EvalProtocol":
         """The default protocol of ``family``: for class families ``n_per_class`` images of every class
         (class-major: 0,0,..,1,1,..), seeds ``seed, seed+1, ...``; text families need ``conditions``
         (prompts). Unset steps/guidance/scheduler take the family's defaults; unset ``dtype`` and
@@ -127,6 +127,9 @@ class EvalProtocol:
         ``inception`` file's content. ``act_bits`` (8 | 6): activations quantized online token-wise, or
         statically with the ranges of a calibration set (``act_calibration``: its identity).
         ``clip_model`` / ``lpips_net``: identities from :mod:`.extra_metrics` add ``clip_score`` / ``lpips``.
+        ``paired_features``: add ``feature_mse`` / ``fd_fp`` / ``kid_fp``, the feature network's distance to
+        the full-precision images of the same seeds (digits classifier, or the ``inception`` file of a real
+        model, which then needs no ``reference_dir``).
         """
         extra = dict(extra or {})
         given = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "height": height, "width": width}
@@ -154,7 +157,7 @@ class EvalProtocol:
         if feature_net is None:
             if digits:
                 feature_net = M.DigitsFeatures().name
-            elif reference_dir is not None:
+            elif reference_dir is not None or paired_features:
                 feature_net = M.inception_name(M.resolve_inception(inception))
             else:
                 feature_net = ""
@@ -170,6 +173,8 @@ class EvalProtocol:
             wanted = wanted + ("clip_score",)
         if lpips_net:
             wanted = wanted + ("lpips",)
+        if paired_features:
+            wanted = wanted + M.PAIRED_FEATURE_METRICS
         dt = None if dtype is None else str(dtype).replace("torch.", "")
         return cls(model_id=fam.model_id(weights), conditions=tuple(conditions), seeds=tuple(seeds),
                    steps=int(steps if steps is not None else d.steps),
@@ -337,6 +342,8 @@ class Evaluator:
                                        f"({protocol.act_calibration})")
             self._act_data = load_calibration_set(act_calibration)
         self._fp_images: Optional[np.ndarray] = None
+        self._fp_features: Optional[np.ndarray] = None  # features of the full-precision images (paired metrics)
+        self._fp_features_lock = threading.Lock()
         self._fp_mutex = threading.Lock()
         self._shared_fp = None
         if fp_images_dir is not None and mq is not None and check_model and reference_images is None:
@@ -475,11 +482,9 @@ class Evaluator:
                 out["kid"] = M.kid_from_features(feats, ref, num_subsets=p.kid_subsets, seed=0)
             if "accuracy" in want:
                 out["accuracy"] = M.class_accuracy(pred, self._labels)
-        elif want & {"fid", "kid"}:
-            if self._extractor is None:
-                self._extractor = M.CleanFIDInception(device=self.device, model=self.inception)
-            rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
-            feats = self._extractor.image_features(rgb)
+        elif want & {"fid", "kid", *M.PAIRED_FEATURE_METRICS}:
+            feats = self._image_features(images)
+        if not self.digits and want & {"fid", "kid"}:
             if self._ref_features is None:
                 self._ref_features = M.reference_folder_features(
                     self.reference_dir, self.cache_dir or Path(".sensitivity-cache"), self._extractor)
@@ -490,6 +495,12 @@ class Evaluator:
                 out["kid"] = M.kid_from_features(feats, ref, num_subsets=p.kid_subsets, seed=0)
             boot.update(features=feats, reference_features=ref if "kid" in want else None,
                         reference_stats=M.feature_statistics(ref) if "fid" in want and self.bootstrap else None)
+        if want & set(M.PAIRED_FEATURE_METRICS):
+            fp_feats = self._reference_features(timings)
+            paired = M.paired_feature_metrics(feats, fp_feats)
+            out.update({k: v for k, v in paired.items() if k in want})
+            if self.bootstrap:
+                boot.update(features=feats, fp_features=fp_feats)
         if want & {"psnr", "mse", "lpips"}:
             fp = self.reference_images(timings)
             if want & {"psnr", "mse"} and self.bootstrap:
@@ -507,6 +518,25 @@ class Evaluator:
             reps = M.bootstrap_replicates(idx, **boot)
             out["bootstrap"] = {k: v.tolist() for k, v in reps.items() if k in want}
         return out
+
+    def _image_features(self, images: np.ndarray) -> np.ndarray:
+        """Feature-network features ``[N, D]`` of uint8 images (digits classifier, else clean-fid's Inception)."""
+        if self.digits:
+            return self._features.features(images)
+        if self._extractor is None:
+            self._extractor = M.CleanFIDInception(device=self.device, model=self.inception)
+        rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
+        return self._extractor.image_features(rgb)
+
+    def _reference_features(self, timings: Dict[str, float]) -> np.ndarray:
+        """Features of the full-precision images (computed once per worker, read-only)."""
+        fp = self.reference_images(timings)
+        with self._fp_features_lock:
+            if self._fp_features is None:
+                feats = np.asarray(self._image_features(np.array(fp)))  # a writable copy for torch
+                feats.setflags(write=False)
+                self._fp_features = feats
+        return self._fp_features
 
     def _quantize_activations(self) -> None:
         """Switch on the protocol's activation quantization on the model as it is now (weights applied)."""

@@ -7,6 +7,7 @@ Feature-array metrics (no model, no clean-fid needed)::
     fid_from_features(a, b)                             # a, b: [N, D] / [M, D]
     kid_from_features(a, b, seed=0)                     # KID, clean-fid's polynomial kernel, seeded subsets
     mse(images, reference); psnr(images, reference)     # paired, uint8 [N, H, W, C]
+    paired_feature_metrics(feats, fp_feats)             # paired in feature space: feature_mse, fd_fp, kid_fp
     class_accuracy(pred, labels); per_class_accuracy(pred, labels)
 
 Feature networks::
@@ -180,7 +181,8 @@ def bootstrap_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
 def bootstrap_replicates(idx: np.ndarray, features: Optional[np.ndarray] = None,
                          reference_features: Optional[np.ndarray] = None, reference_stats=None,
                          correct: Optional[np.ndarray] = None,
-                         image_mse: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+                         image_mse: Optional[np.ndarray] = None,
+                         fp_features: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Each metric recomputed on each resample ``idx [B, N]`` of the images: ``{metric: float64 [B]}``.
 
     ``features [N, D]`` with ``reference_stats`` (mean, covariance) give ``fid``; with
@@ -189,7 +191,9 @@ def bootstrap_replicates(idx: np.ndarray, features: Optional[np.ndarray] = None,
     reference images — one set instead of
     :func:`kid_from_features`' subsets, so its spread is the generated images' share of the noise and
     its centre may differ from the point estimate by the subsets' noise; ``correct [N]`` (bool) gives
-    ``accuracy``, ``image_mse [N]`` gives ``mse`` and ``psnr`` as :func:`psnr` does.
+    ``accuracy``, ``image_mse [N]`` gives ``mse`` and ``psnr`` as :func:`psnr` does; ``features`` with
+    ``fp_features [N, D]`` (the full-precision images of the same seeds, resampled with the same indices)
+    give ``feature_mse`` and ``fd_fp`` (``kid_fp`` has no replicates).
     """
     out: Dict[str, np.ndarray] = {}
     n = idx.shape[1]
@@ -217,10 +221,50 @@ def bootstrap_replicates(idx: np.ndarray, features: Optional[np.ndarray] = None,
             db = np.where(e > 0, 10.0 * np.log10(1.0 / np.maximum(e, 1e-300)), PSNR_MAX_DB)
         out["psnr"] = np.minimum(db, PSNR_MAX_DB).mean(axis=1)
         out["mse"] = e.mean(axis=1)
+    if features is not None and fp_features is not None:
+        out["feature_mse"] = per_image_feature_mse(features, fp_features)[idx].mean(axis=1)
+        out["fd_fp"] = np.array([fid_from_features(features[i], fp_features[i]) for i in idx])
     return out
 
 
 # ------------------------------------------------------------------------------- paired metrics
+
+#: metrics of a config's image features against the full-precision features of the same seeds (lower is better)
+PAIRED_FEATURE_METRICS = ("feature_mse", "fd_fp", "kid_fp")
+
+
+def per_image_feature_mse(features: np.ndarray, fp_features: np.ndarray) -> np.ndarray:
+    """``[N]``: mean over the ``D`` feature dimensions of ``(features - fp_features)²``, image by image."""
+    a = np.asarray(features, dtype=np.float64)
+    b = np.asarray(fp_features, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"paired features need equal [N, D] shapes, got {a.shape} and {b.shape}")
+    return ((a - b) ** 2).mean(axis=1)
+
+
+def paired_mmd2(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD² of two paired feature sets ``[N, D]`` (row i of both from one seed) with KID's kernel
+    ``(x·y / D + 1)³``: the U-statistic over pairs ``i != j`` of ``k(a_i, a_j) + k(b_i, b_j) - k(a_i, b_j)
+    - k(a_j, b_i)``. Leaving out the ``i == j`` cross terms keeps each image's closeness to its own
+    full-precision image out of this distance (that is ``feature_mse``): identical sets score exactly 0."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or len(a) < 2:
+        raise ValueError(f"paired MMD needs two [N, D] sets of the same shape with N >= 2, got {a.shape} and {b.shape}")
+    n, d = a.shape
+    h = (a @ a.T / d + 1) ** 3 + (b @ b.T / d + 1) ** 3 - (a @ b.T / d + 1) ** 3 - (b @ a.T / d + 1) ** 3
+    return float((h.sum() - np.trace(h)) / (n * (n - 1)))
+
+
+def paired_feature_metrics(features: np.ndarray, fp_features: np.ndarray) -> Dict[str, float]:
+    """The feature-space metrics against the full-precision images of the same seeds (``[N, D]`` each):
+    ``feature_mse`` (per-image squared feature distance / D, averaged: paired, the lowest noise),
+    ``fd_fp`` (Fréchet distance between the two sets) and ``kid_fp`` (:func:`paired_mmd2` between them).
+    Both sets share their seeds, so the seed noise FID and KID carry against a real-image set mostly cancels."""
+    return {"feature_mse": float(per_image_feature_mse(features, fp_features).mean()),
+            "fd_fp": fid_from_features(features, fp_features),
+            "kid_fp": paired_mmd2(features, fp_features)}
+
 
 
 def _as_float_images(images, reference) -> Tuple[np.ndarray, np.ndarray]:

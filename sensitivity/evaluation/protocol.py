@@ -129,7 +129,8 @@ def compile_setting(value: Union[bool, str, None]) -> Union[bool, str]:
 
 def check_metric_requirements(fam, *, reference_dir: Optional[str] = None, inception: Optional[str] = None,
                               clip_model: Optional[str] = None, lpips: Optional[str] = None,
-                              act_bits: Optional[int] = None, act_calibration: Optional[str] = None) -> Dict[str, Any]:
+                              act_bits: Optional[int] = None, act_calibration: Optional[str] = None,
+                              paired_features: bool = False) -> Dict[str, Any]:
     """Check every metric's dependencies (packages, weight files) before any model is loaded or image made.
 
     Returns resolved paths and identities: ``inception`` (path or None), ``clip_id``, ``lpips_id``,
@@ -142,7 +143,7 @@ def check_metric_requirements(fam, *, reference_dir: Optional[str] = None, incep
     digits = fam.feature_network == DIGITS_CLASSIFIER
     if inception and digits:
         raise SensitivityError(f"--inception: model {fam.name!r} scores FID with its shipped digits classifier")
-    if reference_dir and not digits:
+    if (reference_dir or paired_features) and not digits:  # FID/KID or the paired feature metrics: Inception
         from . import metrics as M
 
         M.cleanfid_resizer()  # clean-fid itself (its "clean" resize)
@@ -150,7 +151,8 @@ def check_metric_requirements(fam, *, reference_dir: Optional[str] = None, incep
         M.load_inception(path, "cpu")  # a loadable TorchScript file
         out["inception"] = str(path.resolve())
     elif inception:
-        raise SensitivityError("--inception needs --reference-dir (the real images FID compares against)")
+        raise SensitivityError("--inception needs --reference-dir (the real images FID compares against) "
+                               "or --paired-features")
     if clip_model:
         from .extra_metrics import check_clip
 
@@ -201,7 +203,7 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
                  lpips: Optional[str] = None, act_bits: Optional[int] = None, act_calibration: Optional[str] = None,
                  height: Optional[int] = None, width: Optional[int] = None,
                  settings: Optional[Mapping[str, Any]] = None, batch_size: Union[int, str, None] = None,
-                 compile: Union[bool, str] = False) -> ProtocolSetup:
+                 compile: Union[bool, str] = False, paired_features: bool = False) -> ProtocolSetup:
     """The protocol of ``model`` (family name, or ``diffusers`` with ``pipeline_class`` / a ``weights``
     folder) scored against ``multiquantizer`` (a .safetensors file built for that model).
 
@@ -211,7 +213,8 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
     ``reference_dir``: real images for FID/KID (real models), features cached in ``reference_cache``;
     ``dtype``: ``fp32`` / ``fp16`` / ``bf16`` (default fp16 on cuda, fp32 on cpu); ``device`` default cuda
     if available; ``settings``: other pipeline settings; ``batch_size``: int, ``'auto'`` or None and
-    ``compile`` (False / True / backend) change the speed, not the protocol.
+    ``compile`` (False / True / backend) change the speed, not the protocol; ``paired_features`` adds
+    ``feature_mse`` / ``fd_fp`` / ``kid_fp`` (features against the full-precision images of the same seeds).
     """
     import torch
 
@@ -253,7 +256,8 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
     elif fam.feature_network != DIGITS_CLASSIFIER:
         print(f"note: no --reference-dir: FID/KID are not computed for {fam.name}, only PSNR/MSE against full precision")
     metric = check_metric_requirements(fam, reference_dir=reference_dir, inception=inception, clip_model=clip_model,
-                                       lpips=lpips, act_bits=act_bits, act_calibration=act_calibration)
+                                       lpips=lpips, act_bits=act_bits, act_calibration=act_calibration,
+                                       paired_features=paired_features)
     overrides = protocol_generation_overrides(fam, height=height, width=width, settings=settings)
     if not Path(multiquantizer).is_file():
         what = "is not a file" if Path(multiquantizer).exists() else "does not exist"
@@ -283,7 +287,7 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
         reference_dir=reference_dir, kid_subsets=kid_subsets, act_bits=act_bits,
         act_calibration=metric["act_calibration_id"], inception=metric["inception"],
         reference_features=ref_features, clip_model=metric["clip_id"], lpips_net=metric["lpips_id"],
-        **overrides)
+        paired_features=paired_features, **overrides)
     factory = EvaluatorFactory(
         family=fam.name, multiquantizer=str(Path(multiquantizer).resolve()), protocol=protocol.to_dict(),
         weights=str(Path(weights).resolve()) if Path(weights).expanduser().is_dir() else weights,
