@@ -10,20 +10,22 @@ For each strategy and each N of ``--labels`` the predictor sees the first N labe
 random = configs 0..N-1 of the random run (sampler index order), active = the first N of the active
 run's labelling order (:func:`sensitivity.active.labelling_order`), paired = configs 0..N-1 of the random
 run of ``--paired-cache`` (the same sampler seed, so the same configs as random, labelled with few images
-and ``sample --paired-features``), trained on ``--paired-metric`` instead of FID. The prefix goes into a
+and ``sample --paired-features``), one strategy ``paired:METRIC`` per ``--paired-metric`` (what its
+predictor learns instead of FID). The prefix goes into a
 temporary cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
 ``sensitivity train``); its Kendall τ is measured against the ground truth (``--truth``: its FID on 2,000
 images per config; every strategy) and on the held-out cache (the FID strategies:
 :func:`sensitivity.predictors.evaluate_on_cache`); :func:`sensitivity.search.search` finds the config at
 each target and the held-out evaluator measures it on ``--images-per-class`` x 10 images (seeds from
-1,000,000, the same for every row; each config measured once, kept in ``OUT/heldout_measured.json`` under
+``--check-seed``, 1,000,000 by default, the same for every row; each config measured once, kept in ``OUT/heldout_measured.json`` under
 the protocol's signature). The cost axis is the labelling seconds of the N records (their
 ``timings.evaluate``: one single-threaded worker each, so CPU-seconds). Only the searched configs are
 measured: :func:`sensitivity.comparison.compare_at_targets` would also measure the uniform, error-ILP and
 best-cache baselines at every point, 3x the generation on a shared 2-core machine (its rows are
 ``benchmarks/compare_allocators.py``'s). Every (strategy, N, predictor) result is kept in ``OUT/parts/``,
-so a killed run resumes. Writes ``OUT/label_efficiency.csv``, ``OUT/label_efficiency.md`` and the
-two-panel figure (x: labelling seconds).
+so a killed run resumes. Writes ``OUT/label_efficiency.csv``, ``OUT/label_efficiency.json`` (the table, for
+``python scripts/results_tables.py label-efficiency OUT/label_efficiency.json``), ``OUT/label_efficiency.md``
+and the two-panel figure (x: labelling seconds).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,7 +112,7 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
     from sensitivity.search import search
 
     prefix = records[:n]
-    metric = args.paired_metric if strategy == "paired" else "fid"
+    metric = strategy.split(":", 1)[1] if strategy.startswith("paired:") else "fid"
     with tempfile.TemporaryDirectory(prefix="label-eff-") as tmp:
         cache = Path(tmp) / "prefix.sqlite"
         write_prefix(source, prefix, cache, f"{strategy}:{source}")
@@ -147,16 +150,18 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
             "full_precision": evaluator.evaluate({})}
 
 
-def markdown_table(df) -> str:
-    """``df`` as a Markdown table, floats with 3 decimals (no tabulate dependency)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "–" if v != v else f"{v:.3f}"
-        return str(v)
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if v != v else f"{v:.3f}"
+    return "–" if v is None else str(v)
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+
+def markdown(d: Mapping[str, Any]) -> str:
+    """The run's table from its JSON (``OUT/label_efficiency.json``; stdlib only: the results page renders it)."""
+    cols = list(d["columns"])
+    lines = [d["caption"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in d["table"]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -168,9 +173,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", default="caches/digits-dit-seed1.sqlite", help="cache of another sampler seed (τ)")
     ap.add_argument("--paired-cache", default="caches/digits-dit-paired20.sqlite",
                     help="the random run labelled with few images and --paired-features (strategy 'paired')")
-    ap.add_argument("--paired-metric", default="feature_mse", help="what the paired strategy's predictor learns")
+    ap.add_argument("--paired-metric", default="psnr,fd_fp",
+                    help="what the paired strategy's predictors learn (comma-separated: one strategy 'paired:METRIC' each)")
     ap.add_argument("--truth", default="caches/digits-dit-truth.sqlite",
                     help="ground-truth cache: every predictor's τ against its FID ('' to skip)")
+    ap.add_argument("--truth-replicate", default="caches/digits-dit-truth-seed2.sqlite",
+                    help="some of the truth's configs on another image-seed set: the FID noise of one measurement "
+                         "at the truth's size ('' to skip)")
     ap.add_argument("--multiquantizer", default="multiquantizers/digits-dit.safetensors")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed of both runs, and the folds' seed")
     ap.add_argument("--labels", default="40,80,160,320")
@@ -183,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
+    ap.add_argument("--check-seed", type=int, default=CHECK_SEED,
+                    help="first image seed of the searched configs' measurement (2000000 with --images-per-class "
+                         "200: the ground truth's protocol)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="runs/label_efficiency")
     ap.add_argument("--figure", default=None, help="figure path (default OUT/label_efficiency.png)")
@@ -203,6 +215,9 @@ def main(argv=None) -> int:
     from sensitivity.sizes import SizeTable
     from sensitivity.zoo import get_family
 
+    from sensitivity.provenance import run_provenance
+
+    started = run_provenance()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -216,32 +231,37 @@ def main(argv=None) -> int:
     if "random" in strategies:
         orders["random"] = (args.random_cache, random_order(args.random_cache, args.seed))
     if "paired" in strategies:
-        orders["paired"] = (args.paired_cache, random_order(args.paired_cache, args.seed))
+        paired = random_order(args.paired_cache, args.seed)
+        for metric in [m.strip() for m in args.paired_metric.split(",") if m.strip()]:
+            orders[f"paired:{metric}"] = (args.paired_cache, paired)
     if "active" in strategies:
         orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed, limit=max(labels)))
     for name, (path, recs) in orders.items():
+        if len(recs) < min(labels):
+            raise SensitivityError(f"{path}: the {name} run has {len(recs)} labelled configs, fewer than {min(labels)}")
         if len(recs) < max(labels):
-            raise SensitivityError(f"{path}: the {name} run has {len(recs)} labelled configs, fewer than {max(labels)}")
+            print(f"note: {path}: the {name} run has {len(recs)} labelled configs: its points stop there")
     mq = load_multiquantizer(args.multiquantizer)
     sizes = SizeTable.from_multiquantizer(mq)
     fam_name, _, weights = mq.model_id.partition(":")
     fam = get_family(fam_name)
     pipe = fam.load_pipeline(weights or None)
-    check = EvalProtocol.for_family(fam, weights or None, n_per_class=args.images_per_class, seed=CHECK_SEED,
+    check = EvalProtocol.for_family(fam, weights or None, n_per_class=args.images_per_class, seed=args.check_seed,
                                     multiquantizer_hash=mq.hash, dtype="float32")
     evaluator = MeasuredOnce(Evaluator(fam, pipe, mq, check), out / "heldout_measured.json")
     t_start = time.time()
-    todo = [(s, n, k) for k in kinds for s in orders for n in labels]
-    todo += [(s, n, "gnn") for s in orders for n in labels if n in gnn_at and "gnn" not in kinds]
-    todo += [(s, n, k) for k in tau_only for s in orders for n in labels]
+    fits = {s: [n for n in labels if n <= len(orders[s][1])] for s in orders}
+    todo = [(s, n, k) for k in kinds for s in orders for n in fits[s]]
+    todo += [(s, n, "gnn") for s in orders for n in fits[s] if n in gnn_at and "gnn" not in kinds]
+    todo += [(s, n, k) for k in tau_only for s in orders for n in fits[s]]
     for strategy, n, kind in todo:
-        part = out / "parts" / f"{strategy}-{n}-{kind}.json"
+        part = out / "parts" / f"{strategy.replace(':', '_')}-{n}-{kind}.json"
         if part.is_file():
             print(f"{strategy} {n} {kind}: done before ({part})", flush=True)
             continue
         src, recs = orders[strategy]
         p = run_point(strategy, n, kind, recs, src, args, mq, sizes, evaluator, measure=kind not in tau_only)
-        p.update({"images": check.num_images, "image_seeds": f"{CHECK_SEED}..{CHECK_SEED + check.num_images - 1}",
+        p.update({"images": check.num_images, "image_seeds": f"{args.check_seed}..{args.check_seed + check.num_images - 1}",
                   "seed": args.seed})
         atomic_write_json(part, p)
         fids = "–" if not p["rows"] else ", ".join(f"{r['target']:g}: {r['fid']:.3f}" for r in p["rows"] if r["config"] == "search")
@@ -252,7 +272,7 @@ def main(argv=None) -> int:
 
     points = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
     points = [p for p in points if p["labels"] in labels and p.get("seed") == args.seed
-              and p.get("images") == check.num_images]
+              and p.get("images") == check.num_images and p["strategy"] in orders]
     rows = [{k: v for k, v in p.items() if k not in ("rows", "full_precision")} | r for p in points for r in p["rows"]]
     df = pd.DataFrame(rows)
     summary = pd.DataFrame([{k: v for k, v in p.items() if k not in ("rows", "full_precision")} for p in points])
@@ -273,13 +293,39 @@ def main(argv=None) -> int:
     fp = points[0]["full_precision"]
     with atomic_path(out / "label_efficiency.csv") as tmp:
         df.to_csv(tmp, index=False)
-    md = (f"Kendall τ against the ground truth's FID ({args.truth}, {len(args.truth_records)} configs; "
-          f"`truth τ`) and on {args.heldout} (`held-out τ`, the FID strategies), and held-out FID "
-          f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of the "
-          f"searched config, by strategy and labelled configs (`labelling s`: the labels' single-worker "
-          f"evaluation seconds), seed {args.seed}.\n\n"
-          + markdown_table(table) + "\n")
-    (out / "label_efficiency.md").write_text(md)
+    caption = (f"Kendall τ against the ground truth's FID ({args.truth}, {len(args.truth_records)} configs; "
+               f"`truth τ`) and on {args.heldout} (`held-out τ`, the FID strategies), and held-out FID "
+               f"({points[0]['images']} images, seeds {points[0]['image_seeds']}; full precision {fp['fid']:.3f}) of "
+               f"the searched config, by strategy and labelled configs (`labelling s`: the labels' single-worker "
+               f"evaluation seconds), seed {args.seed}.")
+    truth_seeds = []
+    if args.truth:
+        from sensitivity.evaluation.cache import ConfigCache
+
+        with ConfigCache(args.truth) as c:
+            truth_seeds = list((c.evaluation or {}).get("seeds") or [])
+    if args.truth_replicate and truth_seeds == list(check.seeds):  # the searched configs measured as the truth
+        import numpy as np
+
+        from sensitivity.evaluation.metric_specs import record_metric
+
+        first = {r["config_hash"]: record_metric(r, "fid") for r in args.truth_records}
+        diffs = [first[r["config_hash"]] - record_metric(r, "fid") for r in read_records(args.truth_replicate)
+                 if r["config_hash"] in first]
+        if len(diffs) >= 3:
+            sigma = float(np.std(diffs, ddof=1) / np.sqrt(2))
+            caption += (f" Noise: one FID measurement of the truth's protocol varies by σ = {sigma:.3f} between "
+                        f"image-seed sets (the spread of the paired differences of {len(diffs)} configs measured "
+                        f"on two sets, / √2), so two searched configs' FIDs closer than 2√2·σ = "
+                        f"{2 * np.sqrt(2) * sigma:.2f} are a tie.")
+    report = {"caption": caption, "columns": [str(c) for c in table.columns],
+              "table": json.loads(table.to_json(orient="records")), "full_precision": fp,
+              "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "provenance": run_provenance(started)}
+    atomic_write_json(out / "label_efficiency.json", report)
+    md = markdown(report)
+    with atomic_path(out / "label_efficiency.md") as tmp:
+        Path(tmp).write_text(md)
     print(md)
 
     import matplotlib
@@ -288,7 +334,9 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"random": "tab:blue", "active": "tab:orange", "paired": "tab:green"}
+    palette = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"])
+    colors = {"random": "tab:blue", "active": "tab:orange"}
+    colors.update({s: next(palette, "tab:gray") for s in table["strategy"].unique() if s not in colors})
     tau_col = "truth τ" if table["truth τ"].notna().any() else "held-out τ"
     for (kind, strategy), g in table.groupby(["predictor", "strategy"], sort=False):  # noqa: B007
         g = g.sort_values("labels")

@@ -185,12 +185,15 @@ def markdown(d: Mapping[str, Any]) -> str:
              "sets; **CPU-s**: labelling one config (generation and all metrics); **tau/CPU-s** at that size.",
              "", "| metric | images | CPU-s | noise/signal | tau vs truth FID | tau / CPU-s |",
              "|---|---:|---:|---:|---:|---:|"]
+    def num(v: float, digits: int = 3) -> str:
+        return "–" if v != v else f"{v:.{digits}f}"  # NaN: tau of a metric constant over the configs
+
     for r in d["rows"]:
-        lines.append(f"| {r['metric']} | {r['images']} | {r['cpu_seconds']:.2f} | {r['noise_to_signal']:.3f} | "
-                     f"{r['tau']:.3f} ± {r['tau_std']:.3f} | {r['tau'] / r['cpu_seconds']:.3f} |")
+        lines.append(f"| {r['metric']} | {r['images']} | {r['cpu_seconds']:.2f} | {num(r['noise_to_signal'])} | "
+                     f"{num(r['tau'])} ± {num(r['tau_std'])} | {num(r['tau'] / r['cpu_seconds'])} |")
     best = {}
     for r in d["rows"]:
-        if r["images"] not in best or r["tau"] > best[r["images"]]["tau"]:
+        if r["tau"] == r["tau"] and (r["images"] not in best or r["tau"] > best[r["images"]]["tau"]):
             best[r["images"]] = r
     lines += ["", "Best metric at each size: " + "; ".join(
         f"{n} images: `{r['metric']}` (tau {r['tau']:.3f}, noise/signal {r['noise_to_signal']:.3f})"

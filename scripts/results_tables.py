@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import sys
 from pathlib import Path
@@ -389,9 +390,24 @@ def render_label_noise(d: Dict[str, Any], data: str) -> str:
     spec = importlib.util.spec_from_file_location("label_noise", ROOT / "benchmarks" / "label_noise.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # stdlib at import; torch only inside run()
-    command = (d.get("command") or "python benchmarks/label_noise.py --out OUT.json") + \
-        " && python scripts/results_tables.py label-noise OUT.json"
+    command = d.get("command") or "python benchmarks/label_noise.py --out OUT.json"
+    out = re.search(r"--out[ =](\S+)", command)
+    command += f" && python scripts/results_tables.py label-noise {out.group(1) if out else 'OUT.json'}"
     return page("label-noise", data, "Label metrics: noise and ranking per labelling CPU-second (digits-dit)",
+                command, d.get("provenance"), mod.markdown(d))
+
+
+def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
+    """Ground-truth tau and searched FID by labelling cost (its benchmark's table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib at import
+    command = d.get("command") or "python benchmarks/label_efficiency.py --out OUT"
+    out = re.search(r"--out[ =](\S+)", command)
+    command += f" && python scripts/results_tables.py label-efficiency {out.group(1) if out else 'OUT'}/label_efficiency.json"
+    return page("label-efficiency", data, "Label recipes by cost: ground-truth tau and searched FID (digits-dit)",
                 command, d.get("provenance"), mod.markdown(d))
 
 
@@ -403,6 +419,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
     "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
+    "label-efficiency": ("label-efficiency", render_label_efficiency),
 }
 
 

@@ -59,3 +59,14 @@ def test_one_tiny_seed_set_and_its_page(bench, tmp_path):
     d = {"configs": 2, "truth": "t.sqlite", "seed_sets": [7, 7], "steps": 2, "rows": rows}
     text = bench.markdown(d)
     assert "| feature_mse | 20 | 0.20 |" in text and "Best metric at each size" in text
+
+
+def test_label_efficiency_table_renders_from_its_json():
+    """benchmarks/label_efficiency.py's page is rendered from the JSON it writes (missing values as dashes)."""
+    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = {"caption": "cap.", "columns": ["predictor", "strategy", "labels", "truth τ", "held-out τ"],
+         "table": [{"predictor": "lightgbm", "strategy": "paired", "labels": 40, "truth τ": 0.71234, "held-out τ": None}]}
+    assert mod.markdown(d).splitlines()[2:] == ["| predictor | strategy | labels | truth τ | held-out τ |",
+                                                "|---|---|---|---|---|", "| lightgbm | paired | 40 | 0.712 | – |"]

@@ -19,7 +19,8 @@ from sensitivity.evaluation.cache import ConfigCache
 from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
 
 N_CONFIGS = 12
-JOB = ["--weights", "random", "--images-per-class", "1", "--steps", "2", "--seed", "4", "--no-progress"]
+JOB = ["--weights", "random", "--images-per-class", "1", "--steps", "2", "--seed", "4", "--no-progress",
+       "--paired-features"]  # the paired feature metrics are labels too: reproducible as the others
 VOLATILE = ("id", "timings", "host", "created_at")  # what may differ: the row number (finishing order), times, host
 
 
