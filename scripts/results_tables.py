@@ -94,7 +94,8 @@ def page(kind: str, data: str, title: str, command: str, provenance: Optional[Di
 # ------------------------------------------------------------------------------------------- demo
 DEMO_COMMAND = "sensitivity demo --out demo_out && python scripts/results_tables.py demo demo_out/summary.json"
 DEMO_COLUMNS = ("target", "method", "avg_bits", "predicted_{m}", "job_{m}", "{m}", "kid", "accuracy", "psnr",
-                "configs_labelled", "label_cpu_s")
+                "verdict", "vs_search", "configs_labelled", "label_cpu_s")
+DEMO_TEXT_COLUMNS = ("method", "verdict", "vs_search")
 DEMO_FIGURES = {"insights/pareto_fid.png": "demo/pareto_fid.png", "images/fp16.png": "demo/fp16.png",
                 "images/kmeans_a-3.png": "demo/kmeans_a-3.png"}
 
@@ -120,19 +121,25 @@ def demo_headline(s: Dict[str, Any]) -> str:
     """The README's headline bullets of the demo run (numbers from its summary.json)."""
     m = s.get("metric", "fid")
     lower = "lower" if m in ("fid", "kid") else "higher"
-    wins, total = 0, 0
+    wins, ties, beats_all, total = 0, 0, 0, 0
     for t, rows in sorted(_by_target(s).items()):
         if "search" not in rows or rows["search"].get(m) is None:
             continue
-        others = [r.get(m) for k, r in rows.items() if k != "search" and r.get(m) is not None]
+        others = [r for k, r in rows.items() if k != "search" and r.get(m) is not None]
         total += 1
-        best = min(others) if lower == "lower" else max(others)
-        wins += (rows["search"][m] < best) if lower == "lower" else (rows["search"][m] > best)
+        verdict = rows["search"].get("verdict")
+        if verdict is None:  # a summary written before the paired verdicts: rank the point values
+            best = min(r[m] for r in others) if lower == "lower" else max(r[m] for r in others)
+            verdict = "best" if ((rows["search"][m] < best) if lower == "lower" else (rows["search"][m] > best)) else "worse"
+        wins += verdict == "best"
+        ties += verdict == "tie"
+        beats_all += all(r.get("vs_search") == "worse" for r in others)
     tau = (((s.get("predictor_cv") or {}).get(s["predictor"]) or {}).get("mean") or {}).get("kendall")
     lines = [f"- **Demo** (`sensitivity demo`, {s['num_configs']} random configs x {s['images_per_config']} images of "
-             f"`{s['model']}`, predictor `{s['predictor']}` on {m.upper()}): the searched config is "
-             f"{'best' if wins == total else f'best at {wins} of {total} targets'} among the compared allocators "
-             f"on {s['check_images']} held-out images "
+             f"`{s['model']}`, predictor `{s['predictor']}` on {m.upper()}): on {s['check_images']} held-out images "
+             f"the searched config is best or tied with the best (a paired bootstrap: no ranking inside the noise) at "
+             f"{wins + ties} of {total} targets, and better than every other allocator beyond the noise at "
+             f"{beats_all} of them "
              f"(search {m.upper()} " + " / ".join(fmt(r['search'].get(m)) for t, r in sorted(_by_target(s).items())
                                                   if 'search' in r)
              + " at " + " / ".join(f"{t:g}" for t in sorted(_by_target(s)) if "search" in _by_target(s)[t])
@@ -145,8 +152,15 @@ def demo_headline(s: Dict[str, Any]) -> str:
 def render_demo(s: Dict[str, Any], data: str) -> str:
     m = s.get("metric", "fid")
     digits = {"label_cpu_s": 0}
-    rows = [[r.get(c) if c == "method" else fmt(r.get(c), digits.get(c, 3)) for c in _demo_cols(s)] for r in s["rows"]]
+
+    def cell(r: Dict[str, Any], c: str) -> str:
+        if c in DEMO_TEXT_COLUMNS:
+            return "–" if r.get(c) is None else str(r[c])
+        value = fmt(r.get(c), digits.get(c, 3))
+        return value + (f" ± {fmt(r[c + '_se'])}" if r.get(c + "_se") is not None and r.get(c) is not None else "")
+
     cols = _demo_cols(s)
+    rows = [[cell(r, c) for c in cols] for r in s["rows"]]
     few = s.get("few_configs") or []
     few_cols = [c for c in ("config", "avg_bits", "fid", "kid", "accuracy", "psnr") if any(c in r for r in few)]
     fp = s.get("check_fp16") or {}
@@ -166,8 +180,9 @@ def render_demo(s: Dict[str, Any], data: str) -> str:
         f"## Search vs the allocators, measured on {s['check_images']} held-out images", "",
         f"Full precision on the held-out images: " + ", ".join(f"{k} {fmt(v)}" for k, v in fp.items() if v is not None)
         + ".", "",
-        table(rows, cols, [c not in ("method",) for c in cols]),
+        table(rows, cols, [c not in DEMO_TEXT_COLUMNS for c in cols]),
         "",
+        *([(s.get("noise") or {}).get("note", ""), ""] if (s.get("noise") or {}).get("note") else []),
         f"`{m}`, `kid`, `accuracy`, `psnr`: on the held-out images; `job_{m}`: on the job's images (the best random "
         f"config was chosen on them, so it is judged on the held-out ones); `predicted_{m}`: the predictor's "
         "estimate; `configs_labelled` / `label_cpu_s`: the evaluated configs (and their CPU seconds, plus the "

@@ -163,3 +163,19 @@ def test_run_provenance_records_commit_date_calibrator():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", start["date"]) and start["machine"]["cpus"] >= 1
     end = run_provenance(start)
     assert end["date"] == start["date"] and len(end["calibrator_s"]) == 2 and len(end["load_average"]) == 2
+
+
+def test_demo_headline_ranks_by_the_paired_verdicts_not_the_point_values():
+    """A searched config that is numerically second but tied counts as tied-best; beating every other
+    allocator needs each of them 'worse' than the search beyond the noise."""
+    rt = _results_tables()
+    rows = [{"target": 3.4, "method": "search", "fid": 1.5, "verdict": "tie"},
+            {"target": 3.4, "method": "reference top-1 (λ 1)", "fid": 1.4, "verdict": "best", "vs_search": "tie"},
+            {"target": 3.6, "method": "search", "fid": 1.2, "verdict": "best"},
+            {"target": 3.6, "method": "error ILP", "fid": 2.0, "verdict": "worse", "vs_search": "worse"},
+            {"target": 3.8, "method": "search", "fid": 1.3, "verdict": "worse"},
+            {"target": 3.8, "method": "error ILP", "fid": 1.0, "verdict": "best", "vs_search": "better"}]
+    s = {"rows": rows, "metric": "fid", "num_configs": 10, "images_per_config": 20, "model": "digits-dit",
+         "predictor": "additive", "check_images": 30, "check_fp16": {"fid": 1.0}}
+    line = rt.demo_headline(s)
+    assert "at 2 of 3 targets" in line and "beyond the noise at 1 of them" in line
