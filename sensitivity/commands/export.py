@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_multiquantizer_argument(p)
     p.add_argument("--config", required=True, help="quantization config .json (layers absent from it stay unquantized)")
-    p.add_argument("--format", required=True, choices=("packed", "sdnq", "onnx"), help="export format")
+    from ..export.methods import FORMATS  # the registry's names; no torch import
+
+    p.add_argument("--format", required=True, choices=FORMATS, help="export format")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, see --overwrite)")
     p.add_argument("--float-dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="packed: dtype of the tensors that are not quantized (default: the model's)")

@@ -33,8 +33,9 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..errors import SensitivityError
 from .base import Exporter, get_exporter  # noqa: F401
-from .methods import EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
-from .plan import EXPORT_FILE, atomic_dir, config_digest, make_plan
+from .methods import EXPORT_FILE, EXPORT_FORMATS, FORMATS, check_exportable, method_format  # noqa: F401
+# :mod:`.plan` imports torch: it is loaded on first use, so that the format registry, ``FORMATS`` and the checks
+# here cost no torch import (the CLI's ``--help`` lists the formats from the registry)
 
 
 def require_extra(format: str) -> None:
@@ -84,6 +85,8 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
         path = str(config)
         config = QuantConfig.load(config)
         source = dict(source or {}, config_path=path)
+    from .plan import atomic_dir, make_plan
+
     plan = make_plan(denoiser, mq, config, format, source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         record = exporter.write(plan, tmp, **options)
@@ -108,6 +111,8 @@ def _seal_config(folder: Path, record: Dict[str, Any]) -> None:
     cfg = sub / "config.json"
     if not cfg.is_file():
         return
+    from .plan import config_digest
+
     record["config_digest"] = config_digest(json.loads(cfg.read_text()))
     for f in dict.fromkeys([folder / EXPORT_FILE, sub / EXPORT_FILE]):
         if f.is_file():

@@ -51,6 +51,8 @@ EXPORT_FORMATS: Registry = Registry("export format", error=ConfigError, unknown=
                                     lazy={"packed": "sensitivity.export.base", "sdnq": "sensitivity.export.base",
                                           "onnx": "sensitivity.export.base"})
 FORMATS: Tuple[str, ...] = EXPORT_FORMATS.names()
+#: the record file of every export folder
+EXPORT_FILE = "sensitivity_export.json"
 
 
 @dataclass(frozen=True)

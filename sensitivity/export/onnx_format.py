@@ -39,8 +39,8 @@ from torch.utils import _pytree as pytree
 
 from ..errors import SensitivityError
 from ..options import FP16, QuantOption
-from .methods import method_format
-from .plan import EXPORT_FILE, ExportPlan
+from .methods import EXPORT_FILE, method_format
+from .plan import ExportPlan
 
 ONNX_FILE = "model.onnx"
 _PREFIX = "denoiser."

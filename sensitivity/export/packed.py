@@ -30,7 +30,8 @@ from ..errors import CorruptFileError, SensitivityError
 from ..options import FP16, QuantOption
 from ..quantizers.packing import pack_codes
 from .modules import PartSpec, materialize, pack_module
-from .plan import EXPORT_FILE, ExportPlan, config_digest, digest
+from .methods import EXPORT_FILE
+from .plan import ExportPlan, config_digest, digest
 
 WEIGHTS_FILE = "model.safetensors"
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import SensitivityError
-from .plan import EXPORT_FILE, atomic_dir, make_plan
+from .methods import EXPORT_FILE
+from .plan import atomic_dir, make_plan
 
 PIPELINE_FORMAT = "pipeline"
 COMPONENT_FORMATS = ("packed", "sdnq")

@@ -29,8 +29,6 @@ from ..options import FP16
 from .methods import check_exportable
 from .modules import PartSpec
 
-EXPORT_FILE = "sensitivity_export.json"
-
 
 @dataclass
 class ModulePlan:

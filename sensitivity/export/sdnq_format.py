@@ -35,8 +35,8 @@ import torch
 
 from ..errors import SensitivityError
 from ..options import FP16, QuantOption
-from .methods import method_format
-from .plan import EXPORT_FILE, ExportPlan
+from .methods import EXPORT_FILE, method_format
+from .plan import ExportPlan
 
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 
