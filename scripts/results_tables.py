@@ -408,7 +408,7 @@ def render_label_noise(d: Dict[str, Any], data: str) -> str:
     command = d.get("command") or "python benchmarks/label_noise.py --out OUT.json"
     out = re.search(r"--out[ =](\S+)", command)
     command += f" && python scripts/results_tables.py label-noise {out.group(1) if out else 'OUT.json'}"
-    return page("label-noise", data, "Label metrics: noise and ranking per labelling CPU-second (digits-dit)",
+    return page("label-noise", data, "Label metrics: noise and ranking per labelling CPU-second (digits models)",
                 command, d.get("provenance"), mod.markdown(d))
 
 

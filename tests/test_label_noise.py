@@ -50,15 +50,17 @@ def test_one_tiny_seed_set_and_its_page(bench, tmp_path):
                          options=("uaq-3",), progress=False)
     names = [s.name for s in fam.find_layers(den)[:4]]
     configs = [{}, {n: "uaq-3" for n in names}]
-    got = bench.seed_set({"seed": 7, "sizes": [10, 20], "configs": configs, "steps": 2, "multiquantizer": str(mq),
-                          "threads": 1})
+    got = bench.seed_set({"model": "digits-dit", "seed": 7, "sizes": [10, 20], "configs": configs, "steps": 2,
+                          "multiquantizer": str(mq), "threads": 1})
     assert set(got["values"]) == {"10", "20"} and set(got["values"]["10"]) == set(bench.METRICS)
     fp, q = (got["values"]["20"]["feature_mse"][i] for i in (0, 1))
     assert fp == 0.0 and q > 0 and got["values"]["20"]["psnr"][0] == 100.0
     rows = bench.summarize([got, got], [1.0, 2.0], [10, 20], {"10": 0.1, "20": 0.2})
-    d = {"configs": 2, "truth": "t.sqlite", "seed_sets": [7, 7], "steps": 2, "rows": rows}
+    d = {"models": [{"model": "digits-dit", "configs": 2, "truth": "t.sqlite", "seed_sets": [7, 7], "steps": 2,
+                     "rows": rows}]}
     text = bench.markdown(d)
-    assert "| feature_mse | 20 | 0.20 |" in text and "Best metric at each size" in text
+    assert "## digits-dit: 2 configs of `t.sqlite`" in text and "| feature_mse | 20 | 0.20 |" in text
+    assert "Best metric at each size" in text
 
 
 def test_label_efficiency_table_renders_from_its_json():
