@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -166,7 +167,8 @@ def run_model(model: str, args: argparse.Namespace) -> Dict[str, Any]:
     jobs = [{"model": model, "seed": SEED_BASE + SEED_STRIDE * s, "sizes": args.size_list, "configs": configs,
              "steps": args.steps, "multiquantizer": str(mq), "threads": args.threads} for s in range(args.seed_sets)]
     sets: List[Dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    # spawn: the parent ran torch (OpenMP) for the previous model's cost, and forking it then is unsafe
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for got in tqdm(pool.map(seed_set, jobs), total=len(jobs), desc=f"{model} seed sets", unit="set"):
             sets.append(got)
     cost = labelling_cost(model, str(mq), args.steps, args.size_list, configs[: args.cost_configs], args.threads)
