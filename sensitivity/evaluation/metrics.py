@@ -167,6 +167,11 @@ _KID_REFERENCE_TERMS: Dict[tuple, list] = {}  # (reference digest, shapes, m, su
 # ------------------------------------------------------------------------------- uncertainty
 
 
+def _mmd_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's polynomial kernel ``(x·y / D + 1)³`` between rows ``[N, D]`` and ``[M, D]``: ``[N, M]`` (float64)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
 def bootstrap_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
     """Resampled image indices ``int64 [replicates, n]`` (with replacement, seeded).
 
@@ -202,11 +207,11 @@ def bootstrap_replicates(idx: np.ndarray, features: Optional[np.ndarray] = None,
     if features is not None and reference_features is not None:
         a = np.asarray(features, dtype=np.float64)
         b = np.asarray(reference_features, dtype=np.float64)
-        d, m = a.shape[1], b.shape[0]
-        k_aa = (a @ a.T / d + 1) ** 3
-        k_bb = (b @ b.T / d + 1) ** 3
+        m = b.shape[0]
+        k_aa = _mmd_kernel(a, a)
+        k_bb = _mmd_kernel(b, b)
         s_xx = (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
-        cross = ((b @ a.T / d + 1) ** 3).sum(axis=0) / m  # [N]: mean kernel of each image to the reference
+        cross = _mmd_kernel(b, a).sum(axis=0) / m  # [N]: mean kernel of each image to the reference
         w = np.zeros((idx.shape[0], n))
         np.add.at(w, (np.repeat(np.arange(idx.shape[0]), n), idx.ravel()), 1.0)  # draws of each image
         # pairs of two different images only: a resampled image paired with its own copy is no pair
@@ -251,8 +256,8 @@ def paired_mmd2(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or len(a) < 2:
         raise ValueError(f"paired MMD needs two [N, D] sets of the same shape with N >= 2, got {a.shape} and {b.shape}")
-    n, d = a.shape
-    h = (a @ a.T / d + 1) ** 3 + (b @ b.T / d + 1) ** 3 - (a @ b.T / d + 1) ** 3 - (b @ a.T / d + 1) ** 3
+    n = len(a)
+    h = _mmd_kernel(a, a) + _mmd_kernel(b, b) - _mmd_kernel(a, b) - _mmd_kernel(b, a)
     return float((h.sum() - np.trace(h)) / (n * (n - 1)))
 
 
@@ -264,7 +269,6 @@ def paired_feature_metrics(features: np.ndarray, fp_features: np.ndarray) -> Dic
     return {"feature_mse": float(per_image_feature_mse(features, fp_features).mean()),
             "fd_fp": fid_from_features(features, fp_features),
             "kid_fp": paired_mmd2(features, fp_features)}
-
 
 
 def _as_float_images(images, reference) -> Tuple[np.ndarray, np.ndarray]:
