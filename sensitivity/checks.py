@@ -74,7 +74,8 @@ CONSTRAINTS: Dict[str, Constraint] = {
     "images_per_class": _COUNT, "check_images_per_class": _COUNT, "images_per_prompt": _COUNT,
     "act_bits": Constraint(min=2, max=16), "kid_subsets": _COUNT,
     # jobs
-    "threads": _COUNT, "workers": _COUNT, "limit": _COUNT, "num_configs": _COUNT,
+    "threads": _COUNT, "workers": _COUNT, "limit": _COUNT, "num_configs": _COUNT, "full_configs": _COUNT,
+    "full_images_per_class": _COUNT, "full_num_images": Constraint(min=2),
     "initial": _COUNT, "batch": _COUNT, "pool": _COUNT, "window": Constraint(above=0),
     # predictors and search
     "folds": Constraint(min=2), "lam": _NONNEG, "max_module_configs": _COUNT, "max_combinations": _COUNT,

@@ -59,6 +59,8 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['path']}: {info['records']} records, {info['size_bytes'] / 2**20:.2f} MiB, format {info['format']}")
     print(f"signature {info['signature']}")
+    for name, f in (info.get("fidelities") or {}).items():
+        print(f"fidelity {name}: {f['records']} records, signature {f['signature'][:12]}")
     for k, v in sorted((info["evaluation"] or {}).items()):
         text = json.dumps(v, default=str)
         print(f"  {k}: {text if len(text) < 100 else text[:97] + '...'}")

@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="active: bit targets to sample near (default 3.4,3.6,3.8,4.0)")
     st.add_argument("--window", type=float, default=0.15, help="active: candidates within this many bits of a target")
     st.add_argument("--metric", default="fid", help="active: metric the ensemble learns (default fid)")
+    mf = p.add_argument_group("multi-fidelity (cheap labels for many configs, full labels for a few, one cache)")
+    mf.add_argument("--full-configs", type=int, default=None, metavar="N",
+                    help="after labelling the configs with the protocol above (the cache's 'cheap' fidelity), label "
+                         "configs 0..N-1 again on more images (its 'full' fidelity); train learns from both")
+    mf.add_argument("--full-images-per-class", type=int, default=None, help="class models: the full labels' images per class")
+    mf.add_argument("--full-num-images", type=int, default=None, help="text models: the full labels' image count")
     p.add_argument("--seed", type=int, default=0, help="seed of the run's configs (default 0)")
     s = p.add_argument_group("sampler options (part of the run's identity)")
     s.add_argument("--bits", default=None, help="allowed bit widths, e.g. '3-4' or '4' (default: all in the multiquantizer)")
@@ -84,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                  workers=args.workers, devices=args.devices, ray=args.ray, threads=args.threads,
                  pipeline=args.pipeline, progress=not args.no_progress, initial=args.initial, batch=args.batch,
                  pool=args.pool, targets=targets, window=args.window, metric=args.metric,
-                 **protocol_kwargs(args))
+                 full_configs=args.full_configs, full_images_per_class=args.full_images_per_class,
+                 full_num_images=args.full_num_images, **protocol_kwargs(args))
     summary = res.summary
     if args.json:
         print(json.dumps({"run_id": summary.run_id, "planned": summary.planned, "done": summary.done,
@@ -92,12 +99,18 @@ def run(args: argparse.Namespace) -> int:
                           "reused": summary.reused, "by_others": summary.by_others, "failed": summary.failed,
                           "elapsed_s": summary.elapsed_s, "startup_s": summary.startup_s,
                           "configs_per_hour": summary.configs_per_hour, "complete": summary.complete,
-                          "runner": summary.runner}))
-    print(f"sample {res.family.name}: {summary}")
-    if summary.failed:
-        first = min(summary.failed)
-        print(f"error: {len(summary.failed)} of {summary.planned} configs failed (config {first}: "
-              f"{summary.failed[first]}); finished ones are in {args.cache}: rerun the command to retry the rest",
-              file=sys.stderr)
-        return 1
+                          "runner": summary.runner,
+                          **({"full": {"run_id": res.full.run_id, "planned": res.full.planned, "done": res.full.done,
+                                       "evaluated": res.full.evaluated, "complete": res.full.complete}}
+                             if res.full is not None else {})}))
+    print(f"sample {res.family.name}{' (cheap labels)' if res.full is not None else ''}: {summary}")
+    if res.full is not None:
+        print(f"sample {res.family.name} (full labels): {res.full}")
+    for s in (summary, res.full):
+        if s is not None and s.failed:
+            first = min(s.failed)
+            print(f"error: {len(s.failed)} of {s.planned} configs failed (config {first}: "
+                  f"{s.failed[first]}); finished ones are in {args.cache}: rerun the command to retry the rest",
+                  file=sys.stderr)
+            return 1
     return 0

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are negated so higher predictions are better)")
     p.add_argument("--lam", type=float, default=0.0,
                    help="bit penalty: target = -metric - LAM*avg_bits (the reference uses 150; default 0)")
+    p.add_argument("--fidelity", choices=("auto", "full", "mixed"), default="auto",
+                   help="a cache with cheap and full labels (sample --full-configs): auto/mixed learn the cheap "
+                        "metrics on every config and a stack mapping them to --target on the full labels; full "
+                        "uses the full labels alone (default auto)")
+    p.add_argument("--cheap-targets", default=None, metavar="M1,M2",
+                   help="cheap metrics the members learn (default: feature_mse,fd_fp,psnr where the cheap labels have them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the models (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=VALUE",
                    help="predictor hyper-parameter, e.g. gnn.epochs=60 or lightgbm.num_leaves=31 (value as JSON)")
@@ -83,16 +89,22 @@ def run(args: argparse.Namespace) -> int:
                    baselines=[k for k in baselines if k != predictor], folds=args.folds, seed=args.seed,
                    metric=args.target, lam=args.lam, params=parse_params(args.set), device=args.device,
                    multiquantizer=args.multiquantizer, scores=not args.no_scores,
-                   max_module_configs=args.max_module_configs)
+                   max_module_configs=args.max_module_configs, fidelity=args.fidelity,
+                   cheap_metrics=[m.strip() for m in args.cheap_targets.split(",") if m.strip()] if args.cheap_targets else None)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0
+    fid = report.get("fidelity")
+    if fid:
+        print(f"{sum(fid['n_cheap'].values()) // len(fid['n_cheap'])} configs with cheap labels learnt as "
+              f"{', '.join(fid['n_cheap'])}; stack of the members on the full labels:")
     print(f"{report['n_configs']} configs, {args.folds} folds, target {report['target']['formula']} "
           f"(seed {args.seed}); held-out mean over folds:")
-    print(f"  {'predictor':<10} {'Spearman':>9} {'Kendall':>9} {'NDCG@10':>9}")
+    w = max(10, *(len(k) for k in report["predictors"]))
+    print(f"  {'predictor':<{w}} {'Spearman':>9} {'Kendall':>9} {'NDCG@10':>9}")
     for kind, r in report["predictors"].items():
         m = r["mean"]
-        print(f"  {kind:<10} {m['spearman']:>9.3f} {m['kendall']:>9.3f} {m['ndcg@10']:>9.3f}")
+        print(f"  {kind:<{w}} {m['spearman']:>9.3f} {m['kendall']:>9.3f} {m['ndcg@10']:>9.3f}")
     for kind, why in report.get("skipped", {}).items():
         print(f"  {kind:<10} not trained: {why}")
     print(f"wrote {Path(args.out)}/ (report.md, report.json, predictor.json, weights; {report['seconds']:.0f} s)")

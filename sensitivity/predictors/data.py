@@ -306,6 +306,8 @@ class CacheData:
     layer_stats: Dict[str, Dict[str, Any]]
     path: str
     signature: Optional[str] = None
+    #: records of the cache's other fidelities (``{"cheap": [...]}`` after ``sample --full-configs``), canonical order
+    fidelity_records: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def model_id(self) -> Optional[str]:
@@ -346,7 +348,8 @@ def load_cache(path: str | Path) -> CacheData:
         return CacheData(canonical_order(recs), dict(evaluation or {}), dict(stats or {}), str(p), sig)
     cache = ConfigCache(p)
     try:
+        others = {name: canonical_order(recs) for name, recs in cache.fidelity_records().items() if name != cache.fidelity}
         return CacheData(canonical_order(cache.records()), dict(cache.evaluation or {}), dict(cache.layer_stats or {}), str(p),
-                         cache.signature)
+                         cache.signature, others)
     finally:
         cache.close()

@@ -95,6 +95,8 @@ def train(
     max_module_configs: int = MAX_MODULE_CONFIGS,
     min_configs: int = 10,
     progress: bool = True,
+    fidelity: str = "auto",
+    cheap_metrics: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Train ``predictor`` and ``baselines`` on ``cache`` with k-fold CV; write folder ``out``.
 
@@ -102,6 +104,10 @@ def train(
     ``weights`` (default meta: no memory); ``graph``: a prebuilt :class:`~sensitivity.graph.DenoiserGraph`
     instead. ``params``: ``{kind: {parameter: value}}``. Everything is checked before any work; returns
     the report (also in ``out/report.json``).
+
+    ``fidelity``: ``auto`` learns from the cache's cheap labels too when it has them (``sample
+    --full-configs``: :mod:`.fidelity`, members learning ``cheap_metrics``, a stack fitted on the full
+    labels, ``baselines`` trained on the full labels alone); ``full`` ignores them; ``mixed`` requires them.
     """
     from ..checks import check_device, check_values
     from ..io import check_writable
@@ -114,10 +120,25 @@ def train(
         get_kind(kind)  # unknown names fail here, before any work
     check_device(device)
     check_writable(out, "--out", directory=True)
+    if fidelity not in ("auto", "full", "mixed"):
+        raise SensitivityError(f"--fidelity {fidelity!r}: expected auto, full or mixed")
     t0 = time.perf_counter()
     data = load_cache(cache)
     target = Target(metric, float(lam))
     min_records = max(min_configs, folds)
+    from .fidelity import CHEAP, STACK_KIND, cheap_metrics_of, cross_validate_multifidelity
+
+    cheap_records = data.fidelity_records.get(CHEAP) if fidelity != "full" else None
+    if fidelity == "mixed" and not cheap_records:
+        raise SensitivityError(f"cache {cache} has no cheap labels (`sensitivity sample --full-configs` writes them)")
+    if cheap_metrics and not cheap_records:
+        raise SensitivityError(f"--cheap-targets: cache {cache} has no cheap labels")
+    mets: List[str] = []
+    if cheap_records:
+        mets = cheap_metrics_of(cheap_records, metric, cheap_metrics)
+        for m in mets:
+            Dataset.labelled_configs(cheap_records, Target(m), f"{cache} (cheap labels)", min_records)
+        min_records = folds  # the full labels only rank the stack: a few are enough
     Dataset.labelled_configs(data.records, target, str(cache), min_records)  # before tracing a model
     fam = model or data.family
     if graph is None:
@@ -126,6 +147,10 @@ def train(
         graph = model_graph(fam, weights, list(data.layer_stats or ()), data.model_id)
     table = layer_table(data, graph.weight_nodes, graph.layers, multiquantizer)
     ds = Dataset.from_records(data.records, table, target, source=str(cache), min_records=min_records)
+    if cheap_records:
+        return _train_multifidelity(cache, out, data, ds, table, graph, cheap_records, mets, predictor, baselines,
+                                    folds, seed, params, device, fam, multiquantizer, scores, max_module_configs,
+                                    progress, t0)
     kinds = [predictor] + [b for b in baselines if b != predictor]
     cls = get_kind(predictor)
     if hasattr(cls, "members_of"):  # an ensemble's members are reported (and saved) as kinds of their own too
@@ -142,6 +167,31 @@ def train(
     res.report["cache"] = str(cache)
     save_predictors(out, res, predictor, meta, bg, compute_scores=scores, progress=progress,
                     max_module_configs=max_module_configs)
+    res.report["seconds"] = round(time.perf_counter() - t0, 2)
+    return res.report
+
+
+def _train_multifidelity(cache, out, data, ds, table, graph, cheap_records, mets, predictor, baselines, folds, seed,
+                         params, device, fam, multiquantizer, scores, max_module_configs, progress, t0) -> Dict[str, Any]:
+    """:func:`train` on a cache with cheap and full labels (:mod:`.fidelity`)."""
+    from .fidelity import STACK_KIND, cross_validate_multifidelity
+
+    cheap = {m: Dataset.from_records(cheap_records, table, Target(m), source=f"{cache} (cheap labels)")
+             for m in mets}
+    ctx = Context(table, ds.target, graph, device)
+    res, stack = cross_validate_multifidelity(cheap, ds, ctx, predictor, baselines=list(baselines), folds=folds,
+                                              seed=seed, params=params, progress=progress)
+    first = next(iter(cheap.values()))
+    rng = np.random.default_rng(seed)
+    bg = first.codes[np.sort(rng.choice(len(first), min(N_BACKGROUND, len(first)), replace=False))]
+    meta = {"model_id": data.model_id or (graph.model_id if graph is not None else None), "family": fam,
+            "cache": str(cache), "cache_signature": data.signature, "n_configs": len(ds),
+            "n_cheap_configs": len(first), "multiquantizer_hash": data.multiquantizer_hash,
+            "multiquantizer_path": multiquantizer, "act_bits": data.evaluation.get("act_bits")}
+    res.report["model_id"] = meta["model_id"]
+    res.report["cache"] = str(cache)
+    save_predictors(out, res, STACK_KIND, meta, bg, compute_scores=scores, progress=progress,
+                    max_module_configs=max_module_configs, stack=stack, ctx=ctx)
     res.report["seconds"] = round(time.perf_counter() - t0, 2)
     return res.report
 

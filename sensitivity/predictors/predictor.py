@@ -283,6 +283,19 @@ def report_markdown(report: Mapping[str, Any], title: str = "Predictor report") 
               "|---|" + "---|" * k]
     for kind, r in preds.items():
         lines.append(f"| {kind} | " + " | ".join(_fmt(row["kendall"]) for row in r["folds"]) + " |")
+    fid = report.get("fidelity")
+    if fid:
+        lines += ["", f"Multi-fidelity: the members learnt cheap labels ({', '.join(f'{m}: {n} configs' for m, n in fid['n_cheap'].items())}); "
+                  f"the rows above rank them, their stack and the baselines on the {fid['n_full']} configs with full labels. "
+                  "The members on their own cheap labels (held-out, same folds seed):", "",
+                  "| member | configs | Kendall τ | pooled Kendall τ |", "|---|---|---|---|"]
+        for name, r in fid["cheap"].items():
+            lines.append(f"| {name} | {r['n_configs']} | {_fmt(r['mean']['kendall'])} ± {_fmt(r['std']['kendall'])} | "
+                         f"{_fmt(r['pooled']['kendall'])} |")
+        st = fid.get("stack")
+        if st:
+            lines += ["", "Stack weights (per standardised member prediction): " + ", ".join(
+                f"{m} {w:.3f}" for m, w in zip(st["members"], st["weights"])) + f"; ridge alpha {st['alpha']:g}"]
     if report.get("skipped"):
         lines += ["", "Not trained: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
     lines += ["", "Spearman / Kendall τ: rank correlation of predicted vs true target on the held-out fold; "
@@ -327,20 +340,22 @@ def json_clean(obj: Any) -> Any:
 
 def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta: Mapping[str, Any],
                     background_codes: np.ndarray, compute_scores: bool = True, progress: bool = True,
-                    max_module_configs: int = S.MAX_MODULE_CONFIGS) -> Path:
+                    max_module_configs: int = S.MAX_MODULE_CONFIGS, stack: Any = None,
+                    ctx: Optional[Context] = None) -> Path:
     """Write the folder (see the module docstring) atomically (temp folder, then rename).
 
-    ``max_module_configs``: predictions per fold model spent on module scores (see :meth:`Predictor.compute_scores`)."""
+    ``max_module_configs``: predictions per fold model spent on module scores (see :meth:`Predictor.compute_scores`).
+    ``stack`` (a :class:`.fidelity.Stack`) with ``ctx`` (the full target's context): a multi-fidelity
+    folder, primary ``multifidelity``, whose members keep their own (cheap) targets."""
     from safetensors.numpy import save_file
 
     out = Path(out)
-    if primary not in result.predictors:
+    if stack is None and primary not in result.predictors:
         raise SensitivityError(f"primary predictor {primary!r} was not trained ({result.report['skipped'].get(primary, '')})")
     from ..io import atomic_dir
 
     with atomic_dir(out, "predictor folder", replace=True) as tmp:
-        pred0 = result.predictors[primary]
-        ctx = pred0.ctx
+        ctx = ctx or result.predictors[primary].ctx
         tensors: Dict[str, np.ndarray] = {}
         members: Dict[str, Any] = {}
         (tmp / "texts").mkdir()
@@ -361,8 +376,11 @@ def save_predictors(out: str | os.PathLike, result: CVResult, primary: str, meta
         manifest = {
             "format": FORMAT,
             "primary": primary,
-            "kinds": list(result.predictors),
+            "kinds": ([primary] if stack is not None else []) + list(result.predictors),
             "target": ctx.target.to_dict(),
+            **({"stack": stack.to_dict(), "member_targets": {
+                k: p.ctx.target.to_dict() for k, p in result.predictors.items() if p.ctx.target != ctx.target}}
+               if stack is not None else {}),
             "table": ctx.table.to_dict(),
             "folds": {"k": int(result.report["folds"]), "seed": int(result.report["seed"]),
                       "fold_of": result.fold_of.tolist()},
@@ -415,17 +433,29 @@ def load_predictor(path: str | os.PathLike, kind: Optional[str] = None, device: 
     p = Path(path)
     man = read_manifest(p)
     kind = kind or man["primary"]
+    if "stack" in man and kind == man["primary"]:
+        from .fidelity import MultiFidelityPredictor, Stack
+
+        stack = Stack.from_dict(man["stack"])
+        members = {n: load_predictor(p, kind=n, device=device) for n in stack.members}
+        first = next(iter(members.values()))
+        ctx = Context(first.table, Target.from_dict(man["target"]), first.graph, device)
+        meta = {k: v for k, v in man.items() if k not in ("members", "table")}
+        pred = MultiFidelityPredictor(members, stack, ctx, meta, p)
+        _read_scores(pred, p)
+        return pred
     if kind not in man["members"]:
         raise SensitivityError(f"predictor {str(path)!r} has no {kind!r} member (it has {', '.join(man['members'])})")
     graph = DenoiserGraph.load(p / "graph.json") if (p / "graph.json").is_file() else None
-    ctx = Context(LayerTable.from_dict(man["table"]), Target.from_dict(man["target"]), graph, device)
+    target = (man.get("member_targets") or {}).get(kind) or man["target"]
+    ctx = Context(LayerTable.from_dict(man["table"]), Target.from_dict(target), graph, device)
     weights = p / "weights.safetensors"
     try:
         tensors = load_file(str(weights)) if weights.is_file() else {}
     except Exception as exc:  # safetensors' own errors: truncated, not a safetensors file...
         raise SensitivityError(f"predictor {str(path)!r}: {weights.name} is damaged ({type(exc).__name__}); "
                                "train it again") from None
-    cls = get_kind(kind)
+    cls = get_kind(kind.split("@", 1)[0])  # a multi-fidelity member KIND@METRIC is a fold ensemble of KIND
     models = []
     for f, fm in enumerate(man["members"][kind]["folds"]):
         m = cls(ctx, fm.get("params"))
@@ -446,8 +476,13 @@ def load_predictor(path: str | os.PathLike, kind: Optional[str] = None, device: 
     meta = {k: v for k, v in man.items() if k not in ("members", "table")}
     pred = Predictor(kind, models, ctx, meta, p)
     if kind == man["primary"]:
-        if (p / "layer_scores.csv").is_file():
-            pred._layer_scores = pd.read_csv(p / "layer_scores.csv", dtype={"layer": str, "option": str})
-        if (p / "module_scores.csv").is_file():
-            pred._module_scores = S.module_scores_from_csv(p / "module_scores.csv")
+        _read_scores(pred, p)
     return pred
+
+
+def _read_scores(pred: Predictor, folder: Path) -> None:
+    """The primary predictor's saved layer / module scores (computed once, at save time)."""
+    if (folder / "layer_scores.csv").is_file():
+        pred._layer_scores = pd.read_csv(folder / "layer_scores.csv", dtype={"layer": str, "option": str})
+    if (folder / "module_scores.csv").is_file():
+        pred._module_scores = S.module_scores_from_csv(folder / "module_scores.csv")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import socket
 import sqlite3
@@ -23,6 +24,11 @@ from .formats import FormatsMixin
 from .records import (_BUSY_TIMEOUT_S, FORMAT, SignatureMismatchError, _checksum, _json, _num, describe_difference, now_iso,
                       run_id_for)
 
+
+#: the fidelity of a cache's own signature (meta keys ``signature`` / ``evaluation``); another fidelity
+#: NAME keeps its signature under ``signature:NAME`` (``sensitivity sample --full-configs``: ``cheap``)
+FULL = "full"
+_FIDELITY_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 _CREATE_WAIT_S = 5.0      # how long an opener waits for a file another process is creating in place
 _CREATING_AGE_S = 60.0    # ... when the file was modified this recently (an older empty file is an error at once)
@@ -74,12 +80,23 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
     (or sets) its signature. ``evaluation`` is the JSON-able description the signature was hashed
     from; it is stored once and used to explain mismatches. A corrupt or foreign file raises
     :class:`CorruptFileError` (one line) without being modified.
+
+    ``fidelity``: one file may hold labels of several evaluations of the same configs (multi-fidelity:
+    many cheap labels, a few full ones). The cache's own signature is fidelity ``"full"``; another
+    fidelity NAME has a signature of its own, and an object opened with ``fidelity=NAME`` reads and
+    writes that fidelity's records only (every method below). :meth:`fidelities` lists them.
     """
 
     def __init__(self, path: str | os.PathLike, signature: Optional[str] = None,
                  evaluation: Optional[Mapping[str, Any]] = None, *, create: bool = False,
-                 check: bool = True):
+                 check: bool = True, fidelity: Optional[str] = None):
         self.path = Path(path)
+        self.fidelity = fidelity or FULL
+        if not _FIDELITY_NAME.match(self.fidelity):
+            raise SensitivityError(f"cache {self.path}: fidelity {self.fidelity!r} is not a name "
+                                   "(lower-case letters, digits, - and _)")
+        self._sig_key = "signature" if self.fidelity == FULL else f"signature:{self.fidelity}"
+        self._eval_key = "evaluation" if self.fidelity == FULL else f"evaluation:{self.fidelity}"
         existed = self.path.exists()
         if not existed and not create:
             raise SensitivityError(f"cache file {str(self.path)!r} does not exist")
@@ -273,30 +290,53 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
 
     @property
     def signature(self) -> Optional[str]:
-        return self._meta("signature")
+        """The signature of this object's fidelity (None while it has none)."""
+        return self._meta(self._sig_key)
 
     @property
     def evaluation(self) -> Optional[Dict[str, Any]]:
-        raw = self._meta("evaluation")
+        raw = self._meta(self._eval_key)
         return json.loads(raw) if raw else None
+
+    def fidelities(self) -> Dict[str, str]:
+        """``{fidelity: signature}`` of every fidelity with a signature, ``"full"`` first."""
+        out = {}
+        for key, value in self._q("SELECT key, value FROM meta WHERE key='signature' OR key LIKE 'signature:%' "
+                                  "ORDER BY key"):
+            out[FULL if key == "signature" else key.split(":", 1)[1]] = value
+        return out
+
+    def fidelity_records(self) -> Dict[str, List[Dict[str, Any]]]:
+        """``{fidelity: records}`` of every fidelity (each list as :meth:`records` gives it)."""
+        out = {}
+        for name, sig in self.fidelities().items():
+            rows = self._q(self._SELECT + " WHERE r.signature=? ORDER BY r.id", (sig,))
+            out[name] = self._with_components([self._decode(r) for r in rows])
+        return out
 
     def check_signature(self, signature: str, evaluation: Optional[Mapping[str, Any]] = None) -> None:
         """Raise :class:`SignatureMismatchError` if the cache has another signature (writes nothing)."""
         current = self.signature
         if current is not None and current != signature:
+            what = "" if self.fidelity == FULL else f" at fidelity {self.fidelity!r}"
             raise SignatureMismatchError(
-                f"{self.path} holds records of another evaluation (signature {current[:12]}, this one {signature[:12]}: "
+                f"{self.path} holds records of another evaluation{what} (signature {current[:12]}, this one {signature[:12]}: "
                 f"{describe_difference(self.evaluation or {}, evaluation or {})}); use another --cache file"
             )
 
     def ensure_signature(self, signature: str, evaluation: Optional[Mapping[str, Any]] = None) -> None:
         """Set the cache's signature if it has none; raise :class:`SignatureMismatchError` if it differs."""
         with self._write() as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key='signature'").fetchone()
+            row = cur.execute("SELECT value FROM meta WHERE key=?", (self._sig_key,)).fetchone()
             if row is None:
-                cur.execute("INSERT INTO meta(key, value) VALUES ('signature', ?)", (signature,))
-                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('evaluation', ?)",
-                            (_json(dict(evaluation or {})),))
+                others = {v for k, v in cur.execute("SELECT key, value FROM meta WHERE key='signature' OR "
+                                                    "key LIKE 'signature:%'").fetchall()}
+                if signature in others:
+                    raise SignatureMismatchError(f"{self.path}: fidelity {self.fidelity!r} would have the signature "
+                                                 f"of another fidelity ({signature[:12]}): give it other images")
+                cur.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (self._sig_key, signature))
+                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                            (self._eval_key, _json(dict(evaluation or {}))))
                 return
         self.check_signature(signature, evaluation)
 
@@ -333,6 +373,9 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
         """
         from .records import evaluation_signature, run_id_for
 
+        if len(self.fidelities()) > 1 or self.fidelity != FULL:
+            raise SensitivityError(f"{self.path}: holds labels of several fidelities ({', '.join(self.fidelities())}); "
+                                   "rebinding those is not supported: label again with the new multiquantizer")
         ev = self.evaluation
         if not ev or "multiquantizer_hash" not in ev:
             raise SensitivityError(f"{self.path}: its evaluation names no multiquantizer hash")
@@ -465,7 +508,11 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
         being that run's (a config drawn twice appears twice).
         """
         if run_id is None:
-            return self._with_components([self._decode(r) for r in self._q(self._SELECT + " ORDER BY r.id")])
+            sig = self.signature
+            if sig is None:
+                return []
+            rows = self._q(self._SELECT + " WHERE r.signature=? ORDER BY r.id", (sig,))
+            return self._with_components([self._decode(r) for r in rows])
         rows = self._q(
             "SELECT r.id, c.run_id, c.idx, r.config_hash, r.config, r.avg_bits, r.quantized_bytes, r.summed_error, "
             "r.metrics, r.signature, r.timings, r.host, r.created_at, r.checksum "
@@ -518,6 +565,10 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
             "signature": self.signature, "evaluation": self.evaluation, "records": n, "runs": self.runs(),
             "layers_with_stats": len(self.layer_stats),
         }
+        fids = self.fidelities()
+        if len(fids) > 1:
+            out["fidelities"] = {name: {"signature": sig, "records": self._q(
+                "SELECT COUNT(*) FROM records WHERE signature=?", (sig,))[0][0]} for name, sig in fids.items()}
         if n:
             df = self.to_frame()
             ranges = {}

@@ -138,6 +138,7 @@ def run_job(
     poll_s: float = 0.5,
     desc: str = "sample",
     max_configs: Optional[int] = None,
+    fidelity: Optional[str] = None,
 ) -> JobSummary:
     """Evaluate the configs of ``plan`` that are not in ``cache`` yet (see the module docstring).
 
@@ -145,25 +146,26 @@ def run_job(
     ``signature``/``evaluation``: the evaluation signature and its description (default: the open
     cache's). Nothing is written before every worker has built its evaluator, so bad inputs (a
     missing prompt file, a multiquantizer of another model) and a signature mismatch leave the cache
-    untouched. ``max_configs``: stop after evaluating this many (benchmarks). Returns a
+    untouched. ``max_configs``: stop after evaluating this many (benchmarks). ``fidelity``: the cache
+    fidelity the records go to (a path's; default the cache's own, ``"full"``). Returns a
     :class:`JobSummary`; failed configs are listed there and retried by the next run.
     """
     own = not isinstance(cache, ConfigCache)
     if own:
         path = Path(cache)
-        cache = ConfigCache(path) if path.exists() else None
+        cache = ConfigCache(path, fidelity=fidelity) if path.exists() else None
     else:
         path = cache.path
     try:
         return _run_job(cache, path, plan, runner, signature, evaluation, progress, lease_s, max_retries,
-                        poll_s, desc, max_configs)
+                        poll_s, desc, max_configs, fidelity)
     finally:
         if own and cache is not None:
             cache.close()
 
 
 def _run_job(cache, path, plan, runner, signature, evaluation, progress, lease_s, max_retries, poll_s, desc,
-             max_configs) -> JobSummary:
+             max_configs, fidelity=None) -> JobSummary:
     N = int(plan.num_configs)
     if signature is None:
         if cache is None or cache.signature is None:
@@ -189,7 +191,7 @@ def _run_job(cache, path, plan, runner, signature, evaluation, progress, lease_s
     created = None
     try:
         if cache is None:
-            cache = created = ConfigCache(path, create=True)
+            cache = created = ConfigCache(path, create=True, fidelity=fidelity)
         cache.ensure_signature(signature, evaluation)
         cache.register_run(plan.sampler.to_dict(), N)
         cache.set_layer_stats(plan.layer_stats)
