@@ -11,7 +11,9 @@ random = configs 0..N-1 of the random run (sampler index order), active = the fi
 run's labelling order (:func:`sensitivity.active.labelling_order`), paired = configs 0..N-1 of the random
 run of ``--paired-cache`` (the same sampler seed, so the same configs as random, labelled with few images
 and ``sample --paired-features``), one strategy ``paired:METRIC`` per ``--paired-metric`` (what its
-predictor learns instead of FID). The prefix goes into a
+predictor learns instead of FID), multifidelity = every label of ``--paired-cache`` as the cheap
+fidelity plus configs 0..N-1 of the random run as the full one (:mod:`sensitivity.predictors.fidelity`:
+members learning the paired metrics, a stack fitted on the N FID labels; its cost counts both). The prefix goes into a
 temporary cache, :func:`sensitivity.predictors.train` fits ``--predictor`` on it (5-fold ensemble, as
 ``sensitivity train``); its Kendall τ is measured against the ground truth (``--truth``: its FID on 2,000
 images per config; every strategy) and on the held-out cache (the FID strategies:
@@ -86,13 +88,15 @@ def random_order(cache_path: str, seed: int) -> List[Dict[str, Any]]:
         return c.records(runs[0]["run_id"])
 
 
-def write_prefix(source: str, records: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
-    """A cache holding ``records`` (one run, indices = labelling order) with ``source``'s protocol."""
+def write_prefix(source: str, records: Sequence[Mapping[str, Any]], path: Path, label: str,
+                 fidelity: str | None = None) -> None:
+    """A cache holding ``records`` (one run, indices = labelling order) with ``source``'s protocol, as
+    the cache's ``fidelity`` (default its own)."""
     from sensitivity.evaluation.cache import ConfigCache
 
     with ConfigCache(source) as src:
         sig, evaluation, stats = src.signature, src.evaluation, src.layer_stats
-    with ConfigCache(path, signature=sig, evaluation=evaluation, create=True) as c:
+    with ConfigCache(path, signature=sig, evaluation=evaluation, create=True, fidelity=fidelity) as c:
         c.set_layer_stats(stats)
         run = c.register_run({"algorithm": "prefix", "of": label, "n": len(records)}, planned=len(records))
         for i, r in enumerate(records):
@@ -113,11 +117,18 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
 
     prefix = records[:n]
     metric = strategy.split(":", 1)[1] if strategy.startswith("paired:") else "fid"
+    cost = list(prefix)
+    member = kind
     with tempfile.TemporaryDirectory(prefix="label-eff-") as tmp:
         cache = Path(tmp) / "prefix.sqlite"
         write_prefix(source, prefix, cache, f"{strategy}:{source}")
+        if strategy == "multifidelity":  # every paired label as the cheap fidelity, the N FID labels as the full one
+            cheap = random_order(args.paired_cache, args.seed)
+            write_prefix(args.paired_cache, cheap, cache, f"cheap:{args.paired_cache}", fidelity="cheap")
+            cost += cheap
+            kind = "multifidelity"
         t0 = time.perf_counter()
-        report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=kind, baselines=(),
+        report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=member, baselines=(),
                        folds=args.folds, seed=args.seed, metric=metric, scores=False, progress=False,
                        multiquantizer=args.multiquantizer)
         train_s = time.perf_counter() - t0
@@ -136,16 +147,18 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
     for t in (args.target_list if measure else []):
         res = search(predictor, mq, t, sizes=sizes)
         m = evaluator.evaluate(res.options)
-        rows.append({"strategy": strategy, "labels": n, "predictor": kind, "target": t, "config": "search",
+        rows.append({"strategy": strategy, "labels": n, "predictor": member, "target": t, "config": "search",
                      "avg_bits": res.avg_bits, "predicted_fid": -res.predicted,
                      **{k: m.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
     search_s = time.perf_counter() - t1
-    return {"strategy": strategy, "labels": n, "predictor": kind, "metric": metric, "truth_tau": truth_tau,
+    if strategy == "multifidelity":
+        metric = "fid, stacking " + ", ".join(report["fidelity"]["n_cheap"])
+    return {"strategy": strategy, "labels": n, "predictor": member, "metric": metric, "truth_tau": truth_tau,
             "truth_configs": len(args.truth_records),
             "tau": held["predictors"][kind]["kendall"] if held else None,
             "spearman": held["predictors"][kind]["spearman"] if held else None,
             "cv_tau": report["predictors"][kind]["mean"]["kendall"], "heldout_configs": held["n_configs"] if held else None,
-            "label_eval_s": round(label_seconds(prefix), 1), "train_s": round(train_s, 1),
+            "label_eval_s": round(label_seconds(cost), 1), "train_s": round(train_s, 1),
             "search_and_measure_s": round(search_s, 1), "rows": rows,
             "full_precision": evaluator.evaluate({})}
 
@@ -222,8 +235,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    if not set(strategies) <= {"random", "active", "paired"}:
-        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active, paired")
+    if not set(strategies) <= {"random", "active", "paired", "multifidelity"}:
+        raise SensitivityError(f"--strategies {args.strategies!r}: use random, active, paired, multifidelity")
     from sensitivity.evaluation.cache import read_records
 
     args.truth_records = sorted(read_records(args.truth), key=lambda r: r["index"]) if args.truth else []
@@ -234,6 +247,8 @@ def main(argv=None) -> int:
         paired = random_order(args.paired_cache, args.seed)
         for metric in [m.strip() for m in args.paired_metric.split(",") if m.strip()]:
             orders[f"paired:{metric}"] = (args.paired_cache, paired)
+    if "multifidelity" in strategies:  # N FID labels of the random run + every label of the paired cache
+        orders["multifidelity"] = (args.random_cache, random_order(args.random_cache, args.seed))
     if "active" in strategies:
         orders["active"] = (args.active_cache, labelling_order(args.active_cache, seed=args.seed, limit=max(labels)))
     for name, (path, recs) in orders.items():
