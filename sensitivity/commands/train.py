@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "uses the full labels alone (default auto)")
     p.add_argument("--cheap-targets", default=None, metavar="M1,M2",
                    help="cheap metrics the members learn (default: feature_mse,fd_fp,psnr where the cheap labels have them)")
+    p.add_argument("--prior", default=None, metavar="PREDICTOR_DIR",
+                   help="transfer: start every GNN fold (gnn or the ensemble's) from this predictor folder's gnn, "
+                        "trained on another model's labels (same as --set gnn.init_from=DIR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the models (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=VALUE",
                    help="predictor hyper-parameter, e.g. gnn.epochs=60 or lightgbm.num_leaves=31 (value as JSON)")
@@ -85,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = args.predictor or DEFAULT_PREDICTOR
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    params = parse_params(args.set)
+    if args.prior:
+        params.setdefault("gnn", {})["init_from"] = args.prior
     report = train(args.cache, args.out, model=args.model, weights=args.weights, predictor=predictor,
                    baselines=[k for k in baselines if k != predictor], folds=args.folds, seed=args.seed,
-                   metric=args.target, lam=args.lam, params=parse_params(args.set), device=args.device,
+                   metric=args.target, lam=args.lam, params=params, device=args.device,
                    multiquantizer=args.multiquantizer, scores=not args.no_scores,
                    max_module_configs=args.max_module_configs, fidelity=args.fidelity,
                    cheap_metrics=[m.strip() for m in args.cheap_targets.split(",") if m.strip()] if args.cheap_targets else None)

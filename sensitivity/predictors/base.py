@@ -46,6 +46,9 @@ class FoldModel:
 
     kind: str = ""
     description: str = ""
+    #: True when a fold model's state means the same on another model's layer table and graph (no
+    #: per-layer parameters): :func:`.predictor.transfer` and the ``init_from`` prior need it
+    transferable: ClassVar[bool] = False
     Params: ClassVar[Type[KindParams]] = KindParams
     defaults: ClassVar[Dict[str, Any]] = {}
 

@@ -165,6 +165,11 @@ def graph_tensors(graph: Any, table: LayerTable, vocab: Optional[Dict[str, Any]]
     dst = [pos_of[b] for a, b in g.edges] + list(range(N))
     meth_ix = {m: i for i, m in enumerate(vocab["methods"])}
     bits_ix = {b: i for i, b in enumerate(vocab["bits"])}
+    for o in table.options:  # a prior of another model (``init_from``) knows its own options only
+        q = QuantOption.parse(o)
+        if q.method not in meth_ix or q.bits not in bits_ix:
+            raise SensitivityError(f"option {o!r} is unknown to the GNN's vocabulary (methods {vocab['methods'][2:]}, "
+                                   f"bits {vocab['bits'][2:]}): a prior must know every option of the model")
     opt_method = np.array([meth_ix["fp16"]] + [meth_ix[QuantOption.parse(o).method] for o in table.options], np.int64)
     opt_bits = np.array([bits_ix[16]] + [bits_ix[QuantOption.parse(o).bits] for o in table.options], np.int64)
     reduction = np.log2(table.fp16_bytes[:, None] / table.nbytes).astype(np.float32)
@@ -241,7 +246,9 @@ class GNNModel(FoldModel):
     class Params(KindParams):
         """Architecture (``layers`` GATv2 convolutions of width ``hidden``, embeddings ``d0``), training
         (``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``val_fraction``), the ranking
-        term (``rank_loss``, ``rank_weight``, soft-rank temperature ``tau``), torch threads, ``feature_table``."""
+        term (``rank_loss``, ``rank_weight``, soft-rank temperature ``tau``), torch threads, ``feature_table``;
+        ``init_from``: a predictor folder (of any model) whose ``gnn`` fold model starts the training, its
+        vocabularies, architecture and bit normalisation kept (transfer: a prior from another model's labels)."""
 
         layers: int = 4
         hidden: int = 64
@@ -257,6 +264,11 @@ class GNNModel(FoldModel):
         tau: float = 0.1
         num_threads: Optional[int] = 1
         feature_table: Optional[str] = None
+        init_from: Optional[str] = None
+
+    #: the node features are what transfers between models (op type, role, shape, bits, method, measured
+    #: error), never a layer's name: a fold model runs on another model's graph (:func:`.predictor.transfer`)
+    transferable = True
 
     @classmethod
     def available(cls, ctx: Context, ds: Optional[Dataset] = None) -> Optional[str]:
@@ -267,7 +279,8 @@ class GNNModel(FoldModel):
     def _device(self) -> torch.device:
         return torch.device(self.ctx.device or "cpu")
 
-    def _setup(self, vocab: Optional[Dict[str, Any]] = None, feature: Optional[np.ndarray] = None) -> None:
+    def _setup(self, vocab: Optional[Dict[str, Any]] = None, feature: Optional[np.ndarray] = None,
+               arch: Optional[Dict[str, int]] = None) -> None:
         gt = graph_tensors(self.ctx.graph, self.ctx.table, vocab)
         self.vocab = gt.pop("vocab")
         self.feature = None if feature is None else np.asarray(feature, np.float32)
@@ -276,8 +289,18 @@ class GNNModel(FoldModel):
         dev = self._device()
         self.gt = {k: torch.as_tensor(v, device=dev) for k, v in gt.items()}
         self.gt["weight_mask"] = (self.gt["layer_of"] >= 0).to(torch.float32)
-        self.net = GNNNet(self.vocab, d0=int(self.params["d0"]), hidden=int(self.params["hidden"]),
-                          layers=int(self.params["layers"]), extra_num=0 if feature is None else 1).to(dev)
+        self.arch = dict(arch or {k: int(self.params[k]) for k in ("d0", "hidden", "layers")})
+        self.net = GNNNet(self.vocab, **self.arch, extra_num=0 if feature is None else 1).to(dev)
+
+    def _prior(self, seed: int) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
+        """``(meta, tensors, params)`` of the ``init_from`` folder's gnn fold model ``seed % k`` (one line if none)."""
+        from .predictor import read_fold_state
+
+        path = str(self.params["init_from"])
+        if self.params.get("feature_table"):
+            raise SensitivityError("gnn: init_from and feature_table together are not supported (the prior has no "
+                                   "values of this model's feature table)")
+        return read_fold_state(path, "gnn", (seed % 1000))
 
     def _feature_from_params(self) -> Optional[np.ndarray]:
         """The ``feature_table`` CSV as the node feature ``float32 [L, 1+O]``: log10, z-scored over the
@@ -341,13 +364,21 @@ class GNNModel(FoldModel):
             raise SensitivityError(f"rank loss {self.params['rank_loss']!r}: choose one of {', '.join(RANK_LOSSES)}")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        self._setup(feature=self._feature_from_params())
+        prior = self._prior(seed) if self.params.get("init_from") else None
+        if prior is None:
+            self._setup(feature=self._feature_from_params())
+        else:
+            meta, tensors, _ = prior
+            self._setup(meta["vocab"], arch=meta.get("arch") or {k: int(prior[2][k]) for k in ("d0", "hidden", "layers")})
+            self.net.load_state_dict({k: torch.as_tensor(np.asarray(v), device=self._device()) for k, v in tensors.items()})
         n = len(ds)
         perm = rng.permutation(n)
         n_val = int(round(float(self.params["val_fraction"]) * n)) if n >= 20 else 0
         val, tr = perm[:n_val], perm[n_val:]
         self.norm = {"y_mean": float(ds.y[tr].mean()), "y_std": float(ds.y[tr].std() + 1e-8),
                      "bits_mean": float(ds.avg_bits[tr].mean()), "bits_std": float(ds.avg_bits[tr].std() + 1e-8)}
+        if prior is not None:  # the prior's read-out saw its own bit normalisation
+            self.norm.update({k: float(prior[0]["norm"][k]) for k in ("bits_mean", "bits_std")})
         dev = self._device()
         yz = torch.as_tensor((ds.y - self.norm["y_mean"]) / self.norm["y_std"], dtype=torch.float32, device=dev)
         opt = torch.optim.AdamW(self.net.parameters(), lr=float(self.params["lr"]), weight_decay=float(self.params["weight_decay"]))
@@ -383,6 +414,8 @@ class GNNModel(FoldModel):
         self.info = {"best_epoch": int(best[1]) if n_val else epochs - 1, "val_mse": None if not n_val else float(best[0]),
                      "train_seconds": round(time.perf_counter() - t0, 2), "n_train": int(len(tr)), "n_val": int(n_val),
                      "parameters": int(sum(p.numel() for p in self.net.parameters()))}
+        if prior is not None:
+            self.info["prior"] = {"path": str(self.params["init_from"]), "fold": int(prior[0]["fold"])}
         return self
 
     @torch.no_grad()
@@ -410,13 +443,13 @@ class GNNModel(FoldModel):
         tensors = {k: v.detach().cpu().float().numpy() for k, v in self.net.state_dict().items()}
         if self.feature is not None:
             tensors["node_feature"] = self.feature
-        return {"vocab": self.vocab, "norm": self.norm, **self.info}, tensors, {}
+        return {"vocab": self.vocab, "norm": self.norm, "arch": self.arch, **self.info}, tensors, {}
 
     def set_state(self, meta, tensors, texts) -> None:
         tensors = dict(tensors)
-        self._setup(meta["vocab"], tensors.pop("node_feature", None))
+        self._setup(meta["vocab"], tensors.pop("node_feature", None), arch=meta.get("arch"))
         self.norm = dict(meta["norm"])
-        self.info = {k: v for k, v in meta.items() if k not in ("vocab", "norm")}
+        self.info = {k: v for k, v in meta.items() if k not in ("vocab", "norm", "arch")}
         dev = self._device()
         sd = {k: torch.as_tensor(np.asarray(v), device=dev) for k, v in tensors.items()}
         self.net.load_state_dict(sd)

@@ -118,6 +118,11 @@ def train(
         raise SensitivityError(f"cache {str(cache)!r} does not exist")
     for kind in [predictor, *baselines, *(params or {})]:
         get_kind(kind)  # unknown names fail here, before any work
+    prior = ((params or {}).get("gnn") or {}).get("init_from")
+    if prior:  # a transfer prior (another model's predictor folder): readable, with a gnn member
+        from .predictor import read_fold_state
+
+        read_fold_state(prior, "gnn", 0)
     check_device(device)
     check_writable(out, "--out", directory=True)
     if fidelity not in ("auto", "full", "mixed"):

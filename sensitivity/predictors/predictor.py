@@ -480,6 +480,50 @@ def load_predictor(path: str | os.PathLike, kind: Optional[str] = None, device: 
     return pred
 
 
+def read_fold_state(path: str | os.PathLike, kind: str, index: int) -> "tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]":
+    """``(meta, tensors, params)`` of fold model ``index % k`` of member ``kind`` in predictor folder ``path``
+    (``meta["fold"]``: the fold read). One line naming the folder when it has no such member."""
+    from safetensors.numpy import load_file
+
+    man = read_manifest(path)
+    if kind not in man["members"]:
+        raise SensitivityError(f"predictor {str(path)!r} has no {kind!r} member to start from "
+                               f"(it has {', '.join(man['members'])}); train one with --predictor {kind} or ensemble")
+    folds = man["members"][kind]["folds"]
+    f = int(index) % len(folds)
+    weights = Path(path) / "weights.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:
+        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} is unreadable ({type(exc).__name__})") from None
+    fm = folds[f]
+    keys = {k: f"{kind}/fold{f}/{k}" for k in fm["tensors"]}
+    if any(key not in tensors for key in keys.values()):
+        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} lacks fold {f} of {kind} (an incomplete folder)")
+    return dict(fm["meta"], fold=f), {k: tensors[key] for k, key in keys.items()}, dict(fm.get("params") or {})
+
+
+def transfer(path: str | os.PathLike, graph: Any, table: LayerTable, kind: str = "gnn",
+             device: Optional[str] = None) -> Predictor:
+    """The ``kind`` member of predictor folder ``path`` (trained on another model) on ``graph`` / ``table``
+    of this one, unchanged: a prediction with zero labels of this model. Only kinds whose state holds no
+    per-layer parameters transfer (``FoldModel.transferable``: the GNN); predictions are in the prior's
+    target units (its ranking is what transfers)."""
+    cls = get_kind(kind)
+    if not getattr(cls, "transferable", False):
+        raise SensitivityError(f"predictor kind {kind!r} has per-layer parameters: it cannot transfer to another "
+                               "model (the gnn can)")
+    man = read_manifest(path)
+    ctx = Context(table, Target.from_dict(man["target"]), graph, device)
+    models = []
+    for f in range(len((man["members"].get(kind) or {}).get("folds") or [None])):
+        meta, tensors, params = read_fold_state(path, kind, f)
+        m = cls(ctx, params)
+        m.set_state({k: v for k, v in meta.items() if k != "fold"}, tensors, {})
+        models.append(m)
+    return Predictor(kind, models, ctx, {"prior": str(path), "prior_model_id": man.get("model_id")})
+
+
 def _read_scores(pred: Predictor, folder: Path) -> None:
     """The primary predictor's saved layer / module scores (computed once, at save time)."""
     if (folder / "layer_scores.csv").is_file():

@@ -1,0 +1,151 @@
+"""Transfer (issue 25, item 4): a GNN trained on one model's labels as the prior for another model.
+
+    python benchmarks/transfer.py --source-cache caches/digits-dit.sqlite \
+        --target-cache runs/unet-200.sqlite --target-truth caches/digits-unet-truth.sqlite \
+        --labels 0,20,40,80 --out runs/transfer/transfer.json
+
+1. The prior: ``sensitivity.predictors.train`` fits the GNN (``--predictor gnn``, 5 folds) on every label of
+   ``--source-cache`` (kept in ``OUT_DIR/prior``; reused when it exists).
+2. For each N of ``--labels`` (configs 0..N-1 of the target cache's random run, ``--seed``):
+   *scratch* trains the GNN and LightGBM on the N target labels alone; *transfer* trains the GNN on
+   them starting from the prior's fold models (``gnn.init_from``: vocabularies, architecture, weights,
+   then ``--finetune-epochs`` epochs at ``--finetune-lr``); N = 0 is the prior itself on the target's
+   graph (:func:`sensitivity.predictors.predictor.transfer`). Every predictor's Kendall τ is measured
+   against the target's ground truth (``--target-truth``: FID of each config on 2,000 images).
+
+The GNN's node features are what transfers (op type, role, block position, shape, bits, method,
+measured error), never a layer's name; LightGBM and the additive model have per-layer parameters
+and cannot transfer (they are the from-scratch peers). The target cache for digits-unet is made by
+``sensitivity sample digits-unet --multiquantizer multiquantizers/digits-unet.safetensors --cache
+runs/unet-200.sqlite --num-configs 320 --images-per-class 20 --seed 0`` (only configs 0..max(N)-1 are
+read). Writes ``--out`` (JSON with the table, the command and the run's provenance); ``python
+scripts/results_tables.py transfer OUT`` renders the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if v != v else f"{v:.3f}"
+    return "–" if v is None else str(v)
+
+
+def markdown(d: Mapping[str, Any]) -> str:
+    """The run's table from its JSON (stdlib only: the results page renders it)."""
+    cols = d["columns"]
+    lines = [d["caption"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in d["table"]:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tau(pred: Sequence[float], truth: Sequence[float]) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(pred, truth).statistic)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source-cache", default="caches/digits-dit.sqlite", help="the prior's labels (another model)")
+    ap.add_argument("--target-cache", default="runs/unet-200.sqlite", help="the target model's random run")
+    ap.add_argument("--target-truth", default="caches/digits-unet-truth.sqlite", help="the target's ground truth")
+    ap.add_argument("--target-multiquantizer", default="multiquantizers/digits-unet.safetensors")
+    ap.add_argument("--labels", default="0,20,40,80", help="target labels per point (0: the prior alone)")
+    ap.add_argument("--seed", type=int, default=0, help="the target run's sampler seed and the folds' seed")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--finetune-epochs", type=int, default=60)
+    ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", default="runs/transfer/transfer.json")
+    args = ap.parse_args(argv)
+    labels = [int(x) for x in args.labels.split(",") if x.strip()]
+
+    import torch
+
+    from sensitivity.evaluation.cache import read_records
+    from sensitivity.evaluation.metric_specs import record_metric
+    from sensitivity.io import atomic_write_json
+    from sensitivity.multiquantizer import load_multiquantizer
+    from sensitivity.predictors import LayerTable, load_cache, load_predictor, train
+    from sensitivity.predictors.pipeline import model_graph
+    from sensitivity.predictors.predictor import transfer
+    from sensitivity.provenance import run_provenance
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from label_efficiency import random_order, write_prefix
+
+    started = run_provenance()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work = out.parent
+    work.mkdir(parents=True, exist_ok=True)
+    source = load_cache(args.source_cache)
+    prior = work / "prior"
+    t0 = time.perf_counter()
+    if not (prior / "predictor.json").is_file():
+        train(args.source_cache, prior, model=source.family, predictor="gnn", baselines=(), folds=args.folds,
+              seed=args.seed, metric="fid", scores=False, progress=True)
+    prior_s = time.perf_counter() - t0
+    prior_report = json.loads((prior / "report.json").read_text())
+
+    mq = load_multiquantizer(args.target_multiquantizer)
+    family = mq.model_id.split(":", 1)[0]
+    graph = model_graph(family, "meta", list(mq.layer_names), mq.model_id)
+    table = LayerTable.from_multiquantizer(mq, graph.weight_nodes)
+    truth = read_records(args.target_truth)
+    truth_y = [-record_metric(r, "fid") for r in truth]  # higher = better, as the predictors
+    order = random_order(args.target_cache, args.seed)
+    if len(order) < max(labels):
+        raise SystemExit(f"{args.target_cache}: {len(order)} labelled configs, fewer than {max(labels)}")
+    rows: List[Dict[str, Any]] = []
+    zero = transfer(prior, graph, table, kind="gnn")
+    rows.append({"target labels": 0, "predictor": "gnn", "start": "prior (digits-dit labels)",
+                 "truth τ": _tau(zero.predict([r["config"] for r in truth]), truth_y), "train s": 0.0})
+    print(f"0 labels: prior tau {rows[-1]['truth τ']:.3f}", flush=True)
+    for n in [x for x in labels if x > 0]:
+        with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
+            cache = Path(tmp) / "prefix.sqlite"
+            write_prefix(args.target_cache, order[:n], cache, f"transfer:{args.target_cache}")
+            runs = [("gnn", "scratch", {}), ("lightgbm", "scratch", {}),
+                    ("gnn", "prior (digits-dit labels)", {"gnn": {"init_from": str(prior), "epochs": args.finetune_epochs,
+                                                                  "lr": args.finetune_lr}})]
+            for kind, start, params in runs:
+                t1 = time.perf_counter()
+                folder = Path(tmp) / f"{kind}-{len(params)}"
+                train(cache, folder, model=family, predictor=kind, baselines=(), folds=args.folds, seed=args.seed,
+                      metric="fid", params=params, scores=False, progress=False, min_configs=args.folds,
+                      multiquantizer=args.target_multiquantizer)
+                p = load_predictor(folder)
+                rows.append({"target labels": n, "predictor": kind, "start": start,
+                             "truth τ": _tau(p.predict([r["config"] for r in truth]), truth_y),
+                             "train s": round(time.perf_counter() - t1, 1)})
+                print(f"{n} labels, {kind} from {start}: tau {rows[-1]['truth τ']:.3f} ({rows[-1]['train s']:.0f} s)",
+                      flush=True)
+    caption = (f"Kendall τ against {family}'s ground truth ({args.target_truth}: FID on 2,000 images of "
+               f"{len(truth)} configs) of predictors trained on N target labels (configs 0..N-1 of the random run "
+               f"of seed {args.seed} in {args.target_cache}), from scratch or starting from a GNN trained on "
+               f"{len(source.records)} labels of {source.family} ({args.source_cache}; its own 5-fold CV τ "
+               f"{prior_report['predictors']['gnn']['mean']['kendall']:.3f}); fine-tuning: {args.finetune_epochs} "
+               f"epochs at learning rate {args.finetune_lr:g}. One draw of the N configs per row.")
+    report = {"caption": caption, "columns": ["target labels", "predictor", "start", "truth τ", "train s"],
+              "table": rows, "prior_seconds": round(prior_s, 1),
+              "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "provenance": run_provenance(started)}
+    atomic_write_json(out, report)
+    print(markdown(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
