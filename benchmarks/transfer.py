@@ -9,8 +9,9 @@
 2. For each N of ``--labels`` (configs 0..N-1 of the target cache's random run, ``--seed``):
    *scratch* trains the GNN and LightGBM on the N target labels alone; *transfer* trains the GNN on
    them starting from the prior's fold models (``gnn.init_from``: vocabularies, architecture, weights,
-   then ``--finetune-epochs`` epochs at ``--finetune-lr``); N = 0 is the prior itself on the target's
-   graph (:func:`sensitivity.predictors.predictor.transfer`). Every predictor's Kendall τ is measured
+   then ``--finetune-epochs`` epochs at ``--finetune-lr``), and LightGBM on them with the prior's per-layer
+   scores on the target's graph as a feature table (``OUT_DIR/prior_layer_damage.csv``); N = 0 is the
+   prior itself on the target's graph (:func:`sensitivity.predictors.predictor.transfer`). Every predictor's Kendall τ is measured
    against the target's ground truth (``--target-truth``: FID of each config on 2,000 images).
 
 The GNN's node features are what transfers (op type, role, block position, shape, bits, method,
@@ -112,16 +113,27 @@ def main(argv=None) -> int:
     rows.append({"target labels": 0, "predictor": "gnn", "start": "prior (digits-dit labels)",
                  "truth τ": _tau(zero.predict([r["config"] for r in truth]), truth_y), "train s": 0.0})
     print(f"0 labels: prior tau {rows[-1]['truth τ']:.3f}", flush=True)
+    # the prior's per-layer scores on the target (background: target configs no prefix uses) as a measured
+    # sensitivity table: damage = the layer's best option score minus the option's, >= 0
+    from sensitivity.predictors import scores as S
+
+    bg = table.encode([r["config"] for r in order[max(labels):max(labels) + 64]]) if len(order) > max(labels) else \
+        table.encode([r["config"] for r in order[:64]])
+    ls = S.layer_scores(zero.predict_codes, table, zero.target, bg, progress=False)
+    ls["value"] = ls.groupby("layer")["score"].transform("max") - ls["score"]
+    prior_table = work / "prior_layer_damage.csv"
+    ls[["layer", "option", "value"]].to_csv(prior_table, index=False)
     for n in [x for x in labels if x > 0]:
         with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
             cache = Path(tmp) / "prefix.sqlite"
             write_prefix(args.target_cache, order[:n], cache, f"transfer:{args.target_cache}")
-            runs = [("gnn", "scratch", {}), ("lightgbm", "scratch", {}),
+            runs = [("gnn", "scratch", {}), ("lightgbm", "scratch", {}), ("additive", "scratch", {}),
                     ("gnn", "prior (digits-dit labels)", {"gnn": {"init_from": str(prior), "epochs": args.finetune_epochs,
-                                                                  "lr": args.finetune_lr}})]
+                                                                  "lr": args.finetune_lr}}),
+                    ("lightgbm", "prior's layer damage as a feature", {"lightgbm": {"feature_tables": [str(prior_table)]}})]
             for kind, start, params in runs:
                 t1 = time.perf_counter()
-                folder = Path(tmp) / f"{kind}-{len(params)}"
+                folder = Path(tmp) / f"{kind}-{start.split()[0]}"
                 train(cache, folder, model=family, predictor=kind, baselines=(), folds=args.folds, seed=args.seed,
                       metric="fid", params=params, scores=False, progress=False, min_configs=args.folds,
                       multiquantizer=args.target_multiquantizer)
@@ -136,7 +148,10 @@ def main(argv=None) -> int:
                f"of seed {args.seed} in {args.target_cache}), from scratch or starting from a GNN trained on "
                f"{len(source.records)} labels of {source.family} ({args.source_cache}; its own 5-fold CV τ "
                f"{prior_report['predictors']['gnn']['mean']['kendall']:.3f}); fine-tuning: {args.finetune_epochs} "
-               f"epochs at learning rate {args.finetune_lr:g}. One draw of the N configs per row.")
+               f"epochs at learning rate {args.finetune_lr:g}. `prior's layer damage as a feature`: the prior's "
+               f"per-layer scores on {family}'s graph (zero {family} labels) as a LightGBM feature table (their sum "
+               f"over the config's layers is one more column). One draw of the N configs per row; `–`: the predictor "
+               f"is constant on so few configs (LightGBM's leaves need 20 samples).")
     report = {"caption": caption, "columns": ["target labels", "predictor", "start", "truth τ", "train s"],
               "table": rows, "prior_seconds": round(prior_s, 1),
               "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
