@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                f"epochs at learning rate {args.finetune_lr:g}. `prior's layer damage as a feature`: the prior's "
                f"per-layer scores on {family}'s graph (zero {family} labels) as a LightGBM feature table (their sum "
                f"over the config's layers is one more column). One draw of the N configs per row; `–`: the predictor "
-               f"is constant on so few configs (LightGBM's leaves need 20 samples).")
+               f"is constant on so few configs (a LightGBM split needs min_child_samples = 10 configs on each side; 5 folds of 20 train on 16).")
     report = {"caption": caption, "columns": ["target labels", "predictor", "start", "truth τ", "train s"],
               "table": rows, "prior_seconds": round(prior_s, 1),
               "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
