@@ -426,6 +426,20 @@ def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
                 command, d.get("provenance"), mod.markdown(d))
 
 
+def render_transfer(d: Dict[str, Any], data: str) -> str:
+    """Predictors of one model trained on N labels, from scratch or from another model's prior (its benchmark's table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("transfer", ROOT / "benchmarks" / "transfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # stdlib at import
+    command = d.get("command") or "python benchmarks/transfer.py --out OUT.json"
+    out = re.search(r"--out[ =](\S+)", command)
+    command += f" && python scripts/results_tables.py transfer {out.group(1) if out else 'OUT.json'}"
+    return page("transfer", data, "Transfer: a prior from another model's labels (digits-dit -> digits-unet)",
+                command, d.get("provenance"), mod.markdown(d))
+
+
 # ------------------------------------------------------------------------------------------- driver
 Renderer = Callable[[Dict[str, Any], str], str]
 BENCH: Dict[str, Tuple[str, Renderer]] = {
@@ -434,7 +448,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
     "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
-    "label-efficiency": ("label-efficiency", render_label_efficiency),
+    "label-efficiency": ("label-efficiency", render_label_efficiency), "transfer": ("transfer", render_transfer),
 }
 
 
