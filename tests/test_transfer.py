@@ -74,3 +74,22 @@ def test_init_from_starts_the_training_from_the_prior(prior_and_target, tmp_path
                  "--out", str(tmp_path / "x")]) == 2
     assert "has no 'gnn' member to start from" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_init_from_training_is_reproducible_across_thread_counts(prior_and_target, tmp_path):
+    import torch
+
+    prior, tgt, _ = prior_and_target
+    weights = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = tmp_path / f"t{threads}"
+            train(tgt, out, model="digits-unet", weights="tiny", predictor="gnn", baselines=(), folds=2, seed=3,
+                  params={"gnn": {"init_from": str(prior), "epochs": 2}}, scores=False,
+                  progress=False)
+            weights.append((out / "weights.safetensors").read_bytes())
+        finally:
+            torch.set_num_threads(old)
+    assert weights[0] == weights[1]
