@@ -16,10 +16,13 @@
 
 The GNN's node features are what transfers (op type, role, block position, shape, bits, method,
 measured error), never a layer's name; LightGBM and the additive model have per-layer parameters
-and cannot transfer (they are the from-scratch peers). The target cache for digits-unet is made by
-``sensitivity sample digits-unet --multiquantizer multiquantizers/digits-unet.safetensors --cache
-runs/unet-200.sqlite --num-configs 320 --images-per-class 20 --seed 0`` (only configs 0..max(N)-1 are
-read). Writes ``--out`` (JSON with the table, the command and the run's provenance); ``python
+and cannot transfer (they are the from-scratch peers). Several targets are comma-separated lists, e.g.
+``--target-cache runs/unet-200.sqlite,runs/sd-200.sqlite --target-truth
+caches/digits-unet-truth.sqlite,caches/digits-sd-truth.sqlite --target-multiquantizer
+multiquantizers/digits-unet.safetensors,multiquantizers/digits-sd.safetensors``. The target caches are made by
+``sensitivity sample MODEL --multiquantizer multiquantizers/MODEL.safetensors --cache runs/CACHE
+--num-configs 80 --images-per-class 20 --seed 0`` (only configs 0..max(N)-1 are read; configs max(N).. , when
+there, are the background of the prior's layer scores), the ground truths as ``caches/README.md`` says. Writes ``--out`` (JSON with the table, the command and the run's provenance); ``python
 scripts/results_tables.py transfer OUT`` renders the page.
 """
 
@@ -58,9 +61,11 @@ def _tau(pred: Sequence[float], truth: Sequence[float]) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source-cache", default="caches/digits-dit.sqlite", help="the prior's labels (another model)")
-    ap.add_argument("--target-cache", default="runs/unet-200.sqlite", help="the target model's random run")
-    ap.add_argument("--target-truth", default="caches/digits-unet-truth.sqlite", help="the target's ground truth")
-    ap.add_argument("--target-multiquantizer", default="multiquantizers/digits-unet.safetensors")
+    ap.add_argument("--target-cache", default="runs/unet-200.sqlite",
+                    help="the target models' random runs (comma-separated, one per target)")
+    ap.add_argument("--target-truth", default="caches/digits-unet-truth.sqlite", help="their ground truths (same order)")
+    ap.add_argument("--target-multiquantizer", default="multiquantizers/digits-unet.safetensors",
+                    help="their multiquantizers (same order)")
     ap.add_argument("--labels", default="0,20,40,80", help="target labels per point (0: the prior alone)")
     ap.add_argument("--seed", type=int, default=0, help="the target run's sampler seed and the folds' seed")
     ap.add_argument("--folds", type=int, default=5)
@@ -99,60 +104,69 @@ def main(argv=None) -> int:
     prior_s = time.perf_counter() - t0
     prior_report = json.loads((prior / "report.json").read_text())
 
-    mq = load_multiquantizer(args.target_multiquantizer)
-    family = mq.model_id.split(":", 1)[0]
-    graph = model_graph(family, "meta", list(mq.layer_names), mq.model_id)
-    table = LayerTable.from_multiquantizer(mq, graph.weight_nodes)
-    truth = read_records(args.target_truth)
-    truth_y = [-record_metric(r, "fid") for r in truth]  # higher = better, as the predictors
-    order = random_order(args.target_cache, args.seed)
-    if len(order) < max(labels):
-        raise SystemExit(f"{args.target_cache}: {len(order)} labelled configs, fewer than {max(labels)}")
+    targets = list(zip(*(x.split(",") for x in (args.target_cache, args.target_truth, args.target_multiquantizer))))
+    if len({len(x.split(",")) for x in (args.target_cache, args.target_truth, args.target_multiquantizer)}) != 1:
+        raise SystemExit("--target-cache, --target-truth and --target-multiquantizer need as many entries each")
     rows: List[Dict[str, Any]] = []
-    zero = transfer(prior, graph, table, kind="gnn")
-    rows.append({"target labels": 0, "predictor": "gnn", "start": "prior (digits-dit labels)",
-                 "truth τ": _tau(zero.predict([r["config"] for r in truth]), truth_y), "train s": 0.0})
-    print(f"0 labels: prior tau {rows[-1]['truth τ']:.3f}", flush=True)
-    # the prior's per-layer scores on the target (background: target configs no prefix uses) as a measured
-    # sensitivity table: damage = the layer's best option score minus the option's, >= 0
-    from sensitivity.predictors import scores as S
+    described = []
+    src_name = f"prior ({source.family} labels)"
+    for target_cache, target_truth, target_mq in targets:
+        mq = load_multiquantizer(target_mq)
+        family = mq.model_id.split(":", 1)[0]
+        graph = model_graph(family, "meta", list(mq.layer_names), mq.model_id)
+        table = LayerTable.from_multiquantizer(mq, graph.weight_nodes)
+        truth = read_records(target_truth)
+        truth_y = [-record_metric(r, "fid") for r in truth]  # higher = better, as the predictors
+        order = random_order(target_cache, args.seed)
+        if len(order) < max(labels):
+            raise SystemExit(f"{target_cache}: {len(order)} labelled configs, fewer than {max(labels)}")
+        described.append(f"{family}: truth {target_truth} ({len(truth)} configs), labels {target_cache}")
+        zero = transfer(prior, graph, table, kind="gnn")
+        rows.append({"target": family, "target labels": 0, "predictor": "gnn", "start": src_name,
+                     "truth τ": _tau(zero.predict([r["config"] for r in truth]), truth_y), "train s": 0.0})
+        print(f"{family}, 0 labels: prior tau {rows[-1]['truth τ']:.3f}", flush=True)
+        # the prior's per-layer scores on the target (background: target configs no prefix uses) as a measured
+        # sensitivity table: damage = the layer's best option score minus the option's, >= 0
+        from sensitivity.predictors import scores as S
 
-    bg = table.encode([r["config"] for r in order[max(labels):max(labels) + 64]]) if len(order) > max(labels) else \
-        table.encode([r["config"] for r in order[:64]])
-    ls = S.layer_scores(zero.predict_codes, table, zero.target, bg, progress=False)
-    ls["value"] = ls.groupby("layer")["score"].transform("max") - ls["score"]
-    prior_table = work / "prior_layer_damage.csv"
-    ls[["layer", "option", "value"]].to_csv(prior_table, index=False)
-    for n in [x for x in labels if x > 0]:
-        with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
-            cache = Path(tmp) / "prefix.sqlite"
-            write_prefix(args.target_cache, order[:n], cache, f"transfer:{args.target_cache}")
-            runs = [("gnn", "scratch", {}), ("lightgbm", "scratch", {}), ("additive", "scratch", {}),
-                    ("gnn", "prior (digits-dit labels)", {"gnn": {"init_from": str(prior), "epochs": args.finetune_epochs,
-                                                                  "lr": args.finetune_lr}}),
-                    ("lightgbm", "prior's layer damage as a feature", {"lightgbm": {"feature_tables": [str(prior_table)]}})]
-            for kind, start, params in runs:
-                t1 = time.perf_counter()
-                folder = Path(tmp) / f"{kind}-{start.split()[0]}"
-                train(cache, folder, model=family, predictor=kind, baselines=(), folds=args.folds, seed=args.seed,
-                      metric="fid", params=params, scores=False, progress=False, min_configs=args.folds,
-                      multiquantizer=args.target_multiquantizer)
-                p = load_predictor(folder)
-                rows.append({"target labels": n, "predictor": kind, "start": start,
-                             "truth τ": _tau(p.predict([r["config"] for r in truth]), truth_y),
-                             "train s": round(time.perf_counter() - t1, 1)})
-                print(f"{n} labels, {kind} from {start}: tau {rows[-1]['truth τ']:.3f} ({rows[-1]['train s']:.0f} s)",
-                      flush=True)
-    caption = (f"Kendall τ against {family}'s ground truth ({args.target_truth}: FID on 2,000 images of "
-               f"{len(truth)} configs) of predictors trained on N target labels (configs 0..N-1 of the random run "
-               f"of seed {args.seed} in {args.target_cache}), from scratch or starting from a GNN trained on "
-               f"{len(source.records)} labels of {source.family} ({args.source_cache}; its own 5-fold CV τ "
+        bg_recs = order[max(labels):max(labels) + 64] if len(order) > max(labels) else order[:64]
+        ls = S.layer_scores(zero.predict_codes, table, zero.target, table.encode([r["config"] for r in bg_recs]),
+                            progress=False)
+        ls["value"] = ls.groupby("layer")["score"].transform("max") - ls["score"]
+        prior_table = work / f"prior_layer_damage-{family}.csv"
+        ls[["layer", "option", "value"]].to_csv(prior_table, index=False)
+        for n in [x for x in labels if x > 0]:
+            with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
+                cache = Path(tmp) / "prefix.sqlite"
+                write_prefix(target_cache, order[:n], cache, f"transfer:{target_cache}")
+                runs = [("gnn", "scratch", {}), ("lightgbm", "scratch", {}), ("additive", "scratch", {}),
+                        ("gnn", src_name, {"gnn": {"init_from": str(prior), "epochs": args.finetune_epochs,
+                                                   "lr": args.finetune_lr}}),
+                        ("lightgbm", "prior's layer damage as a feature",
+                         {"lightgbm": {"feature_tables": [str(prior_table)]}})]
+                for kind, start, params in runs:
+                    t1 = time.perf_counter()
+                    folder = Path(tmp) / f"{kind}-{start.split()[0]}"
+                    train(cache, folder, model=family, predictor=kind, baselines=(), folds=args.folds, seed=args.seed,
+                          metric="fid", params=params, scores=False, progress=False, min_configs=args.folds,
+                          multiquantizer=target_mq)
+                    p = load_predictor(folder)
+                    rows.append({"target": family, "target labels": n, "predictor": kind, "start": start,
+                                 "truth τ": _tau(p.predict([r["config"] for r in truth]), truth_y),
+                                 "train s": round(time.perf_counter() - t1, 1)})
+                    print(f"{family}, {n} labels, {kind} from {start}: tau {rows[-1]['truth τ']:.3f} "
+                          f"({rows[-1]['train s']:.0f} s)", flush=True)
+    caption = (f"Kendall τ against each target's ground truth (FID on 2,000 images per config; "
+               f"{'; '.join(described)}) of predictors trained on N target labels (configs 0..N-1 of the random "
+               f"run of seed {args.seed}), from scratch or starting from a GNN trained on {len(source.records)} "
+               f"labels of {source.family} ({args.source_cache}; its own 5-fold CV τ "
                f"{prior_report['predictors']['gnn']['mean']['kendall']:.3f}); fine-tuning: {args.finetune_epochs} "
                f"epochs at learning rate {args.finetune_lr:g}. `prior's layer damage as a feature`: the prior's "
-               f"per-layer scores on {family}'s graph (zero {family} labels) as a LightGBM feature table (their sum "
+               f"per-layer scores on the target's graph (zero target labels) as a LightGBM feature table (their sum "
                f"over the config's layers is one more column). One draw of the N configs per row; `–`: the predictor "
-               f"is constant on so few configs (a LightGBM split needs min_child_samples = 10 configs on each side; 5 folds of 20 train on 16).")
-    report = {"caption": caption, "columns": ["target labels", "predictor", "start", "truth τ", "train s"],
+               f"is constant on so few configs (a LightGBM split needs min_child_samples = 10 configs on each side; "
+               f"5 folds of 20 train on 16).")
+    report = {"caption": caption, "columns": ["target", "target labels", "predictor", "start", "truth τ", "train s"],
               "table": rows, "prior_seconds": round(prior_s, 1),
               "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "provenance": run_provenance(started)}

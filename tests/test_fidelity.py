@@ -159,3 +159,17 @@ def test_sample_full_configs_bad_input(dit_mq, tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not cache.exists()
+
+
+def test_cache_export_writes_one_fidelity(mf_cache, tmp_path, capsys):
+    from sensitivity.evaluation.cache import read_records
+
+    for fid, n in ((None, 6), ("cheap", 12)):
+        out = tmp_path / f"{fid}.csv"
+        argv = ["cache", "export", str(mf_cache), "--out", str(out)] + (["--fidelity", fid] if fid else [])
+        assert cli.main(argv) == 0
+        assert len(read_records(out)) == n
+    assert "not exported: full" in capsys.readouterr().out
+    assert cli.main(["cache", "export", str(mf_cache), "--out", str(tmp_path / "x.csv"), "--fidelity", "mid"]) == 2
+    assert "no fidelity 'mid' (it has full, cheap)" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()

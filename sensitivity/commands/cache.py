@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--format", choices=("parquet", "csv", "pkl"), default=None,
                     help="output format (default: from the --out suffix)")
     ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--fidelity", default=None, help="a multi-fidelity cache (sample --full-configs): which "
+                    "fidelity's records to write, full (default) or cheap; an export holds one signature")
     ex.add_argument("--our-names", action="store_true",
                     help="pkl: keep our layer/option names instead of the reference's "
                          "(model.<path>.weight_quantizer, mse/kmeans/kmeans_all)")
@@ -83,9 +85,16 @@ def run_export(args: argparse.Namespace) -> int:
     from ..io import check_writable
 
     check_writable(args.out, "--out")  # a folder there, or a read-only folder: refuse before reading
-    with ConfigCache(args.cache) as cache:
+    with ConfigCache(args.cache, fidelity=args.fidelity) as cache:
+        fids = cache.fidelities()
+        if cache.fidelity not in fids and cache.signature is None and fids:
+            from ..errors import SensitivityError
+
+            raise SensitivityError(f"{args.cache}: no fidelity {cache.fidelity!r} (it has {', '.join(fids)})")
         out, n = cache.export(args.out, args.format, reference_names=not args.our_names)
-    print(f"wrote {n} records to {out}")
+        others = [f for f in fids if f != cache.fidelity]
+    print(f"wrote {n} records to {out}" + (f" (fidelity {cache.fidelity}; not exported: {', '.join(others)}, "
+                                            "--fidelity NAME writes one)" if others else ""))
     return 0
 
 
