@@ -235,6 +235,8 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
     if fam.conditioning == "class":
         if prompts:
             raise SensitivityError(f"model {fam.name!r} is class-conditional: use --class-ids, not --prompts")
+        if num_images is not None:
+            raise SensitivityError(f"model {fam.name!r} is class-conditional: use --images-per-class, not --num-images")
         per_class = images_per_class if images_per_class is not None else (50 if fam.feature_network == DIGITS_CLASSIFIER else 1)
         if per_class < 1:
             raise SensitivityError(f"--images-per-class must be >= 1, got {per_class}")
@@ -246,6 +248,8 @@ def protocol_for(model: str, multiquantizer: str, *, weights: Optional[str] = No
     else:
         if class_ids:
             raise SensitivityError(f"model {fam.name!r} is text-conditional: use --prompts, not --class-ids")
+        if images_per_class is not None:
+            raise SensitivityError(f"model {fam.name!r} is text-conditional: use --num-images, not --images-per-class")
         source = prompts or getattr(fam, "eval_prompts", None)  # digits-sd ships its own
         if not source:
             raise SensitivityError(f"model {fam.name!r} needs --prompts (e.g. captions_val2017.json)")
