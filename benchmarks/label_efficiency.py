@@ -130,7 +130,8 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
         t0 = time.perf_counter()
         report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=member, baselines=(),
                        folds=args.folds, seed=args.seed, metric=metric, scores=False, progress=False,
-                       multiquantizer=args.multiquantizer)
+                       multiquantizer=args.multiquantizer,
+                       cheap_metrics=args.cheap_list if strategy == "multifidelity" else None)
         train_s = time.perf_counter() - t0
         held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind]) if metric == "fid" else None
         predictor = load_predictor(Path(tmp) / "pred", kind=kind)
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
                     help="the random run labelled with few images and --paired-features (strategy 'paired')")
     ap.add_argument("--paired-metric", default="psnr,fd_fp",
                     help="what the paired strategy's predictors learn (comma-separated: one strategy 'paired:METRIC' each)")
+    ap.add_argument("--cheap-targets", default="", help="multifidelity: the paired metrics its members learn "
+                    "(comma-separated; default: feature_mse, fd_fp, psnr)")
     ap.add_argument("--truth", default="caches/digits-dit-truth.sqlite",
                     help="ground-truth cache: every predictor's τ against its FID ('' to skip)")
     ap.add_argument("--truth-replicate", default="caches/digits-dit-truth-seed2.sqlite",
@@ -213,6 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default=None, help="figure path (default OUT/label_efficiency.png)")
     args = ap.parse_args(argv)
     args.target_list = [float(t) for t in args.targets.split(",") if t.strip()]
+    args.cheap_list = [m.strip() for m in args.cheap_targets.split(",") if m.strip()] or None
     labels = [int(n) for n in args.labels.split(",") if n.strip()]
     kinds = [k.strip() for k in args.predictor.split(",") if k.strip()]
     gnn_at = {int(n) for n in args.gnn_at.split(",") if n.strip()}
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
                         f"image-seed sets (the spread of the paired differences of {len(diffs)} configs measured "
                         f"on two sets, / √2), so two searched configs' FIDs closer than 2√2·σ = "
                         f"{2 * np.sqrt(2) * sigma:.2f} are a tie.")
-    report = {"caption": caption, "columns": [str(c) for c in table.columns],
+    report = {"caption": caption, "model": fam_name, "columns": [str(c) for c in table.columns],
               "table": json.loads(table.to_json(orient="records")), "full_precision": fp,
               "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "provenance": run_provenance(started)}

@@ -421,8 +421,10 @@ def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
     spec.loader.exec_module(mod)  # stdlib at import
     command = d.get("command") or "python benchmarks/label_efficiency.py --out OUT"
     out = re.search(r"--out[ =](\S+)", command)
-    command += f" && python scripts/results_tables.py label-efficiency {out.group(1) if out else 'OUT'}/label_efficiency.json"
-    return page("label-efficiency", data, "Label recipes by cost: ground-truth tau and searched FID (digits-dit)",
+    model = d.get("model", "digits-dit")
+    kind = "label-efficiency" if model == "digits-dit" else f"label-efficiency-{model}"
+    command += f" && python scripts/results_tables.py {kind} {out.group(1) if out else 'OUT'}/label_efficiency.json"
+    return page(kind, data, f"Label recipes by cost: ground-truth tau and searched FID ({model})",
                 command, d.get("provenance"), mod.markdown(d))
 
 
@@ -448,7 +450,9 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
     "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
-    "label-efficiency": ("label-efficiency", render_label_efficiency), "transfer": ("transfer", render_transfer),
+    "label-efficiency": ("label-efficiency", render_label_efficiency),
+    "label-efficiency-digits-unet": ("label-efficiency-digits-unet", render_label_efficiency),
+    "transfer": ("transfer", render_transfer),
 }
 
 
