@@ -61,7 +61,9 @@ def run_provenance(started: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
                  else prog.name if prog.is_absolute() else f"python {sys.argv[0]}" if prog.suffix == ".py"
                  else sys.argv[0])
     out: Dict[str, Any] = {
-        "commit": git_commit(), "command": " ".join([prog_name] + sys.argv[1:]),
+        # the code that ran is the checkout at the start (a commit made during a long run is not it)
+        "commit": started.get("commit") if started is not None and "commit" in started else git_commit(),
+        "command": " ".join([prog_name] + sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
         "calibrator": "seconds of sum(range(10**7)) in the run's interpreter",
