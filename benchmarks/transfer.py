@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sensitivity.evaluation.cache import read_records
+    from sensitivity.evaluation.cache import ConfigCache, read_records
     from sensitivity.evaluation.metric_specs import record_metric
     from sensitivity.io import atomic_write_json
     from sensitivity.multiquantizer import load_multiquantizer
@@ -120,7 +120,10 @@ def main(argv=None) -> int:
         order = random_order(target_cache, args.seed)
         if len(order) < max(labels):
             raise SystemExit(f"{target_cache}: {len(order)} labelled configs, fewer than {max(labels)}")
-        described.append(f"{family}: truth {target_truth} ({len(truth)} configs), labels {target_cache}")
+        with ConfigCache(target_truth) as c:
+            n_images = len((c.evaluation or {}).get("seeds") or [])
+        described.append(f"{family}: truth {target_truth} ({len(truth)} configs x {n_images:,} images), "
+                         f"labels {target_cache}")
         zero = transfer(prior, graph, table, kind="gnn")
         rows.append({"target": family, "target labels": 0, "predictor": "gnn", "start": src_name,
                      "truth τ": _tau(zero.predict([r["config"] for r in truth]), truth_y), "train s": 0.0})
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
                                  "train s": round(time.perf_counter() - t1, 1)})
                     print(f"{family}, {n} labels, {kind} from {start}: tau {rows[-1]['truth τ']:.3f} "
                           f"({rows[-1]['train s']:.0f} s)", flush=True)
-    caption = (f"Kendall τ against each target's ground truth (FID on 2,000 images per config; "
+    caption = (f"Kendall τ against each target's ground truth (FID of each config on images of seeds no job uses; "
                f"{'; '.join(described)}) of predictors trained on N target labels (configs 0..N-1 of the random "
                f"run of seed {args.seed}), from scratch or starting from a GNN trained on {len(source.records)} "
                f"labels of {source.family} ({args.source_cache}; its own 5-fold CV τ "
@@ -166,7 +169,8 @@ def main(argv=None) -> int:
                f"over the config's layers is one more column). One draw of the N configs per row; `–`: the predictor "
                f"is constant on so few configs (a LightGBM split needs min_child_samples = 10 configs on each side; "
                f"5 folds of 20 train on 16).")
-    report = {"caption": caption, "columns": ["target", "target labels", "predictor", "start", "truth τ", "train s"],
+    report = {"caption": caption, "source": source.family, "targets": [r["target"] for r in rows if not r["target labels"]],
+              "columns": ["target", "target labels", "predictor", "start", "truth τ", "train s"],
               "table": rows, "prior_seconds": round(prior_s, 1),
               "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "provenance": run_provenance(started)}

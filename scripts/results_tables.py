@@ -438,7 +438,8 @@ def render_transfer(d: Dict[str, Any], data: str) -> str:
     command = d.get("command") or "python benchmarks/transfer.py --out OUT.json"
     out = re.search(r"--out[ =](\S+)", command)
     command += f" && python scripts/results_tables.py transfer {out.group(1) if out else 'OUT.json'}"
-    return page("transfer", data, "Transfer: a prior from another model's labels (digits-dit -> digits-unet)",
+    models = f"{d.get('source', 'digits-dit')} -> {', '.join(d.get('targets') or ['digits-unet'])}"
+    return page("transfer", data, f"Transfer: a prior from another model's labels ({models})",
                 command, d.get("provenance"), mod.markdown(d))
 
 
