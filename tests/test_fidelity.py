@@ -65,12 +65,7 @@ def test_sample_full_configs_writes_two_fidelities_resumes_and_reproduces(dit_mq
     assert cli.main(argv) == 0
     out = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith("{")))
     assert out["evaluated"] == 0 and out["full"]["evaluated"] == 0 and out["full"]["complete"]
-    # two worker processes: byte-identical records at both fidelities
-    other = tmp_path / "two.sqlite"
-    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_mq), "--cache", str(other), *JOB,
-            "--workers", "2", "--threads", "1"]
-    assert cli.main(argv) == 0
-    assert _by_fidelity(other) == recs
+    # byte-identical records at both fidelities whatever the worker count: tests/test_reproducible.py
 
 
 def test_train_stacks_cheap_members_reloads_and_searches(dit_mq, mf_cache, tmp_path, capsys):

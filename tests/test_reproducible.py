@@ -1,7 +1,8 @@
 """Bit-reproducible runs: the same command and seed give byte-identical cache records, predictor
 folders and searched configs whatever the thread count and worker count (issue 25, item 7).
 
-A tiny digits-dit job (random weights, two options, 2 steps, one image per class) is labelled twice —
+A tiny digits-dit job (random weights, two options, 2 steps, one image per class, then the same configs on
+two images per class as a second fidelity) is labelled twice —
 one in-process worker on one thread, then two worker processes on two threads each —, a predictor is
 trained on each cache with a different torch thread count, and both search at the same target.
 Everything but timings, host names and dates must be equal byte for byte.
@@ -20,7 +21,8 @@ from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
 
 N_CONFIGS = 12
 JOB = ["--weights", "random", "--images-per-class", "1", "--steps", "2", "--seed", "4", "--no-progress",
-       "--paired-features"]  # the paired feature metrics are labels too: reproducible as the others
+       "--paired-features",  # the paired feature metrics are labels too: reproducible as the others
+       "--full-configs", str(N_CONFIGS), "--full-images-per-class", "2"]  # and a second (full) fidelity
 VOLATILE = ("id", "timings", "host", "created_at")  # what may differ: the row number (finishing order), times, host
 
 
@@ -38,8 +40,10 @@ def dit_mq(tmp_path_factory):
 
 
 def _records(cache: Path):
+    """Every fidelity's records, by (fidelity, index)."""
     with ConfigCache(cache) as c:
-        recs = sorted(c.records(), key=lambda r: r["index"])
+        recs = [dict(r, fidelity=f) for f, rs in c.fidelity_records().items() for r in rs]
+    recs.sort(key=lambda r: (r["fidelity"], r["index"]))
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in recs]
 
 
@@ -60,7 +64,8 @@ def _train_and_search(cache: Path, out: Path, mq_path: Path, threads: int):
     torch.set_num_threads(threads)
     try:
         report = train(cache, out, model="digits-dit", predictor="ensemble", baselines=("lightgbm",), folds=3,
-                       seed=1, params={"gnn": {"epochs": 3, "hidden": 16, "d0": 8, "layers": 2}}, progress=False)
+                       seed=1, params={"gnn": {"epochs": 3, "hidden": 16, "d0": 8, "layers": 2}}, progress=False,
+                       fidelity="full")  # the stacked training's reproducibility: tests/test_fidelity.py
         pred = load_predictor(out)
         mq = load_multiquantizer(mq_path)
         res = search(pred, mq, 3.6)
@@ -79,7 +84,7 @@ def test_job_training_and_search_are_bit_reproducible(dit_mq, tmp_path, capsys):
                 "--num-configs", str(N_CONFIGS), *JOB, *extra]
         assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
     one, two = _records(caches["one"]), _records(caches["two"])
-    assert len(one) == N_CONFIGS
+    assert len(one) == 2 * N_CONFIGS and {r["fidelity"] for r in one} == {"cheap", "full"}
     diff = [(a["index"], k, a[k], b[k]) for a, b in zip(one, two) for k in a if a[k] != b[k]]
     assert not diff, f"records differ (index, field, 1 worker, 2 workers): {diff[:3]}"
 
