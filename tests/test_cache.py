@@ -419,3 +419,24 @@ def test_rebind_multiquantizer_keeps_records(tmp_path):
     other = build_multiquantizer(nn.Sequential(nn.Linear(8, 8)), tmp_path / "o.safetensors",
                                  find_layers(nn.Sequential(nn.Linear(8, 8))), options=["uaq-4"], progress=False)
     assert main(["cache", "rebind", str(cache), "--multiquantizer", str(other.path)]) == 2
+
+
+def test_a_config_drawn_twice_keeps_its_lowest_index_whatever_finished_first(tmp_path):
+    """Two workers may finish a run's later draw of a config before its earlier one: the record still
+    carries the earlier index, as a one-worker job writes it (the record is the same whatever the timing)."""
+    from sensitivity.evaluation.cache import ConfigCache
+
+    rec = {"config": {"a": "uaq-4"}, "metrics": {"fid": 1.0}, "avg_bits": 4.0}
+    other = {"config": {"a": "uaq-3"}, "metrics": {"fid": 2.0}, "avg_bits": 3.0}
+    with ConfigCache(tmp_path / "c.sqlite", signature="s", create=True) as c:
+        run = c.register_run({"seed": 0}, planned=6)
+        c.add(rec, run, 5)                    # the later draw finished first
+        assert c.records()[0]["index"] == 5
+        assert not c.add(rec, run, 0).inserted  # the earlier one: same config, kept once, lowest index
+        c.add(other, run, 1)
+        rid = c.add(other, run, 4).record_id
+        c.link(run, 3, rid)                     # a claim that found the record done
+        got = sorted((r["index"], r["metrics"]["fid"]) for r in c.records())
+        assert got == [(0, 1.0), (1, 2.0)]
+        assert sorted(r["index"] for r in c.records(run)) == [0, 1, 3, 4, 5]
+        assert c.verify() == []  # the checksum does not cover the index

@@ -440,7 +440,14 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
         with self._write() as cur:
             cur.execute("INSERT OR IGNORE INTO run_configs(run_id, idx, record_id) VALUES (?,?,?)",
                         (run_id, int(index), int(record_id)))
+            self._lowest_index(cur, int(record_id), run_id, int(index))
             cur.execute("DELETE FROM claims WHERE run_id=? AND idx=?", (run_id, int(index)))
+
+    @staticmethod
+    def _lowest_index(cur: sqlite3.Cursor, record_id: int, run_id: str, index: int) -> None:
+        """A config drawn twice in a run keeps its lowest index, whichever draw finished first (so the
+        record is the same whatever the worker count and timing; the checksum does not cover the index)."""
+        cur.execute("UPDATE records SET idx=? WHERE id=? AND run_id=? AND idx > ?", (index, record_id, run_id, index))
 
     def add(self, record: Mapping[str, Any], run_id: Optional[str] = None, index: Optional[int] = None,
             signature: Optional[str] = None) -> AddResult:
@@ -466,6 +473,8 @@ class ConfigCache(ClaimsMixin, FormatsMixin):
             if run_id is not None and index is not None:
                 cur.execute("INSERT OR IGNORE INTO run_configs(run_id, idx, record_id) VALUES (?,?,?)",
                             (run_id, int(index), rid))
+                if not inserted:
+                    self._lowest_index(cur, rid, run_id, int(index))
                 cur.execute("DELETE FROM claims WHERE run_id=? AND idx=?", (run_id, int(index)))
         return AddResult(rid, inserted)
 
