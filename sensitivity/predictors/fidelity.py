@@ -32,9 +32,8 @@ import numpy as np
 from ..errors import SensitivityError
 from .base import Context
 from .data import Dataset, Target
-from .metrics import ranking_metrics
+from .metrics import mean_std, ranking_metrics
 from .predictor import METRICS, CVResult, Predictor, cross_validate, kfold_assignment
-from .metrics import mean_std
 
 #: the primary kind name of a multi-fidelity predictor folder
 STACK_KIND = "multifidelity"

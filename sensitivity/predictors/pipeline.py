@@ -131,7 +131,7 @@ def train(
     data = load_cache(cache)
     target = Target(metric, float(lam))
     min_records = max(min_configs, folds)
-    from .fidelity import CHEAP, STACK_KIND, cheap_metrics_of, cross_validate_multifidelity
+    from .fidelity import CHEAP, cheap_metrics_of
 
     cheap_records = data.fidelity_records.get(CHEAP) if fidelity != "full" else None
     if fidelity == "mixed" and not cheap_records:
