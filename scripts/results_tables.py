@@ -343,7 +343,13 @@ EXPORT_ACCEPTANCE = (
     "config's `packed:recorded` (W8A8 on `torch._int_mm` for the linear layers) at forward <= 0.7x.")
 
 
-def render_export(d: Dict[str, Any], data: str) -> str:
+EXPORT_ACCEPTANCE_TINY = (
+    "Acceptance rows of issue 26 for digits-dit (tiny layers, where per-call overheads dominate) read off the "
+    "table above: packed with the automatic policy (`packed:recorded`) at forward <= 1.5x fp32's; the ONNX file "
+    "(`onnx`) at <= 1.25x the quantized bytes plus the unquantized tensors at fp32 (column `x`).")
+
+
+def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
     """Export formats and run-time policies against fp32 (the table of ``benchmarks/export_table.py`` itself)."""
     import importlib.util
 
@@ -355,14 +361,15 @@ def render_export(d: Dict[str, Any], data: str) -> str:
             "(each row loads and runs in a fresh process). `packed:recorded` is the automatic policy the export "
             "chose (W8A8 on int8 kernels for an 8-bit-activation config, else cached / on the fly per layer); "
             "`best forward` is the fastest of the forwards, less sensitive to other processes on a shared machine "
-            "than the median. Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n" + EXPORT_ACCEPTANCE)
+            "than the median. Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n"
+            + (EXPORT_ACCEPTANCE if kind == "export" else EXPORT_ACCEPTANCE_TINY))
     configs = [c.get("path") for c in (d.get("configs") or {}).values() if c.get("path")]
     made = (f"python benchmarks/export_configs.py --model {d['model']} --weights {d['weights']} "
             f"--out-dir {str(Path(configs[0]).parent)} && " if configs else "")
     command = (made + (d.get("command") or "python benchmarks/bench_export.py ...")
-               + f" && python scripts/results_tables.py export {d.get('json_path') or 'OUT_DIR/NAME.json'}")
-
-    return page("export", data, "Export formats at run time", command, d.get("provenance"), body)
+               + f" && python scripts/results_tables.py {kind} {d.get('json_path') or 'OUT_DIR/NAME.json'}")
+    title = "Export formats at run time" + ("" if kind == "export" else f" ({d.get('model')})")
+    return page(kind, data, title, command, d.get("provenance"), body)
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -451,6 +458,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "startup": ("startup", render_startup), "pipeline-bytes": ("pipeline-bytes", render_pipeline_bytes),
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
     "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
+    "export-digits-dit": ("export-digits-dit", lambda d, data: render_export(d, data, kind="export-digits-dit")),
     "label-efficiency": ("label-efficiency", render_label_efficiency),
     "label-efficiency-digits-unet": ("label-efficiency-digits-unet", render_label_efficiency),
     "transfer": ("transfer", render_transfer),
