@@ -112,6 +112,10 @@ def test_train_stacks_cheap_members_reloads_and_searches(dit_mq, mf_cache, tmp_p
         train(mf_cache, tmp_path / "x", model="digits-dit", predictor="lightgbm", baselines=(), folds=3,
               cheap_metrics=["lpips"], progress=False)
     assert not (tmp_path / "x").exists()
+    from sensitivity.predictors.pipeline import out_of_fold_predictions
+
+    with pytest.raises(SensitivityError, match="no fold models of its own"):
+        out_of_fold_predictions(tmp_path / "pred1", mf_cache)
 
 
 def test_cache_fidelity_store(tmp_path):

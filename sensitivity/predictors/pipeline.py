@@ -244,6 +244,9 @@ def out_of_fold_predictions(predictor_path: str | Path, cache: str | Path, kind:
     "kind"}`` (lists). Raises if the cache is not the training cache (config count differs)."""
     man = read_manifest(predictor_path)
     p = load_predictor(predictor_path, kind=kind, device=device)
+    if not p.models:  # a multi-fidelity stack: its folds are over the full labels, its members over the cheap ones
+        raise SensitivityError(f"predictor {predictor_path}: {p.kind} has no fold models of its own (its cross-validated "
+                               "predictions on the full labels are in report.json); pass kind= one of its members")
     data = load_cache(cache)
     ds = Dataset.from_records(data.records, p.table, p.target, source=str(cache), min_records=2)
     fold_of = np.asarray(man["folds"]["fold_of"], dtype=np.int64)
