@@ -431,8 +431,12 @@ def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
     model = d.get("model", "digits-dit")
     kind = "label-efficiency" if model == "digits-dit" else f"label-efficiency-{model}"
     command += f" && python scripts/results_tables.py {kind} {out.group(1) if out else 'OUT'}/label_efficiency.json"
+    body = mod.markdown(d)
+    if (RESULTS / f"{kind}.png").exists():  # the run's figure, copied beside the page (RUN_FIGURES)
+        body += (f"\n\n![Kendall τ against the ground truth (left) and the searched configs' held-out FID (right) "
+                 f"by labelling seconds]({kind}.png)")
     return page(kind, data, f"Label recipes by cost: ground-truth tau and searched FID ({model})",
-                command, d.get("provenance"), mod.markdown(d))
+                command, d.get("provenance"), body)
 
 
 def render_transfer(d: Dict[str, Any], data: str) -> str:
@@ -463,6 +467,10 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "label-efficiency-digits-unet": ("label-efficiency-digits-unet", render_label_efficiency),
     "transfer": ("transfer", render_transfer),
 }
+
+
+#: figures a run writes beside its JSON, copied next to the page as ``<page>.png`` when the page is written
+RUN_FIGURES = {"label-efficiency": "label_efficiency.png", "label-efficiency-digits-unet": "label_efficiency.png"}
 
 
 def digits_reports() -> Dict[str, Dict[str, Any]]:
@@ -546,6 +554,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 atomic_write_bytes(RESULTS / dst, (src.parent / rel).read_bytes(), what="results figure")
         text = render(data, f"docs/results/data/{name}.json")  # with the figures now present
         _write(README, readme)
+    fig = src.parent / RUN_FIGURES.get(args.kind, "")
+    if args.kind in RUN_FIGURES and fig.is_file():
+        from sensitivity.io import atomic_write_bytes
+
+        atomic_write_bytes(RESULTS / f"{name}.png", fig.read_bytes(), what="results figure")
+        text = render(data, f"docs/results/data/{name}.json")  # with the figure now present
     _write(DATA / f"{name}.json", json.dumps(data, indent=1) + "\n")
     _write(RESULTS / f"{name}.md", text)
     print(f"wrote docs/results/{name}.md (data: docs/results/data/{name}.json)")
