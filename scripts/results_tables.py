@@ -86,6 +86,16 @@ def provenance_line(p: Optional[Dict[str, Any]]) -> str:
             f"{_pair(p.get('calibrator_s'))} s, load average {_pair(p.get('load_average'))}.{cmd}")
 
 
+def bench_module(name: str) -> Any:
+    """``benchmarks/<name>.py`` as a module (its table code is stdlib-only at import; torch loads inside its run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def page(kind: str, data: str, title: str, command: str, provenance: Optional[Dict[str, Any]], body: str) -> str:
     return "\n".join([f"# {title}", "", GENERATED.format(kind=kind, data=data), "",
                       f"Regenerate: `{command}`", "", provenance_line(provenance), "", body.strip(), ""])
@@ -325,11 +335,7 @@ def render_startup(d: Dict[str, Any], data: str) -> str:
 # ------------------------------------------------------------------------------------------ pipeline bytes
 def render_pipeline_bytes(d: Dict[str, Any], data: str) -> str:
     """Bytes per component of the official configs: the table of ``benchmarks/pipeline_bytes.py`` itself."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pipeline_bytes", ROOT / "benchmarks" / "pipeline_bytes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib at import; torch only inside measure()
+    mod = bench_module("pipeline_bytes")
     body = mod.markdown(d)
     return page("pipeline-bytes", data, "Bytes per pipeline component (official configs)",
                 "PYTHONPATH=. python benchmarks/pipeline_bytes.py --out pipeline_bytes.json && "
@@ -351,11 +357,7 @@ EXPORT_ACCEPTANCE_TINY = (
 
 def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
     """Export formats and run-time policies against fp32 (the table of ``benchmarks/export_table.py`` itself)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_table", ROOT / "benchmarks" / "export_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib only
+    mod = bench_module("export_table")
     body = ("Bytes on disk, load time, peak resident memory while loading and during the forwards, and forward "
             "time of each export and run-time policy, every number a ratio to the fp32 row of the same run "
             "(each row loads and runs in a fresh process). `packed:recorded` is the automatic policy the export "
@@ -375,12 +377,7 @@ def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
 # ------------------------------------------------------------------------------------------ labels
 def render_labels(d: Dict[str, Any], data: str) -> str:
     """Whole-predictor search vs additive search vs the top-1 rule on the ground truth (its script's table)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("whole_predictor_search",
-                                                  ROOT / "benchmarks" / "whole_predictor_search.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("whole_predictor_search")
     return page("labels", data, "Whole-predictor search on the ground truth",
                 "python benchmarks/whole_predictor_search.py --predictor DIR --multiquantizer MQ --out labels.json "
                 "&& python scripts/results_tables.py labels labels.json", d.get("provenance"), mod.report(d))
@@ -394,12 +391,7 @@ JOINT_PIPELINE_COMMAND = ("PYTHONPATH=. nice -n 5 python benchmarks/joint_pipeli
 
 def render_joint_pipeline(d: Dict[str, Any], data: str) -> str:
     """Joint whole-pipeline search vs denoiser-only search at equal bytes (its benchmark's own markdown)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("joint_pipeline_search",
-                                                  ROOT / "benchmarks" / "joint_pipeline_search.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib at import; torch only inside run()
+    mod = bench_module("joint_pipeline_search")
     return page("joint-pipeline", data, "Whole-pipeline search vs denoiser-only search at equal bytes (digits-sd)",
                 JOINT_PIPELINE_COMMAND, d.get("provenance"), mod.markdown(d))
 
@@ -407,11 +399,7 @@ def render_joint_pipeline(d: Dict[str, Any], data: str) -> str:
 # ------------------------------------------------------------------------------------------ label noise
 def render_label_noise(d: Dict[str, Any], data: str) -> str:
     """Noise and ground-truth tau of every label metric per labelling CPU-second (its benchmark's table)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("label_noise", ROOT / "benchmarks" / "label_noise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib at import; torch only inside run()
+    mod = bench_module("label_noise")
     command = d.get("command") or "python benchmarks/label_noise.py --out OUT.json"
     out = re.search(r"--out[ =](\S+)", command)
     command += f" && python scripts/results_tables.py label-noise {out.group(1) if out else 'OUT.json'}"
@@ -421,11 +409,7 @@ def render_label_noise(d: Dict[str, Any], data: str) -> str:
 
 def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
     """Ground-truth tau and searched FID by labelling cost (its benchmark's table)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib at import
+    mod = bench_module("label_efficiency")
     command = d.get("command") or "python benchmarks/label_efficiency.py --out OUT"
     out = re.search(r"--out[ =](\S+)", command)
     model = d.get("model", "digits-dit")
@@ -441,11 +425,7 @@ def render_label_efficiency(d: Dict[str, Any], data: str) -> str:
 
 def render_transfer(d: Dict[str, Any], data: str) -> str:
     """Predictors of one model trained on N labels, from scratch or from another model's prior (its benchmark's table)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("transfer", ROOT / "benchmarks" / "transfer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # stdlib at import
+    mod = bench_module("transfer")
     command = d.get("command") or "python benchmarks/transfer.py --out OUT.json"
     out = re.search(r"--out[ =](\S+)", command)
     command += f" && python scripts/results_tables.py transfer {out.group(1) if out else 'OUT.json'}"
