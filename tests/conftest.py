@@ -64,3 +64,20 @@ def _log_handlers_follow_stderr():
                     and not isinstance(h.stream, _CurrentStderr):
                 h.stream = _CurrentStderr()  # not setStream: it flushes the old, maybe closed, stream
                 h.__dict__.pop("flush", None)  # transformers pins flush to that stream's own flush
+
+
+@pytest.fixture(scope="session")
+def dit_random_mq(tmp_path_factory):
+    """A multiquantizer of every digits-dit layer (random weights), two options: seconds to build, once per run
+    (the reproducibility and multi-fidelity jobs label with it)."""
+    import torch
+
+    from sensitivity.multiquantizer import build_multiquantizer
+    from sensitivity.zoo import get_family
+
+    fam = get_family("digits-dit")
+    den = fam.load_denoiser("random", device="cpu", dtype=torch.float32)
+    path = tmp_path_factory.mktemp("dit-mq") / "digits-dit-random.safetensors"
+    build_multiquantizer(den, path, fam.find_layers(den), model_id=fam.model_id("random"),
+                         options=("uaq-4", "uaq-3"), progress=False)
+    return path

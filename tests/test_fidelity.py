@@ -12,7 +12,7 @@ import torch
 from sensitivity import cli
 from sensitivity.errors import SensitivityError
 from sensitivity.evaluation.cache import ConfigCache
-from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
+from sensitivity.multiquantizer import load_multiquantizer
 
 JOB = ["--weights", "random", "--images-per-class", "1", "--steps", "2", "--seed", "3", "--no-progress",
        "--paired-features", "--num-configs", "12", "--full-configs", "6", "--full-images-per-class", "2"]
@@ -20,21 +20,9 @@ VOLATILE = ("id", "timings", "host", "created_at")
 
 
 @pytest.fixture(scope="module")
-def dit_mq(tmp_path_factory):
-    from sensitivity.zoo import get_family
-
-    fam = get_family("digits-dit")
-    den = fam.load_denoiser("random", device="cpu", dtype=torch.float32)
-    path = tmp_path_factory.mktemp("fidelity") / "digits-dit-random.safetensors"
-    build_multiquantizer(den, path, fam.find_layers(den), model_id=fam.model_id("random"),
-                         options=("uaq-4", "uaq-3"), progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mf_cache(dit_mq, tmp_path_factory):
+def mf_cache(dit_random_mq, tmp_path_factory):
     cache = tmp_path_factory.mktemp("fidelity-cache") / "mf.sqlite"
-    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_mq), "--cache", str(cache), *JOB,
+    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_random_mq), "--cache", str(cache), *JOB,
             "--workers", "1", "--threads", "1"]
     assert cli.main(argv) == 0
     return cache
@@ -47,7 +35,7 @@ def _by_fidelity(cache: Path):
                       key=lambda r: (r["run_id"], r["index"])) for f, rs in recs.items()}
 
 
-def test_sample_full_configs_writes_two_fidelities_resumes_and_reproduces(dit_mq, mf_cache, tmp_path, capsys):
+def test_sample_full_configs_writes_two_fidelities_resumes_and_reproduces(dit_random_mq, mf_cache, tmp_path, capsys):
     recs = _by_fidelity(mf_cache)
     assert set(recs) == {"full", "cheap"}
     assert len(recs["cheap"]) == 12 and len(recs["full"]) == 6
@@ -60,7 +48,7 @@ def test_sample_full_configs_writes_two_fidelities_resumes_and_reproduces(dit_mq
         info = full.info(verify=True)
     assert info["fidelities"]["cheap"]["records"] == 12 and not info["damaged_records"]
     # the same command again: nothing to do (resumable)
-    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_mq), "--cache", str(mf_cache), *JOB, "--json"]
+    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_random_mq), "--cache", str(mf_cache), *JOB, "--json"]
     capsys.readouterr()
     assert cli.main(argv) == 0
     out = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith("{")))
@@ -68,7 +56,7 @@ def test_sample_full_configs_writes_two_fidelities_resumes_and_reproduces(dit_mq
     # byte-identical records at both fidelities whatever the worker count: tests/test_reproducible.py
 
 
-def test_train_stacks_cheap_members_reloads_and_searches(dit_mq, mf_cache, tmp_path, capsys):
+def test_train_stacks_cheap_members_reloads_and_searches(dit_random_mq, mf_cache, tmp_path, capsys):
     from sensitivity.predictors import load_predictor, train
     from sensitivity.predictors.fidelity import STACK_KIND, MultiFidelityPredictor
     from sensitivity.search import search
@@ -90,7 +78,7 @@ def test_train_stacks_cheap_members_reloads_and_searches(dit_mq, mf_cache, tmp_p
     assert rep["n_configs"] == 6 and rep["fidelity"]["n_cheap"] == {"feature_mse": 12, "fd_fp": 12, "psnr": 12}
     assert set(rep["predictors"]) == {STACK_KIND, *p.stack.members, "additive"}
     # the stack's prediction is the weighted sum of its standardised members, each member a cheap-metric predictor
-    mq = load_multiquantizer(dit_mq)
+    mq = load_multiquantizer(dit_random_mq)
     codes = p.table.encode([{l: "uaq-3" for l in mq.layer_names[:k]} for k in range(0, 12, 3)])
     members = np.array([p.members[n].predict_codes(codes) for n in p.stack.members])
     want = p.stack.intercept + p.stack.weights @ ((members - p.stack.mean[:, None]) / p.stack.std[:, None])
@@ -150,9 +138,9 @@ def test_cache_fidelity_store(tmp_path):
     (["--full-configs", "4", "--full-images-per-class", "1"], "equals the cheap one"),
     (["--full-configs", "0", "--full-images-per-class", "4"], "--full-configs"),
 ])
-def test_sample_full_configs_bad_input(dit_mq, tmp_path, capsys, extra, message):
+def test_sample_full_configs_bad_input(dit_random_mq, tmp_path, capsys, extra, message):
     cache = tmp_path / "bad.sqlite"
-    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_mq), "--cache", str(cache), "--weights", "random",
+    argv = ["sample", "digits-dit", "--multiquantizer", str(dit_random_mq), "--cache", str(cache), "--weights", "random",
             "--images-per-class", "1", "--steps", "2", "--num-configs", "12", "--no-progress", *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

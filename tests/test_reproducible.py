@@ -9,34 +9,19 @@ Everything but timings, host names and dates must be equal byte for byte.
 """
 
 import json
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from sensitivity import cli
 from sensitivity.evaluation.cache import ConfigCache
-from sensitivity.multiquantizer import build_multiquantizer, load_multiquantizer
+from sensitivity.multiquantizer import load_multiquantizer
 
 N_CONFIGS = 12
 JOB = ["--weights", "random", "--images-per-class", "1", "--steps", "2", "--seed", "4", "--no-progress",
        "--paired-features",  # the paired feature metrics are labels too: reproducible as the others
        "--full-configs", str(N_CONFIGS), "--full-images-per-class", "2"]  # and a second (full) fidelity
 VOLATILE = ("id", "timings", "host", "created_at")  # what may differ: the row number (finishing order), times, host
-
-
-@pytest.fixture(scope="module")
-def dit_mq(tmp_path_factory):
-    """A multiquantizer of every digits-dit layer (random weights), two options: seconds to build."""
-    from sensitivity.zoo import get_family
-
-    fam = get_family("digits-dit")
-    den = fam.load_denoiser("random", device="cpu", dtype=torch.float32)
-    path = tmp_path_factory.mktemp("repro") / "digits-dit-random.safetensors"
-    build_multiquantizer(den, path, fam.find_layers(den), model_id=fam.model_id("random"),
-                         options=("uaq-4", "uaq-3"), progress=False)
-    return path
 
 
 def _records(cache: Path):
@@ -76,11 +61,11 @@ def _train_and_search(cache: Path, out: Path, mq_path: Path, threads: int):
     return _strip_seconds(report), cfg
 
 
-def test_job_training_and_search_are_bit_reproducible(dit_mq, tmp_path, capsys):
+def test_job_training_and_search_are_bit_reproducible(dit_random_mq, tmp_path, capsys):
     caches = {}
     for name, extra in (("one", ["--workers", "1", "--threads", "1"]), ("two", ["--workers", "2", "--threads", "2"])):
         caches[name] = tmp_path / f"{name}.sqlite"
-        argv = ["sample", "digits-dit", "--multiquantizer", str(dit_mq), "--cache", str(caches[name]),
+        argv = ["sample", "digits-dit", "--multiquantizer", str(dit_random_mq), "--cache", str(caches[name]),
                 "--num-configs", str(N_CONFIGS), *JOB, *extra]
         assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
     one, two = _records(caches["one"]), _records(caches["two"])
@@ -88,8 +73,8 @@ def test_job_training_and_search_are_bit_reproducible(dit_mq, tmp_path, capsys):
     diff = [(a["index"], k, a[k], b[k]) for a, b in zip(one, two) for k in a if a[k] != b[k]]
     assert not diff, f"records differ (index, field, 1 worker, 2 workers): {diff[:3]}"
 
-    rep1, cfg1 = _train_and_search(caches["one"], tmp_path / "p1", dit_mq, threads=1)
-    rep2, cfg2 = _train_and_search(caches["two"], tmp_path / "p2", dit_mq, threads=2)
+    rep1, cfg1 = _train_and_search(caches["one"], tmp_path / "p1", dit_random_mq, threads=1)
+    rep2, cfg2 = _train_and_search(caches["two"], tmp_path / "p2", dit_random_mq, threads=2)
     rep1.pop("cache"), rep2.pop("cache")
     assert json.dumps(rep1, sort_keys=True) == json.dumps(rep2, sort_keys=True)
     for f in ("weights.safetensors", "layer_scores.csv", "module_scores.csv"):
