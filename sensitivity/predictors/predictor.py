@@ -480,27 +480,36 @@ def load_predictor(path: str | os.PathLike, kind: Optional[str] = None, device: 
     return pred
 
 
-def read_fold_state(path: str | os.PathLike, kind: str, index: int) -> "tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]":
-    """``(meta, tensors, params)`` of fold model ``index % k`` of member ``kind`` in predictor folder ``path``
-    (``meta["fold"]``: the fold read). One line naming the folder when it has no such member."""
-    from safetensors.numpy import load_file
-
-    man = read_manifest(path)
+def _member_folds(man: Mapping[str, Any], path: Any, kind: str) -> List[Dict[str, Any]]:
+    """The fold entries of member ``kind`` in a manifest; one line naming the folder when it has none."""
     if kind not in man["members"]:
         raise SensitivityError(f"predictor {str(path)!r} has no {kind!r} member to start from "
                                f"(it has {', '.join(man['members'])}); train one with --predictor {kind} or ensemble")
-    folds = man["members"][kind]["folds"]
+    return man["members"][kind]["folds"]
+
+
+def read_fold_state(path: str | os.PathLike, kind: str, index: int) -> "tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]":
+    """``(meta, tensors, params)`` of fold model ``index % k`` of member ``kind`` in predictor folder ``path``
+    (``meta["fold"]``: the fold read). One line naming the folder when it has no such member."""
+    from safetensors import safe_open
+
+    folds = _member_folds(read_manifest(path), path, kind)
     f = int(index) % len(folds)
     weights = Path(path) / "weights.safetensors"
-    try:
-        tensors = load_file(str(weights))
-    except Exception as exc:
-        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} is unreadable ({type(exc).__name__})") from None
     fm = folds[f]
     keys = {k: f"{kind}/fold{f}/{k}" for k in fm["tensors"]}
-    if any(key not in tensors for key in keys.values()):
-        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} lacks fold {f} of {kind} (an incomplete folder)")
-    return dict(fm["meta"], fold=f), {k: tensors[key] for k, key in keys.items()}, dict(fm.get("params") or {})
+    try:  # only this fold's tensors are read
+        with safe_open(str(weights), framework="np") as fh:
+            have = set(fh.keys())
+            if any(key not in have for key in keys.values()):
+                raise SensitivityError(f"predictor {str(path)!r}: {weights.name} lacks fold {f} of {kind} "
+                                       "(an incomplete folder)")
+            tensors = {k: fh.get_tensor(key) for k, key in keys.items()}
+    except SensitivityError:
+        raise
+    except Exception as exc:
+        raise SensitivityError(f"predictor {str(path)!r}: {weights.name} is unreadable ({type(exc).__name__})") from None
+    return dict(fm["meta"], fold=f), tensors, dict(fm.get("params") or {})
 
 
 def transfer(path: str | os.PathLike, graph: Any, table: LayerTable, kind: str = "gnn",
@@ -516,7 +525,7 @@ def transfer(path: str | os.PathLike, graph: Any, table: LayerTable, kind: str =
     man = read_manifest(path)
     ctx = Context(table, Target.from_dict(man["target"]), graph, device)
     models = []
-    for f in range(len((man["members"].get(kind) or {}).get("folds") or [None])):
+    for f in range(len(_member_folds(man, path, kind))):
         meta, tensors, params = read_fold_state(path, kind, f)
         m = cls(ctx, params)
         m.set_state({k: v for k, v in meta.items() if k != "fold"}, tensors, {})
