@@ -123,8 +123,10 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
         cache = Path(tmp) / "prefix.sqlite"
         write_prefix(source, prefix, cache, f"{strategy}:{source}")
         if strategy == "multifidelity":  # every paired label as the cheap fidelity, the N FID labels as the full one
+            from sensitivity.evaluation.cache import CHEAP
+
             cheap = random_order(args.paired_cache, args.seed)
-            write_prefix(args.paired_cache, cheap, cache, f"cheap:{args.paired_cache}", fidelity="cheap")
+            write_prefix(args.paired_cache, cheap, cache, f"cheap:{args.paired_cache}", fidelity=CHEAP)
             cost += cheap
             kind = "multifidelity"
         t0 = time.perf_counter()

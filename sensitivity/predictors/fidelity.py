@@ -41,8 +41,6 @@ STACK_KIND = "multifidelity"
 DEFAULT_CHEAP_METRICS = ("feature_mse", "fd_fp", "psnr")
 #: ridge strengths of the stack (leave-one-out picks one; inputs are standardised)
 STACK_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
-#: a config's cheap fidelity name in the cache (``sensitivity sample --full-configs``)
-CHEAP = "cheap"
 
 
 def member_name(kind: str, metric: str) -> str:

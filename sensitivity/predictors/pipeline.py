@@ -131,7 +131,8 @@ def train(
     data = load_cache(cache)
     target = Target(metric, float(lam))
     min_records = max(min_configs, folds)
-    from .fidelity import CHEAP, cheap_metrics_of
+    from ..evaluation.cache import CHEAP
+    from .fidelity import cheap_metrics_of
 
     cheap_records = data.fidelity_records.get(CHEAP) if fidelity != "full" else None
     if fidelity == "mixed" and not cheap_records:

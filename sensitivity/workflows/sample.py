@@ -85,7 +85,7 @@ def sample(model: str, multiquantizer: str, cache: Union[str, Path], *, num_conf
     signature); ``sensitivity train`` learns from both (:mod:`sensitivity.predictors.fidelity`).
     """
     from ..active import run_active
-    from ..evaluation.cache import ConfigCache, remove_if_empty
+    from ..evaluation.cache import CHEAP, ConfigCache, remove_if_empty
     from ..evaluation.fp_reference import job_fp_images_dir
     from ..evaluation.protocol import check_protocol_numbers, protocol_for
     from ..evaluation.runners import JobPlan, LocalRunner, PipelinedFactory, RayRunner, ray_connection, run_job
@@ -102,7 +102,7 @@ def sample(model: str, multiquantizer: str, cache: Union[str, Path], *, num_conf
     if full_configs is not None:
         full_protocol = dict(protocol, **{k: v for k, v in full_images.items() if v is not None})
         check_protocol_numbers(**{k: full_protocol[k] for k in ("num_images", "images_per_class") if k in full_protocol})
-    cheap = "cheap" if full_configs is not None else None
+    cheap = CHEAP if full_configs is not None else None
     cache_path = Path(cache)
     if not cache_path.exists():
         check_writable(cache_path, "--cache")  # SQLite also writes its journal beside the file

@@ -39,10 +39,10 @@ from .claims import process_owner
 from .formats import from_reference_names, read_records_file, to_reference_name
 from .records import (FORMAT, RECORD_FIELDS, REFERENCE_METRIC, SignatureMismatchError, build_record, describe_difference,
                       evaluation_signature, now_iso, run_id_for)
-from .store import AddResult, ConfigCache
+from .store import CHEAP, FULL, AddResult, ConfigCache
 from .files import import_records, read_records, rebind_multiquantizer, remove_if_empty
 
-__all__ = ["AddResult", "ConfigCache", "FORMAT", "RECORD_FIELDS", "REFERENCE_METRIC",
+__all__ = ["AddResult", "CHEAP", "ConfigCache", "FULL", "FORMAT", "RECORD_FIELDS", "REFERENCE_METRIC",
            "SignatureMismatchError", "build_record", "config_hash", "describe_difference",
            "evaluation_signature", "from_reference_names", "import_records", "normalize_config", "now_iso",
            "process_owner", "read_records", "read_records_file", "rebind_multiquantizer", "remove_if_empty",

@@ -28,6 +28,8 @@ from .records import (_BUSY_TIMEOUT_S, FORMAT, SignatureMismatchError, _checksum
 #: the fidelity of a cache's own signature (meta keys ``signature`` / ``evaluation``); another fidelity
 #: NAME keeps its signature under ``signature:NAME`` (``sensitivity sample --full-configs``: ``cheap``)
 FULL = "full"
+#: the fidelity ``sensitivity sample --full-configs`` writes its cheap labels to
+CHEAP = "cheap"
 _FIDELITY_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 _CREATE_WAIT_S = 5.0      # how long an opener waits for a file another process is creating in place
