@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     from sensitivity.evaluation.cache import ConfigCache, read_records
     from sensitivity.evaluation.metric_specs import record_metric
-    from sensitivity.io import atomic_write_json
+    from sensitivity.io import atomic_path, atomic_write_json
     from sensitivity.multiquantizer import load_multiquantizer
     from sensitivity.predictors import LayerTable, load_cache, load_predictor, train
     from sensitivity.predictors.pipeline import model_graph
@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                             progress=False)
         ls["value"] = ls.groupby("layer")["score"].transform("max") - ls["score"]
         prior_table = work / f"prior_layer_damage-{family}.csv"
-        ls[["layer", "option", "value"]].to_csv(prior_table, index=False)
+        with atomic_path(prior_table) as tmp:
+            ls[["layer", "option", "value"]].to_csv(tmp, index=False)
         for n in [x for x in labels if x > 0]:
             with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
                 cache = Path(tmp) / "prefix.sqlite"
