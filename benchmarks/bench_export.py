@@ -46,8 +46,9 @@ def calibrator() -> float:
     return float(out.strip())
 
 
-def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
-    """Load ``folder`` as ``kind`` and time its forwards (run in a fresh subprocess)."""
+def measure(kind: str, folder: str, repeats: int, threads: int, output: str = "") -> dict:
+    """Load ``folder`` as ``kind`` and time its forwards (run in a fresh subprocess); ``output``: save the
+    first forward's output there (``.npy``; PyTorch rows, whose seeded inputs are the same for every row)."""
     import numpy as np
     import torch
 
@@ -111,9 +112,11 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
 
         def run():
             with torch.no_grad():
-                den(**kw, return_dict=False)
+                return den(**kw, return_dict=False)[0]
 
-    run()
+    first = run()
+    if output and isinstance(first, torch.Tensor):
+        np.save(output, first.detach().to(torch.float32).numpy())
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -126,6 +129,20 @@ def measure(kind: str, folder: str, repeats: int, threads: int) -> dict:
         out["kernels"] = {k: sum(1 for v in den.sensitivity_export["runtime_kernels"].values() if v == k)
                           for k in ("on_the_fly", "cached", "int8_dynamic")}
     return out
+
+
+def _output_errors(rows: list) -> None:
+    """``output_err_vs_fp32`` of each PyTorch row: max |y - y_fp32| / max |y_fp32| on the same seeded inputs."""
+    import numpy as np
+
+    ref = next((r for r in rows if r["kind"] == "fp32" and r.get("output_path")), None)
+    if ref is None:
+        return
+    y0 = np.load(ref["output_path"])
+    for r in rows:
+        if r.get("output_path"):
+            y = np.load(r["output_path"])
+            r["output_err_vs_fp32"] = float(np.abs(y - y0).max() / max(float(np.abs(y0).max()), 1e-30))
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -165,9 +182,10 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where the exports go (default: OUT_DIR/<model>-exports)")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--output", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.dir, args.repeats, args.threads)))
+        print(json.dumps(measure(args.measure, args.dir, args.repeats, args.threads, args.output)))
         return
 
     import importlib.util
@@ -242,8 +260,10 @@ def main() -> None:
     for name, kind in plan:
         fmt = kind.partition(":")[0]
         folder = folders[name][fmt]
+        out_npy = out_dir / "outputs" / f"{name or 'config'}-{kind.replace(':', '-')}.npy"
+        out_npy.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--measure", kind, "--dir", str(folder), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--output", str(out_npy)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             print(res.stderr[-3000:], file=sys.stderr)
@@ -251,8 +271,10 @@ def main() -> None:
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["config"] = name
         row["bytes_on_disk"] = _folder_bytes(folder)
+        row["output_path"] = str(out_npy) if out_npy.is_file() else None
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "forward_all_s"}), file=sys.stderr)
+    _output_errors(rows)
     first = next(iter(meta.values()), {})
     result = {
         "model": args.model, "weights": weights, "multiquantizer": args.multiquantizer, "configs": meta,

@@ -2,10 +2,13 @@
 
     python benchmarks/export_configs.py --model sd15 --out-dir caches/export-sd15
 
-Writes ``OUT_DIR/mq.safetensors`` (``--options``, default ``uaq-4 uaq-3 kmeans_c-4 kmeans_c-3 uaq-8``: the
+Writes ``OUT_DIR/mq.safetensors`` (``--options``, default ``uaq-4 uaq-3 kmeans_c-4 kmeans_c-3 int8_c``: the
 per-tensor ``kmeans_a`` options are left out to keep a full-size build under an hour on two cores; resumable)
-and three configs: ``uaq.json`` (the error ILP over ``uaq-4`` / ``uaq-3`` at ``--bits``), ``kmeans.json`` (the
-error ILP over every option but ``uaq-8`` at ``--bits``, k-means included) and ``w8a8.json`` (every layer ``uaq-8``, ``act_bits: 8``). The split ``#main`` / ``#skip`` halves of a layer
+and the ``--configs`` (default all three): ``uaq.json`` (the error ILP over ``uaq-4`` / ``uaq-3`` at ``--bits``),
+``kmeans.json`` (the error ILP over every option below 8 bits at ``--bits``, k-means included) and ``w8a8.json``
+(every layer ``--w8a8-option``, default ``int8_c``: symmetric per-channel int8 weights, the W8A8 every int8
+kernel takes; ``act_bits: 8``). ``--options int8_c --configs w8a8`` builds the W8A8 case alone in minutes.
+The split ``#main`` / ``#skip`` halves of a layer
 stay fp16 in all three (SDNQ quantizes a module's weight as one, so it cannot carry them). The error ILP is
 :func:`sensitivity.search.predictor_free.error_ilp` (minimum summed ``||W - Ŵ||² / ||W||²`` under the byte budget).
 """
@@ -25,7 +28,9 @@ def main() -> None:
     ap.add_argument("--weights", default="random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bits", type=float, default=3.9, help="average bits of the uaq and kmeans configs")
-    ap.add_argument("--options", nargs="+", default=["uaq-4", "uaq-3", "kmeans_c-4", "kmeans_c-3", "uaq-8"])
+    ap.add_argument("--options", nargs="+", default=["uaq-4", "uaq-3", "kmeans_c-4", "kmeans_c-3", "int8_c"])
+    ap.add_argument("--configs", default="uaq,kmeans,w8a8", help="which configs to write (comma-separated)")
+    ap.add_argument("--w8a8-option", default="int8_c", help="the option of every layer of w8a8.json")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args()
 
@@ -35,6 +40,14 @@ def main() -> None:
     from sensitivity.search.predictor_free import error_ilp
     from sensitivity.zoo import get_family
 
+    wanted = [c for c in args.configs.split(",") if c]
+    needs = {"uaq": ["uaq-4", "uaq-3"], "kmeans": ["uaq-4"], "w8a8": [args.w8a8_option]}
+    for name in wanted:
+        if name not in needs:
+            raise SystemExit(f"--configs: unknown config {name!r}; use uaq, kmeans, w8a8")
+        missing = [o for o in needs[name] if o not in args.options]
+        if missing:
+            raise SystemExit(f"--configs {name} needs option {missing[0]!r} in --options")
     fam = get_family(args.model)
     weights = fam.resolve_weights(args.weights)
     out = Path(args.out_dir)
@@ -47,14 +60,19 @@ def main() -> None:
     else:
         mq = build_multiquantizer(den, mq_path, fam.find_layers(den), model_id=model_id, options=tuple(args.options))
     configs = {}
-    low = [o for o in args.options if o != "uaq-8"]
+    from sensitivity.options import QuantOption
+
+    low = [o for o in args.options if QuantOption.parse(o).bits < 8]
     for name, options in (("uaq", ("uaq-4", "uaq-3")), ("kmeans", low)):
+        if name not in wanted:
+            continue
         sizes = size_table(mq, options)
         sizes = sizes[~sizes["layer"].str.contains("#")]  # split halves stay fp16: SDNQ cannot carry them
         res = error_ilp(sizes, args.bits, what=f"{args.model} {name}")
         configs[name] = res.to_config(model=model_id, multiquantizer_hash=mq.hash)
-    configs["w8a8"] = QuantConfig({n: "uaq-8" for n in mq.layer_names if "#" not in n}, model=model_id, multiquantizer_hash=mq.hash,
-                                  act_bits=8)
+    if "w8a8" in wanted:
+        configs["w8a8"] = QuantConfig({n: args.w8a8_option for n in mq.layer_names if "#" not in n}, model=model_id,
+                                      multiquantizer_hash=mq.hash, act_bits=8)
     for name, cfg in configs.items():
         cfg.save(out / f"{name}.json")
         print(f"{out / name}.json: {len(cfg.options)} layers, "

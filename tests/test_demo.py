@@ -1,7 +1,6 @@
 """`sensitivity demo`: the whole pipeline on digits-dit at a tiny size, its outputs, and its resume."""
 
 import json
-import os
 
 import pytest
 
@@ -88,9 +87,6 @@ def test_demo_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SENSITIVITY_LONG_TESTS") != "1",
-                    reason="about 12 minutes wall on the shared 2-core machine (the suite's budget is 10): "
-                    "SENSITIVITY_LONG_TESTS=1 runs it")
 def test_demo_digits_sd_whole_pipeline(tmp_path, capsys):
     """--model digits-sd --components all: text encoder, UNet and VAE decoder searched under one budget."""
     out = tmp_path / "out"

@@ -12,9 +12,10 @@ from torch import nn
 from sensitivity.export import export, load_quantized
 from sensitivity.export.kernels import dequantize_into, pad_packed
 from sensitivity.export.modules import PartSpec, is_packed, pack_module
-from sensitivity.export.runtime import KERNELS, choose_kernels
+from sensitivity.export.runtime import KERNELS, choose_kernels, int8_conv_available
 from sensitivity.multiquantizer import apply, build_multiquantizer, restore
-from sensitivity.quantizers.activation import enable_activation_quant, disable_activation_quant, quantize_channels, quantize_tokens
+from sensitivity.quantizers.activation import (disable_activation_quant, enable_activation_quant, quantize_channels,
+                                             quantize_samples, quantize_tokens)
 from sensitivity.quantizers.packing import pack_codes
 from sensitivity.quantizers.tensor import quantize
 from sensitivity.zoo import get_family
@@ -84,9 +85,18 @@ def test_every_option_every_kernel(option):
         got = q(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert (q._runtime == "int8_dynamic") == (option.split("-")[0] in ("uaq", "uaq_ls", "int8", "int8_c"))
+    # a conv on oneDNN's int8 conv where q - z is an int8 value: its input on one grid per sample, exact up to
+    # float32 summation order; else the float kernel with apply()'s grid per (sample, channel), bit for bit
     qc, wc = _packed(conv, [option], "int8_dynamic", act_bits=8)
+    xc2 = torch.cat([xc, torch.full_like(xc, 0.25)])  # a constant sample keeps its float value
     with torch.no_grad():
-        assert torch.equal(qc(xc), nn.functional.conv2d(quantize_channels(xc, 8), wc, conv.bias, padding=1))
+        if qc._runtime == "int8_dynamic":
+            want = nn.functional.conv2d(quantize_samples(xc2, 8), wc, conv.bias, padding=1)
+            assert (qc(xc2) - want).abs().max() <= 1e-5 * want.abs().max()
+        else:
+            assert torch.equal(qc(xc2), nn.functional.conv2d(quantize_channels(xc2, 8), wc, conv.bias, padding=1))
+    if option != "uaq-8":  # 8-bit codes fit int8 after the zero point only when z is 128 (data-dependent)
+        assert (qc._runtime == "int8_dynamic") == (int8_conv_available() and option in ("uaq-3", "uaq-4", "int8", "int8_c"))
     # autograd on: a fresh weight (no shared scratch) and gradients reach the input
     q, w = _packed(lin, [option], "on_the_fly")
     xg = x.clone().requires_grad_(True)
@@ -130,24 +140,30 @@ def test_runtime_kernels_agree_with_apply(name, tmp_path):
     config = _config(mq, 7)
     export(den, mq, config, tmp_path / "p", source={"model_id": fam.model_id(weights)})
     kw = random_inputs(example_inputs(den, device="cpu"), 0)
+    q = load_quantized(tmp_path / "p", runtime="int8_dynamic", act_bits=8)  # int8 wherever eligible
+    kernels = q.sensitivity_export["runtime_kernels"]
+    int8_convs = [p for p, k in kernels.items() if k == "int8_dynamic" and isinstance(den.get_submodule(p), nn.Conv2d)]
     apply(den, mq, config)
     try:
         with torch.no_grad():
             want = den(**kw, return_dict=False)[0]
-        # every half of a module with a quantized half: the run-time module quantizes each input slice
+        # every half of a module with a quantized half: the run-time module quantizes each input slice; an int8
+        # conv quantizes its input on one grid per sample
         packed_paths = {s.module_path for s in layers if s.name in config}
-        enable_activation_quant(den, [s for s in layers if s.module_path in packed_paths], 8, attention=False)
+        enable_activation_quant(den, [s for s in layers if s.module_path in packed_paths], 8, attention=False,
+                                per_sample=int8_convs)
         with torch.no_grad():
             want8 = den(**kw, return_dict=False)[0]
     finally:
         disable_activation_quant(den)
         restore(den)
     for runtime in (None, "on_the_fly", "cached"):
-        q = load_quantized(tmp_path / "p", runtime=runtime)
+        qf = load_quantized(tmp_path / "p", runtime=runtime)
         with torch.no_grad():
-            assert torch.equal(q(**kw, return_dict=False)[0], want), runtime
-    q = load_quantized(tmp_path / "p", runtime="int8_dynamic", act_bits=8)  # int8 wherever eligible
-    kernels = q.sensitivity_export["runtime_kernels"]
+            assert torch.equal(qf(**kw, return_dict=False)[0], want), runtime
+    if int8_conv_available():  # every whole conv at an int8-representable option runs the int8 conv
+        assert {s.module_path for s in mq.layers if s.kind == "conv2d" and not s.in_slice
+                and config.get(s.name) in ("uaq-4", "int8_c")} <= set(int8_convs)
     assert "int8_dynamic" in kernels.values() or not any(
         o == "int8_c" and s.kind == "linear" and not s.in_slice for s in mq.layers for n, o in config.items() if n == s.name)
     with torch.no_grad():

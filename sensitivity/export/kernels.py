@@ -184,6 +184,50 @@ def int8_epilogue(s: torch.Tensor, x0: torch.Tensor, dx: torch.Tensor, e: torch.
     return out
 
 
+# W8A8 conv: one 8-bit grid per sample (all channels and positions), uint8 codes for oneDNN's u8 x s8 conv
+@njit(parallel=True, cache=True)
+def _quantize_samples_u8(x, lo, hi, out, delta, zero, flat):  # pragma: no cover - compiled
+    rows, k = x.shape
+    levels = np.float32(255.0)
+    chunk = 16384
+    for r in range(rows):
+        rng = hi[r] - lo[r]
+        is_flat = rng <= np.float32(0.0)
+        d = np.float32(1.0) if is_flat else rng / levels
+        z = np.float32(np.rint(-lo[r] / d))
+        flat[r] = is_flat
+        delta[r] = d
+        zero[r] = z
+        for c in prange((k + chunk - 1) // chunk):
+            for j in range(c * chunk, min(k, (c + 1) * chunk)):
+                q = np.float32(np.rint(x[r, j] / d)) + z
+                if q < np.float32(0.0):
+                    q = np.float32(0.0)
+                elif q > levels:
+                    q = levels
+                out[r, j] = np.uint8(q)
+
+
+def quantize_samples_u8(x: torch.Tensor):
+    """8-bit codes of each row of float32 ``x`` ``[B, K]`` (one row per sample) by the rule of
+    :func:`~sensitivity.quantizers.activation.quantize_rows_codes` (same codes), in one pass after torch's min/max.
+
+    Returns ``(codes uint8 [B, K], delta [B], zero [B] (float32, any integer value), flat bool [B])``.
+    """
+    b, k = x.shape
+    lo, hi = torch.aminmax(x, dim=1)
+    out = torch.empty(b, k, dtype=torch.uint8)
+    delta, zero = torch.empty(b, dtype=torch.float32), torch.empty(b, dtype=torch.float32)
+    flat = torch.empty(b, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    try:
+        _quantize_samples_u8(x.numpy(), lo.contiguous().numpy(), hi.contiguous().numpy(), out.numpy(),
+                             delta.numpy(), zero.numpy(), flat.numpy())
+    finally:
+        _restore_threads(threads)
+    return out, delta, zero, flat
+
+
 @njit(parallel=True, cache=True)
 def _fake_quantize_rows(x, bits, out):  # pragma: no cover - compiled
     rows, k = x.shape

@@ -8,7 +8,8 @@ slice. Its ``weight`` is a property that looks the codes up in the method's tabl
 computes, bit for bit). Its forward (``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``) runs the module's
 run-time kernel (:mod:`sensitivity.export.runtime`): ``on_the_fly`` (fused unpack + lookup into a
 reused scratch buffer, :mod:`.kernels`; memory held: the packed bytes), ``cached`` (dequantized once,
-buffer ``runtime_weight``) or ``int8_dynamic`` (W8A8 on ``torch._int_mm``, buffers ``int8_*``).
+buffer ``runtime_weight``) or ``int8_dynamic`` (W8A8: linear layers on ``torch._int_mm``, buffers ``int8_*``;
+conv2d layers on oneDNN's int8 conv, :class:`~.runtime.Int8Conv`).
 :func:`materialize` dequantizes every packed module once into a plain module of its original class.
 The modules are still instances of ``nn.Linear`` / ``nn.Conv2d``, so ``isinstance`` checks hold.
 """
@@ -177,9 +178,13 @@ class PackedWeightMixin:
         if type(self).__mro__[2] not in _PLAIN_FORWARD:
             return super().forward(input, *args, **kwargs)
         if self._runtime == "int8_dynamic" and input.device.type == "cpu":
-            from .runtime import int8_linear
+            conv = self.__dict__.get("_int8_conv")
+            if conv is not None:
+                return conv(input, self.bias, self._dequantize)
+            if isinstance(self, nn.Linear):
+                from .runtime import int8_linear
 
-            return int8_linear(input, self._int8_tensors(), self.bias)
+                return int8_linear(input, self._int8_tensors(), self.bias)
         if self._act_bits is not None:
             input = self._quantize_input(input)
         w = self._buffers.get("runtime_weight")
@@ -214,8 +219,9 @@ class PackedWeightMixin:
     @property
     def packed_nbytes(self) -> int:
         """Bytes held by the packed parts (codes, params, float slices, int8 codes, a cached weight)."""
+        conv = self.__dict__.get("_int8_conv")
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False)
-                   if n.startswith(("part", "int8_", "runtime_")))
+                   if n.startswith(("part", "int8_", "runtime_"))) + (conv.nbytes if conv is not None else 0)
 
     def extra_repr(self) -> str:  # pragma: no cover - cosmetic
         parts = ", ".join(p.option for p in self._packed_parts)
@@ -223,7 +229,7 @@ class PackedWeightMixin:
 
 
 _PLAIN_FORWARD = (nn.Linear, nn.Conv1d, nn.Conv2d)  # classes whose forward the mixin replaces
-_RUNTIME_ATTRS = ("_packed", "_part", "_runtime", "_act_")
+_RUNTIME_ATTRS = ("_packed", "_part", "_runtime", "_act_", "_int8")
 _RUNTIME_BUFFERS = ("part", "int8_", "runtime_")
 _CLASSES: Dict[type, type] = {}
 
@@ -259,7 +265,7 @@ def pack_module(module: nn.Module, parts: Sequence[PartSpec], tensors: Sequence[
     new._packed_dtype = dtype
     new._act_bits = act_bits
     new._act_slices = tuple(tuple(p.in_slice) for p in parts if p.in_slice) if len(parts) > 1 else ()
-    kind = "linear" if isinstance(module, nn.Linear) else "conv"
+    kind = "linear" if isinstance(module, nn.Linear) else "conv2d" if isinstance(module, nn.Conv2d) else "conv1d"
     if runtime == "int8_dynamic" and (act_bits != 8 or not int8_eligible(kind, parts)):
         runtime = "on_the_fly"
     for i, (part, t) in enumerate(zip(parts, tensors)):
@@ -279,14 +285,22 @@ def pack_module(module: nn.Module, parts: Sequence[PartSpec], tensors: Sequence[
     new._runtime = runtime
     if runtime == "int8_dynamic":
         from .methods import row_affine
+        from .runtime import Int8Conv
 
         part = parts[0]
         opt = QuantOption.parse(part.option)
         rows = int(part.shape[0])
         codes = unpack_codes_torch(tensors[0]["codes"], opt.bits, part.numel).view(rows, -1)
         d, z = row_affine(opt.method, tensors[0], rows)
-        for key, value in Int8Weight(codes, d, z).tensors().items():
-            new.register_buffer(f"int8_{key}", value, persistent=False)
+        if kind == "linear":
+            for key, value in Int8Weight(codes, d, z).tensors().items():
+                new.register_buffer(f"int8_{key}", value, persistent=False)
+        else:
+            conv = Int8Conv.from_codes(codes, d, z, module)
+            if conv is None:  # q - z is no int8 value: the float kernel
+                new._runtime = runtime = "on_the_fly"
+            else:
+                new.__dict__["_int8_conv"] = conv
     elif runtime == "cached":
         with torch.no_grad():
             new.register_buffer("runtime_weight", new._dequantize().detach(), persistent=False)

@@ -273,8 +273,10 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
             if tuple(old.weight.shape) != tuple(m["weight_shape"]):
                 raise CorruptFileError(f"{folder}: module {module_path!r} has weight shape {tuple(old.weight.shape)} "
                                        f"in config.json, {tuple(m['weight_shape'])} in the export")
-            _set_module(model, module_path, pack_module(old, parts, tensors, dtype,
-                                                        runtime=kernels.get(m["module"], "on_the_fly"), act_bits=act))
+            new = pack_module(old, parts, tensors, dtype, runtime=kernels.get(m["module"], "on_the_fly"), act_bits=act)
+            _set_module(model, module_path, new)
+            if module_path == m["module"]:
+                kernels[module_path] = new._runtime  # what it runs (an int8 conv whose codes do not fit falls back)
             quantized_weights.add(module_path + ".weight")
     plain = {}
     for key in digests:
@@ -311,7 +313,8 @@ def packed_nbytes(model: nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total
+    convs = {id(c): c for c in (m.__dict__.get("_int8_conv") for m in model.modules()) if c is not None}
+    return total + sum(c.nbytes for c in convs.values())
 
 
 __all__ = ["write_packed", "load_packed", "read_record", "packed_nbytes", "WEIGHTS_FILE"]

@@ -11,6 +11,14 @@ Kernels (one per packed module, :data:`KERNELS`):
   input is quantized per token exactly as :func:`~sensitivity.quantizers.activation.fake_quantize_rows`
   (same codes), the weight codes are held as int8 (1 byte per weight), and the zero points enter as
   rank-1 corrections, so the result equals the fake-quantized layer up to float32 summation order.
+  ``nn.Conv2d`` with the same options (integer zero points, ``|q - z| <= 127``): W8A8 on oneDNN's u8 x s8
+  convolution (``torch.ops.onednn.qconv2d_pointwise``, fp32 output), weight ``q - z`` (int8, prepacked
+  once at load) with the per-channel scale, the input quantized **per sample** (one grid over all
+  channels and positions: the integer conv takes one scale per input), where
+  :func:`~sensitivity.multiquantizer.apply`'s fake quantization has one grid per (sample, channel). So an
+  int8 conv equals :func:`~sensitivity.quantizers.activation.quantize_samples` followed by the float conv
+  up to float32 summation order, and differs from ``apply()`` by the coarser activation grid
+  (``benchmarks/bench_export.py`` reports each row's output error against fp32).
 
 With ``act_bits`` set, every packed module quantizes its input as
 ``enable_activation_quant(model, layers, act_bits, attention=False)`` does (the float kernels through
@@ -23,7 +31,9 @@ int8 -> int32, VNNI) is the integer kernel W8A8 runs on, between two fused numba
 (:mod:`.kernels`: the activation codes and their row sums in one pass, the dequantize epilogue with the
 zero-point corrections and bias in another). Conv layers keep the float path under W8A8: their
 activations are quantized per (sample, channel), a scale that varies along the reduction, which no
-integer GEMM can factor out, so an int8 conv would compute other values than ``apply()``.
+integer GEMM can factor out; the int8 conv above therefore quantizes per sample instead
+(``benchmarks/bench_kernels.py`` on 2 AVX512-VNNI cores: a 320 -> 320 3x3 conv on 64 x 64 runs in 0.30x
+fp32's time including the input's quantization, 1280 -> 1280 on 16 x 16 in 0.17x).
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies and the layer computes at
 least :data:`INT8_MIN_MACS` multiply-adds per forward (input positions x weights), else ``cached`` for the
@@ -56,12 +66,26 @@ def default_cache_budget(quantized_bytes: int) -> int:
     return max(MIN_CACHE_BYTES, int(CACHE_FRACTION * quantized_bytes))
 
 
+#: module kinds with an integer W8A8 kernel (``LayerSpec.kind``)
+INT8_KINDS = ("linear", "conv2d")
+
+
+def int8_conv_available() -> bool:
+    """Whether this torch has oneDNN's quantized convolution (x86 / aarch64 CPU builds)."""
+    onednn = getattr(torch.ops, "onednn", None)
+    return bool(torch.backends.mkldnn.is_available() and onednn is not None
+                and hasattr(onednn, "qconv2d_pointwise") and hasattr(onednn, "qconv_prepack"))
+
+
 def int8_eligible(kind: str, parts: Sequence[Any]) -> bool:
-    """Whether a module (``kind``, its parts) can run ``int8_dynamic``: one affine-per-row part of a linear layer."""
+    """Whether a module (``kind``, its parts) can run ``int8_dynamic``: one affine-per-row part of a linear or
+    conv2d layer (a conv also needs integer zero points with ``|q - z| <= 127``, checked on its codes at load)."""
     from ..options import FP16, QuantOption
     from .methods import method_format
 
-    if kind != "linear" or len(parts) != 1 or parts[0].option == FP16:
+    if kind not in INT8_KINDS or len(parts) != 1 or parts[0].option == FP16:
+        return False
+    if kind == "conv2d" and not int8_conv_available():
         return False
     fmt = method_format(QuantOption.parse(parts[0].option).method)
     return fmt is not None and fmt.affine is not None
@@ -202,3 +226,63 @@ def int8_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], bias: Optional[t
     b = _NO_BIAS if bias is None else bias.detach().to(torch.float32).contiguous()
     y = int8_epilogue(s, x2[:, 0].contiguous(), dx, e, sx, flat, w["d"], w["c"], w["swk"], w["wsum"], b)
     return y.to(dtype).reshape(*shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A8 convolution
+# --------------------------------------------------------------------------------------------------
+class Int8Conv:
+    """A conv2d weight as oneDNN's prepacked int8 ``q - z`` ``[O, C / groups, kh, kw]`` with float32 scales ``d``
+    ``[O]`` (the weight value is ``(q - z) * d``); immutable, so copies share it."""
+
+    def __init__(self, wq: torch.Tensor, d: torch.Tensor, stride, padding, dilation, groups: int):
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.groups = int(groups)
+        self.d = d.to(torch.float32).contiguous()
+        self.zeros = torch.zeros(int(wq.shape[0]), dtype=torch.int64)
+        self.packed = torch.ops.onednn.qconv_prepack(wq.contiguous(), self.d, 1.0, 0, self.stride, self.padding,
+                                                     self.dilation, self.groups, None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, d: torch.Tensor, z: torch.Tensor, module: nn.Conv2d) -> Optional["Int8Conv"]:
+        """From codes ``[O, C/g * kh * kw]`` (uint8) and the row affine ``(d, z)``; ``None`` where ``q - z`` is
+        not an int8 value (non-integer zero point, or a code more than 127 steps from it)."""
+        if (not isinstance(module.padding, (tuple, list)) or module.padding_mode != "zeros"
+                or not torch.equal(z, torch.round(z))):
+            return None
+        wq = codes.to(torch.int16) - z.to(torch.int16)[:, None]
+        if int(wq.min()) < -128 or int(wq.max()) > 127:
+            return None
+        return cls(wq.to(torch.int8).view(module.weight.shape), d, module.stride, module.padding, module.dilation,
+                   module.groups)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.numel()) + 4 * int(self.d.numel())
+
+    def __deepcopy__(self, memo):  # the prepacked tensor has no storage to copy; nothing here changes
+        return self
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor], float_weight) -> torch.Tensor:
+        """The conv of ``x`` ``[B, C, H, W]`` (CPU) with the input quantized per sample (8 bits);
+        ``float_weight()``: the dequantized weight, for a constant sample (which keeps its float value)."""
+        from torch.nn import functional as F
+
+        from .kernels import quantize_samples_u8
+
+        dtype = x.dtype
+        x32 = x.detach().to(torch.float32).contiguous()
+        b = x32.shape[0]
+        codes, delta, zero, flat = quantize_samples_u8(x32.reshape(b, -1))
+        bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        outs = []
+        for i in range(b):
+            if bool(flat[i]):
+                outs.append(F.conv2d(x32[i:i + 1], float_weight().to(torch.float32), bias32, self.stride,
+                                     self.padding, self.dilation, self.groups))
+                continue
+            outs.append(torch.ops.onednn.qconv2d_pointwise(
+                codes[i].view(1, *x32.shape[1:]), float(delta[i]), int(zero[i]), self.packed, self.d, self.zeros,
+                bias32, self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], ""))
+        y = outs[0] if b == 1 else torch.cat(outs)
+        return y.to(dtype)

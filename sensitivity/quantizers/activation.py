@@ -82,6 +82,13 @@ def quantize_channels(x: torch.Tensor, bits: int) -> torch.Tensor:
     return fake_quantize_rows(x.reshape(b * c, -1), bits).reshape(x.shape)
 
 
+def quantize_samples(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per sample of ``[B, ...]``, over everything else (the grid of the run-time int8 conv). Same shape."""
+    if x.numel() == 0:
+        return x
+    return fake_quantize_rows(x.reshape(x.shape[0], -1), bits).reshape(x.shape)
+
+
 def quantize_heads(x: torch.Tensor, heads: int, bits: int) -> torch.Tensor:
     """Per (token, head) of a projection output ``[..., heads * d]``, over ``d``."""
     if x.numel() == 0:
@@ -121,7 +128,7 @@ def _segments(halves: Sequence[Tuple[int, int]], width: int) -> List[Tuple[int, 
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], bits: int):
+def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], bits: int, per_sample: bool = False):
     conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     halves = [s for s in slices if s is not None]
 
@@ -130,7 +137,8 @@ def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], 
             return None
         x = args[0]
         if conv:
-            y = quantize_channels(x, bits)  # per channel: halves need no separate treatment
+            # per channel: halves need no separate treatment
+            y = quantize_samples(x, bits) if per_sample else quantize_channels(x, bits)
         elif halves:
             y = torch.cat([quantize_tokens(x[..., a:b], bits) for a, b in _segments(halves, x.shape[-1])], dim=-1)
         else:
@@ -149,8 +157,12 @@ def _qkv_hook(heads: int, bits: int):
     return hook
 
 
-def enable_activation_quant(model: nn.Module, layers: Iterable, bits: int, attention: bool = True) -> Dict[str, int]:
+def enable_activation_quant(model: nn.Module, layers: Iterable, bits: int, attention: bool = True,
+                            per_sample: Iterable[str] = ()) -> Dict[str, int]:
     """Quantize, online, the inputs of ``layers`` and (``attention``) every attention's Q/K/V to ``bits``.
+
+    ``per_sample``: module paths of conv layers whose input gets one grid per sample instead of one per
+    (sample, channel) (:func:`quantize_samples`: the grid of the run-time int8 conv).
 
     ``layers``: the quantized layers (``LayerSpec`` objects, split halves and tied copies handled,
     or module paths). Replaces any earlier activation quantization of ``model``. Returns counts
@@ -161,10 +173,11 @@ def enable_activation_quant(model: nn.Module, layers: Iterable, bits: int, atten
     modules = dict(model.named_modules())
     handles = []
     slices = _layer_slices(layers)
+    per_sample = set(per_sample)
     for path, sl in slices.items():
         if path not in modules:
             raise SensitivityError(f"activation quantization: the model has no layer {path!r}")
-        handles.append(modules[path].register_forward_pre_hook(_input_hook(modules[path], sl, bits)))
+        handles.append(modules[path].register_forward_pre_hook(_input_hook(modules[path], sl, bits, path in per_sample)))
     n_attn = 0
     if attention:
         for path, mod in modules.items():

@@ -54,7 +54,8 @@ class HunyuanDiT(DiffusersFamily):
     # 40 blocks of width 32 (2 heads x 16, rotary needs head dim % 4 == 0), text widths 32 (the
     # pooler has 8 heads); text lengths 77 / 256 kept: the same 472 layer names
     tiny_denoiser = {"hidden_size": 32, "num_attention_heads": 2, "attention_head_dim": 16,
-                     "cross_attention_dim": 32, "cross_attention_dim_t5": 32, "pooled_projection_dim": 32}
+                     "cross_attention_dim": 32, "cross_attention_dim_t5": 32, "pooled_projection_dim": 32,
+                     "sample_size": 32}  # example inputs of 32 x 32 latents (256 tokens, not 4,096): no weight changes
     tiny_defaults = {"steps": 2, "height": 64, "width": 64, "use_resolution_binning": False}
     from_pretrained_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 

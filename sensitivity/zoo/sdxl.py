@@ -62,7 +62,8 @@ class StableDiffusionXL(DiffusersFamily):
     # widths / 32 (heads 5/10/20 -> head dim 2), transformer depth [1, 2, 10] kept: the same 794 names.
     # Text encoders of width 32 + 32 -> cross-attention dim 64; add-embedding input 6 * 8 + 32.
     tiny_denoiser = {"block_out_channels": [10, 20, 40], "cross_attention_dim": 64, "norm_num_groups": 5,
-                     "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80}
+                     "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
+                     "sample_size": 32}  # example inputs of 32 x 32 latents, not 128 x 128: no weight changes
     tiny_defaults = {"steps": 2, "height": 64, "width": 64}
 
     def build_components(self, kind: str, dtype: torch.dtype, seed: int) -> Dict[str, Any]:
