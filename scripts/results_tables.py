@@ -355,6 +355,18 @@ EXPORT_ACCEPTANCE_TINY = (
     "(`onnx`) at <= 1.25x the quantized bytes plus the unquantized tensors at fp32 (column `x`).")
 
 
+EXPORT_ACCEPTANCE_W8A8 = (
+    "Acceptance row of issue 26 read off the table above: the W8A8 config (`int8_c` weights: symmetric per-channel "
+    "int8, 8-bit activations) with the automatic policy (`packed:recorded`: linear layers on `torch._int_mm`, conv "
+    "layers on oneDNN's int8 convolution, small layers on float kernels) at forward <= 0.7x fp32's. `packed:cached` "
+    "is the same config on float kernels with `apply()`'s activation grids; the output error column (max |y - "
+    "y_fp32| / max |y_fp32| on the same seeded inputs) shows what the int8 conv's coarser grid (one per sample "
+    "instead of one per sample and channel) adds.")
+
+EXPORT_KINDS = {"export": (EXPORT_ACCEPTANCE, ""), "export-digits-dit": (EXPORT_ACCEPTANCE_TINY, ""),
+                "export-sd15-w8a8": (EXPORT_ACCEPTANCE_W8A8, " --options int8_c --configs w8a8")}
+
+
 def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
     """Export formats and run-time policies against fp32 (the table of ``benchmarks/export_table.py`` itself)."""
     mod = bench_module("export_table")
@@ -364,13 +376,14 @@ def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
             "chose (W8A8 on int8 kernels for an 8-bit-activation config, else cached / on the fly per layer); "
             "`best forward` is the fastest of the forwards, less sensitive to other processes on a shared machine "
             "than the median. Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n"
-            + (EXPORT_ACCEPTANCE if kind == "export" else EXPORT_ACCEPTANCE_TINY))
+            + EXPORT_KINDS[kind][0])
     configs = [c.get("path") for c in (d.get("configs") or {}).values() if c.get("path")]
-    made = (f"python benchmarks/export_configs.py --model {d['model']} --weights {d['weights']} "
+    made = (f"python benchmarks/export_configs.py --model {d['model']} --weights {d['weights']}{EXPORT_KINDS[kind][1]} "
             f"--out-dir {str(Path(configs[0]).parent)} && " if configs else "")
     command = (made + (d.get("command") or "python benchmarks/bench_export.py ...")
                + f" && python scripts/results_tables.py {kind} {d.get('json_path') or 'OUT_DIR/NAME.json'}")
-    title = "Export formats at run time" + ("" if kind == "export" else f" ({d.get('model')})")
+    title = "Export formats at run time" + ("" if kind == "export" else f" ({d.get('model')}"
+                                            + (", W8A8 on integer kernels)" if kind.endswith("w8a8") else ")"))
     return page(kind, data, title, command, d.get("provenance"), body)
 
 
@@ -443,6 +456,7 @@ BENCH: Dict[str, Tuple[str, Renderer]] = {
     "labels": ("labels", render_labels), "joint-pipeline": ("joint-pipeline", render_joint_pipeline),
     "export": ("export", render_export), "label-noise": ("label-noise", render_label_noise),
     "export-digits-dit": ("export-digits-dit", lambda d, data: render_export(d, data, kind="export-digits-dit")),
+    "export-sd15-w8a8": ("export-sd15-w8a8", lambda d, data: render_export(d, data, kind="export-sd15-w8a8")),
     "label-efficiency": ("label-efficiency", render_label_efficiency),
     "label-efficiency-digits-unet": ("label-efficiency-digits-unet", render_label_efficiency),
     "transfer": ("transfer", render_transfer),
