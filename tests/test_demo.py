@@ -76,6 +76,25 @@ def test_demo_rerun_resumes(demo, capsys):
     assert untimed(again) == untimed(rows) and [("label_cpu_s" in r) for r in again] == [("label_cpu_s" in r) for r in rows]
 
 
+def test_demo_summary_is_the_same_with_other_workers_and_threads(demo, tmp_path, capsys):
+    """The same demo with 2 workers on 1 thread each: summary.json equal to the 1-worker run's apart from its
+    timings and its own paths (issue 25: bit-reproducible whatever the thread and worker counts)."""
+    out = tmp_path / "other"
+    argv = ["demo", "--out", str(out)] + TINY[:TINY.index("--workers")] + ["--workers", "2", "--threads", "1"] \
+        + TINY[TINY.index("--workers") + 2:]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+
+    def untimed(path):
+        s = json.loads(path.read_text())
+        for k in ("seconds", "provenance", "multiquantizer", "cache", "predictor_dir"):
+            s.pop(k)
+        s["rows"] = [{k: v for k, v in r.items() if k != "label_cpu_s"} for r in s["rows"]]
+        return s
+
+    assert untimed(out / "summary.json") == untimed(demo / "summary.json")
+    assert (out / "results.json").read_bytes() == (demo / "results.json").read_bytes()
+
+
 def test_demo_bad_input(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--targets", "3.5,abc"]) == 2
     assert "--targets" in capsys.readouterr().err

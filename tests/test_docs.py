@@ -138,7 +138,7 @@ def test_results_pages_equal_what_their_data_renders():
     for path, text in expected.items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} differs from its data: rerun its command"
     readme = (ROOT / "README.md").read_text()
-    assert rt.expected_readme(readme) in (None, readme), "README's results:demo block differs from the demo's data"
+    assert rt.expected_readme(readme) in (None, readme), "README's results blocks differ from their data"
 
 
 def test_results_index_lists_every_page():
