@@ -142,6 +142,18 @@ def test_bad_input_one_line_no_partial_output(digits_uaq, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
     with pytest.raises(SensitivityError, match=f"tensor '{key}' is missing"):
         load_quantized(tmp_path / "p")
+    # a file cut short and a file that is no safetensors at all (the loader reads it without a memory map)
+    save_file(tensors, str(weights))
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    with pytest.raises(SensitivityError, match="model.safetensors: tensor '.*' cannot be read .*cut short") as e:
+        load_quantized(tmp_path / "p")
+    assert "\n" not in str(e.value)
+    weights.write_bytes(b"not safetensors at all")
+    with pytest.raises(SensitivityError, match="model.safetensors: not a readable safetensors file"):
+        load_quantized(tmp_path / "p")
+    weights.write_bytes(whole)
+    assert load_quantized(tmp_path / "p") is not None
     with pytest.raises(SensitivityError, match="not a `sensitivity export` folder"):
         load_quantized(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]

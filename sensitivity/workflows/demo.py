@@ -273,9 +273,11 @@ class DemoRun:
             print(f"      {self.pred_dir} is already trained on these {len(self.records)} configs; reusing it")
             self.report = json.loads((self.pred_dir / "report.json").read_text())
         else:
-            self.report = train(self.cache_path, self.pred_dir, model=s.model, predictor=s.predictor, folds=s.folds,
-                                seed=s.seed, metric=s.metric, multiquantizer=str(self.mq_path))
+            train(self.cache_path, self.pred_dir, model=s.model, predictor=s.predictor, folds=s.folds,
+                  seed=s.seed, metric=s.metric, multiquantizer=str(self.mq_path))
             _write_json(stamp_path, stamp)
+            # as written (undefined scores are null there): a resumed run reads the same and writes the same summary
+            self.report = json.loads((self.pred_dir / "report.json").read_text())
         print(f"      report: {self.pred_dir / 'report.md'}")
         print_cv(self.report)
         self.predictor = load_predictor(self.pred_dir)
