@@ -495,6 +495,7 @@ def markdown(d: Mapping[str, Any]) -> str:
               + f"; it is the best or tied with the best (paired bootstrap) at {tied} of {len(wins)}. "
               "The predicted FIDs are the joint predictor's, trained on the labelling images (a different image "
               "set and number than the held-out one, so their scale differs from the held-out FIDs)."]
+    lines += _why_joint_loses(d, wins)
     if rf:
         lines += ["", "Added after the first run (every config and budget above):", ""]
         for b in d["budgets"]:
@@ -514,6 +515,40 @@ def markdown(d: Mapping[str, Any]) -> str:
                          + (f", tied (paired bootstrap) with {', '.join(ties)}" if ties else "")
                          + f". Budget used: {used}{moves}.")
     return "\n".join(lines) + "\n"
+
+
+def _why_joint_loses(d: Dict[str, Any], wins) -> List[str]:
+    """Where the joint search is not the lowest: what its rows show (same config at several budgets, budget used,
+    per-component bits), computed from the run's data."""
+    if all(w for _, w, _, _ in wins):
+        return []
+    firsts = [b for b in d["budgets"] if not b.get("added")]
+    joint = [(b, next(r for r in b["rows"] if r["key"] == "joint")) for b in firsts]
+    used = [100.0 * r["memory_bytes"] / b["bytes"] for b, r in joint]
+    bits = {c: sorted({round(r["component_avg_bits"][c], 2) for _, r in joint}) for c in ("text_encoder", "vae_decoder")}
+    below8 = {c: sorted({sum(n for o, n in r["option_mix"][c].items() if o not in ("int8", "fp16")) for _, r in joint})
+              for c in ("text_encoder", "vae_decoder")}
+    total = {c: sum(joint[0][1]["option_mix"][c].values()) for c in ("text_encoder", "vae_decoder")}
+
+    def span(v, unit=""):
+        return f"{v[0]}{unit}" if len(v) == 1 else f"{v[0]}-{v[-1]}{unit}"
+
+    slack = [(b["name"], r["config_hash"], u) for (b, r), u in zip(joint, used) if u < 99.0]
+    if slack:
+        same = len({h for _, h, _ in slack}) == 1
+        where = (f"At the {len(slack)} budget{'s' if len(slack) > 1 else ''} where its budget does not bind "
+                 f"({', '.join(n for n, _, _ in slack)}) it returns {'the same config' if same and len(slack) > 1 else 'configs'} "
+                 f"using {min(u for *_, u in slack):.1f}-{max(u for *_, u in slack):.1f} % of the bytes, although `int8` "
+                 "is an option of every layer: the exact search maximises the joint predictor's additive per-layer "
+                 "scores, and those rate no further upgrade as an improvement. ")
+    else:
+        where = f"Its configs use {min(used):.1f}-{max(used):.1f} % of the budget. "
+    return ["", "Why the joint search loses here (read off the rows above). " + where + "Its text encoder stays at " + span(bits["text_encoder"], " bits")
+            + f" ({span(below8['text_encoder'])} of {total['text_encoder']} layers below 8 bits) and its VAE decoder at "
+            + span(bits["vae_decoder"], " bits") + f" ({span(below8['vae_decoder'])} of {total['vae_decoder']} layers), "
+            "where (b) holds both at `int8` and spends the rest on the denoiser. With the same number of labels spread "
+            "over three components, the joint predictor's scores for the text encoder and VAE decoder layers are not "
+            "good enough to see what 8 bits there is worth on held-out images."]
 
 
 def main(argv=None) -> int:
