@@ -12,6 +12,11 @@ dequantize epilogue), ``int_mm_only`` (the integer matmul alone), ``weight_int8p
 ``--weight-only-fp32`` adds both on float32 inputs: 15-30x fp32 here). The cases run interleaved (each
 repeat times every case once, so load on a shared machine falls on all of them alike); median of
 ``--repeats`` after a warm-up; ratios to ``fp32`` of the same shape, same run.
+
+Conv shapes ``(in, out, size, kernel)`` of SD1.5's UNet at 64x64 latents, batch 1: ``fp32`` (``F.conv2d``),
+``on_the_fly`` (fused 4-bit dequantize + ``F.conv2d``), ``w8a8_float`` (``F.conv2d`` of the input
+fake-quantized per (sample, channel), as ``apply()`` computes it) and ``int8_conv`` (the W8A8 module path:
+the input's per-sample uint8 codes in one pass, oneDNN's int8 convolution, fp32 output).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import time
 
 SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (64, 1280, 1280), (4096, 320, 2560),
           (4096, 1280, 320), (1024, 640, 5120), (64, 1280, 5120), (77, 768, 320), (77, 768, 1280), (64, 128, 128)]
+CONV_SHAPES = [(4, 320, 64, 3), (320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 16, 3), (1280, 1280, 8, 3),
+               (320, 640, 32, 1)]
 
 
 def bench(cases, repeats: int) -> dict:
@@ -53,8 +60,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from sensitivity.export.kernels import dequantize_into, pad_packed
-    from sensitivity.export.runtime import Int8Weight, int8_linear
-    from sensitivity.quantizers.activation import quantize_tokens
+    from sensitivity.export.runtime import Int8Conv, Int8Weight, int8_linear
+    from sensitivity.quantizers.activation import quantize_channels, quantize_tokens
     from sensitivity.quantizers.packing import pack_codes
 
     torch.set_num_threads(args.threads)
@@ -90,11 +97,35 @@ def main() -> None:
             res = bench(cases, args.repeats)
         rows.append({"shape": [t, k, n], "seconds": res})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    conv_rows = []
+    for cin, cout, hw, ks in CONV_SHAPES:
+        x = torch.randn(1, cin, hw, hw, generator=gen)
+        kk = cin * ks * ks
+        codes = torch.randint(0, 16, (cout, kk), dtype=torch.uint8, generator=gen)
+        d, z = torch.rand(cout, generator=gen) * 0.01, torch.full((cout,), 8.0)
+        w = ((codes.float() - z[:, None]) * d[:, None]).view(cout, cin, ks, ks)
+        padded = pad_packed(torch.from_numpy(pack_codes(codes.reshape(-1).numpy(), 4)))
+        table = (torch.arange(16.0)[None, :] - z[:, None]) * d[:, None]
+        buf = torch.empty(cout, kk)
+        module = torch.nn.Conv2d(cin, cout, ks, padding=ks // 2, bias=False)
+        conv = Int8Conv.from_codes(codes, d, z, module)
+        pad = ks // 2
+        cases = {
+            "fp32": lambda: F.conv2d(x, w, None, 1, pad),
+            "on_the_fly": lambda: F.conv2d(x, dequantize_into(padded, 4, table, cout, kk, kk, buf).view(w.shape),
+                                           None, 1, pad),
+            "w8a8_float": lambda: F.conv2d(quantize_channels(x, 8), w, None, 1, pad),
+            "int8_conv": lambda: conv(x, None, lambda: w),
+        }
+        with torch.no_grad():
+            res = bench(cases, args.repeats)
+        conv_rows.append({"conv": [cin, cout, hw, ks], "seconds": res})
+        print(json.dumps(conv_rows[-1]), file=sys.stderr)
     calib = float(subprocess.run([sys.executable, "-c", "import time;t=time.perf_counter();sum(range(10**7));"
                                   "print(time.perf_counter()-t)"], capture_output=True, text=True).stdout)
     from sensitivity.io import atomic_write_text
 
-    out = {"rows": rows, "threads": args.threads, "repeats": args.repeats, "calibrator_s": calib,
+    out = {"rows": rows, "conv_rows": conv_rows, "threads": args.threads, "repeats": args.repeats, "calibrator_s": calib,
            "loadavg": list(os.getloadavg()), "torch": torch.__version__,
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "command": "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])}
@@ -114,6 +145,16 @@ def kernel_table(result: dict) -> str:
         s = r["seconds"]
         lines.append(f"| {' x '.join(map(str, r['shape']))} | {1e3 * s['fp32']:.2f} | "
                      + " | ".join(f"{s[n] / s['fp32']:.2f}" for n in names[1:]) + " |")
+    if result.get("conv_rows"):
+        names = list(result["conv_rows"][0]["seconds"])
+        lines += ["", "Conv layers (batch 1), time as a ratio to fp32 `F.conv2d` of the shape:", "",
+                  "| in -> out, size, kernel | fp32 ms | " + " | ".join(names[1:]) + " |",
+                  "|---|---:|" + "---:|" * (len(names) - 1)]
+        for r in result["conv_rows"]:
+            cin, cout, hw, ks = r["conv"]
+            s = r["seconds"]
+            lines.append(f"| {cin} -> {cout}, {hw} x {hw}, {ks} x {ks} | {1e3 * s['fp32']:.2f} | "
+                         + " | ".join(f"{s[n] / s['fp32']:.2f}" for n in names[1:]) + " |")
     lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines)
 
