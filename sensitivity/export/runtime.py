@@ -29,11 +29,12 @@ CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are fast 
 which changes the numerics, so weight-only options run on the float kernels above; ``_int_mm`` (int8 x
 int8 -> int32, VNNI) is the integer kernel W8A8 runs on, between two fused numba passes
 (:mod:`.kernels`: the activation codes and their row sums in one pass, the dequantize epilogue with the
-zero-point corrections and bias in another). Conv layers keep the float path under W8A8: their
-activations are quantized per (sample, channel), a scale that varies along the reduction, which no
-integer GEMM can factor out; the int8 conv above therefore quantizes per sample instead
-(``benchmarks/bench_kernels.py`` on 2 AVX512-VNNI cores: a 320 -> 320 3x3 conv on 64 x 64 runs in 0.30x
-fp32's time including the input's quantization, 1280 -> 1280 on 16 x 16 in 0.17x).
+zero-point corrections and bias in another). ``apply()`` quantizes conv activations per (sample,
+channel), a scale that varies along the reduction, which no integer conv can factor out; the int8 conv
+above therefore quantizes per sample instead (``benchmarks/bench_kernels.py`` on 2 AVX512-VNNI cores,
+commit 635bd02, ``sum(range(10**7))`` 0.16 s: SD1.5's 3x3 convs in 0.46x (320 -> 320 on 64 x 64), 0.38x
+(640 on 32 x 32), 0.28x (1280 on 16 x 16) and 0.23x (1280 on 8 x 8) of fp32 ``F.conv2d``'s time, the
+input's quantization included; a 1x1 320 -> 640 conv on 32 x 32 1.06x).
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies and the layer computes at
 least :data:`INT8_MIN_MACS` multiply-adds per forward (input positions x weights), else ``cached`` for the
