@@ -88,6 +88,12 @@ def _row_grid(x, r, levels):  # pragma: no cover - compiled
             lo = v
         if v > hi:
             hi = v
+    return _grid(lo, hi, levels)
+
+
+@njit(inline="always", cache=True)
+def _grid(lo, hi, levels):  # pragma: no cover - compiled
+    """The affine grid of a row with minimum ``lo`` and maximum ``hi``: ``(flat, delta, zero)``."""
     rng = hi - lo
     flat = rng <= np.float32(0.0)
     delta = np.float32(1.0) if flat else rng / levels
@@ -191,10 +197,7 @@ def _quantize_samples_u8(x, lo, hi, out, delta, zero, flat):  # pragma: no cover
     levels = np.float32(255.0)
     chunk = 16384
     for r in range(rows):
-        rng = hi[r] - lo[r]
-        is_flat = rng <= np.float32(0.0)
-        d = np.float32(1.0) if is_flat else rng / levels
-        z = np.float32(np.rint(-lo[r] / d))
+        is_flat, d, z = _grid(lo[r], hi[r], levels)
         flat[r] = is_flat
         delta[r] = d
         zero[r] = z

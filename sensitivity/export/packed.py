@@ -18,8 +18,9 @@ weights are dequantized on the fly (``materialize=True``: once, at load).
 
 The weights file is read with plain file reads into fresh tensors (:class:`FileTensors`), not through
 safetensors' memory map: a tensor read from a map stays resident as a mapped page beside its copy until the
-map closes, so every byte counted twice at the load's peak (SD1.5 size, a 4.2-bit export: peak RSS 1,670 MiB
-loading through the map, the fp32 model's whole forward peak is 4,146 MiB; ``benchmarks/bench_export.py``).
+map closes, so every byte counted twice at the load's peak (``benchmarks/bench_export.py``, SD1.5 size, a
+4.2-bit export with the recorded policy: peak RSS at load 1,670 MiB through the map at commit 0235e68, 1,263 MiB
+with plain reads at 26a7236; the fp32 model's whole forward peaks at about 4,150 MiB).
 The header is parsed with :mod:`safetensors`' own format (8-byte length, JSON, data offsets).
 """
 

@@ -137,7 +137,7 @@ def _input_hook(module: nn.Module, slices: Sequence[Optional[Tuple[int, int]]], 
             return None
         x = args[0]
         if conv:
-            # per channel: halves need no separate treatment
+            # per channel or per sample: halves need no separate treatment
             y = quantize_samples(x, bits) if per_sample else quantize_channels(x, bits)
         elif halves:
             y = torch.cat([quantize_tokens(x[..., a:b], bits) for a, b in _segments(halves, x.shape[-1])], dim=-1)
