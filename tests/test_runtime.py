@@ -104,13 +104,57 @@ def test_every_option_every_kernel(option):
     assert torch.allclose(xg.grad, w.sum(0).expand_as(x), atol=1e-5)
 
 
-def test_policy_caches_fewest_positions_first():
+@pytest.mark.parametrize("option", OPTIONS)
+def test_output_channel_blocks_match_the_whole_weight(option, monkeypatch):
+    from sensitivity.export import runtime
+
+    torch.manual_seed(1)
+    lin, conv = nn.Linear(48, 40), nn.Conv2d(8, 40, 3, padding=1)
+    x, xc = torch.randn(2, 5, 48), torch.randn(1, 8, 6, 6)
+    cases = [(_packed(lin, [option], "on_the_fly"), x, lambda w: nn.functional.linear(x, w, lin.bias)),
+             (_packed(lin, [option, "uaq-3"], "on_the_fly", split=16), x, lambda w: nn.functional.linear(x, w, lin.bias)),
+             (_packed(conv, [option], "on_the_fly"), xc, lambda w: nn.functional.conv2d(xc, w, conv.bias, padding=1))]
+    for (q, w), inp, whole in cases:
+        with torch.no_grad():
+            want = whole(w)
+            for rows in (8, 16, 32):
+                # the block's values are the weight's rows: equal up to the kernels' summation order
+                assert q.tile_rows_allowed(rows)
+                assert torch.allclose(q._tiled_forward(inp, rows), want, rtol=1e-6, atol=1e-6), (option, rows)
+    # the tuner keeps a block size only when the output is bit-identical, so the forward always is
+    monkeypatch.setattr(runtime, "TILE_MIN_NUMEL", 1)
+    monkeypatch.setattr(runtime, "TILE_MAX_POSITIONS", 10**9)
+    monkeypatch.setattr(runtime, "TILE_CANDIDATES", (8, 16))
+    monkeypatch.setattr(runtime, "TILE_MIN_GAIN", -10.0)  # any exact block wins, so the tiled path runs
+    runtime.set_tiling(True)
+    try:
+        for (q, w), inp, whole in cases:
+            with torch.no_grad():
+                assert torch.equal(q(inp), whole(w))
+                assert torch.equal(q(inp), whole(w))  # the remembered choice
+        assert runtime.tile_choices() and all(v in (0, 8, 16) for v in runtime.tile_choices().values())
+        assert any(runtime.tile_choices().values())
+        runtime.set_tiling(False)
+        assert runtime.tile_rows(cases[0][0][0], x) == 0 and not runtime.tile_choices()
+    finally:
+        runtime.set_tiling(True)
+    # blocks must start on a byte of the packed stream, and grouped convs are not cut
+    q3, _ = _packed(nn.Linear(3, 40), ["uaq-3"], "on_the_fly")
+    assert not q3.tile_rows_allowed(1) and q3.tile_rows_allowed(8) and not q3.tile_rows_allowed(40)
+    qg, _ = _packed(nn.Conv2d(8, 16, 3, groups=2), [option], "on_the_fly")
+    assert not qg.tile_rows_allowed(8)
+
+
+def test_policy_caches_smallest_weights_first():
     from sensitivity.export.modules import PartSpec as P
 
     mods = [{"module": n, "kind": "linear", "weight_shape": (100, 100), "parts": [P(n, (100, 100), None, "kmeans_c-4")]}
             for n in ("a", "b", "c")]
     got = choose_kernels(mods, cache_budget=2 * 4 * 100 * 100, positions={"a": 4096, "b": 64, "c": 256})
-    assert got == {"a": "on_the_fly", "b": "cached", "c": "cached"}
+    assert got == {"a": "on_the_fly", "b": "cached", "c": "cached"}  # equal sizes: fewest positions first
+    small = {"module": "s", "kind": "linear", "weight_shape": (10, 100), "parts": [P("s", (10, 100), None, "uaq-4")]}
+    got = choose_kernels(mods + [small], cache_budget=4 * 100 * 100, positions={"a": 4096, "b": 64, "c": 256, "s": 10**6})
+    assert got == {"a": "on_the_fly", "b": "on_the_fly", "c": "on_the_fly", "s": "cached"}
     mods.append({"module": "d", "kind": "linear", "weight_shape": (10, 10), "parts": [P("d", (10, 10), None, "uaq-8")]})
     assert choose_kernels(mods, 0, act_bits=8)["d"] == "int8_dynamic"
     # W8A8 on the integer kernel only where the layer computes enough (positions x weights) to gain from it

@@ -65,7 +65,7 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     (default: the denoiser's). ``pipeline`` (sdnq): also write the whole pipeline folder. ``opset``
     and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict; packed:
     run once to choose the run-time kernels, :mod:`.runtime`); ``cache_budget`` (packed): bytes of float
-    weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.25 x quantized bytes)``).
+    weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.05 x quantized bytes)``).
     The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules. ``optimize``
     (onnx): save onnxruntime's optimized graph. ``metrics`` (``{name: value}``, held-out) and ``command``
     (the command line that made it) go into the folder's model card, ``README.md`` (:mod:`.card`).

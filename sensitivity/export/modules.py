@@ -154,6 +154,90 @@ class PackedWeightMixin:
         w = out.view(shape)
         return w if self._packed_dtype == torch.float32 else w.to(self._packed_dtype)
 
+    def _part_tables(self) -> List[Optional[Tuple[torch.Tensor, int]]]:
+        """Per part: ``(table, group)`` of a CPU lookup part with padded codes, else ``None``."""
+        out: List[Optional[Tuple[torch.Tensor, int]]] = []
+        for i, part in enumerate(self._packed_parts):
+            if part.option == "fp16" or not getattr(self, f"_part{i}_padded", False):
+                out.append(None)
+                continue
+            table = getattr(self, f"part{i}_table", None)
+            if table is not None:
+                out.append((table, self.__dict__[f"_part{i}_group"]))
+            else:
+                out.append(part_table(getattr(self, f"part{i}_codes"),
+                                      {p: getattr(self, f"part{i}_{p}") for p in part.params}, part))
+        return out
+
+    def tile_rows_allowed(self, rows_per_block: int) -> bool:
+        """Whether :meth:`_dequantize_rows` can cut the weight every ``rows_per_block`` output rows (CPU,
+        float32, one group, every part a table lookup or a float slice, block starts on a byte)."""
+        if self._packed_dtype != torch.float32 or getattr(self, "groups", 1) != 1:
+            return False
+        if rows_per_block <= 0 or rows_per_block >= int(self._packed_shape[0]):
+            return False
+        for i, (part, found) in enumerate(zip(self._packed_parts, self._part_tables())):
+            if part.option == "fp16":
+                continue
+            if found is None:
+                return False
+            width = part.numel // int(part.shape[0])
+            if (rows_per_block * width * QuantOption.parse(part.option).bits) % 8:
+                return False
+        return True
+
+    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor,
+                         tables: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> None:
+        """Output rows ``[r0, r1)`` of the float32 weight into ``out`` ``[r1 - r0, in_features x kernel]``
+        (the same values as :meth:`_dequantize`; ``tables``: :meth:`_part_tables`)."""
+        from .kernels import dequantize_into
+
+        rows = int(self._packed_shape[0])
+        n = r1 - r0
+        col = 0
+        for i, (part, found) in enumerate(zip(self._packed_parts, tables)):
+            width = part.numel // rows
+            view = out[:, col:col + width]
+            col += width
+            if part.option == "fp16":
+                view.copy_(getattr(self, f"part{i}_weight").reshape(rows, width)[r0:r1])
+                continue
+            table, group = found
+            bits = QuantOption.parse(part.option).bits
+            if table.shape[0] == rows:
+                table = table[r0:r1]
+            elif table.shape[0] > 1:
+                per_row = table.shape[0] // rows
+                table = table[r0 * per_row:r1 * per_row]
+            start = r0 * width * bits // 8
+            dequantize_into(getattr(self, f"part{i}_codes")[start:], bits, table, n, width, group, view)
+
+    def _tiled_forward(self, input: torch.Tensor, rows_per_block: int) -> torch.Tensor:  # noqa: A002
+        """The layer's output computed ``rows_per_block`` output channels at a time, each block's weight
+        dequantized into the scratch buffer just before its matmul / conv (see :mod:`.runtime`)."""
+        from . import runtime
+
+        shape = self._packed_shape
+        rows = int(shape[0])
+        cols = self._packed_parts[0].numel // rows if len(self._packed_parts) == 1 else \
+            sum(p.numel for p in self._packed_parts) // rows
+        tables = self._part_tables()
+        buf = runtime.scratch(rows_per_block * cols)
+        linear = isinstance(self, nn.Linear)
+        out = None
+        for r0 in range(0, rows, rows_per_block):
+            r1 = min(r0 + rows_per_block, rows)
+            w = buf[:(r1 - r0) * cols].view(r1 - r0, cols)
+            self._dequantize_rows(r0, r1, w, tables)
+            w = w.view((r1 - r0,) + tuple(shape[1:]))
+            bias = self.bias[r0:r1] if self.bias is not None else None
+            y = F.linear(input, w, bias) if linear else self._conv_forward(input, w, bias)
+            dim = y.dim() - 1 if linear else 1
+            if out is None:
+                out = y.new_empty(y.shape[:dim] + (rows,) + y.shape[dim + 1:])
+            out.narrow(dim, r0, r1 - r0).copy_(y)
+        return out
+
     def _packed_device(self) -> torch.device:
         for n, b in self.named_buffers(recurse=False):
             if n.startswith("part"):
@@ -188,8 +272,17 @@ class PackedWeightMixin:
         if self._act_bits is not None:
             input = self._quantize_input(input)
         w = self._buffers.get("runtime_weight")
+        if w is None and input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled():
+            from .runtime import tile_rows
+
+            rows_per_block = tile_rows(self, input)
+            if rows_per_block:
+                return self._tiled_forward(input, rows_per_block)
         if w is None:
             w = self._dequantize(use_scratch=not torch.is_grad_enabled())
+        return self._float_forward(input, w)
+
+    def _float_forward(self, input: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: A002
         if isinstance(self, nn.Linear):
             return F.linear(input, w, self.bias)
         return self._conv_forward(input, w, self.bias)

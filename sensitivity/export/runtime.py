@@ -38,9 +38,21 @@ input's quantization included; a 1x1 320 -> 640 conv on 32 x 32 1.06x).
 
 :func:`choose_kernels` is the automatic policy: ``int8_dynamic`` where it applies and the layer computes at
 least :data:`INT8_MIN_MACS` multiply-adds per forward (input positions x weights), else ``cached`` for the
-modules that compute least per weight (fewest input positions per forward, measured on example inputs
-at export time; smallest weights first when unknown) while their float bytes fit ``cache_budget``,
-else ``on_the_fly``. The choice and its inputs are recorded in ``sensitivity_export.json`` (``runtime``).
+smallest weights (fewest input positions first among equal sizes, measured on example inputs at export
+time) while their float bytes fit ``cache_budget``, else ``on_the_fly``. Dequantizing costs the same per
+weight in every layer, so caching saves the same time per cached byte everywhere except for the fixed cost
+of each call, which weighs most on small layers: small models are cached whole (:data:`MIN_CACHE_BYTES`),
+large ones keep only a small budget (:data:`CACHE_FRACTION` of their quantized bytes; at SD1.5 size the
+former 0.25 cost 0.06x fp32's peak RSS for forward times within the run-to-run spread, commit ee32398). The choice and its inputs are recorded
+in ``sensitivity_export.json`` (``runtime``).
+
+On-the-fly modules with large weights and few input positions per forward (at most
+:data:`TILE_MAX_POSITIONS` tokens or output pixels, :data:`TILE_MIN_NUMEL` weights or more) may compute in
+blocks of output channels: each block's weight is dequantized into the scratch buffer just before its
+matmul or conv, so it is still in cache when the kernel reads it, where the whole weight (up to 118 MB at
+SD1.5 size) would round-trip through memory twice and oneDNN reorders it on every call. Whether that is
+faster depends on the machine, so :func:`tile_rows` measures it on the first input of each layer shape and
+keeps a block size only when its output is bit-identical to the whole-weight kernel's.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ KERNELS = ("on_the_fly", "cached", "int8_dynamic")
 #: the cache budget's floor: small models are cached whole (per-call dequantization dominates tiny layers)
 MIN_CACHE_BYTES = 16 << 20
 #: default cache budget, as a fraction of the config's quantized bytes
-CACHE_FRACTION = 0.25
+CACHE_FRACTION = 0.05
 #: multiply-adds per forward below which W8A8 stays on float kernels: the int8 path's fixed cost per call
 #: (two fused passes, the matmul launch) exceeds its gain (``benchmarks/bench_kernels.py``: 64 x 128 x 384
 #: ~2.7x fp32 on int8, 77 x 768 x 320 ~0.8x, on 2 AVX512-VNNI cores)
@@ -63,7 +75,7 @@ INT8_MIN_MACS = 1 << 23
 
 
 def default_cache_budget(quantized_bytes: int) -> int:
-    """Bytes of float weights the automatic policy may hold: ``max(16 MiB, 0.25 x quantized bytes)``."""
+    """Bytes of float weights the automatic policy may hold: ``max(16 MiB, 0.05 x quantized bytes)``."""
     return max(MIN_CACHE_BYTES, int(CACHE_FRACTION * quantized_bytes))
 
 
@@ -109,9 +121,9 @@ def choose_kernels(modules: Sequence[Mapping[str, Any]], cache_budget: int, act_
         if act_bits == 8 and int8_eligible(m["kind"], m["parts"]) and (pos is None or pos * numel >= INT8_MIN_MACS):
             out[m["module"]] = "int8_dynamic"
         else:
-            rest.append((pos if pos is not None else 0, numel, m["module"]))
+            rest.append((numel, pos if pos is not None else 0, m["module"]))
     left = int(cache_budget)
-    for pos, numel, name in sorted(rest):
+    for numel, pos, name in sorted(rest):
         if 4 * numel <= left:
             out[name] = "cached"
             left -= 4 * numel
@@ -167,6 +179,93 @@ def release_scratch() -> None:
     """Free this thread's scratch buffers."""
     for key in ("buf", "inference", "int32", "int32_inference"):
         setattr(_SCRATCH, key, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# output-channel blocks of the on-the-fly kernel
+# --------------------------------------------------------------------------------------------------
+#: weights (elements) from which an on-the-fly module tries output-channel blocks
+TILE_MIN_NUMEL = 1 << 20
+#: input positions per forward (tokens of a linear layer, output pixels of a conv) up to which it tries them
+TILE_MAX_POSITIONS = 256
+#: output rows per block the tuner tries
+TILE_CANDIDATES = (32, 64, 128, 256)
+#: a block size replaces the whole-weight kernel only when at least this much faster (timing noise)
+TILE_MIN_GAIN = 0.05
+_TILE_CHOICE: Dict[tuple, int] = {}
+_TILING = {"enabled": True}
+
+
+def set_tiling(enabled: bool) -> None:
+    """Turn the on-the-fly kernel's output-channel blocks on (the default) or off for this process."""
+    _TILING["enabled"] = bool(enabled)
+    _TILE_CHOICE.clear()
+
+
+def tile_choices() -> Dict[tuple, int]:
+    """The tuner's choices so far: ``{(class, weight shape, options, input shape, conv arguments,
+    threads): rows per block}`` (0: the whole weight at once)."""
+    return dict(_TILE_CHOICE)
+
+
+def tile_rows(module: nn.Module, x: torch.Tensor) -> int:
+    """Rows per block for this on-the-fly module and input (0: dequantize the whole weight).
+
+    The first call per (layer shape, options, input shape, conv arguments, threads) times the whole-weight
+    kernel against each of :data:`TILE_CANDIDATES` on this input (best of 2 calls each) and keeps a
+    block size only when its output is bit-identical (``torch.equal``) and it is at least
+    :data:`TILE_MIN_GAIN` faster; later calls reuse the choice. The outputs therefore never depend on
+    the timing, only the speed does.
+    """
+    if not _TILING["enabled"] or module._runtime != "on_the_fly":
+        return 0
+    numel = 1
+    for s in module._packed_shape:
+        numel *= int(s)
+    if numel < TILE_MIN_NUMEL:
+        return 0
+    if isinstance(module, nn.Linear):
+        positions = x.numel() // max(int(x.shape[-1]), 1)
+    else:  # output pixels of a conv: input pixels over the stride's area
+        stride = 1
+        for s in getattr(module, "stride", (1,)):
+            stride *= int(s)
+        positions = x[0, 0].numel() * int(x.shape[0]) // stride
+    if positions > TILE_MAX_POSITIONS:
+        return 0
+    conv_args = tuple(str(getattr(module, a, "")) for a in ("stride", "padding", "dilation", "padding_mode"))
+    key = (type(module).__name__, tuple(module._packed_shape), tuple(p.option for p in module._packed_parts),
+           tuple(x.shape), conv_args, module.bias is not None, torch.get_num_threads())
+    choice = _TILE_CHOICE.get(key)
+    if choice is None:
+        choice = _TILE_CHOICE[key] = _tune_tile(module, x)
+    return choice
+
+
+def _tune_tile(module: nn.Module, x: torch.Tensor) -> int:
+    import time
+
+    def whole():
+        return module._float_forward(x, module._dequantize(use_scratch=True))
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    reference, first = timed(whole)
+    times = {0: min(first, timed(whole)[1])}
+    for rows in TILE_CANDIDATES:
+        if not module.tile_rows_allowed(rows):
+            continue
+        out, first = timed(lambda: module._tiled_forward(x, rows))
+        if torch.equal(out, reference):
+            times[rows] = min(first, timed(lambda: module._tiled_forward(x, rows))[1])
+    tiled = [r for r in times if r]
+    if not tiled:
+        return 0
+    best = min(tiled, key=lambda r: (times[r], r))
+    return best if times[best] <= (1.0 - TILE_MIN_GAIN) * times[0] else 0
 
 
 # --------------------------------------------------------------------------------------------------
