@@ -114,7 +114,9 @@ def measure(kind: str, folder: str, repeats: int, threads: int, output: str = ""
             with torch.no_grad():
                 return den(**kw, return_dict=False)[0]
 
+    t = time.perf_counter()
     first = run()
+    first_s = time.perf_counter() - t  # includes one-off work: onnxruntime's or the tiling tuner's first call
     if output and isinstance(first, torch.Tensor):
         np.save(output, first.detach().to(torch.float32).numpy())
     times = []
@@ -124,10 +126,14 @@ def measure(kind: str, folder: str, repeats: int, threads: int, output: str = ""
         times.append(time.perf_counter() - t)
     out = {"kind": kind, "load_s": load_s, "rss_base_mib": base, "rss_load_mib": rss_load,
            "rss_forward_mib": _rss_mib("VmHWM"), "forward_s": statistics.median(times), "forward_min_s": min(times),
-           "forward_all_s": times}
+           "forward_all_s": times, "first_forward_s": first_s}
     if kind.startswith("packed"):
+        from sensitivity.export.runtime import tile_choices
+
         out["kernels"] = {k: sum(1 for v in den.sensitivity_export["runtime_kernels"].values() if v == k)
                           for k in ("on_the_fly", "cached", "int8_dynamic")}
+        choices = tile_choices()
+        out["tiled_shapes"] = [sum(1 for v in choices.values() if v), len(choices)]
     return out
 
 

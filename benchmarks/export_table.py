@@ -26,6 +26,7 @@ def table(result: dict) -> str:
     onnx_ref = next((r for r in rows if r["kind"] == "onnx-fp32"), None)  # the forward of the same runtime
     configs = _configs(result)
     best = all("forward_min_s" in r for r in rows)
+    first = all("first_forward_s" in r for r in rows)
     head = (f"**{result['model']}** ({result['weights']}); {result['threads']} threads, median of "
             f"{result['repeats']} forwards after a warm-up; calibrator `sum(range(10**7))` {result['calibrator_s']:.2f} s, "
             f"load average {' / '.join(f'{x:.1f}' for x in result['loadavg'])} (at the end); torch {result['torch']}.")
@@ -41,13 +42,17 @@ def table(result: dict) -> str:
               f"forward {ref['forward_s']:.4f} s" + (f" (best {ref['forward_min_s']:.4f} s)." if best else "."), "",
               "| config | row | bytes on disk | x (quantized + unquantized fp32) | load time | peak RSS load | "
               "peak RSS forward | forward time | " + ("best forward | " if best else "")
+              + ("first forward | " if first else "")
               + "forward vs onnx-fp32 | output error vs fp32 | kernels (on the fly / cached / int8) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if best else "") + "---:|---:|---|"]
+              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if best else "") + ("---:|" if first else "")
+              + "---:|---:|---|"]
     for r in rows:
         c = configs.get(r.get("config"), {}) if r.get("config") in configs else {}
         target = (c.get("quantized_bytes") or 0) + c.get("unquantized_fp32_bytes", 0)
         k = r.get("kernels")
         kern = " / ".join(str(k.get(x, 0)) for x in KERNELS) if k else ""
+        if k and r.get("tiled_shapes") and r["tiled_shapes"][1]:
+            kern += f"; blocks in {r['tiled_shapes'][0]} of {r['tiled_shapes'][1]} layer shapes tried"
         vs_onnx = f"{r['forward_s'] / onnx_ref['forward_s']:.2f}" if onnx_ref and r["kind"].startswith("onnx") else ""
         err = f"{r['output_err_vs_fp32']:.2e}" if r.get("output_err_vs_fp32") is not None and r["kind"] != "fp32" else ""
         disk = f"{r['bytes_on_disk'] / target:.2f}" if target and r["kind"] not in ("fp32", "onnx-fp32") else ""
@@ -55,6 +60,7 @@ def table(result: dict) -> str:
                      f"| {r['load_s'] / ref['load_s']:.2f} | {r['rss_load_mib'] / ref['rss_load_mib']:.2f} "
                      f"| {r['rss_forward_mib'] / ref['rss_forward_mib']:.2f} | {r['forward_s'] / ref['forward_s']:.2f} | "
                      + (f"{r['forward_min_s'] / ref['forward_min_s']:.2f} | " if best else "")
+                     + (f"{r['first_forward_s'] / ref['first_forward_s']:.2f} | " if first else "")
                      + f"{vs_onnx} | {err} | {kern} |")
     lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines)

@@ -419,7 +419,8 @@ def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
             "(each row loads and runs in a fresh process). `packed:recorded` is the automatic policy the export "
             "chose (W8A8 on int8 kernels for an 8-bit-activation config, else cached / on the fly per layer); "
             "`best forward` is the fastest of the forwards, less sensitive to other processes on a shared machine "
-            "than the median. Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n"
+            "than the median; `first forward` is the warm-up call (one-off work included: onnxruntime's first "
+            "run, the on-the-fly kernel's tuning of output-channel blocks). Rows: see `benchmarks/bench_export.py`.\n\n" + mod.table(d) + "\n\n"
             + EXPORT_KINDS[kind][0])
     configs = [c.get("path") for c in (d.get("configs") or {}).values() if c.get("path")]
     made = (f"python benchmarks/export_configs.py --model {d['model']} --weights {d['weights']}{EXPORT_KINDS[kind][1]} "
