@@ -1,7 +1,7 @@
 """Export benchmark: bytes on disk, load time, peak RSS and forward time of each export, as ratios to fp32.
 
     python benchmarks/bench_export.py --model digits-dit --weights shipped \
-        --multiquantizer multiquantizers/digits-dit.safetensors --config quant_configs/digits-dit-w36.json
+        --multiquantizer runs/exp_dd/mq.safetensors --config uaq=runs/exp_dd/uaq.json   # from export_configs.py
     python benchmarks/bench_export.py --model sd15 --weights random --multiquantizer MQ --config CFG --repeats 1
     python benchmarks/export_table.py benchmarks/results/export/*.json     # the README tables
 
@@ -137,6 +137,32 @@ def measure(kind: str, folder: str, repeats: int, threads: int, output: str = ""
     return out
 
 
+def _merge_rounds(rows: list) -> list:
+    """One row per (config, kind) from ``--rounds`` measurements: forward = median of all forwards, best =
+    the fastest, first forward and load = medians, peak RSS = the largest; each round's row in ``rounds``."""
+    merged: dict = {}
+    for r in rows:
+        merged.setdefault((r["config"], r["kind"]), []).append(r)
+    out = []
+    for (config, kind), rs in merged.items():
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        row = dict(rs[0])
+        row["forward_all_s"] = [t for r in rs for t in r["forward_all_s"]]
+        row["forward_s"] = statistics.median(row["forward_all_s"])
+        row["forward_min_s"] = min(row["forward_all_s"])
+        for key in ("load_s", "first_forward_s"):
+            if all(key in r for r in rs):
+                row[key] = statistics.median(r[key] for r in rs)
+        for key in ("rss_load_mib", "rss_forward_mib"):
+            row[key] = max(r[key] for r in rs)
+        row["rounds"] = [{k: r.get(k) for k in ("forward_s", "forward_min_s", "rss_forward_mib", "first_forward_s",
+                                                 "tiled_shapes")} for r in rs]
+        out.append(row)
+    return out
+
+
 def _output_errors(rows: list) -> None:
     """``output_err_vs_fp32`` of each PyTorch row: max |y - y_fp32| / max |y_fp32| on the same seeded inputs."""
     import numpy as np
@@ -183,6 +209,9 @@ def main() -> None:
                     help="use the config's options with this multiquantizer even if the config names another one")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every row this many times, in alternating order (a fresh process each time); "
+                         "a row's forward time is the median of all its forwards, its peak RSS the largest")
     ap.add_argument("--out-dir", default="benchmarks/results/export")
     ap.add_argument("--name", default=None, help="the JSON's name (default: the model's): OUT_DIR/NAME.json")
     ap.add_argument("--work-dir", default=None, help="where the exports go (default: OUT_DIR/<model>-exports)")
@@ -263,7 +292,10 @@ def main() -> None:
     del den
     rows = []
     env = dict(os.environ, PYTHONPATH=str(ROOT), SDNQ_USE_TORCH_COMPILE="0")
-    for name, kind in plan:
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be 1 or more")
+    order = [item for r in range(args.rounds) for item in (plan if r % 2 == 0 else plan[::-1])]
+    for name, kind in order:
         fmt = kind.partition(":")[0]
         folder = folders[name][fmt]
         out_npy = out_dir / "outputs" / f"{name or 'config'}-{kind.replace(':', '-')}.npy"
@@ -280,6 +312,7 @@ def main() -> None:
         row["output_path"] = str(out_npy) if out_npy.is_file() else None
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "forward_all_s"}), file=sys.stderr)
+    rows = _merge_rounds(rows)
     _output_errors(rows)
     first = next(iter(meta.values()), {})
     result = {
@@ -288,7 +321,7 @@ def main() -> None:
         "config": next(iter(configs.values()))[0] if len(configs) == 1 else None,
         "avg_bits": first.get("avg_bits"), "quantized_bytes": first.get("quantized_bytes"),
         "unquantized_fp32_bytes": first.get("unquantized_fp32_bytes", 0), "threads": args.threads,
-        "repeats": args.repeats, "calibrator_s": calibrator(), "loadavg": list(os.getloadavg()),
+        "repeats": args.repeats, "rounds": args.rounds, "calibrator_s": calibrator(), "loadavg": list(os.getloadavg()),
         "provenance": run_provenance(started), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(), "rows": rows,
         "command": "python benchmarks/bench_export.py " + " ".join(sys.argv[1:]),

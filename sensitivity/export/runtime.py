@@ -190,6 +190,8 @@ TILE_MIN_NUMEL = 1 << 20
 TILE_MAX_POSITIONS = 256
 #: output rows per block the tuner tries
 TILE_CANDIDATES = (32, 64, 128, 256)
+#: timed calls per candidate (the fastest counts)
+TILE_ROUNDS = 3
 #: a block size replaces the whole-weight kernel only when at least this much faster (timing noise)
 TILE_MIN_GAIN = 0.05
 _TILE_CHOICE: Dict[tuple, int] = {}
@@ -212,7 +214,8 @@ def tile_rows(module: nn.Module, x: torch.Tensor) -> int:
     """Rows per block for this on-the-fly module and input (0: dequantize the whole weight).
 
     The first call per (layer shape, options, input shape, conv arguments, threads) times the whole-weight
-    kernel against each of :data:`TILE_CANDIDATES` on this input (best of 2 calls each) and keeps a
+    kernel against each of :data:`TILE_CANDIDATES` on this input (best of :data:`TILE_ROUNDS` interleaved
+    calls each) and keeps a
     block size only when its output is bit-identical (``torch.equal``) and it is at least
     :data:`TILE_MIN_GAIN` faster; later calls reuse the choice. The outputs therefore never depend on
     the timing, only the speed does.
@@ -254,13 +257,17 @@ def _tune_tile(module: nn.Module, x: torch.Tensor) -> int:
         return out, time.perf_counter() - t
 
     reference, first = timed(whole)
-    times = {0: min(first, timed(whole)[1])}
+    times = {0: first}
     for rows in TILE_CANDIDATES:
         if not module.tile_rows_allowed(rows):
             continue
         out, first = timed(lambda: module._tiled_forward(x, rows))
         if torch.equal(out, reference):
-            times[rows] = min(first, timed(lambda: module._tiled_forward(x, rows))[1])
+            times[rows] = first
+    for _ in range(TILE_ROUNDS - 1):  # interleaved, so a burst of load on the machine hits every candidate
+        for rows in times:
+            call = whole if rows == 0 else (lambda: module._tiled_forward(x, rows))
+            times[rows] = min(times[rows], timed(call)[1])
     tiled = [r for r in times if r]
     if not tiled:
         return 0
