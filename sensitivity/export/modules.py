@@ -114,8 +114,9 @@ class PackedWeightMixin:
     _act_bits: Optional[int] = None
     _act_slices: Tuple[Tuple[int, int], ...] = ()
 
-    def _dequantize(self, use_scratch: bool = False) -> torch.Tensor:
-        """The float weight (``_packed_dtype``); ``use_scratch``: into the shared scratch buffer (CPU, float32)."""
+    def _dequantize(self, use_scratch: bool = False, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The float weight (``_packed_dtype``); ``use_scratch``: into the shared scratch buffer (CPU, float32);
+        ``buffer``: into this float32 CPU tensor of at least the weight's size instead."""
         from . import runtime
         from .kernels import dequantize_into
 
@@ -126,7 +127,9 @@ class PackedWeightMixin:
             cols *= int(s)
         parts = self._packed_parts
         on_cpu = self._packed_device().type == "cpu"
-        if use_scratch and on_cpu and self._packed_dtype == torch.float32:
+        if buffer is not None and on_cpu and self._packed_dtype == torch.float32:
+            out = buffer[:rows * cols].view(rows, cols)
+        elif use_scratch and on_cpu and self._packed_dtype == torch.float32:
             out = runtime.scratch(rows * cols).view(rows, cols)
         else:
             out = torch.empty(rows, cols, dtype=torch.float32, device=self._packed_device())
