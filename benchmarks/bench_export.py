@@ -10,7 +10,8 @@ Rows (every one measured in this run, fp32 included): ``fp32`` (``save_pretraine
 choice; ``on_the_fly``; ``cached``; ``int8_dynamic`` when ``--w8a8``: the automatic policy with 8-bit
 activations, so ``int8_dynamic`` on every linear layer with an affine-per-row option), ``sdnq``,
 ``onnx-fp32`` (the float model through the same ONNX writer), ``onnx`` (quantized; weights folded at
-session creation, :func:`sensitivity.export.onnx_format.session_options`) and ``onnx:per_call`` (the
+session creation, :func:`sensitivity.export.onnx_format.session_options`, except in a W8A8 export, whose QDQ
+nodes onnxruntime fuses into its integer kernels) and ``onnx:per_call`` (the
 quantized graph's dequantization run on every call). Each load and
 forward runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``rss_load`` is the peak
 after loading, ``rss_forward`` the peak after the forwards (batch 1, native size, seeded inputs).
@@ -78,12 +79,11 @@ def measure(kind: str, folder: str, repeats: int, threads: int, output: str = ""
         else:
             den = load_quantized(folder, runtime=None if policy in (None, "recorded") else policy)
     elif kind.startswith("onnx"):
-        import onnxruntime as ort
+        from sensitivity.export.onnx_format import inference_session
 
-        from sensitivity.export.onnx_format import session_options
-
-        opts = session_options(fold_weights=not kind.endswith(":per_call"), threads=threads)
-        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        # a W8A8 export keeps its QDQ nodes for onnxruntime's integer kernels (QLinearConv, MatMulIntegerToFloat)
+        sess = inference_session(Path(folder) / "model.onnx", fold_weights=not kind.endswith(":per_call"),
+                                 threads=threads, w8a8=bool((rec or {}).get("w8a8")))
     else:
         raise SystemExit(f"unknown kind {kind}")
     load_s = time.perf_counter() - t0
@@ -260,7 +260,7 @@ def main() -> None:
     for name, (_, cfg) in configs.items():
         w8a8 = cfg.act_bits == 8
         plan += [(name, k) for k in base_kinds if k not in ("fp32", "onnx-fp32")
-                 and not (w8a8 and (k in ("sdnq", "packed:on_the_fly") or k.startswith("onnx")))]
+                 and not (w8a8 and k in ("sdnq", "packed:on_the_fly", "onnx:per_call"))]
     folders, meta = {None: {}}, {}
     fp32_dir = work / "fp32"
     if not fp32_dir.exists():

@@ -245,10 +245,13 @@ def export_headline(pages: Dict[str, Dict[str, Any]]) -> str:
             what = f"W8A8 ({', '.join(c.get('options') or {})} weights)" if c.get("act_bits") == 8 else f"`{name}` ({c['avg_bits']:.2f} bits)"
             items.append(f"{what} forward {fwd:.2f}x at peak RSS {rss:.2f}x")
         onnx = next((r for r in d["rows"] if r["kind"] == "onnx"), None)
+        onnx_fp32 = next((r for r in d["rows"] if r["kind"] == "onnx-fp32"), None)
         if onnx is not None:
             c = next(iter((d.get("configs") or {}).values()), {})
             target = (c.get("quantized_bytes") or 0) + c.get("unquantized_fp32_bytes", 0)
-            if target:
+            if c.get("act_bits") == 8 and onnx_fp32 is not None:
+                items.append(f"onnxruntime W8A8 forward {onnx['forward_s'] / onnx_fp32['forward_s']:.2f}x onnxruntime fp32's")
+            elif target:
                 items.append(f"ONNX file {onnx['bytes_on_disk'] / target:.2f}x the quantized bytes + unquantized fp32")
         if items:
             model = "SD1.5 size" if d["model"] == "sd15" else d["model"]
@@ -402,7 +405,10 @@ EXPORT_ACCEPTANCE_W8A8 = (
     "layers on oneDNN's int8 convolution, small layers on float kernels) at forward <= 0.7x fp32's. `packed:cached` "
     "is the same config on float kernels with `apply()`'s activation grids; the output error column (max |y - "
     "y_fp32| / max |y_fp32| on the same seeded inputs) shows what the int8 conv's coarser grid (one per sample "
-    "instead of one per sample and channel) adds.")
+    "instead of one per sample and channel) adds. The `onnx` row is the same config's ONNX file in onnxruntime "
+    "(static QDQ fused into `QLinearConv` / `MatMulIntegerToFloat`; activation ranges from four seeded example "
+    "inputs, conv outputs requantized to 8 bits), read against `onnx-fp32` in the `forward vs onnx-fp32` "
+    "column: onnxruntime W8A8 <= 0.7x onnxruntime fp32.")
 
 #: the export pages (in the README's run-time bullet in this order): acceptance text, export_configs.py arguments
 EXPORT_KINDS = {"export": (EXPORT_ACCEPTANCE, ""),

@@ -340,3 +340,45 @@ def test_model_card_yaml_header(digits_uaq, tmp_path):
     n3 = sum(1 for o in config.values() if o == "uaq-3")
     assert f"| uaq-3 | {n3} |" in text and "sensitivity export digits-dit --format packed" in text
     assert "sensitivity.load_quantized" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime/onnxscript not installed: pip install 'sensitivity[onnx]'")
+@pytest.mark.parametrize("name", ["digits-dit", "sd15"])
+def test_onnx_w8a8_runs_on_integer_kernels(name, tmp_path):
+    """A W8A8 config's ONNX file: static QDQ that onnxruntime fuses into QLinearConv / MatMulIntegerToFloat,
+    equal to the same static fake quantization in PyTorch up to integer rounding."""
+    import onnx
+    import onnxruntime as ort
+
+    from sensitivity.config import QuantConfig
+    from sensitivity.export.onnx_format import W8A8_DISABLED_OPTIMIZERS, session_options
+
+    fam = get_family(name)
+    weights = "shipped" if name.startswith("digits") else "tiny"
+    den = fam.load_denoiser(weights)
+    mq = build_multiquantizer(den, tmp_path / "mq.safetensors", fam.find_layers(den), model_id=fam.model_id(weights),
+                              options=("int8_c-8", "uaq-4"), progress=False)
+    options = {n: "int8_c-8" for n in mq.layer_names}
+    options[mq.layer_names[-1]] = "uaq-4"  # a weight-only layer in the same file stays weight-only QDQ
+    config = QuantConfig(options, model=mq.model_id, multiquantizer_hash=mq.hash, act_bits=8)
+    source = {"family": name, "weights": weights, "model_id": fam.model_id(weights)}
+    rec = export(den, mq, config, tmp_path / "o", format="onnx", source=source)
+    w8a8 = rec["w8a8"]
+    assert rec["layers_w8a8"] == w8a8["layers"] >= 1 and w8a8["calibration"] == {"seeded_example_inputs": [0, 1, 2, 3]}
+    assert rec["layers_dequantized"] == 0 and rec["layers_qdq"] >= 1
+    check = rec["onnx_check"]
+    # the integer kernels round like the fake quantizer up to near-ties and the int32 bias: one 8-bit step at
+    # the first conv (measured), and each requantized conv passes its differences on, so a deep UNet's output
+    # moves by several steps
+    tol = 2e-2 if name.startswith("digits") else 1e-1
+    assert check["max_abs_diff"] <= tol * max(1.0, check["torch_abs_max"]), check
+    assert 0 < w8a8["max_abs_diff_vs_weight_only"]
+    opts = session_options(fold_weights=False)
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(W8A8_DISABLED_OPTIMIZERS))  # what inference_session(w8a8=True) does
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulIntegerToFloat") + ops.count("QLinearConv") >= w8a8["layers"], sorted(set(ops))
+    if name == "sd15":
+        assert w8a8["conv_layers"] >= 1 and "QLinearConv" in ops

@@ -57,7 +57,8 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
            source: Optional[Mapping[str, Any]] = None, float_dtype=None, pipeline=None,
            overwrite: bool = False, opset: int = 21, example_inputs=None,
            cache_budget: Optional[int] = None, optimize: bool = False,
-           metrics: Optional[Mapping[str, Any]] = None, command: Optional[str] = None) -> Dict[str, Any]:
+           metrics: Optional[Mapping[str, Any]] = None, command: Optional[str] = None,
+           calibration_inputs=None) -> Dict[str, Any]:
     """Export ``denoiser`` (full precision) with ``config`` (QuantConfig, path or ``{layer: option}``) to ``out``.
 
     ``source``: ``{"family", "weights", "seed", "model_id"}`` recorded with the export (``model_id`` is
@@ -66,7 +67,9 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
     and ``example_inputs`` (onnx): the ONNX opset and the denoiser's example call (kwargs dict; packed:
     run once to choose the run-time kernels, :mod:`.runtime`); ``cache_budget`` (packed): bytes of float
     weights the recorded run-time policy may cache (default: ``max(16 MiB, 0.05 x quantized bytes)``).
-    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules. ``optimize``
+    The config's ``act_bits`` (8: W8A8) is recorded and used by the run-time modules (onnx: static QDQ for
+    onnxruntime's integer kernels, ranges observed over ``calibration_inputs``, a list of the denoiser's
+    keyword inputs; default: seeded example inputs, :mod:`.onnx_format`). ``optimize``
     (onnx): save onnxruntime's optimized graph. ``metrics`` (``{name: value}``, held-out) and ``command``
     (the command line that made it) go into the folder's model card, ``README.md`` (:mod:`.card`).
     Returns the export record (what ``sensitivity_export.json`` holds, plus ``bytes_on_disk``).
@@ -80,7 +83,7 @@ def export(denoiser, mq, config, out: str | os.PathLike, format: str = "packed",
 
     options = exporter.check_options({"float_dtype": resolve_dtype(float_dtype), "example_inputs": example_inputs,
                                       "cache_budget": cache_budget, "pipeline": pipeline, "opset": opset,
-                                      "optimize": optimize})
+                                      "optimize": optimize, "calibration_inputs": calibration_inputs})
     if isinstance(config, (str, os.PathLike)):
         path = str(config)
         config = QuantConfig.load(config)

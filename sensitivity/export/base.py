@@ -101,7 +101,7 @@ class OnnxExporter(Exporter):
     name = "onnx"
     required_packages = ("onnx", "onnxruntime", "onnxscript")
     extra = "onnx"
-    write_options = ("opset", "example_inputs", "optimize")
+    write_options = ("opset", "example_inputs", "optimize", "calibration_inputs")
 
     def check_options(self, options):
         from .onnx_format import check_opset

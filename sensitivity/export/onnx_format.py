@@ -16,6 +16,18 @@ initializer is replaced, per :mod:`sensitivity.export.methods`:
   ``row * 2^b`` for per-row codebooks, from a ``Range``) -> ``Gather`` on the fp16 codebooks cast to
   float32. The file holds the codes and codebooks, not the float weight.
 * split layers (``#main`` / ``#skip``): each half on its own, then ``Concat`` along the input axis.
+* W8A8 (a config with ``act_bits == 8``): every conv and 3-D linear layer (``Transpose`` -> ``MatMul``)
+  whose option is symmetric int8 (``int8_c`` per row, ``int8`` per tensor) is written as onnxruntime's
+  QDQ pattern: the weight as int8 codes in its own shape (``[K, N]`` for a ``MatMul``) with one
+  ``DequantizeLinear``, the input through ``QuantizeLinear`` -> ``DequantizeLinear`` at a **static**
+  uint8 scale and zero point, and for a conv also its output (``QLinearConv`` needs a quantized output;
+  the conv bias as int32 at the input scale x the weight scale). onnxruntime fuses them into
+  ``QLinearConv`` / ``MatMulIntegerToFloat`` (u8 x s8 kernels) in a session that keeps its QDQ nodes
+  (:func:`inference_session` with ``w8a8=True``: no weight folding, :data:`W8A8_DISABLED_OPTIMIZERS` off). The static ranges are each point's
+  min / max observed on the weight-quantized PyTorch model over ``calibration_inputs`` (default:
+  :data:`W8A8_CALIBRATION_SEEDS` seeded example inputs, so real images should be passed for a deployed
+  model); ``onnx_check`` then compares with the same static fake quantization in PyTorch, and
+  ``w8a8`` records the layers, the inputs' seeds and the error against the weight-only model.
 
 After writing, the model is run in onnxruntime (CPU) on seeded example inputs and compared with
 PyTorch's output of the fake-quantized denoiser (:func:`~sensitivity.multiquantizer.apply`); the
@@ -395,12 +407,163 @@ def _reshape(helper, numpy_helper, name, src, shape, inits):
     return helper.make_node("Reshape", [src, f"{name}__shape"], [name], name=f"{name}__Reshape")
 
 
+#: seeds of the example inputs whose activation ranges set a W8A8 export's static scales by default
+W8A8_CALIBRATION_SEEDS = (0, 1, 2, 3)
+
+
+def w8a8_eligible(mp) -> bool:
+    """Whether a module's weight can be an int8 QDQ weight of onnxruntime's integer kernels: one part at a
+    symmetric 8-bit option (``int8_c``, ``int8``)."""
+    if len(mp.parts) != 1 or mp.parts[0].option == FP16 or mp.kind not in ("linear", "conv2d"):
+        return False
+    opt = QuantOption.parse(mp.parts[0].option)
+    fmt = method_format(opt.method)
+    return fmt is not None and fmt.onnx == "qdq_symmetric" and opt.bits == 8
+
+
+def _u8_grid(lo: float, hi: float):
+    """``(scale, zero_point)`` of an asymmetric uint8 grid covering ``[min(lo, 0), max(hi, 0)]``."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    scale = float(np.float32(scale))
+    zero = int(np.clip(np.round(-lo / scale), 0, 255))
+    return scale, zero
+
+
+def _fake_u8(x: torch.Tensor, grid) -> torch.Tensor:
+    """``DequantizeLinear(QuantizeLinear(x))`` on a static uint8 grid (round half to even, as onnxruntime)."""
+    scale, zero = grid
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+@torch.no_grad()
+def observe_w8a8_ranges(den: nn.Module, paths, calibration_inputs) -> Dict[str, Dict[str, Any]]:
+    """``{module: {"input": (lo, hi), "output": (lo, hi)}}``: min / max of each module's input and output
+    over the calibration forwards (``den`` as it is: the caller applies the quantized weights)."""
+    ranges: Dict[str, Dict[str, Any]] = {p: {} for p in paths}
+
+    def widen(path, key, t):
+        lo, hi = float(t.min()), float(t.max())
+        old = ranges[path].get(key)
+        ranges[path][key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    handles = []
+    for path in paths:
+        def hook(m, args, output, path=path):
+            widen(path, "input", args[0])
+            widen(path, "output", output)
+
+        handles.append(den.get_submodule(path).register_forward_hook(hook))
+    try:
+        for kwargs in calibration_inputs:
+            den(**dict(kwargs), return_dict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def _static_fake_quant_hooks(den: nn.Module, grids: Mapping[str, Dict[str, Any]]):
+    """Forward hooks that give ``den`` the W8A8 export's static activation quantization (inputs; conv outputs)."""
+    handles = []
+    for path, g in grids.items():
+        mod = den.get_submodule(path)
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, args, g=g: (_fake_u8(args[0], g["input"]),) + tuple(args[1:])))
+        if "output" in g:
+            handles.append(mod.register_forward_hook(lambda m, args, out, g=g: _fake_u8(out, g["output"])))
+    return handles
+
+
+def _w8a8_rewrite(helper, numpy_helper, consumers, key: str, qw, option: str, weight_shape,
+                  grids: Dict[str, Any], name: str, conv_bias) -> Optional[Dict[str, Any]]:
+    """Nodes and initializers that put one layer on onnxruntime's QDQ integer pattern (module docstring),
+    or ``None`` when its graph does not have the expected shape (the layer then stays weight-only QDQ).
+
+    ``consumers``: ``{tensor: [nodes]}`` of the exported graph; ``grids``: ``{"input", "output"}`` uint8 grids
+    ``(scale, zero_point)``;
+    ``conv_bias``: the float bias initializer's array when the consumer is a conv with a bias.
+    Returns ``{"inits", "weight_nodes", "before": {node_id: [nodes]}, "after": {node_id: [nodes]},
+    "drop": [nodes], "kind"}``; the caller edits ``graph_nodes`` in place.
+    """
+    users = consumers.get(key, [])
+    if len(users) != 1:
+        return None
+    node = users[0]
+    opt = QuantOption.parse(option)
+    fmt = method_format(opt.method)
+    codes = qw.codes.reshape(qw.codes.shape[0], -1).cpu().numpy().astype(np.int16) - 128
+    scale = qw.params["scale"].to(torch.float32).cpu().numpy().reshape(-1)
+    rows = codes.shape[0]
+    if not fmt.per_row:
+        scale = np.full(rows, float(scale.reshape(-1)[0]), np.float32)
+    sx, zx = grids["input"]
+    inits = [numpy_helper.from_array(np.asarray(sx, np.float32), f"{name}__sx"),
+             numpy_helper.from_array(np.asarray(zx, np.uint8), f"{name}__zx"),
+             numpy_helper.from_array(scale.astype(np.float32), f"{name}__sw")]
+    out: Dict[str, Any] = {"inits": inits, "before": {}, "after": {}, "drop": [], "weight_nodes": []}
+    if node.op_type == "Conv" and list(node.input).index(key) == 1 and len(weight_shape) == 4:
+        q = codes.reshape(weight_shape).astype(np.int8)
+        inits += [numpy_helper.from_array(q, f"{name}__wq"),
+                  numpy_helper.from_array(np.zeros(rows, np.int8), f"{name}__zw")]
+        out["weight_nodes"].append(helper.make_node("DequantizeLinear", [f"{name}__wq", f"{name}__sw", f"{name}__zw"],
+                                                    [f"{name}__wd"], name=f"{name}__DQw", axis=0))
+        x_in, y_out = node.input[0], node.output[0]
+        sy, zy = grids["output"]
+        inits += [numpy_helper.from_array(np.asarray(sy, np.float32), f"{name}__sy"),
+                  numpy_helper.from_array(np.asarray(zy, np.uint8), f"{name}__zy")]
+        out["before"][id(node)] = [
+            helper.make_node("QuantizeLinear", [x_in, f"{name}__sx", f"{name}__zx"], [f"{name}__xq"], name=f"{name}__Qx"),
+            helper.make_node("DequantizeLinear", [f"{name}__xq", f"{name}__sx", f"{name}__zx"], [f"{name}__xd"],
+                             name=f"{name}__DQx")]
+        node.input[0], node.input[1] = f"{name}__xd", f"{name}__wd"
+        if len(node.input) > 2 and node.input[2] and conv_bias is not None:
+            bias_scale = (np.float32(sx) * scale).astype(np.float32)
+            bq = np.round(conv_bias.astype(np.float64) / np.where(bias_scale > 0, bias_scale, 1.0))
+            inits += [numpy_helper.from_array(np.clip(bq, -2**31, 2**31 - 1).astype(np.int32), f"{name}__bq"),
+                      numpy_helper.from_array(bias_scale, f"{name}__sb"),
+                      numpy_helper.from_array(np.zeros(rows, np.int32), f"{name}__zb")]
+            out["weight_nodes"].append(helper.make_node("DequantizeLinear", [f"{name}__bq", f"{name}__sb", f"{name}__zb"],
+                                                        [f"{name}__bd"], name=f"{name}__DQb", axis=0))
+            out["bias_input"] = node.input[2]
+            node.input[2] = f"{name}__bd"
+        node.output[0] = f"{name}__yc"
+        out["after"][id(node)] = [
+            helper.make_node("QuantizeLinear", [f"{name}__yc", f"{name}__sy", f"{name}__zy"], [f"{name}__yq"], name=f"{name}__Qy"),
+            helper.make_node("DequantizeLinear", [f"{name}__yq", f"{name}__sy", f"{name}__zy"], [y_out], name=f"{name}__DQy")]
+        out["kind"] = "conv"
+        return out
+    if node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"] == [[1, 0]]:
+        mms = consumers.get(node.output[0], [])
+        if not mms or any(m.op_type != "MatMul" or list(m.input).index(node.output[0]) != 1 for m in mms):
+            return None
+        q = np.ascontiguousarray(codes.reshape(rows, -1).T).astype(np.int8)  # [K, N]
+        inits += [numpy_helper.from_array(q, f"{name}__wq"),
+                  numpy_helper.from_array(np.zeros(rows, np.int8), f"{name}__zw")]
+        out["weight_nodes"].append(helper.make_node("DequantizeLinear", [f"{name}__wq", f"{name}__sw", f"{name}__zw"],
+                                                    [f"{name}__wd"], name=f"{name}__DQw", axis=1))
+        for j, mm in enumerate(mms):
+            x_in = mm.input[0]
+            out["before"][id(mm)] = [
+                helper.make_node("QuantizeLinear", [x_in, f"{name}__sx", f"{name}__zx"], [f"{name}__xq{j}"],
+                                 name=f"{name}__Qx{j}"),
+                helper.make_node("DequantizeLinear", [f"{name}__xq{j}", f"{name}__sx", f"{name}__zx"], [f"{name}__xd{j}"],
+                                 name=f"{name}__DQx{j}")]
+            mm.input[0], mm.input[1] = f"{name}__xd{j}", f"{name}__wd"
+        out["drop"].append(node)
+        out["kind"] = "matmul"
+        return out
+    return None
+
+
 def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: Optional[Mapping[str, Any]] = None,
-               seed: int = 0, optimize: bool = False) -> Dict[str, Any]:
+               seed: int = 0, optimize: bool = False, calibration_inputs=None) -> Dict[str, Any]:
     """Export ``plan`` to ``folder/model.onnx`` and check it in onnxruntime (see the module docstring).
 
     ``optimize``: replace the file by onnxruntime's graph optimizations of it (``ORT_ENABLE_EXTENDED``:
     constant folding that keeps ``DequantizeLinear`` nodes, node fusions); recorded in ``optimized``.
+    ``calibration_inputs``: keyword inputs of the denoiser whose activation ranges set a W8A8 export's
+    static scales (default: :data:`W8A8_CALIBRATION_SEEDS` seeded example inputs).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -431,7 +594,37 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
         f.unlink()
     inits = {i.name: i for i in model.graph.initializer}
     new_nodes: List[Any] = []
-    summary = {"qdq": 0, "dequantized": 0}
+    summary = {"qdq": 0, "dequantized": 0, "w8a8": 0}
+    graph_nodes = list(model.graph.node)
+    consumers: Dict[str, List[Any]] = {}
+    for node in graph_nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    grids: Dict[str, Dict[str, Any]] = {}
+    calibration_note = None
+    if plan.meta.get("act_bits") == 8:
+        targets = [mp.module_path for mp in plan.modules if w8a8_eligible(mp) and not mp.tied]
+        if targets:
+            if calibration_inputs is None:
+                from ..graph.inputs import example_inputs as zero_inputs
+
+                zeros = zero_inputs(den, device="cpu", dtype=torch.float32)
+                calibration_inputs = [random_inputs(zeros, s) for s in W8A8_CALIBRATION_SEEDS]
+                calibration_note = {"seeded_example_inputs": list(W8A8_CALIBRATION_SEEDS)}
+            else:
+                calibration_inputs = list(calibration_inputs)
+                calibration_note = {"given_inputs": len(calibration_inputs)}
+            apply(den, plan.mq, {k: v for k, v in plan.options.items() if v != FP16})
+            try:
+                ranges = observe_w8a8_ranges(den, targets, calibration_inputs)
+            finally:
+                restore(den)
+            grids = {p: {"input": _u8_grid(*r["input"]), "output": _u8_grid(*r["output"])}
+                     for p, r in ranges.items() if "input" in r and "output" in r}
+    before: Dict[int, List[Any]] = {}
+    after: Dict[int, List[Any]] = {}
+    drop: set = set()
+    used_grids: Dict[str, Dict[str, Any]] = {}
     for mp in plan.modules:
         weight = den.get_submodule(mp.module_path).weight.detach().to(torch.float32)
         first = None
@@ -446,6 +639,27 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
                 new_nodes.append(helper.make_node("Identity", [first], [key], name=f"{key}__Tied"))
                 continue
             first = key
+            if mp.module_path in grids:
+                part = mp.parts[0]
+                users = consumers.get(key, [])
+                bias = None
+                if len(users) == 1 and users[0].op_type == "Conv" and len(users[0].input) > 2 \
+                        and users[0].input[2] in inits:
+                    bias = numpy_helper.to_array(inits[users[0].input[2]])
+                rw = _w8a8_rewrite(helper, numpy_helper, consumers, key, plan.quantized_weight(part.name), part.option,
+                                   tuple(mp.weight_shape), grids[mp.module_path], key, bias)
+                if rw is not None:
+                    model.graph.initializer.extend(rw["inits"])
+                    new_nodes.extend(rw["weight_nodes"])
+                    before.update(rw["before"])
+                    after.update(rw["after"])
+                    drop.update(id(n) for n in rw["drop"])
+                    if "bias_input" in rw and len(consumers.get(rw["bias_input"], [])) == 1:
+                        model.graph.initializer.remove(inits.pop(rw["bias_input"]))
+                    g = grids[mp.module_path]
+                    used_grids[mp.module_path] = g if rw["kind"] == "conv" else {"input": g["input"]}
+                    summary["w8a8"] += 1
+                    continue
             part_outputs = []
             for k, part in enumerate(mp.parts):
                 out_name = key if len(mp.parts) == 1 else f"{key}__part{k}"
@@ -466,7 +680,10 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
                 part_outputs.append(out_name)
             if len(part_outputs) > 1:
                 new_nodes.append(helper.make_node("Concat", part_outputs, [key], name=f"{key}__Concat", axis=1))
-    nodes = list(model.graph.node)
+    nodes = []
+    for node in graph_nodes:
+        if id(node) not in drop:
+            nodes += before.get(id(node), []) + [node] + after.get(id(node), [])
     del model.graph.node[:]
     model.graph.node.extend(new_nodes + nodes)
     _compact(model.graph)
@@ -485,20 +702,34 @@ def write_onnx(plan: ExportPlan, folder: Path, opset: int = 21, example_inputs: 
 
     # check in onnxruntime against PyTorch's fake-quantized output
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, args)}
-    got = run_onnx(path, feeds)
+    got = run_onnx(path, feeds, w8a8=bool(used_grids))
     apply(den, plan.mq, {k: v for k, v in plan.options.items() if v != FP16})
+    hooks = []
     try:
         with torch.no_grad():
-            want = flat(*args).detach().to(torch.float32).cpu().numpy()
+            weight_only = flat(*args).detach().to(torch.float32).cpu().numpy()
+            hooks = _static_fake_quant_hooks(den, used_grids)
+            want = flat(*args).detach().to(torch.float32).cpu().numpy() if hooks else weight_only
     finally:
+        for h in hooks:
+            h.remove()
         restore(den)
     diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    w8a8 = None
+    if used_grids:
+        w8a8 = {"layers": summary["w8a8"], "calibration": calibration_note, "session_fold_weights": False,
+                "session_disabled_optimizers": list(W8A8_DISABLED_OPTIMIZERS),
+                "conv_layers": sum(1 for g in used_grids.values() if "output" in g),
+                "max_abs_diff_vs_weight_only": float(np.abs(got.astype(np.float64) - weight_only.astype(np.float64)).max()),
+                "grids": {p: {k: [float(v[0]), int(v[1])] for k, v in g.items()} for p, g in sorted(used_grids.items())}}
     record = dict(plan.meta)
     record.update({
         "opset": int(written_opset),
         "optimized": optimized,
         "layers_qdq": summary["qdq"],
         "layers_dequantized": summary["dequantized"],
+        "layers_w8a8": summary["w8a8"],
+        "w8a8": w8a8,
         "inputs": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                    for n, t in zip(names, args)],
         "onnx_check": {"max_abs_diff": diff, "torch_abs_max": float(np.abs(want).max()), "seed": seed,
@@ -556,13 +787,27 @@ def session_options(fold_weights: bool = True, threads: Optional[int] = None):
     return opts
 
 
-def run_onnx(path: os.PathLike, feeds: Mapping[str, np.ndarray], fold_weights: bool = True) -> np.ndarray:
-    """Run an exported ``model.onnx`` in onnxruntime on CPU; returns the first output (float32)."""
+#: onnxruntime graph transformers turned off for a W8A8 file: ``MatMulAddFusion`` rewrites a QDQ ``MatMul`` and
+#: its bias ``Add`` into a float ``Gemm`` before the QDQ fusion sees them (a third of SD1.5's linear layers)
+W8A8_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+
+
+def inference_session(path: os.PathLike, fold_weights: bool = True, threads: Optional[int] = None,
+                      w8a8: bool = False):
+    """An onnxruntime CPU session for an exported ``model.onnx`` (:func:`session_options`); ``w8a8``: a W8A8
+    export's session (QDQ kept for the integer kernels, :data:`W8A8_DISABLED_OPTIMIZERS` off)."""
     import onnxruntime as ort
 
-    opts = session_options(fold_weights)
+    opts = session_options(fold_weights=fold_weights and not w8a8, threads=threads)
+    extra = {"disabled_optimizers": list(W8A8_DISABLED_OPTIMIZERS)} if w8a8 else {}
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
+
+
+def run_onnx(path: os.PathLike, feeds: Mapping[str, np.ndarray], fold_weights: bool = True,
+             w8a8: bool = False) -> np.ndarray:
+    """Run an exported ``model.onnx`` in onnxruntime on CPU; returns the first output (float32)."""
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(path, fold_weights, w8a8=w8a8)
         return sess.run(None, dict(feeds))[0]
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types; one line for the user
         msg = " ".join(str(exc).split())[:300]
