@@ -31,7 +31,7 @@ def table(result: dict) -> str:
     head = (f"**{result['model']}** ({result['weights']}); {result['threads']} threads, median of "
             f"{result['repeats']} forwards after a warm-up"
             + (f" in each of {rounds} rounds (a fresh process per row and round, rows in alternating order; "
-               f"peak RSS: the largest of the rounds)" if rounds > 1 else "") + "; calibrator `sum(range(10**7))` {result['calibrator_s']:.2f} s, "
+               f"peak RSS: the largest of the rounds)" if rounds > 1 else "") + f"; calibrator `sum(range(10**7))` {result['calibrator_s']:.2f} s, "
             f"load average {' / '.join(f'{x:.1f}' for x in result['loadavg'])} (at the end); torch {result['torch']}.")
     lines = [head, ""]
     for name, c in configs.items():
