@@ -344,7 +344,7 @@ def test_model_card_yaml_header(digits_uaq, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime/onnxscript not installed: pip install 'sensitivity[onnx]'")
-@pytest.mark.parametrize("name", ["digits-dit", "sd15"])
+@pytest.mark.parametrize("name", ["sd15"])  # convs and linear layers (digits-dit passes at 2e-2 too; left out for the suite's time)
 def test_onnx_w8a8_runs_on_integer_kernels(name, tmp_path):
     """A W8A8 config's ONNX file: static QDQ that onnxruntime fuses into QLinearConv / MatMulIntegerToFloat,
     equal to the same static fake quantization in PyTorch up to integer rounding."""
