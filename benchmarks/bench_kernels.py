@@ -17,6 +17,11 @@ Conv shapes ``(in, out, size, kernel)`` of SD1.5's UNet at 64x64 latents, batch 
 ``on_the_fly`` (fused 4-bit dequantize + ``F.conv2d``), ``w8a8_float`` (``F.conv2d`` of the input
 fake-quantized per (sample, channel), as ``apply()`` computes it) and ``int8_conv`` (the W8A8 module path:
 the input's per-sample uint8 codes in one pass, oneDNN's int8 convolution, fp32 output).
+
+Both tables: ``blocks_<N>`` is the on-the-fly module's output-channel blocks (a packed ``uaq-4`` module's
+``_tiled_forward``: ``N`` output rows dequantized into the scratch buffer, then their matmul / conv), where
+``on_the_fly`` dequantizes the whole weight first (:mod:`sensitivity.export.runtime`, ``tile_rows``); empty
+where ``N`` is not below the layer's output rows.
 """
 
 from __future__ import annotations
@@ -32,7 +37,23 @@ import time
 SHAPES = [(4096, 320, 320), (1024, 640, 640), (256, 1280, 1280), (64, 1280, 1280), (4096, 320, 2560),
           (4096, 1280, 320), (1024, 640, 5120), (64, 1280, 5120), (77, 768, 320), (77, 768, 1280), (64, 128, 128)]
 CONV_SHAPES = [(4, 320, 64, 3), (320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 16, 3), (1280, 1280, 8, 3),
-               (320, 640, 32, 1)]
+               (2560, 1280, 8, 3), (320, 640, 32, 1)]
+#: rows per block of the on-the-fly kernel's output-channel blocks (``blocks_<N>`` columns)
+BLOCKS = (64, 256)
+
+
+def _packed_uaq4(module):
+    """``module`` as a packed ``uaq-4`` on-the-fly module (the run-time module ``load_quantized`` builds)."""
+    import torch
+
+    from sensitivity.export.modules import PartSpec, pack_module
+    from sensitivity.quantizers.packing import pack_codes
+    from sensitivity.quantizers.tensor import quantize
+
+    qw = quantize(module.weight.detach().contiguous(), "uaq-4")
+    codes = torch.from_numpy(pack_codes(qw.codes.reshape(-1).numpy(), qw.bits))
+    part = PartSpec("w", tuple(module.weight.shape), None, "uaq-4", tuple(sorted(qw.params)))
+    return pack_module(module, [part], [{"codes": codes, **qw.params}], torch.float32, runtime="on_the_fly")
 
 
 def bench(cases, repeats: int) -> dict:
@@ -90,6 +111,13 @@ def main() -> None:
             "weight_int8pack_bf16": lambda: torch._weight_int8pack_mm(xb, wq, d.bfloat16()),
             "weight_int4pack_bf16": lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz.bfloat16()),
         }
+        lin = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        q = _packed_uaq4(lin)
+        for b in BLOCKS:
+            if q.tile_rows_allowed(b):
+                cases[f"blocks_{b}"] = lambda q=q, b=b: q._tiled_forward(x, b)
         if args.weight_only_fp32:
             cases["weight_int8pack_fp32"] = lambda: torch._weight_int8pack_mm(x, wq, d)
             cases["weight_int4pack_fp32"] = lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 32, sz)
@@ -118,6 +146,12 @@ def main() -> None:
             "int8_conv": lambda: conv(x, None, lambda: w),
         }
         with torch.no_grad():
+            module.weight.copy_(w)
+        q = _packed_uaq4(module)
+        for b in BLOCKS:
+            if q.tile_rows_allowed(b):
+                cases[f"blocks_{b}"] = lambda q=q, b=b: q._tiled_forward(x, b)
+        with torch.no_grad():
             res = bench(cases, args.repeats)
         conv_rows.append({"conv": [cin, cout, hw, ks], "seconds": res})
         print(json.dumps(conv_rows[-1]), file=sys.stderr)
@@ -134,8 +168,16 @@ def main() -> None:
     print(kernel_table(out))
 
 
+def _columns(rows) -> list:
+    """Case names over all rows, in first-seen order (``blocks_<N>`` exists only where ``N`` < the rows)."""
+    names: list = []
+    for r in rows:
+        names += [n for n in r["seconds"] if n not in names]
+    return names
+
+
 def kernel_table(result: dict) -> str:
-    names = list(result["rows"][0]["seconds"])
+    names = _columns(result["rows"])
     lines = [f"torch {result['torch']} ({result['cpu_capability']}), {result['threads']} threads, median of "
              f"{result['repeats']}; calibrator {result['calibrator_s']:.2f} s, load average "
              f"{' / '.join(f'{x:.1f}' for x in result['loadavg'])}. Time as a ratio to fp32 `F.linear` of the shape.",
@@ -144,9 +186,9 @@ def kernel_table(result: dict) -> str:
     for r in result["rows"]:
         s = r["seconds"]
         lines.append(f"| {' x '.join(map(str, r['shape']))} | {1e3 * s['fp32']:.2f} | "
-                     + " | ".join(f"{s[n] / s['fp32']:.2f}" for n in names[1:]) + " |")
+                     + " | ".join(f"{s[n] / s['fp32']:.2f}" if s.get(n) is not None else "" for n in names[1:]) + " |")
     if result.get("conv_rows"):
-        names = list(result["conv_rows"][0]["seconds"])
+        names = _columns(result["conv_rows"])
         lines += ["", "Conv layers (batch 1), time as a ratio to fp32 `F.conv2d` of the shape:", "",
                   "| in -> out, size, kernel | fp32 ms | " + " | ".join(names[1:]) + " |",
                   "|---|---:|" + "---:|" * (len(names) - 1)]
@@ -154,7 +196,7 @@ def kernel_table(result: dict) -> str:
             cin, cout, hw, ks = r["conv"]
             s = r["seconds"]
             lines.append(f"| {cin} -> {cout}, {hw} x {hw}, {ks} x {ks} | {1e3 * s['fp32']:.2f} | "
-                         + " | ".join(f"{s[n] / s['fp32']:.2f}" for n in names[1:]) + " |")
+                         + " | ".join(f"{s[n] / s['fp32']:.2f}" if s.get(n) is not None else "" for n in names[1:]) + " |")
     lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines)
 
