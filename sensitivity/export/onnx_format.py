@@ -23,10 +23,12 @@ initializer is replaced, per :mod:`sensitivity.export.methods`:
   uint8 scale and zero point, and for a conv also its output (``QLinearConv`` needs a quantized output;
   the conv bias as int32 at the input scale x the weight scale). onnxruntime fuses them into
   ``QLinearConv`` / ``MatMulIntegerToFloat`` (u8 x s8 kernels) in a session that keeps its QDQ nodes
-  (:func:`inference_session` with ``w8a8=True``: no weight folding, :data:`W8A8_DISABLED_OPTIMIZERS` off). The static ranges are each point's
-  min / max observed on the weight-quantized PyTorch model over ``calibration_inputs`` (default:
-  :data:`W8A8_CALIBRATION_SEEDS` seeded example inputs, so real images should be passed for a deployed
-  model); ``onnx_check`` then compares with the same static fake quantization in PyTorch, and
+  (:func:`inference_session` with ``w8a8=True``: no weight folding, :data:`W8A8_DISABLED_OPTIMIZERS` off).
+  The static ranges are each point's min / max observed on the weight-quantized PyTorch model over
+  ``calibration_inputs`` (default: :data:`W8A8_CALIBRATION_SEEDS` seeded example inputs, so real inputs
+  should be passed for a deployed model); ``onnx_check`` then compares with the same static fake
+  quantization in PyTorch (agreeing up to the integer kernels' rounding: one 8-bit step at a layer, passed
+  on through the requantized convs), and
   ``w8a8`` records the layers, the inputs' seeds and the error against the weight-only model.
 
 After writing, the model is run in onnxruntime (CPU) on seeded example inputs and compared with
