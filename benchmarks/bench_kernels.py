@@ -56,6 +56,17 @@ def _packed_uaq4(module):
     return pack_module(module, [part], [{"codes": codes, **qw.params}], torch.float32, runtime="on_the_fly")
 
 
+def block_cases(module, w, x) -> dict:
+    """``{blocks_<N>: call}``: ``module`` given the weight ``w``, packed as ``uaq-4``, run on ``x`` in blocks of
+    ``N`` output rows (every ``N`` of :data:`BLOCKS` below its rows)."""
+    import torch
+
+    with torch.no_grad():
+        module.weight.copy_(w)
+    q = _packed_uaq4(module)
+    return {f"blocks_{b}": (lambda b=b: q._tiled_forward(x, b)) for b in BLOCKS if q.tile_rows_allowed(b)}
+
+
 def bench(cases, repeats: int) -> dict:
     """Median seconds of each case, the cases interleaved within every repeat (after one warm-up call each)."""
     for fn in cases.values():
@@ -111,13 +122,7 @@ def main() -> None:
             "weight_int8pack_bf16": lambda: torch._weight_int8pack_mm(xb, wq, d.bfloat16()),
             "weight_int4pack_bf16": lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz.bfloat16()),
         }
-        lin = torch.nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        q = _packed_uaq4(lin)
-        for b in BLOCKS:
-            if q.tile_rows_allowed(b):
-                cases[f"blocks_{b}"] = lambda q=q, b=b: q._tiled_forward(x, b)
+        cases.update(block_cases(torch.nn.Linear(k, n, bias=False), w, x))
         if args.weight_only_fp32:
             cases["weight_int8pack_fp32"] = lambda: torch._weight_int8pack_mm(x, wq, d)
             cases["weight_int4pack_fp32"] = lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 32, sz)
@@ -145,12 +150,7 @@ def main() -> None:
             "w8a8_float": lambda: F.conv2d(quantize_channels(x, 8), w, None, 1, pad),
             "int8_conv": lambda: conv(x, None, lambda: w),
         }
-        with torch.no_grad():
-            module.weight.copy_(w)
-        q = _packed_uaq4(module)
-        for b in BLOCKS:
-            if q.tile_rows_allowed(b):
-                cases[f"blocks_{b}"] = lambda q=q, b=b: q._tiled_forward(x, b)
+        cases.update(block_cases(module, w, x))
         with torch.no_grad():
             res = bench(cases, args.repeats)
         conv_rows.append({"conv": [cin, cout, hw, ks], "seconds": res})

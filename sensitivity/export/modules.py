@@ -16,6 +16,7 @@ The modules are still instances of ``nn.Linear`` / ``nn.Conv2d``, so ``isinstanc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -118,14 +119,10 @@ class PackedWeightMixin:
         """The float weight (``_packed_dtype``); ``use_scratch``: into the shared scratch buffer (CPU, float32);
         ``buffer``: into this float32 CPU tensor of at least the weight's size instead."""
         from . import runtime
-        from .kernels import dequantize_into
 
         shape = self._packed_shape
         rows = int(shape[0])
-        cols = 1
-        for s in shape[1:]:
-            cols *= int(s)
-        parts = self._packed_parts
+        cols = math.prod(int(s) for s in shape[1:])
         on_cpu = self._packed_device().type == "cpu"
         if buffer is not None and on_cpu and self._packed_dtype == torch.float32:
             out = buffer[:rows * cols].view(rows, cols)
@@ -133,27 +130,7 @@ class PackedWeightMixin:
             out = runtime.scratch(rows * cols).view(rows, cols)
         else:
             out = torch.empty(rows, cols, dtype=torch.float32, device=self._packed_device())
-        col = 0
-        for i, part in enumerate(parts):
-            width = part.numel // rows
-            view = out[:, col:col + width]
-            col += width
-            if part.option == "fp16":
-                view.copy_(getattr(self, f"part{i}_weight").reshape(rows, width))
-                continue
-            params = {p: getattr(self, f"part{i}_{p}") for p in part.params}
-            packed = getattr(self, f"part{i}_codes")
-            table = getattr(self, f"part{i}_table", None)
-            group = getattr(self, f"_part{i}_group", None)
-            if table is None and on_cpu:
-                found = part_table(packed, params, part)
-                if found is not None:
-                    table, group = found
-            if on_cpu and table is not None and getattr(self, f"_part{i}_padded", False):
-                dequantize_into(packed, QuantOption.parse(part.option).bits, table, rows, width, group, view)
-            else:
-                raw = packed[:packed.numel() - PAD] if getattr(self, f"_part{i}_padded", False) else packed
-                view.copy_(dequantize_part(raw, params, part).reshape(rows, width))
+        self._dequantize_rows(0, rows, out, self._part_tables())
         w = out.view(shape)
         return w if self._packed_dtype == torch.float32 else w.to(self._packed_dtype)
 
@@ -192,7 +169,7 @@ class PackedWeightMixin:
     def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor,
                          tables: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> None:
         """Output rows ``[r0, r1)`` of the float32 weight into ``out`` ``[r1 - r0, in_features x kernel]``
-        (the same values as :meth:`_dequantize`; ``tables``: :meth:`_part_tables`)."""
+        (``tables``: :meth:`_part_tables`; a part without one, e.g. off the CPU, only for all the rows)."""
         from .kernels import dequantize_into
 
         rows = int(self._packed_shape[0])
@@ -204,6 +181,12 @@ class PackedWeightMixin:
             col += width
             if part.option == "fp16":
                 view.copy_(getattr(self, f"part{i}_weight").reshape(rows, width)[r0:r1])
+                continue
+            if found is None:  # no lookup table (or not on the CPU): the method's own dequantizer, whole weight
+                packed = getattr(self, f"part{i}_codes")
+                raw = packed[:packed.numel() - PAD] if getattr(self, f"_part{i}_padded", False) else packed
+                params = {p: getattr(self, f"part{i}_{p}") for p in part.params}
+                view.copy_(dequantize_part(raw, params, part).reshape(rows, width))
                 continue
             table, group = found
             bits = QuantOption.parse(part.option).bits
@@ -222,8 +205,7 @@ class PackedWeightMixin:
 
         shape = self._packed_shape
         rows = int(shape[0])
-        cols = self._packed_parts[0].numel // rows if len(self._packed_parts) == 1 else \
-            sum(p.numel for p in self._packed_parts) // rows
+        cols = sum(p.numel for p in self._packed_parts) // rows
         tables = self._part_tables()
         buf = runtime.scratch(rows_per_block * cols)
         linear = isinstance(self, nn.Linear)
