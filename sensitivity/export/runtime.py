@@ -53,11 +53,10 @@ matmul or conv, so it is still in cache when the kernel reads it, where the whol
 SD1.5 size) would round-trip through memory twice and oneDNN reorders it on every call. Whether that is
 faster depends on the machine, so :func:`tile_rows` measures it on the first input of each layer shape and
 keeps a block size only when its output is bit-identical to the whole-weight kernel's
-(``benchmarks/bench_kernels.py``, commit f65dfb2, 2 AVX512 cores, ``sum(range(10**7))`` 0.16 s: SD1.5's 3x3
-convs with blocks of 64 rows at 0.86x (1280 -> 1280 on 16 x 16), 0.62x (1280 -> 1280 on 8 x 8) and 0.62x
-(2560 -> 1280 on 8 x 8) of fp32 ``F.conv2d``'s time, where dequantizing the whole weight first takes 1.11x,
-1.21x and 1.21x; for SD1.5's linear layers blocks are slower (1.03-3.5x), except on the 640 -> 5120
-feed-forward on 1,024 tokens: 0.90x with 256 rows, against 1.02x).
+(``benchmarks/bench_kernels.py``, commit e6af7f2, 2 AVX512 cores, ``sum(range(10**7))`` 0.15 s: SD1.5's 3x3
+convs with blocks of 64 rows at 0.81x (1280 -> 1280 on 16 x 16), 0.59x (1280 -> 1280 on 8 x 8) and 0.55x
+(2560 -> 1280 on 8 x 8) of fp32 ``F.conv2d``'s time, where dequantizing the whole weight first takes 1.10x,
+1.16x and 1.13x; for SD1.5's linear layers blocks are no faster than the whole weight, 1.03-2.4x fp32's).
 """
 
 from __future__ import annotations
