@@ -47,16 +47,42 @@ def _packed(module, options, kernel, act_bits=None, split=None):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
 def test_fused_dequantize_matches_lookup(bits):
     rng = np.random.default_rng(bits)
-    for rows, k, group in [(3, 13, 13), (4, 16, 16), (5, 40, 16), (2, 7, 3)]:
+    # odd sizes (bit-by-bit path), byte-aligned rows and groups (the whole-byte / 3-byte fast paths, their
+    # tails), one table for the whole tensor, and rows written into a strided view (a split layer's half)
+    for rows, k, group, shared, strided in [(3, 13, 13, False, False), (4, 16, 16, False, False),
+                                            (5, 40, 16, False, False), (2, 7, 3, False, False),
+                                            (3, 64, 64, False, False), (4, 72, 24, False, True),
+                                            (3, 70, 70, True, False), (2, 100, 32, False, True)]:
         codes = rng.integers(0, 2**bits, rows * k, dtype=np.uint8)
         ng = -(-k // group)
-        table = torch.randn(rows * ng, 2**bits)
-        out = torch.empty(rows, k)
+        table = torch.randn(1 if shared else rows * ng, 2**bits)
+        out = torch.empty(rows, k + 5)[:, 2:k + 2] if strided else torch.empty(rows, k)
         dequantize_into(pad_packed(torch.from_numpy(pack_codes(codes, bits))), bits, table, rows, k, group, out)
         c = torch.from_numpy(codes).view(rows, k).long()
         g = torch.arange(k) // group
-        want = table[torch.arange(rows)[:, None] * ng + g[None, :], c]
-        assert torch.equal(out, want)
+        want = table[0][c] if shared else table[torch.arange(rows)[:, None] * ng + g[None, :], c]
+        assert torch.equal(out, want), (rows, k, group, shared, strided)
+
+
+def test_codes_read_with_room_are_padded_without_a_copy(tmp_path):
+    from safetensors.torch import save_file
+
+    from sensitivity.export.kernels import PAD
+    from sensitivity.export.packed import FileTensors
+
+    codes = torch.arange(1, 38, dtype=torch.uint8)
+    save_file({"c": codes}, str(tmp_path / "t.safetensors"))
+    fh = FileTensors(tmp_path / "t.safetensors")
+    read = fh.get_tensor("c", pad=PAD)
+    fh.close()
+    assert torch.equal(read, codes)
+    padded = pad_packed(read)
+    assert padded.data_ptr() == read.data_ptr() and padded.numel() == codes.numel() + PAD
+    assert torch.equal(padded[:-PAD], codes) and not padded[-PAD:].any()
+    # no room, or non-zero bytes after the codes: a padded copy
+    for t in (codes.clone(), torch.arange(1, 60, dtype=torch.uint8)[:37]):
+        copy = pad_packed(t)
+        assert copy.data_ptr() != t.data_ptr() and torch.equal(copy[:-PAD], t[:37]) and not copy[-PAD:].any()
 
 
 @pytest.mark.parametrize("option", OPTIONS)

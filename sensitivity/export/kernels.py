@@ -22,8 +22,22 @@ PAD = 8  # zero bytes after the packed codes: the kernel reads up to 2 bytes pas
 
 
 def pad_packed(packed: torch.Tensor) -> torch.Tensor:
-    """``packed`` uint8 1-D followed by :data:`PAD` zero bytes (the layout :func:`dequantize_into` reads)."""
-    return torch.cat([packed.reshape(-1), torch.zeros(PAD, dtype=torch.uint8)])
+    """``packed`` uint8 1-D followed by :data:`PAD` zero bytes (the layout :func:`dequantize_into` reads).
+
+    A contiguous CPU ``packed`` whose storage already holds :data:`PAD` zero bytes after it (as
+    :meth:`sensitivity.export.packed.FileTensors.get_tensor` reads codes with ``pad``) is extended in
+    place; otherwise the codes are copied. Sparing the copy at load keeps the freed originals from
+    fragmenting the heap (at SD1.5 size ~100-270 MiB of peak RSS, ``benchmarks/bench_export.py``).
+    """
+    flat = packed.reshape(-1)
+    n = flat.numel()
+    if flat.dtype == torch.uint8 and flat.device.type == "cpu" and flat.is_contiguous():
+        storage = flat.untyped_storage()
+        if storage.nbytes() >= flat.storage_offset() + n + PAD:
+            full = flat.new_empty(0).set_(storage, flat.storage_offset(), (n + PAD,))
+            if not bool(full[n:].any()):
+                return full
+    return torch.cat([flat, torch.zeros(PAD, dtype=torch.uint8)])
 
 
 @njit(parallel=True, cache=True)
@@ -32,30 +46,60 @@ def _dequant(p, bits, table, rows, k, group, out):  # pragma: no cover - compile
     ng = (k + group - 1) // group
     mask = (1 << bits) - 1
     for r in prange(rows):
+        o = out[r]
         base = np.int64(r) * k * bits
         for gi in range(ng):
             t = table[0] if shared else table[r * ng + gi]
             k0 = gi * group
             k1 = min(k0 + group, k)
-            if bits == 8:
-                for kk in range(k0, k1):
-                    out[r, kk] = t[p[np.int64(r) * k + kk]]
-            elif bits == 4 and (base & 7) == 0 and (k0 & 1) == 0:
-                b0 = (base >> 3) + (k0 >> 1)
-                kk = k0
-                while kk + 1 < k1:
-                    v = p[b0 + ((kk - k0) >> 1)]
-                    out[r, kk] = t[v & 15]
-                    out[r, kk + 1] = t[v >> 4]
-                    kk += 2
-                if kk < k1:
-                    out[r, kk] = t[p[b0 + ((kk - k0) >> 1)] & 15]
-            else:
-                for kk in range(k0, k1):
-                    pos = base + np.int64(kk) * bits
-                    b = pos >> 3
-                    v = ((np.int64(p[b]) | (np.int64(p[b + 1]) << 8)) >> (pos & 7)) & mask
-                    out[r, kk] = t[v]
+            start = base + np.int64(k0) * bits
+            kk = k0
+            # byte-aligned runs: whole bytes (or 3-byte words for 3 bits) per iteration, a loop LLVM vectorizes
+            if (start & 7) == 0:
+                b0 = start >> 3
+                seg = o[k0:k1]  # views indexed from 0: LLVM then drops the negative-index checks and vectorizes
+                if bits == 8:
+                    src = p[b0:b0 + (k1 - k0)]
+                    for j in range(k1 - k0):
+                        seg[j] = t[src[j]]
+                    kk = k1
+                elif bits == 4:
+                    n = (k1 - k0) >> 1
+                    src = p[b0:b0 + n]
+                    for j in range(n):
+                        v = src[j]
+                        seg[2 * j] = t[v & 15]
+                        seg[2 * j + 1] = t[v >> 4]
+                    kk = k0 + 2 * n
+                elif bits == 2:
+                    n = (k1 - k0) >> 2
+                    src = p[b0:b0 + n]
+                    for j in range(n):
+                        v = src[j]
+                        seg[4 * j] = t[v & 3]
+                        seg[4 * j + 1] = t[(v >> 2) & 3]
+                        seg[4 * j + 2] = t[(v >> 4) & 3]
+                        seg[4 * j + 3] = t[v >> 6]
+                    kk = k0 + 4 * n
+                elif bits == 3:
+                    n = (k1 - k0) >> 3
+                    src = p[b0:b0 + 3 * n]
+                    for j in range(n):
+                        u = np.int32(src[3 * j]) | (np.int32(src[3 * j + 1]) << 8) | (np.int32(src[3 * j + 2]) << 16)
+                        seg[8 * j] = t[u & 7]
+                        seg[8 * j + 1] = t[(u >> 3) & 7]
+                        seg[8 * j + 2] = t[(u >> 6) & 7]
+                        seg[8 * j + 3] = t[(u >> 9) & 7]
+                        seg[8 * j + 4] = t[(u >> 12) & 7]
+                        seg[8 * j + 5] = t[(u >> 15) & 7]
+                        seg[8 * j + 6] = t[(u >> 18) & 7]
+                        seg[8 * j + 7] = t[u >> 21]
+                    kk = k0 + 8 * n
+            for kq in range(kk, k1):
+                pos = base + np.int64(kq) * bits
+                b = pos >> 3
+                v = ((np.int64(p[b]) | (np.int64(p[b + 1]) << 8)) >> (pos & 7)) & mask
+                o[kq] = t[v]
 
 
 def dequantize_into(padded: torch.Tensor, bits: int, table: torch.Tensor, rows: int, k: int, group: int,

@@ -27,6 +27,7 @@ The header is parsed with :mod:`safetensors`' own format (8-byte length, JSON, d
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -79,13 +80,22 @@ class FileTensors:
     def keys(self):
         return self._header.keys()
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, pad: int = 0) -> torch.Tensor:
+        """The tensor ``key``; ``pad``: allocate this many zero elements after it (a 1-D tensor's storage
+        then has room for :func:`~sensitivity.export.kernels.pad_packed` without a copy)."""
         info = self._header[key]
         dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise ValueError(f"tensor {key!r} has dtype {info.get('dtype')!r}")
         start, end = (int(v) for v in info["data_offsets"])
-        t = torch.empty([int(s) for s in info["shape"]], dtype=dtype)
+        shape = [int(s) for s in info["shape"]]
+        if pad:
+            n = math.prod(shape)
+            full = torch.empty(n + pad, dtype=dtype)
+            full[n:].zero_()
+            t = full[:n].view(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype)
         size = t.numel() * t.element_size()
         if end - start != size:
             raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {info['shape']}")
@@ -285,6 +295,8 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
     ``runtime`` / ``cache_budget`` / ``act_bits``: see :func:`load_kernels`."""
     from accelerate import init_empty_weights
 
+    from .kernels import PAD
+
     cls, config = model_class(record, folder, expect_class)
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
@@ -300,11 +312,12 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
         raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
     keys = set(fh.keys())
 
-    def get(key: str) -> torch.Tensor:
+    def get(key: str, pad: int = 0) -> torch.Tensor:
         if key not in keys:
             raise CorruptFileError(f"{path}: tensor {key!r} is missing")
         try:
-            t = fh.get_tensor(key)  # a fresh (64-byte aligned) tensor: BLAS can round differently on unaligned inputs
+            # a fresh (64-byte aligned) tensor: BLAS can round differently on unaligned inputs
+            t = fh.get_tensor(key, pad=pad)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CorruptFileError(f"{path}: tensor {key!r} cannot be read ({exc})") from None
         if verify and digests.get(key) != digest(t):
@@ -325,7 +338,7 @@ def load_packed(folder: Path, record: Dict[str, Any], device="cpu", dtype: Optio
                 if part.option == FP16:
                     tensors.append({"weight": get(prefix + "weight").to(dtype)})
                 else:
-                    tensors.append({"codes": get(prefix + "codes"), **{p: get(prefix + p) for p in part.params}})
+                    tensors.append({"codes": get(prefix + "codes", pad=PAD), **{p: get(prefix + p) for p in part.params}})
             for module_path in [m["module"]] + list(m["tied"]):
                 try:
                     old = model.get_submodule(module_path)

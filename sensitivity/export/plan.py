@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -58,7 +57,7 @@ def digest(tensor: torch.Tensor) -> str:
     """blake2b-128 of a tensor's bytes (any dtype)."""
     t = tensor.detach().cpu().contiguous()
     raw = t.reshape(-1).view(torch.uint8)
-    return hashlib.blake2b(np.asarray(raw.numpy()).tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(memoryview(raw.numpy()), digest_size=16).hexdigest()  # no copy of the bytes
 
 
 def config_digest(config: Mapping[str, Any]) -> str:
