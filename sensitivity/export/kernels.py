@@ -7,7 +7,11 @@
   starts at bit ``i * bits``; the input must carry 8 bytes of zero padding (:func:`pad_packed`).
 
 One pass replaces the numba unpack to uint8 followed by the row gather into a fresh tensor (two passes
-and an allocation whose page faults are paid on every forward).
+and an allocation whose page faults are paid on every forward). Byte-aligned runs of codes (a row or
+group that starts on a byte: every SD1.5-size layer) decode whole bytes, or 3-byte words of eight 3-bit
+codes, per iteration of a loop indexed from 0, which LLVM vectorizes; at 4 bits that is 2x the
+code-by-code loop, at 3 bits 5x (~6-7 G weights/s into float32 on 2 AVX512 cores, ``sum(range(10**7))``
+0.15 s, commit b9666ff: 1.9 ms for a 10240 x 1280 weight where the float32 matmul at 256 tokens takes 42 ms).
 """
 
 from __future__ import annotations

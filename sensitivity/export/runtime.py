@@ -53,10 +53,11 @@ matmul or conv, so it is still in cache when the kernel reads it, where the whol
 SD1.5 size) would round-trip through memory twice and oneDNN reorders it on every call. Whether that is
 faster depends on the machine, so :func:`tile_rows` measures it on the first input of each layer shape and
 keeps a block size only when its output is bit-identical to the whole-weight kernel's
-(``benchmarks/bench_kernels.py``, commit e6af7f2, 2 AVX512 cores, ``sum(range(10**7))`` 0.15 s: SD1.5's 3x3
-convs with blocks of 64 rows at 0.81x (1280 -> 1280 on 16 x 16), 0.59x (1280 -> 1280 on 8 x 8) and 0.55x
-(2560 -> 1280 on 8 x 8) of fp32 ``F.conv2d``'s time, where dequantizing the whole weight first takes 1.10x,
-1.16x and 1.13x; for SD1.5's linear layers blocks are no faster than the whole weight, 1.03-2.4x fp32's).
+(``benchmarks/bench_kernels.py``, commit b9666ff, 2 AVX512 cores, ``sum(range(10**7))`` 0.15 s: SD1.5's 3x3
+convs with blocks of 64 rows at 0.82x (1280 -> 1280 on 16 x 16), 0.53x (1280 -> 1280 on 8 x 8) and 0.49x
+(2560 -> 1280 on 8 x 8) of fp32 ``F.conv2d``'s time, where dequantizing the whole weight first takes 1.07x,
+1.11x and 1.09x; for SD1.5's linear layers blocks are no faster than the whole weight, 1.09-2.1x fp32's
+where the whole weight first takes 0.98-1.06x at 256 tokens or more).
 """
 
 from __future__ import annotations
