@@ -79,7 +79,10 @@ def measure(args) -> dict:
     for i, c in enumerate(configs):
         c["measured"] = store.evaluate(c["options"])
         print(f"  [{i + 1}/{len(configs)}] {c['target']:g} {c['method']}: FID {c['measured']['fid']:.4f}", flush=True)
-    return {"command": "python " + " ".join(sys.argv), "predictor": args.predictor, "kappa": args.kappa,
+    meta = getattr(pred, "meta", {}) or {}
+    trained = {k: meta.get(k) for k in ("primary", "kinds", "cache", "n_configs", "target") if meta.get(k) is not None}
+    return {"command": "python " + " ".join(sys.argv), "predictor": args.predictor, "predictor_trained": trained,
+            "kappa": args.kappa,
             "images": protocol.num_images, "image_seed": TRUTH_SEED, "bootstrap": args.bootstrap,
             "search_cpu_s": round(search_cpu_s, 2), "full_precision": fp, "configs": configs}
 
@@ -104,11 +107,33 @@ def report(data: dict) -> str:
                          "FID − top-1_se": None if d_top is None or c["method"] == "reference top-1" else float(np.std(d_top, ddof=1))})
     fp = data["full_precision"]
     cols = ["target", "method", "avg_bits", "predicted -FID", "FID", "FID − top-1", "vs additive", "vs top-1"]
+    verdicts = []
+    for m in ("reranked", "refined", "additive"):
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        vs_add = ", ".join(f"{r['target']:g} {r['vs additive']}" for r in mine) if m != "additive" else None
+        beats = [f"{r['target']:g}" for r in mine if r["vs top-1"] == "better"]
+        verdicts.append(f"`{m}`: " + (f"against the additive search {vs_add}; " if vs_add else "")
+                        + f"better than the reference's top-1 rule beyond the bootstrap's noise at "
+                        + (", ".join(beats) + " bits" if beats else "no target"))
     return (f"Ground truth: {data['images']} images (image seeds {data['image_seed']}..), FID ± its bootstrap standard "
             f"error ({data['bootstrap']} paired replicates over the images); full precision FID {fp['fid']:.4f}. "
             f"`vs additive` / `vs top-1`: paired bootstrap, 95 % interval of the FID difference (tie: it holds 0). "
-            f"Predictor `{data['predictor']}`, kappa {data['kappa']}; search CPU {data['search_cpu_s']} s for all targets.\n\n"
-            + markdown_table(rows, cols, digits=4) + f"\n\n    {data['command']}\n" + _tau_text(data))
+            f"Predictor `{data['predictor']}`{_trained_text(data)}, kappa {data['kappa']}; search CPU "
+            f"{data['search_cpu_s']} s for all targets. `reranked` is `sensitivity search --whole-predictor rerank`, "
+            f"`refined` `--whole-predictor refine`.\n\n"
+            + markdown_table(rows, cols, digits=4) + "\n\n" + "".join(f"- {v}.\n" for v in verdicts)
+            + f"\n    {data['command']}\n" + _tau_text(data))
+
+
+def _trained_text(data: dict) -> str:
+    t = data.get("predictor_trained") or {}
+    if not t:
+        return ""
+    kinds = t.get("kinds")
+    kinds = "+".join(kinds) if isinstance(kinds, (list, tuple)) else kinds
+    return f" ({t.get('primary')}: {kinds}; trained on {t.get('n_configs')} configs of `{t.get('cache')}`)"
 
 
 def _tau_text(data: dict) -> str:

@@ -439,12 +439,19 @@ def render_export(d: Dict[str, Any], data: str, kind: str = "export") -> str:
 
 
 # ------------------------------------------------------------------------------------------ labels
+LABELS_COMMAND = ("sensitivity multiquantize digits-dit --weights shipped --out multiquantizers/digits-dit.safetensors && "
+                  "sensitivity train caches/digits-dit.sqlite --baselines '' --out runs/pred-ens && "
+                  "python benchmarks/whole_predictor_search.py --predictor runs/pred-ens "
+                  "--multiquantizer multiquantizers/digits-dit.safetensors --out runs/labels.json --threads 2 && "
+                  "python benchmarks/whole_predictor_search.py --out runs/labels.json --tau caches/digits-dit-truth.sqlite && "
+                  "python scripts/results_tables.py labels runs/labels.json")
+
+
 def render_labels(d: Dict[str, Any], data: str) -> str:
     """Whole-predictor search vs additive search vs the top-1 rule on the ground truth (its script's table)."""
     mod = bench_module("whole_predictor_search")
     return page("labels", data, "Whole-predictor search on the ground truth",
-                "python benchmarks/whole_predictor_search.py --predictor DIR --multiquantizer MQ --out labels.json "
-                "&& python scripts/results_tables.py labels labels.json", d.get("provenance"), mod.report(d))
+                LABELS_COMMAND, d.get("provenance"), mod.report(d))
 
 
 # ------------------------------------------------------------------------------------------ joint pipeline

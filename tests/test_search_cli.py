@@ -182,3 +182,43 @@ def test_search_configs_takes_a_scorer_object_and_refuses_two_budgets(files, tmp
     with pytest.raises(SensitivityError, match="--target-bits and --sweep are two budgets"):
         search_configs(tmp_path / "y.json", predictor=scorer, multiquantizer=mq_path, target_bits=3.5, sweep="3.4,3.6")
     assert not (tmp_path / "y.json").exists()
+
+
+def test_search_whole_predictor_rerank_and_refine(files, tmp_path, capsys):
+    """--whole-predictor: refined_search's configs under the same exact budget, recorded in the provenance."""
+    from sensitivity.errors import SensitivityError
+    from sensitivity.search import AdditiveScorer, load_scores_csv, rate, refined_search, search
+    from sensitivity.sizes import SizeTable
+    from sensitivity.workflows.search import search_configs
+
+    d, mq_path, mq, scores_path = files
+    layers = list(mq.layer_names)
+
+    class Interacting(AdditiveScorer):  # additive layer scores plus an interaction the knapsack cannot see
+        def predict(self, configs):
+            bonus = [0.05 * sum(c.get(a) == c.get(b) for a, b in zip(layers, layers[1:])) for c in configs]
+            return np.asarray(super().predict(configs), dtype=np.float64) + np.array(bonus)
+
+    p = Interacting(load_scores_csv(scores_path))
+    sizes = SizeTable.of(mq, None)
+    plain = search(p, mq, 3.6, sizes=sizes)
+    for mode in ("rerank", "refine"):
+        run = search_configs(tmp_path / f"{mode}.json", predictor=p, multiquantizer=mq_path, target_bits=3.6,
+                             whole_predictor=mode)
+        (c,) = run.configs
+        want = refined_search(p, mq, 3.6, sizes=sizes, local=mode == "refine")
+        cfg = QuantConfig.load(c.path)
+        assert cfg.options == want.options and cfg.avg_bits <= 3.6 and cfg.provenance["whole_predictor"] == mode
+        assert rate(p, [cfg.options])[0] >= rate(p, [plain.options])[0]
+        assert c.report["method"] == {"rerank": "search-reranked", "refine": "search-refined"}[mode]
+    assert c.report["moves"] > 0  # refine moved beyond the knapsack's candidates
+    for kw, msg in [({"baseline": "error-ilp"}, "no --baseline"), ({"target_memory": "1MB", "target_bits": None},
+                                                                    "bits budgets"),
+                    ({"whole_predictor": "local"}, "unknown --whole-predictor")]:
+        args = dict(predictor=p, multiquantizer=mq_path, target_bits=3.6, whole_predictor="refine")
+        args.update(kw)
+        with pytest.raises(SensitivityError, match=msg):
+            search_configs(tmp_path / "bad.json", **args)
+    rc, _, err = _run(capsys, "search", "--scores", scores_path, "--multiquantizer", mq_path, "--target-bits", 3.6,
+                      "--whole-predictor", "rerank", "--out", tmp_path / "s.json")
+    assert rc == 2 and "--whole-predictor rerank re-rates with a --predictor DIR" in err

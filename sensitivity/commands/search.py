@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", help="comma list of allowed options (default: all of the multiquantizer)")
     p.add_argument("--max-combinations", type=int, default=1296,
                    help="modules with more scored combinations fall back to per-layer groups (default 1296 = 6^4)")
+    p.add_argument("--whole-predictor", choices=("off", "rerank", "refine"), default="off",
+                   help="bits budgets: re-rate the knapsack's configs at a few sub-targets and both levels with the "
+                        "whole predictor (rerank), then improve the best by local moves under the same byte budget "
+                        "(refine); default off: the knapsack on the additive scores")
     p.add_argument("--solver", choices=("auto", "milp", "dp"), default="auto",
                    help="auto: LP-bound reduction + exact bounded DP (HiGHS fallback); milp: HiGHS on the reduced core; "
                    "dp: plain frontier DP (small instances)")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         max_combinations=args.max_combinations, solver=args.solver, baseline=args.baseline,
         hawq_mode=args.hawq_mode, calibration_samples=args.calibration_samples, weights=args.weights,
         mixdq_metric=args.mixdq_metric, seed=args.seed, option=args.option, cache=args.cache, metric=args.metric,
-        error=args.error, log=lambda text: print(text, file=sys.stderr))
+        error=args.error, whole_predictor=args.whole_predictor, log=lambda text: print(text, file=sys.stderr))
     if args.json:
         reports = [c.report for c in done.configs]
         json.dump(reports if done.sweep else reports[0], sys.stdout, indent=1, default=float)

@@ -28,7 +28,10 @@ PathLike = Union[str, os.PathLike]
 #: ``SearchResult.details`` keys copied into a config's summary row (``--json``, ``sweep.csv``)
 REPORT_DETAILS = ("metric", "metric_value", "candidates", "error", "level", "target_memory", "memory_bytes",
                   "memory_model", "unquantized_bytes", "component_bytes", "threshold", "lam", "configs_evaluated",
-                  "cpu_seconds", "mode")
+                  "cpu_seconds", "mode", "moves", "gain", "knapsack_rating")
+
+#: ``whole_predictor`` modes: the additive knapsack alone, its candidates re-rated, then local moves
+WHOLE_PREDICTOR = ("off", "rerank", "refine")
 
 #: ``baseline`` names that are not allocators of :data:`sensitivity.allocators.ALLOCATORS`
 SEARCH_BASELINES = ("uniform", "cache", "error-ilp")
@@ -62,7 +65,8 @@ def search_report(res: Any, path: PathLike) -> Dict[str, Any]:
          "quantized_bytes": res.quantized_bytes, "budget_bytes": res.budget_bytes, "objective": res.objective,
          "predicted": res.predicted, "option_mix": res.option_mix, "solve_seconds": round(res.seconds, 4),
          "config": str(path)}
-    d.update({k: v for k, v in res.details.items() if k in REPORT_DETAILS})
+    d.update({k: v for k, v in res.details.items()
+              if k in REPORT_DETAILS and not isinstance(v, (list, tuple))})  # refined_search's candidate list stays out
     return d
 
 
@@ -76,7 +80,7 @@ def search_configs(out: PathLike, *, predictor: Any = None, scores: Optional[Pat
                    hawq_mode: str = "trace", calibration_samples: int = 64, weights: Optional[str] = None,
                    mixdq_metric: str = "mse", seed: int = 0, option: Optional[str] = None,
                    cache: Optional[PathLike] = None, metric: str = "fid", error: str = "error",
-                   log: Optional[Callable[[str], None]] = None) -> SearchRun:
+                   whole_predictor: str = "off", log: Optional[Callable[[str], None]] = None) -> SearchRun:
     """Search (or allocate with ``baseline``) and write the configs; see the module docstring.
 
     Scores: ``predictor`` (a predictor folder or a loaded predictor) or ``scores`` (a CSV of layer, option,
@@ -88,7 +92,10 @@ def search_configs(out: PathLike, *, predictor: Any = None, scores: Optional[Pat
     ``baseline``: uniform (``option``), cache (best of ``cache`` by ``metric``), error-ilp (``error``) or an
     allocator (hawq: ``hawq_mode``, ``calibration_samples``, ``weights``, ``seed``; mixdq: ``cache``,
     ``mixdq_metric``; reference, sdnq). ``act_bits``: the configs' activation bits (default: the
-    predictor's evaluations'). ``log`` gets a line per skipped sweep target.
+    predictor's evaluations'). ``whole_predictor`` (bits budgets, predictor search): ``off`` (the knapsack on
+    the additive scores), ``rerank`` (the knapsack's configs at a few sub-targets and both levels, re-rated
+    by the whole predictor) or ``refine`` (then local moves under the same byte budget):
+    :func:`sensitivity.search.refined_search`. ``log`` gets a line per skipped sweep target.
     """
     from ..checks import check_values
 
@@ -100,6 +107,15 @@ def search_configs(out: PathLike, *, predictor: Any = None, scores: Optional[Pat
                                "budgets: give one")
     check_values("search", max_combinations=max_combinations, calibration_samples=calibration_samples, seed=seed,
                  act_bits=act_bits)
+    if whole_predictor not in WHOLE_PREDICTOR:
+        raise SensitivityError(f"unknown --whole-predictor {whole_predictor!r}; use {', '.join(WHOLE_PREDICTOR)}")
+    if whole_predictor != "off":
+        what = f"--whole-predictor {whole_predictor}"
+        if baseline is not None or scores:
+            raise SensitivityError(f"{what} re-rates with a --predictor DIR; it takes no --baseline or --scores")
+        if target_latency is not None or latency_sweep or target_memory is not None:
+            raise SensitivityError(f"{what} searches bits budgets (--target-bits, --sweep), not --target-latency "
+                                   "or --target-memory")
     if isinstance(options, (list, tuple)):
         options = ",".join(options)
     common = dict(predictor=predictor, scores=scores, multiquantizer=multiquantizer, act_bits=act_bits,
@@ -116,7 +132,7 @@ def search_configs(out: PathLike, *, predictor: Any = None, scores: Optional[Pat
     return _search_bits(out, target_bits=target_bits, target_memory=target_memory, sweep=sweep, costs=costs,
                         memory_model=memory_model, hawq_mode=hawq_mode, calibration_samples=calibration_samples,
                         weights=weights, mixdq_metric=mixdq_metric, seed=seed, option=option, cache=cache,
-                        error=error, **common)
+                        error=error, whole_predictor=whole_predictor, **common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +183,8 @@ def _check_level(level: str, predictor: Any, baseline: Optional[str]) -> None:
 
 def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bits, target_memory, sweep, costs,
                  memory_model, act_bits, level, options, max_combinations, solver, baseline, hawq_mode,
-                 calibration_samples, weights, mixdq_metric, seed, option, cache, metric, error, log) -> SearchRun:
+                 calibration_samples, weights, mixdq_metric, seed, option, cache, metric, error, whole_predictor,
+                 log) -> SearchRun:
     from ..allocators import ALLOCATORS
     from ..checks import constraint_for
     from ..evaluation.cache import read_records
@@ -228,12 +245,13 @@ def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bit
     provenance = {"command": "search", "multiquantizer": inp.mq_path, "predictor": inp.predictor_name,
                   "scores": None if scores is None else str(scores), "baseline": baseline, "level": level,
                   "solver": solver, "options": options, "cache": None if cache is None else str(cache),
-                  "metric": metric if cache else None}
+                  "metric": metric if cache else None,
+                  "whole_predictor": whole_predictor if whole_predictor != "off" else None}
     provenance = {k: v for k, v in provenance.items() if v is not None}
     settings = dict(level=level, max_combinations=max_combinations, solver=solver, baseline=baseline,
                     memory_model=memory_model, target_memory=target_memory, hawq_mode=hawq_mode,
                     calibration_samples=calibration_samples, weights=weights, mixdq_metric=mixdq_metric, seed=seed,
-                    option=option, metric=metric, error=error)
+                    option=option, metric=metric, error=error, whole_predictor=whole_predictor)
     with contextlib.ExitStack() as stack:
         # a sweep's folder appears with everything in it, or not at all
         folder = stack.enter_context(atomic_dir(out, "--out")) if sweep else None
@@ -266,7 +284,7 @@ def _search_bits(out: PathLike, *, predictor, scores, multiquantizer, target_bit
 
 def _search_one(target, inp: _Inputs, records, memo: dict, *, level, max_combinations, solver, baseline,
                 memory_model, target_memory, hawq_mode, calibration_samples, weights, mixdq_metric, seed, option,
-                metric, error):
+                metric, error, whole_predictor="off"):
     """The config at one target: the predictor search, a search baseline or an allocator."""
     from ..allocators import ALLOCATORS
     from ..search import cache_best, error_ilp, search, uniform_config
@@ -300,6 +318,10 @@ def _search_one(target, inp: _Inputs, records, memo: dict, *, level, max_combina
         return error_ilp(sizes, target, error=error, method=solver, what=what)
     if baseline == "cache":  # cached configs may use any option of the multiquantizer
         return cache_best(records, SizeTable.from_multiquantizer(mq), target, metric=metric)
+    if whole_predictor != "off":
+        from ..search import refined_search
+
+        return refined_search(predictor, mq, target, sizes=sizes, local=whole_predictor == "refine")
     return search(predictor, mq, target, level=level, max_combinations=max_combinations, method=solver,
                   sizes=sizes, what=what)
 
