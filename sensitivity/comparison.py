@@ -176,8 +176,16 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             job_measured[k] = job_evaluator.evaluate(dict(options)).get(metric)
         return job_measured[k]
 
+    target = getattr(predictor, "target", None)
+
+    def as_metric(y: float, options: Mapping[str, str]) -> float:
+        """A prediction (the predictor's target, higher = better) in the metric's units."""
+        if target is not None and target.metric == metric:  # its transform and bit penalty undone
+            return float(target.metric_of(y, sizes.avg_bits(options)))
+        return sign * y
+
     def predicted(options: Mapping[str, str]) -> float:
-        return sign * float(predictor.predict([dict(options)])[0])
+        return as_metric(float(predictor.predict([dict(options)])[0]), options)
 
     out = Comparison(metric)
 
@@ -226,7 +234,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, **dict(config_provenance or {}))
             cfg.save(Path(config_dir) / f"search-{t:.2f}.json")
         r = add(t, "search", "search", res.options, cost["search"],
-                pred=sign * res.predicted if res.predicted is not None else None)
+                pred=as_metric(res.predicted, res.options) if res.predicted is not None else None)
         say(f"target {t:g}: searched {r['avg_bits']:.3f} bits, {metric} {_fmt(r.get(metric))} "
             f"(predicted {_fmt(r[f'predicted_{metric}'])}), FID {_fmt(r.get('fid'))}")
         try:  # the best random config of the cache at the same or fewer bits (its own measurement)
@@ -242,7 +250,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             u, um = max(ums, key=lambda x: sign * float(x[1][metric]))
             add(t, f"best uniform ({u.method.replace('uniform-', '')})", "uniform", u.options,
                       cost["uniform"] if cost["uniform"] is not None else (len(ok), None),
-                      pred=sign * u.predicted, point_label=u.method)
+                      pred=as_metric(u.predicted, u.options), point_label=u.method)
             out.points.pop()  # uniform points are added once each, below
         ilp = error_ilp(sizes, t)
         add(t, "error ILP", "error-ilp", ilp.options, cost["error ILP"], point_label=f"ilp@{t:g}")

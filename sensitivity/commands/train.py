@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are negated so higher predictions are better)")
     p.add_argument("--lam", type=float, default=0.0,
                    help="bit penalty: target = -metric - LAM*avg_bits (the reference uses 150; default 0)")
+    p.add_argument("--target-transform", choices=("none", "log"), default="none",
+                   help="log: learn -log(metric) (FID ratios weigh the same at every level; on digits-dit every member "
+                        "ranks the ground truth better, docs/guide/predictors.md); predictions still read as the metric")
     p.add_argument("--fidelity", choices=("auto", "full", "mixed"), default="auto",
                    help="a cache with cheap and full labels (sample --full-configs): auto/mixed learn the cheap "
                         "metrics on every config and a stack mapping them to --target on the full labels; full "
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                    metric=args.target, lam=args.lam, params=params, device=args.device,
                    multiquantizer=args.multiquantizer, scores=not args.no_scores,
                    max_module_configs=args.max_module_configs, fidelity=args.fidelity,
-                   cheap_metrics=[m.strip() for m in args.cheap_targets.split(",") if m.strip()] if args.cheap_targets else None)
+                   cheap_metrics=[m.strip() for m in args.cheap_targets.split(",") if m.strip()] if args.cheap_targets else None,
+                   target_transform=args.target_transform)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0

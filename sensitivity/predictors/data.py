@@ -29,35 +29,59 @@ from ..sizes import SizeTable
 
 
 # ------------------------------------------------------------------------------------------ target
+#: target transforms: ``none`` (the metric itself) or ``log`` (its logarithm; positive metrics such as FID)
+TARGET_TRANSFORMS = ("none", "log")
+
+
 @dataclass(frozen=True)
 class Target:
-    """``y = sign·metric − lam·avg_bits`` (higher = better). ``sign`` is −1 for lower-is-better metrics."""
+    """``y = sign·f(metric) − lam·avg_bits`` (higher = better): ``sign`` is −1 for lower-is-better metrics,
+    ``f`` the identity (``transform="none"``) or ``log`` (``transform="log"``: a ratio of FIDs weighs the same
+    at every level, so the few worst configs do not dominate a squared-error fit)."""
 
     metric: str = "fid"
     lam: float = 0.0
     lower_is_better: Optional[bool] = None
+    transform: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.transform not in TARGET_TRANSFORMS:
+            raise SensitivityError(f"unknown target transform {self.transform!r}; use {', '.join(TARGET_TRANSFORMS)}")
 
     @property
     def sign(self) -> float:
         return -1.0 if lower_is_better(self.metric, self.lower_is_better) else 1.0
 
     def values(self, metric: np.ndarray, avg_bits: np.ndarray) -> np.ndarray:
-        return self.sign * np.asarray(metric, dtype=np.float64) - self.lam * np.asarray(avg_bits, dtype=np.float64)
+        m = np.asarray(metric, dtype=np.float64)
+        if self.transform == "log":
+            if not (m > 0).all():
+                bad = m[~(m > 0)][0]
+                raise SensitivityError(f"target transform log needs {self.metric} > 0, got {bad:g}")
+            m = np.log(m)
+        return self.sign * m - self.lam * np.asarray(avg_bits, dtype=np.float64)
 
     def quality(self, y: np.ndarray, avg_bits: np.ndarray) -> np.ndarray:
-        """``sign·metric`` part of ``y`` (e.g. −FID): ``y + lam·avg_bits``."""
+        """``sign·f(metric)`` part of ``y`` (e.g. −FID, or −log FID): ``y + lam·avg_bits``."""
         return np.asarray(y, dtype=np.float64) + self.lam * np.asarray(avg_bits, dtype=np.float64)
 
+    def metric_of(self, y: np.ndarray, avg_bits: Any = 0.0) -> np.ndarray:
+        """The metric a prediction ``y`` stands for (the inverse of :meth:`values`), e.g. the predicted FID."""
+        m = self.sign * self.quality(y, avg_bits)
+        return np.exp(m) if self.transform == "log" else m
+
     def describe(self) -> str:
-        s = ("-" if self.sign < 0 else "") + self.metric
+        f = f"log({self.metric})" if self.transform == "log" else self.metric
+        s = ("-" if self.sign < 0 else "") + f
         return s if self.lam == 0 else f"{s} - {self.lam:g}*avg_bits"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"metric": self.metric, "lam": self.lam, "lower_is_better": self.lower_is_better, "formula": self.describe()}
+        return {"metric": self.metric, "lam": self.lam, "lower_is_better": self.lower_is_better,
+                "transform": self.transform, "formula": self.describe()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Target":
-        return cls(str(d["metric"]), float(d.get("lam", 0.0)), d.get("lower_is_better"))
+        return cls(str(d["metric"]), float(d.get("lam", 0.0)), d.get("lower_is_better"), str(d.get("transform", "none")))
 
 
 # ------------------------------------------------------------------------------------------ layers

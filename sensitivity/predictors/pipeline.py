@@ -97,6 +97,7 @@ def train(
     progress: bool = True,
     fidelity: str = "auto",
     cheap_metrics: Optional[Sequence[str]] = None,
+    target_transform: str = "none",
 ) -> Dict[str, Any]:
     """Train ``predictor`` and ``baselines`` on ``cache`` with k-fold CV; write folder ``out``.
 
@@ -108,12 +109,14 @@ def train(
     ``fidelity``: ``auto`` learns from the cache's cheap labels too when it has them (``sample
     --full-configs``: :mod:`.fidelity`, members learning ``cheap_metrics``, a stack fitted on the full
     labels, ``baselines`` trained on the full labels alone); ``full`` ignores them; ``mixed`` requires them.
+    ``target_transform``: ``none`` or ``log`` (learn ``-log(metric)``; :class:`~.data.Target`).
     """
     from ..checks import check_device, check_values
     from ..io import check_writable
     from .base import get_kind
 
     check_values(folds=folds, seed=seed, lam=lam, max_module_configs=max_module_configs)
+    Target(metric, float(lam), transform=target_transform)  # an unknown transform fails here, before any work
     if not Path(cache).exists():
         raise SensitivityError(f"cache {str(cache)!r} does not exist")
     for kind in [predictor, *baselines, *(params or {})]:
@@ -129,7 +132,7 @@ def train(
         raise SensitivityError(f"--fidelity {fidelity!r}: expected auto, full or mixed")
     t0 = time.perf_counter()
     data = load_cache(cache)
-    target = Target(metric, float(lam))
+    target = Target(metric, float(lam), transform=target_transform)
     min_records = max(min_configs, folds)
     from ..evaluation.cache import CHEAP
     from .fidelity import cheap_metrics_of

@@ -149,7 +149,8 @@ class Predictor:
                                                   b2, max_combinations=limit, progress=progress)
         self.meta["scores"] = {"n_background": int(len(b1)), "n_background_modules": int(len(b2)),
                                "max_combinations": int(limit),
-                               "units": f"predicted {'-' if self.target.sign < 0 else ''}{self.target.metric} "
+                               "units": f"predicted {'-' if self.target.sign < 0 else ''}"
+                                        f"{'log(' + self.target.metric + ')' if self.target.transform == 'log' else self.target.metric} "
                                         f"relative to the mean over options (higher = better)"}
 
     def layer_scores(self, mq: Any = None) -> pd.DataFrame:
