@@ -1,12 +1,15 @@
 """Target transforms: train on -log(FID), read predictions back as FID."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sensitivity.errors import SensitivityError
 from sensitivity.predictors.data import Target
+
+CACHE = Path(__file__).resolve().parents[1] / "caches" / "digits-dit.sqlite"
 
 
 def test_log_target_values_and_inverse():
@@ -31,13 +34,13 @@ def test_train_on_log_fid_and_compare_in_fid(tmp_path):
     from sensitivity.predictors import load_predictor
     from sensitivity.predictors.pipeline import train
 
-    rep = train("caches/digits-dit.sqlite", tmp_path / "p", model="digits-dit", predictor="lightgbm",
+    rep = train(CACHE, tmp_path / "p", model="digits-dit", predictor="lightgbm",
                 baselines=("additive",), folds=3, progress=False, target_transform="log")
     assert rep["target"]["transform"] == "log" and rep["target"]["formula"] == "-log(fid)"
     pred = load_predictor(tmp_path / "p")
     assert pred.target.transform == "log"
     with pytest.raises(SensitivityError, match="unknown target transform"):
-        train("caches/digits-dit.sqlite", tmp_path / "q", model="digits-dit", predictor="lightgbm", baselines=(),
+        train(CACHE, tmp_path / "q", model="digits-dit", predictor="lightgbm", baselines=(),
               target_transform="rank", progress=False)
     assert not (tmp_path / "q").exists()
 
