@@ -133,7 +133,8 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
         report = train(cache, Path(tmp) / "pred", model=mq.model_id.split(":", 1)[0], predictor=member, baselines=(),
                        folds=args.folds, seed=args.seed, metric=metric, scores=False, progress=False,
                        multiquantizer=args.multiquantizer,
-                       cheap_metrics=args.cheap_list if strategy == "multifidelity" else None)
+                       cheap_metrics=args.cheap_list if strategy == "multifidelity" else None,
+                       target_transform=args.target_transform)
         train_s = time.perf_counter() - t0
         held = evaluate_on_cache(Path(tmp) / "pred", args.heldout, kinds=[kind]) if metric == "fid" else None
         predictor = load_predictor(Path(tmp) / "pred", kind=kind)
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
                     "(no search), e.g. additive")
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--target-transform", choices=("none", "log"), default="none",
+                    help="the predictors' target: the metric or its log (sensitivity train --target-transform)")
     ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
     ap.add_argument("--check-seed", type=int, default=CHECK_SEED,
                     help="first image seed of the searched configs' measurement (2000000 with --images-per-class "
