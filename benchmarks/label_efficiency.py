@@ -210,7 +210,9 @@ def main(argv=None) -> int:
                     "(no search), e.g. additive")
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--target-transform", choices=("none", "log"), default="none",
+    from sensitivity.evaluation.metric_specs import TARGET_TRANSFORMS
+
+    ap.add_argument("--target-transform", choices=TARGET_TRANSFORMS, default="none",
                     help="the predictors' target: the metric or its log (sensitivity train --target-transform)")
     ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
     ap.add_argument("--check-seed", type=int, default=CHECK_SEED,

@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", help="comma list of allowed options (default: all of the multiquantizer)")
     p.add_argument("--max-combinations", type=int, default=1296,
                    help="modules with more scored combinations fall back to per-layer groups (default 1296 = 6^4)")
-    p.add_argument("--whole-predictor", choices=("off", "rerank", "refine"), default="off",
+    from ..workflows.search import WHOLE_PREDICTOR
+
+    p.add_argument("--whole-predictor", choices=WHOLE_PREDICTOR, default="off",
                    help="bits budgets: re-rate the knapsack's configs at a few sub-targets and both levels with the "
                         "whole predictor (rerank), then improve the best by local moves under the same byte budget "
                         "(refine); default off: the knapsack on the additive scores")

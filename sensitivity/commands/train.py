@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are negated so higher predictions are better)")
     p.add_argument("--lam", type=float, default=0.0,
                    help="bit penalty: target = -metric - LAM*avg_bits (the reference uses 150; default 0)")
-    p.add_argument("--target-transform", choices=("none", "log"), default="none",
+    from ..evaluation.metric_specs import TARGET_TRANSFORMS
+
+    p.add_argument("--target-transform", choices=TARGET_TRANSFORMS, default="none",
                    help="log: learn -log(metric) (FID ratios weigh the same at every level; on digits-dit every member "
                         "ranks the ground truth better, docs/guide/predictors.md); predictions still read as the metric")
     p.add_argument("--fidelity", choices=("auto", "full", "mixed"), default="auto",

@@ -13,6 +13,9 @@ from typing import Any, Mapping, Optional
 
 from ..registry import Registry
 
+#: transforms of a predictor's target: ``none`` (the metric itself) or ``log`` (positive metrics such as FID)
+TARGET_TRANSFORMS = ("none", "log")
+
 
 @dataclass(frozen=True)
 class MetricSpec:

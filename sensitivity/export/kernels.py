@@ -67,6 +67,8 @@ def _dequant(p, bits, table, rows, k, group, out):  # pragma: no cover - compile
                     for j in range(k1 - k0):
                         seg[j] = t[src[j]]
                     kk = k1
+                # written out per width: one generic loop over the codes of a byte ran 2.3-2.8x slower (numba
+                # cannot unroll a trip count known only at run time)
                 elif bits == 4:
                     n = (k1 - k0) >> 1
                     src = p[b0:b0 + n]

@@ -23,16 +23,12 @@ import numpy as np
 
 from ..config import config_hash
 from ..errors import SensitivityError
-from ..evaluation.metric_specs import lower_is_better, record_metric  # noqa: F401 - record_metric re-exported
+from ..evaluation.metric_specs import TARGET_TRANSFORMS, lower_is_better, record_metric  # noqa: F401 - re-exported
 from ..options import FP16, canonical
 from ..sizes import SizeTable
 
 
 # ------------------------------------------------------------------------------------------ target
-#: target transforms: ``none`` (the metric itself) or ``log`` (its logarithm; positive metrics such as FID)
-TARGET_TRANSFORMS = ("none", "log")
-
-
 @dataclass(frozen=True)
 class Target:
     """``y = sign·f(metric) − lam·avg_bits`` (higher = better): ``sign`` is −1 for lower-is-better metrics,
