@@ -165,6 +165,7 @@ def run(args) -> Dict[str, Any]:
     import torch
 
     from sensitivity.comparison import StoredEvaluator, cache_cost, mark_rows, paired_marks
+    from sensitivity.evaluation.metric_specs import resolve_transform
     from sensitivity.evaluation.cache import read_records
     from sensitivity.evaluation.evaluator import EvalProtocol, Evaluator
     from sensitivity.multiquantizer import load_multiquantizer
@@ -224,7 +225,7 @@ def run(args) -> Dict[str, Any]:
         records = read_records(caches[key])
         label_cost[key] = cache_cost(records)
         stamp = {"configs": len(records), "predictor": args.predictor, "folds": args.folds, "seed": args.seed,
-                 "metric": "fid"}
+                 "metric": "fid", "target_transform": resolve_transform("auto", "fid")}
         stamp_path = out / "trained_on.json"
         if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
             report = json.loads((out / "report.json").read_text())

@@ -178,6 +178,11 @@ def markdown(d: Mapping[str, Any]) -> str:
     cols = list(d["columns"])
     lines = [d["caption"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in d["table"]]
+    if d.get("target"):
+        lines += ["", f"The FID strategies' predictors learn `{d['target']}` (`--target-transform`)."]
+    else:
+        lines += ["", "The FID strategies' predictors learn `-fid`: this run predates `--target-transform` (its default "
+                  "is now `auto`, `-log(fid)`); `--target-transform none` reruns it as it was."]
     return "\n".join(lines) + "\n"
 
 
@@ -210,9 +215,9 @@ def main(argv=None) -> int:
                     "(no search), e.g. additive")
     ap.add_argument("--gnn-at", default="", help="also train the GNN at these N (comma-separated, e.g. 320)")
     ap.add_argument("--folds", type=int, default=5)
-    from sensitivity.evaluation.metric_specs import TARGET_TRANSFORMS
+    from sensitivity.evaluation.metric_specs import TRAIN_TRANSFORMS
 
-    ap.add_argument("--target-transform", choices=TARGET_TRANSFORMS, default="none",
+    ap.add_argument("--target-transform", choices=TRAIN_TRANSFORMS, default="auto",
                     help="the predictors' target: the metric or its log (sensitivity train --target-transform)")
     ap.add_argument("--images-per-class", type=int, default=20, help="held-out images per class (10 classes)")
     ap.add_argument("--check-seed", type=int, default=CHECK_SEED,
@@ -344,8 +349,13 @@ def main(argv=None) -> int:
                         f"image-seed sets (the spread of the paired differences of {len(diffs)} configs measured "
                         f"on two sets, / √2), so two searched configs' FIDs closer than 2√2·σ = "
                         f"{2 * np.sqrt(2) * sigma:.2f} are a tie.")
+    from sensitivity.evaluation.metric_specs import resolve_transform
+    from sensitivity.predictors import Target
+
+    fid_target = Target("fid", transform=resolve_transform(args.target_transform, "fid"))
     report = {"caption": caption, "model": fam_name, "columns": [str(c) for c in table.columns],
               "table": json.loads(table.to_json(orient="records")), "full_precision": fp,
+              "target": fid_target.describe(),
               "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "provenance": run_provenance(started)}
     atomic_write_json(out / "label_efficiency.json", report)

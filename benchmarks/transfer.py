@@ -49,7 +49,15 @@ def markdown(d: Mapping[str, Any]) -> str:
     lines = [d["caption"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in d["table"]:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + target_line(d) + "\n"
+
+
+def target_line(d: Mapping[str, Any]) -> str:
+    """What the run's predictors learnt (runs before ``--target-transform`` existed learnt the FID itself)."""
+    if d.get("target"):
+        return f"The predictors learn `{d['target']}` (`--target-transform`)."
+    return ("The predictors learn `-fid`: this run predates `--target-transform` (its default is now `auto`, "
+            "`-log(fid)`); `--target-transform none` reruns it as it was.")
 
 
 def _tau(pred: Sequence[float], truth: Sequence[float]) -> float:
@@ -72,6 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=60)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    from sensitivity.evaluation.metric_specs import TRAIN_TRANSFORMS
+
+    ap.add_argument("--target-transform", choices=TRAIN_TRANSFORMS, default="auto",
+                    help="the predictors' target, prior and target runs alike (sensitivity train --target-transform)")
     ap.add_argument("--out", default="runs/transfer/transfer.json")
     args = ap.parse_args(argv)
     labels = [int(x) for x in args.labels.split(",") if x.strip()]
@@ -98,9 +110,13 @@ def main(argv=None) -> int:
     source = load_cache(args.source_cache)
     prior = work / "prior"
     t0 = time.perf_counter()
-    if not (prior / "predictor.json").is_file():
+    from sensitivity.evaluation.metric_specs import resolve_transform
+
+    transform = resolve_transform(args.target_transform, "fid")
+    done = prior / "report.json"
+    if not done.is_file() or json.loads(done.read_text())["target"].get("transform", "none") != transform:
         train(args.source_cache, prior, model=source.family, predictor="gnn", baselines=(), folds=args.folds,
-              seed=args.seed, metric="fid", scores=False, progress=True)
+              seed=args.seed, metric="fid", scores=False, progress=True, target_transform=args.target_transform)
     prior_s = time.perf_counter() - t0
     prior_report = json.loads((prior / "report.json").read_text())
 
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
                     folder = Path(tmp) / f"{kind}-{start.split()[0]}"
                     train(cache, folder, model=family, predictor=kind, baselines=(), folds=args.folds, seed=args.seed,
                           metric="fid", params=params, scores=False, progress=False, min_configs=args.folds,
-                          multiquantizer=target_mq)
+                          multiquantizer=target_mq, target_transform=args.target_transform)
                     p = load_predictor(folder)
                     rows.append({"target": family, "target labels": n, "predictor": kind, "start": start,
                                  "truth τ": _tau(p.predict([r["config"] for r in truth]), truth_y),
@@ -172,7 +188,7 @@ def main(argv=None) -> int:
                f"5 folds of 20 train on 16).")
     report = {"caption": caption, "source": source.family, "targets": [r["target"] for r in rows if not r["target labels"]],
               "columns": ["target", "target labels", "predictor", "start", "truth τ", "train s"],
-              "table": rows, "prior_seconds": round(prior_s, 1),
+              "table": rows, "prior_seconds": round(prior_s, 1), "target": prior_report["target"]["formula"],
               "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "provenance": run_provenance(started)}
     atomic_write_json(out, report)

@@ -180,7 +180,7 @@ def render_demo(s: Dict[str, Any], data: str) -> str:
         f"`sensitivity demo` on `{s['model']}` ({s.get('weights') or 'shipped'} weights, seed {s['seed']}"
         f"{', --quick' if s.get('quick') else ''}): {s['num_configs']} random configs x {s['images_per_config']} "
         f"images ({s['steps']} steps, guidance {fmt(s['guidance'], 1)}) labelled into the cache, predictor "
-        f"`{s['predictor']}` trained on {m} ({s['folds']}-fold), search at {', '.join(f'{t:g}' for t in s['targets'])} "
+        f"`{s['predictor']}` trained on {'`' + s['target'] + '`' if s.get('target') else m} ({s['folds']}-fold), search at {', '.join(f'{t:g}' for t in s['targets'])} "
         f"average bits, every compared config measured on {s['check_images']} held-out images (seeds "
         f"{s['check_seed']}.., not the job's). {fmt(s['seconds'] / 60, 1)} minutes in all.",
         "",

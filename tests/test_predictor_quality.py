@@ -51,8 +51,8 @@ def test_ensemble_reuses_members_and_reloads_identically(setup, tmp_path):
     res = cross_validate(ds, ctx, ["ensemble", "gnn", "lightgbm", "additive"], folds=2, seed=0,
                          params={"gnn": GNN_FAST}, progress=False)
     ens = res.predictors["ensemble"]
-    assert all(m.info["reused"] == ["gnn", "lightgbm", "additive"] for m in ens.models)
-    want = np.mean([res.predictors[k].predict_codes(ds.codes) for k in ("gnn", "lightgbm", "additive")], 0)
+    assert all(m.info["reused"] == ["gnn", "additive"] for m in ens.models)  # the default members
+    want = np.mean([res.predictors[k].predict_codes(ds.codes) for k in ("gnn", "additive")], 0)
     np.testing.assert_allclose(ens.predict_codes(ds.codes), want, rtol=1e-12)
     out = save_predictors(tmp_path / "e", res, "ensemble", {}, ds.codes[:8], compute_scores=False, progress=False)
     p = load_predictor(out)
@@ -150,7 +150,20 @@ def test_train_cli_defaults_to_the_ensemble(setup, tmp_path, capsys):
                "--no-scores", "--out", str(tmp_path / "p"), *fast])
     assert rc == 0
     man = json.loads((tmp_path / "p" / "predictor.json").read_text())
-    assert man["primary"] == "ensemble" and set(man["kinds"]) == {"ensemble", "bits", "gnn", "lightgbm", "additive"}
+    assert man["primary"] == "ensemble" and set(man["kinds"]) == {"ensemble", "bits", "gnn", "additive"}
     ens = man["members"]["ensemble"]["folds"][0]["params"]
     assert ens["member_params"]["gnn"]["epochs"] == GNN_FAST["epochs"]  # the run's --set reaches the members
     assert "ensemble" in capsys.readouterr().out
+    # members and weights from the command line, as comma lists
+    rc = main(["train", str(path), "--model", "digits-dit", "--weights", "tiny", "--folds", "2", "--baselines", "",
+               "--no-scores", "--out", str(tmp_path / "q"), "--set", "ensemble.members=lightgbm,additive",
+               "--set", "ensemble.weights=3,1"])
+    assert rc == 0
+    man = json.loads((tmp_path / "q" / "predictor.json").read_text())
+    assert set(man["kinds"]) == {"ensemble", "lightgbm", "additive"}
+    ens = man["members"]["ensemble"]["folds"][0]["params"]
+    assert ens["members"] == ["lightgbm", "additive"] and ens["weights"] == [3.0, 1.0]
+    capsys.readouterr()
+    assert main(["train", str(path), "--model", "digits-dit", "--weights", "tiny", "--folds", "2", "--baselines", "",
+                 "--no-scores", "--out", str(tmp_path / "r"), "--set", "ensemble.weights=1,x"]) != 0
+    assert "ensemble: weights" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -29,13 +29,24 @@ def test_log_target_values_and_inverse():
         Target("fid", transform="sqrt")
 
 
+def test_auto_transform_is_log_for_fid_without_a_bit_penalty():
+    from sensitivity.evaluation.metric_specs import resolve_transform
+
+    assert resolve_transform("auto", "fid") == "log" and resolve_transform("auto", "FID") == "log"
+    assert resolve_transform("auto", "fid", lam=150.0) == "none"  # the reference's lambda is in FID units
+    assert resolve_transform("auto", "kid") == "none"  # unbiased KID can be negative
+    assert resolve_transform("auto", "psnr") == "none" and resolve_transform("none", "fid") == "none"
+    with pytest.raises(SensitivityError, match="unknown target transform 'sqrt'"):
+        resolve_transform("sqrt", "fid")
+
+
 def test_train_on_log_fid_and_compare_in_fid(tmp_path):
     from sensitivity.comparison import compare_at_targets
     from sensitivity.predictors import load_predictor
     from sensitivity.predictors.pipeline import train
 
     rep = train(CACHE, tmp_path / "p", model="digits-dit", predictor="lightgbm",
-                baselines=("additive",), folds=3, progress=False, target_transform="log")
+                baselines=("additive",), folds=3, progress=False)  # the default: auto -> log for FID
     assert rep["target"]["transform"] == "log" and rep["target"]["formula"] == "-log(fid)"
     pred = load_predictor(tmp_path / "p")
     assert pred.target.transform == "log"
@@ -43,6 +54,9 @@ def test_train_on_log_fid_and_compare_in_fid(tmp_path):
         train(CACHE, tmp_path / "q", model="digits-dit", predictor="lightgbm", baselines=(),
               target_transform="rank", progress=False)
     assert not (tmp_path / "q").exists()
+    plain = train(CACHE, tmp_path / "r", model="digits-dit", predictor="additive", baselines=(), folds=3,
+                  progress=False, target_transform="none")
+    assert plain["target"]["formula"] == "-fid"
 
     class Evaluator:
         def evaluate(self, options):

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-class", type=int, default=None, help="images per digit class in every evaluation")
     p.add_argument("--targets", default="3.4,3.6,3.8,4.0", help="average-bit targets of the search (comma list)")
     p.add_argument("--predictor", default=None,
-                   help="predictor kind to train and search with (default ensemble: gnn + lightgbm + additive)")
+                   help="predictor kind to train and search with (default ensemble: gnn + additive)")
     p.add_argument("--check-images-per-class", type=int, default=None,
                    help="images per class of the held-out check that measures searched and baseline configs on "
                         f"other seeds (default {FULL['check_images_per_class']}, --quick "

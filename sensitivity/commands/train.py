@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model family whose graph the GNN uses (default: the cache's model)")
     add_weights_argument(p, default="meta", help="weights to trace the graph on (default meta: no memory)")
     p.add_argument("--predictor", default=None,
-                   help="ensemble (mean of gnn, lightgbm and additive: the best held-out ranking on digits-dit), gnn, "
+                   help="ensemble (mean of gnn and additive: the best held-out ranking on digits-dit), gnn, "
                         "lightgbm, additive, bits or error (default ensemble)")
     p.add_argument("--baselines", default="bits,error,additive,lightgbm",
                    help="comma list of predictors trained on the same folds for comparison ('' for none)")
@@ -36,11 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "are negated so higher predictions are better)")
     p.add_argument("--lam", type=float, default=0.0,
                    help="bit penalty: target = -metric - LAM*avg_bits (the reference uses 150; default 0)")
-    from ..evaluation.metric_specs import TARGET_TRANSFORMS
+    from ..evaluation.metric_specs import TRAIN_TRANSFORMS
 
-    p.add_argument("--target-transform", choices=TARGET_TRANSFORMS, default="none",
+    p.add_argument("--target-transform", choices=TRAIN_TRANSFORMS, default="auto",
                    help="log: learn -log(metric) (FID ratios weigh the same at every level; on digits-dit every member "
-                        "ranks the ground truth better, docs/guide/predictors.md); predictions still read as the metric")
+                        "ranks the ground truth better, docs/guide/predictors.md); predictions still read as the metric. "
+                        "auto (default): log for FID without --lam, else none")
     p.add_argument("--fidelity", choices=("auto", "full", "mixed"), default="auto",
                    help="a cache with cheap and full labels (sample --full-configs): auto/mixed learn the cheap "
                         "metrics on every config and a stack mapping them to --target on the full labels; full "

@@ -11,19 +11,25 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from ..errors import SensitivityError
 from ..registry import Registry
 
 #: transforms of a predictor's target: ``none`` (the metric itself) or ``log`` (positive metrics such as FID)
 TARGET_TRANSFORMS = ("none", "log")
+#: what training accepts: a transform, or ``auto`` (:func:`resolve_transform`)
+TRAIN_TRANSFORMS = ("auto", *TARGET_TRANSFORMS)
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """``name`` (as stored in a record's ``metrics``), ``lower_is_better``, a one-line description."""
+    """``name`` (as stored in a record's ``metrics``), ``lower_is_better``, a one-line description;
+    ``log_target``: the metric is > 0 for every config and its ratios are what matter (FID), so predictors
+    learn its log by default (:func:`resolve_transform`)."""
 
     name: str
     lower_is_better: bool
     description: str = ""
+    log_target: bool = False
 
     def read(self, record: Mapping[str, Any]) -> Optional[float]:
         """The metric of a cache record (see :func:`record_metric`)."""
@@ -38,15 +44,20 @@ class MetricSpec:
 METRICS: Registry[MetricSpec] = Registry("metric", normalize=str.lower, replace=True)
 
 
-def register_metric(name: str, lower_is_better: bool, description: str = "") -> MetricSpec:
+def register_metric(name: str, lower_is_better: bool, description: str = "", log_target: bool = False) -> MetricSpec:
     """Add (or replace) a metric; names are case-insensitive."""
-    return METRICS.register(name, MetricSpec(name, bool(lower_is_better), description))
+    return METRICS.register(name, MetricSpec(name, bool(lower_is_better), description, bool(log_target)))
 
 
+# FID against a reference set never reaches 0 (even full precision has the sampling gap); KID's unbiased
+# estimate and the paired distances can, so only the FIDs are learnt in log by default.
+for _name, _lower, _desc, _log in (
+    ("fid", True, "Fréchet distance of image features to the reference set", True),
+    ("fid-gt-1k", True, "the reference implementation's FID against 1k ground-truth images", True),
+):
+    register_metric(_name, _lower, _desc, _log)
 for _name, _lower, _desc in (
-    ("fid", True, "Fréchet distance of image features to the reference set"),
     ("kid", True, "kernel inception distance (unbiased MMD², polynomial kernel)"),
-    ("fid-gt-1k", True, "the reference implementation's FID against 1k ground-truth images"),
     ("mse", True, "mean squared error of the images against the full-precision model's images"),
     ("feature_mse", True, "per-image squared feature distance to the full-precision image of the same seed, / D"),
     ("fd_fp", True, "Fréchet distance of the image features to the full-precision images' of the same seeds"),
@@ -64,6 +75,17 @@ for _name, _lower, _desc in (
 def metric_spec(name: str) -> MetricSpec:
     """The registered spec of ``name`` (case-insensitive); an unknown name is higher-is-better."""
     return METRICS.find(str(name)) or MetricSpec(str(name), False, "unregistered metric")
+
+
+def resolve_transform(transform: str, metric: str, lam: float = 0.0) -> str:
+    """The target transform ``transform`` stands for: itself, or for ``auto`` ``log`` where ``metric`` is a
+    :attr:`MetricSpec.log_target` and there is no bit penalty (``lam`` = 0: the reference's λ is in metric
+    units), else ``none``."""
+    if transform not in TRAIN_TRANSFORMS:
+        raise SensitivityError(f"unknown target transform {transform!r}; use {', '.join(TRAIN_TRANSFORMS)}")
+    if transform != "auto":
+        return transform
+    return "log" if metric_spec(metric).log_target and float(lam) == 0.0 else "none"
 
 
 def lower_is_better(name: str, override: Optional[bool] = None) -> bool:

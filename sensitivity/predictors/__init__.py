@@ -11,7 +11,7 @@
 
 Kinds (:data:`KINDS`): ``gnn`` (:mod:`.gnn`), the tabular kinds ``bits``, ``error``, ``additive``,
 ``lightgbm`` (:mod:`.tabular`, the GNN's baselines), and ``ensemble`` (:mod:`.ensemble_model`: the mean
-of gnn, lightgbm and additive, the CLI's default). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
+of gnn and additive, the CLI's default). :func:`train` is the whole ``sensitivity train`` pipeline as a function.
 """
 
 from .base import KINDS, Context, FoldModel, get_kind

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import SensitivityError
+from ..evaluation.metric_specs import resolve_transform
 from .base import Context
 from .data import CacheData, Dataset, LayerTable, Target, load_cache
 from .predictor import DEFAULT_TABULAR_KINDS, DEFAULT_PREDICTOR, cross_validate, load_predictor, read_manifest, save_predictors
@@ -97,7 +98,7 @@ def train(
     progress: bool = True,
     fidelity: str = "auto",
     cheap_metrics: Optional[Sequence[str]] = None,
-    target_transform: str = "none",
+    target_transform: str = "auto",
 ) -> Dict[str, Any]:
     """Train ``predictor`` and ``baselines`` on ``cache`` with k-fold CV; write folder ``out``.
 
@@ -109,14 +110,15 @@ def train(
     ``fidelity``: ``auto`` learns from the cache's cheap labels too when it has them (``sample
     --full-configs``: :mod:`.fidelity`, members learning ``cheap_metrics``, a stack fitted on the full
     labels, ``baselines`` trained on the full labels alone); ``full`` ignores them; ``mixed`` requires them.
-    ``target_transform``: ``none`` or ``log`` (learn ``-log(metric)``; :class:`~.data.Target`).
+    ``target_transform``: ``none``, ``log`` (learn ``-log(metric)``; :class:`~.data.Target`) or ``auto``: ``log``
+    for FID without a bit penalty, else ``none`` (:func:`~sensitivity.evaluation.metric_specs.resolve_transform`).
     """
     from ..checks import check_device, check_values
     from ..io import check_writable
     from .base import get_kind
 
     check_values(folds=folds, seed=seed, lam=lam, max_module_configs=max_module_configs)
-    Target(metric, float(lam), transform=target_transform)  # an unknown transform fails here, before any work
+    target_transform = resolve_transform(target_transform, metric, lam)  # an unknown one fails here, before any work
     if not Path(cache).exists():
         raise SensitivityError(f"cache {str(cache)!r} does not exist")
     for kind in [predictor, *baselines, *(params or {})]:

@@ -259,6 +259,7 @@ class DemoRun:
     def train(self) -> Dict[str, Any]:
         """Step 4: the predictor (k-fold CV, with its baselines) on the cache; reused when already trained on it."""
         from ..evaluation.cache import read_records
+        from ..evaluation.metric_specs import resolve_transform
         from ..predictors import load_predictor, train
 
         s = self.s
@@ -267,7 +268,7 @@ class DemoRun:
               f"sensitivity train {self.cache_path} --model {s.model} --predictor {s.predictor} --target {s.metric} "
               f"--folds {s.folds} --seed {s.seed} --out {self.pred_dir}")
         stamp = {"configs": len(self.records), "predictor": s.predictor, "metric": s.metric, "folds": s.folds,
-                 "seed": s.seed}
+                 "seed": s.seed, "target_transform": resolve_transform("auto", s.metric)}
         stamp_path = self.pred_dir / "demo_trained_on.json"
         if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
             print(f"      {self.pred_dir} is already trained on these {len(self.records)} configs; reusing it")
@@ -366,6 +367,7 @@ class DemoRun:
                    "guidance": p.guidance, "check_images": check.num_images, "check_seed": CHECK_SEED,
                    "check_fp16": {k: fp_check.get(k) for k in METRIC_KEYS},
                    "predictor": s.predictor, "metric": s.metric, "folds": s.folds,
+                   "target": (self.report.get("target") or {}).get("formula"),
                    "targets": list(s.targets), "few_configs": self.results, "rows": rows,
                    "noise": {"bootstrap_replicates": BOOTSTRAP, "bootstrap_seed": s.seed, "tie_level": TIE_LEVEL,
                              "note": noise_note},
