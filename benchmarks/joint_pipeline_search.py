@@ -253,7 +253,7 @@ def run(args) -> Dict[str, Any]:
     predicted: Dict[str, Dict[str, Optional[float]]] = {}
     search_details: Dict[str, Dict[str, Dict[str, Any]]] = {}
     refine_kw = dict(starts=args.refine_starts, rounds=args.refine_rounds, pairs=args.refine_pairs, kappa=0.0,
-                     offsets=(0.0, 0.02, 0.05, 0.1), levels=("layer", "module"))
+                     offsets=(0.0, 0.02, 0.05, 0.1), levels=("layer", "module"), consensus=True)
     for b in plan:
         row: Dict[str, Optional[Dict[str, str]]] = {}
         extra: Dict[str, Dict[str, Any]] = {}

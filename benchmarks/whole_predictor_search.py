@@ -90,6 +90,8 @@ def measure(args) -> dict:
 def report(data: dict) -> str:
     from sensitivity.comparison import markdown_table, paired_marks
 
+    target = (data.get("predictor_trained") or {}).get("target")
+    predicted = "predicted " + (target.get("formula", "-fid") if isinstance(target, dict) else "-FID")
     rows = []
     for t in sorted({c["target"] for c in data["configs"]}):
         here = [c for c in data["configs"] if c["target"] == t]
@@ -100,13 +102,13 @@ def report(data: dict) -> str:
         vs_top = paired_marks(vals, reps, -1.0, ref["reference top-1"]) if "reference top-1" in ref else [None] * len(here)
         for i, c in enumerate(here):
             d_top = (np.asarray(reps[i]) - np.asarray(reps[ref["reference top-1"]])) if "reference top-1" in ref else None
-            rows.append({"target": t, "method": c["method"], "avg_bits": c["avg_bits"], "predicted -FID": c["rating"],
+            rows.append({"target": t, "method": c["method"], "avg_bits": c["avg_bits"], predicted: c["rating"],
                          "FID": vals[i], "FID_se": float(np.std(reps[i], ddof=1)) if reps[i] else None,
                          "vs additive": vs_add[i] or "–", "vs top-1": vs_top[i] or "–",
                          "FID − top-1": None if d_top is None or c["method"] == "reference top-1" else vals[i] - vals[ref["reference top-1"]],
                          "FID − top-1_se": None if d_top is None or c["method"] == "reference top-1" else float(np.std(d_top, ddof=1))})
     fp = data["full_precision"]
-    cols = ["target", "method", "avg_bits", "predicted -FID", "FID", "FID − top-1", "vs additive", "vs top-1"]
+    cols = ["target", "method", "avg_bits", predicted, "FID", "FID − top-1", "vs additive", "vs top-1"]
     verdicts = []
     for m in ("reranked", "refined", "additive"):
         mine = [r for r in rows if r["method"] == m]

@@ -241,3 +241,42 @@ def test_refined_search_uses_the_whole_predictor_within_the_exact_budget(setup):
     assert res.details["moves"] > 0 and res.details["gain"] > 0
     rer = refined_search(p, None, 3.8, sizes=sizes, local=False)
     assert rer.method == "search-reranked" and rer.details["moves"] == 0
+
+
+def test_refined_search_takes_only_moves_every_fold_model_agrees_on(setup):
+    from sensitivity.search import refined_search
+    from sensitivity.search.refine import fold_predictions, rate
+
+    sizes, predictor, _ = setup
+    layers = list(SHAPES)
+
+    def bonus(configs):  # an interaction one fold model likes and the other dislikes
+        return np.array([0.05 * sum(c.get(a, "fp16") == c.get(b, "fp16") for a, b in zip(layers, layers[1:]))
+                         for c in configs])
+
+    class Fold:
+        def __init__(self, w):
+            self.w = w
+
+        def predict_codes(self, configs):
+            return predictor.predict(configs) + self.w * bonus(configs)
+
+    class Folds:
+        models = [Fold(2.0), Fold(-1.0)]
+
+        def layer_scores(self, mq=None):
+            return predictor.layer_scores(mq)
+
+        def encode(self, configs):
+            return list(configs)
+
+        def predict(self, configs):
+            return np.mean([m.predict_codes(configs) for m in self.models], 0)
+
+    p = Folds()
+    free = refined_search(p, None, 3.8, sizes=sizes, consensus=False)
+    agreed = refined_search(p, None, 3.8, sizes=sizes)
+    assert agreed.details["consensus"] and not free.details["consensus"]
+    assert free.details["moves"] > agreed.details["moves"]
+    assert rate(p, [free.options])[0] > rate(p, [agreed.options])[0]  # the mean alone favours the free climb...
+    assert fold_predictions(p, [free.options])[1, 0] < fold_predictions(p, [agreed.options])[1, 0]  # ...fold 2 does not

@@ -13,8 +13,14 @@ module scores), so whatever the predictor knows about interactions between layer
 3. the best config seen wins.
 
 "Rates" is the fold ensemble's mean minus ``kappa`` × the folds' standard deviation (``kappa > 0``
-distrusts configs the folds disagree on, i.e. where the predictor extrapolates). Deterministic: no
+distrusts configs the folds disagree on, i.e. where the predictor extrapolates). With ``consensus`` (the
+default) a move is taken only when every fold model rates it above the current config: a move that some
+fold models call a loss is inside the predictor's own disagreement, not a gain. Deterministic: no
 random choice; ties go to the first in layer / option order.
+
+Why ``consensus``: on digits-dit (ensemble of GNN + additive on ``-log(fid)``, 320 labels), the plain
+hill climb at 3.4 bits took moves worth 0.0005 in predicted ``-log(fid)`` and landed 0.031 FID worse than
+the knapsack on the 2,000-image ground truth, beyond its paired-bootstrap noise.
 """
 
 from __future__ import annotations
@@ -33,17 +39,26 @@ from .searching import SearchResult, _result, _target_budget, search
 from .solver import InfeasibleTargetError
 
 
-def rate(predictor: Any, configs: Sequence[Mapping[str, str]], kappa: float = 0.0) -> np.ndarray:
-    """``float64 [n]``: the fold models' mean prediction minus ``kappa`` × their standard deviation
-    (``predictor.models`` + ``encode``), else ``predictor.predict`` (higher = better)."""
+def fold_predictions(predictor: Any, configs: Sequence[Mapping[str, str]]) -> np.ndarray:
+    """``float64 [folds, n]``: each fold model's prediction (``predictor.models`` + ``encode``), else
+    ``[1, n]`` of ``predictor.predict`` (higher = better)."""
     if not configs:
-        return np.zeros(0)
+        return np.zeros((1, 0))
     models = getattr(predictor, "models", None)
     if models and hasattr(predictor, "encode"):
         codes = predictor.encode([dict(c) for c in configs])
-        per = np.array([m.predict_codes(codes) for m in models], dtype=np.float64)
-        return per.mean(axis=0) - float(kappa) * per.std(axis=0)
-    return np.asarray(predictor.predict([dict(c) for c in configs]), dtype=np.float64).ravel()
+        return np.array([m.predict_codes(codes) for m in models], dtype=np.float64)
+    return np.asarray(predictor.predict([dict(c) for c in configs]), dtype=np.float64).reshape(1, -1)
+
+
+def rate(predictor: Any, configs: Sequence[Mapping[str, str]], kappa: float = 0.0) -> np.ndarray:
+    """``float64 [n]``: the fold models' mean prediction minus ``kappa`` × their standard deviation
+    (:func:`fold_predictions`; higher = better)."""
+    return _rating(fold_predictions(predictor, configs), kappa)
+
+
+def _rating(per: np.ndarray, kappa: float) -> np.ndarray:
+    return per.mean(axis=0) - float(kappa) * per.std(axis=0)
 
 
 def _key(options: Mapping[str, str]) -> str:
@@ -138,13 +153,14 @@ class _Moves:
 def refined_search(predictor: Any, mq: Any, target_bits: Optional[float], sizes: Optional[SizeTable] = None,
                    offsets: Sequence[float] = (0.0, 0.02, 0.05, 0.1), levels: Sequence[str] = ("layer", "module"),
                    starts: int = 2, rounds: int = 30, pairs: int = 16, kappa: float = 0.0,
-                   local: bool = True, budget: Optional[int] = None) -> SearchResult:
+                   local: bool = True, budget: Optional[int] = None, consensus: bool = True) -> SearchResult:
     """The config the whole predictor rates best within ``target_bits``' exact byte budget (module docstring),
     or within ``budget`` bytes of ``sizes`` (``--target-memory``: :func:`.memory.memory_budget`'s table and
     budget, as :func:`~.searching.search` takes them).
 
     ``starts``: knapsack candidates improved by local moves; ``rounds``: moves at most per start;
-    ``pairs``: up / down moves paired per round; ``local=False``: only re-rank the candidates.
+    ``pairs``: up / down moves paired per round; ``local=False``: only re-rank the candidates;
+    ``consensus``: take a move only when every fold model rates it above the current config.
     ``details``: ``candidates`` (level, offset, avg bits, rating), ``start`` (the candidate the winner
     grew from), ``moves``, ``rated`` (configs the predictor scored), ``gain`` (rating over the best
     candidate) and ``knapsack_rating`` (the offset-0 layer-level knapsack's rating).
@@ -156,24 +172,28 @@ def refined_search(predictor: Any, mq: Any, target_bits: Optional[float], sizes:
         raise SensitivityError(f"refined_search: starts >= 1, rounds >= 0 and pairs >= 0 needed, got {starts}, "
                                f"{rounds}, {pairs}")
     cands = knapsack_candidates(predictor, mq, target_bits, sizes, offsets, levels, budget)
-    ratings = rate(predictor, [c.options for c in cands], kappa)
+    cand_per = fold_predictions(predictor, [c.options for c in cands])
+    ratings = _rating(cand_per, kappa)
     rated = len(cands)
     order = sorted(range(len(cands)), key=lambda i: (-ratings[i], i))
     best_opts, best_rating, best_start, best_moves = dict(cands[order[0]].options), float(ratings[order[0]]), order[0], 0
     if local:
         moves = _Moves(predictor, mq, sizes)
         for s in order[:starts]:
-            cur, cur_rating, n_moves = dict(cands[s].options), float(ratings[s]), 0
+            cur, cur_rating, cur_per, n_moves = dict(cands[s].options), float(ratings[s]), cand_per[:, s], 0
             for _ in range(rounds):
                 nbrs = moves.neighbours(cur, sizes.quantized_bytes(cur), budget, pairs)
                 if not nbrs:
                     break
-                r = rate(predictor, nbrs, kappa)
+                per = fold_predictions(predictor, nbrs)
+                r = _rating(per, kappa)
                 rated += len(nbrs)
+                if consensus:  # a move some fold model calls a loss is not taken
+                    r = np.where((per > cur_per[:, None] + 1e-12).all(axis=0), r, -np.inf)
                 k = int(np.argmax(r))
                 if not r[k] > cur_rating + 1e-12:
                     break
-                cur, cur_rating, n_moves = nbrs[k], float(r[k]), n_moves + 1
+                cur, cur_rating, cur_per, n_moves = nbrs[k], float(r[k]), per[:, k], n_moves + 1
             if cur_rating > best_rating + 1e-12:
                 best_opts, best_rating, best_start, best_moves = cur, cur_rating, s, n_moves
     res = _result(best_opts, sizes, "search-refined" if local else "search-reranked", target_bits=None if target_bits is None else float(target_bits),
@@ -185,7 +205,7 @@ def refined_search(predictor: Any, mq: Any, target_bits: Optional[float], sizes:
     res.details.update(
         candidates=[{"level": c.details["level"], "offset": c.details["offset"], "avg_bits": c.avg_bits,
                      "rating": float(r)} for c, r in zip(cands, ratings)],
-        start=int(best_start), moves=int(best_moves), rated=int(rated), kappa=float(kappa),
+        start=int(best_start), moves=int(best_moves), rated=int(rated), kappa=float(kappa), consensus=bool(consensus),
         gain=float(best_rating - ratings[order[0]]),
         knapsack_rating=None if base is None else float(ratings[base]), rating=float(best_rating))
     return res
