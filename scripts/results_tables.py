@@ -148,7 +148,7 @@ def demo_headline(s: Dict[str, Any]) -> str:
         beats_all += all(r.get("vs_search") == "worse" for r in others)
     tau = (((s.get("predictor_cv") or {}).get(s["predictor"]) or {}).get("mean") or {}).get("kendall")
     lines = [f"- **Demo** (`sensitivity demo`, {s['num_configs']} random configs x {s['images_per_config']} images of "
-             f"`{s['model']}`, predictor `{s['predictor']}` on {m.upper()}): on {s['check_images']} held-out images "
+             f"`{s['model']}`, predictor `{s['predictor']}` on {'`' + s['target'] + '`' if s.get('target') else m.upper()}): on {s['check_images']} held-out images "
              f"the searched config is best or tied with the best (a paired bootstrap: no ranking inside the noise) at "
              f"{wins + ties} of {total} targets, and better than every other allocator beyond the noise at "
              f"{beats_all} of them "
