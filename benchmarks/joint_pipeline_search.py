@@ -332,7 +332,8 @@ def run(args) -> Dict[str, Any]:
             d = describe(mq, cfg)
             assert d["memory_bytes"] <= b["bytes"], (b, key, d["memory_bytes"])
             m = stored.evaluate(cfg)
-            row.update(d, predicted_fid=-predicted[b["name"]][key] if predicted[b["name"]][key] is not None else None,
+            y = predicted[b["name"]][key]
+            row.update(d, predicted_fid=None if y is None else float(preds["joint"].target.metric_of([y])[0]),
                        **metrics(m))
             if key not in FIRST_RUN:
                 row.update(added=True, search=search_details[b["name"]].get(key, {}))
@@ -368,7 +369,7 @@ def run(args) -> Dict[str, Any]:
                     "prompts": "held-out caption templates (sensitivity.zoo.digits_sd.TEST_TEMPLATES)",
                     "image_seeds": [args.heldout_seed, args.heldout_seed + args.heldout_images - 1],
                     "bootstrap": BOOTSTRAP, "bootstrap_seed": args.seed},
-        "predictor": args.predictor, "folds": args.folds, "predictor_cv": cv,
+        "predictor": args.predictor, "target": preds["joint"].target.describe(), "folds": args.folds, "predictor_cv": cv,
         "labels": {k: {"configs": n, "evaluate_s": round(s, 1)} for k, (n, s) in label_cost.items()},
         "refine": {k: list(v) if isinstance(v, tuple) else v for k, v in refine_kw.items()},
         "smallest_bytes": smallest(mq),
@@ -510,7 +511,7 @@ def markdown(d: Mapping[str, Any]) -> str:
             moves = "" if rs.get("knapsack_rating") is None else (
                 f"; the refinement made {rs['moves']} moves"
                 + (" (the cap)" if rs["moves"] >= rf["rounds"] else "")
-                + f", rated (-FID predicted) {rs['knapsack_rating']:.3f} "
+                + f", rated (predicted `{d.get('target', '-fid')}`) {rs['knapsack_rating']:.3f} "
                 f"(the knapsack's) -> {rs['rating']:.3f}")
             lines.append(f"- {b['name']}: lowest held-out FID {best['method']} ({best['fid']:.3f})"
                          + (f", tied (paired bootstrap) with {', '.join(ties)}" if ties else "")

@@ -152,7 +152,7 @@ def run_point(strategy: str, n: int, kind: str, records: List[Dict[str, Any]], s
         res = search(predictor, mq, t, sizes=sizes)
         m = evaluator.evaluate(res.options)
         rows.append({"strategy": strategy, "labels": n, "predictor": member, "target": t, "config": "search",
-                     "avg_bits": res.avg_bits, "predicted_fid": -res.predicted,
+                     "avg_bits": res.avg_bits, "predicted_fid": float(predictor.target.metric_of([res.predicted], res.avg_bits)[0]),
                      **{k: m.get(k) for k in ("fid", "kid", "accuracy", "psnr")}})
     search_s = time.perf_counter() - t1
     if strategy == "multifidelity":

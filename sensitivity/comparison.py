@@ -267,7 +267,8 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         um = measured.get(_key(u.options))
         if um is not None:
             out.points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
-                               "predicted": u.predicted, **{k: um.get(k) for k in METRIC_KEYS}})
+                               "predicted": sign * as_metric(u.predicted, u.options),  # as the search points'
+                               **{k: um.get(k) for k in METRIC_KEYS}})
     return out
 
 
