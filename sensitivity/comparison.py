@@ -102,7 +102,8 @@ class Comparison:
     ``rows``: one dict per (target, method) with ``target, method, source, avg_bits, predicted_<metric>,
     job_<metric>``, the held-out ``fid, kid, accuracy, psnr`` (and ``<metric>_2`` on the second seed
     set where measured) and ``configs_labelled, label_cpu_s``; ``points``: the measured configs for
-    :func:`sensitivity.insights.pareto_table` (``source, label, avg_bits[, predicted], <metrics>``);
+    :func:`sensitivity.insights.pareto_table` (``source, label, avg_bits[, predicted], <metrics>``;
+    ``predicted`` in the predictor's target units, e.g. ``-log(fid)``, as ``sensitivity insights`` has it);
     ``full_precision``: the held-out metrics of the unquantized model; ``results``: the searched
     :class:`~sensitivity.search.SearchResult` per target.
     """
@@ -209,7 +210,8 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         row.update(configs_labelled=n, label_cpu_s=None if secs is None else round(float(secs), 1))
         out.rows.append(row)
         out.points.append({"source": source, "label": point_label or f"{source}@{t:g}", "avg_bits": row["avg_bits"],
-                           **({"predicted": sign * row[f"predicted_{metric}"]} if source == "search" else {}),
+                           # the predictor's own target (higher = better), as `sensitivity insights` plots it
+                           **({"predicted": float(predictor.predict([dict(options)])[0])} if source == "search" else {}),
                            **{k: m.get(k) for k in METRIC_KEYS}})
         return row
 
@@ -267,8 +269,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         um = measured.get(_key(u.options))
         if um is not None:
             out.points.append({"source": "uniform", "label": u.method, "avg_bits": u.avg_bits,
-                               "predicted": sign * as_metric(u.predicted, u.options),  # as the search points'
-                               **{k: um.get(k) for k in METRIC_KEYS}})
+                               "predicted": u.predicted, **{k: um.get(k) for k in METRIC_KEYS}})
     return out
 
 

@@ -67,3 +67,5 @@ def test_train_on_log_fid_and_compare_in_fid(tmp_path):
     row = next(r for r in comp.rows if r["method"].startswith("search"))
     y = float(pred.predict([comp.results[3.6].options])[0])
     assert row["predicted_fid"] == pytest.approx(math.exp(-y)) and row["predicted_fid"] > 0
+    point = next(p for p in comp.points if p["source"] == "search")
+    assert point["predicted"] == pytest.approx(y)  # the Pareto points keep the target's units (-log FID)
