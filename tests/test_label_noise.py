@@ -70,5 +70,9 @@ def test_label_efficiency_table_renders_from_its_json():
     spec.loader.exec_module(mod)
     d = {"caption": "cap.", "columns": ["predictor", "strategy", "labels", "truth τ", "held-out τ"],
          "table": [{"predictor": "lightgbm", "strategy": "paired", "labels": 40, "truth τ": 0.71234, "held-out τ": None}]}
-    assert mod.markdown(d).splitlines()[2:] == ["| predictor | strategy | labels | truth τ | held-out τ |",
-                                                "|---|---|---|---|---|", "| lightgbm | paired | 40 | 0.712 | – |"]
+    lines = mod.markdown(d).splitlines()
+    assert lines[2:5] == ["| predictor | strategy | labels | truth τ | held-out τ |",
+                          "|---|---|---|---|---|", "| lightgbm | paired | 40 | 0.712 | – |"]
+    assert "predates `--target-transform`" in lines[-1]  # a run that did not record its target
+    assert mod.markdown({**d, "target": "-log(fid)"}).splitlines()[-1] == (
+        "The FID strategies' predictors learn `-log(fid)` (`--target-transform`).")
