@@ -178,12 +178,17 @@ def markdown(d: Mapping[str, Any]) -> str:
     cols = list(d["columns"])
     lines = [d["caption"], "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in d["table"]]
-    if d.get("target"):
-        lines += ["", f"The FID strategies' predictors learn `{d['target']}` (`--target-transform`)."]
-    else:
-        lines += ["", "The FID strategies' predictors learn `-fid`: this run predates `--target-transform` (its default "
-                  "is now `auto`, `-log(fid)`); `--target-transform none` reruns it as it was."]
+    lines += ["", target_line(d, "The FID strategies' predictors")]
     return "\n".join(lines) + "\n"
+
+
+def target_line(d: Mapping[str, Any], who: str = "The predictors") -> str:
+    """What a run's predictors learnt, from its JSON's ``target`` (runs made before ``--target-transform``
+    existed did not record it: they learnt the FID itself)."""
+    if d.get("target"):
+        return f"{who} learn `{d['target']}` (`--target-transform`)."
+    return (f"{who} learn `-fid`: this run predates `--target-transform` (its default is now `auto`, "
+            "`-log(fid)`); `--target-transform none` reruns it as it was.")
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from label_efficiency import random_order, target_line, write_prefix  # noqa: E402 - a sibling benchmark (stdlib at import)
+
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
@@ -50,14 +53,6 @@ def markdown(d: Mapping[str, Any]) -> str:
     for row in d["table"]:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n\n" + target_line(d) + "\n"
-
-
-def target_line(d: Mapping[str, Any]) -> str:
-    """What the run's predictors learnt (runs before ``--target-transform`` existed learnt the FID itself)."""
-    if d.get("target"):
-        return f"The predictors learn `{d['target']}` (`--target-transform`)."
-    return ("The predictors learn `-fid`: this run predates `--target-transform` (its default is now `auto`, "
-            "`-log(fid)`); `--target-transform none` reruns it as it was.")
 
 
 def _tau(pred: Sequence[float], truth: Sequence[float]) -> float:
@@ -98,9 +93,6 @@ def main(argv=None) -> int:
     from sensitivity.predictors.pipeline import model_graph
     from sensitivity.predictors.predictor import transfer
     from sensitivity.provenance import run_provenance
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from label_efficiency import random_order, write_prefix
 
     started = run_provenance()
     torch.set_num_threads(args.threads)

@@ -90,8 +90,7 @@ def measure(args) -> dict:
 def report(data: dict) -> str:
     from sensitivity.comparison import markdown_table, paired_marks
 
-    target = (data.get("predictor_trained") or {}).get("target")
-    predicted = "predicted " + (target.get("formula", "-fid") if isinstance(target, dict) else "-FID")
+    predicted = "predicted " + ((data.get("predictor_trained") or {}).get("target") or {}).get("formula", "-fid")
     rows = []
     for t in sorted({c["target"] for c in data["configs"]}):
         here = [c for c in data["configs"] if c["target"] == t]

@@ -185,20 +185,19 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             return float(target.metric_of(y, sizes.avg_bits(options)))
         return sign * y
 
-    def predicted(options: Mapping[str, str]) -> float:
-        return as_metric(float(predictor.predict([dict(options)])[0]), options)
-
     out = Comparison(metric)
 
     def add(t: float, method: str, source: str, options: Mapping[str, str], label_cost, pred: Optional[float] = None,
             job: Any = "measure", point_label: Optional[str] = None) -> Dict[str, Any]:
+        """One row; ``pred``: the predictor's own prediction of ``options`` (target units) if already known."""
         q, fp = sizes.config_bytes(options)
         if q > budget_bytes(t, fp):
             raise SensitivityError(f"{method} at target {t:g}: {q} bytes ({16.0 * q / fp:.4f} avg bits) is over "
                                    f"the budget of {budget_bytes(t, fp)} bytes")
         m = measured_of(options)
+        y = float(predictor.predict([dict(options)])[0]) if pred is None else float(pred)
         row = {"target": t, "method": method, "source": source, "avg_bits": 16.0 * q / fp,
-               f"predicted_{metric}": predicted(options) if pred is None else pred,
+               f"predicted_{metric}": as_metric(y, options),
                job_col: job_value_of(options) if job == "measure" else job, **{k: m.get(k) for k in METRIC_KEYS}}
         boot = m.get("bootstrap") or {}
         row.update({f"{k}_se": float(np.std(boot[k], ddof=1)) for k in METRIC_KEYS if len(boot.get(k) or ()) > 1})
@@ -211,7 +210,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         out.rows.append(row)
         out.points.append({"source": source, "label": point_label or f"{source}@{t:g}", "avg_bits": row["avg_bits"],
                            # the predictor's own target (higher = better), as `sensitivity insights` plots it
-                           **({"predicted": float(predictor.predict([dict(options)])[0])} if source == "search" else {}),
+                           **({"predicted": y} if source == "search" else {}),
                            **{k: m.get(k) for k in METRIC_KEYS}})
         return row
 
@@ -235,8 +234,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
         if config_dir is not None:
             cfg = res.to_config(model=mq.model_id, multiquantizer_hash=mq.hash, **dict(config_provenance or {}))
             cfg.save(Path(config_dir) / f"search-{t:.2f}.json")
-        r = add(t, "search", "search", res.options, cost["search"],
-                pred=as_metric(res.predicted, res.options) if res.predicted is not None else None)
+        r = add(t, "search", "search", res.options, cost["search"], pred=res.predicted)
         say(f"target {t:g}: searched {r['avg_bits']:.3f} bits, {metric} {_fmt(r.get(metric))} "
             f"(predicted {_fmt(r[f'predicted_{metric}'])}), FID {_fmt(r.get('fid'))}")
         try:  # the best random config of the cache at the same or fewer bits (its own measurement)
@@ -252,7 +250,7 @@ def compare_at_targets(predictor: Any, mq: Any, evaluator: Any, targets: Sequenc
             u, um = max(ums, key=lambda x: sign * float(x[1][metric]))
             add(t, f"best uniform ({u.method.replace('uniform-', '')})", "uniform", u.options,
                       cost["uniform"] if cost["uniform"] is not None else (len(ok), None),
-                      pred=as_metric(u.predicted, u.options), point_label=u.method)
+                      pred=u.predicted, point_label=u.method)
             out.points.pop()  # uniform points are added once each, below
         ilp = error_ilp(sizes, t)
         add(t, "error ILP", "error-ilp", ilp.options, cost["error ILP"], point_label=f"ilp@{t:g}")

@@ -49,15 +49,12 @@ def register_metric(name: str, lower_is_better: bool, description: str = "", log
     return METRICS.register(name, MetricSpec(name, bool(lower_is_better), description, bool(log_target)))
 
 
-# FID against a reference set never reaches 0 (even full precision has the sampling gap); KID's unbiased
-# estimate and the paired distances can, so only the FIDs are learnt in log by default.
-for _name, _lower, _desc, _log in (
-    ("fid", True, "Fréchet distance of image features to the reference set", True),
-    ("fid-gt-1k", True, "the reference implementation's FID against 1k ground-truth images", True),
-):
-    register_metric(_name, _lower, _desc, _log)
-for _name, _lower, _desc in (
+# "log": the predictors learn its log by default. FID against a reference set never reaches 0 (even full
+# precision has the sampling gap); KID's unbiased estimate and the paired distances can, so they do not.
+for _name, _lower, _desc, *_flags in (
+    ("fid", True, "Fréchet distance of image features to the reference set", "log"),
     ("kid", True, "kernel inception distance (unbiased MMD², polynomial kernel)"),
+    ("fid-gt-1k", True, "the reference implementation's FID against 1k ground-truth images", "log"),
     ("mse", True, "mean squared error of the images against the full-precision model's images"),
     ("feature_mse", True, "per-image squared feature distance to the full-precision image of the same seed, / D"),
     ("fd_fp", True, "Fréchet distance of the image features to the full-precision images' of the same seeds"),
@@ -69,7 +66,7 @@ for _name, _lower, _desc in (
     ("accuracy", False, "share of images the digits classifier labels as their class"),
     ("psnr", False, "peak signal-to-noise ratio against the full-precision images (dB)"),
 ):
-    register_metric(_name, _lower, _desc)
+    register_metric(_name, _lower, _desc, log_target="log" in _flags)
 
 
 def metric_spec(name: str) -> MetricSpec:
